@@ -1,0 +1,28 @@
+# FreehandUS: `make demo` and `make test` work on a fresh Debian machine with Python 3.11.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test benchmark clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "torch==2.13.0"
+	$(BIN)/python -m pip install --quiet -e ".[learning,dev]"
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/freehandus demo --out results/demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+benchmark: install
+	$(BIN)/python -m pytest -q Testing/benchmarks -o python_files='bench_*.py'
+
+clean:
+	rm -rf $(VENV) results .pytest_cache build *.egg-info
