@@ -1,0 +1,150 @@
+"""The ``freehandus`` command line: the headless twin of the Slicer modules.
+
+Each subcommand parses its options, loads files, calls the same Lib function the Slicer Logic
+calls, prints ``str(result)`` (or JSON with ``--json``) and returns an exit code. Errors caused by
+the input (:class:`~FreehandUSLib.errors.FreehandUSError`) print one line to stderr and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .errors import FreehandUSError
+
+__all__ = ["main", "build_parser", "sequence_info"]
+
+log = logging.getLogger(__name__)
+
+
+def sequence_info(sequence, path=None) -> dict:
+    """JSON-safe summary of a tracked sequence (what ``freehandus info --json`` prints)."""
+    info = {
+        "file": str(path) if path is not None else None,
+        "frames": sequence.n_frames,
+        "width": sequence.n_cols,
+        "height": sequence.n_rows,
+        "channels": sequence.n_channels,
+        "dtype": str(sequence.frames.dtype),
+        "orientation": sequence.orientation,
+        "source_orientation": sequence.metadata.get("SourceOrientation", sequence.orientation),
+        "transforms": sequence.transform_names,
+        "valid_transform_frames": {
+            name: int(ft.valid.sum()) for name, ft in sequence.transforms.items()
+        },
+        "frames_without_image": int((~sequence.image_ok).sum()),
+        "duration_s": sequence.duration_s,
+        "pixel_spacing_mm": list(sequence.pixel_spacing_mm) if sequence.pixel_spacing_mm else None,
+    }
+    if sequence.n_frames > 1:
+        dt = np.diff(sequence.timestamps_s)
+        info["frames_per_second"] = float(1.0 / np.median(dt)) if np.median(dt) > 0 else None
+    return info
+
+
+def _format_info(info: dict) -> str:
+    lines = [
+        f"{info['file']}",
+        f"  frames: {info['frames']}  size: {info['width']}x{info['height']}"
+        f"  channels: {info['channels']}  type: {info['dtype']}",
+        f"  orientation: {info['orientation']} (file: {info['source_orientation']})"
+        f"  duration: {info['duration_s']:.3f} s",
+        f"  frames without image: {info['frames_without_image']}",
+    ]
+    for name in info["transforms"]:
+        lines.append(
+            f"  {name}: valid in {info['valid_transform_frames'][name]}/{info['frames']} frames"
+        )
+    return "\n".join(lines)
+
+
+def _cmd_info(args) -> int:
+    from .io import read_sequence
+
+    seq = read_sequence(args.sequence)
+    info = sequence_info(seq, args.sequence)
+    print(json.dumps(info, indent=2) if args.json else _format_info(info))
+    return 0
+
+
+def _cmd_convert(args) -> int:
+    from .io import read_sequence, sequence_format, write_sequence
+
+    read_options = {}
+    if args.calibration:
+        if sequence_format(args.input) != "tusrec":
+            raise FreehandUSError("--calibration applies to TUS-REC .h5 input only")
+        read_options["calibration_csv"] = args.calibration
+    seq = read_sequence(args.input, **read_options)
+    write_options = {}
+    if sequence_format(args.output) in ("metafile", "nrrd"):
+        write_options["compress"] = not args.no_compress
+    out = write_sequence(seq, args.output, **write_options)
+    info = sequence_info(seq, out)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(f"wrote {out}: {seq}")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    result = run_demo(Path(args.out))
+    print(json.dumps(result.to_dict(), indent=2) if args.json else str(result))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="freehandus",
+        description="Freehand 3D ultrasound: calibration, reconstruction, sensorless tracking, streams.",
+    )
+    parser.add_argument("--version", action="version", version=f"freehandus {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("info", help="summarise a tracked sequence file")
+    p.add_argument("sequence", help=".igs.mha/.igs.mhd/.igs.nrrd/.seq.nrrd/.h5 file")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("convert", help="convert a tracked sequence between file formats")
+    p.add_argument("input", help="input sequence file")
+    p.add_argument("output", help="output file; the format follows the extension")
+    p.add_argument("--calibration", help="TUS-REC calibration csv (for .h5 input)")
+    p.add_argument("--no-compress", action="store_true", help="write uncompressed pixel data")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("demo", help="run the end-to-end demo on generated data")
+    p.add_argument("--out", default="results/demo", help="output folder (default results/demo)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Entry point of ``freehandus``; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except FreehandUSError as exc:
+        print(f"freehandus {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
