@@ -15,8 +15,18 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import FileFormatError
+from .plus_config import PlusConfig, read_plus_config, transform_element
 
-__all__ = ["read_sequence", "write_sequence", "read_volume", "write_volume", "sequence_format"]
+__all__ = [
+    "read_sequence",
+    "write_sequence",
+    "read_volume",
+    "write_volume",
+    "sequence_format",
+    "read_plus_config",
+    "PlusConfig",
+    "transform_element",
+]
 
 _SEQ_FORMATS = {
     ".igs.mha": "metafile",
