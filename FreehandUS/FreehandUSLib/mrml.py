@@ -1,0 +1,816 @@
+"""MRML bridge: tracked sequences, volumes and transforms <-> 3D Slicer MRML nodes.
+
+This is the only FreehandUSLib module that imports ``slicer`` (the 3D Slicer application's
+Python, or the ``slicer-core`` wheel for headless tests) and the only place that thinks about
+RAS/LPS. ``import FreehandUSLib`` does not import it; import it explicitly
+(``from FreehandUSLib import mrml``).
+
+Coordinate convention (what PLUS and SlicerOpenIGTLink do)
+----------------------------------------------------------
+PlusServer sends each image as an OpenIGTLink IMAGE message named ``Image_Reference`` whose
+matrix is ImageToReference (pixels -> mm), and SlicerOpenIGTLink uses that matrix directly as
+the image node's IJKToRAS. PLUS coordinates are millimetres with no anatomical meaning, so the
+**Reference frame is taken as Slicer's RAS, with no LPS flip**:
+
+- a tracked frame becomes a single-slice volume whose IJK is ``(i = column, j = row, k = 0)`` of
+  the MF image and whose **IJKToRAS = ImageToReference** (mm; includes the pixel spacing). The
+  proxy volume then lands where PLUS would put the image, with no parent transform;
+- a :class:`~FreehandUSLib.volume.Volume` becomes a volume node with
+  **IJKToRAS = Volume.ijk_to_world** (spacing, origin and direction columns copied as they are:
+  the volume's world frame, usually Reference, is RAS);
+- a 4x4 transform ``AToB`` becomes a linear transform node whose matrix *to parent* is the
+  matrix itself (applied to column vectors, mm).
+
+Nodes made by :func:`sequence_to_browser`
+-----------------------------------------
+- a ``vtkMRMLSequenceNode`` named ``f"{image_name}_{reference_frame}"`` (``Image_Reference``,
+  the PLUS/SlicerOpenIGTLink name) holding one ``vtkMRMLScalarVolumeNode`` per frame
+  (``vtkMRMLVectorVolumeNode`` for multi-channel frames), index = timestamps (name ``time``,
+  unit ``s``, numeric, written with ``repr`` so that they read back exactly);
+- one ``vtkMRMLSequenceNode`` of ``vtkMRMLLinearTransformNode`` per per-frame transform of the
+  sequence (``ProbeToTracker``, ``ReferenceToTracker``, ...), same index values;
+- a ``vtkMRMLSequenceBrowserNode`` with the image sequence as master and the transform
+  sequences synchronised, and one proxy node per sequence (named like the sequence).
+
+Invalid data is kept so that browsing works: a frame whose ImageToReference cannot be formed
+(an invalid tracker transform) keeps its pixels, holds the last valid geometry (the first valid
+one before any, pixel spacing only if there is none) and carries the attribute
+``FreehandUS.TransformValid = "false"``; an invalid per-frame transform holds the last valid
+matrix in the same way (its original, unusable matrix is not kept). Provenance is recorded as
+node attributes (see the ``ATTR_*`` constants), which :func:`browser_to_sequence` reads back.
+When ImageToReference cannot be resolved at all (no ImageToProbe, no chain to the reference
+frame), the image sequence is named ``image_name`` and IJKToRAS holds the pixel spacing only
+(``FreehandUS.ImageGeometry = "pixels"``).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+
+try:
+    import slicer
+    import vtk
+    from vtk.util import numpy_support
+except ImportError as exc:  # pragma: no cover - exercised only without Slicer/slicer-core
+    raise ImportError(
+        "FreehandUSLib.mrml needs 3D Slicer's Python or the slicer-core wheel "
+        "(pip install slicer-core); the rest of FreehandUSLib works without it"
+    ) from exc
+
+from .errors import FileFormatError, SequenceError, TransformError
+from .sequence import TrackedSequence
+from .transforms import check_matrix, interpolate_transforms, split_transform_name
+from .volume import Volume
+
+__all__ = [
+    "sequence_to_browser",
+    "browser_to_sequence",
+    "volume_to_node",
+    "node_to_volume",
+    "matrix_to_vtk",
+    "vtk_to_matrix",
+    "transform_to_node",
+    "save_scene",
+    "ATTR_ROLE",
+    "ATTR_TRANSFORM_NAME",
+    "ATTR_TRANSFORM_VALID",
+    "ATTR_IMAGE_STATUS",
+    "ATTR_IMAGE_GEOMETRY",
+    "ATTR_PIXEL_SPACING",
+    "ATTR_FIELD_PREFIX",
+    "ATTR_METADATA_PREFIX",
+]
+
+logger = logging.getLogger(__name__)
+
+#: On sequence nodes: ``"Image"`` (the volume sequence) or ``"Transform"``.
+ATTR_ROLE = "FreehandUS.Role"
+#: On transform sequence nodes: the PLUS transform name (``"ProbeToTracker"``).
+ATTR_TRANSFORM_NAME = "FreehandUS.TransformName"
+#: On each frame's data node: ``"true"``/``"false"``; for image frames it is the validity of
+#: the geometry (ImageToReference), for transform frames the validity of the matrix.
+ATTR_TRANSFORM_VALID = "FreehandUS.TransformValid"
+#: On each image frame: ``"OK"`` or ``"INVALID"`` (PLUS ``ImageStatus``).
+ATTR_IMAGE_STATUS = "FreehandUS.ImageStatus"
+#: On the image sequence: the transform that IJKToRAS holds (``"ImageToReference"``) or
+#: ``"pixels"`` when it holds the pixel spacing only.
+ATTR_IMAGE_GEOMETRY = "FreehandUS.ImageGeometry"
+#: On the image sequence: ``"sx sy"`` (TrackedSequence.pixel_spacing_mm), when known.
+ATTR_PIXEL_SPACING = "FreehandUS.PixelSpacing"
+#: Prefix of per-frame text fields on image frames (``FreehandUS.Field.ProbePosition``).
+ATTR_FIELD_PREFIX = "FreehandUS.Field."
+#: Prefix of metadata attributes on the image sequence / volume node.
+ATTR_METADATA_PREFIX = "FreehandUS.Metadata."
+
+_PIXEL_GEOMETRY = "pixels"
+_BROWSER_CLASS = "vtkMRMLSequenceBrowserNode"
+#: Timestamps closer than this (s) would be merged by the sequence node.
+_INDEX_TOLERANCE_S = 1e-9
+_VTK_TO_NUMPY_OK = (np.uint8, np.float32)
+
+
+# -- matrices -------------------------------------------------------------------------------
+def matrix_to_vtk(m) -> vtk.vtkMatrix4x4:
+    """A ``vtkMatrix4x4`` holding ``m``.
+
+    Parameters
+    ----------
+    m : (4, 4) array_like of float, finite
+
+    Returns
+    -------
+    vtkMatrix4x4
+        A new matrix (no memory shared with ``m``).
+
+    Raises
+    ------
+    TransformError
+        If ``m`` is not 4x4 or holds NaN/inf.
+    """
+    a = np.asarray(m, dtype=np.float64)
+    if a.shape != (4, 4):
+        raise TransformError(f"matrix_to_vtk: expected a 4x4 matrix, got shape {a.shape}")
+    if not np.all(np.isfinite(a)):
+        raise TransformError("matrix_to_vtk: matrix holds NaN or infinite values")
+    out = vtk.vtkMatrix4x4()
+    out.DeepCopy(a.ravel().tolist())
+    return out
+
+
+def vtk_to_matrix(vtkmat) -> np.ndarray:
+    """The elements of a ``vtkMatrix4x4`` as a ``(4, 4)`` float64 array (a copy)."""
+    if not isinstance(vtkmat, vtk.vtkMatrix4x4):
+        raise TypeError(f"vtk_to_matrix: expected a vtkMatrix4x4, got {type(vtkmat).__name__}")
+    return np.array([[vtkmat.GetElement(r, c) for c in range(4)] for r in range(4)], dtype=np.float64)
+
+
+def transform_to_node(scene, matrix, *, name: str):
+    """Add a ``vtkMRMLLinearTransformNode`` named ``name`` whose matrix to parent is ``matrix``.
+
+    Parameters
+    ----------
+    scene : vtkMRMLScene
+    matrix : (4, 4) array_like, finite and invertible (may include scaling, e.g. ImageToProbe
+        with the pixel spacing), mm
+    name : str
+        Node name, e.g. ``"ImageToProbe"``; PLUS-style ``<From>To<To>`` names are also stored
+        in the ``FreehandUS.TransformName`` attribute.
+
+    Returns
+    -------
+    vtkMRMLLinearTransformNode
+    """
+    if not name:
+        raise ValueError("transform_to_node: name must be a non-empty string")
+    m = check_matrix(matrix, name=name)
+    if m.shape != (4, 4):
+        raise TransformError(f"{name}: expected one 4x4 matrix, got shape {m.shape}")
+    node = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", name)
+    node.SetMatrixTransformToParent(matrix_to_vtk(m))
+    if _parses_as_transform(name):
+        node.SetAttribute(ATTR_TRANSFORM_NAME, name)
+    return node
+
+
+# -- volumes --------------------------------------------------------------------------------
+def volume_to_node(scene, volume: Volume, *, name: str):
+    """Add a volume node holding ``volume`` (Reference mm taken as RAS, see module docstring).
+
+    Parameters
+    ----------
+    scene : vtkMRMLScene
+    volume : Volume
+        ``voxels`` ``(n_k, n_j, n_i)`` -> ``vtkMRMLScalarVolumeNode``;
+        ``(n_k, n_j, n_i, n_channels)`` -> ``vtkMRMLVectorVolumeNode``. Boolean voxels are
+        stored as uint8.
+    name : str
+        Node name.
+
+    Returns
+    -------
+    vtkMRMLScalarVolumeNode or vtkMRMLVectorVolumeNode
+        With ``IJKToRAS = volume.ijk_to_world`` (spacing, origin, directions set separately,
+        so they read back exactly) and ``volume.metadata`` as ``FreehandUS.Metadata.*``
+        attributes, plus default display nodes.
+    """
+    if not isinstance(volume, Volume):
+        raise TypeError(f"volume_to_node: expected a Volume, got {type(volume).__name__}")
+    if not name:
+        raise ValueError("volume_to_node: name must be a non-empty string")
+    voxels = volume.voxels
+    if voxels.dtype == bool:
+        voxels = voxels.astype(np.uint8)
+    vector = voxels.ndim == 4
+    cls = "vtkMRMLVectorVolumeNode" if vector else "vtkMRMLScalarVolumeNode"
+    node = scene.AddNewNodeByClass(cls, name)
+    node.SetAndObserveImageData(_image_data(voxels))
+    node.SetSpacing(*volume.spacing_mm)
+    node.SetOrigin(*volume.origin_mm)
+    node.SetIJKToRASDirections(volume.directions.tolist())
+    for key, value in volume.metadata.items():
+        node.SetAttribute(ATTR_METADATA_PREFIX + str(key), str(value))
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+def node_to_volume(node) -> Volume:
+    """A :class:`~FreehandUSLib.volume.Volume` (a copy) from a scalar or vector volume node.
+
+    The geometry is the node's own IJKToRAS (RAS taken as the Reference frame, mm); a parent
+    transform of the node is not applied (a warning is logged).
+
+    Raises
+    ------
+    TypeError
+        If ``node`` is not a volume node.
+    FileFormatError
+        If the node holds no image data.
+    """
+    if node is None or not node.IsA("vtkMRMLVolumeNode"):
+        got = "None" if node is None else node.GetClassName()
+        raise TypeError(f"node_to_volume: expected a vtkMRMLVolumeNode, got {got}")
+    if node.GetParentTransformNode() is not None:
+        logger.warning(
+            "node_to_volume: %s has a parent transform %s; it is not applied",
+            node.GetName(),
+            node.GetParentTransformNode().GetName(),
+        )
+    voxels = _array_from_image(node.GetImageData(), what=f"volume node {node.GetName()!r}")
+    directions = [[0.0] * 3 for _ in range(3)]
+    node.GetIJKToRASDirections(directions)
+    metadata = {
+        key[len(ATTR_METADATA_PREFIX) :]: node.GetAttribute(key)
+        for key in node.GetAttributeNames()
+        if key.startswith(ATTR_METADATA_PREFIX)
+    }
+    return Volume(
+        voxels=voxels.copy(),
+        spacing_mm=node.GetSpacing(),
+        origin_mm=node.GetOrigin(),
+        directions=np.array(directions, dtype=np.float64),
+        metadata=metadata,
+    )
+
+
+# -- tracked sequences ----------------------------------------------------------------------
+def sequence_to_browser(
+    scene,
+    sequence: TrackedSequence,
+    *,
+    image_to_probe=None,
+    fixed=None,
+    image_name: str = "Image",
+    reference_frame: str = "Reference",
+    browser_name: str | None = None,
+):
+    """Put a tracked sequence into the scene as sequences + a browser, like a PLUS recording.
+
+    Parameters
+    ----------
+    scene : vtkMRMLScene
+        A scene on which the Sequences module logic is set (always so in Slicer; headless,
+        ``vtkSlicerSequencesLogic().SetMRMLScene(scene)`` registers the sequence classes).
+    sequence : TrackedSequence
+        Frames ``(n, rows, cols[, channels])`` uint8/float32 in MF; timestamps must increase.
+    image_to_probe : (4, 4) array_like, optional
+        Calibration (pixels -> Probe mm), added to the fixed transforms.
+    fixed : mapping name -> (4, 4), optional
+        Other fixed transforms (e.g. ``{"ImageToProbe": ...}`` or ``{"PhantomToReference": ...}``).
+    image_name : str
+        First part of the image sequence name (PLUS device name), default ``"Image"``.
+    reference_frame : str
+        Frame the image is placed in; IJKToRAS of each frame is ``ImageTo<reference_frame>``.
+    browser_name : str, optional
+        Defaults to a unique ``"<image sequence name>Browser"``.
+
+    Returns
+    -------
+    vtkMRMLSequenceBrowserNode
+        Master: the image sequence (``Image_Reference``); synchronised: one transform sequence
+        per per-frame transform; proxies created, first item selected.
+
+    Raises
+    ------
+    SequenceError
+        Empty sequence, or timestamps that are not finite and strictly increasing.
+    TransformError
+        ``image_to_probe``/``fixed`` given (or invalid) but ``ImageTo<reference_frame>`` still
+        cannot be resolved from them and the sequence's transforms.
+    ValueError
+        The scene has no Sequences logic, or a name is empty/invalid.
+    """
+    if not isinstance(sequence, TrackedSequence):
+        raise TypeError(f"sequence_to_browser: expected a TrackedSequence, got {type(sequence).__name__}")
+    _require_sequences(scene)
+    if not image_name or not re.fullmatch(r"[A-Za-z0-9]+", image_name):
+        raise ValueError(f"sequence_to_browser: image_name must be letters/digits, got {image_name!r}")
+    n = sequence.n_frames
+    if n == 0:
+        raise SequenceError("sequence_to_browser: the sequence has no frames")
+    ts = sequence.timestamps_s
+    if not np.all(np.isfinite(ts)):
+        bad = np.flatnonzero(~np.isfinite(ts))
+        raise SequenceError(f"sequence_to_browser: timestamps of frames {bad.tolist()} are not finite")
+    steps = np.diff(ts)
+    if np.any(steps <= _INDEX_TOLERANCE_S):
+        bad = int(np.flatnonzero(steps <= _INDEX_TOLERANCE_S)[0]) + 1
+        raise SequenceError(
+            f"sequence_to_browser: timestamps must strictly increase (a Slicer sequence is indexed "
+            f"by time); frame {bad} has {ts[bad]!r} s after {ts[bad - 1]!r} s. Drop or re-time "
+            f"such frames first (TrackedSequence.select)"
+        )
+
+    geometry_name, image_to_ref, geom_valid = _image_geometry(
+        sequence, image_to_probe=image_to_probe, fixed=fixed, reference_frame=reference_frame
+    )
+    index_values = [repr(float(t)) for t in ts]
+    seq_name = f"{image_name}_{reference_frame}" if geometry_name != _PIXEL_GEOMETRY else image_name
+
+    image_seq = _new_sequence(scene, seq_name, role="Image")
+    image_seq.SetAttribute(ATTR_IMAGE_GEOMETRY, geometry_name)
+    if sequence.pixel_spacing_mm is not None:
+        image_seq.SetAttribute(ATTR_PIXEL_SPACING, " ".join(repr(v) for v in sequence.pixel_spacing_mm))
+    for key, value in sequence.metadata.items():
+        image_seq.SetAttribute(ATTR_METADATA_PREFIX + str(key), str(value))
+    frames = sequence.frames
+    if frames.ndim == 4 and frames.shape[3] == 1:
+        frames = frames[..., 0]  # one channel: a scalar volume (reads back as (n, rows, cols))
+    vector = frames.ndim == 4
+    frame_node = slicer.vtkMRMLVectorVolumeNode() if vector else slicer.vtkMRMLScalarVolumeNode()
+    frame_node.SetName(seq_name)
+    for i in range(n):
+        # No copy here: SetDataNodeAtValue deep-copies the node while `frames` is alive.
+        frame_node.SetAndObserveImageData(_image_data(frames[i][np.newaxis], deep=False))
+        frame_node.SetIJKToRASMatrix(matrix_to_vtk(image_to_ref[i]))
+        frame_node.SetAttribute(ATTR_TRANSFORM_VALID, _bool_text(geom_valid[i]))
+        frame_node.SetAttribute(ATTR_IMAGE_STATUS, "OK" if sequence.image_ok[i] else "INVALID")
+        for key, values in sequence.frame_fields.items():
+            frame_node.SetAttribute(ATTR_FIELD_PREFIX + key, str(values[i]))
+        image_seq.SetDataNodeAtValue(frame_node, index_values[i])
+
+    transform_seqs = []
+    for name, ft in sequence.transforms.items():
+        tseq = _new_sequence(scene, name, role="Transform")
+        tseq.SetAttribute(ATTR_TRANSFORM_NAME, name)
+        held = _hold_last_valid(ft.matrices, ft.valid, fallback=np.eye(4))
+        tnode = slicer.vtkMRMLLinearTransformNode()
+        tnode.SetName(name)
+        for i in range(n):
+            tnode.SetMatrixTransformToParent(matrix_to_vtk(held[i]))
+            tnode.SetAttribute(ATTR_TRANSFORM_VALID, _bool_text(ft.valid[i]))
+            tseq.SetDataNodeAtValue(tnode, index_values[i])
+        transform_seqs.append(tseq)
+
+    if browser_name is None:
+        browser_name = scene.GenerateUniqueName(f"{seq_name}Browser")
+    browser = scene.AddNewNodeByClass(_BROWSER_CLASS, browser_name)
+    browser.SetAndObserveMasterSequenceNodeID(image_seq.GetID())
+    for tseq in transform_seqs:
+        browser.AddSynchronizedSequenceNodeID(tseq.GetID())
+    browser.SetIndexDisplayFormat("%.3f")
+    browser.SetSelectedItemNumber(0)
+    for seq_node in [image_seq, *transform_seqs]:
+        if browser.GetProxyNode(seq_node) is None:
+            _add_proxy(scene, browser, seq_node)
+    logger.info(
+        "sequence_to_browser: %d frames -> %s (geometry %s, %d transform sequences)",
+        n,
+        browser.GetName(),
+        geometry_name,
+        len(transform_seqs),
+    )
+    return browser
+
+
+def browser_to_sequence(browser_node) -> TrackedSequence:
+    """Read a sequence browser back into a :class:`TrackedSequence`.
+
+    Works on browsers made by :func:`sequence_to_browser` (exact round trip of frames,
+    timestamps, valid transforms, image status, frame fields, metadata) and on recordings made
+    in Slicer (e.g. ``Image_Reference`` + transform sequences from SlicerOpenIGTLink).
+
+    - frames: the image (volume) sequence, volume arrays ``[k=0, j, i]`` -> ``(n, rows, cols)``;
+      dtypes other than uint8/float32 are converted to float32;
+    - timestamps: the image sequence's index values (s);
+    - transforms: every synchronised linear-transform sequence whose name (attribute
+      ``FreehandUS.TransformName``, else the sequence or proxy name) is ``<From>To<To>``;
+      validity from ``FreehandUS.TransformValid`` when present. Transform sequences indexed
+      at other times than the images are interpolated at the image timestamps
+      (:func:`~FreehandUSLib.transforms.interpolate_transforms`, no extrapolation);
+    - ``ImageTo<Frame>`` from each frame's IJKToRAS (``<Frame>`` from the
+      ``FreehandUS.ImageGeometry`` attribute, else from a ``<Image>_<Frame>`` sequence name),
+      unless a transform sequence of that name exists.
+
+    Raises
+    ------
+    TypeError
+        If ``browser_node`` is not a sequence browser.
+    SequenceError
+        No volume sequence, no frames, frames of different shapes or 3D frames, or transform
+        sequences that cannot be matched to the image items.
+    """
+    if browser_node is None or not browser_node.IsA(_BROWSER_CLASS):
+        got = "None" if browser_node is None else browser_node.GetClassName()
+        raise TypeError(f"browser_to_sequence: expected a vtkMRMLSequenceBrowserNode, got {got}")
+    bname = browser_node.GetName()
+    sequences = _browser_sequences(browser_node)
+    image_seq = _pick_image_sequence(browser_node, sequences)
+    n = image_seq.GetNumberOfDataNodes()
+    if n == 0:
+        raise SequenceError(f"browser {bname!r}: image sequence {image_seq.GetName()!r} has no frames")
+
+    index_values = [image_seq.GetNthIndexValue(i) for i in range(n)]
+    timestamps = _index_to_seconds(image_seq, index_values)
+    frames, ijk_to_ras, geom_valid, image_ok, fields = [], [], [], [], {}
+    for i in range(n):
+        node = image_seq.GetNthDataNode(i)
+        what = f"browser {bname!r}, {image_seq.GetName()!r} item {i}"
+        if node is None or not node.IsA("vtkMRMLVolumeNode"):
+            raise SequenceError(f"{what}: not a volume node")
+        arr = _array_from_image(node.GetImageData(), what=what)
+        if arr.shape[0] != 1:
+            raise SequenceError(f"{what}: expected a 2D frame (one slice), got {arr.shape[0]} slices")
+        frames.append(arr[0])
+        m = vtk.vtkMatrix4x4()
+        node.GetIJKToRASMatrix(m)
+        ijk_to_ras.append(vtk_to_matrix(m))
+        geom_valid.append(_text_bool(node.GetAttribute(ATTR_TRANSFORM_VALID), default=True))
+        status = node.GetAttribute(ATTR_IMAGE_STATUS)
+        image_ok.append(status is None or status.strip().upper() == "OK")
+        for key in node.GetAttributeNames():
+            if key.startswith(ATTR_FIELD_PREFIX):
+                fields.setdefault(key[len(ATTR_FIELD_PREFIX) :], [""] * n)[i] = node.GetAttribute(key)
+    shapes = {f.shape for f in frames}
+    if len(shapes) > 1:
+        raise SequenceError(f"browser {bname!r}: frames have different shapes {sorted(shapes)}")
+    dtypes = {f.dtype for f in frames}
+    stack = np.stack(frames)
+    if stack.dtype not in _VTK_TO_NUMPY_OK or len(dtypes) > 1:
+        logger.warning("browser %r: frames of type %s converted to float32", bname, sorted(map(str, dtypes)))
+        stack = stack.astype(np.float32)
+
+    transforms = {}
+    for seq_node in sequences:
+        if seq_node is image_seq:
+            continue
+        name = _transform_sequence_name(browser_node, seq_node)
+        if name is None:
+            continue
+        transforms[name] = _read_transform_sequence(
+            seq_node, index_values, timestamps, what=f"browser {bname!r}"
+        )
+
+    geometry = _geometry_name_of(image_seq)
+    if geometry is not None and geometry not in transforms:
+        transforms[geometry] = (np.stack(ijk_to_ras), np.array(geom_valid, dtype=bool))
+
+    spacing = image_seq.GetAttribute(ATTR_PIXEL_SPACING)
+    metadata = {
+        key[len(ATTR_METADATA_PREFIX) :]: image_seq.GetAttribute(key)
+        for key in image_seq.GetAttributeNames()
+        if key.startswith(ATTR_METADATA_PREFIX)
+    }
+    return TrackedSequence(
+        frames=stack,
+        timestamps_s=timestamps,
+        transforms=transforms,
+        image_ok=np.array(image_ok, dtype=bool),
+        pixel_spacing_mm=tuple(float(v) for v in spacing.split()) if spacing else None,
+        frame_fields=fields,
+        metadata=metadata,
+    )
+
+
+# -- scene files ----------------------------------------------------------------------------
+def save_scene(scene, path) -> Path:
+    """Write the scene as a ``.mrml`` file with its data files beside it, through MRML storage nodes.
+
+    Every storable node with data gets a storage node and a file in the ``.mrml`` file's
+    folder (names from node names, made unique): volumes ``.nrrd``
+    (``vtkMRMLVolumeArchetypeStorageNode``), transforms ``.h5``
+    (``vtkMRMLTransformStorageNode``), and **every sequence ``.seq.mrb``**
+    (``vtkMRMLSequenceStorageNode``: an MRML bundle of the data nodes). The bundle is chosen
+    for sequences because it is lossless: ``.seq.nrrd`` cannot hold per-frame IJKToRAS
+    (tracked frames), and ``.seq.mha`` transform sequences keep only 3 decimals of the
+    timestamps and drop the per-frame attributes. The scene then records the files relative to
+    its folder (``scene.SetRootDirectory``, ``SetURL``, ``Commit``) and the scene's URL now
+    points to ``path``.
+
+    Reading it back: ``scene.SetURL(path); scene.Import()`` in 3D Slicer (File / Add Data) or
+    in a headless scene whose Sequences logic is set and whose DataIOManager has a cache
+    manager with a remote cache directory (``.seq.mrb`` files are unpacked there).
+
+    Parameters
+    ----------
+    scene : vtkMRMLScene
+    path : str or Path
+        The ``.mrml`` file to write; its folder is created if needed.
+
+    Returns
+    -------
+    Path
+        ``path``.
+
+    Raises
+    ------
+    ValueError
+        If ``path`` does not end with ``.mrml``.
+    FileFormatError
+        If a data file or the scene file cannot be written (names the node and the file).
+    """
+    path = Path(path)
+    if path.suffix.lower() != ".mrml":
+        raise ValueError(f"save_scene: path must end with .mrml, got {path.name!r}")
+    folder = path.resolve().parent
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / path.name
+    used: set[str] = {path.name.lower()}
+    nodes = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
+    written = 0
+    for node in nodes:
+        if node is None or not node.IsA("vtkMRMLStorableNode") or not node.GetSaveWithScene():
+            continue  # e.g. the default color tables, which Slicer does not save either
+        if not _has_data(node):
+            continue
+        storage = _storage_node_for(scene, node)
+        if storage is None:
+            logger.info(
+                "save_scene: %s (%s) has no file format; kept in the .mrml only",
+                node.GetName(),
+                node.GetClassName(),
+            )
+            continue
+        ext = storage.GetDefaultWriteFileExtension() or "dat"
+        file_name = _unique_file_name(node.GetName() or node.GetID(), ext, used)
+        storage.SetFileName(str(folder / file_name))
+        if not storage.WriteData(node):
+            raise FileFormatError(
+                f"{folder / file_name}: could not write node {node.GetName()!r} ({node.GetClassName()}) "
+                f"with {storage.GetClassName()}"
+            )
+        written += 1
+    scene.SetRootDirectory(str(folder))
+    scene.SetURL(str(path))
+    if not scene.Commit():
+        raise FileFormatError(f"{path}: could not write the MRML scene file")
+    logger.info("save_scene: %s with %d data files", path, written)
+    return path
+
+
+# -- helpers --------------------------------------------------------------------------------
+def _require_sequences(scene) -> None:
+    if scene is None or not scene.IsA("vtkMRMLScene"):
+        raise ValueError(f"scene must be a vtkMRMLScene, got {type(scene).__name__}")
+    if not scene.IsNodeClassRegistered(_BROWSER_CLASS):
+        raise ValueError(
+            "scene has no vtkMRMLSequenceBrowserNode class registered: the Sequences module logic "
+            "must be set on it (Slicer does; headless: vtkSlicerSequencesLogic().SetMRMLScene(scene))"
+        )
+
+
+def _parses_as_transform(name: str) -> bool:
+    try:
+        split_transform_name(name)
+    except TransformError:
+        return False
+    return True
+
+
+def _bool_text(value) -> str:
+    return "true" if bool(value) else "false"
+
+
+def _text_bool(text, *, default: bool) -> bool:
+    if text is None:
+        return default
+    return text.strip().lower() not in ("false", "0", "no", "invalid")
+
+
+def _vtk_type(dtype: np.dtype) -> int:
+    try:
+        return numpy_support.get_vtk_array_type(dtype)
+    except TypeError as exc:
+        raise TypeError(f"voxel type {dtype} has no VTK equivalent") from exc
+
+
+def _image_data(voxels: np.ndarray, *, deep: bool = True) -> vtk.vtkImageData:
+    """vtkImageData from ``[k, j, i]`` or ``[k, j, i, c]`` voxels (``deep=False``: shares memory)."""
+    voxels = np.ascontiguousarray(voxels)
+    n_k, n_j, n_i = voxels.shape[:3]
+    n_c = voxels.shape[3] if voxels.ndim == 4 else 1
+    image = vtk.vtkImageData()
+    image.SetDimensions(int(n_i), int(n_j), int(n_k))
+    flat = voxels.reshape(-1, n_c) if n_c > 1 else voxels.reshape(-1)
+    scalars = numpy_support.numpy_to_vtk(flat, deep=deep, array_type=_vtk_type(voxels.dtype))
+    scalars.SetName("ImageScalars")
+    image.GetPointData().SetScalars(scalars)
+    return image
+
+
+def _array_from_image(image, *, what: str) -> np.ndarray:
+    """``[k, j, i]`` or ``[k, j, i, c]`` view of a vtkImageData's scalars."""
+    if image is None or image.GetPointData() is None or image.GetPointData().GetScalars() is None:
+        raise FileFormatError(f"{what}: holds no image data")
+    scalars = image.GetPointData().GetScalars()
+    n_i, n_j, n_k = image.GetDimensions()
+    n_c = scalars.GetNumberOfComponents()
+    arr = numpy_support.vtk_to_numpy(scalars)
+    shape = (n_k, n_j, n_i) + ((n_c,) if n_c > 1 else ())
+    return arr.reshape(shape)
+
+
+def _hold_last_valid(matrices: np.ndarray, valid: np.ndarray, *, fallback: np.ndarray) -> np.ndarray:
+    """Replace invalid matrices by the last valid one (the first valid before any; else fallback)."""
+    out = np.array(matrices, dtype=np.float64, copy=True)
+    good = np.flatnonzero(valid)
+    if good.size == 0:
+        out[:] = fallback
+        return out
+    last = out[good[0]].copy()
+    for i in range(out.shape[0]):
+        if valid[i]:
+            last = out[i]
+        else:
+            out[i] = last
+    return out
+
+
+def _image_geometry(sequence, *, image_to_probe, fixed, reference_frame):
+    """(name, (n, 4, 4) IJKToRAS, (n,) validity) for the image frames."""
+    target = f"ImageTo{reference_frame}"
+    try:
+        split_transform_name(target)
+    except TransformError as exc:
+        raise ValueError(f"reference_frame {reference_frame!r} is not a valid frame name") from exc
+    n = sequence.n_frames
+    sx, sy = sequence.pixel_spacing_mm or (1.0, 1.0)
+    pixels = np.diag([sx, sy, 1.0, 1.0])
+    fixed_all = dict(fixed or {})
+    if image_to_probe is not None:
+        fixed_all["ImageToProbe"] = image_to_probe
+    repo = sequence.repository(fixed=fixed_all)
+    if not repo.has(target):
+        if fixed_all:
+            repo.get(target)  # raises TransformError naming what is missing
+        logger.info(
+            "sequence_to_browser: %s cannot be resolved (no ImageToProbe?); frames keep pixel geometry",
+            target,
+        )
+        return _PIXEL_GEOMETRY, np.broadcast_to(pixels, (n, 4, 4)).copy(), np.zeros(n, dtype=bool)
+    mats = repo.get(target)
+    valid = np.all(np.isfinite(mats), axis=(1, 2))
+    valid[valid] = np.abs(np.linalg.det(mats[valid][:, :3, :3])) > 1e-12
+    held = _hold_last_valid(mats, valid, fallback=pixels)
+    return target, held, valid
+
+
+def _new_sequence(scene, name: str, *, role: str):
+    seq = scene.AddNewNodeByClass("vtkMRMLSequenceNode", name)
+    seq.SetIndexName("time")
+    seq.SetIndexUnit("s")
+    seq.SetIndexType(seq.NumericIndex)
+    seq.SetNumericIndexValueTolerance(_INDEX_TOLERANCE_S)
+    seq.SetAttribute(ATTR_ROLE, role)
+    return seq
+
+
+def _add_proxy(scene, browser, seq_node) -> None:
+    """Create a proxy node when no Sequences logic is observing the scene."""
+    data = seq_node.GetNthDataNode(max(browser.GetSelectedItemNumber(), 0))
+    proxy = scene.AddNewNodeByClass(seq_node.GetDataNodeClassName(), seq_node.GetName())
+    if data is not None:
+        proxy.CopyContent(data)
+    browser.AddProxyNode(proxy, seq_node, False)
+    logger.debug("created proxy %s for %s without a Sequences logic", proxy.GetID(), seq_node.GetName())
+
+
+def _browser_sequences(browser) -> list:
+    coll = vtk.vtkCollection()
+    browser.GetSynchronizedSequenceNodes(coll, True)
+    return [coll.GetItemAsObject(i) for i in range(coll.GetNumberOfItems())]
+
+
+def _first_data_node_is(seq_node, cls: str) -> bool:
+    if seq_node.GetNumberOfDataNodes() == 0:
+        return False
+    node = seq_node.GetNthDataNode(0)
+    return node is not None and node.IsA(cls)
+
+
+def _pick_image_sequence(browser, sequences):
+    volumes = [s for s in sequences if _first_data_node_is(s, "vtkMRMLVolumeNode")]
+    if not volumes:
+        names = [s.GetName() for s in sequences]
+        raise SequenceError(f"browser {browser.GetName()!r} has no volume sequence (sequences: {names})")
+    for s in volumes:
+        if s.GetAttribute(ATTR_ROLE) == "Image":
+            return s
+    master = browser.GetMasterSequenceNode()
+    if master is not None and any(s is master or s.GetID() == master.GetID() for s in volumes):
+        return master
+    return volumes[0]
+
+
+def _index_to_seconds(seq_node, values) -> np.ndarray:
+    try:
+        ts = np.array([float(v) for v in values], dtype=np.float64)
+    except ValueError:
+        logger.warning(
+            "sequence %s: index values are not numbers; using item numbers as times", seq_node.GetName()
+        )
+        return np.arange(len(values), dtype=np.float64)
+    unit = (seq_node.GetIndexUnit() or "s").strip()
+    if unit == "ms":
+        ts = ts / 1000.0
+    elif unit not in ("s", ""):
+        logger.warning("sequence %s: index unit %r taken as seconds", seq_node.GetName(), unit)
+    return ts
+
+
+def _transform_sequence_name(browser, seq_node) -> str | None:
+    if not _first_data_node_is(seq_node, "vtkMRMLLinearTransformNode"):
+        return None
+    candidates = [seq_node.GetAttribute(ATTR_TRANSFORM_NAME), seq_node.GetName()]
+    proxy = browser.GetProxyNode(seq_node)
+    if proxy is not None:
+        candidates.append(proxy.GetName())
+    for text in candidates:
+        if text and _parses_as_transform(text):
+            return text[: -len("Transform")] if text.endswith("Transform") else text
+    logger.warning(
+        "browser %s: transform sequence %r is not named <From>To<To>; skipped",
+        browser.GetName(),
+        seq_node.GetName(),
+    )
+    return None
+
+
+def _read_transform_sequence(seq_node, image_index_values, image_ts, *, what: str):
+    m_count = seq_node.GetNumberOfDataNodes()
+    mats = np.empty((m_count, 4, 4))
+    valid = np.empty(m_count, dtype=bool)
+    values = []
+    for k in range(m_count):
+        node = seq_node.GetNthDataNode(k)
+        m = vtk.vtkMatrix4x4()
+        node.GetMatrixTransformToParent(m)
+        mats[k] = vtk_to_matrix(m)
+        valid[k] = _text_bool(node.GetAttribute(ATTR_TRANSFORM_VALID), default=True)
+        values.append(seq_node.GetNthIndexValue(k))
+    if values == list(image_index_values):
+        return mats, valid
+    if seq_node.GetIndexType() != seq_node.NumericIndex:
+        raise SequenceError(
+            f"{what}: transform sequence {seq_node.GetName()!r} has a text index that does not "
+            f"match the image items ({m_count} vs {len(image_index_values)} items)"
+        )
+    t = _index_to_seconds(seq_node, values)
+    return interpolate_transforms(t, mats, valid, image_ts)
+
+
+def _geometry_name_of(image_seq) -> str | None:
+    geometry = image_seq.GetAttribute(ATTR_IMAGE_GEOMETRY)
+    if geometry == _PIXEL_GEOMETRY:
+        return None
+    if geometry and _parses_as_transform(geometry):
+        return geometry
+    parts = (image_seq.GetName() or "").rsplit("_", 1)
+    if len(parts) == 2 and parts[1] and _parses_as_transform(f"ImageTo{parts[1]}"):
+        return f"ImageTo{parts[1]}"
+    return None
+
+
+def _has_data(node) -> bool:
+    if node.IsA("vtkMRMLVolumeNode"):
+        image = node.GetImageData()
+        return image is not None and image.GetNumberOfPoints() > 0
+    if node.IsA("vtkMRMLSequenceNode"):
+        return node.GetNumberOfDataNodes() > 0
+    return True
+
+
+def _storage_node_for(scene, node):
+    if node.IsA("vtkMRMLSequenceNode"):
+        storage = node.GetStorageNode()
+        if storage is None or storage.GetClassName() != "vtkMRMLSequenceStorageNode":
+            storage = scene.AddNewNodeByClass("vtkMRMLSequenceStorageNode")
+            node.SetAndObserveStorageNodeID(storage.GetID())
+        return storage
+    if node.GetStorageNode() is None and not node.AddDefaultStorageNode():
+        return None
+    return node.GetStorageNode()
+
+
+def _unique_file_name(name: str, ext: str, used: set[str]) -> str:
+    base = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "node"
+    candidate = f"{base}.{ext}"
+    counter = 1
+    while candidate.lower() in used:
+        candidate = f"{base}_{counter}.{ext}"
+        counter += 1
+    used.add(candidate.lower())
+    return candidate
