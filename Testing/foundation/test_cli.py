@@ -1,0 +1,81 @@
+"""The freehandus command line: info, convert, demo, and error handling (exit 2, one line)."""
+
+import json
+
+import numpy as np
+import pytest
+from testdata import make_synthetic_sequence, plus_file
+
+from FreehandUSLib.cli import main
+from FreehandUSLib.io import read_sequence, write_sequence
+
+
+def test_help_lists_commands(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("info", "convert", "demo"):
+        assert command in out
+
+
+def test_info_json_fields(tmp_path, capsys):
+    seq = make_synthetic_sequence(n_frames=5)
+    path = write_sequence(seq, tmp_path / "s.igs.mha")
+    assert main(["info", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["frames"] == 5
+    assert (info["width"], info["height"]) == (64, 48)
+    assert info["orientation"] == "MF"
+    assert info["transforms"] == ["ProbeToTracker", "ReferenceToTracker"]
+    assert info["valid_transform_frames"]["ReferenceToTracker"] == 4
+    assert info["duration_s"] == pytest.approx(seq.duration_s)
+
+
+@pytest.mark.realdata
+def test_info_on_plus_file(capsys):
+    path = plus_file("TestImages/fCal_Test_Validation_3NWires_fCal2.0.igs.mha")
+    assert main(["info", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["frames"] == 103 and (info["width"], info["height"]) == (820, 616)
+    assert set(info["transforms"]) == {"ProbeToTracker", "ReferenceToTracker", "StylusToTracker"}
+    assert main(["info", str(path)]) == 0
+    assert "frames: 103" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("target", ["out.igs.nrrd", "out.seq.nrrd", "out.igs.mhd", "out.h5"])
+def test_convert_round_trip(tmp_path, target, capsys):
+    seq = make_synthetic_sequence(n_frames=4)
+    src = write_sequence(seq, tmp_path / "in.igs.mha")
+    dst = tmp_path / target
+    assert main(["convert", str(src), str(dst), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["frames"] == 4
+    back = read_sequence(dst)
+    np.testing.assert_array_equal(back.frames, seq.frames)
+    tol = 1e-5 if target.endswith(".h5") else 1e-9
+    np.testing.assert_allclose(
+        back.transforms["ProbeToTracker"].matrices, seq.transforms["ProbeToTracker"].matrices, atol=tol
+    )
+
+
+def test_errors_print_one_line_and_exit_2(tmp_path, capsys):
+    assert main(["info", str(tmp_path / "missing.igs.mha")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "missing.igs.mha" in err and "not found" in err and "\n" not in err
+    assert main(["info", str(tmp_path / "file.unknown")]) == 2
+    assert "unknown file type" in capsys.readouterr().err
+    bad = tmp_path / "bad.igs.mha"
+    bad.write_text("ObjectType = Image\nNDims = 3\nDimSize = 4 4 2\nElementType = MET_UCHAR\n")
+    assert main(["info", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.igs.mha" in err and "Traceback" not in err
+
+
+def test_demo_writes_sequences(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    for key in ("metafile", "slicer_sequence"):
+        summary = result["summaries"][key]
+        assert summary["frames"] == 60 and summary["transforms"] == ["ProbeToTracker"]
+    seq = read_sequence(result["files"]["metafile"])
+    assert seq.frames.std() > 10  # speckle and structures, not a blank image
