@@ -1,0 +1,319 @@
+"""TUS-REC challenge scans (.h5 frames/tforms + calib_matrix.csv): round trips, calibration
+conventions and bad input."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+from scipy.spatial.transform import Rotation
+from testdata import make_synthetic_sequence
+
+from FreehandUSLib import FileFormatError, SequenceError, TrackedSequence, TransformError
+from FreehandUSLib.io import read_sequence, write_sequence
+from FreehandUSLib.io.nrrd_io import read_sequence_nrrd, write_sequence_nrrd
+from FreehandUSLib.io.tusrec import (
+    TUSREC_FPS,
+    read_tusrec_calibration,
+    read_tusrec_h5,
+    write_tusrec_h5,
+)
+
+SCALING = np.diag([0.2, 0.25, 1.0, 1.0])
+SPATIAL = np.eye(4)
+SPATIAL[:3, :3] = Rotation.from_rotvec([0.1, -0.4, 0.25]).as_matrix()
+SPATIAL[:3, 3] = [12.5, -3.0, 40.0]
+
+
+def write_csv(path, scaling=SCALING, spatial=SPATIAL, *, labels=True):
+    """calib_matrix.csv: the 2025 layout has a label line before each block, 2024 does not."""
+    lines = []
+    for label, m in (("scaling_from_pixel_to_mm", scaling), ("spatial_calibration", spatial)):
+        if labels:
+            lines.append(label)
+        lines += [",".join(repr(float(v)) for v in row) for row in np.atleast_2d(m)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_h5(path, **datasets):
+    with h5py.File(path, "w") as h5:
+        for name, value in datasets.items():
+            h5.create_dataset(name, data=value)
+    return path
+
+
+def scan(n=5, h=6, w=8, seed=0):
+    rng = np.random.default_rng(seed)
+    frames = rng.integers(0, 256, (n, h, w), dtype=np.uint8)
+    tforms = np.tile(np.eye(4, dtype=np.float32), (n, 1, 1))
+    tforms[:, :3, :3] = Rotation.from_rotvec(rng.normal(scale=0.2, size=(n, 3))).as_matrix()
+    tforms[:, :3, 3] = rng.normal(scale=50, size=(n, 3))
+    return frames, tforms
+
+
+# ------------------------------------------------------------------------------------------------
+# reading
+
+
+def test_read_scan(tmp_path):
+    frames, tforms = scan()
+    seq = read_tusrec_h5(write_h5(tmp_path / "LH_rotation.h5", frames=frames, tforms=tforms))
+    np.testing.assert_array_equal(seq.frames, frames)
+    assert seq.frames.dtype == np.uint8
+    assert list(seq.transforms) == ["ProbeToTracker"]
+    np.testing.assert_array_equal(seq.transforms["ProbeToTracker"].matrices, tforms.astype(np.float64))
+    assert seq.transforms["ProbeToTracker"].valid.all()
+    np.testing.assert_allclose(seq.timestamps_s, np.arange(5) / 20.0)
+    assert TUSREC_FPS == 20.0
+    assert seq.pixel_spacing_mm is None
+
+
+def test_fps_option_and_dispatcher(tmp_path):
+    frames, tforms = scan()
+    path = write_h5(tmp_path / "s.h5", frames=frames, tforms=tforms)
+    seq = read_sequence(path, fps=40)  # io dispatcher passes options through
+    np.testing.assert_allclose(seq.timestamps_s, np.arange(5) / 40.0)
+    with pytest.raises(ValueError, match="fps"):
+        read_tusrec_h5(path, fps=0)
+
+
+def test_nan_tforms_mark_frames_invalid(tmp_path):
+    frames, tforms = scan()
+    tforms[1] = np.nan
+    tforms[3, 3] = [0, 0, 0, 2]  # not homogeneous
+    seq = read_tusrec_h5(write_h5(tmp_path / "s.h5", frames=frames, tforms=tforms))
+    np.testing.assert_array_equal(
+        seq.transforms["ProbeToTracker"].valid, [True, False, True, False, True]
+    )
+
+
+def test_separate_tforms_file(tmp_path):
+    """2025 validation/test layout: frames/<sub>/<scan>.h5 and transfs/<sub>/<scan>.h5."""
+    frames, tforms = scan()
+    frames_file = write_h5(tmp_path / "frames.h5", frames=frames)
+    tforms_file = write_h5(tmp_path / "transfs.h5", tforms=tforms)
+    seq = read_tusrec_h5(frames_file, tforms_path=tforms_file)
+    np.testing.assert_array_equal(seq.transforms["ProbeToTracker"].matrices, tforms)
+
+
+@pytest.mark.parametrize("labels", [True, False], ids=["2025-labelled", "2024-bare"])
+def test_read_calibration_layouts(tmp_path, labels):
+    scaling, spatial = read_tusrec_calibration(write_csv(tmp_path / "calib_matrix.csv", labels=labels))
+    np.testing.assert_array_equal(scaling, SCALING)
+    np.testing.assert_array_equal(spatial, SPATIAL)
+
+
+def test_calibration_gives_image_to_probe(tmp_path):
+    frames, tforms = scan(n=3)
+    h5 = write_h5(tmp_path / "s.h5", frames=frames, tforms=tforms)
+    csv = write_csv(tmp_path / "calib_matrix.csv")
+    seq = read_tusrec_h5(h5, calibration_csv=csv)
+    assert seq.pixel_spacing_mm == pytest.approx((0.2, 0.25), rel=1e-12)
+    itp = seq.transforms["ImageToProbe"]
+    assert itp.valid.all() and itp.matrices.shape == (3, 4, 4)
+    np.testing.assert_array_equal(itp.matrices[0], itp.matrices[2])
+    # our 0-based pixel (col, row) is TUS-REC's 1-based pixel (col + 1, row + 1)
+    col, row = 7.0, 5.0
+    ours = itp.matrices[0] @ [col, row, 0.0, 1.0]
+    tusrec = SPATIAL @ SCALING @ [col + 1.0, row + 1.0, 0.0, 1.0]
+    np.testing.assert_allclose(ours, tusrec, atol=1e-12)
+    plain = read_tusrec_h5(h5, calibration_csv=csv, one_based_pixels=False)
+    np.testing.assert_allclose(
+        plain.transforms["ImageToProbe"].matrices[0], SPATIAL @ SCALING, atol=1e-15
+    )
+    # ImageToTracker resolves through the repository
+    image_to_tracker = seq.repository().get("ImageToTracker")
+    np.testing.assert_allclose(image_to_tracker[1], tforms[1] @ itp.matrices[1], atol=1e-9)
+
+
+def test_image_to_probe_argument(tmp_path):
+    frames, tforms = scan(n=2)
+    h5 = write_h5(tmp_path / "s.h5", frames=frames, tforms=tforms)
+    m = SPATIAL @ np.diag([0.3, 0.3, 1.0, 1.0])
+    seq = read_tusrec_h5(h5, image_to_probe=m)
+    np.testing.assert_array_equal(seq.transforms["ImageToProbe"].matrices[1], m)
+    assert seq.pixel_spacing_mm == pytest.approx((0.3, 0.3), rel=1e-12)
+    with pytest.raises(ValueError, match="not both"):
+        read_tusrec_h5(h5, image_to_probe=m, calibration_csv=write_csv(tmp_path / "c.csv"))
+    with pytest.raises(TransformError, match="image_to_probe"):
+        read_tusrec_h5(h5, image_to_probe=np.zeros((4, 4)))
+
+
+# ------------------------------------------------------------------------------------------------
+# writing
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_write_read_round_trip(tmp_path, dtype):
+    seq = make_synthetic_sequence(n_frames=6, dtype=dtype)
+    path = write_tusrec_h5(seq, tmp_path / "RH_rotation.h5")
+    with h5py.File(path, "r") as h5:
+        assert set(h5) == {"frames", "tforms"}
+        assert h5["tforms"].dtype == np.float32 and h5["tforms"].shape == (6, 4, 4)
+        assert h5["frames"].shape == (6, 48, 64)
+    back = read_tusrec_h5(path)
+    assert back.frames.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(back.frames, seq.frames)
+    expected = seq.transforms["ProbeToTracker"].matrices.astype(np.float32).astype(np.float64)
+    np.testing.assert_array_equal(back.transforms["ProbeToTracker"].matrices, expected)
+    np.testing.assert_allclose(
+        back.transforms["ProbeToTracker"].matrices,
+        seq.transforms["ProbeToTracker"].matrices,
+        rtol=1e-6,
+        atol=1e-4,
+    )
+
+
+def test_write_other_transform_keeps_validity(tmp_path):
+    seq = make_synthetic_sequence(n_frames=6)  # ReferenceToTracker invalid at frame 3
+    path = write_sequence(seq, tmp_path / "ref.h5", transform="ReferenceToTrackerTransform")
+    back = read_tusrec_h5(path)
+    np.testing.assert_array_equal(
+        back.transforms["ProbeToTracker"].valid, seq.transforms["ReferenceToTracker"].valid
+    )
+    with h5py.File(path, "r") as h5:
+        assert np.isnan(h5["tforms"][3]).all()
+
+
+def test_tusrec_to_nrrd(tmp_path):
+    frames, tforms = scan()
+    seq = read_tusrec_h5(
+        write_h5(tmp_path / "s.h5", frames=frames, tforms=tforms),
+        calibration_csv=write_csv(tmp_path / "c.csv"),
+    )
+    back = read_sequence_nrrd(write_sequence_nrrd(seq, tmp_path / "s.igs.nrrd"))
+    np.testing.assert_array_equal(back.frames, frames)
+    for name in ("ProbeToTracker", "ImageToProbe"):
+        np.testing.assert_array_equal(back.transforms[name].matrices, seq.transforms[name].matrices)
+    assert back.pixel_spacing_mm == seq.pixel_spacing_mm
+    assert back.metadata["TusRecFramesPerSecond"] == "20.0"
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input
+
+
+@pytest.mark.parametrize(
+    "datasets,error,match",
+    [
+        ({"tforms": scan()[1]}, FileFormatError, "dataset 'frames' not found"),
+        ({"frames": scan()[0]}, FileFormatError, "dataset 'tforms' not found"),
+        (
+            {"frames": scan()[0], "tforms": scan()[1][:4]},
+            FileFormatError,
+            "'tforms' has 4 matrices but 'frames'",
+        ),
+        (
+            {"frames": scan()[0][..., None], "tforms": scan()[1]},
+            FileFormatError,
+            "'frames' must be \\(N, H, W\\)",
+        ),
+        (
+            {"frames": scan()[0][0], "tforms": scan()[1]},
+            FileFormatError,
+            "'frames' must be \\(N, H, W\\)",
+        ),
+        (
+            {"frames": scan()[0], "tforms": scan()[1][:, :3]},
+            FileFormatError,
+            "'tforms' must be \\(N, 4, 4\\)",
+        ),
+        (
+            {"frames": scan()[0], "tforms": np.full((5, 4, 4), np.nan, np.float32)},
+            TransformError,
+            "'tforms': all 5",
+        ),
+        (
+            {"frames": np.zeros((0, 6, 8), np.uint8), "tforms": np.zeros((0, 4, 4))},
+            SequenceError,
+            "no frames",
+        ),
+        (
+            {"frames": np.array([b"ab", b"cd"]).reshape(1, 1, 2), "tforms": scan()[1][:1]},
+            FileFormatError,
+            "not images",
+        ),
+    ],
+    ids=[
+        "no-frames",
+        "no-tforms",
+        "length-mismatch",
+        "4d-frames",
+        "2d-frames",
+        "3x4-tforms",
+        "all-nan",
+        "empty",
+        "text-frames",
+    ],
+)
+def test_bad_scan(tmp_path, datasets, error, match):
+    path = write_h5(tmp_path / "bad_scan.h5", **datasets)
+    with pytest.raises(error, match=match) as info:
+        read_tusrec_h5(path)
+    assert "bad_scan.h5" in str(info.value)
+
+
+def test_frames_is_a_group(tmp_path):
+    path = tmp_path / "g.h5"
+    with h5py.File(path, "w") as h5:
+        h5.create_group("frames")
+        h5.create_dataset("tforms", data=scan()[1])
+    with pytest.raises(FileFormatError, match="'frames' is a group"):
+        read_tusrec_h5(path)
+
+
+def test_not_hdf5_and_missing(tmp_path):
+    path = tmp_path / "text.h5"
+    path.write_text("hello")
+    with pytest.raises(FileFormatError, match="text.h5: not a readable HDF5 file"):
+        read_tusrec_h5(path)
+    with pytest.raises(FileFormatError, match="not found"):
+        read_tusrec_h5(tmp_path / "none.h5")
+
+
+@pytest.mark.parametrize(
+    "rows,match",
+    [
+        (np.vstack([SCALING, SPATIAL[:3]]), "got 7 numeric rows"),
+        (np.vstack([SCALING, SPATIAL, SPATIAL[:1]]), "got 9 numeric rows"),
+        (np.hstack([np.vstack([SCALING, SPATIAL]), np.ones((8, 1))]), "line 1: .*got 5"),
+        (np.vstack([SCALING, SPATIAL[:3], [[0, 0, 1, 1]]]), "spatial calibration"),
+        (np.vstack([np.full((4, 4), np.nan), SPATIAL]), "scaling"),
+    ],
+    ids=["7-rows", "9-rows", "5-columns", "bad-last-row", "nan"],
+)
+def test_bad_calibration_csv(tmp_path, rows, match):
+    path = tmp_path / "calib_matrix.csv"
+    path.write_text("\n".join(",".join(repr(float(v)) for v in row) for row in rows))
+    with pytest.raises(FileFormatError, match=match) as info:
+        read_tusrec_calibration(path)
+    assert "calib_matrix.csv" in str(info.value)
+    frames, tforms = scan(n=2)
+    with pytest.raises(FileFormatError, match=match):
+        read_tusrec_h5(write_h5(tmp_path / "s.h5", frames=frames, tforms=tforms), calibration_csv=path)
+
+
+def test_missing_calibration_csv(tmp_path):
+    with pytest.raises(FileFormatError, match="calibration file not found"):
+        read_tusrec_calibration(tmp_path / "nope.csv")
+
+
+def test_bad_write(tmp_path):
+    with pytest.raises(SequenceError, match="channel"):
+        write_tusrec_h5(make_synthetic_sequence(n_frames=2, n_channels=3), tmp_path / "m.h5")
+    with pytest.raises(TransformError, match="StylusToTracker.*ProbeToTracker, ReferenceToTracker"):
+        write_tusrec_h5(
+            make_synthetic_sequence(n_frames=2), tmp_path / "m.h5", transform="StylusToTracker"
+        )
+    with pytest.raises(SequenceError, match="empty"):
+        write_tusrec_h5(TrackedSequence(frames=np.zeros((0, 2, 2), np.uint8)), tmp_path / "m.h5")
+    with pytest.raises(FileFormatError, match="cannot write"):
+        write_tusrec_h5(make_synthetic_sequence(n_frames=2), tmp_path / "no" / "dir" / "m.h5")
+
+
+def test_singular_calibration(tmp_path):
+    frames, tforms = scan(n=2)
+    csv = write_csv(tmp_path / "calib_matrix.csv", scaling=np.diag([0.0, 0.2, 1.0, 1.0]))
+    with pytest.raises(TransformError, match="ImageToProbe in .*calib_matrix.csv.*not invertible"):
+        read_tusrec_h5(write_h5(tmp_path / "s.h5", frames=frames, tforms=tforms), calibration_csv=csv)
