@@ -1,0 +1,1073 @@
+"""Batch and live (incremental) volume reconstruction from tracked frames.
+
+- :func:`reconstruct_volume` reconstructs a :class:`~FreehandUSLib.sequence.TrackedSequence`
+  (ImageToReference from the sequence's transforms plus fixed ones such as ImageToProbe).
+- :class:`IncrementalReconstructor` takes frames one at a time or in batches (live scanning),
+  into a fixed ROI or a grid that grows; it never drops or skips a frame silently.
+- :func:`options_from_plus_config` maps a PLUS ``<VolumeReconstruction>`` element to
+  :class:`~.config.ReconstructionOptions`.
+
+Batch reconstruction *is* incremental reconstruction into the grid computed from all frames,
+so the two give bit-identical volumes for the same frames and grid, in every mode.
+
+Example
+-------
+>>> from FreehandUSLib.io import read_sequence
+>>> from FreehandUSLib.io.plus_config import read_plus_config
+>>> config = read_plus_config("PlusDeviceSet_VolumeReconstructionOnly_SpinePhantom_NN_MEAN.xml")
+>>> result = reconstruct_volume(read_sequence("SpinePhantomFreehand.igs.mha"),
+...                             config.coordinate_definitions.repository_fixed(),
+...                             options_from_plus_config(config))
+>>> result.volume.voxels.shape        # (k, j, i)
+(105, 106, 147)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import weakref
+from collections import Counter, deque
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import TransformError
+from ..sequence import TrackedSequence
+from ..transforms import TransformRepository, split_transform_name
+from ..volume import Volume
+from .config import HoleFillingElement, ReconstructionOptions
+from .errors import InvalidOptionError, NoUsableFramesError, ReconstructionError, VolumeTooLargeError
+from .geometry import (
+    OutputGrid,
+    buffer_bytes_per_voxel,
+    check_memory,
+    frame_corners_reference,
+    grid_from_bounds,
+    grid_from_options,
+)
+from .holefill import HoleFillingStats
+from .holefill import fill_holes as _fill_holes
+from .kernels import MODE_CODES, MODE_IMPORTANCE, MODE_MEAN, MODE_MEAN_PLUS, default_threads, insert_frames, voxel_matrices
+from .masks import clipped_corners_px, detect_fan_angles, fan_row_ranges
+
+__all__ = [
+    "SKIP_REASONS",
+    "ReconstructionResult",
+    "IncrementalReconstructor",
+    "reconstruct_volume",
+    "resolve_image_to_reference",
+    "options_from_plus_config",
+    "load_importance_mask",
+]
+
+log = logging.getLogger(__name__)
+
+#: Why a frame did not go into the volume.
+SKIP_REASONS = {
+    "invalid_transform": "ImageToReference is invalid or not finite for this frame",
+    "no_image": "the frame carries no image (ImageStatus not OK)",
+    "empty_image": "no bright fan sector found (automatic fan-angle detection)",
+    "outside_volume": "no pixel of the frame falls inside the output volume",
+    "no_pixels_kept": "every pixel inside the volume was masked or rejected",
+    "skip_interval": "left out by skip_interval",
+    "over_memory_budget": "growing the volume to include the frame would exceed the memory budget",
+    "dropped_behind": "dropped: the reconstruction was falling behind the live stream",
+}
+
+_BATCH = 32  # frames per insertion call (progress granularity)
+
+
+# --------------------------------------------------------------------------------------------
+# Result
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class ReconstructionResult:
+    """A reconstructed volume (one per channel) and what went into it.
+
+    Attributes
+    ----------
+    volumes : tuple of Volume
+        One volume per image channel, voxels ``(n_k, n_j, n_i)``, uint8 or float32 like the
+        input channel, Reference frame (mm), geometry of :attr:`grid`.
+    channel_names : tuple of str
+    weight : Volume or None
+        Accumulated insertion weight per voxel, float32 (number of pixels for nearest
+        interpolation): the coverage map.
+    grid : OutputGrid
+    frames_total : int
+        Frames offered.
+    frames_used : int
+        Frames that put at least one pixel into the volume.
+    frames_skipped : dict frame index -> reason key (see :data:`SKIP_REASONS`)
+    frames_dropped : int
+        Live mode: frames dropped because the reconstruction fell behind (also in
+        ``frames_skipped`` with reason ``dropped_behind``).
+    pixels_inserted : int
+    coverage_fraction : float
+        Fraction of voxels that received pixels.
+    filled_fraction : float
+        Fraction of voxels holding a value after hole filling.
+    seconds : float
+        Wall time of the whole reconstruction (insertion + hole filling + output).
+    insertion_seconds, hole_filling_seconds : float
+    hole_filling : HoleFillingStats or None
+    options : ReconstructionOptions
+    """
+
+    volumes: tuple
+    channel_names: tuple
+    weight: Volume | None
+    grid: OutputGrid
+    frames_total: int
+    frames_used: int
+    frames_skipped: dict
+    frames_dropped: int
+    pixels_inserted: int
+    coverage_fraction: float
+    filled_fraction: float
+    seconds: float
+    insertion_seconds: float
+    hole_filling_seconds: float
+    hole_filling: HoleFillingStats | None
+    options: ReconstructionOptions
+
+    @property
+    def volume(self) -> Volume:
+        """The first channel's volume."""
+        return self.volumes[0]
+
+    @property
+    def frames_per_second(self) -> float:
+        """Frames used per second of total reconstruction time."""
+        return self.frames_used / self.seconds if self.seconds > 0 else float("inf")
+
+    @property
+    def skipped_by_reason(self) -> dict:
+        return dict(Counter(self.frames_skipped.values()))
+
+    def to_dict(self) -> dict:
+        """JSON-safe summary (what ``freehandus reconstruct --json`` prints)."""
+        return {
+            "frames_total": self.frames_total,
+            "frames_used": self.frames_used,
+            "frames_skipped": len(self.frames_skipped),
+            "frames_skipped_by_reason": self.skipped_by_reason,
+            "skipped_frames": [{"frame": int(i), "reason": r} for i, r in sorted(self.frames_skipped.items())],
+            "frames_dropped": self.frames_dropped,
+            "dimensions": list(self.grid.dims),
+            "spacing": list(self.grid.spacing_mm),
+            "origin": list(self.grid.origin_mm),
+            "directions": self.grid.directions.tolist(),
+            "channels": list(self.channel_names),
+            "dtype": [str(v.voxels.dtype) for v in self.volumes],
+            "pixels_inserted": self.pixels_inserted,
+            "coverage_fraction": self.coverage_fraction,
+            "filled_fraction": self.filled_fraction,
+            "seconds": self.seconds,
+            "insertion_seconds": self.insertion_seconds,
+            "hole_filling_seconds": self.hole_filling_seconds,
+            "frames_per_second": self.frames_per_second,
+            "hole_filling": None if self.hole_filling is None else self.hole_filling.to_dict(),
+            "interpolation": self.options.interpolation,
+            "compounding": self.options.compounding,
+        }
+
+    def __str__(self) -> str:
+        lines = [
+            f"Reconstructed {self.grid}",
+            f"  channels: {', '.join(f'{n} ({v.voxels.dtype})' for n, v in zip(self.channel_names, self.volumes))}",
+            f"  frames: {self.frames_used} used of {self.frames_total}"
+            + (f", {len(self.frames_skipped)} skipped" if self.frames_skipped else ""),
+        ]
+        for reason, count in sorted(self.skipped_by_reason.items()):
+            lines.append(f"    {count} x {reason}: {SKIP_REASONS.get(reason, reason)}")
+        lines.append(
+            f"  {self.options.interpolation} / {self.options.compounding}; coverage {100 * self.coverage_fraction:.1f} %"
+            f", filled {100 * self.filled_fraction:.1f} %"
+        )
+        lines.append(
+            f"  {self.seconds:.3f} s ({self.frames_per_second:.1f} frames/s; insertion {self.insertion_seconds:.3f} s"
+            f", hole filling {self.hole_filling_seconds:.3f} s)"
+        )
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Transforms, options
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_image_to_reference(sequence: TrackedSequence, transforms=None, name: str = "ImageToReference"):
+    """Per-frame ImageToReference of a sequence.
+
+    Parameters
+    ----------
+    sequence : TrackedSequence
+    transforms : None, (4, 4) array, mapping name -> (4, 4), or TransformRepository
+        A 4x4 is taken as ImageToProbe; a mapping holds fixed transforms (e.g.
+        ``PlusConfig.coordinate_definitions.repository_fixed()``); a repository is used as is.
+        ``None``: the sequence's own transforms only.
+    name : str
+        The transform to resolve (``"ImageToReference"``).
+
+    Returns
+    -------
+    matrices : (n_frames, 4, 4) float64, NaN where invalid
+    valid : (n_frames,) bool
+
+    Raises
+    ------
+    TransformError
+        When ``name`` cannot be resolved; the message lists the known transforms and, when
+        the chain lacks the image frame, asks for ImageToProbe.
+    """
+    split_transform_name(name)
+    if isinstance(transforms, TransformRepository):
+        repo = transforms
+    else:
+        fixed = {}
+        if transforms is not None:
+            if isinstance(transforms, Mapping):
+                fixed = dict(transforms)
+            else:
+                matrix = np.asarray(transforms, dtype=np.float64)
+                if matrix.shape != (4, 4):
+                    raise TransformError(f"image_to_probe: expected a 4x4 matrix, got shape {matrix.shape}")
+                fixed = {"ImageToProbe": matrix}
+        repo = sequence.repository(fixed=fixed)
+    try:
+        matrices = repo.get(name)
+    except TransformError as exc:
+        src = split_transform_name(name)[0]
+        hint = ""
+        if src not in repo.frames:
+            hint = (
+                f" The calibration {src}ToProbe is missing: give it in the PLUS config's "
+                f'<CoordinateDefinitions> (<Transform From="{src}" To="Probe" .../>) or as image_to_probe.'
+            )
+        raise TransformError(f"{exc}.{hint}") from exc
+    if matrices.shape[0] != sequence.n_frames:
+        matrices = np.broadcast_to(matrices, (sequence.n_frames, 4, 4)).copy()
+    valid = np.all(np.isfinite(matrices), axis=(1, 2))
+    return matrices, valid
+
+
+def load_importance_mask(path, shape=None) -> np.ndarray:
+    """Read an importance mask image (PNG...) as float32 weights in [0, 1], rows top to bottom.
+
+    Raises
+    ------
+    ReconstructionError
+        Unreadable file, or a size other than ``shape`` ``(n_rows, n_cols)``.
+    """
+    import cv2  # local: only this path needs OpenCV
+
+    image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if image is None:
+        raise ReconstructionError(f"{path}: cannot read the importance mask image")
+    if shape is not None and image.shape != tuple(shape):
+        raise ReconstructionError(
+            f"{path}: importance mask is {image.shape[1]}x{image.shape[0]} pixels, frames are {shape[1]}x{shape[0]}"
+        )
+    return (image.astype(np.float32) / 255.0).astype(np.float32)
+
+
+_PLUS_INTERPOLATION = {"NEAREST_NEIGHBOR": "nearest", "LINEAR": "linear"}
+_PLUS_COMPOUNDING = {"MEAN": "mean", "MAXIMUM": "max", "LATEST": "latest", "IMPORTANCE_MASK": "importance_mask"}
+
+
+def options_from_plus_config(config, **overrides) -> ReconstructionOptions:
+    """Reconstruction options from a PLUS ``<VolumeReconstruction>`` element.
+
+    Parameters
+    ----------
+    config : PlusConfig or VolumeReconstructionParameters
+        From :func:`FreehandUSLib.io.plus_config.read_plus_config`.
+    **overrides
+        Option values that replace the config's (``None`` values are ignored), e.g. from the
+        command line.
+
+    Mapping (PLUS attribute -> option): OutputSpacing -> output_spacing_mm, OutputOrigin ->
+    output_origin_mm, OutputExtent -> output_extent, ClipRectangleOrigin/Size ->
+    clip_rectangle_*_px, FanAnglesDeg -> fan_angles_deg, FanOriginPixel -> fan_origin_px,
+    FanRadiusStart/StopPixel -> fan_radius_*_px, EnableFanAnglesAutoDetect (+ its threshold and
+    filter radius) -> fan_angles_auto_detect*, Interpolation -> interpolation, CompoundingMode ->
+    compounding, FillHoles + HoleFilling -> fill_holes + hole_filling, PixelRejectionThreshold,
+    SkipInterval, NumberOfThreads (0 = all cores), ImageCoordinateFrame/ReferenceCoordinateFrame
+    -> image_to_reference_transform.
+
+    Raises
+    ------
+    ConfigError
+        The config has no ``<VolumeReconstruction>`` element.
+    """
+    params = config.require_volume_reconstruction() if hasattr(config, "require_volume_reconstruction") else config
+    elements = []
+    for e in params.hole_filling:
+        kw = {"type": e.type}
+        for key in ("size", "stdev", "minimum_known_voxels_ratio", "stick_length_limit", "number_of_sticks_to_use"):
+            value = getattr(e, key)
+            if value is not None:
+                kw[key] = value
+        elements.append(HoleFillingElement(**kw))
+    kw = {
+        "output_spacing_mm": tuple(np.asarray(params.output_spacing_mm, dtype=float)),
+        "output_origin_mm": None if params.output_origin_mm is None else tuple(np.asarray(params.output_origin_mm, dtype=float)),
+        "output_extent": None if params.output_extent is None else tuple(params.output_extent),
+        "clip_rectangle_origin_px": params.clip_rectangle_origin_px,
+        "clip_rectangle_size_px": params.clip_rectangle_size_px,
+        "fan_angles_deg": None if params.fan_angles_deg is None else tuple(np.asarray(params.fan_angles_deg, dtype=float)),
+        "fan_origin_px": (0.0, 0.0) if params.fan_origin_px is None else tuple(np.asarray(params.fan_origin_px, dtype=float)),
+        "fan_radius_start_px": params.fan_radius_start_px,
+        "fan_radius_stop_px": params.fan_radius_stop_px,
+        "fan_angles_auto_detect": params.enable_fan_angles_auto_detect,
+        "interpolation": _PLUS_INTERPOLATION.get(params.interpolation, params.interpolation),
+        "compounding": _PLUS_COMPOUNDING.get(params.compounding_mode, params.compounding_mode),
+        "fill_holes": bool(params.fill_holes and elements),
+        "hole_filling": tuple(elements),
+        "pixel_rejection_threshold": params.pixel_rejection_threshold,
+        "skip_interval": params.skip_interval,
+        "number_of_threads": params.number_of_threads or None,
+        "image_to_reference_transform": params.image_to_reference_name,
+    }
+    if params.fan_angles_auto_detect_brightness_threshold is not None:
+        kw["fan_auto_detect_brightness_threshold"] = params.fan_angles_auto_detect_brightness_threshold
+    if params.fan_angles_auto_detect_filter_radius_px:
+        kw["fan_auto_detect_filter_radius_px"] = params.fan_angles_auto_detect_filter_radius_px
+    if params.importance_mask_filename:
+        kw["importance_mask_file"] = params.importance_mask_filename
+        base = getattr(config, "path", None)
+        if base is not None and not Path(params.importance_mask_filename).is_absolute():
+            kw["importance_mask_file"] = str(Path(base).parent / params.importance_mask_filename)
+    return ReconstructionOptions(**kw).replace(**overrides)
+
+
+# --------------------------------------------------------------------------------------------
+# Incremental reconstruction
+# --------------------------------------------------------------------------------------------
+
+
+def _as_frames4d(frames: np.ndarray) -> np.ndarray:
+    frames = np.asarray(frames)
+    if frames.ndim == 2:
+        frames = frames[None]
+    if frames.ndim == 3:
+        frames = frames[..., None]
+    if frames.ndim != 4:
+        raise ReconstructionError(f"frames must be (n, rows, cols[, channels]), got shape {frames.shape}")
+    if frames.dtype not in (np.uint8, np.float32):
+        frames = frames.astype(np.float32)
+    return np.ascontiguousarray(frames)
+
+
+def _shutdown(executor: ThreadPoolExecutor) -> None:
+    executor.shutdown(wait=False)
+
+
+class IncrementalReconstructor:
+    """Reconstruct a volume from frames that arrive one at a time or in batches.
+
+    Parameters
+    ----------
+    options : ReconstructionOptions, optional
+    image_shape : (n_rows, n_cols)
+        Size of the frames (MF).
+    n_channels : int
+        Channels per frame (e.g. 2 for ultrasound + photoacoustic).
+    dtype : numpy dtype
+        uint8 or float32: the frames' (and the output volumes') scalar type.
+    grid : OutputGrid, optional
+        A fixed output grid. Default: the ROI of ``options`` if it has an ``output_extent``;
+        otherwise the grid starts around the first frames and grows to include new ones (on
+        the lattice fixed by the first frame, so growth never resamples).
+    importance_mask : (n_rows, n_cols) array, optional
+        Per-pixel weights for ``importance_mask`` compounding (uint8 0..255 or float 0..1).
+    channel_names : sequence of str, optional
+    max_pending_frames : int
+        Live queue (:meth:`submit`) capacity; older frames are dropped (and counted) beyond it.
+    max_lag_s : float
+        Live queue: frames older than this (by their timestamps) than the newest are dropped
+        (and counted) when processing, as PLUS gives up when it is 3 s behind.
+
+    Notes
+    -----
+    Frames are numbered in the order they are offered (or by the ``indices`` given), and
+    every frame that does not go into the volume is recorded with its reason
+    (:data:`SKIP_REASONS`); :meth:`status` reports the counts at any time.
+    """
+
+    def __init__(
+        self,
+        options: ReconstructionOptions | None = None,
+        *,
+        image_shape,
+        n_channels: int = 1,
+        dtype=np.uint8,
+        grid: OutputGrid | None = None,
+        importance_mask=None,
+        channel_names=None,
+        channel_dtypes=None,
+        max_pending_frames: int = 256,
+        max_lag_s: float = 3.0,
+    ):
+        self.options = options if options is not None else ReconstructionOptions()
+        opts = self.options
+        self.image_shape = (int(image_shape[0]), int(image_shape[1]))
+        self.n_channels = int(n_channels)
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.uint8, np.float32):
+            raise InvalidOptionError(f"dtype: expected uint8 or float32 frames, got {self.dtype}")
+        self.channel_names = tuple(channel_names) if channel_names else tuple(
+            f"channel{c}" if self.n_channels > 1 else "image" for c in range(self.n_channels)
+        )
+        if len(self.channel_names) != self.n_channels:
+            raise InvalidOptionError(f"channel_names: expected {self.n_channels} names, got {self.channel_names}")
+        self.channel_dtypes = tuple(np.dtype(d) for d in channel_dtypes) if channel_dtypes else (self.dtype,) * self.n_channels
+        self.mode = MODE_CODES[opts.compounding]
+        self.linear = opts.interpolation == "linear"
+        if opts.emulate_plus and self.mode == MODE_MEAN and not self.linear:
+            self.mode = MODE_MEAN_PLUS
+        self.n_threads = opts.number_of_threads or default_threads()
+        self.max_pending_frames = int(max_pending_frames)
+        self.max_lag_s = float(max_lag_s)
+        n_rows, n_cols = self.image_shape
+        self._importance = None
+        if opts.compounding == "importance_mask":
+            if importance_mask is None and getattr(opts, "importance_mask_file", None):
+                importance_mask = load_importance_mask(opts.importance_mask_file, self.image_shape)
+            if importance_mask is None:
+                raise InvalidOptionError("importance_mask compounding needs an importance_mask image, got None")
+            mask = np.asarray(importance_mask)
+            if mask.shape != self.image_shape:
+                raise InvalidOptionError(
+                    f"importance_mask: expected shape {self.image_shape} (rows, cols), got {mask.shape}"
+                )
+            mask = mask.astype(np.float32) / (255.0 if mask.dtype == np.uint8 else 1.0)
+            self._importance = np.ascontiguousarray(mask, dtype=np.float32)
+        self._base_ranges = fan_row_ranges(
+            n_rows,
+            n_cols,
+            clip_origin_px=opts.clip_rectangle_origin_px,
+            clip_size_px=opts.clip_rectangle_size_px,
+            fan_angles_deg=opts.fan_angles_deg if opts.fan_enabled else None,
+            fan_origin_px=opts.fan_origin_px,
+            fan_radius_start_px=opts.fan_radius_start_px,
+            fan_radius_stop_px=opts.fan_radius_stop_px,
+            plus_floor=opts.emulate_plus,
+        )
+        self._corners_px = clipped_corners_px(n_rows, n_cols, opts.clip_rectangle_origin_px, opts.clip_rectangle_size_px)
+        self._ranges_cache: dict = {}
+        self._ranges_list: list = []
+        self._ranges_stack: np.ndarray | None = None
+        if grid is None and opts.output_extent is not None:
+            grid = grid_from_options(opts, None, n_channels=self.n_channels, out_itemsize=self._out_itemsize)
+        self.fixed_grid = grid is not None
+        self._pending_grid = grid
+        self.grid: OutputGrid | None = None
+        self._acc = None
+        self._weight = None
+        if grid is not None:
+            self._allocate(grid)
+        self._next_index = 0
+        self.frames_received = 0
+        self.frames_used = 0
+        self.pixels_inserted = 0
+        self.frames_skipped: dict[int, str] = {}
+        self.frames_dropped = 0
+        self.insertion_seconds = 0.0
+        self._pending: deque = deque()
+        self._executor: ThreadPoolExecutor | None = None
+        self._finalizer = None
+
+    # -- buffers -----------------------------------------------------------------------------
+    @property
+    def _out_itemsize(self) -> int:
+        return max(np.dtype(d).itemsize for d in self.channel_dtypes)
+
+    def _allocate(self, grid: OutputGrid) -> None:
+        check_memory(
+            grid.dims,
+            grid.spacing_mm,
+            budget_bytes=self.options.memory_budget_bytes,
+            bytes_per_voxel=buffer_bytes_per_voxel(self.options, self.n_channels, self._out_itemsize),
+        )
+        self.grid = grid
+        self._acc = np.zeros(grid.shape + (self.n_channels,), dtype=np.float64)
+        self._weight = np.zeros(grid.shape, dtype=np.float64)
+
+    def _pool(self) -> ThreadPoolExecutor | None:
+        if self.n_threads <= 1:
+            return None
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=self.n_threads, thread_name_prefix="freehandus-recon")
+            self._finalizer = weakref.finalize(self, _shutdown, self._executor)
+        return self._executor
+
+    def close(self) -> None:
+        """Stop the worker threads (the reconstructor stays usable; they restart on demand)."""
+        if self._finalizer is not None:
+            self._finalizer()
+        self._executor = None
+        self._finalizer = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def reset(self) -> None:
+        """Empty the volume and the counters (a fixed grid stays; a growing grid restarts)."""
+        if self.fixed_grid and self._acc is not None:
+            self._acc[...] = 0
+            self._weight[...] = 0
+        elif not self.fixed_grid:
+            self.grid, self._acc, self._weight = None, None, None
+        self._next_index = 0
+        self.frames_received = self.frames_used = self.pixels_inserted = self.frames_dropped = 0
+        self.frames_skipped = {}
+        self.insertion_seconds = 0.0
+        self._pending.clear()
+
+    @property
+    def accumulators(self) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The raw buffers ``(acc (n_k, n_j, n_i, n_channels), weight (n_k, n_j, n_i))`` (read-only views)."""
+        if self._acc is None:
+            return None, None
+        a, w = self._acc.view(), self._weight.view()
+        a.flags.writeable = False
+        w.flags.writeable = False
+        return a, w
+
+    # -- growing -----------------------------------------------------------------------------
+    def _ensure_grid(self, corners: np.ndarray) -> np.ndarray:
+        """Make the grid cover ``corners`` (n, 4, 3) if it may grow; return frames that fit."""
+        n = corners.shape[0]
+        fits = np.ones(n, dtype=bool)
+        if self.fixed_grid or n == 0:
+            return fits
+        opts = self.options
+        d = opts.directions
+        spacing = np.asarray(opts.output_spacing_mm)
+        pts = corners.reshape(-1, 3) @ d
+        lo, hi = pts.min(axis=0), pts.max(axis=0)
+        if self.grid is None:
+            margin = 0.25 * (hi - lo) + 4 * spacing
+            origin, counts, _ = grid_from_bounds(
+                lo - margin, hi + margin, spacing, directions=d, alignment="snap", anchor_mm=opts.output_origin_mm
+            )
+            try:
+                self._allocate(OutputGrid(origin, spacing, tuple(int(c) for c in counts), d))
+            except VolumeTooLargeError:
+                log.warning("volume for the first frames exceeds the memory budget; frames skipped")
+                return np.zeros(n, dtype=bool)
+            return fits
+        glo, ghi = self.grid.bounds_grid_frame()
+        if np.all(lo >= glo - 0.5 * spacing) and np.all(hi <= ghi + 0.5 * spacing):
+            return fits
+        size = ghi - glo
+        new_lo = np.where(lo < glo, np.minimum(lo, glo - 0.5 * size) - 2 * spacing, glo)
+        new_hi = np.where(hi > ghi, np.maximum(hi, ghi + 0.5 * size) + 2 * spacing, ghi)
+        first = np.floor((new_lo - glo) / spacing + 1e-9).astype(np.int64)
+        last = np.ceil((new_hi - glo) / spacing - 1e-9).astype(np.int64)
+        dims = last - first + 1
+        origin = d @ (glo + first * spacing)
+        try:
+            check_memory(
+                dims,
+                spacing,
+                budget_bytes=opts.memory_budget_bytes,
+                bytes_per_voxel=buffer_bytes_per_voxel(opts, self.n_channels, self._out_itemsize),
+            )
+        except VolumeTooLargeError as exc:
+            log.warning("not growing the volume: %s", exc)
+            # Keep frames that already fit the current grid.
+            inside = np.all((corners @ d >= glo - 0.5 * spacing) & (corners @ d <= ghi + 0.5 * spacing), axis=(1, 2))
+            return inside
+        old_acc, old_w = self._acc, self._weight
+        new_grid = OutputGrid(origin, spacing, tuple(int(v) for v in dims), d)
+        self.grid = new_grid
+        self._acc = np.zeros(new_grid.shape + (self.n_channels,), dtype=np.float64)
+        self._weight = np.zeros(new_grid.shape, dtype=np.float64)
+        oi, oj, ok = (-first).tolist()
+        nk, nj, ni = old_w.shape
+        self._acc[ok : ok + nk, oj : oj + nj, oi : oi + ni] = old_acc
+        self._weight[ok : ok + nk, oj : oj + nj, oi : oi + ni] = old_w
+        log.debug("grew the volume to %s", new_grid)
+        return fits
+
+    # -- insertion ---------------------------------------------------------------------------
+    def _row_ranges_for(self, angles) -> int:
+        key = None if angles is None else (round(angles[0], 3), round(angles[1], 3))  # bounded cache
+        if key not in self._ranges_cache:
+            opts = self.options
+            if key is None:
+                ranges = self._base_ranges
+            else:
+                ranges = fan_row_ranges(
+                    *self.image_shape,
+                    clip_origin_px=opts.clip_rectangle_origin_px,
+                    clip_size_px=opts.clip_rectangle_size_px,
+                    fan_angles_deg=key,
+                    fan_origin_px=opts.fan_origin_px,
+                    fan_radius_start_px=opts.fan_radius_start_px,
+                    fan_radius_stop_px=opts.fan_radius_stop_px,
+                    plus_floor=opts.emulate_plus,
+                )
+            self._ranges_cache[key] = len(self._ranges_list)
+            self._ranges_list.append(ranges)
+            self._ranges_stack = None
+        return self._ranges_cache[key]
+
+    def _skip(self, index: int, reason: str) -> None:
+        self.frames_skipped[int(index)] = reason
+
+    def _insert(self, frames4d, frame_ids, image_to_reference, indices, image_ok=None, progress=None) -> int:
+        """Insert ``frames4d[frame_ids]`` (already 4D, dtype checked); return frames used."""
+        opts = self.options
+        start = time.perf_counter()
+        frame_ids = np.asarray(frame_ids, dtype=np.int64)
+        indices = np.asarray(indices, dtype=np.int64)
+        mats = np.asarray(image_to_reference, dtype=np.float64).reshape(-1, 4, 4)
+        n = frame_ids.size
+        self.frames_received += n
+        keep = np.ones(n, dtype=bool)
+        finite = np.all(np.isfinite(mats), axis=(1, 2))
+        if image_ok is not None:
+            for t in np.flatnonzero(~np.asarray(image_ok, dtype=bool)):
+                self._skip(indices[t], "no_image")
+                keep[t] = False
+        for t in np.flatnonzero(~finite & keep):
+            self._skip(indices[t], "invalid_transform")
+            keep[t] = False
+        mask_ids = np.zeros(n, dtype=np.int64)
+        if opts.fan_angles_auto_detect:
+            for t in np.flatnonzero(keep):
+                angles = detect_fan_angles(
+                    frames4d[frame_ids[t]],
+                    max_fan_angles_deg=opts.fan_angles_deg,
+                    fan_origin_px=opts.fan_origin_px,
+                    fan_radius_start_px=opts.fan_radius_start_px,
+                    fan_radius_stop_px=opts.fan_radius_stop_px,
+                    brightness_threshold=opts.fan_auto_detect_brightness_threshold,
+                    filter_radius_px=opts.fan_auto_detect_filter_radius_px,
+                )
+                if angles is None:
+                    self._skip(indices[t], "empty_image")
+                    keep[t] = False
+                else:
+                    mask_ids[t] = self._row_ranges_for(angles)
+        else:
+            mask_ids[:] = self._row_ranges_for(None)
+        if self.fixed_grid and self._acc is None:
+            self._allocate(self._pending_grid)  # buffers released by result(consume=True)
+        sel = np.flatnonzero(keep)
+        if sel.size:
+            corners = frame_corners_reference(mats[sel], self._corners_px)
+            fits = self._ensure_grid(corners)
+            for t in sel[~fits]:
+                self._skip(indices[t], "over_memory_budget")
+            sel = sel[fits]
+        used = 0
+        if sel.size and self.grid is not None:
+            vox = voxel_matrices(mats[sel], self.grid.reference_to_voxel, fixed_point=opts.emulate_plus)
+            if self._ranges_stack is None:
+                self._ranges_stack = np.stack(self._ranges_list)
+            ranges = self._ranges_stack
+            pool = self._pool()
+            counts = np.zeros(sel.size, dtype=np.int64)
+            for a in range(0, sel.size, _BATCH):
+                b = min(sel.size, a + _BATCH)
+                counts[a:b] = insert_frames(
+                    frames4d,
+                    frame_ids[sel[a:b]],
+                    vox[a:b],
+                    ranges,
+                    mask_ids[sel[a:b]],
+                    self._acc,
+                    self._weight,
+                    mode=self.mode,
+                    linear=self.linear,
+                    importance=self._importance,
+                    pixel_rejection_threshold=opts.pixel_rejection_threshold,
+                    n_threads=self.n_threads,
+                    executor=pool,
+                    fixed_point=opts.emulate_plus,
+                )
+                if progress is not None:
+                    progress(int(b), int(sel.size))
+            self.pixels_inserted += int(counts.sum())
+            for t, c in zip(sel, counts):
+                if c > 0:
+                    used += 1
+                    continue
+                inside = self._frame_touches_grid(mats[t])
+                self._skip(indices[t], "no_pixels_kept" if inside else "outside_volume")
+        self.frames_used += used
+        self.insertion_seconds += time.perf_counter() - start
+        return used
+
+    def _frame_touches_grid(self, image_to_reference: np.ndarray) -> bool:
+        corners = frame_corners_reference(image_to_reference[None], self._corners_px)[0]
+        d = self.grid.directions
+        glo, ghi = self.grid.bounds_grid_frame()
+        half = 0.5 * np.asarray(self.grid.spacing_mm)
+        p = corners @ d
+        return bool(np.all(p.max(axis=0) >= glo - half) and np.all(p.min(axis=0) <= ghi + half))
+
+    def _check_frames(self, frames) -> np.ndarray:
+        f4 = _as_frames4d(frames)
+        if f4.shape[1:3] != self.image_shape:
+            raise ReconstructionError(
+                f"frames are {f4.shape[2]}x{f4.shape[1]} pixels, this reconstructor expects "
+                f"{self.image_shape[1]}x{self.image_shape[0]}"
+            )
+        if f4.shape[3] != self.n_channels:
+            raise ReconstructionError(f"frames have {f4.shape[3]} channels, expected {self.n_channels}")
+        if f4.dtype != self.dtype:
+            f4 = f4.astype(self.dtype)
+        return f4
+
+    def add_frames(self, frames, image_to_reference, *, image_ok=None, indices=None, progress=None) -> int:
+        """Insert frames now; return how many went into the volume.
+
+        Parameters
+        ----------
+        frames : (n, n_rows, n_cols[, n_channels]) uint8/float32, MF
+        image_to_reference : (n, 4, 4) float64
+            Pixel (x, y, 0, 1) -> Reference mm; NaN (or non-finite) marks an invalid pose.
+        image_ok : (n,) bool, optional
+            False for frames without an image.
+        indices : (n,) int, optional
+            Frame numbers used in :attr:`frames_skipped` (default: running count).
+        progress : callable(done, total), optional
+        """
+        f4 = self._check_frames(frames)
+        n = f4.shape[0]
+        mats = np.asarray(image_to_reference, dtype=np.float64).reshape(-1, 4, 4)
+        if mats.shape[0] != n:
+            raise ReconstructionError(f"{n} frames but {mats.shape[0]} ImageToReference matrices")
+        if indices is None:
+            indices = np.arange(self._next_index, self._next_index + n)
+        self._next_index = int(np.max(indices)) + 1 if n else self._next_index
+        return self._insert(f4, np.arange(n), mats, indices, image_ok, progress)
+
+    def add_frame(self, frame, image_to_reference, *, image_ok: bool = True, index: int | None = None) -> bool:
+        """Insert one frame now; True when it went into the volume."""
+        indices = None if index is None else [index]
+        return self.add_frames(np.asarray(frame)[None], np.asarray(image_to_reference)[None], image_ok=[image_ok], indices=indices) == 1
+
+    def add_sequence_frames(self, frames4d, frame_ids, image_to_reference, indices, image_ok=None, progress=None) -> int:
+        """Insert ``frames4d[frame_ids]`` without copying the frames (batch path)."""
+        return self._insert(frames4d, frame_ids, image_to_reference, indices, image_ok, progress)
+
+    # -- live queue --------------------------------------------------------------------------
+    def submit(self, frame, image_to_reference, *, timestamp_s: float | None = None, image_ok: bool = True) -> None:
+        """Queue a frame for :meth:`process_pending` (live); never blocks.
+
+        When the queue already holds ``max_pending_frames`` frames the oldest is dropped and
+        counted (reason ``dropped_behind``).
+        """
+        index = self._next_index
+        self._next_index += 1
+        frame = self._check_frames(frame)[0].copy()
+        self._pending.append((index, frame, np.array(image_to_reference, dtype=np.float64), timestamp_s, image_ok))
+        while len(self._pending) > self.max_pending_frames:
+            self._drop(self._pending.popleft()[0])
+
+    def _drop(self, index: int) -> None:
+        self.frames_received += 1
+        self.frames_dropped += 1
+        self._skip(index, "dropped_behind")
+
+    @property
+    def pending(self) -> int:
+        """Frames queued by :meth:`submit` and not yet processed."""
+        return len(self._pending)
+
+    def process_pending(self) -> int:
+        """Insert the queued frames (dropping those more than ``max_lag_s`` older than the newest)."""
+        if not self._pending:
+            return 0
+        items = list(self._pending)
+        self._pending.clear()
+        stamps = [it[3] for it in items if it[3] is not None]
+        if stamps and self.max_lag_s > 0:
+            newest = max(stamps)
+            kept = []
+            for it in items:
+                if it[3] is not None and newest - it[3] > self.max_lag_s:
+                    self._drop(it[0])
+                else:
+                    kept.append(it)
+            items = kept
+        if not items:
+            return 0
+        frames = np.stack([it[1] for it in items])
+        mats = np.stack([it[2] for it in items])
+        indices = np.array([it[0] for it in items], dtype=np.int64)
+        ok = np.array([it[4] for it in items], dtype=bool)
+        return self._insert(frames, np.arange(len(items)), mats, indices, ok)
+
+    # -- status and output -------------------------------------------------------------------
+    def status(self) -> dict:
+        """Counters so far (JSON-safe)."""
+        return {
+            "frames_received": self.frames_received,
+            "frames_used": self.frames_used,
+            "frames_skipped": len(self.frames_skipped),
+            "frames_skipped_by_reason": dict(Counter(self.frames_skipped.values())),
+            "frames_dropped": self.frames_dropped,
+            "frames_pending": len(self._pending),
+            "pixels_inserted": self.pixels_inserted,
+            "insertion_seconds": self.insertion_seconds,
+            "grid": None if self.grid is None else self.grid.to_dict(),
+        }
+
+    def result(self, *, fill_holes: bool | None = None, consume: bool = False) -> ReconstructionResult:
+        """The volume(s) so far.
+
+        Parameters
+        ----------
+        fill_holes : bool, optional
+            Override ``options.fill_holes`` (e.g. skip hole filling for live previews).
+        consume : bool
+            Compute the output in the accumulation buffers (no copy: less memory); the
+            buffers are released and the reconstructor starts empty afterwards (a fixed grid
+            is re-allocated on the next frame).
+
+        Raises
+        ------
+        NoUsableFramesError
+            No frame has been inserted yet.
+        """
+        start = time.perf_counter()
+        opts = self.options
+        if self.grid is None or self.frames_used == 0:
+            reasons = dict(Counter(self.frames_skipped.values()))
+            raise NoUsableFramesError(
+                f"no usable frame: {self.frames_received} frame(s) offered, none inserted"
+                + (f" (skipped: {', '.join(f'{v} {k}' for k, v in sorted(reasons.items()))})" if reasons else "")
+            )
+        acc, weight = self._acc, self._weight
+        values = acc if consume else acc.copy()
+        known = weight > 0
+        if self.mode in (MODE_MEAN, MODE_IMPORTANCE):
+            for k in range(values.shape[0]):
+                np.divide(values[k], weight[k, ..., None], out=values[k], where=known[k, ..., None])
+        elif self.mode == MODE_MEAN_PLUS:
+            weight = weight / 256.0  # PLUS counts 256 per hit
+        n_known = int(np.count_nonzero(known))
+        filled = None
+        stats = None
+        hole_seconds = 0.0
+        do_fill = opts.fill_holes if fill_holes is None else bool(fill_holes)
+        if do_fill and opts.hole_filling:
+            filled, stats = _fill_holes(
+                values,
+                known,
+                weight,
+                opts.hole_filling,
+                n_threads=self.n_threads,
+                emulate_plus=opts.emulate_plus,
+                integer_values=all(d == np.uint8 for d in self.channel_dtypes),
+            )
+            hole_seconds = stats.seconds
+        n_total = self.grid.n_voxels
+        n_filled = n_known + (int(np.count_nonzero(filled)) if filled is not None else 0)
+        valued = known if filled is None else (known | filled)
+        volumes = []
+        empty = ~valued
+        for c, dt in enumerate(self.channel_dtypes):
+            out = np.empty(self.grid.shape, dtype=dt)
+            for k in range(out.shape[0]):  # plane by plane: no full-size float temporaries
+                v = values[k, ..., c]
+                if dt == np.uint8:
+                    plane = np.floor(v + 0.5)
+                    if opts.emulate_plus and filled is not None:
+                        plane[filled[k]] = np.floor(v[filled[k]])  # PLUS casts filled values (truncation)
+                    np.clip(plane, 0, 255, out=plane)
+                    out[k] = plane
+                else:
+                    out[k] = v
+                out[k][empty[k]] = 0
+            volumes.append(self._volume(out, {"Channel": self.channel_names[c]}))
+        weight_volume = self._volume(weight.astype(np.float32), {"Channel": "weight"}) if opts.output_weight else None
+        result = ReconstructionResult(
+            volumes=tuple(volumes),
+            channel_names=self.channel_names,
+            weight=weight_volume,
+            grid=self.grid,
+            frames_total=self.frames_received,
+            frames_used=self.frames_used,
+            frames_skipped=dict(self.frames_skipped),
+            frames_dropped=self.frames_dropped,
+            pixels_inserted=self.pixels_inserted,
+            coverage_fraction=n_known / n_total,
+            filled_fraction=n_filled / n_total,
+            seconds=self.insertion_seconds + (time.perf_counter() - start),
+            insertion_seconds=self.insertion_seconds,
+            hole_filling_seconds=hole_seconds,
+            hole_filling=stats,
+            options=opts,
+        )
+        if consume:
+            del values, acc, weight
+            grid = self.grid
+            self._acc = self._weight = None
+            self.grid = None
+            self.reset()
+            if self.fixed_grid:
+                self._pending_grid = grid
+        return result
+
+    def _volume(self, voxels: np.ndarray, metadata: dict) -> Volume:
+        return Volume(
+            voxels=voxels,
+            spacing_mm=self.grid.spacing_mm,
+            origin_mm=self.grid.origin_mm,
+            directions=self.grid.directions,
+            metadata=dict(metadata),
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Batch reconstruction
+# --------------------------------------------------------------------------------------------
+
+
+def reconstruct_volume(
+    sequence: TrackedSequence,
+    transforms=None,
+    options: ReconstructionOptions | None = None,
+    *,
+    importance_mask=None,
+    extra_channels: Mapping | None = None,
+    channel_names=None,
+    progress=None,
+) -> ReconstructionResult:
+    """Reconstruct a volume from a tracked sequence (PLUS VolumeReconstructor semantics).
+
+    Parameters
+    ----------
+    sequence : TrackedSequence
+        Frames ``(n, rows, cols[, channels])`` uint8/float32 (MF) and per-frame transforms.
+    transforms : None, (4, 4), mapping name -> (4, 4), or TransformRepository
+        How to get ``options.image_to_reference_transform``: a 4x4 is ImageToProbe; a mapping
+        adds fixed transforms (``PlusConfig.coordinate_definitions.repository_fixed()``).
+    options : ReconstructionOptions, optional
+    importance_mask : (rows, cols) array, optional
+        Weights for ``importance_mask`` compounding (else ``options.importance_mask_file``).
+    extra_channels : mapping name -> (n, rows, cols) array, optional
+        More image channels on the same trajectory (e.g. photoacoustic beside ultrasound),
+        reconstructed in the same pass into co-registered volumes.
+    channel_names : sequence of str, optional
+        Names of the sequence's own channels (default ``image`` / ``channel<i>``).
+    progress : callable(done, total), optional
+        Called after each batch of inserted frames.
+
+    Returns
+    -------
+    ReconstructionResult
+
+    Raises
+    ------
+    NoUsableFramesError
+        No frame has a valid transform and an image.
+    ReconstructionError
+        The fixed ROI (``output_extent``) misses every frame.
+    VolumeTooLargeError
+        The grid exceeds ``options.memory_budget_bytes``.
+    TransformError
+        ImageToReference cannot be resolved (e.g. ImageToProbe missing).
+    """
+    start = time.perf_counter()
+    opts = options if options is not None else ReconstructionOptions()
+    if not isinstance(sequence, TrackedSequence):
+        raise ReconstructionError(f"expected a TrackedSequence, got {type(sequence).__name__}")
+    if sequence.n_frames == 0:
+        raise NoUsableFramesError("the sequence has no frames")
+    mats, valid = resolve_image_to_reference(sequence, transforms, opts.image_to_reference_transform)
+    frames4d = _as_frames4d(sequence.frames)
+    names = list(channel_names) if channel_names else (
+        ["image"] if frames4d.shape[3] == 1 else [f"channel{c}" for c in range(frames4d.shape[3])]
+    )
+    if len(names) != frames4d.shape[3]:
+        raise InvalidOptionError(f"channel_names: expected {frames4d.shape[3]} names, got {names}")
+    dtypes = [sequence.frames.dtype] * frames4d.shape[3]
+    if extra_channels:
+        extras = []
+        for name, arr in extra_channels.items():
+            arr = _as_frames4d(arr)
+            if arr.shape[:3] != frames4d.shape[:3]:
+                raise ReconstructionError(
+                    f"extra channel {name!r}: shape {arr.shape[:3]} does not match the frames {frames4d.shape[:3]}"
+                )
+            extras.append(arr)
+            names.extend([name] if arr.shape[3] == 1 else [f"{name}{c}" for c in range(arr.shape[3])])
+            dtypes.extend([arr.dtype] * arr.shape[3])
+        common = np.uint8 if all(np.dtype(d) == np.uint8 for d in dtypes) else np.float32
+        frames4d = np.ascontiguousarray(np.concatenate([frames4d.astype(common, copy=False)] + [e.astype(common, copy=False) for e in extras], axis=3))
+    n = sequence.n_frames
+    indices = np.arange(n)
+    chosen = indices[:: opts.skip_interval]
+    skipped: dict[int, str] = {int(i): "skip_interval" for i in np.setdiff1d(indices, chosen)}
+    usable = chosen[valid[chosen] & sequence.image_ok[chosen]]
+    corners = None
+    if opts.output_extent is None:
+        if usable.size == 0:
+            n_invalid = int(np.count_nonzero(~valid[chosen]))
+            n_noimg = int(np.count_nonzero(~sequence.image_ok[chosen]))
+            raise NoUsableFramesError(
+                f"no usable frame among {chosen.size}: {n_invalid} with an invalid "
+                f"{opts.image_to_reference_transform}, {n_noimg} without an image"
+            )
+        corners = frame_corners_reference(
+            mats[usable],
+            clipped_corners_px(sequence.n_rows, sequence.n_cols, opts.clip_rectangle_origin_px, opts.clip_rectangle_size_px),
+        )
+    out_itemsize = max(np.dtype(d).itemsize for d in dtypes)
+    grid = grid_from_options(opts, corners, n_channels=frames4d.shape[3], out_itemsize=out_itemsize)
+    log.info("reconstructing %d frames into %s", usable.size, grid)
+    recon = IncrementalReconstructor(
+        opts,
+        image_shape=(sequence.n_rows, sequence.n_cols),
+        n_channels=frames4d.shape[3],
+        dtype=frames4d.dtype,
+        grid=grid,
+        importance_mask=importance_mask,
+        channel_names=names,
+        channel_dtypes=dtypes,
+    )
+    try:
+        recon.add_sequence_frames(
+            frames4d, chosen, mats[chosen], chosen, image_ok=sequence.image_ok[chosen], progress=progress
+        )
+        recon.frames_received = n
+        recon.frames_skipped.update(skipped)
+        if recon.frames_used == 0:
+            if opts.output_extent is not None and usable.size:
+                raise ReconstructionError(
+                    f"the ROI ({grid}) misses every frame: none of the {usable.size} usable frames "
+                    "puts a pixel into it; check output_origin_mm/output_extent and the Reference frame"
+                )
+            reasons = dict(Counter(recon.frames_skipped.values()))
+            raise NoUsableFramesError(
+                f"no usable frame among {n}: " + ", ".join(f"{v} {k}" for k, v in sorted(reasons.items()))
+            )
+        result = recon.result(consume=True)
+    finally:
+        recon.close()
+    return _with_seconds(result, time.perf_counter() - start)
+
+
+def _with_seconds(result: ReconstructionResult, seconds: float) -> ReconstructionResult:
+    return dataclasses.replace(result, seconds=seconds)
+

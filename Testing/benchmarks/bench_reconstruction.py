@@ -1,0 +1,227 @@
+"""Volume reconstruction speed: compiled kernels vs a vectorised-numpy reference, and hole filling.
+
+Run ``python Testing/benchmarks/bench_reconstruction.py [--quick]``; prints a table and writes
+``Testing/benchmarks/results/reconstruction.json``. Cases (issue 3):
+
+- the 21 SpinePhantomFreehand frames (820x616) at 0.5 mm (needs ../shared/data/plus),
+- those frames repeated 10x (210 frames),
+- 300 synthetic 820x616 frames at 0.3 mm,
+
+each for nearest+max, nearest+mean, linear+mean, with and without hole filling (the spine
+config's STICK), on 1 thread and on all cores; the numpy reference runs on the same frames
+(capped at ``--numpy-frames`` per case: it is slow). Also: hole filling of the spine volume
+and of a 300^3 volume with 30 % of its voxels known, peak traced memory, and how far PLUS's
+saturating MEAN (``emulate_plus``) drifts from the exact mean on the 10x spine data.
+Timings are wall-clock and depend on the machine's load (recorded in the JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+
+from FreehandUSLib import TrackedSequence
+from FreehandUSLib.reconstruction import (
+    HoleFillingElement,
+    ReconstructionOptions,
+    fill_holes,
+    reconstruct_volume,
+)
+from FreehandUSLib.reconstruction.kernels import default_threads, voxel_matrices
+from FreehandUSLib.reconstruction.masks import fan_row_ranges
+from FreehandUSLib.reconstruction.reference import insert_frames_numpy
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+
+PLUS = REPO.parent / "shared" / "data" / "plus"
+MODES = [("nearest", "max"), ("nearest", "mean"), ("linear", "mean")]
+STICK = HoleFillingElement("STICK", stick_length_limit=9, number_of_sticks_to_use=1)
+
+
+def load():
+    try:
+        return os.getloadavg()
+    except OSError:  # pragma: no cover
+        return (float("nan"),) * 3
+
+
+def spine_case():
+    from FreehandUSLib.io import read_sequence
+    from FreehandUSLib.io.plus_config import read_plus_config
+
+    seq = read_sequence(PLUS / "TestImages" / "SpinePhantomFreehand.igs.mha")
+    config = read_plus_config(PLUS / "ConfigFiles" / "PlusDeviceSet_VolumeReconstructionOnly_SpinePhantom_NN_MEAN.xml")
+    return seq, config.coordinate_definitions.repository_fixed()
+
+
+def synthetic_case(n_frames=300, seed=0):
+    """300 speckle frames 820x616, 0.08 mm pixels, sweeping 0.2 mm per frame with a slow tilt."""
+    rng = np.random.default_rng(seed)
+    frames = rng.integers(0, 256, size=(n_frames, 616, 820), dtype=np.uint8)
+    mats = np.tile(np.diag([0.08, 0.08, 1.0, 1.0]), (n_frames, 1, 1))
+    mats[:, 2, 3] = 0.2 * np.arange(n_frames)
+    tilt = np.deg2rad(8 * np.sin(np.linspace(0, np.pi, n_frames)))
+    rot = np.zeros((n_frames, 3, 3))
+    rot[:, 0, 0] = rot[:, 2, 2] = np.cos(tilt)
+    rot[:, 0, 2], rot[:, 2, 0] = np.sin(tilt), -np.sin(tilt)
+    rot[:, 1, 1] = 1
+    mats[:, :3, :3] = rot @ mats[:, :3, :3]
+    seq = TrackedSequence(frames=frames, transforms={"ImageToReference": (mats, np.ones(n_frames, bool))})
+    return seq, None
+
+
+def time_ours(seq, transforms, opts, repeats):
+    best = None
+    for _ in range(repeats):
+        result = reconstruct_volume(seq, transforms, opts)
+        if best is None or result.seconds < best.seconds:
+            best = result
+    return best
+
+
+def time_numpy(seq, transforms, opts, grid, n_frames):
+    from FreehandUSLib.reconstruction.reconstructor import resolve_image_to_reference
+
+    mats, _ = resolve_image_to_reference(seq, transforms, opts.image_to_reference_transform)
+    n = min(n_frames, seq.n_frames)
+    vox = voxel_matrices(mats[:n], grid.reference_to_voxel)
+    ranges = fan_row_ranges(seq.n_rows, seq.n_cols)
+    start = time.perf_counter()
+    insert_frames_numpy(seq.frames[:n], vox, ranges, grid.shape, compounding=opts.compounding,
+                        linear=opts.interpolation == "linear")
+    return n, time.perf_counter() - start
+
+
+def run_case(name, seq, transforms, spacing, threads_list, numpy_frames, repeats, rows):
+    for interpolation, compounding in MODES:
+        for fill in (False, True):
+            for threads in threads_list:
+                opts = ReconstructionOptions(
+                    output_spacing_mm=spacing, interpolation=interpolation, compounding=compounding,
+                    fill_holes=fill, hole_filling=(STICK,) if fill else (), number_of_threads=threads,
+                )
+                result = time_ours(seq, transforms, opts, repeats)
+                row = {
+                    "case": name, "frames": seq.n_frames, "spacing_mm": spacing,
+                    "interpolation": interpolation, "compounding": compounding, "fill_holes": fill,
+                    "threads": threads, "dimensions": list(result.grid.dims),
+                    "seconds": result.seconds, "insertion_seconds": result.insertion_seconds,
+                    "hole_filling_seconds": result.hole_filling_seconds,
+                    "frames_per_second": seq.n_frames / result.seconds,
+                    "insertion_frames_per_second": seq.n_frames / result.insertion_seconds,
+                    "load": list(load()),
+                }
+                if not fill and threads == threads_list[0]:
+                    n, sec = time_numpy(seq, transforms, opts, result.grid, numpy_frames)
+                    row["numpy_frames"] = n
+                    row["numpy_frames_per_second"] = n / sec
+                rows.append(row)
+                print(_format(row), flush=True)
+
+
+def _format(row):
+    numpy_fps = f"{row['numpy_frames_per_second']:8.1f}" if "numpy_frames_per_second" in row else " " * 8
+    return (
+        f"{row['case']:<14} {row['interpolation']:<7} {row['compounding']:<5} "
+        f"{'holes' if row['fill_holes'] else '     '} t={row['threads']} "
+        f"{row['frames_per_second']:8.1f} fps (insert {row['insertion_frames_per_second']:7.1f}, "
+        f"fill {row['hole_filling_seconds']:6.3f} s) numpy {numpy_fps} fps  grid {'x'.join(map(str, row['dimensions']))}"
+    )
+
+
+def hole_filling_300(threads_list, size=300, fraction=0.3):
+    rng = np.random.default_rng(0)
+    shape = (size, size, size)
+    known = rng.random(shape, dtype=np.float32) < fraction
+    base = np.where(known[..., None], rng.uniform(0, 255, size=shape + (1,)), 0.0)
+    weight = known.astype(np.float64)
+    out = []
+    chains = {
+        "STICK(9,1)": [STICK],
+        "GAUSSIAN(3,0.667,0.5)+STICK": [HoleFillingElement("GAUSSIAN", size=3, stdev=0.6667, minimum_known_voxels_ratio=0.5), STICK],
+    }
+    for name, elements in chains.items():
+        for threads in threads_list:
+            values = base.copy()
+            start = time.perf_counter()
+            filled, stats = fill_holes(values, known, weight, elements, n_threads=threads)
+            sec = time.perf_counter() - start
+            out.append({"volume": f"{size}^3", "known_fraction": fraction, "elements": name, "threads": threads,
+                        "seconds": sec, "filled": stats.filled, "holes": stats.holes, "load": list(load())})
+            print(f"hole filling {size}^3 ({100 * fraction:.0f} % known) {name:<28} t={threads} {sec:6.2f} s "
+                  f"({stats.filled:,} of {stats.holes:,} holes filled)", flush=True)
+    return out
+
+
+def plus_mean_drift(seq, transforms):
+    """Share of voxels where PLUS's saturating, truncating MEAN differs from the exact mean by > 2."""
+    opts = ReconstructionOptions(output_spacing_mm=0.5, compounding="mean")
+    exact = reconstruct_volume(seq, transforms, opts)
+    plus = reconstruct_volume(seq, transforms, opts.replace(emulate_plus=True))
+    both = (exact.weight.voxels > 0) & (plus.weight.voxels > 0)
+    diff = np.abs(exact.volume.voxels[both].astype(int) - plus.volume.voxels[both].astype(int))
+    return {"voxels": int(both.sum()), "share_off_by_more_than_2": float(np.mean(diff > 2)),
+            "mean_abs_difference": float(diff.mean())}
+
+
+def peak_memory(seq, transforms, spacing):
+    opts = ReconstructionOptions(output_spacing_mm=spacing, compounding="mean")
+    tracemalloc.start()
+    result = reconstruct_volume(seq, transforms, opts)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    out_bytes = result.volume.voxels.nbytes
+    return {"peak_traced_bytes": peak, "output_volume_bytes": out_bytes,
+            "weight_volume_bytes": result.weight.voxels.nbytes, "peak_over_output": peak / out_bytes}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, 60 synthetic frames, 200^3 hole filling")
+    parser.add_argument("--numpy-frames", type=int, default=21, help="frames given to the numpy reference per case")
+    parser.add_argument("--out", default=str(HERE / "results" / "reconstruction.json"))
+    args = parser.parse_args(argv)
+    threads_list = sorted({1, default_threads()})
+    repeats = 1 if args.quick else 3
+    rows: list = []
+    report = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load_start": list(load())}}
+    # Compile the kernels before timing anything.
+    warm, _ = synthetic_case(n_frames=2)
+    for interpolation, compounding in MODES:
+        reconstruct_volume(warm, None, ReconstructionOptions(interpolation=interpolation, compounding=compounding,
+                                                             fill_holes=True, hole_filling=(STICK,)))
+    print(f"{'case':<14} {'interp':<7} {'comp':<5} holes threads  frames/s (insertion, hole filling)  numpy reference")
+    if (PLUS / "TestImages" / "SpinePhantomFreehand.igs.mha").is_file():
+        spine, fixed = spine_case()
+        run_case("spine21", spine, fixed, 0.5, threads_list, args.numpy_frames, repeats, rows)
+        spine10 = TrackedSequence.concatenate([spine] * 10)
+        run_case("spine21x10", spine10, fixed, 0.5, threads_list, args.numpy_frames, repeats, rows)
+        report["plus_mean_drift_spine_x10"] = plus_mean_drift(spine10, fixed)
+        print("PLUS MEAN vs exact mean on spine x10:", report["plus_mean_drift_spine_x10"], flush=True)
+    else:
+        print(f"PLUS data not found in {PLUS}: spine cases skipped")
+    synth, _ = synthetic_case(n_frames=60 if args.quick else 300)
+    run_case(f"synthetic{synth.n_frames}", synth, None, 0.3, threads_list, args.numpy_frames, 1, rows)
+    report["peak_memory_synthetic"] = peak_memory(synth, None, 0.3)
+    print("peak memory:", report["peak_memory_synthetic"], flush=True)
+    report["hole_filling"] = hole_filling_300(threads_list, size=200 if args.quick else 300)
+    report["rows"] = rows
+    report["machine"]["load_end"] = list(load())
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
