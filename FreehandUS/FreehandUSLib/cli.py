@@ -128,6 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results/demo", help="output folder (default results/demo)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=_cmd_demo)
+
+    # Subcommands of the other parts register themselves (their modules import only argparse
+    # at this point, so `freehandus --help` stays fast and works without torch).
+    from .igtl.cli import add_parsers as add_stream_parsers
+    from .reconstruction.cli import add_parser as add_reconstruct_parser
+
+    add_reconstruct_parser(sub)
+    add_stream_parsers(sub)
     return parser
 
 
