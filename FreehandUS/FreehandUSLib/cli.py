@@ -131,10 +131,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Subcommands of the other parts register themselves (their modules import only argparse
     # at this point, so `freehandus --help` stays fast and works without torch).
+    from NWireCalibrationLib.cli import add_parsers as add_calibration_parsers
+    from NWireCalibrationLib.cli import add_simulate_nwire
+
     from .igtl.cli import add_parsers as add_stream_parsers
     from .reconstruction.cli import add_parser as add_reconstruct_parser
 
     add_reconstruct_parser(sub)
+    add_calibration_parsers(sub)
+    simulate = sub.add_parser("simulate", help="generate tracked acquisitions with known truth")
+    simulate_sub = simulate.add_subparsers(dest="what", required=True, metavar="WHAT")
+    add_simulate_nwire(simulate_sub)
     add_stream_parsers(sub)
     return parser
 

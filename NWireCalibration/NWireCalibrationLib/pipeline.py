@@ -1,0 +1,454 @@
+"""Top-level N-wire calibration: what the command line and the Slicer Logic call.
+
+Typical use::
+
+    from FreehandUSLib.io import read_sequence
+    from NWireCalibrationLib.pipeline import load_setup, calibrate
+
+    setup = load_setup("PlusDeviceSet_fCal_Sim_SpatialCalibration_2.0.xml")
+    result = calibrate(read_sequence("cal.igs.mha"), read_sequence("val.igs.mha"), setup,
+                       solver="ransac-lm")
+    print(result)                              # ImageToProbe, errors, warnings
+    print(result.plus_transform_element())     # paste into a PLUS config
+
+:func:`detect_sequence` finds the dots of every frame; :func:`calibrate_from_points` solves
+from dots and poses (also used by the live/keyframe mode and the simulator tests);
+:func:`calibrate` chains both and computes PLUS's error measures.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from .detect_baselines import AgcfdDetector, PlusStyleDetector, TacdDetector, plus_labeling_settings
+from .detect_hessian import HessianDetector, HessianSettings
+from .errors import CalibrationError, DetectionError
+from .labeling import LabelingSettings
+from .metrics import pose_diversity_deg, reprojection_errors_2d, reprojection_errors_3d, trimmed_statistics
+from .phantom import NWirePhantom, load_phantom, phantom_from_plus
+from .results import CalibrationResult, DataSetMetrics, DetectionResult
+from .solvers import (
+    MIN_CALIBRATION_FRAMES,
+    SolverSolution,
+    calibrate_linear,
+    calibrate_lm,
+    calibrate_ransac_lm,
+    point_wire_residuals,
+)
+
+__all__ = [
+    "DETECTORS",
+    "SOLVERS",
+    "MIN_POSE_DIVERSITY_DEG",
+    "CalibrationSetup",
+    "load_setup",
+    "make_detector",
+    "probe_to_reference",
+    "detect_frames",
+    "detect_sequence",
+    "calibrate_from_points",
+    "calibrate",
+]
+
+logger = logging.getLogger(__name__)
+
+DETECTORS = ("hessian", "plus", "agcfd", "tacd")
+SOLVERS = ("lsq", "lm", "ransac-lm")
+#: Below this rotation range of the probe the pose is poorly determined (warning).
+MIN_POSE_DIVERSITY_DEG = 10.0
+
+
+@dataclass(frozen=True, eq=False)
+class CalibrationSetup:
+    """Everything besides the images that a calibration needs.
+
+    Attributes
+    ----------
+    phantom : NWirePhantom
+    phantom_to_reference : (4, 4) float64 or None
+        Phantom registration (PLUS ``<Transform From="Phantom" To="Reference">``).
+    pixel_spacing_mm : (sx, sy)
+        Approximate spacing (PLUS ``ApproximateSpacingMmPerPixel``), used to size the filters.
+    clip_rectangle_px : ((x, y), (w, h)) or None
+        Searched image part (PLUS ``ClipRectangleOrigin/Size``).
+    segmentation : object or None
+        The PLUS ``SegmentationParameters`` (for the PLUS-style detector's tolerances).
+    source : str
+        Where it came from (the config path).
+    """
+
+    phantom: NWirePhantom
+    phantom_to_reference: np.ndarray | None = None
+    pixel_spacing_mm: tuple | None = None
+    clip_rectangle_px: tuple | None = None
+    segmentation: object = None
+    source: str = ""
+
+
+def load_setup(config=None, *, phantom=None, pixel_spacing_mm=None, use_clip_rectangle: bool = True) -> CalibrationSetup:
+    """Build a :class:`CalibrationSetup` from a PLUS configuration and/or overrides.
+
+    Parameters
+    ----------
+    config : str or Path, optional
+        PLUS device-set configuration: phantom geometry (``<PhantomDefinition>``),
+        PhantomToReference (``<CoordinateDefinitions>``) and segmentation hints
+        (``<Segmentation>``: ``ApproximateSpacingMmPerPixel``, clip rectangle).
+    phantom : str, Path or NWirePhantom, optional
+        Overrides the config's phantom (built-in name, JSON or XML file).
+    pixel_spacing_mm : float or (sx, sy), optional
+        Overrides the spacing hint.
+    use_clip_rectangle : bool
+        Restrict detection to the config's clip rectangle.
+
+    Raises
+    ------
+    ConfigError
+        The config has no ``<PhantomDefinition>`` and no ``phantom`` is given (the message says
+        to add one or pass ``--phantom``).
+    """
+    cfg = None
+    if config is not None:
+        from FreehandUSLib.io.plus_config import read_plus_config
+
+        cfg = read_plus_config(config)
+    if phantom is not None:
+        ph = load_phantom(phantom)
+    elif cfg is not None:
+        ph = phantom_from_plus(cfg)
+    else:
+        raise DetectionError("no phantom: give a PLUS configuration with a <PhantomDefinition> or a phantom name/file")
+    y = None
+    spacing = None
+    clip = None
+    seg = None
+    if cfg is not None:
+        y = cfg.coordinate_definitions.get("PhantomToReference")
+        seg = cfg.segmentation
+        if seg is not None:
+            spacing = (seg.approximate_spacing_mm_per_px,) * 2
+            if use_clip_rectangle and seg.clip_rectangle_origin_px is not None and seg.clip_rectangle_size_px is not None:
+                clip = (tuple(seg.clip_rectangle_origin_px), tuple(seg.clip_rectangle_size_px))
+    if pixel_spacing_mm is not None:
+        spacing = tuple(np.broadcast_to(np.asarray(pixel_spacing_mm, dtype=float), (2,)).tolist())
+    return CalibrationSetup(ph, None if y is None else np.asarray(y, dtype=np.float64), spacing, clip, seg,
+                            str(config) if config is not None else "")
+
+
+def _spacing_for(sequence, setup: CalibrationSetup | None, pixel_spacing_mm):
+    if pixel_spacing_mm is not None:
+        return np.broadcast_to(np.asarray(pixel_spacing_mm, dtype=float), (2,)).copy()
+    if setup is not None and setup.pixel_spacing_mm is not None:
+        return np.asarray(setup.pixel_spacing_mm, dtype=float)
+    if sequence is not None and getattr(sequence, "pixel_spacing_mm", None) is not None:
+        return np.asarray(sequence.pixel_spacing_mm, dtype=float)
+    raise DetectionError(
+        "no pixel spacing hint: give a PLUS config with <Segmentation ApproximateSpacingMmPerPixel=...> "
+        "or --pixel-spacing (mm per pixel)"
+    )
+
+
+def make_detector(name: str, phantom: NWirePhantom, pixel_spacing_mm, *, clip_rectangle_px=None,
+                  segmentation=None, hessian: HessianSettings | None = None,
+                  labeling: LabelingSettings | None = None):
+    """A detector object with ``detect(image) -> FrameDetection``.
+
+    Parameters
+    ----------
+    name : str
+        One of :data:`DETECTORS`.
+    """
+    key = name.lower()
+    if key == "hessian":
+        return HessianDetector(phantom, pixel_spacing_mm, settings=hessian or HessianSettings(),
+                               labeling=labeling or LabelingSettings(), clip_rectangle_px=clip_rectangle_px)
+    if key == "plus":
+        return PlusStyleDetector(phantom, pixel_spacing_mm, clip_rectangle_px=clip_rectangle_px,
+                                 labeling=labeling or plus_labeling_settings(segmentation),
+                                 **({} if segmentation is None else {
+                                     "opening_circle_radius_mm": segmentation.morphological_opening_circle_radius_mm,
+                                     "opening_bar_size_mm": segmentation.morphological_opening_bar_size_mm,
+                                     "threshold_image_percent": segmentation.threshold_image_percent}))
+    if key == "agcfd":
+        return AgcfdDetector(phantom, pixel_spacing_mm, clip_rectangle_px=clip_rectangle_px,
+                             labeling=labeling or LabelingSettings())
+    if key == "tacd":
+        return TacdDetector(phantom, pixel_spacing_mm, clip_rectangle_px=clip_rectangle_px,
+                            labeling=labeling or LabelingSettings())
+    raise ValueError(f"detector: expected one of {', '.join(DETECTORS)}, got {name!r}")
+
+
+def probe_to_reference(sequence, *, probe: str = "Probe", reference: str = "Reference") -> np.ndarray:
+    """Per-frame ``ProbeToReference`` (n, 4, 4), NaN where not tracked.
+
+    Resolved through the sequence's transforms (e.g. ``inv(ReferenceToTracker) @ ProbeToTracker``).
+
+    Raises
+    ------
+    TransformError
+        The sequence has no chain from Probe to Reference (the message lists what it has).
+    """
+    return sequence.repository().get(f"{probe}To{reference}")
+
+
+def detect_frames(frames, detector, *, progress=None):
+    """Run ``detector`` on ``(n, rows, cols)`` frames; returns (points (n, w, 2), ok, n_candidates, reasons)."""
+    n = len(frames)
+    pts = None
+    ok = np.zeros(n, dtype=bool)
+    ncand = np.zeros(n, dtype=int)
+    reasons = [""] * n
+    for i in range(n):
+        det = detector.detect(frames[i])
+        if pts is None:
+            pts = np.full((n,) + det.points_px.shape, np.nan)
+        pts[i] = det.points_px
+        ok[i] = det.ok
+        ncand[i] = len(det.candidates_px)
+        reasons[i] = det.reason
+        if progress is not None:
+            progress(i + 1, n)
+    if pts is None:
+        pts = np.zeros((0, detector.phantom.n_wires, 2))
+    return pts, ok, ncand, reasons
+
+
+def detect_sequence(sequence, setup: CalibrationSetup, *, detector: str = "hessian", pixel_spacing_mm=None,
+                    hessian: HessianSettings | None = None, labeling: LabelingSettings | None = None,
+                    progress=None) -> DetectionResult:
+    """Detect the phantom's dots in every frame of a tracked sequence.
+
+    Parameters
+    ----------
+    sequence : TrackedSequence
+        Frames in MF orientation (frames without an image are reported as failed).
+    setup : CalibrationSetup
+    detector : str
+        ``"hessian"`` (the paper), ``"plus"``, ``"agcfd"`` or ``"tacd"``.
+    pixel_spacing_mm : float or (sx, sy), optional
+        Overrides the setup's hint.
+    progress : callable(done, total), optional
+
+    Returns
+    -------
+    DetectionResult
+    """
+    spacing = _spacing_for(sequence, setup, pixel_spacing_mm)
+    det = make_detector(detector, setup.phantom, spacing, clip_rectangle_px=setup.clip_rectangle_px,
+                        segmentation=setup.segmentation, hessian=hessian, labeling=labeling)
+    t0 = time.perf_counter()
+    pts, ok, ncand, reasons = detect_frames(sequence.frames, det, progress=progress)
+    no_image = ~np.asarray(sequence.image_ok, dtype=bool)
+    ok &= ~no_image
+    pts[no_image] = np.nan
+    for i in np.flatnonzero(no_image):
+        reasons[i] = "frame has no image"
+    seconds = time.perf_counter() - t0
+    result = DetectionResult(detector, setup.phantom.name, setup.phantom.wire_names, pts, ok, ncand, reasons,
+                             tuple(float(v) for v in spacing), seconds)
+    logger.info("%s", result)
+    return result
+
+
+def _data_set_metrics(points_px, poses, image_to_probe, phantom_to_reference, phantom, used=None) -> DataSetMetrics:
+    pts = np.asarray(points_px, dtype=np.float64)
+    segmented = np.all(np.isfinite(pts), axis=(1, 2))
+    tracked = np.all(np.isfinite(poses), axis=(1, 2))
+    e3 = reprojection_errors_3d(pts, poses, image_to_probe, phantom_to_reference, phantom)
+    st = trimmed_statistics(e3)
+    e2 = reprojection_errors_2d(pts, poses, image_to_probe, phantom_to_reference, phantom)
+    good = segmented & tracked
+    e2n = np.linalg.norm(e2[good], axis=-1)
+    safe = np.where(tracked[:, None, None], poses, np.eye(4))
+    i2ph = np.linalg.inv(phantom_to_reference) @ safe @ image_to_probe
+    wd = np.linalg.norm(point_wire_residuals(pts, i2ph, phantom), axis=-1)[good]
+    with np.errstate(invalid="ignore"):
+        per_wire = np.nanmean(e2[good], axis=0) if good.any() else np.full((phantom.n_wires, 2), np.nan)
+    return DataSetMetrics(
+        frames_total=int(pts.shape[0]), frames_segmented=int(segmented.sum()),
+        frames_used=int((good if used is None else used & good).sum()),
+        error3d_mean_mm=st.mean, error3d_trimmed95_mean_mm=st.trimmed_mean, error3d_std_mm=st.std,
+        error3d_trimmed95_std_mm=st.trimmed_std, error3d_max_mm=st.max,
+        error2d_mean_px=float(e2n.mean()) if e2n.size else float("nan"),
+        error2d_per_wire_px=per_wire,
+        wire_distance_mean_mm=float(wd.mean()) if wd.size else float("nan"),
+    )
+
+
+def calibrate_from_points(points_px, poses, phantom: NWirePhantom, *, phantom_to_reference=None,
+                          solver: str = "ransac-lm", phantom_pose: str = "auto", validation_points_px=None,
+                          validation_poses=None, pixel_spacing_hint_mm=None, ransac_iterations: int = 3000,
+                          ransac_subset: int = 10, ransac_threshold_mm: float = 0.5, residual: str = "correspondences",
+                          seed: int = 0) -> CalibrationResult:
+    """Calibrate from detected dots and tracked poses.
+
+    Parameters
+    ----------
+    points_px : (n, n_wires, 2) float
+        Dots (phantom wire order), NaN where not detected.
+    poses : (n, 4, 4) float
+        ProbeToReference per frame (NaN where not tracked).
+    phantom : NWirePhantom
+    phantom_to_reference : (4, 4) float, optional
+        The phantom registration; needed for ``phantom_pose="known"`` and the ``lsq`` solver.
+    solver : str
+        ``"lsq"`` (PLUS), ``"lm"`` or ``"ransac-lm"`` (default).
+    phantom_pose : str
+        ``"known"``, ``"estimate"`` or ``"auto"`` (known when a registration is given).
+    validation_points_px, validation_poses : optional
+        A second recording to report validation errors on.
+    pixel_spacing_hint_mm : float or (sx, sy), optional
+        The detector's spacing hint; a warning is given when the calibration disagrees by > 30 %.
+    ransac_iterations, ransac_subset, ransac_threshold_mm, seed :
+        RANSAC parameters (paper: 3000, 10, 0.5 mm).
+    residual : str
+        LM residual (:data:`~.solvers.RESIDUALS`).
+
+    Returns
+    -------
+    CalibrationResult
+
+    Raises
+    ------
+    CalibrationError
+        Fewer than 10 usable frames, a solver that needs a registration without one, or
+        degenerate poses for phantom-pose estimation.
+    """
+    t0 = time.perf_counter()
+    if solver not in SOLVERS:
+        raise ValueError(f"solver: expected one of {', '.join(SOLVERS)}, got {solver!r}")
+    if phantom_pose not in ("known", "estimate", "auto"):
+        raise ValueError(f"phantom_pose: expected 'known', 'estimate' or 'auto', got {phantom_pose!r}")
+    pts = np.asarray(points_px, dtype=np.float64)
+    poses = np.asarray(poses, dtype=np.float64)
+    estimate = phantom_pose == "estimate" or (phantom_pose == "auto" and phantom_to_reference is None)
+    if not estimate and phantom_to_reference is None:
+        raise CalibrationError(
+            "phantom pose 'known' needs a PhantomToReference registration (<Transform From=\"Phantom\" "
+            "To=\"Reference\"> in the config); add it or use --phantom-pose estimate"
+        )
+    if solver == "lsq" and estimate:
+        raise CalibrationError("the lsq (PLUS) solver needs a known PhantomToReference; use --solver lm or ransac-lm "
+                               "to estimate the phantom pose")
+    usable = np.all(np.isfinite(pts), axis=(1, 2)) & np.all(np.isfinite(poses), axis=(1, 2))
+    warnings = []
+    n_usable = int(usable.sum())
+    if n_usable < MIN_CALIBRATION_FRAMES:
+        segmented = int(np.all(np.isfinite(pts), axis=(1, 2)).sum())
+        raise CalibrationError(
+            f"only {n_usable} of {pts.shape[0]} frames have all {phantom.n_wires} wires detected and a valid "
+            f"probe pose ({segmented} detected); at least {MIN_CALIBRATION_FRAMES} are needed. Check that the whole "
+            "phantom is in the image, the pixel spacing hint (ApproximateSpacingMmPerPixel) and the tracking"
+        )
+    diversity = pose_diversity_deg(poses[usable])
+    if diversity < MIN_POSE_DIVERSITY_DEG:
+        warnings.append(
+            f"tilt the probe more; pose diversity {diversity:.1f} deg < {MIN_POSE_DIVERSITY_DEG:g} deg"
+            + (" (the phantom pose estimate is unreliable)" if estimate else "")
+        )
+    y = None if phantom_to_reference is None else np.asarray(phantom_to_reference, dtype=np.float64)
+    if solver == "lsq":
+        sol: SolverSolution = calibrate_linear(pts, poses, y, phantom)
+    elif solver == "lm":
+        sol = calibrate_lm(pts, poses, phantom, phantom_to_reference=y, estimate_phantom_pose=estimate,
+                           residual=residual)
+    else:
+        sol = calibrate_ransac_lm(pts, poses, phantom, phantom_to_reference=y, estimate_phantom_pose=estimate,
+                                  n_iterations=ransac_iterations, subset_size=ransac_subset,
+                                  threshold_mm=ransac_threshold_mm, seed=seed, residual=residual)
+    m = sol.image_to_probe
+    spacing = (float(np.linalg.norm(m[:3, 0])), float(np.linalg.norm(m[:3, 1])))
+    if pixel_spacing_hint_mm is not None:
+        hint = np.broadcast_to(np.asarray(pixel_spacing_hint_mm, dtype=float), (2,))
+        ratio = np.array(spacing) / hint
+        if np.any(ratio > 1.3) or np.any(ratio < 1 / 1.3):
+            warnings.append(
+                f"the pixel spacing hint ({hint[0]:.4g} x {hint[1]:.4g} mm/px) differs from the calibrated spacing "
+                f"({spacing[0]:.4g} x {spacing[1]:.4g} mm/px); fix ApproximateSpacingMmPerPixel in the config"
+            )
+    cal = _data_set_metrics(pts, poses, m, sol.phantom_to_reference, phantom, sol.frames_used)
+    val = None
+    if validation_points_px is not None:
+        val = _data_set_metrics(np.asarray(validation_points_px, dtype=float), np.asarray(validation_poses, dtype=float),
+                                m, sol.phantom_to_reference, phantom)
+        if val.frames_segmented == 0:
+            warnings.append("no validation frame was detected; validation errors are undefined")
+    used_frac = sol.frames_used.sum() / max(1, n_usable)
+    if used_frac < 0.7:
+        warnings.append(f"only {100 * used_frac:.0f} % of the detected frames agree with the calibration "
+                        "(the rest were rejected as outliers); check the tracking and the phantom registration")
+    info = {k: v for k, v in sol.info.items() if not isinstance(v, np.ndarray)}
+    info.update({"cost_mm": sol.cost_mm, "n_iterations": sol.n_iterations, "frames_usable": n_usable,
+                 "frames_used": int(sol.frames_used.sum()), "residual": residual, "seed": seed})
+    return CalibrationResult(
+        image_to_probe=m, phantom_to_reference=sol.phantom_to_reference, phantom_pose=sol.phantom_pose,
+        solver=sol.method, pixel_spacing_mm=spacing, calibration=cal, validation=val, phantom_name=phantom.name,
+        pose_diversity_deg=diversity, warnings=warnings, seconds=time.perf_counter() - t0, info=info,
+    )
+
+
+def calibrate(calibration, validation=None, setup: CalibrationSetup | None = None, *, solver: str = "ransac-lm",
+              phantom_pose: str = "auto", detector: str = "hessian", pixel_spacing_mm=None,
+              calibration_detection: DetectionResult | None = None,
+              validation_detection: DetectionResult | None = None, progress=None, **solver_options) -> CalibrationResult:
+    """Detect dots in a calibration (and validation) recording and calibrate.
+
+    Parameters
+    ----------
+    calibration, validation : TrackedSequence
+        Recordings of the phantom with ProbeToTracker and ReferenceToTracker (or any chain to
+        ProbeToReference).
+    setup : CalibrationSetup
+        From :func:`load_setup`.
+    solver, phantom_pose :
+        See :func:`calibrate_from_points`.
+    detector : str
+        See :func:`detect_sequence`.
+    calibration_detection, validation_detection : DetectionResult, optional
+        Reuse detections instead of detecting again.
+    progress : callable(done, total), optional
+    **solver_options
+        Passed to :func:`calibrate_from_points` (``ransac_iterations``, ``seed``, ...).
+
+    Returns
+    -------
+    CalibrationResult
+        ``seconds`` includes detection.
+    """
+    if setup is None:
+        raise DetectionError("calibrate needs a CalibrationSetup (load_setup(config) or load_setup(phantom=...))")
+    t0 = time.perf_counter()
+    n_total = len(calibration.frames) + (len(validation.frames) if validation is not None else 0)
+    done = [0]
+
+    def sub_progress(i, n):
+        if progress is not None:
+            progress(done[0] + i, n_total)
+
+    det_c = calibration_detection or detect_sequence(calibration, setup, detector=detector,
+                                                     pixel_spacing_mm=pixel_spacing_mm, progress=sub_progress)
+    done[0] = len(calibration.frames)
+    det_v = None
+    if validation is not None:
+        det_v = validation_detection or detect_sequence(validation, setup, detector=detector,
+                                                        pixel_spacing_mm=pixel_spacing_mm, progress=sub_progress)
+    if det_c.frames_detected == 0:
+        raise CalibrationError(
+            f"no calibration frame shows the whole phantom ({setup.phantom.name}, {setup.phantom.n_wires} wires); "
+            f"check that all wires are in the image and the pixel spacing hint "
+            f"({det_c.pixel_spacing_mm[0]:.4g} mm/px, ApproximateSpacingMmPerPixel)"
+        )
+    poses_c = probe_to_reference(calibration)
+    poses_v = probe_to_reference(validation) if validation is not None else None
+    result = calibrate_from_points(
+        det_c.points_px, poses_c, setup.phantom, phantom_to_reference=setup.phantom_to_reference, solver=solver,
+        phantom_pose=phantom_pose, validation_points_px=None if det_v is None else det_v.points_px,
+        validation_poses=poses_v, pixel_spacing_hint_mm=det_c.pixel_spacing_mm, **solver_options)
+    info = dict(result.info)
+    info.update({"detector": detector, "detection_seconds": det_c.seconds + (det_v.seconds if det_v else 0.0),
+                 "failed_calibration_frames": [int(i) for i in np.flatnonzero(~det_c.ok)]})
+    return replace(result, seconds=time.perf_counter() - t0, info=info)

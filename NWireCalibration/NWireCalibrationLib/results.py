@@ -1,0 +1,283 @@
+"""Result types of detection and calibration (frozen dataclasses, JSON-safe ``to_dict``).
+
+The JSON layouts are the ``freehandus detect`` / ``freehandus calibrate`` contract of issue 4:
+
+- detection: ``{"detector", "phantom", "wire_names", "frames": [{"index", "ok", "points"}],
+  "frames_total", "frames_detected", "seconds", ...}``, points in phantom wire order, pixels
+  (x, y) of the MF image;
+- calibration: ``{"ImageToProbe": 4x4, "pixel_spacing_mm": [sx, sy], "calibration": {...},
+  "validation": {...}, "seconds", ...}`` where each data set has ``frames_total``,
+  ``frames_segmented``, ``error3d_mean_mm``, ``error3d_trimmed95_mean_mm``, ``error3d_max_mm``,
+  ``error2d_mean_px``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import numpy as np
+
+__all__ = [
+    "FrameDetection",
+    "DetectionResult",
+    "DataSetMetrics",
+    "CalibrationResult",
+    "plus_transform_element",
+]
+
+
+def _clean(value):
+    """JSON-safe: numpy -> Python, NaN/inf -> None."""
+    if isinstance(value, np.ndarray):
+        return _clean(value.tolist())
+    if isinstance(value, (np.floating, float)):
+        v = float(value)
+        return v if math.isfinite(v) else None
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.bool_,)):
+        return bool(value)
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    return value
+
+
+@dataclass(frozen=True, eq=False)
+class FrameDetection:
+    """Dots of one image.
+
+    Attributes
+    ----------
+    ok : bool
+        All wires found and the geometry checks passed.
+    points_px : (n_wires, 2) float64
+        (x, y) pixels, MF image, phantom wire order; NaN when not ok.
+    candidates_px : (n, 2) float64
+        All dot candidates before geometric filtering.
+    reason : str
+        Why the frame failed ("" when ok).
+    """
+
+    ok: bool
+    points_px: np.ndarray
+    candidates_px: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
+    reason: str = ""
+
+
+@dataclass(frozen=True, eq=False)
+class DetectionResult:
+    """Dots of a whole sequence.
+
+    Attributes
+    ----------
+    detector : str
+        ``"hessian"``, ``"plus"``, ``"agcfd"`` or ``"tacd"``.
+    phantom_name : str
+    wire_names : list of str
+    points_px : (n_frames, n_wires, 2) float64
+        NaN for frames that failed.
+    ok : (n_frames,) bool
+    n_candidates : (n_frames,) int
+    reasons : list of str
+        Failure reason per frame ("" where ok).
+    pixel_spacing_mm : (2,) float
+        The spacing hint the detector used.
+    seconds : float
+        Wall time of detection.
+    """
+
+    detector: str
+    phantom_name: str
+    wire_names: list
+    points_px: np.ndarray
+    ok: np.ndarray
+    n_candidates: np.ndarray
+    reasons: list
+    pixel_spacing_mm: tuple
+    seconds: float
+
+    @property
+    def n_frames(self) -> int:
+        return int(self.ok.size)
+
+    @property
+    def frames_detected(self) -> int:
+        return int(self.ok.sum())
+
+    @property
+    def frames_per_second(self) -> float:
+        return self.n_frames / self.seconds if self.seconds > 0 else float("inf")
+
+    def to_dict(self) -> dict:
+        frames = []
+        for i in range(self.n_frames):
+            entry = {"index": i, "ok": bool(self.ok[i]),
+                     "points": _clean(self.points_px[i]) if self.ok[i] else []}
+            if not self.ok[i] and self.reasons[i]:
+                entry["reason"] = self.reasons[i]
+            frames.append(entry)
+        return {
+            "detector": self.detector,
+            "phantom": self.phantom_name,
+            "wire_names": list(self.wire_names),
+            "pixel_spacing_mm": _clean(list(self.pixel_spacing_mm)),
+            "frames_total": self.n_frames,
+            "frames_detected": self.frames_detected,
+            "seconds": float(self.seconds),
+            "frames_per_second": _clean(self.frames_per_second),
+            "frames": frames,
+        }
+
+    def __str__(self) -> str:
+        failed = [i for i in range(self.n_frames) if not self.ok[i]]
+        text = (f"{self.detector} detector, phantom {self.phantom_name}: {self.frames_detected}/{self.n_frames} "
+                f"frames detected in {self.seconds:.2f} s ({self.frames_per_second:.1f} frames/s)")
+        if failed:
+            shown = ", ".join(str(i) for i in failed[:20]) + (" ..." if len(failed) > 20 else "")
+            text += f"\n  failed frames: {shown}"
+        return text
+
+
+@dataclass(frozen=True, eq=False)
+class DataSetMetrics:
+    """Errors of a calibration on one data set (calibration or validation frames).
+
+    Attributes
+    ----------
+    frames_total, frames_segmented, frames_used : int
+        Frames in the set, with a complete detection, and (calibration set) used by the solver.
+    error3d_mean_mm, error3d_trimmed95_mean_mm, error3d_std_mm, error3d_trimmed95_std_mm, error3d_max_mm : float
+        PLUS 3D reprojection error of the middle wires (mm): untrimmed mean, mean of the best
+        95 % (what PLUS reports), standard deviations, maximum.
+    error2d_mean_px : float
+        Mean length of the PLUS 2D reprojection errors (all wires), pixels.
+    error2d_per_wire_px : (n_wires, 2) float
+        Mean (x, y) 2D reprojection error per wire (PLUS ``ReprojectionError2DStatistics``).
+    wire_distance_mean_mm : float
+        Mean 3D distance of the mapped dots to their wires (all wires), mm.
+    """
+
+    frames_total: int
+    frames_segmented: int
+    frames_used: int
+    error3d_mean_mm: float
+    error3d_trimmed95_mean_mm: float
+    error3d_std_mm: float
+    error3d_trimmed95_std_mm: float
+    error3d_max_mm: float
+    error2d_mean_px: float
+    error2d_per_wire_px: np.ndarray
+    wire_distance_mean_mm: float
+
+    def to_dict(self) -> dict:
+        return {k: _clean(v) for k, v in self.__dict__.items()}
+
+    def __str__(self) -> str:
+        return (f"{self.frames_segmented}/{self.frames_total} frames segmented, {self.frames_used} used; "
+                f"3D error {self.error3d_trimmed95_mean_mm:.3f} mm (best 95 %), {self.error3d_mean_mm:.3f} mm (all), "
+                f"max {self.error3d_max_mm:.3f} mm; 2D error {self.error2d_mean_px:.2f} px")
+
+
+def plus_transform_element(image_to_probe, *, error_mm: float | None = None, date: datetime | str | None = None,
+                           from_frame: str = "Image", to_frame: str = "Probe") -> str:
+    """A PLUS ``<Transform From="Image" To="Probe" Matrix=... Error=... Date=.../>`` element.
+
+    Paste it into the ``<CoordinateDefinitions>`` of a PLUS device-set configuration.
+    """
+    from FreehandUSLib.io.plus_config import transform_element
+
+    if date is None:
+        date = datetime.now()
+    return transform_element(f"{from_frame}To{to_frame}", image_to_probe, error_mm=error_mm, date=date)
+
+
+@dataclass(frozen=True, eq=False)
+class CalibrationResult:
+    """A probe calibration.
+
+    Attributes
+    ----------
+    image_to_probe : (4, 4) float64
+        Pixels (MF image) -> Probe mm.
+    phantom_to_reference : (4, 4) float64
+        Known (from the configuration) or estimated.
+    phantom_pose : str
+        ``"known"`` or ``"estimated"``.
+    solver : str
+        ``"lsq"``, ``"lm"`` or ``"ransac-lm"``.
+    pixel_spacing_mm : (2,) float
+        Norms of the first two ImageToProbe columns.
+    calibration : DataSetMetrics
+    validation : DataSetMetrics or None
+    phantom_name : str
+    pose_diversity_deg : float
+        Largest rotation between two calibration frames.
+    warnings : list of str
+        Things the user should fix (e.g. "tilt the probe more").
+    seconds : float
+        Wall time (detection + solving).
+    info : dict
+        Solver details.
+    """
+
+    image_to_probe: np.ndarray
+    phantom_to_reference: np.ndarray
+    phantom_pose: str
+    solver: str
+    pixel_spacing_mm: tuple
+    calibration: DataSetMetrics
+    validation: DataSetMetrics | None
+    phantom_name: str
+    pose_diversity_deg: float
+    warnings: list = field(default_factory=list)
+    seconds: float = 0.0
+    info: dict = field(default_factory=dict)
+
+    @property
+    def error_mm(self) -> float:
+        """The error PLUS stores with ImageToProbe: validation (else calibration) 95 % mean."""
+        ds = self.validation if self.validation is not None else self.calibration
+        return ds.error3d_trimmed95_mean_mm
+
+    def plus_transform_element(self, date=None) -> str:
+        """The ImageToProbe as a PLUS ``<Transform>`` element (with ``Error`` in mm)."""
+        err = self.error_mm
+        return plus_transform_element(self.image_to_probe, error_mm=err if math.isfinite(err) else None, date=date)
+
+    def to_dict(self) -> dict:
+        return {
+            "ImageToProbe": _clean(self.image_to_probe),
+            "PhantomToReference": _clean(self.phantom_to_reference),
+            "phantom_pose": self.phantom_pose,
+            "solver": self.solver,
+            "phantom": self.phantom_name,
+            "pixel_spacing_mm": _clean(list(self.pixel_spacing_mm)),
+            "pose_diversity_deg": _clean(self.pose_diversity_deg),
+            "calibration": self.calibration.to_dict(),
+            "validation": None if self.validation is None else self.validation.to_dict(),
+            "warnings": list(self.warnings),
+            "seconds": float(self.seconds),
+            "plus_transform": self.plus_transform_element(),
+            "info": _clean(self.info),
+        }
+
+    def __str__(self) -> str:
+        rows = "\n".join("    " + "  ".join(f"{v: .6g}" for v in row) for row in self.image_to_probe)
+        lines = [
+            f"ImageToProbe ({self.solver}, phantom pose {self.phantom_pose}, phantom {self.phantom_name}):",
+            rows,
+            f"  pixel spacing {self.pixel_spacing_mm[0]:.5f} x {self.pixel_spacing_mm[1]:.5f} mm/px, "
+            f"pose diversity {self.pose_diversity_deg:.1f} deg",
+            f"  calibration: {self.calibration}",
+        ]
+        if self.validation is not None:
+            lines.append(f"  validation:  {self.validation}")
+        lines.append(f"  {self.seconds:.2f} s")
+        lines.extend(f"  warning: {w}" for w in self.warnings)
+        return "\n".join(lines)

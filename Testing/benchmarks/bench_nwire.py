@@ -1,0 +1,322 @@
+"""N-wire calibration benchmark: our detector and solvers vs PLUS and the baselines (issue 4).
+
+Run ``python Testing/benchmarks/bench_nwire.py [--quick] [--frames N]``; prints tables and
+writes ``Testing/benchmarks/results/nwire.json``. Under pytest (``make benchmark``) a quick run
+checks that every part produces sane numbers; it never asserts on speed.
+
+Parts:
+
+- **PLUS data** (``../shared/data/plus``; skipped when absent): the PLUS-compatible linear solver
+  on PLUS's own dots vs PLUS's ImageToProbe; every detector (hessian, plus, agcfd, tacd) on the
+  fCal 2.0 calibration (190) and validation (103) recordings: frames detected, PLUS dots matched
+  within 5 px, dots on a wrong echo, frames/s (all OpenCV threads, and the Hessian detector on one
+  thread); calibration accuracy (PLUS 3D error on the validation set, best 95 % and all) of each
+  solver from our dots, from the PLUS-style detector's dots, and PLUS's reported numbers; wall
+  time of a full ``calibrate`` (detect 190 + 103 frames + solve); calibration reproducibility
+  (CRE) over random halves of the calibration frames.
+- **Simulation**: linear and convex probes at 5, 8, 10, 12 cm with 10 % outlier poses and 5 %
+  echo dropouts: recognition / false-detection rates of all detectors against the truth, and the
+  image-plane target error (mean over the field of view) of LM, RANSAC+LM (known phantom pose)
+  and RANSAC+LM with the phantom pose estimated, plus the gap between estimated- and known-pose
+  solutions.
+- **Keyframes**: frames consumed until convergence and the convergence curve.
+
+Other engineers share the machine's cores: the load average is recorded with the timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+PLUS = REPO.parent / "shared" / "data" / "plus"
+RESULTS = HERE / "results" / "nwire.json"
+PLUS_REPORTED = {"validation_trimmed95_mm": 0.539932, "validation_mean_all_mm": 0.569,
+                 "calibration_trimmed95_mm": 0.479116, "calibration_frames": 184, "validation_frames": 103}
+
+sys.path.insert(0, str(REPO / "Testing"))  # script mode: the test helpers
+
+
+def _load():
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:  # pragma: no cover
+        return None
+
+
+def _f(x, nd=3):
+    return None if x is None or not np.isfinite(x) else round(float(x), nd)
+
+
+# --------------------------------------------------------------------------------------------
+# PLUS fCal 2.0 data
+# --------------------------------------------------------------------------------------------
+
+
+def bench_plus(quick: bool) -> dict | None:
+    from FreehandUSLib.io import read_sequence
+
+    from NWireCalibrationLib.metrics import (
+        calibration_reproducibility,
+        detection_rates,
+        reprojection_errors_3d,
+        trimmed_statistics,
+    )
+    from NWireCalibrationLib.pipeline import DETECTORS, calibrate, calibrate_from_points, detect_sequence, load_setup
+    from NWireCalibrationLib.plus_results import read_plus_calibration_results
+    from NWireCalibrationLib.solvers import calibrate_linear
+
+    cfg = PLUS / "ConfigFiles" / "PlusDeviceSet_fCal_Sim_SpatialCalibration_2.0.xml"
+    if not cfg.is_file():
+        return None
+    setup = load_setup(cfg)
+    cal = read_sequence(PLUS / "TestImages" / "fCal_Test_Calibration_3NWires_fCal2.0.igs.mha")
+    val = read_sequence(PLUS / "TestImages" / "fCal_Test_Validation_3NWires_fCal2.0.igs.mha")
+    res = read_plus_calibration_results(PLUS / "TestImages" / "FreehandCalibration3NWires_fCal2.0.results.xml")
+    ref_c = res.calibration.points_for(cal.n_frames)
+    ref_v = res.validation.points_for(val.n_frames)
+    poses_c = cal.repository().get("ProbeToReference")
+    poses_v = val.repository().get("ProbeToReference")
+    out: dict = {"plus_reported": PLUS_REPORTED, "load_before": _load()}
+
+    lin = calibrate_linear(ref_c, poses_c, setup.phantom_to_reference, setup.phantom)
+    out["linear_solver_vs_plus"] = {"max_abs_element_difference": float(np.abs(lin.image_to_probe - res.image_to_probe).max()),
+                                    "frames": int(lin.info["frames_usable"])}
+
+    det_out = {}
+    dots = {}
+    for name in DETECTORS:
+        dc = detect_sequence(cal, setup, detector=name)
+        dv = detect_sequence(val, setup, detector=name)
+        rc, rv = detection_rates(dc.points_px, ref_c), detection_rates(dv.points_px, ref_v)
+        det_out[name] = {
+            "calibration_frames_detected": dc.frames_detected, "validation_frames_detected": dv.frames_detected,
+            "plus_dots_matched_5px": int(rc.dots_matched + rv.dots_matched),
+            "plus_dots_total": int(rc.dots_reference + rv.dots_reference),
+            "plus_dots_matched_fraction": _f((rc.dots_matched + rv.dots_matched) / (rc.dots_reference + rv.dots_reference), 4),
+            "dots_beyond_5px_of_plus": int(rc.dots_false + rv.dots_false),
+            "dots_on_wrong_echo": int(rc.dots_wrong + rv.dots_wrong),
+            "mean_distance_to_plus_px": _f((rc.mean_distance_px + rv.mean_distance_px) / 2, 2),
+            "frames_per_second": _f((cal.n_frames + val.n_frames) / (dc.seconds + dv.seconds), 1),
+            "failed_calibration_frames": [int(i) for i in np.flatnonzero(~dc.ok)],
+        }
+        dots[name] = (dc.points_px, dv.points_px)
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    t0 = time.perf_counter()
+    detect_sequence(cal, setup)
+    det_out["hessian"]["frames_per_second_1_thread"] = _f(cal.n_frames / (time.perf_counter() - t0), 1)
+    cv2.setNumThreads(threads)
+    out["detection"] = det_out
+    out["opencv_threads"] = threads
+
+    acc = {}
+    iters = 500 if quick else 3000
+    for label, (pc, pv) in (("hessian", dots["hessian"]), ("plus-style", dots["plus"])):
+        for solver, pose in (("lsq", "known"), ("lm", "known"), ("ransac-lm", "known"), ("ransac-lm", "estimate")):
+            r = calibrate_from_points(pc, poses_c, setup.phantom, phantom_to_reference=setup.phantom_to_reference,
+                                      solver=solver, phantom_pose=pose, validation_points_px=pv,
+                                      validation_poses=poses_v, ransac_iterations=iters)
+            acc[f"{label} dots, {solver}, pose {pose}"] = {
+                "validation_trimmed95_mm": _f(r.validation.error3d_trimmed95_mean_mm, 4),
+                "validation_mean_all_mm": _f(r.validation.error3d_mean_mm, 4),
+                "validation_max_mm": _f(r.validation.error3d_max_mm, 3),
+                "calibration_trimmed95_mm": _f(r.calibration.error3d_trimmed95_mean_mm, 4),
+                "validation_error2d_px": _f(r.validation.error2d_mean_px, 2),
+                "frames_used": r.calibration.frames_used, "solve_seconds": _f(r.seconds, 2),
+                "warnings": r.warnings,
+            }
+    out["accuracy"] = acc
+
+    t0 = time.perf_counter()
+    full = calibrate(cal, val, setup, solver="ransac-lm", ransac_iterations=iters)
+    out["full_calibration_seconds"] = _f(time.perf_counter() - t0, 2)
+    out["full_calibration_validation_trimmed95_mm"] = _f(full.validation.error3d_trimmed95_mean_mm, 4)
+
+    rng = np.random.default_rng(0)
+    pc = dots["hessian"][0]
+    cre = {}
+    for solver in ("lsq", "lm", "ransac-lm"):
+        mats = []
+        for _ in range(6 if quick else 10):
+            keep = np.zeros(cal.n_frames, bool)
+            keep[rng.choice(cal.n_frames, cal.n_frames // 2, replace=False)] = True
+            sub = np.where(keep[:, None, None], pc, np.nan)
+            r = calibrate_from_points(sub, poses_c, setup.phantom, phantom_to_reference=setup.phantom_to_reference,
+                                      solver=solver, ransac_iterations=300)
+            mats.append(r.image_to_probe)
+        cre[solver] = {k: (_f(v) if isinstance(v, float) else v)
+                       for k, v in calibration_reproducibility(mats, (cal.n_cols, cal.n_rows)).items()}
+    out["cre_random_halves"] = cre
+    e_plus = trimmed_statistics(reprojection_errors_3d(ref_v, poses_v, res.image_to_probe, setup.phantom_to_reference,
+                                                       setup.phantom))
+    out["plus_matrix_recomputed_validation_trimmed95_mm"] = _f(e_plus.trimmed_mean, 4)
+    out["load_after"] = _load()
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Simulation
+# --------------------------------------------------------------------------------------------
+
+
+def bench_simulation(quick: bool, n_frames: int) -> dict:
+    from NWireCalibrationLib.metrics import detection_rates, target_errors_mm
+    from NWireCalibrationLib.pipeline import DETECTORS, calibrate_from_points, detect_sequence, probe_to_reference
+    from NWireCalibrationLib.simulate import simulate_nwire
+    from nwire_synthetic import setup_for
+
+    depths = (50.0, 120.0) if quick else (50.0, 80.0, 100.0, 120.0)
+    size = (410, 308) if quick else (820, 616)
+    rows = []
+    for probe in ("linear", "convex"):
+        for depth in depths:
+            sim = simulate_nwire(probe=probe, depth_mm=depth, n_frames=n_frames, seed=11, image_size_px=size,
+                                 outlier_fraction=0.1, dropout_fraction=0.05)
+            setup = setup_for(sim)
+            row = {"probe": probe, "depth_mm": depth, "frames": n_frames, "frames_visible": int(sim.visible.sum()),
+                   "outlier_poses": int(sim.outlier.sum()), "pixel_spacing_mm": [round(v, 4) for v in sim.pixel_spacing_mm]}
+            truth = np.where(sim.visible[:, None, None], sim.true_points_px, np.nan)
+            hess = None
+            for name in DETECTORS if not quick else ("hessian", "plus"):
+                det = detect_sequence(sim.sequence, setup, detector=name)
+                r = detection_rates(det.points_px, truth, tolerance_px=5.0)
+                row[name] = {"recognition": _f(r.recognition_rate, 4),
+                             "false_rate": _f((r.dots_false + 9 * r.frames_false) / max(1, 9 * det.frames_detected), 4),
+                             "frames_false": r.frames_false, "dots_wrong": r.dots_wrong,
+                             "mean_error_px": _f(r.mean_distance_px, 2),
+                             "frames_per_second": _f(det.frames_per_second, 1)}
+                if name == "hessian":
+                    hess = det
+            poses = probe_to_reference(sim.sequence)
+            fov = sim.fov_points_px()
+            sols = {}
+            for key, solver, pose in (("lm_known", "lm", "known"), ("ransac_lm_known", "ransac-lm", "known"),
+                                      ("ransac_lm_estimate", "ransac-lm", "estimate")):
+                t0 = time.perf_counter()
+                res = calibrate_from_points(hess.points_px, poses, sim.phantom,
+                                            phantom_to_reference=sim.phantom_to_reference, solver=solver,
+                                            phantom_pose=pose, ransac_iterations=1000 if quick else 3000)
+                sols[key] = res.image_to_probe
+                row[f"target_error_mm_{key}"] = _f(target_errors_mm(res.image_to_probe, sim.image_to_probe,
+                                                                    points_px=fov).mean())
+                row[f"seconds_{key}"] = _f(time.perf_counter() - t0, 2)
+            row["estimate_vs_known_mm"] = _f(target_errors_mm(sols["ransac_lm_estimate"], sols["ransac_lm_known"],
+                                                              points_px=fov).mean())
+            lm, rl = row["target_error_mm_lm_known"], row["target_error_mm_ransac_lm_known"]
+            row["ransac_improvement_over_lm"] = _f(1.0 - rl / lm, 3) if lm else None
+            rows.append(row)
+            print(f"  simulated {probe} {depth:g} mm done", file=sys.stderr, flush=True)
+    return {"cases": rows, "image_size_px": list(size)}
+
+
+def bench_keyframes(quick: bool) -> dict:
+    from NWireCalibrationLib.keyframes import select_keyframes
+    from NWireCalibrationLib.metrics import target_errors_mm
+    from NWireCalibrationLib.pipeline import detect_sequence, probe_to_reference
+    from NWireCalibrationLib.simulate import simulate_nwire
+    from nwire_synthetic import setup_for
+
+    n = 150 if quick else 400
+    sim = simulate_nwire(probe="linear", depth_mm=60.0, n_frames=n, seed=21, image_size_px=(410, 308), tilt_deg=12.0)
+    det = detect_sequence(sim.sequence, setup_for(sim))
+    t0 = time.perf_counter()
+    kc, consumed = select_keyframes(det.points_px, probe_to_reference(sim.sequence), sim.phantom, (410, 308),
+                                    phantom_to_reference=sim.phantom_to_reference)
+    return {"frames_offered": n, "frames_consumed": consumed, "keyframes": kc.n_keyframes, "converged": kc.converged,
+            "seconds": _f(time.perf_counter() - t0, 2),
+            "target_error_mm": _f(target_errors_mm(kc.image_to_probe, sim.image_to_probe,
+                                                   points_px=sim.fov_points_px()).mean()),
+            "curve": [c.to_dict() for c in kc.curve]}
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+
+
+def _print_tables(report: dict) -> None:
+    plus = report.get("plus")
+    if plus:
+        print("\nPLUS fCal 2.0 data (PLUS: 184/190 + 103/103 frames, validation 0.540 mm best 95 %, 0.569 mm all)")
+        print(f"  linear solver on PLUS dots: max |ImageToProbe - PLUS| = "
+              f"{plus['linear_solver_vs_plus']['max_abs_element_difference']:.2e}")
+        print(f"  {'detector':10s} {'cal':>7s} {'val':>7s} {'PLUS dots<5px':>14s} {'wrong':>6s} {'fps':>7s}")
+        for name, d in plus["detection"].items():
+            print(f"  {name:10s} {d['calibration_frames_detected']:>3d}/190 {d['validation_frames_detected']:>3d}/103 "
+                  f"{100 * (d['plus_dots_matched_fraction'] or 0):>13.2f}% {d['dots_on_wrong_echo']:>6d} "
+                  f"{d['frames_per_second']:>7.1f}")
+        print(f"  hessian on 1 OpenCV thread: {plus['detection']['hessian']['frames_per_second_1_thread']} frames/s "
+              f"(load {plus['load_before']})")
+        print(f"  {'dots, solver, pose':40s} {'val95':>7s} {'valAll':>7s} {'cal95':>7s}")
+        for k, a in plus["accuracy"].items():
+            print(f"  {k:40s} {a['validation_trimmed95_mm']:>7.4f} {a['validation_mean_all_mm']:>7.4f} "
+                  f"{a['calibration_trimmed95_mm']:>7.4f}")
+        print(f"  full calibrate (190 + 103 frames, ransac-lm): {plus['full_calibration_seconds']} s")
+        print("  CRE (random halves): " + ", ".join(f"{k} {v['cre_mean_mm']} mm" for k, v in plus["cre_random_halves"].items()))
+    sim = report["simulation"]["cases"]
+    print("\nSimulation (10 % outlier poses, 5 % dropouts); target error = mean over the field of view vs truth")
+    print(f"  {'probe':7s} {'depth':>5s} {'recog':>6s} {'false':>6s} {'LM':>6s} {'R+LM':>6s} {'R+LM est':>8s} "
+          f"{'est-known':>9s} {'fps':>6s}")
+    for r in sim:
+        h = r["hessian"]
+        print(f"  {r['probe']:7s} {r['depth_mm']:>5.0f} {100 * h['recognition']:>5.1f}% {100 * h['false_rate']:>5.2f}% "
+              f"{r['target_error_mm_lm_known']:>6.3f} {r['target_error_mm_ransac_lm_known']:>6.3f} "
+              f"{r['target_error_mm_ransac_lm_estimate']:>8.3f} {r['estimate_vs_known_mm']:>9.3f} "
+              f"{h['frames_per_second']:>6.1f}")
+    base = [k for k in ("plus", "agcfd", "tacd") if k in sim[0]]
+    if base:
+        print("  baselines recognition: " + "; ".join(
+            f"{r['probe']} {r['depth_mm']:.0f}: " + ", ".join(f"{b} {100 * r[b]['recognition']:.0f}%" for b in base)
+            for r in sim))
+    kf = report["keyframes"]
+    print(f"\nKeyframes: converged={kf['converged']} after {kf['frames_consumed']}/{kf['frames_offered']} frames "
+          f"({kf['keyframes']} keyframes), target error {kf['target_error_mm']} mm")
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="fewer cases, smaller images")
+    p.add_argument("--frames", type=int, default=None, help="simulated frames per case (default 150, quick 60)")
+    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--no-plus", action="store_true", help="skip the PLUS data part")
+    args = p.parse_args(argv)
+    n_frames = args.frames or (60 if args.quick else 150)
+    report = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_start": _load(),
+                          "python": sys.version.split()[0], "opencv": cv2.__version__},
+              "quick": bool(args.quick)}
+    t0 = time.perf_counter()
+    report["plus"] = None if args.no_plus else bench_plus(args.quick)
+    report["simulation"] = bench_simulation(args.quick, n_frames)
+    report["keyframes"] = bench_keyframes(args.quick)
+    report["machine"]["load_end"] = _load()
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    _print_tables(report)
+    print(f"\nwrote {out} ({report['seconds']} s)")
+    return report
+
+
+def test_bench_nwire_quick(tmp_path):
+    """Quick run: every part produces numbers (correctness only, no timing assertions)."""
+    report = main(["--quick", "--frames", "30", "--no-plus", "--out", str(tmp_path / "nwire.json")])
+    cases = report["simulation"]["cases"]
+    assert len(cases) == 4 and all(c["hessian"]["recognition"] > 0.9 for c in cases)
+    assert all(c["target_error_mm_ransac_lm_known"] < 1.0 for c in cases)
+    assert (tmp_path / "nwire.json").is_file()
+
+
+if __name__ == "__main__":
+    main()

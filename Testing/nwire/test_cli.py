@@ -1,0 +1,90 @@
+"""``freehandus detect`` / ``calibrate`` / ``simulate nwire`` (the N-wire subcommands)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from FreehandUSLib.errors import FreehandUSError
+from NWireCalibrationLib.cli import build_standalone_parser
+
+
+def run(argv):
+    """Parse with the N-wire subcommands and run; returns the exit code."""
+    args = build_standalone_parser().parse_args(argv)
+    return args.func(args)
+
+
+@pytest.fixture(scope="module")
+def simulated_files(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sim")
+    assert run(["simulate", "nwire", "--out", str(out / "cal.igs.mha"), "--frames", "24", "--width", "320",
+                "--height", "240", "--depth-mm", "50", "--seed", "2", "--json"]) == 0
+    assert run(["simulate", "nwire", "--out", str(out / "val.igs.mha"), "--frames", "12", "--width", "320",
+                "--height", "240", "--depth-mm", "50", "--seed", "3"]) == 0
+    return out
+
+
+def test_simulate_writes_sequence_config_and_truth(simulated_files, capsys):
+    names = sorted(p.name for p in simulated_files.iterdir())
+    assert names == ["cal.config.xml", "cal.igs.mha", "cal.truth.json", "val.config.xml", "val.igs.mha",
+                     "val.truth.json"]
+    truth = json.loads((simulated_files / "cal.truth.json").read_text())
+    assert truth["frames"] == 24 and len(truth["ImageToProbe"]) == 4
+
+
+def test_detect_json_contract(simulated_files, tmp_path, capsys):
+    out = tmp_path / "dots.json"
+    assert run(["detect", str(simulated_files / "cal.igs.mha"), "--config", str(simulated_files / "cal.config.xml"),
+                "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["frames_total"] == 24 and data["frames_detected"] == 24
+    frame = data["frames"][0]
+    assert set(frame) >= {"index", "ok", "points"} and frame["ok"] and np.array(frame["points"]).shape == (9, 2)
+    assert data["wire_names"][0] == "7:G1_g1"
+    assert "24/24 frames detected" in capsys.readouterr().out
+
+
+def test_calibrate_json_contract(simulated_files, tmp_path, capsys):
+    out = tmp_path / "result.json"
+    xml = tmp_path / "transform.xml"
+    assert run(["calibrate", str(simulated_files / "cal.igs.mha"), "--validation", str(simulated_files / "val.igs.mha"),
+                "--config", str(simulated_files / "cal.config.xml"), "--out", str(out), "--solver", "ransac-lm",
+                "--phantom-pose", "known", "--ransac-iterations", "200", "--plus-xml", str(xml), "--json"]) == 0
+    data = json.loads(out.read_text())
+    truth = np.array(json.loads((simulated_files / "cal.truth.json").read_text())["ImageToProbe"])
+    assert np.abs(np.array(data["ImageToProbe"]) - truth)[:3, 3].max() < 1.0
+    for part in ("calibration", "validation"):
+        for key in ("frames_total", "frames_segmented", "error3d_mean_mm", "error3d_trimmed95_mean_mm",
+                    "error3d_max_mm", "error2d_mean_px"):
+            assert key in data[part]
+    assert data["validation"]["frames_total"] == 12 and data["seconds"] > 0
+    assert xml.read_text().startswith('<Transform From="Image" To="Probe"')
+    assert json.loads(capsys.readouterr().out)["solver"] == "ransac-lm"
+
+
+def test_calibrate_without_phantom_is_a_library_error(simulated_files, tmp_path):
+    cfg = tmp_path / "nophantom.xml"
+    cfg.write_text('<PlusConfiguration version="2.1"><Segmentation ApproximateSpacingMmPerPixel="0.2"/>'
+                   "</PlusConfiguration>")
+    with pytest.raises(FreehandUSError, match="PhantomDefinition"):
+        run(["calibrate", str(simulated_files / "cal.igs.mha"), "--config", str(cfg)])
+
+
+def test_parsers_register_on_a_foreign_parser():
+    import argparse
+
+    from NWireCalibrationLib.cli import add_parsers, add_simulate_nwire
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    add_parsers(sub)
+    add_simulate_nwire(sub.add_parser("simulate").add_subparsers(dest="what"))
+    args = parser.parse_args(["calibrate", "a.igs.mha", "--solver", "lm", "--phantom-pose", "estimate"])
+    assert args.solver == "lm" and args.phantom_pose == "estimate" and callable(args.func)
+    args = parser.parse_args(["simulate", "nwire", "--out", "x.igs.mha", "--probe", "convex"])
+    assert args.probe == "convex"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["detect", "a.igs.mha", "--detector", "nonsense"])
