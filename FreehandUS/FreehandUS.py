@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Annotated
 
 import numpy as np
+import qt
 import slicer
 import vtk
 from slicer import vtkMRMLLinearTransformNode, vtkMRMLScalarVolumeNode
@@ -65,8 +66,8 @@ class FreehandUS(ScriptedLoadableModule):
         self.parent.helpText = _(
             """
 <p>Freehand 3D ultrasound with a tracked 2D probe: load PLUS recordings (.igs.mha, .igs.nrrd,
-.seq.nrrd) and TUS-REC scans (.h5) into a sequence browser, inspect them and save them in another
-format. Volume reconstruction will be added to this module.</p>
+.seq.nrrd) and TUS-REC scans (.h5) into a sequence browser, inspect them, save them in another
+format, and reconstruct 3D volumes from them, offline or live from a PlusServer stream.</p>
 <p>Everything the panel does is available from the Python console:</p>
 <pre>
 import FreehandUS
@@ -75,6 +76,30 @@ browser = logic.loadSequence("/data/SpinePhantomFreehand.igs.mha")
 sequence = logic.sequenceFromBrowser(browser)   # numpy frames + named transforms
 print(sequence.n_frames, sequence.transform_names)
 logic.saveSequence(browser, "/data/spine.seq.nrrd")
+
+# Volume reconstruction (options: FreehandUSLib.reconstruction.ReconstructionOptions fields)
+calibration = slicer.util.getNode("ImageToProbe")   # ImageToProbe, mm per pixel included
+volume = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Spine")
+result = logic.reconstructFromSequence(browser, volume, imageToProbeNode=calibration,
+    output_spacing_mm=0.5, interpolation="linear", compounding="max", fill_holes=True)
+print(result)   # frames used/skipped, grid, coverage, seconds
+# ... or take the options and ImageToProbe from a PLUS device-set config:
+result = logic.reconstructFromSequence(browser, volume,
+    plusConfig="/data/PlusDeviceSet_VolumeReconstructionOnly_SpinePhantom_NN_MEAN.xml")
+</pre>
+<p>Live reconstruction from PlusServer (or <code>freehandus serve</code>) through SlicerOpenIGTLink:
+the connector creates an <code>Image_Reference</code> volume node (ImageToReference in its IJKToRAS)
+and updates it with every frame.</p>
+<pre>
+cnode = slicer.vtkMRMLIGTLConnectorNode()
+slicer.mrmlScene.AddNode(cnode)
+cnode.SetTypeClient("localhost", 18944)
+cnode.Start()
+# once the first frame has arrived:
+image = slicer.util.getNode("Image_Reference")
+live = logic.startLiveReconstruction(image, None, updateIntervalS=2.0, output_spacing_mm=0.5)
+print(live.status())      # frames used, skipped (and why), dropped, missed
+result = logic.stopLiveReconstruction()   # last frames, hole filling, final volume
 </pre>
 <p>See the <a href="https://github.com/freehandus/FreehandUS#readme">FreehandUS documentation</a>.</p>
 """
@@ -100,7 +125,11 @@ PYTHON_REQUIREMENTS = {
     "skimage": "scikit-image>=0.22",
     "cv2": "opencv-python-headless>=4.8",
     "pyigtl": "pyigtl>=0.3.4",
+    "numba": "numba>=0.60",
 }
+
+#: Extra imports volume reconstruction needs (its insertion and hole-filling kernels are numba).
+_RECONSTRUCTION_IMPORTS = ["numba"]
 
 #: Extra imports the sequence reader/writer needs, per format of FreehandUSLib.io.sequence_format.
 _SEQUENCE_FORMAT_IMPORTS = {"metafile": [], "nrrd": ["nrrd"], "tusrec": ["h5py"]}
@@ -210,7 +239,8 @@ class FreehandUSParameterNode:
     The parameters of the module, saved with the scene.
 
     sequencePath - tracked sequence file to load (.igs.mha/.igs.mhd/.igs.nrrd/.seq.nrrd/.h5).
-    imageToProbe - ImageToProbe calibration used to place the loaded frames (optional).
+    imageToProbe - ImageToProbe calibration used to place the loaded frames and, when set, to
+        reconstruct (optional).
     inputBrowser - the tracked recording (sequence browser) the panel works on.
     outputSequencePath - file the recording is saved to; the format follows the name.
     roi - box to reconstruct, in the Reference frame (None: enclose all frames).
@@ -218,7 +248,18 @@ class FreehandUSParameterNode:
     interpolation - how a pixel is spread into voxels.
     compounding - how overlapping frames are combined.
     fillHoles - fill voxels no frame reached from their neighbours.
+    plusConfigPath - PLUS device-set config: ImageToProbe and hole-filling kernels for the
+        reconstruction; "Use config settings" copies its <VolumeReconstruction> into the panel.
+    clipEnabled, clipOriginXPx, clipOriginYPx, clipWidthPx, clipHeightPx - PLUS clip rectangle,
+        pixels (a zero size keeps the whole image).
+    fanEnabled, fanAngleMinDeg, fanAngleMaxDeg, fanOriginXPx, fanOriginYPx, fanRadiusStartPx,
+        fanRadiusStopPx - PLUS fan mask (angles from the image's depth axis, apex and radii in
+        pixels).
     outputVolume - scalar volume that receives the reconstruction.
+    coverageVolume - scalar volume that receives the coverage map (weight per voxel).
+    showCoverage - show the coverage map over the reconstruction in the slice views.
+    liveImage - live image node updated by SlicerOpenIGTLink (e.g. Image_Reference).
+    liveUpdateIntervalS - seconds between refreshes of the output during live reconstruction.
     """
 
     sequencePath: Path
@@ -231,7 +272,24 @@ class FreehandUSParameterNode:
     interpolation: Interpolation = Interpolation.NEAREST
     compounding: Compounding = Compounding.MEAN
     fillHoles: bool = False
+    plusConfigPath: Path
+    clipEnabled: bool = False
+    clipOriginXPx: Annotated[int, WithinRange(0, 100000)] = 0
+    clipOriginYPx: Annotated[int, WithinRange(0, 100000)] = 0
+    clipWidthPx: Annotated[int, WithinRange(0, 100000)] = 0
+    clipHeightPx: Annotated[int, WithinRange(0, 100000)] = 0
+    fanEnabled: bool = False
+    fanAngleMinDeg: Annotated[float, WithinRange(-89.9, 89.9)] = -30.0
+    fanAngleMaxDeg: Annotated[float, WithinRange(-89.9, 89.9)] = 30.0
+    fanOriginXPx: Annotated[float, WithinRange(-100000.0, 100000.0)] = 0.0
+    fanOriginYPx: Annotated[float, WithinRange(-100000.0, 100000.0)] = 0.0
+    fanRadiusStartPx: Annotated[float, WithinRange(0.0, 100000.0)] = 0.0
+    fanRadiusStopPx: Annotated[float, WithinRange(0.0, 100000.0)] = 500.0
     outputVolume: vtkMRMLScalarVolumeNode
+    coverageVolume: vtkMRMLScalarVolumeNode
+    showCoverage: bool = True
+    liveImage: vtkMRMLScalarVolumeNode
+    liveUpdateIntervalS: Annotated[float, WithinRange(0.2, 60.0)] = 2.0
 
 
 def _isSet(path: Path) -> bool:
@@ -245,7 +303,13 @@ def _isSet(path: Path) -> bool:
 
 
 class FreehandUSWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """The panel: loads the .ui, binds it to the parameter node, one Logic call per button."""
+    """The panel: loads the .ui, binds it to the parameter node, one Logic call per button.
+
+    Live reconstruction: the Logic observes the live image node and refreshes the output while
+    frames arrive (it stays free of Qt); this widget owns a ``qt.QTimer`` that also refreshes
+    it every ``liveUpdateIntervalS`` seconds, so the last frames show when the stream pauses,
+    and shows the live status.
+    """
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -253,6 +317,8 @@ class FreehandUSWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
+        self._liveTimer = None
+        self._liveShown = False
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -271,11 +337,19 @@ class FreehandUSWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.loadButton.connect("clicked(bool)", self.onLoadButton)
         self.ui.infoButton.connect("clicked(bool)", self.onInfoButton)
         self.ui.saveButton.connect("clicked(bool)", self.onSaveButton)
+        self.ui.loadConfigButton.connect("clicked(bool)", self.onLoadConfigButton)
+        self.ui.reconstructButton.connect("clicked(bool)", self.onReconstructButton)
+        self.ui.liveButton.connect("toggled(bool)", self.onLiveButton)
+        self.ui.reconstructionProgressBar.hide()
+
+        self._liveTimer = qt.QTimer()
+        self._liveTimer.connect("timeout()", self.onLiveTimer)
 
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
         """Called when the application closes and the module widget is destroyed."""
+        self._stopLive()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -283,13 +357,14 @@ class FreehandUSWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def exit(self) -> None:
-        """Called each time the user opens a different module."""
+        """Called each time the user opens a different module (live reconstruction goes on)."""
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
 
     def onSceneStartClose(self, caller, event) -> None:
+        self._stopLive()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -298,6 +373,7 @@ class FreehandUSWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onReload(self) -> None:
         """Reload this file and FreehandUSLib (cached FreehandUSLib modules are dropped first)."""
+        self._stopLive()
         for name in [n for n in sys.modules if n == "FreehandUSLib" or n.startswith("FreehandUSLib.")]:
             del sys.modules[name]
         ScriptedLoadableModuleWidget.onReload(self)
@@ -322,11 +398,26 @@ class FreehandUSWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _updateButtons(self, caller=None, event=None) -> None:
         parameters = self._parameterNode
+        live = bool(self.logic and self.logic.isLiveReconstructionRunning())
         self.ui.loadButton.enabled = bool(parameters and parameters.sequencePath.is_file())
         self.ui.infoButton.enabled = bool(parameters and parameters.inputBrowser)
         self.ui.saveButton.enabled = bool(
             parameters and parameters.inputBrowser and _isSet(parameters.outputSequencePath)
         )
+        self.ui.loadConfigButton.enabled = bool(parameters and parameters.plusConfigPath.is_file())
+        canReconstruct = bool(parameters and parameters.inputBrowser) and not live
+        self.ui.reconstructButton.enabled = canReconstruct
+        self.ui.reconstructButton.toolTip = (
+            _("Reconstruct a volume from the selected recording into the output volume.")
+            if canReconstruct
+            else _("Select a sequence browser (and stop live reconstruction) first.")
+        )
+        self.ui.liveButton.enabled = live or bool(parameters and parameters.liveImage)
+        if self.ui.liveButton.checked != live:
+            wasBlocked = self.ui.liveButton.blockSignals(True)
+            self.ui.liveButton.checked = live
+            self.ui.liveButton.blockSignals(wasBlocked)
+        self.ui.liveButton.text = _("Stop live reconstruction") if live else _("Live")
 
     def onLoadButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to load the tracked sequence."), waitCursor=True):
@@ -346,6 +437,104 @@ class FreehandUSWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             written = self.logic.saveSequence(parameters.inputBrowser, parameters.outputSequencePath)
             slicer.util.showStatusMessage(_("Saved {path}").format(path=written), 3000)
 
+    def onLoadConfigButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Failed to read the PLUS configuration."), waitCursor=True):
+            parameters = self._parameterNode
+            self.logic.parametersFromPlusConfig(parameters.plusConfigPath, parameters)
+
+    def _ensureOutputNodes(self, baseName: str) -> None:
+        """Create the output (and, when the coverage is shown, coverage) volume if none is selected."""
+        parameters = self._parameterNode
+        if not parameters.outputVolume:
+            parameters.outputVolume = slicer.mrmlScene.AddNewNodeByClass(
+                "vtkMRMLScalarVolumeNode", slicer.mrmlScene.GenerateUniqueName(f"{baseName}Reconstruction")
+            )
+        if parameters.showCoverage and not parameters.coverageVolume:
+            parameters.coverageVolume = slicer.mrmlScene.AddNewNodeByClass(
+                "vtkMRMLScalarVolumeNode", slicer.mrmlScene.GenerateUniqueName(f"{baseName}Coverage")
+            )
+
+    def _onProgress(self, done, total) -> None:
+        self.ui.reconstructionProgressBar.maximum = max(int(total), 1)
+        self.ui.reconstructionProgressBar.value = int(done)
+        slicer.app.processEvents()
+
+    def onReconstructButton(self) -> None:
+        parameters = self._parameterNode
+        self.ui.reconstructionStatusLabel.text = ""
+        self.ui.reconstructionProgressBar.value = 0
+        self.ui.reconstructionProgressBar.show()
+        try:
+            with slicer.util.tryWithErrorDisplay(_("Volume reconstruction failed."), waitCursor=True):
+                self._ensureOutputNodes(parameters.inputBrowser.GetName())
+                result = self.logic.reconstructFromSequence(
+                    parameters.inputBrowser,
+                    parameters.outputVolume,
+                    imageToProbeNode=parameters.imageToProbe,
+                    roiNode=parameters.roi,
+                    coverageVolumeNode=parameters.coverageVolume,
+                    plusConfig=parameters.plusConfigPath if _isSet(parameters.plusConfigPath) else None,
+                    progress=self._onProgress,
+                    **self.logic.optionsFromParameterNode(parameters),
+                )
+                self.ui.reconstructionStatusLabel.text = str(result)
+                self.logic.showReconstruction(
+                    parameters.outputVolume, parameters.coverageVolume if parameters.showCoverage else None
+                )
+        finally:
+            self.ui.reconstructionProgressBar.hide()
+
+    def onLiveButton(self, checked) -> None:
+        if not checked:
+            self._stopLive()
+            return
+        parameters = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("Failed to start live reconstruction."), waitCursor=True):
+            self._ensureOutputNodes(parameters.liveImage.GetName())
+            self.logic.startLiveReconstruction(
+                parameters.liveImage,
+                parameters.outputVolume,
+                roiNode=parameters.roi,
+                coverageVolumeNode=parameters.coverageVolume,
+                updateIntervalS=parameters.liveUpdateIntervalS,
+                **self.logic.optionsFromParameterNode(parameters),
+            )
+            self._liveShown = False
+            self._liveTimer.start(int(1000 * parameters.liveUpdateIntervalS))
+            self.ui.liveStatusLabel.text = _("Waiting for frames from {node}...").format(
+                node=parameters.liveImage.GetName()
+            )
+        self._updateButtons()
+
+    def onLiveTimer(self) -> None:
+        parameters = self._parameterNode
+        try:
+            result = self.logic.updateLiveReconstruction()
+        except Exception as exc:  # a modal box every interval would lock the GUI: stop refreshing
+            self._liveTimer.stop()
+            logging.exception("Live reconstruction refresh failed")
+            slicer.util.errorDisplay(
+                _("Live reconstruction stopped refreshing the output (stop and restart it): {error}").format(error=exc)
+            )
+            return
+        self.ui.liveStatusLabel.text = self.logic.liveReconstructionText()
+        if result is not None and not self._liveShown and parameters:
+            self.logic.showReconstruction(
+                parameters.outputVolume, parameters.coverageVolume if parameters.showCoverage else None
+            )
+            self._liveShown = True
+
+    def _stopLive(self) -> None:
+        if self._liveTimer is not None:
+            self._liveTimer.stop()
+        if self.logic is None or not self.logic.isLiveReconstructionRunning():
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to finish live reconstruction."), waitCursor=True):
+            text = self.logic.liveReconstructionText()
+            result = self.logic.stopLiveReconstruction()
+            self.ui.liveStatusLabel.text = text if result is None else str(result)
+        self._updateButtons()
+
 
 #
 # FreehandUSLogic
@@ -361,10 +550,20 @@ class FreehandUSLogic(ScriptedLoadableModuleLogic):
         logic = FreehandUS.FreehandUSLogic()
         browser = logic.loadSequence("/data/SpinePhantomFreehand.igs.mha")
         sequence = logic.sequenceFromBrowser(browser)
+        result = logic.reconstructFromSequence(browser, None, imageToProbeNode=calibrationNode,
+                                               output_spacing_mm=0.5, compounding="max")
+
+    Reconstruction is glue over ``FreehandUSLib.mrml_reconstruction`` (tested headless with
+    slicer-core). Live reconstruction: :meth:`startLiveReconstruction` observes the live image
+    node with VTK observers and refreshes the output volume from the frame callbacks whenever
+    ``updateIntervalS`` has passed; the Logic holds no Qt timer (it stays usable from the
+    console and from tests), so the module's Widget runs one that calls
+    :meth:`updateLiveReconstruction` to show the last frames when the stream pauses.
     """
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
+        self._live = None
 
     def getParameterNode(self) -> FreehandUSParameterNode:
         return FreehandUSParameterNode(super().getParameterNode())
@@ -448,6 +647,227 @@ class FreehandUSLogic(ScriptedLoadableModuleLogic):
         sequence = self.sequenceFromBrowser(browserNode)
         return sequence_info(sequence, path=browserNode.GetAttribute(SOURCE_FILE_ATTRIBUTE))
 
+    # -- volume reconstruction ---------------------------------------------------------------
+    def optionsFromParameterNode(self, parameterNode=None) -> dict:
+        """Reconstruction options (``ReconstructionOptions`` field names) set in the panel.
+
+        Clip and fan are always given (a disabled mask as a zero-size clip / zero fan angles),
+        so the panel, not a PLUS config, decides which mask applies.
+        """
+        p = parameterNode or self.getParameterNode()
+        options = {
+            "output_spacing_mm": float(p.outputSpacingMm),
+            "interpolation": p.interpolation.value,
+            "compounding": p.compounding.value,
+            "fill_holes": bool(p.fillHoles),
+        }
+        if p.clipEnabled:
+            options["clip_rectangle_origin_px"] = (int(p.clipOriginXPx), int(p.clipOriginYPx))
+            options["clip_rectangle_size_px"] = (int(p.clipWidthPx), int(p.clipHeightPx))
+        else:
+            options["clip_rectangle_origin_px"] = (0, 0)
+            options["clip_rectangle_size_px"] = (0, 0)
+        if p.fanEnabled:
+            options["fan_angles_deg"] = (float(p.fanAngleMinDeg), float(p.fanAngleMaxDeg))
+            options["fan_origin_px"] = (float(p.fanOriginXPx), float(p.fanOriginYPx))
+            options["fan_radius_start_px"] = float(p.fanRadiusStartPx)
+            options["fan_radius_stop_px"] = float(p.fanRadiusStopPx)
+        else:
+            options["fan_angles_deg"] = (0.0, 0.0)
+            options["fan_angles_auto_detect"] = False
+        return options
+
+    def parametersFromPlusConfig(self, path, parameterNode=None):
+        """Copy a PLUS config's ``<VolumeReconstruction>`` settings into the panel's parameters.
+
+        Returns
+        -------
+        FreehandUSLib.reconstruction.ReconstructionOptions
+            The config's options (spacing, interpolation, compounding, hole filling, clip, fan).
+        """
+        ensurePythonPackages(_RECONSTRUCTION_IMPORTS)
+        from FreehandUSLib.io.plus_config import read_plus_config
+        from FreehandUSLib.reconstruction import options_from_plus_config
+
+        p = parameterNode or self.getParameterNode()
+        options = options_from_plus_config(read_plus_config(Path(path)))
+        spacing = options.output_spacing_mm
+        if max(spacing) - min(spacing) > 1e-9:
+            logging.warning("%s: anisotropic OutputSpacing %s; the panel uses %g mm", path, spacing, min(spacing))
+        wasModified = p.parameterNode.StartModify()
+        try:
+            self._copyOptionsToParameters(options, p, path)
+        finally:
+            p.parameterNode.EndModify(wasModified)
+        return options
+
+    @staticmethod
+    def _copyOptionsToParameters(options, p, path) -> None:
+        spacing = options.output_spacing_mm
+        p.outputSpacingMm = float(min(spacing))
+        p.interpolation = Interpolation(options.interpolation)
+        if options.compounding in {c.value for c in Compounding}:
+            p.compounding = Compounding(options.compounding)
+        else:
+            logging.warning("%s: compounding %r is not offered by the panel", path, options.compounding)
+        p.fillHoles = options.fill_holes
+        clipSize = options.clip_rectangle_size_px or (0, 0)
+        p.clipEnabled = any(v > 0 for v in clipSize)
+        if p.clipEnabled:
+            p.clipOriginXPx, p.clipOriginYPx = (int(v) for v in (options.clip_rectangle_origin_px or (0, 0)))
+            p.clipWidthPx, p.clipHeightPx = (int(v) for v in clipSize)
+        p.fanEnabled = options.fan_enabled
+        if options.fan_enabled:
+            p.fanAngleMinDeg, p.fanAngleMaxDeg = (float(v) for v in options.fan_angles_deg)
+            p.fanOriginXPx, p.fanOriginYPx = (float(v) for v in options.fan_origin_px)
+            p.fanRadiusStartPx = float(options.fan_radius_start_px)
+            p.fanRadiusStopPx = float(options.fan_radius_stop_px)
+
+    def reconstructFromSequence(
+        self,
+        browserNode,
+        outputVolumeNode=None,
+        *,
+        imageToProbeNode=None,
+        roiNode=None,
+        coverageVolumeNode=None,
+        plusConfig=None,
+        progress=None,
+        **options,
+    ):
+        """Reconstruct the recording held by ``browserNode`` into ``outputVolumeNode``.
+
+        Parameters
+        ----------
+        browserNode : vtkMRMLSequenceBrowserNode
+            Tracked recording (image sequence + transform sequences).
+        outputVolumeNode : vtkMRMLScalarVolumeNode, optional
+            Receives the volume (default: a new ``<browser>Reconstruction`` node).
+        imageToProbeNode : vtkMRMLLinearTransformNode, optional
+            ImageToProbe calibration; needed when the frames were loaded without one.
+        roiNode : vtkMRMLMarkupsROINode, optional
+            Box to reconstruct (default: enclose all frames).
+        coverageVolumeNode : vtkMRMLScalarVolumeNode, optional
+            Receives the coverage map (weight per voxel).
+        plusConfig : str or pathlib.Path, optional
+            PLUS device-set config: default options and fixed transforms (ImageToProbe).
+        progress : callable(done, total), optional
+        **options
+            ``FreehandUSLib.reconstruction.ReconstructionOptions`` fields, e.g.
+            ``output_spacing_mm=0.5, interpolation="linear", compounding="max",
+            fill_holes=True, fan_angles_deg=(-30, 30), clip_rectangle_origin_px=(10, 20),
+            clip_rectangle_size_px=(400, 500), image_to_reference_transform="ImageToTracker"``.
+
+        Returns
+        -------
+        FreehandUSLib.reconstruction.ReconstructionResult
+            Frames used/skipped (with reasons), grid, coverage, timings; the same summary is
+            stored in the output node's ``FreehandUS.Reconstruction.*`` attributes.
+        """
+        ensurePythonPackages(_RECONSTRUCTION_IMPORTS)
+        from FreehandUSLib.mrml_reconstruction import reconstruct_browser_to_volume_node
+
+        return reconstruct_browser_to_volume_node(
+            browserNode,
+            outputVolumeNode,
+            image_to_probe_node=imageToProbeNode,
+            roi_node=roiNode,
+            coverage_volume_node=coverageVolumeNode,
+            config=plusConfig,
+            progress=progress,
+            **options,
+        )
+
+    def showReconstruction(self, outputVolumeNode, coverageVolumeNode=None) -> None:
+        """Show the volume in the slice views, the coverage map (if given) over it in colour."""
+        slicer.util.setSliceViewerLayers(
+            background=outputVolumeNode,
+            foreground=coverageVolumeNode,
+            foregroundOpacity=0.4 if coverageVolumeNode is not None else 0.0,
+            fit=True,
+        )
+
+    def startLiveReconstruction(
+        self,
+        imageNode,
+        outputVolumeNode=None,
+        *,
+        roiNode=None,
+        coverageVolumeNode=None,
+        updateIntervalS=2.0,
+        **options,
+    ):
+        """Reconstruct from a live image node (e.g. SlicerOpenIGTLink's ``Image_Reference``).
+
+        Every update of ``imageNode`` with new pixels is a frame: its ImageToReference is the
+        node's IJKToRAS composed with its parent transforms. The output volume is refreshed
+        whenever ``updateIntervalS`` has passed when a frame arrives, and by
+        :meth:`updateLiveReconstruction`. A running live reconstruction is stopped first.
+
+        Parameters
+        ----------
+        imageNode : vtkMRMLScalarVolumeNode
+        outputVolumeNode : vtkMRMLScalarVolumeNode, optional
+            Default: a new ``<image>Reconstruction`` node.
+        roiNode : vtkMRMLMarkupsROINode, optional
+            Fixed box; default: a grid that grows with the sweep.
+        coverageVolumeNode : vtkMRMLScalarVolumeNode, optional
+        updateIntervalS : float
+            Seconds between output refreshes.
+        **options
+            ``ReconstructionOptions`` fields (as in :meth:`reconstructFromSequence`).
+
+        Returns
+        -------
+        FreehandUSLib.mrml_reconstruction.LiveReconstruction
+            Its ``status()`` reports frames used, skipped (with reasons), dropped and missed.
+        """
+        if imageNode is None:
+            raise ValueError("startLiveReconstruction: imageNode is None; select the live image (e.g. Image_Reference)")
+        self.stopLiveReconstruction()
+        ensurePythonPackages(_RECONSTRUCTION_IMPORTS)
+        from FreehandUSLib.mrml_reconstruction import LiveReconstruction
+
+        if outputVolumeNode is None:
+            outputVolumeNode = slicer.mrmlScene.AddNewNodeByClass(
+                "vtkMRMLScalarVolumeNode", slicer.mrmlScene.GenerateUniqueName(f"{imageNode.GetName()}Reconstruction")
+            )
+        live = LiveReconstruction(
+            outputVolumeNode,
+            roi_node=roiNode,
+            coverage_volume_node=coverageVolumeNode,
+            update_interval_s=updateIntervalS,
+            **options,
+        )
+        self._live = live.observe(imageNode)
+        return self._live
+
+    def updateLiveReconstruction(self):
+        """Insert the frames received so far and refresh the output (None: nothing yet)."""
+        return None if self._live is None else self._live.update_output()
+
+    def stopLiveReconstruction(self):
+        """Stop observing, insert the last frames, fill holes (if enabled), write the final volume.
+
+        Returns
+        -------
+        FreehandUSLib.reconstruction.ReconstructionResult or None
+            None when no live reconstruction ran or no frame was used.
+        """
+        live, self._live = self._live, None
+        return None if live is None else live.stop()
+
+    def isLiveReconstructionRunning(self) -> bool:
+        return self._live is not None
+
+    def liveReconstructionStatus(self) -> dict:
+        """Counters of the running live reconstruction (empty when none runs)."""
+        return {} if self._live is None else self._live.status()
+
+    def liveReconstructionText(self) -> str:
+        """One line for the panel: frames used, skipped, dropped, missed, coverage."""
+        return "" if self._live is None else str(self._live)
+
 
 #
 # FreehandUSTest
@@ -496,6 +916,10 @@ class FreehandUSTest(ScriptedLoadableModuleTest):
         self.test_sequenceFromBrowser()
         self.setUp()
         self.test_loadAndSave()
+        self.setUp()
+        self.test_reconstructFromSequence()
+        self.setUp()
+        self.test_liveReconstruction()
 
     def _assertSameSequence(self, actual, expected):
         self.assertEqual(actual.n_frames, expected.n_frames)
@@ -539,4 +963,95 @@ class FreehandUSTest(ScriptedLoadableModuleTest):
 
         written = logic.saveSequence(browserNode, folder / "Copy.igs.mha")
         self._assertSameSequence(read_sequence(written), sequence)
+        self.delayDisplay("Test passed")
+
+    def test_reconstructFromSequence(self):
+        self.delayDisplay("Synthetic browser -> Logic.reconstructFromSequence -> volume + coverage nodes")
+        from FreehandUSLib.mrml import sequence_to_browser, transform_to_node
+        from FreehandUSLib.mrml_reconstruction import ATTR_RECON_FRAMES_USED
+        from FreehandUSLib.reconstruction import ReconstructionError, ReconstructionOptions, reconstruct_volume
+
+        sequence = makeTestSequence(nFrames=8, seed=2)
+        imageToProbe = np.diag([0.3, 0.3, 1.0, 1.0])
+        browserNode = sequence_to_browser(slicer.mrmlScene, sequence, browser_name="Uncalibrated")
+        calibrationNode = transform_to_node(slicer.mrmlScene, imageToProbe, name="ImageToProbe")
+        outputNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Reconstruction")
+        coverageNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Coverage")
+        logic = FreehandUSLogic()
+
+        result = logic.reconstructFromSequence(
+            browserNode, outputNode, imageToProbeNode=calibrationNode, coverageVolumeNode=coverageNode,
+            output_spacing_mm=1.0, compounding="max",
+        )  # fmt: skip
+
+        expected = reconstruct_volume(
+            sequence, imageToProbe, ReconstructionOptions(output_spacing_mm=1.0, compounding="max")
+        )
+        self.assertEqual(result.frames_used, sequence.n_frames)
+        np.testing.assert_array_equal(slicer.util.arrayFromVolume(outputNode), expected.volume.voxels)
+        np.testing.assert_array_equal(slicer.util.arrayFromVolume(coverageNode), expected.weight.voxels)
+        self.assertEqual(outputNode.GetAttribute(ATTR_RECON_FRAMES_USED), str(sequence.n_frames))
+        # the panel's parameters give the same options
+        parameters = logic.getParameterNode()
+        parameters.outputSpacingMm = 1.0
+        parameters.compounding = Compounding.MAX
+        options = logic.optionsFromParameterNode(parameters)
+        self.assertEqual((options["output_spacing_mm"], options["compounding"]), (1.0, "max"))
+        with self.assertRaises(ReconstructionError):
+            logic.reconstructFromSequence(None, outputNode)
+        self.delayDisplay("Test passed")
+
+    def test_liveReconstruction(self):
+        self.delayDisplay("Frames through a live image node -> Logic.startLiveReconstruction")
+        from FreehandUSLib import TrackedSequence
+        from FreehandUSLib.mrml import matrix_to_vtk, vtk_to_matrix
+        from FreehandUSLib.reconstruction import ReconstructionOptions, reconstruct_volume
+        from vtk.util import numpy_support
+
+        sequence = makeTestSequence(nFrames=8, seed=3)
+        imageToProbe = np.diag([0.3, 0.3, 1.0, 1.0])
+        imageToReference = sequence.repository(fixed={"ImageToProbe": imageToProbe}).get("ImageToReference")
+        # A volume node keeps IJKToRAS as spacing, origin and directions: the matrix it gives back
+        # may differ in the last bit, which moves pixels that sit exactly between two voxels.
+        scratchNode = slicer.vtkMRMLScalarVolumeNode()
+        asStored = []
+        for matrix in imageToReference:
+            scratchNode.SetIJKToRASMatrix(matrix_to_vtk(matrix))
+            stored = vtk.vtkMatrix4x4()
+            scratchNode.GetIJKToRASMatrix(stored)
+            asStored.append(vtk_to_matrix(stored))
+        storedSequence = TrackedSequence(
+            frames=sequence.frames,
+            transforms={"ImageToReference": (np.stack(asStored), np.ones(sequence.n_frames, dtype=bool))},
+        )
+        grid = reconstruct_volume(storedSequence, None, ReconstructionOptions(output_spacing_mm=1.0)).grid
+        fixedGrid = {
+            "output_spacing_mm": 1.0,
+            "compounding": "max",
+            "output_origin_mm": grid.origin_mm,
+            "output_extent": tuple(v for d in grid.dims for v in (0, d - 1)),
+        }
+        expected = reconstruct_volume(storedSequence, None, ReconstructionOptions(**fixedGrid))
+        imageNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Image_Reference")
+        outputNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "LiveReconstruction")
+        logic = FreehandUSLogic()
+        logic.startLiveReconstruction(imageNode, outputNode, updateIntervalS=0.5, **fixedGrid)
+        self.assertTrue(logic.isLiveReconstructionRunning())
+
+        for index in range(sequence.n_frames):  # as SlicerOpenIGTLink updates Image_Reference
+            image = vtk.vtkImageData()
+            image.SetDimensions(sequence.n_cols, sequence.n_rows, 1)
+            image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+            numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = sequence.frames[index].ravel()
+            wasModified = imageNode.StartModify()
+            imageNode.SetIJKToRASMatrix(matrix_to_vtk(imageToReference[index]))
+            imageNode.SetAndObserveImageData(image)
+            imageNode.EndModify(wasModified)
+
+        status = logic.liveReconstructionStatus()
+        self.assertEqual(status["frames_captured"], sequence.n_frames)
+        result = logic.stopLiveReconstruction()
+        self.assertFalse(logic.isLiveReconstructionRunning())
+        self.assertEqual(result.frames_used, sequence.n_frames)
+        np.testing.assert_array_equal(slicer.util.arrayFromVolume(outputNode), expected.volume.voxels)
         self.delayDisplay("Test passed")
