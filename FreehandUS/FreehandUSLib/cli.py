@@ -135,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     from NWireCalibrationLib.cli import add_simulate_nwire
 
     from .igtl.cli import add_parsers as add_stream_parsers
+    from .igtl.live_calibration import add_live_calibration_parser
     from .reconstruction.cli import add_parser as add_reconstruct_parser
 
     add_reconstruct_parser(sub)
@@ -143,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     simulate_sub = simulate.add_subparsers(dest="what", required=True, metavar="WHAT")
     add_simulate_nwire(simulate_sub)
     add_stream_parsers(sub)
+    add_live_calibration_parser(sub)
     return parser
 
 

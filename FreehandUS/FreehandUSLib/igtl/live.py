@@ -17,8 +17,9 @@ inserted in batches whenever the stream pauses or a batch is full, so a reconstr
 than the probe catches up in bulk; frames more than ``max_lag_s`` behind are dropped *and
 counted* (PLUS gives up when 3 s behind). :func:`live_reconstruct` wires it all for one call.
 
-An N-wire calibration keyframe collector can be plugged in as another sink (any callable taking
-a :class:`~.pairing.PairedFrame`) once it exists.
+The N-wire calibration keyframe collector is another sink
+(:class:`~.live_calibration.LiveCalibrationSink`, wired for one call by
+:func:`~.live_calibration.live_calibrate`); any callable taking a :class:`~.pairing.PairedFrame` can be.
 
 In Slicer
 ---------
