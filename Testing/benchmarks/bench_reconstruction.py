@@ -9,10 +9,20 @@ Run ``python Testing/benchmarks/bench_reconstruction.py [--quick]``; prints a ta
 
 each for nearest+max, nearest+mean, linear+mean, with and without hole filling (the spine
 config's STICK), on 1 thread and on all cores; the numpy reference runs on the same frames
-(capped at ``--numpy-frames`` per case: it is slow). Also: hole filling of the spine volume
-and of a 300^3 volume with 30 % of its voxels known, peak traced memory, and how far PLUS's
-saturating MEAN (``emulate_plus``) drifts from the exact mean on the 10x spine data.
-Timings are wall-clock and depend on the machine's load (recorded in the JSON).
+(capped at ``--numpy-frames`` per case: it is slow). Also:
+
+- hole filling of a 300^3 volume with 30 % of its voxels known at random, through the public
+  :func:`fill_holes` (float64 values) and through the reconstruction's own path (uint32 sums
+  and counts read as means, filled values rounded into the uint8 output), wall and CPU time;
+- peak memory of the 300-frame synthetic reconstruction per mode, measured in a fresh
+  subprocess as the growth of the resident set (VmHWM after resetting it, so everything
+  counts: numpy, numba, scratch) and with tracemalloc (numpy allocations), relative to the
+  uint8 output volume and to all returned volumes (output + float32 coverage map);
+- how far PLUS's saturating MEAN (``emulate_plus``) drifts from the exact mean on the 10x
+  spine data.
+
+Timings are wall-clock (plus CPU seconds where noted) and depend on the machine's load
+(recorded in the JSON: 1-minute load average at each row).
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 import tracemalloc
@@ -35,6 +46,7 @@ from FreehandUSLib.reconstruction import (
     fill_holes,
     reconstruct_volume,
 )
+from FreehandUSLib.reconstruction.holefill import STORE_ROUND, fill_holes_into
 from FreehandUSLib.reconstruction.kernels import default_threads, voxel_matrices
 from FreehandUSLib.reconstruction.masks import fan_row_ranges
 from FreehandUSLib.reconstruction.reference import insert_frames_numpy
@@ -139,26 +151,45 @@ def _format(row):
 
 
 def hole_filling_300(threads_list, size=300, fraction=0.3):
+    """Hole filling of a size^3 volume with ``fraction`` of its voxels known at random."""
     rng = np.random.default_rng(0)
     shape = (size, size, size)
     known = rng.random(shape, dtype=np.float32) < fraction
     base = np.where(known[..., None], rng.uniform(0, 255, size=shape + (1,)), 0.0)
     weight = known.astype(np.float64)
+    # The reconstruction's representation: uint32 sums and counts of uint8 pixels.
+    counts = np.where(known, rng.integers(1, 40, size=shape), 0).astype(np.uint32)
+    sums = (counts * rng.integers(0, 256, size=shape)).astype(np.uint32)[..., None]
     out = []
     chains = {
         "STICK(9,1)": [STICK],
         "GAUSSIAN(3,0.667,0.5)+STICK": [HoleFillingElement("GAUSSIAN", size=3, stdev=0.6667, minimum_known_voxels_ratio=0.5), STICK],
     }
+    small = tuple(slice(0, 12) for _ in range(3))
+    for name, elements in chains.items():  # compile before timing
+        fill_holes(base[small].copy(), known[small].copy(), weight[small].copy(), elements)
+        fill_holes_into(np.zeros((12, 12, 12, 1), np.uint8), sums[small].copy(), known[small].copy(),
+                        counts[small].copy(), elements, divide=True, store=STORE_ROUND)
     for name, elements in chains.items():
-        for threads in threads_list:
-            values = base.copy()
-            start = time.perf_counter()
-            filled, stats = fill_holes(values, known, weight, elements, n_threads=threads)
-            sec = time.perf_counter() - start
-            out.append({"volume": f"{size}^3", "known_fraction": fraction, "elements": name, "threads": threads,
-                        "seconds": sec, "filled": stats.filled, "holes": stats.holes, "load": list(load())})
-            print(f"hole filling {size}^3 ({100 * fraction:.0f} % known) {name:<28} t={threads} {sec:6.2f} s "
-                  f"({stats.filled:,} of {stats.holes:,} holes filled)", flush=True)
+        for path in ("fill_holes float64", "recon uint32->uint8"):
+            for threads in threads_list:
+                if path.startswith("fill_holes"):
+                    values = base.copy()
+                    start, cpu = time.perf_counter(), time.process_time()
+                    _, stats = fill_holes(values, known, weight, elements, n_threads=threads)
+                else:
+                    values = np.zeros(shape + (1,), np.uint8)
+                    start, cpu = time.perf_counter(), time.process_time()
+                    stats = fill_holes_into(values, sums, known, counts, elements, divide=True, store=STORE_ROUND,
+                                            n_threads=threads)
+                sec, cpu = time.perf_counter() - start, time.process_time() - cpu
+                out.append({"volume": f"{size}^3", "known_fraction": fraction, "elements": name, "path": path,
+                            "threads": threads, "seconds": sec, "cpu_seconds": cpu, "filled": stats.filled,
+                            "holes": stats.holes, "load": list(load())})
+                print(f"hole filling {size}^3 ({100 * fraction:.0f} % known) {name:<28} {path:<20} t={threads} "
+                      f"{sec:6.2f} s (cpu {cpu:5.2f} s; {stats.filled:,} of {stats.holes:,} holes filled; "
+                      f"load {load()[0]:.1f})", flush=True)
+                del values
     return out
 
 
@@ -173,15 +204,64 @@ def plus_mean_drift(seq, transforms):
             "mean_abs_difference": float(diff.mean())}
 
 
-def peak_memory(seq, transforms, spacing):
-    opts = ReconstructionOptions(output_spacing_mm=spacing, compounding="mean")
+MEMORY_MODES = [("nearest", "max", False), ("nearest", "mean", False), ("linear", "mean", False),
+                ("linear", "max", False), ("nearest", "mean", True)]
+
+
+def _status_bytes(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def peak_memory_child(interpolation, compounding, fill, n_frames, spacing):
+    """Run in a fresh process: peak memory of one reconstruction of the synthetic sweep."""
+    seq, _ = synthetic_case(n_frames=n_frames)
+    opts = ReconstructionOptions(output_spacing_mm=spacing, interpolation=interpolation, compounding=compounding,
+                                 fill_holes=fill, hole_filling=(STICK,) if fill else (), number_of_threads=1)
+    reconstruct_volume(seq[:3], None, opts)  # compile / load the kernels first
+    import gc
+
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current resident set
+        rss0 = _status_bytes("VmRSS:")
+    except OSError:  # pragma: no cover (not Linux)
+        rss0 = None
     tracemalloc.start()
-    result = reconstruct_volume(seq, transforms, opts)
-    _, peak = tracemalloc.get_traced_memory()
+    result = reconstruct_volume(seq, None, opts)
+    traced = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
+    rss = _status_bytes("VmHWM:") - rss0 if rss0 is not None else None
     out_bytes = result.volume.voxels.nbytes
-    return {"peak_traced_bytes": peak, "output_volume_bytes": out_bytes,
-            "weight_volume_bytes": result.weight.voxels.nbytes, "peak_over_output": peak / out_bytes}
+    returned = out_bytes + (result.weight.voxels.nbytes if result.weight is not None else 0)
+    return {
+        "mode": f"{interpolation}+{compounding}" + ("+holes" if fill else ""), "frames": n_frames,
+        "dimensions": list(result.grid.dims), "output_volume_bytes": out_bytes, "returned_volumes_bytes": returned,
+        "peak_rss_growth_bytes": rss, "peak_traced_bytes": traced,
+        "peak_over_output": (rss if rss is not None else traced) / out_bytes,
+        "peak_over_returned": (rss if rss is not None else traced) / returned,
+        "traced_over_output": traced / out_bytes, "seconds": result.seconds,
+    }
+
+
+def peak_memory(n_frames, spacing=0.3):
+    """:func:`peak_memory_child` for each of :data:`MEMORY_MODES`, each in its own process."""
+    rows = []
+    for interpolation, compounding, fill in MEMORY_MODES:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--peak-child",
+               json.dumps([interpolation, compounding, fill, n_frames, spacing])]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        row = json.loads(done.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        mb = (row["peak_rss_growth_bytes"] or 0) / 2**20
+        print(f"peak memory {row['mode']:<20} {mb:7.1f} MiB = {row['peak_over_output']:5.1f} x the uint8 output, "
+              f"{row['peak_over_returned']:4.2f} x output + coverage map (traced {row['traced_over_output']:5.1f} x)",
+              flush=True)
+    return rows
 
 
 def main(argv=None) -> int:
@@ -189,7 +269,11 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repeats, 60 synthetic frames, 200^3 hole filling")
     parser.add_argument("--numpy-frames", type=int, default=21, help="frames given to the numpy reference per case")
     parser.add_argument("--out", default=str(HERE / "results" / "reconstruction.json"))
+    parser.add_argument("--peak-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.peak_child:
+        print(json.dumps(peak_memory_child(*json.loads(args.peak_child))))
+        return 0
     threads_list = sorted({1, default_threads()})
     repeats = 1 if args.quick else 3
     rows: list = []
@@ -211,8 +295,7 @@ def main(argv=None) -> int:
         print(f"PLUS data not found in {PLUS}: spine cases skipped")
     synth, _ = synthetic_case(n_frames=60 if args.quick else 300)
     run_case(f"synthetic{synth.n_frames}", synth, None, 0.3, threads_list, args.numpy_frames, 1, rows)
-    report["peak_memory_synthetic"] = peak_memory(synth, None, 0.3)
-    print("peak memory:", report["peak_memory_synthetic"], flush=True)
+    report["peak_memory_synthetic"] = peak_memory(synth.n_frames, 0.3)
     report["hole_filling"] = hole_filling_300(threads_list, size=200 if args.quick else 300)
     report["rows"] = rows
     report["machine"]["load_end"] = list(load())

@@ -171,7 +171,9 @@ def grid_from_bounds(
     return d @ origin_g, counts, d
 
 
-def grid_from_options(options, corners_reference: np.ndarray | None, *, n_channels: int = 1, out_itemsize: int = 1) -> OutputGrid:
+def grid_from_options(
+    options, corners_reference: np.ndarray | None, *, n_channels: int = 1, out_itemsize: int = 1, frame_dtype=None
+) -> OutputGrid:
     """The output grid of ``options``: the fixed ROI, or the bounding box of ``corners_reference``.
 
     Parameters
@@ -180,7 +182,7 @@ def grid_from_options(options, corners_reference: np.ndarray | None, *, n_channe
     corners_reference : (n, 4, 3) float64 or None
         Clipped frame corners of the usable frames in the Reference frame, mm (needed unless
         the options give a full ROI).
-    n_channels, out_itemsize : int
+    n_channels, out_itemsize, frame_dtype
         For the memory check (see :func:`buffer_bytes_per_voxel`).
 
     Raises
@@ -214,24 +216,49 @@ def grid_from_options(options, corners_reference: np.ndarray | None, *, n_channe
         counts,
         spacing,
         budget_bytes=options.memory_budget_bytes,
-        bytes_per_voxel=buffer_bytes_per_voxel(options, n_channels, out_itemsize),
+        bytes_per_voxel=buffer_bytes_per_voxel(options, n_channels, out_itemsize, frame_dtype),
         ranges_mm=ranges,
     )
     return OutputGrid(origin, spacing, tuple(int(c) for c in counts), d)
 
 
-def buffer_bytes_per_voxel(options, n_channels: int = 1, out_itemsize: int = 1) -> int:
-    """Bytes per voxel of the reconstruction buffers.
+def buffer_bytes_per_voxel(options, n_channels: int = 1, out_itemsize: int = 1, frame_dtype=None) -> int:
+    """Peak bytes per voxel of a reconstruction (accumulators, outputs, coverage map).
 
-    float64 sums per channel + a float64 weight (exact accumulation for any frame count), the
-    output volume per channel and, when requested, a float32 coverage volume.
+    The accumulators are the compact types of :func:`~.kernels.accumulator_types` (e.g. 4 + 4
+    bytes for nearest/mean of uint8 frames, the output type + 4 for max/latest); the output
+    volumes are separate arrays except for max/latest of one channel, whose value buffer *is*
+    the output; hole filling adds a 1-byte known-voxel mask; a float64 weight is turned into
+    the float32 coverage map after the sums are released, so the peak is the larger of the two
+    phases.
+
+    Parameters
+    ----------
+    options : ReconstructionOptions
+    n_channels : int
+    out_itemsize : int
+        Bytes per output voxel (1: uint8, 4: float32).
+    frame_dtype : numpy dtype, optional
+        The frames' type as inserted (default: uint8 when ``out_itemsize`` is 1, else float32).
     """
-    per_voxel = 8 * n_channels + 8 + n_channels * out_itemsize
-    if options.output_weight:
-        per_voxel += 4
-    if options.fill_holes:
-        per_voxel += 1 + 8  # known mask + one float64 channel being filled
-    return per_voxel
+    from .kernels import MODE_CODES, MODE_MEAN, MODE_MEAN_PLUS, accumulator_types
+
+    if frame_dtype is None:
+        frame_dtype = np.uint8 if out_itemsize == 1 else np.float32
+    linear = options.interpolation == "linear"
+    mode = MODE_CODES[options.compounding]
+    if options.emulate_plus and mode == MODE_MEAN and not linear:
+        mode = MODE_MEAN_PLUS
+    acc_dtype, weight_dtype, _ = accumulator_types(mode, linear, frame_dtype, emulate_plus=options.emulate_plus)
+    acc = n_channels * acc_dtype.itemsize
+    weight = weight_dtype.itemsize
+    values_are_output = options.compounding in ("max", "latest") and n_channels == 1 and acc_dtype.itemsize == out_itemsize
+    out = 0 if values_are_output else n_channels * out_itemsize
+    known = 1 if options.fill_holes else 0
+    peak = acc + weight + out + known
+    if options.output_weight and weight_dtype.itemsize != 4:
+        peak = max(peak, weight + out + 4)  # float32 coverage map made after the sums are freed
+    return int(peak)
 
 
 def format_bytes(n: float) -> str:

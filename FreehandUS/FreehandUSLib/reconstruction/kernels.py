@@ -8,13 +8,36 @@ columns x, y, translation) and is added to
 - ``linear``: the 8 voxels around ``p`` with trilinear weights (zero weights are skipped,
   voxels outside the grid are dropped individually).
 
-Accumulators (exact for any number of frames; no saturating 16-bit counts as in PLUS):
+Accumulators (the kernels are compiled for each combination of types):
 
-- ``acc`` ``(n_k, n_j, n_i, n_channels)`` float64: weighted sums (``mean``, ``importance_mask``)
-  or the current value (``max``, ``latest``);
-- ``weight`` ``(n_k, n_j, n_i)`` float64: summed weights (the coverage map). For ``max`` and
+- ``acc`` ``(n_k, n_j, n_i, n_channels)``: weighted sums (``mean``, ``importance_mask``) or the
+  current value (``max``, ``latest``);
+- ``weight`` ``(n_k, n_j, n_i)``: summed weights (the coverage map). For ``max`` and
   ``latest`` with linear interpolation a pixel only acts on voxels where its trilinear weight is
   at least 1/8 (PLUS's rule), and only those count.
+
+:func:`accumulator_types` picks the smallest types that keep the result exact (no saturating
+16-bit counts as in PLUS):
+
+=====================  ===========================  ============================  ==========================
+case                   ``acc``                      ``weight``                    exact up to (per voxel)
+=====================  ===========================  ============================  ==========================
+nearest mean, uint8    uint32 (integer sums)        uint32 (pixel counts)         16,843,009 pixels
+nearest mean, float32  float64                      uint32                        2**32 - 1 pixels
+nearest max / latest   the frames' type (the value  uint32                        2**32 - 1 pixels
+                       itself)
+linear max / latest    the frames' type             float32 (sum of weights;      values exact; weights
+                                                    coverage map only)            to float32 precision
+linear mean,           float64                      float64                       float64 sums, as before
+importance mask,
+PLUS emulation
+=====================  ===========================  ============================  ==========================
+
+The bound for uint8 sums is ``(2**32 - 1) // 255 = 16,843,009`` contributions (255 times that
+is exactly ``2**32 - 1``); float32 sums would be exact only to ``2**24 / 255 = 65,793``. The
+caller keeps an upper bound of the largest count (:func:`pixels_per_voxel_bound`) and switches
+to float64 (exact to 2**53) before an insertion could pass the limit
+(:class:`~.reconstructor.IncrementalReconstructor` does).
 
 Determinism: the volume is cut into slabs of ``slab`` k-planes dealt round-robin to
 ``n_groups`` workers; worker ``g`` walks all frames in order but touches only its own slabs
@@ -34,6 +57,10 @@ import numpy as np
 from numba import njit
 
 __all__ = [
+    "accumulator_types",
+    "pixels_per_voxel_bound",
+    "SUM_LIMIT_UINT8",
+    "COUNT_LIMIT",
     "MODE_MEAN",
     "MODE_MAX",
     "MODE_LATEST",
@@ -52,6 +79,75 @@ FIXED_POINT_SCALE = 16384.0
 #: PLUS's 16-bit accumulation buffer: +256 per nearest-neighbour hit, saturating.
 _PLUS_UNIT, _PLUS_THRESHOLD, _PLUS_MAXIMUM = 256.0, 65279.0, 65535.0
 _MIN_LINEAR_WEIGHT = 0.125  # PLUS: max/latest act only on voxels with trilinear weight >= 1/8
+
+
+#: Most uint8 values a uint32 sum holds exactly: 255 * 16,843,009 == 2**32 - 1.
+SUM_LIMIT_UINT8 = (2**32 - 1) // 255
+#: Most increments a uint32 count holds.
+COUNT_LIMIT = 2**32 - 1
+
+
+def accumulator_types(mode: int, linear: bool, frame_dtype, *, emulate_plus: bool = False):
+    """The accumulator types for a reconstruction (see the module docstring's table).
+
+    Parameters
+    ----------
+    mode : int
+        ``MODE_*``.
+    linear : bool
+    frame_dtype : numpy dtype
+        uint8 or float32 (the frames as inserted).
+    emulate_plus : bool
+
+    Returns
+    -------
+    acc_dtype, weight_dtype : numpy dtype
+    limit : int or None
+        The largest per-voxel pixel count for which these types are exact (``None``: no
+        integer limit, float64 or float32 weights).
+    """
+    frame_dtype = np.dtype(frame_dtype)
+    f64 = np.dtype(np.float64)
+    if emulate_plus or mode in (MODE_IMPORTANCE, MODE_MEAN_PLUS):
+        return f64, f64, None
+    if mode == MODE_MEAN:
+        if linear:
+            return f64, f64, None
+        if frame_dtype == np.uint8:
+            return np.dtype(np.uint32), np.dtype(np.uint32), SUM_LIMIT_UINT8
+        return f64, np.dtype(np.uint32), COUNT_LIMIT
+    if linear:
+        return frame_dtype, np.dtype(np.float32), None
+    return frame_dtype, np.dtype(np.uint32), COUNT_LIMIT
+
+
+def pixels_per_voxel_bound(matrices: np.ndarray, kept_pixels) -> np.ndarray:
+    """An upper bound of the pixels each frame can put into one voxel (nearest interpolation).
+
+    All pixels landing in one voxel lie within its unit cube of voxel indices, so any two are
+    less than sqrt(3) apart there; with ``s`` the smaller singular value of the frame's
+    pixel -> voxel-index map, their pixel coordinates differ by less than ``sqrt(3) / s`` in
+    x and in y, which bounds the pixels to ``(floor(sqrt(3) / s) + 1) ** 2``.
+
+    Parameters
+    ----------
+    matrices : (n, 3, 3) float64
+        Pixel (x, y, 1) -> continuous voxel index (:func:`voxel_matrices`).
+    kept_pixels : (n,) int
+        Pixels each frame keeps (the bound never exceeds it).
+
+    Returns
+    -------
+    (n,) int64
+    """
+    kept = np.asarray(kept_pixels, dtype=np.int64)
+    m = np.asarray(matrices, dtype=np.float64)[:, :, :2]
+    smallest = np.linalg.svd(m, compute_uv=False)[:, -1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        side = np.floor(math.sqrt(3.0) / smallest * (1.0 + 1e-9)) + 1.0
+    side = np.where(np.isfinite(side), side, np.inf)
+    per_voxel = np.minimum(side * side, kept.astype(np.float64))
+    return np.where(np.isfinite(per_voxel), per_voxel, kept).astype(np.int64)
 
 
 def default_threads() -> int:
@@ -86,7 +182,7 @@ def _rejected(frames, f, y, x, nc, reject):
 
 @njit(nogil=True, cache=True)
 def _nearest_span(frames, f, y, xa, xb, s0, s1, bi, bj, bk, ai, aj, ak, acc, weight,
-                  klo, khi, mode, importance, use_reject, reject, int_out):
+                  klo, khi, mode, importance, use_reject, reject, int_out, fixed_point):
     """Insert pixels xa..xb (minus the skip segment s0..s1) of row y; return how many went in."""
     nk, nj, ni, nc = acc.shape
     inserted = 0
@@ -107,7 +203,7 @@ def _nearest_span(frames, f, y, xa, xb, s0, s1, bi, bj, bk, ai, aj, ak, acc, wei
         if mode == MODE_MEAN:
             for c in range(nc):
                 acc[kk, jj, ii, c] += frames[f, y, x, c]
-            weight[kk, jj, ii] += 1.0
+            weight[kk, jj, ii] += 1
         elif mode == MODE_MAX:
             if weight[kk, jj, ii] == 0.0:
                 for c in range(nc):
@@ -117,11 +213,11 @@ def _nearest_span(frames, f, y, xa, xb, s0, s1, bi, bj, bk, ai, aj, ak, acc, wei
                     v = frames[f, y, x, c]
                     if v > acc[kk, jj, ii, c]:
                         acc[kk, jj, ii, c] = v
-            weight[kk, jj, ii] += 1.0
+            weight[kk, jj, ii] += 1
         elif mode == MODE_LATEST:
             for c in range(nc):
                 acc[kk, jj, ii, c] = frames[f, y, x, c]
-            weight[kk, jj, ii] += 1.0
+            weight[kk, jj, ii] += 1
         elif mode == MODE_MEAN_PLUS:
             # PLUS: running mean truncated to the output type, 16-bit saturating weight.
             a = weight[kk, jj, ii]
@@ -310,72 +406,97 @@ def _linear_span(frames, f, y, xa, xb, s0, s1, bi, bj, bk, ai, aj, ak, acc, weig
     return inserted
 
 
-@njit(nogil=True, cache=True, inline="always")
-def _span(frames, f, y, xa, xb, s0, s1, bi, bj, bk, ai, aj, ak, acc, weight, klo, khi, mode, linear,
-          importance, use_reject, reject, int_out, fixed_point):
-    if linear:
-        return _linear_span(frames, f, y, xa, xb, s0, s1, bi, bj, bk, ai, aj, ak, acc, weight,
-                            klo, khi, mode, importance, use_reject, reject, int_out, fixed_point)
-    return _nearest_span(frames, f, y, xa, xb, s0, s1, bi, bj, bk, ai, aj, ak, acc, weight,
-                         klo, khi, mode, importance, use_reject, reject, int_out)
+@njit(nogil=True, cache=True)
+def _frame_spans(mats, n, rr, nk, linear, n_groups, group, slab, spans):
+    """The (row, first pixel, last pixel, first plane, last plane) pieces of frame ``n`` for one worker.
+
+    One piece per image row when a single worker owns the volume; otherwise one per slab of
+    this worker that the row crosses (the pixel range inside a slab is solved analytically,
+    with a margin; the span functions check each pixel). Returns how many pieces.
+    """
+    n_rows = rr.shape[0]
+    n_slabs = (nk + slab - 1) // slab
+    pad = 1.0 if linear else 0.5
+    ak = mats[n, 2, 0]
+    m = 0
+    for y in range(n_rows):
+        x0 = rr[y, 0]
+        x1 = rr[y, 1]
+        if x1 < x0:
+            continue
+        if n_groups == 1:
+            spans[m, 0], spans[m, 1], spans[m, 2], spans[m, 3], spans[m, 4] = y, x0, x1, 0, nk - 1
+            m += 1
+            continue
+        bk = mats[n, 2, 2] + y * mats[n, 2, 1]
+        ka = bk + x0 * ak
+        kb = bk + x1 * ak
+        kmin = min(ka, kb) - pad
+        kmax = max(ka, kb) + pad
+        if kmax < 0.0 or kmin > nk:
+            continue
+        first = max(0, int(math.floor(kmin)) // slab)
+        last = min(n_slabs - 1, int(math.floor(kmax)) // slab)
+        s = first + ((group - first) % n_groups)
+        while s <= last:
+            klo = s * slab
+            khi = min(nk - 1, klo + slab - 1)
+            xa, xb = x0, x1
+            if ak != 0.0:
+                t0 = (klo - pad - bk) / ak
+                t1 = (khi + pad - bk) / ak
+                if t0 > t1:
+                    t0, t1 = t1, t0
+                t0 = max(t0, x0 - 2.0)
+                t1 = min(t1, x1 + 2.0)
+                xa = max(x0, int(math.floor(t0)) - 1)
+                xb = min(x1, int(math.ceil(t1)) + 1)
+            if xa <= xb:
+                spans[m, 0], spans[m, 1], spans[m, 2], spans[m, 3], spans[m, 4] = y, xa, xb, klo, khi
+                m += 1
+            s += n_groups
+    return m
 
 
 @njit(nogil=True, cache=True)
-def _insert_worker(frames, frame_ids, mats, ranges, mask_ids, importance, use_reject, reject,
-                   mode, linear, int_out, fixed_point, acc, weight, counts, n_groups, group, slab):
-    """Insert ``frames[frame_ids]`` touching only this worker's slabs (see module docstring)."""
+def _insert_nearest(frames, frame_ids, mats, ranges, mask_ids, importance, use_reject, reject,
+                    mode, int_out, fixed_point, acc, weight, counts, n_groups, group, slab, spans):
+    """Nearest-neighbour insertion of ``frames[frame_ids]`` into this worker's slabs."""
     nk = acc.shape[0]
-    nc = acc.shape[3]
-    n_rows = frames.shape[1]
-    n_slabs = (nk + slab - 1) // slab
-
-    lo_pad = 1.0 if linear else 0.5
-    hi_pad = 1.0 if linear else 0.5
     for n in range(frame_ids.shape[0]):
         f = frame_ids[n]
-        ai, aj, ak = mats[n, 0, 0], mats[n, 1, 0], mats[n, 2, 0]
         rr = ranges[mask_ids[n]]
+        m = _frame_spans(mats, n, rr, nk, False, n_groups, group, slab, spans)
         total = 0
-        for y in range(n_rows):
-            x0 = rr[y, 0]
-            x1 = rr[y, 1]
-            if x1 < x0:
-                continue
-            s0 = rr[y, 2]
-            s1 = rr[y, 3]
+        for q in range(m):
+            y = spans[q, 0]
             bi = mats[n, 0, 2] + y * mats[n, 0, 1]
             bj = mats[n, 1, 2] + y * mats[n, 1, 1]
             bk = mats[n, 2, 2] + y * mats[n, 2, 1]
-            if n_groups == 1:
-                total += _span(frames, f, y, x0, x1, s0, s1, bi, bj, bk, ai, aj, ak, acc, weight, 0, nk - 1,
-                               mode, linear, importance, use_reject, reject, int_out, fixed_point)
-                continue
-            ka = bk + x0 * ak
-            kb = bk + x1 * ak
-            kmin = min(ka, kb) - lo_pad
-            kmax = max(ka, kb) + hi_pad
-            if kmax < 0.0 or kmin > nk:
-                continue
-            first = max(0, int(math.floor(kmin)) // slab)
-            last = min(n_slabs - 1, int(math.floor(kmax)) // slab)
-            s = first + ((group - first) % n_groups)
-            while s <= last:
-                klo = s * slab
-                khi = min(nk - 1, klo + slab - 1)
-                xa, xb = x0, x1
-                if ak != 0.0:
-                    t0 = (klo - lo_pad - bk) / ak
-                    t1 = (khi + hi_pad - bk) / ak
-                    if t0 > t1:
-                        t0, t1 = t1, t0
-                    t0 = max(t0, x0 - 2.0)
-                    t1 = min(t1, x1 + 2.0)
-                    xa = max(x0, int(math.floor(t0)) - 1)
-                    xb = min(x1, int(math.ceil(t1)) + 1)
-                if xa <= xb:
-                    total += _span(frames, f, y, xa, xb, s0, s1, bi, bj, bk, ai, aj, ak, acc, weight, klo, khi,
-                                   mode, linear, importance, use_reject, reject, int_out, fixed_point)
-                s += n_groups
+            total += _nearest_span(frames, f, y, spans[q, 1], spans[q, 2], rr[y, 2], rr[y, 3], bi, bj, bk,
+                                   mats[n, 0, 0], mats[n, 1, 0], mats[n, 2, 0], acc, weight, spans[q, 3],
+                                   spans[q, 4], mode, importance, use_reject, reject, int_out, fixed_point)
+        counts[n] += total
+
+
+@njit(nogil=True, cache=True)
+def _insert_linear(frames, frame_ids, mats, ranges, mask_ids, importance, use_reject, reject,
+                   mode, int_out, fixed_point, acc, weight, counts, n_groups, group, slab, spans):
+    """Trilinear insertion of ``frames[frame_ids]`` into this worker's slabs."""
+    nk = acc.shape[0]
+    for n in range(frame_ids.shape[0]):
+        f = frame_ids[n]
+        rr = ranges[mask_ids[n]]
+        m = _frame_spans(mats, n, rr, nk, True, n_groups, group, slab, spans)
+        total = 0
+        for q in range(m):
+            y = spans[q, 0]
+            bi = mats[n, 0, 2] + y * mats[n, 0, 1]
+            bj = mats[n, 1, 2] + y * mats[n, 1, 1]
+            bk = mats[n, 2, 2] + y * mats[n, 2, 1]
+            total += _linear_span(frames, f, y, spans[q, 1], spans[q, 2], rr[y, 2], rr[y, 3], bi, bj, bk,
+                                  mats[n, 0, 0], mats[n, 1, 0], mats[n, 2, 0], acc, weight, spans[q, 3],
+                                  spans[q, 4], mode, importance, use_reject, reject, int_out, fixed_point)
         counts[n] += total
 
 
@@ -410,8 +531,11 @@ def insert_frames(
         Kept pixels per row (see :mod:`.masks`).
     mask_ids : (n,) int64
         Which ``row_ranges`` entry each inserted frame uses.
-    acc : (n_k, n_j, n_i, n_channels) float64, C-contiguous
-    weight : (n_k, n_j, n_i) float64, C-contiguous
+    acc : (n_k, n_j, n_i, n_channels), C-contiguous
+        float64, or the compact types of :func:`accumulator_types` (the caller keeps the
+        counts within their limit).
+    weight : (n_k, n_j, n_i), C-contiguous
+        float64, uint32 or float32 (see :func:`accumulator_types`).
     mode : int
         ``MODE_MEAN``, ``MODE_MAX``, ``MODE_LATEST``, ``MODE_IMPORTANCE`` or
         ``MODE_MEAN_PLUS`` (PLUS's truncating running mean; nearest interpolation only).
@@ -453,15 +577,21 @@ def insert_frames(
     if n == 0:
         return counts.sum(axis=0)
     int_out = frames.dtype == np.uint8
+    worker = _insert_linear if linear else _insert_nearest
     args = (frames, frame_ids, matrices, row_ranges, mask_ids, importance, use_reject, reject, int(mode),
-            bool(linear), bool(int_out), bool(fixed_point), acc, weight)
+            bool(int_out), bool(fixed_point), acc, weight)
+    n_rows = frames.shape[1]
     if groups == 1:
-        _insert_worker(*args, counts[0], 1, 0, nk)
+        worker(*args, counts[0], 1, 0, nk, np.empty((n_rows, 5), dtype=np.int64))
         return counts[0]
+    pieces = n_rows * (((nk + slab - 1) // slab) // groups + 2)  # a row crosses each of the worker's slabs at most once
     own = executor is None
     pool = ThreadPoolExecutor(max_workers=groups) if own else executor
     try:
-        futures = [pool.submit(_insert_worker, *args, counts[g], groups, g, slab) for g in range(groups)]
+        futures = [
+            pool.submit(worker, *args, counts[g], groups, g, slab, np.empty((pieces, 5), dtype=np.int64))
+            for g in range(groups)
+        ]
         for fut in futures:
             fut.result()
     finally:

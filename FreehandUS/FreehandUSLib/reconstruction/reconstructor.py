@@ -10,6 +10,18 @@
 Batch reconstruction *is* incremental reconstruction into the grid computed from all frames,
 so the two give bit-identical volumes for the same frames and grid, in every mode.
 
+Memory (per voxel; :func:`~.geometry.buffer_bytes_per_voxel` gives the peak): the
+accumulators have the compact types of :func:`~.kernels.accumulator_types` (uint32 sums and
+counts for nearest/mean of uint8 frames, widened to float64 before any voxel could pass
+16,843,009 pixels; the value itself plus a count for max/latest), frames are never copied
+whole (other types and extra channels are converted a batch of 32 frames at a time), the
+output is computed a plane at a time straight from the accumulators (for max/latest the value
+buffer *is* the output), hole filling reads the means from the accumulators and writes the
+rounded values into the output, and the float32 coverage map is the weight buffer converted
+in place (uint32 counts) or made after the sums are released (float64 weights). Nearest/mean
+of uint8 frames peaks at 9 bytes per voxel (10 with hole filling), max/latest at 5,
+linear/mean at 17 (float64 sums and weights, for exactness).
+
 Example
 -------
 >>> from FreehandUSLib.io import read_sequence
@@ -50,9 +62,18 @@ from .geometry import (
     grid_from_bounds,
     grid_from_options,
 )
-from .holefill import HoleFillingStats
-from .holefill import fill_holes as _fill_holes
-from .kernels import MODE_CODES, MODE_IMPORTANCE, MODE_MEAN, MODE_MEAN_PLUS, default_threads, insert_frames, voxel_matrices
+from .holefill import STORE_FLOOR, STORE_RAW, STORE_ROUND, HoleFillingStats, fill_holes_into
+from .kernels import (
+    MODE_CODES,
+    MODE_IMPORTANCE,
+    MODE_MEAN,
+    MODE_MEAN_PLUS,
+    accumulator_types,
+    default_threads,
+    insert_frames,
+    pixels_per_voxel_bound,
+    voxel_matrices,
+)
 from .masks import clipped_corners_px, detect_fan_angles, fan_row_ranges
 
 __all__ = [
@@ -79,7 +100,7 @@ SKIP_REASONS = {
     "dropped_behind": "dropped: the reconstruction was falling behind the live stream",
 }
 
-_BATCH = 32  # frames per insertion call (progress granularity)
+_BATCH = 32  # frames per insertion call (progress granularity; frames converted per batch)
 
 
 # --------------------------------------------------------------------------------------------
@@ -354,6 +375,23 @@ def options_from_plus_config(config, **overrides) -> ReconstructionOptions:
 # --------------------------------------------------------------------------------------------
 
 
+def _frames_view(frames) -> np.ndarray:
+    """``(n, rows, cols, channels)`` view of a frame stack (no copy, no conversion)."""
+    frames = np.asarray(frames)
+    if frames.ndim == 2:
+        frames = frames[None]
+    if frames.ndim == 3:
+        frames = frames[..., None]
+    if frames.ndim != 4:
+        raise ReconstructionError(f"frames must be (n, rows, cols[, channels]), got shape {frames.shape}")
+    return frames
+
+
+def _channel_dtype(dtype) -> np.dtype:
+    """Output type of a channel: uint8 stays uint8, everything else becomes float32."""
+    return np.dtype(np.uint8) if np.dtype(dtype) == np.uint8 else np.dtype(np.float32)
+
+
 def _as_frames4d(frames: np.ndarray) -> np.ndarray:
     frames = np.asarray(frames)
     if frames.ndim == 2:
@@ -365,6 +403,80 @@ def _as_frames4d(frames: np.ndarray) -> np.ndarray:
     if frames.dtype not in (np.uint8, np.float32):
         frames = frames.astype(np.float32)
     return np.ascontiguousarray(frames)
+
+
+def _kept_pixels(ranges: np.ndarray) -> int:
+    """Pixels kept by row ranges ``(n_rows, 4)`` (see :mod:`.masks`)."""
+    r = np.asarray(ranges, dtype=np.int64)
+    span = np.maximum(r[:, 1] - r[:, 0] + 1, 0)
+    lo, hi = np.maximum(r[:, 2], r[:, 0]), np.minimum(r[:, 3], r[:, 1])
+    return int((span - np.maximum(hi - lo + 1, 0) * (span > 0)).sum())
+
+
+def _batch_source(frames: np.ndarray, extras, dtype):
+    """A callable ``ids -> (len(ids), rows, cols, channels)`` contiguous ``dtype`` array.
+
+    Converts (and joins the extra channels of) only the frames asked for, so a sequence is
+    never copied whole.
+    """
+    dtype = np.dtype(dtype)
+
+    def take(ids):
+        parts = [_as4d_view(frames[ids])] + [_as4d_view(e[ids]) for e in extras]
+        if len(parts) == 1:
+            return np.ascontiguousarray(parts[0], dtype=dtype)
+        return np.ascontiguousarray(np.concatenate([p.astype(dtype, copy=False) for p in parts], axis=3))
+
+    return take
+
+
+def _as4d_view(frames: np.ndarray) -> np.ndarray:
+    return frames[..., None] if frames.ndim == 3 else frames
+
+
+def _finish_channel(acc, weight, c: int, divide: bool, dtype: np.dtype) -> np.ndarray:
+    """Output volume of channel ``c``: the mean (``acc / weight``) or the value, as ``dtype``.
+
+    uint8: rounded half up and clipped to 0..255; float32: cast. Voxels without weight are 0.
+    Computed a plane at a time.
+    """
+    out = np.empty(acc.shape[:3], dtype=dtype)
+    plane = np.empty(acc.shape[1:3], dtype=np.float64)
+    for k in range(acc.shape[0]):
+        src = acc[k, ..., c]
+        if divide:
+            plane[...] = 0.0
+            np.divide(src, weight[k], out=plane, where=weight[k] != 0)
+            values = plane
+        elif src.dtype == dtype:
+            out[k] = src  # the values themselves (max / latest)
+            continue
+        else:
+            values = src
+        if dtype == np.uint8:
+            rounded = np.floor(values + 0.5)
+            np.clip(rounded, 0, 255, out=rounded)
+            out[k] = rounded
+        else:
+            out[k] = values
+    return out
+
+
+def _coverage(weight: np.ndarray, mode: int, consume: bool) -> np.ndarray:
+    """The float32 coverage map from the weight buffer (in place when ``consume`` allows)."""
+    if mode == MODE_MEAN_PLUS:
+        out = np.empty(weight.shape, dtype=np.float32)
+        for k in range(weight.shape[0]):
+            out[k] = weight[k] / 256.0  # PLUS counts 256 per hit
+        return out
+    if weight.dtype == np.float32:
+        return weight if consume else weight.copy()
+    if weight.dtype == np.uint32 and consume and weight.flags.c_contiguous:
+        as_float = weight.view(np.float32)  # same buffer, converted a plane at a time
+        for k in range(weight.shape[0]):
+            as_float[k] = weight[k]
+        return as_float
+    return weight.astype(np.float32)
 
 
 def _shutdown(executor: ThreadPoolExecutor) -> None:
@@ -467,12 +579,17 @@ class IncrementalReconstructor:
         self._ranges_list: list = []
         self._ranges_stack: np.ndarray | None = None
         if grid is None and opts.output_extent is not None:
-            grid = grid_from_options(opts, None, n_channels=self.n_channels, out_itemsize=self._out_itemsize)
+            grid = grid_from_options(
+                opts, None, n_channels=self.n_channels, out_itemsize=self._out_itemsize, frame_dtype=self.dtype
+            )
         self.fixed_grid = grid is not None
         self._pending_grid = grid
         self.grid: OutputGrid | None = None
         self._acc = None
         self._weight = None
+        self._count_limit: int | None = None  # largest exact per-voxel count of the buffers' types
+        self._count_bound = 0  # upper bound of the largest per-voxel count so far
+        self._kept_pixels: list = []  # pixels kept by each row-ranges mask
         if grid is not None:
             self._allocate(grid)
         self._next_index = 0
@@ -496,11 +613,15 @@ class IncrementalReconstructor:
             grid.dims,
             grid.spacing_mm,
             budget_bytes=self.options.memory_budget_bytes,
-            bytes_per_voxel=buffer_bytes_per_voxel(self.options, self.n_channels, self._out_itemsize),
+            bytes_per_voxel=buffer_bytes_per_voxel(self.options, self.n_channels, self._out_itemsize, self.dtype),
         )
         self.grid = grid
-        self._acc = np.zeros(grid.shape + (self.n_channels,), dtype=np.float64)
-        self._weight = np.zeros(grid.shape, dtype=np.float64)
+        acc_dtype, weight_dtype, self._count_limit = accumulator_types(
+            self.mode, self.linear, self.dtype, emulate_plus=self.options.emulate_plus
+        )
+        self._acc = np.zeros(grid.shape + (self.n_channels,), dtype=acc_dtype)
+        self._weight = np.zeros(grid.shape, dtype=weight_dtype)
+        self._count_bound = 0
 
     def _pool(self) -> ThreadPoolExecutor | None:
         if self.n_threads <= 1:
@@ -526,8 +647,7 @@ class IncrementalReconstructor:
     def reset(self) -> None:
         """Empty the volume and the counters (a fixed grid stays; a growing grid restarts)."""
         if self.fixed_grid and self._acc is not None:
-            self._acc[...] = 0
-            self._weight[...] = 0
+            self._allocate(self.grid)  # fresh buffers (the compact types again if they were widened)
         elif not self.fixed_grid:
             self.grid, self._acc, self._weight = None, None, None
         self._next_index = 0
@@ -538,7 +658,12 @@ class IncrementalReconstructor:
 
     @property
     def accumulators(self) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """The raw buffers ``(acc (n_k, n_j, n_i, n_channels), weight (n_k, n_j, n_i))`` (read-only views)."""
+        """The raw buffers ``(acc (n_k, n_j, n_i, n_channels), weight (n_k, n_j, n_i))`` (read-only views).
+
+        Their types depend on the mode (:func:`~.kernels.accumulator_types`): e.g. uint32 sums
+        and counts for nearest/mean of uint8 frames (float64 once a voxel could pass
+        16,843,009 pixels), the values themselves for max/latest.
+        """
         if self._acc is None:
             return None, None
         a, w = self._acc.view(), self._weight.view()
@@ -584,7 +709,7 @@ class IncrementalReconstructor:
                 dims,
                 spacing,
                 budget_bytes=opts.memory_budget_bytes,
-                bytes_per_voxel=buffer_bytes_per_voxel(opts, self.n_channels, self._out_itemsize),
+                bytes_per_voxel=buffer_bytes_per_voxel(opts, self.n_channels, self._out_itemsize, self.dtype),
             )
         except VolumeTooLargeError as exc:
             log.warning("not growing the volume: %s", exc)
@@ -594,8 +719,8 @@ class IncrementalReconstructor:
         old_acc, old_w = self._acc, self._weight
         new_grid = OutputGrid(origin, spacing, tuple(int(v) for v in dims), d)
         self.grid = new_grid
-        self._acc = np.zeros(new_grid.shape + (self.n_channels,), dtype=np.float64)
-        self._weight = np.zeros(new_grid.shape, dtype=np.float64)
+        self._acc = np.zeros(new_grid.shape + (self.n_channels,), dtype=old_acc.dtype)
+        self._weight = np.zeros(new_grid.shape, dtype=old_w.dtype)
         oi, oj, ok = (-first).tolist()
         nk, nj, ni = old_w.shape
         self._acc[ok : ok + nk, oj : oj + nj, oi : oi + ni] = old_acc
@@ -623,14 +748,50 @@ class IncrementalReconstructor:
                 )
             self._ranges_cache[key] = len(self._ranges_list)
             self._ranges_list.append(ranges)
+            self._kept_pixels.append(_kept_pixels(ranges))
             self._ranges_stack = None
         return self._ranges_cache[key]
 
     def _skip(self, index: int, reason: str) -> None:
         self.frames_skipped[int(index)] = reason
 
+    def _widen(self) -> None:
+        """Switch the accumulators to float64 (exact to 2**53), e.g. before uint32 sums could overflow."""
+        log.info("widening the accumulation buffers to float64 (a voxel may exceed %s pixels)", self._count_limit)
+        if self.mode == MODE_MEAN:
+            self._acc = self._acc.astype(np.float64)
+        self._weight = self._weight.astype(np.float64)
+        self._count_limit = None
+
+    def _guard_counts(self, vox: np.ndarray, mask_ids: np.ndarray) -> None:
+        """Keep the per-voxel pixel counts within what the accumulator types hold exactly.
+
+        ``vox``: (n, 3, 3) pixel -> voxel-index maps of the frames about to be inserted.
+        """
+        if self._count_limit is None:
+            return
+        kept = np.asarray(self._kept_pixels, dtype=np.int64)[mask_ids]
+        batch = int(pixels_per_voxel_bound(vox, kept).sum())
+        if self._count_bound + batch > self._count_limit:
+            self._count_bound = int(self._weight.max())  # the actual largest count so far
+            if self._count_bound + batch > self._count_limit:
+                self._widen()
+                return
+        self._count_bound += batch
+
+    @staticmethod
+    def _frames_of(frames4d, frame_ids):
+        """``(frames, ids)`` for the kernels: the array itself, or a converted batch from a source."""
+        if isinstance(frames4d, np.ndarray):
+            return frames4d, frame_ids
+        return frames4d(frame_ids), np.arange(len(frame_ids), dtype=np.int64)
+
     def _insert(self, frames4d, frame_ids, image_to_reference, indices, image_ok=None, progress=None) -> int:
-        """Insert ``frames4d[frame_ids]`` (already 4D, dtype checked); return frames used."""
+        """Insert ``frames4d[frame_ids]`` (already 4D, dtype checked); return frames used.
+
+        ``frames4d`` may also be a callable ``ids -> (len(ids), rows, cols, channels)`` array
+        that converts frames a batch at a time (no converted copy of a whole sequence).
+        """
         opts = self.options
         start = time.perf_counter()
         frame_ids = np.asarray(frame_ids, dtype=np.int64)
@@ -650,8 +811,9 @@ class IncrementalReconstructor:
         mask_ids = np.zeros(n, dtype=np.int64)
         if opts.fan_angles_auto_detect:
             for t in np.flatnonzero(keep):
+                one, first = self._frames_of(frames4d, frame_ids[t : t + 1])
                 angles = detect_fan_angles(
-                    frames4d[frame_ids[t]],
+                    one[first[0]],
                     max_fan_angles_deg=opts.fan_angles_deg,
                     fan_origin_px=opts.fan_origin_px,
                     fan_radius_start_px=opts.fan_radius_start_px,
@@ -685,9 +847,12 @@ class IncrementalReconstructor:
             counts = np.zeros(sel.size, dtype=np.int64)
             for a in range(0, sel.size, _BATCH):
                 b = min(sel.size, a + _BATCH)
+                if not opts.emulate_plus:
+                    self._guard_counts(vox[a:b], mask_ids[sel[a:b]])
+                batch_frames, batch_ids = self._frames_of(frames4d, frame_ids[sel[a:b]])
                 counts[a:b] = insert_frames(
-                    frames4d,
-                    frame_ids[sel[a:b]],
+                    batch_frames,
+                    batch_ids,
                     vox[a:b],
                     ranges,
                     mask_ids[sel[a:b]],
@@ -857,49 +1022,52 @@ class IncrementalReconstructor:
                 + (f" (skipped: {', '.join(f'{v} {k}' for k, v in sorted(reasons.items()))})" if reasons else "")
             )
         acc, weight = self._acc, self._weight
-        values = acc if consume else acc.copy()
-        known = weight > 0
-        if self.mode in (MODE_MEAN, MODE_IMPORTANCE):
-            for k in range(values.shape[0]):
-                np.divide(values[k], weight[k, ..., None], out=values[k], where=known[k, ..., None])
-        elif self.mode == MODE_MEAN_PLUS:
-            weight = weight / 256.0  # PLUS counts 256 per hit
-        n_known = int(np.count_nonzero(known))
-        filled = None
+        divide = self.mode in (MODE_MEAN, MODE_IMPORTANCE)
+        n_known = int(np.count_nonzero(weight))
+        # Output volumes, a plane at a time (no volume-sized float temporaries). For max /
+        # latest of one channel the value buffer already is the output (holes hold 0).
+        outs = []
+        for c, dt in enumerate(self.channel_dtypes):
+            if consume and not divide and self.mode != MODE_MEAN_PLUS and self.n_channels == 1 and acc.dtype == dt:
+                outs.append(acc[..., 0])
+            else:
+                outs.append(_finish_channel(acc, weight, c, divide, np.dtype(dt)))
         stats = None
         hole_seconds = 0.0
         do_fill = opts.fill_holes if fill_holes is None else bool(fill_holes)
         if do_fill and opts.hole_filling:
-            filled, stats = _fill_holes(
-                values,
-                known,
-                weight,
-                opts.hole_filling,
-                n_threads=self.n_threads,
-                emulate_plus=opts.emulate_plus,
-                integer_values=all(d == np.uint8 for d in self.channel_dtypes),
-            )
-            hole_seconds = stats.seconds
-        n_total = self.grid.n_voxels
-        n_filled = n_known + (int(np.count_nonzero(filled)) if filled is not None else 0)
-        valued = known if filled is None else (known | filled)
-        volumes = []
-        empty = ~valued
-        for c, dt in enumerate(self.channel_dtypes):
-            out = np.empty(self.grid.shape, dtype=dt)
-            for k in range(out.shape[0]):  # plane by plane: no full-size float temporaries
-                v = values[k, ..., c]
-                if dt == np.uint8:
-                    plane = np.floor(v + 0.5)
-                    if opts.emulate_plus and filled is not None:
-                        plane[filled[k]] = np.floor(v[filled[k]])  # PLUS casts filled values (truncation)
-                    np.clip(plane, 0, 255, out=plane)
-                    out[k] = plane
+            integer = all(d == np.uint8 for d in self.channel_dtypes)
+            known = weight != 0
+            for c, dt in enumerate(self.channel_dtypes):
+                if np.dtype(dt) == np.uint8:
+                    store = STORE_FLOOR if opts.emulate_plus else STORE_ROUND  # PLUS casts filled values
                 else:
-                    out[k] = v
-                out[k][empty[k]] = 0
-            volumes.append(self._volume(out, {"Channel": self.channel_names[c]}))
-        weight_volume = self._volume(weight.astype(np.float32), {"Channel": "weight"}) if opts.output_weight else None
+                    store = STORE_RAW
+                stats = fill_holes_into(
+                    outs[c][..., None],
+                    acc if self.n_channels == 1 else acc[..., c : c + 1],
+                    known,
+                    weight,
+                    opts.hole_filling,
+                    divide=divide,
+                    weight_scale=1.0 / 256.0 if self.mode == MODE_MEAN_PLUS else 1.0,  # PLUS counts 256 per hit
+                    store=store,
+                    n_threads=self.n_threads,
+                    emulate_plus=opts.emulate_plus,
+                    integer_values=integer,
+                )
+                hole_seconds += stats.seconds
+            del known
+            stats = dataclasses.replace(stats, seconds=hole_seconds)
+        n_total = self.grid.n_voxels
+        n_filled = n_known + (stats.filled if stats is not None else 0)
+        volumes = [self._volume(out, {"Channel": name}) for out, name in zip(outs, self.channel_names)]
+        if consume:
+            self._acc = None
+            del acc  # the sums go before the coverage map is made (lower peak)
+        weight_volume = None
+        if opts.output_weight:
+            weight_volume = self._volume(_coverage(weight, self.mode, consume), {"Channel": "weight"})
         result = ReconstructionResult(
             volumes=tuple(volumes),
             channel_names=self.channel_names,
@@ -919,7 +1087,7 @@ class IncrementalReconstructor:
             options=opts,
         )
         if consume:
-            del values, acc, weight
+            del weight
             grid = self.grid
             self._acc = self._weight = None
             self.grid = None
@@ -995,26 +1163,30 @@ def reconstruct_volume(
     if sequence.n_frames == 0:
         raise NoUsableFramesError("the sequence has no frames")
     mats, valid = resolve_image_to_reference(sequence, transforms, opts.image_to_reference_transform)
-    frames4d = _as_frames4d(sequence.frames)
+    raw = _frames_view(sequence.frames)
+    n_own = raw.shape[3]
     names = list(channel_names) if channel_names else (
-        ["image"] if frames4d.shape[3] == 1 else [f"channel{c}" for c in range(frames4d.shape[3])]
+        ["image"] if n_own == 1 else [f"channel{c}" for c in range(n_own)]
     )
-    if len(names) != frames4d.shape[3]:
-        raise InvalidOptionError(f"channel_names: expected {frames4d.shape[3]} names, got {names}")
-    dtypes = [sequence.frames.dtype] * frames4d.shape[3]
-    if extra_channels:
-        extras = []
-        for name, arr in extra_channels.items():
-            arr = _as_frames4d(arr)
-            if arr.shape[:3] != frames4d.shape[:3]:
-                raise ReconstructionError(
-                    f"extra channel {name!r}: shape {arr.shape[:3]} does not match the frames {frames4d.shape[:3]}"
-                )
-            extras.append(arr)
-            names.extend([name] if arr.shape[3] == 1 else [f"{name}{c}" for c in range(arr.shape[3])])
-            dtypes.extend([arr.dtype] * arr.shape[3])
-        common = np.uint8 if all(np.dtype(d) == np.uint8 for d in dtypes) else np.float32
-        frames4d = np.ascontiguousarray(np.concatenate([frames4d.astype(common, copy=False)] + [e.astype(common, copy=False) for e in extras], axis=3))
+    if len(names) != n_own:
+        raise InvalidOptionError(f"channel_names: expected {n_own} names, got {names}")
+    dtypes = [_channel_dtype(raw.dtype)] * n_own
+    extras = []
+    for name, arr in (extra_channels or {}).items():
+        arr = _frames_view(arr)
+        if arr.shape[:3] != raw.shape[:3]:
+            raise ReconstructionError(
+                f"extra channel {name!r}: shape {arr.shape[:3]} does not match the frames {raw.shape[:3]}"
+            )
+        extras.append(arr)
+        names.extend([name] if arr.shape[3] == 1 else [f"{name}{c}" for c in range(arr.shape[3])])
+        dtypes.extend([_channel_dtype(arr.dtype)] * arr.shape[3])
+    common = np.dtype(np.uint8) if all(d == np.uint8 for d in dtypes) else np.dtype(np.float32)
+    if not extras and raw.dtype == common and raw.flags.c_contiguous:
+        frames4d = raw  # inserted in place, no copy
+    else:
+        frames4d = _batch_source(raw, extras, common)  # converted a batch at a time
+    n_channels = len(dtypes)
     n = sequence.n_frames
     indices = np.arange(n)
     chosen = indices[:: opts.skip_interval]
@@ -1034,22 +1206,20 @@ def reconstruct_volume(
             clipped_corners_px(sequence.n_rows, sequence.n_cols, opts.clip_rectangle_origin_px, opts.clip_rectangle_size_px),
         )
     out_itemsize = max(np.dtype(d).itemsize for d in dtypes)
-    grid = grid_from_options(opts, corners, n_channels=frames4d.shape[3], out_itemsize=out_itemsize)
+    grid = grid_from_options(opts, corners, n_channels=n_channels, out_itemsize=out_itemsize, frame_dtype=common)
     log.info("reconstructing %d frames into %s", usable.size, grid)
     recon = IncrementalReconstructor(
         opts,
         image_shape=(sequence.n_rows, sequence.n_cols),
-        n_channels=frames4d.shape[3],
-        dtype=frames4d.dtype,
+        n_channels=n_channels,
+        dtype=common,
         grid=grid,
         importance_mask=importance_mask,
         channel_names=names,
         channel_dtypes=dtypes,
     )
     try:
-        recon.add_sequence_frames(
-            frames4d, chosen, mats[chosen], chosen, image_ok=sequence.image_ok[chosen], progress=progress
-        )
+        recon._insert(frames4d, chosen, mats[chosen], chosen, sequence.image_ok[chosen], progress)
         recon.frames_received = n
         recon.frames_skipped.update(skipped)
         if recon.frames_used == 0:

@@ -12,7 +12,7 @@ import numpy as np
 
 from .masks import row_ranges_to_mask
 
-__all__ = ["insert_frames_numpy"]
+__all__ = ["insert_frames_numpy", "fill_holes_reference"]
 
 
 def insert_frames_numpy(
@@ -115,3 +115,129 @@ def insert_frames_numpy(
                     col[touched] = new[touched]
                 weight += np.bincount(idx, weights=w, minlength=n_vox)
     return acc.reshape(nk, nj, ni, nc), weight.reshape(nk, nj, ni)
+
+
+def fill_holes_reference(values, known, weight, elements, *, emulate_plus: bool = False, integer_values: bool = False):
+    """Hole filling written the obvious way: each element over all remaining holes at once.
+
+    The same rules as :mod:`.holefill` (see its docstring) and the same floating-point
+    operations in the same order, so the compiled version must match it exactly: cube
+    elements sum their neighbourhood in (dz, dy, dx) order, STICK finds the nearest known
+    voxel along each direction by stepping out one voxel at a time and averages the best
+    sticks in direction order. Slow (a pass over the holes per neighbour); for tests.
+
+    Parameters
+    ----------
+    values : (n_k, n_j, n_i, n_channels) float
+    known : (n_k, n_j, n_i) bool
+    weight : (n_k, n_j, n_i) float
+    elements : sequence of HoleFillingElement
+    emulate_plus, integer_values : bool
+        As in :func:`~.holefill.fill_holes`.
+
+    Returns
+    -------
+    filled_values : (n_k, n_j, n_i, n_channels) float64
+        A copy of ``values`` with the filled holes.
+    filled : (n_k, n_j, n_i) bool
+    """
+    from .holefill import STICK_DIRECTIONS, _cube_weights, _stick_tables
+
+    vals = np.array(values, dtype=np.float64)
+    known = np.asarray(known, dtype=bool)
+    wgt = np.asarray(weight, dtype=np.float64)
+    shape = np.array(known.shape)
+    nc = vals.shape[3]
+    filled = np.zeros(known.shape, dtype=bool)
+    kinds = {"GAUSSIAN": 0, "GAUSSIAN_ACCUMULATION": 1, "DISTANCE_WEIGHT_INVERSE": 2, "NEAREST_NEIGHBOR": 3, "STICK": 4}
+    for element in elements:
+        holes = np.argwhere(~known & ~filled)  # (m, 3) k, j, i
+        if holes.size == 0:
+            break
+        kind = kinds[element.type]
+
+        def neighbour(offset, holes=holes):
+            p = holes + np.asarray(offset)
+            inside = np.all((p >= 0) & (p < shape), axis=1)
+            p = np.where(inside[:, None], p, 0)
+            ok = inside & known[p[:, 0], p[:, 1], p[:, 2]]
+            return p, ok
+
+        sums = np.zeros((len(holes), nc))
+        sw = np.zeros(len(holes))
+        if kind == 4:
+            limit = element.stick_length_limit
+            wtab, ftab = _stick_tables(limit, emulate_plus)
+            nd = len(STICK_DIRECTIONS)
+            dist = np.zeros((2, nd, len(holes)), dtype=np.int64)
+            steps_kji = STICK_DIRECTIONS[:, ::-1]  # (di, dj, dk) -> offsets in (k, j, i)
+            for d, direction in enumerate(steps_kji):
+                for side, sign in ((0, 1), (1, -1)):
+                    for step in range(1, limit):
+                        _, ok = neighbour(sign * step * direction)
+                        new = ok & (dist[side, d] == 0)
+                        dist[side, d][new] = step
+            f, r = dist
+            n = f + r + 1
+            usable = (f > 0) & (r > 0) & (n <= limit)
+            stick_w = np.where(usable, wtab[np.arange(nd)[:, None], np.minimum(n, limit)], 0.0)
+            stick_v = np.zeros((nd, len(holes), nc))
+            for d, direction in enumerate(steps_kji):
+                a = ftab[np.minimum(f[d], limit), np.minimum(r[d], limit)]
+                pf, _ = neighbour(np.outer(f[d], direction))
+                pr, _ = neighbour(-np.outer(r[d], direction))
+                x = a[:, None] * vals[pf[:, 0], pf[:, 1], pf[:, 2]] + (1.0 - a[:, None]) * vals[pr[:, 0], pr[:, 1], pr[:, 2]]
+                stick_v[d] = np.floor(x) if (emulate_plus and integer_values) else x
+            used = np.zeros(len(holes), dtype=np.int64)
+            for _ in range(nd):
+                top = stick_w.max(axis=0)
+                active = (used < element.number_of_sticks_to_use) & (top > 0.0)
+                for d in range(nd):
+                    hit = active & (stick_w[d] == top)
+                    sw = sw + np.where(hit, top, 0.0)
+                    sums = sums + np.where(hit[:, None], top[:, None] * stick_v[d], 0.0)
+                    used += hit
+                    stick_w[d][hit] = 0.0
+            ok = sw > 0.0
+        elif kind == 3:
+            size = element.size
+            need = element.minimum_known_voxels_ratio * size * size * size
+            ok = np.zeros(len(holes), dtype=bool)
+            decided = np.zeros(len(holes), dtype=bool)
+            for radius in range(1, size // 2 + 1):
+                count = np.zeros(len(holes), dtype=np.int64)
+                part = np.zeros((len(holes), nc))
+                span = range(-radius, radius + 1)
+                for dz in span:
+                    for dy in span:
+                        for dx in span:
+                            p, hit = neighbour((dz, dy, dx))
+                            count += hit
+                            part = part + np.where(hit[:, None], vals[p[:, 0], p[:, 1], p[:, 2]], 0.0)
+                now = ~decided & (count > 0)
+                sums[now] = part[now]
+                sw[now] = count[now]
+                ok |= now & (count > need)
+                decided |= now
+        else:
+            size = element.size
+            r = size // 2
+            kernel = _cube_weights(kind, size, element.stdev)
+            need = element.minimum_known_voxels_ratio * size * size * size
+            count = np.zeros(len(holes), dtype=np.int64)
+            for dz in range(-r, r + 1):
+                for dy in range(-r, r + 1):
+                    for dx in range(-r, r + 1):
+                        p, hit = neighbour((dz, dy, dx))
+                        w = np.full(len(holes), kernel[dz + r, dy + r, dx + r])
+                        if kind == 1:
+                            w = w * (wgt[p[:, 0], p[:, 1], p[:, 2]] * 1.0)
+                        count += hit
+                        sw = sw + np.where(hit, w, 0.0)
+                        sums = sums + np.where(hit[:, None], w[:, None] * vals[p[:, 0], p[:, 1], p[:, 2]], 0.0)
+            ok = (count > need) & (sw > 0.0)
+        idx = holes[ok]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            vals[idx[:, 0], idx[:, 1], idx[:, 2]] = sums[ok] / sw[ok][:, None]
+        filled[idx[:, 0], idx[:, 1], idx[:, 2]] = True
+    return vals, filled
