@@ -97,7 +97,7 @@ def _cmd_convert(args) -> int:
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
-    result = run_demo(Path(args.out))
+    result = run_demo(Path(args.out), quick=args.quick, browser_check=not args.no_browser_check)
     print(json.dumps(result.to_dict(), indent=2) if args.json else str(result))
     return 0
 
@@ -124,8 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=_cmd_convert)
 
-    p = sub.add_parser("demo", help="run the end-to-end demo on generated data")
+    p = sub.add_parser(
+        "demo",
+        help="run the end-to-end demo on generated data",
+        description="Simulate, calibrate (N-wire), stream + record (OpenIGTLink loopback), reconstruct US + PA, "
+        "track without the tracker, and write report.html, volumes, sequences, the calibration and a Slicer scene.",
+    )
     p.add_argument("--out", default="results/demo", help="output folder (default results/demo)")
+    p.add_argument("--quick", action="store_true", help="reduced run (fewer, smaller frames; about a minute)")
+    p.add_argument("--no-browser-check", action="store_true",
+                   help="do not render report.html with a headless Chromium to check it (report.png)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=_cmd_demo)
 
@@ -133,16 +141,20 @@ def build_parser() -> argparse.ArgumentParser:
     # at this point, so `freehandus --help` stays fast and works without torch).
     from NWireCalibrationLib.cli import add_parsers as add_calibration_parsers
     from NWireCalibrationLib.cli import add_simulate_nwire
+    from SensorlessTrackingLib.cli import add_parsers as add_tracking_parsers
 
     from .igtl.cli import add_parsers as add_stream_parsers
     from .igtl.live_calibration import add_live_calibration_parser
     from .reconstruction.cli import add_parser as add_reconstruct_parser
+    from .simulation.cli import add_simulate_sweep
 
     add_reconstruct_parser(sub)
     add_calibration_parsers(sub)
     simulate = sub.add_parser("simulate", help="generate tracked acquisitions with known truth")
     simulate_sub = simulate.add_subparsers(dest="what", required=True, metavar="WHAT")
     add_simulate_nwire(simulate_sub)
+    add_simulate_sweep(simulate_sub)
+    add_tracking_parsers(sub)
     add_stream_parsers(sub)
     add_live_calibration_parser(sub)
     return parser

@@ -71,11 +71,23 @@ def test_errors_print_one_line_and_exit_2(tmp_path, capsys):
     assert "bad.igs.mha" in err and "Traceback" not in err
 
 
-def test_demo_writes_sequences(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path / "demo"), "--json"]) == 0
+def test_demo_writes_sequences(tmp_path, capsys, monkeypatch):
+    # The CLI wiring of `freehandus demo --quick --json` on a tiny run (the full end-to-end
+    # checks are in Testing/demo/test_demo_quick.py).
+    from FreehandUSLib import demo
+
+    tiny = demo.DemoSettings.quick_settings(
+        calibration_frames=16, validation_frames=6, sweep_frames=12, sweep_length_mm=5.0,
+        sweep_image_px=(64, 112), scatterers_per_cell=4.0, voxel_mm=1.5, ransac_iterations=300,
+    )
+    monkeypatch.setattr(demo.DemoSettings, "quick_settings", classmethod(lambda cls, **kw: tiny))
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--no-browser-check", "--out", str(out), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    for key in ("metafile", "slicer_sequence"):
-        summary = result["summaries"][key]
-        assert summary["frames"] == 60 and summary["transforms"] == ["ProbeToTracker"]
-    seq = read_sequence(result["files"]["metafile"])
+    assert result["summaries"]["settings"]["sweep_frames"] == 12 and len(result["summary"]) == 10
+    seq = read_sequence(result["files"]["sweep_us_sequence"])
+    assert seq.n_frames == 12 and (seq.n_rows, seq.n_cols) == (64, 112)
+    assert {"ImageToReference", "ProbeToTracker", "ReferenceToTracker"} <= set(seq.transform_names)
+    assert read_sequence(result["files"]["nwire_calibration_sequence"]).n_frames == 16
+    assert result["files"]["report"].endswith("report.html") and (out / "report.html").is_file()
     assert seq.frames.std() > 10  # speckle and structures, not a blank image

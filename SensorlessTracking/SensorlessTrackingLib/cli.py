@@ -1,0 +1,277 @@
+"""``freehandus track train|predict|evaluate``: sensorless tracking from the command line.
+
+Registered by the main command line as::
+
+    from SensorlessTrackingLib.cli import add_parsers
+    add_parsers(sub)          # sub = the top-level subparsers; adds "track"
+
+torch is imported only when a learned model is trained or run, so ``freehandus --help`` and
+``track predict --model decorrelation`` work without it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from FreehandUSLib.errors import FileFormatError, FreehandUSError
+
+__all__ = ["add_parsers", "read_image_to_probe"]
+
+log = logging.getLogger(__name__)
+
+
+def read_image_to_probe(path) -> np.ndarray:
+    """An ImageToProbe 4x4 from a file: PLUS config ``.xml`` (``<Transform From="Image"
+    To="Probe">``), ``.json`` (``{"ImageToProbe": [[...]]}`` or a bare 4x4 list), a TUS-REC
+    ``calib_matrix.csv`` (two 4x4 blocks: ``spatial @ scaling`` with 1-based pixels, as the
+    TUS-REC reader does), or text with 16 numbers (``.txt``, ``.csv``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileFormatError(f"{path}: calibration file not found")
+    suffix = path.suffix.lower()
+    if suffix == ".xml":
+        from FreehandUSLib.io import read_plus_config
+
+        return read_plus_config(path).require_transform("ImageToProbe")
+    if suffix == ".json":
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise FileFormatError(f"{path}: not valid JSON ({exc})") from exc
+        if isinstance(data, dict):
+            if "ImageToProbe" not in data:
+                raise FileFormatError(f"{path}: no 'ImageToProbe' key (keys: {sorted(data)})")
+            data = data["ImageToProbe"]
+        m = np.asarray(data, dtype=np.float64)
+    else:
+        text = path.read_text().replace(",", " ").split()
+        values = []
+        for token in text:
+            try:
+                values.append(float(token))
+            except ValueError:
+                if suffix != ".csv":  # TUS-REC csv files label their two blocks
+                    raise FileFormatError(f"{path}: expected 16 numbers for ImageToProbe, found {token!r}") from None
+        if suffix == ".csv" and len(values) == 32:
+            from FreehandUSLib.io.tusrec import read_tusrec_calibration
+
+            scaling, spatial = read_tusrec_calibration(path)
+            shift = np.eye(4)
+            shift[:2, 3] = 1.0  # TUS-REC pixel indices start at 1
+            values = (spatial @ scaling @ shift).ravel().tolist()
+        m = np.asarray(values, dtype=np.float64)
+    if m.size != 16:
+        raise FileFormatError(f"{path}: ImageToProbe must have 16 numbers (4x4), got {m.size}")
+    from FreehandUSLib.transforms import check_matrix
+
+    return check_matrix(m.reshape(4, 4), name="ImageToProbe", source=str(path))
+
+
+def add_parsers(subparsers):
+    """Add ``track`` (with ``train``, ``predict``, ``evaluate``) to the top-level sub-parsers."""
+    track = subparsers.add_parser("track", help="sensorless tracking: train, predict, evaluate")
+    sub = track.add_subparsers(dest="track_command", required=True, metavar="TRACK_COMMAND")
+
+    p = sub.add_parser("train", help="train a tracking model on tracked sequences (or simulated sweeps)")
+    p.add_argument("sequences", nargs="*", help="tracked sequence files (.igs.mha .igs.nrrd .seq.nrrd .h5)")
+    p.add_argument("--out", required=True, help="output folder (checkpoints; an existing last.pt is resumed)")
+    p.add_argument("--model", choices=["dualtrack", "moglo", "pairwise"], default="dualtrack")
+    p.add_argument("--local-only", action="store_true", help="dualtrack without the global encoder (ablation)")
+    p.add_argument("--simulated", type=int, default=0, help="also train on this many simulated sweeps")
+    p.add_argument("--image-to-probe", help="calibration for files without one (.xml PLUS config, .json, .txt)")
+    p.add_argument("--spacing-mm", type=float, help="model pixel spacing in mm (default 0.3)")
+    p.add_argument("--image-size", type=int, nargs=2, metavar=("ROWS", "COLS"), help="model input size (default 96 96)")
+    p.add_argument("--clip-length", type=int, help="frames per clip (default 16)")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--clips-per-epoch", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--val-fraction", type=float, default=0.15, help="share of subjects (parent folders) held out")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--max-minutes", type=float, help="stop after the epoch that passes this time")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("predict", help="estimate the trajectory of a sequence from its images")
+    p.add_argument("sequence", help="input sequence (tracked or not)")
+    p.add_argument("--model", default="default", help="checkpoint, 'default' (shipped model) or 'decorrelation'")
+    p.add_argument("--out", required=True, help="output sequence with the estimated ImageToReference")
+    _add_input_options(p)
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("evaluate", help="drift metrics of estimated trajectories against the tracked one")
+    p.add_argument("sequence", help="tracked sequence (the truth: its ImageToReference)")
+    p.add_argument("--model", action="append", help="model(s) to run: checkpoint, 'default', 'decorrelation' (repeatable)")
+    p.add_argument("--estimate", action="append", help="already estimated sequence(s) to score (repeatable)")
+    _add_input_options(p)
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=_cmd_evaluate)
+    return track
+
+
+def _add_input_options(p):
+    p.add_argument("--image-to-probe", help="calibration (.xml PLUS config, .json, .txt) for spacing and ProbeToReference")
+    p.add_argument("--spacing", type=float, nargs="+", metavar="MM", help="pixel spacing (one or two numbers)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+
+
+def _threads(n):
+    if n:
+        import torch
+
+        torch.set_num_threads(int(n))
+
+
+def _spacing(args):
+    if not args.spacing:
+        return None
+    if len(args.spacing) > 2:
+        raise FreehandUSError(f"--spacing takes one or two numbers, got {len(args.spacing)}")
+    return tuple(args.spacing) if len(args.spacing) == 2 else (args.spacing[0], args.spacing[0])
+
+
+def _cmd_train(args) -> int:
+    from dataclasses import replace
+
+    from .models import ModelConfig
+
+    try:
+        model_cfg = ModelConfig(name=args.model, use_global=not args.local_only)
+        changes = {}
+        if args.spacing_mm:
+            changes["pixel_spacing_mm"] = args.spacing_mm
+        if args.image_size:
+            changes["image_size"] = tuple(args.image_size)
+        if args.clip_length:
+            changes["clip_length"] = args.clip_length
+        model_cfg = replace(model_cfg, **changes)
+    except ValueError as exc:
+        raise FreehandUSError(str(exc)) from exc
+    if not args.sequences and args.simulated <= 0:
+        raise FreehandUSError("give tracked sequence files and/or --simulated N")
+    _threads(args.threads)
+    from .data import AugmentConfig, load_sweep
+    from .train import TrainConfig, train
+
+    itp = read_image_to_probe(args.image_to_probe) if args.image_to_probe else None
+    cfg = TrainConfig(
+        model=model_cfg,
+        sequences=tuple(str(s) for s in args.sequences),
+        image_to_probe=None if itp is None else tuple(map(tuple, itp.tolist())),
+        val_fraction=args.val_fraction,
+        epochs=args.epochs,
+        clips_per_epoch=args.clips_per_epoch,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        device=args.device,
+        num_threads=args.threads,
+        max_minutes=args.max_minutes,
+    )
+    margin = AugmentConfig().crop_jitter_px
+    sweeps = [load_sweep(p, model_cfg, image_to_probe=itp, margin_px=margin) for p in args.sequences]
+    if args.simulated > 0:
+        from .simdata import simulated_sweeps, train_seeds
+
+        sim, _, _ = simulated_sweeps(train_seeds(args.simulated), model_cfg, margin_px=margin)
+        sweeps += sim
+    path = train(cfg, args.out, sweeps=sweeps, progress=not args.no_progress and not args.json)
+    history_file = Path(args.out) / "history.json"
+    history = json.loads(history_file.read_text()) if history_file.is_file() else []
+    result = {"checkpoint": str(path), "model": model_cfg.name, "sweeps": len(sweeps), "history": history}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        last = history[-1] if history else {}
+        print(f"trained {model_cfg.name} on {len(sweeps)} sweeps: {path} "
+              f"(epoch {last.get('epoch')}, train loss {last.get('train_loss', float('nan')):.4f}, "
+              f"validation loss {last.get('val_loss', float('nan')):.4f})")
+    return 0
+
+
+def _load_method(name, device):
+    if name in ("decorrelation", "default"):
+        if name == "default":
+            from .predict import default_model_path, load_model
+
+            return load_model(default_model_path(), device)
+        return name
+    from .predict import load_model
+
+    return load_model(name, device)
+
+
+def _cmd_predict(args) -> int:
+    from FreehandUSLib.io import read_sequence, sequence_format, write_sequence
+
+    from .predict import track_sequence
+
+    sequence_format(args.out)
+    if args.model != "decorrelation":
+        _threads(args.threads)
+    seq = read_sequence(args.sequence)
+    itp = read_image_to_probe(args.image_to_probe) if args.image_to_probe else None
+    model = _load_method(args.model, args.device)
+    result = track_sequence(seq, model, image_to_probe=itp, spacing_mm=_spacing(args), device=args.device, batch_size=args.batch_size)
+    out = write_sequence(result.sequence, args.out)
+    d = {**result.to_dict(), "input": str(args.sequence), "output": str(out)}
+    print(json.dumps(d, indent=2) if args.json else f"{result}\n  wrote {out}")
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from FreehandUSLib.io import read_sequence
+
+    from .data import image_to_reference_of
+    from .metrics import tracking_metrics
+    from .predict import track_sequence
+
+    seq = read_sequence(args.sequence)
+    itp = read_image_to_probe(args.image_to_probe) if args.image_to_probe else None
+    truth, valid = image_to_reference_of(seq, image_to_probe=itp)
+    if not valid.all():
+        raise FreehandUSError(
+            f"{args.sequence}: {int((~valid).sum())} frames have no tracked ImageToReference; evaluation needs all"
+        )
+    shape = (seq.n_rows, seq.n_cols)
+    rows = {}
+    for est_path in args.estimate or []:
+        est_seq = read_sequence(est_path)
+        if est_seq.n_frames != seq.n_frames:
+            raise FreehandUSError(f"{est_path}: {est_seq.n_frames} frames, the tracked sequence has {seq.n_frames}")
+        if "ImageToReference" not in est_seq.transforms:
+            raise FreehandUSError(f"{est_path}: no ImageToReference to evaluate")
+        est = est_seq.transforms["ImageToReference"].matrices
+        rows[str(est_path)] = tracking_metrics(truth, est, shape).to_dict()
+    models = args.model or ([] if args.estimate else ["default"])
+    if any(m != "decorrelation" for m in models):
+        _threads(args.threads)
+    for name in models:
+        model = _load_method(name, args.device)
+        result = track_sequence(seq, model, image_to_probe=itp, spacing_mm=_spacing(args), device=args.device, batch_size=args.batch_size)
+        metrics = tracking_metrics(truth, result.sequence.transforms["ImageToReference"].matrices, shape).to_dict()
+        metrics["frames_per_second"] = result.frames_per_second
+        rows[f"{name} ({result.method})" if name != result.method else name] = metrics
+    if args.json:
+        print(json.dumps({"sequence": str(args.sequence), "results": rows}, indent=2))
+    else:
+        print(f"{args.sequence}: {seq.n_frames} frames")
+        header = f"  {'method':<36} {'final drift mm':>14} {'FDR path %':>10} {'FDR e2e %':>10} {'max drift':>9} {'GPE':>7} {'LPE':>7} {'angle':>7}"
+        print(header)
+        for name, m in rows.items():
+            print(
+                f"  {name[:36]:<36} {m['final_drift_mm']:>14.2f} {m['fdr_path_percent']:>10.1f} "
+                f"{m['fdr_end_to_end_percent']:>10.1f} {m['max_drift_mm']:>9.2f} {m['gpe_mm']:>7.2f} "
+                f"{m['lpe_mm']:>7.3f} {m['mean_angle_error_deg']:>7.2f}"
+            )
+    return 0

@@ -1,0 +1,102 @@
+"""Model configuration (no torch here, so the command line can read it without torch)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+__all__ = ["ModelConfig", "MODEL_NAMES"]
+
+#: Learned models; "decorrelation" (no learning) lives in :mod:`..decorrelation`.
+MODEL_NAMES = ("dualtrack", "moglo", "pairwise")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture and input geometry of a tracking model (stored in every checkpoint).
+
+    The defaults are the shipped model's (96 x 96 pixels of 0.3 mm, a CPU-sized DualTrack).
+
+    Input geometry
+    --------------
+    image_size : (rows, cols) of the model input, pixels
+    pixel_spacing_mm : isotropic pixel spacing the frames are resampled to before the model
+    clip_length : frames per training clip / inference window (>= 2; pairwise uses 2 per pair)
+
+    Width
+    -----
+    channels : channel widths of the convolutional encoders (stem first)
+    token_dim : feature size per frame (tokens of the attention layers, LSTM input)
+
+    DualTrack
+    ---------
+    use_global : False = the local-only ablation (no global encoder, no fusion)
+    pair_radius : dualtrack: > 0 adds the local correlation of consecutive frames (displacements
+        up to this many pixels) to the local encoder; 0 = plain learned features (the other
+        models ignore it)
+    global_size : side of the downsampled frames of the global encoder, pixels
+    max_global_tokens : frames of the whole sweep the global encoder sees (every k-th frame)
+    global_layers, heads : temporal self-attention depth and heads
+
+    MoGLo
+    -----
+    corr_radius : displacement radius of the correlation between consecutive feature maps
+    lstm_hidden : hidden size of the LSTM motion estimator
+
+    Targets
+    -------
+    target_scale : typical magnitude of each frame-to-frame parameter (tx, ty, tz mm,
+        rx, ry, rz deg); the network predicts parameters divided by it
+    """
+
+    name: str = "dualtrack"
+    image_size: tuple[int, int] = (96, 96)
+    pixel_spacing_mm: float = 0.3
+    clip_length: int = 16
+    channels: tuple[int, ...] = (16, 24, 32, 48)
+    token_dim: int = 96
+    use_global: bool = True
+    pair_radius: int = 2
+    global_size: int = 48
+    max_global_tokens: int = 16
+    global_layers: int = 2
+    heads: int = 4
+    corr_radius: int = 3
+    lstm_hidden: int = 128
+    target_scale: tuple[float, ...] = (0.1, 0.1, 0.4, 0.3, 0.3, 0.3)
+
+    def __post_init__(self):
+        if self.name not in MODEL_NAMES:
+            raise ValueError(f"ModelConfig.name must be one of {MODEL_NAMES}, got {self.name!r}")
+        size = tuple(int(v) for v in self.image_size)
+        if len(size) != 2 or min(size) < 16 or any(v % 16 for v in size):
+            raise ValueError(f"ModelConfig.image_size must be two multiples of 16 (>= 16), got {self.image_size}")
+        object.__setattr__(self, "image_size", size)
+        if not self.pixel_spacing_mm > 0:
+            raise ValueError(f"ModelConfig.pixel_spacing_mm must be positive, got {self.pixel_spacing_mm}")
+        if int(self.clip_length) < 2:
+            raise ValueError(f"ModelConfig.clip_length must be >= 2, got {self.clip_length}")
+        if len(self.target_scale) != 6 or min(self.target_scale) <= 0:
+            raise ValueError(f"ModelConfig.target_scale must be 6 positive numbers, got {self.target_scale}")
+        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        object.__setattr__(self, "target_scale", tuple(float(v) for v in self.target_scale))
+        if self.token_dim % self.heads:
+            raise ValueError(f"ModelConfig.token_dim ({self.token_dim}) must be divisible by heads ({self.heads})")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["image_size"] = list(self.image_size)
+        d["channels"] = list(self.channels)
+        d["target_scale"] = list(self.target_scale)
+        return d
+
+    @staticmethod
+    def from_dict(d: dict) -> ModelConfig:
+        known = {f.name for f in fields(ModelConfig)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"ModelConfig: unknown fields {sorted(unknown)}")
+        d = dict(d)
+        for key in ("image_size", "channels", "target_scale"):
+            if key in d:
+                d[key] = tuple(d[key])
+        return ModelConfig(**d)

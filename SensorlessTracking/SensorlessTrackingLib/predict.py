@@ -1,0 +1,360 @@
+"""Inference: frames -> trajectory, with a learned model or the decorrelation baseline.
+
+- :func:`load_model` reads a checkpoint (strict), :func:`default_model_path` is the shipped one.
+- :func:`predict_poses` runs a model over frames already at its input geometry, in overlapping
+  windows of ``clip_length`` frames (each pair is taken from the window where it is most
+  central; DualTrack's global tokens are computed once per sweep) -> frame-to-frame poses.
+- :func:`track_sequence` does it for a whole tracked (or untracked) sequence: pixel spacing from
+  ImageToReference / ImageToProbe / ``spacing_mm``, resampling to the model's spacing, inference,
+  and an output sequence whose ``ImageToReference`` is the estimate, anchored at the input's first
+  pose when known (else at ``diag(sx, sy, 1)``: pixels scaled to mm, first frame at the origin).
+
+torch is imported inside the functions that need it, so the decorrelation method works
+without it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from FreehandUSLib.errors import FreehandUSError, SequenceError
+from FreehandUSLib.sequence import TrackedSequence
+
+from .decorrelation import DecorrelationConfig, estimate_frame_to_frame
+from .pose import frame_to_frame_to_relative, mm_to_pixel, params_to_matrices, rigid
+
+__all__ = [
+    "ModelFileError",
+    "TrackingResult",
+    "default_model_path",
+    "load_model",
+    "predict_poses",
+    "track_sequence",
+    "trajectory_from_frame_to_frame",
+    "input_spacing",
+]
+
+log = logging.getLogger(__name__)
+
+#: Name of the shipped model inside ``SensorlessTracking/Resources/Models``.
+DEFAULT_MODEL_NAME = "sensorless_dualtrack.pt"
+
+
+class ModelFileError(FreehandUSError):
+    """A model file is missing, unreadable, or does not fit the input."""
+
+
+def default_model_path() -> Path:
+    """The shipped model (``SensorlessTracking/Resources/Models/sensorless_dualtrack.pt``)."""
+    return Path(__file__).resolve().parents[1] / "Resources" / "Models" / DEFAULT_MODEL_NAME
+
+
+def load_model(path, device="cpu"):
+    """Load a checkpoint written by :func:`~.train.train` (strict); the model is in eval mode.
+
+    The returned ``torch.nn.Module`` has ``.config`` (:class:`~.models.ModelConfig`).
+
+    Raises
+    ------
+    ModelFileError
+        Missing file, not a FreehandUS checkpoint, or weights that do not fit the architecture.
+    """
+    import torch
+
+    from .models import ModelConfig, build_model
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: model file not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises many kinds on a corrupt file
+        raise ModelFileError(f"{path}: not a readable torch checkpoint ({exc})") from exc
+    if not isinstance(ckpt, dict) or "model_config" not in ckpt or "state_dict" not in ckpt:
+        raise ModelFileError(f"{path}: not a FreehandUS tracking checkpoint (needs 'model_config' and 'state_dict')")
+    try:
+        config = ModelConfig.from_dict(ckpt["model_config"])
+    except (ValueError, TypeError) as exc:
+        raise ModelFileError(f"{path}: bad model_config: {exc}") from exc
+    model = build_model(config)
+    try:
+        model.load_state_dict(ckpt["state_dict"], strict=True)
+    except RuntimeError as exc:
+        raise ModelFileError(f"{path}: weights do not fit a {config.name} model: {str(exc).splitlines()[0]}") from exc
+    model.eval()
+    return model.to(torch.device(device))
+
+
+def _check_frames(frames, size) -> np.ndarray:
+    if isinstance(frames, (list, tuple)):
+        shapes = {np.asarray(f).shape for f in frames}
+        if len(shapes) > 1:
+            raise SequenceError(f"frames have different sizes: {sorted(shapes)}")
+        frames = np.stack([np.asarray(f) for f in frames]) if frames else np.zeros((0, 1, 1))
+    f = np.asarray(frames)
+    if f.ndim != 3:
+        raise SequenceError(f"frames must be (n_frames, rows, cols), got shape {f.shape}")
+    if f.shape[0] < 2:
+        raise SequenceError(f"tracking needs at least 2 frames, got {f.shape[0]}")
+    if tuple(f.shape[1:]) != tuple(size):
+        raise ModelFileError(
+            f"the model expects {size[0]}x{size[1]} (rows x cols) input frames, got {f.shape[1]}x{f.shape[2]}; "
+            "resample with track_sequence() or use a model for this input size"
+        )
+    return f
+
+
+def predict_poses(frames, model, *, device="cpu", batch_size: int = 8, global_frames=None) -> np.ndarray:
+    """Frame-to-frame poses of a sweep already at the model's input geometry.
+
+    Parameters
+    ----------
+    frames : (n, rows, cols) uint8 (or float in 0..1), rows x cols = ``model.config.image_size``
+    model : a loaded model (:func:`load_model`)
+    device : torch device
+    batch_size : windows per forward pass
+    global_frames : (n, g, g) downsampled frames for DualTrack's global encoder (default: made
+        from ``frames``)
+
+    Returns
+    -------
+    (n - 1, 6) float64 frame-to-frame parameters (mm, deg), pair ``i`` = frame ``i + 1`` -> ``i``
+
+    Raises
+    ------
+    SequenceError
+        Fewer than 2 frames, or frames of different sizes.
+    ModelFileError
+        Frames of another size than the model input.
+    """
+    import cv2
+    import torch
+
+    cfg = model.config
+    f = _check_frames(frames, cfg.image_size)
+    scale = 255.0 if f.dtype == np.uint8 else 1.0
+    n = f.shape[0]
+    t = min(cfg.clip_length, n)
+    margin = t // 4 if t >= 8 else 0
+    stride = max(1, t - 1 - 2 * margin)
+    starts = list(range(0, max(n - t, 0) + 1, stride))
+    if starts[-1] != n - t:
+        starts.append(n - t)
+    device = torch.device(device)
+    out = np.zeros((n - 1, 6))
+    best = np.full(n - 1, np.inf)
+    global_tokens = None
+    with torch.no_grad():
+        if getattr(cfg, "use_global", False) and cfg.name == "dualtrack":
+            if global_frames is None:
+                g = cfg.global_size
+                global_frames = np.stack([cv2.resize(x, (g, g), interpolation=cv2.INTER_AREA) for x in f])
+            g_idx = np.linspace(0, n - 1, cfg.max_global_tokens).round().astype(int)
+            gf = torch.from_numpy(np.asarray(global_frames)[g_idx].astype(np.float32) / scale)[None].to(device)
+            gp = torch.from_numpy((g_idx / max(n - 1, 1)).astype(np.float32))[None].to(device)
+            global_tokens = model.encode_global(gf, gp)
+        for b0 in range(0, len(starts), batch_size):
+            chunk = starts[b0 : b0 + batch_size]
+            clip = np.stack([f[s : s + t] for s in chunk]).astype(np.float32) / scale
+            x = torch.from_numpy(clip).to(device)
+            pos = torch.from_numpy(
+                np.stack([np.arange(s, s + t) / max(n - 1, 1) for s in chunk]).astype(np.float32)
+            ).to(device)
+            kwargs = {"positions": pos}
+            if global_tokens is not None:
+                kwargs["global_tokens"] = global_tokens.expand(len(chunk), -1, -1)
+            y = model(x, **kwargs).cpu().numpy().astype(np.float64)
+            for k, s in enumerate(chunk):
+                pairs = np.arange(s, s + t - 1)
+                dist = np.abs(pairs - (s + (t - 2) / 2.0))
+                take = dist < best[pairs]
+                out[pairs[take]] = y[k, take]
+                best[pairs[take]] = dist[take]
+    return out
+
+
+def trajectory_from_frame_to_frame(params, spacing_mm, image_shape, first_image_to_reference=None) -> np.ndarray:
+    """Per-frame ImageToReference from frame-to-frame parameters in the centred image-mm frame.
+
+    Parameters
+    ----------
+    params : (n - 1, 6) frame-to-frame parameters (mm, deg), origin at the image centre
+    spacing_mm : (sx, sy) of the output pixels
+    image_shape : (rows, cols)
+    first_image_to_reference : (4, 4) pose of frame 0, or None for ``diag(sx, sy, 1)``
+
+    Returns
+    -------
+    (n, 4, 4) float64 ImageToReference (pixel -> Reference mm)
+    """
+    rows, cols = image_shape
+    to_px = mm_to_pixel(spacing_mm, ((cols - 1) / 2.0, (rows - 1) / 2.0))
+    anchor = (
+        np.diag([spacing_mm[0], spacing_mm[1], 1.0, 1.0])
+        if first_image_to_reference is None
+        else np.asarray(first_image_to_reference, dtype=np.float64)
+    )
+    p0 = rigid(anchor @ to_px)
+    rel = frame_to_frame_to_relative(params_to_matrices(params))
+    # Frame i = frame 0 moved by R_i (expressed in the Reference): keeps frame 0's own scaling.
+    return p0 @ rel @ np.linalg.inv(p0) @ anchor
+
+
+def input_spacing(sequence: TrackedSequence, *, image_to_probe=None, spacing_mm=None) -> tuple[tuple[float, float], np.ndarray | None, np.ndarray | None]:
+    """Pixel spacing of a sequence and its ImageToReference (if any) and ImageToProbe (if any).
+
+    Order: ``spacing_mm`` given; ImageToReference (or ImageToProbe + a chain); ImageToProbe;
+    ``sequence.pixel_spacing_mm``. Raises SequenceError when none is known.
+    """
+    from .data import image_to_reference_of, pixel_spacing_of
+
+    itr = None
+    try:
+        mats, valid = image_to_reference_of(sequence, image_to_probe=image_to_probe)
+        if valid.any():
+            itr = mats
+    except FreehandUSError:
+        itr = None
+    itp = None
+    if image_to_probe is not None:
+        itp = np.asarray(image_to_probe, dtype=np.float64)
+    elif "ImageToProbe" in sequence.transforms and sequence.transforms["ImageToProbe"].valid.any():
+        ft = sequence.transforms["ImageToProbe"]
+        itp = ft.matrices[np.flatnonzero(ft.valid)[0]]
+    if spacing_mm is not None:
+        sp = spacing_mm if np.ndim(spacing_mm) else (spacing_mm, spacing_mm)
+        return (float(sp[0]), float(sp[1])), itr, itp
+    if itr is not None:
+        return pixel_spacing_of(itr, np.all(np.isfinite(itr), axis=(1, 2))), itr, itp
+    if itp is not None:
+        return (float(np.linalg.norm(itp[:3, 0])), float(np.linalg.norm(itp[:3, 1]))), itr, itp
+    if sequence.pixel_spacing_mm is not None:
+        return tuple(sequence.pixel_spacing_mm), itr, itp
+    raise SequenceError(
+        "the pixel spacing of the input is unknown: give --spacing, an ImageToProbe, or a sequence with ImageToReference"
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class TrackingResult:
+    """An estimated trajectory.
+
+    Attributes
+    ----------
+    sequence : the input frames with the estimated ``ImageToReference`` (plus ``ImageToProbe``
+        and ``ProbeToReference`` when the calibration is known)
+    frame_to_frame : (n - 1, 6) estimated frame-to-frame parameters (mm, deg), centred image-mm
+    method : model name or "decorrelation"
+    seconds : inference wall time (resampling included)
+    true_image_to_reference : (n, 4, 4) the input's tracked ImageToReference, or None
+    """
+
+    sequence: TrackedSequence
+    frame_to_frame: np.ndarray
+    method: str
+    seconds: float
+    true_image_to_reference: np.ndarray | None = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def frames_per_second(self) -> float:
+        return self.sequence.n_frames / self.seconds if self.seconds > 0 else float("inf")
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "frames": self.sequence.n_frames,
+            "seconds": self.seconds,
+            "frames_per_second": self.frames_per_second,
+            "anchored_at_input_pose": self.true_image_to_reference is not None,
+            **self.info,
+        }
+
+    def __str__(self) -> str:
+        return (
+            f"{self.method}: {self.sequence.n_frames} frames tracked in {self.seconds:.2f} s "
+            f"({self.frames_per_second:.0f} frames/s)"
+        )
+
+
+def track_sequence(
+    sequence: TrackedSequence,
+    model="default",
+    *,
+    image_to_probe=None,
+    spacing_mm=None,
+    device="cpu",
+    batch_size: int = 8,
+    decorrelation: DecorrelationConfig | None = None,
+) -> TrackingResult:
+    """Estimate the trajectory of ``sequence`` (see the module docstring).
+
+    Parameters
+    ----------
+    sequence : TrackedSequence, one-channel frames (tracking transforms optional)
+    model : a loaded model, a checkpoint path, "default" (the shipped model) or "decorrelation"
+    image_to_probe : optional (4, 4) calibration (pixel spacing, output ProbeToReference)
+    spacing_mm : optional pixel spacing (sx, sy) or one number, when nothing else gives it
+    device, batch_size : inference settings
+    decorrelation : settings of the decorrelation method
+
+    Raises
+    ------
+    SequenceError
+        Fewer than 2 frames, several channels, unknown pixel spacing.
+    ModelFileError
+        Missing or unfit model file.
+    """
+    if sequence.n_frames < 2:
+        raise SequenceError(f"tracking needs at least 2 frames, got {sequence.n_frames}")
+    if sequence.frames.ndim != 3:
+        raise SequenceError(f"tracking needs one-channel frames, got shape {sequence.frames.shape}")
+    spacing, itr, itp = input_spacing(sequence, image_to_probe=image_to_probe, spacing_mm=spacing_mm)
+    rows, cols = sequence.n_rows, sequence.n_cols
+    start = time.perf_counter()
+    info = {"input_spacing_mm": list(spacing)}
+    if isinstance(model, str) and model == "decorrelation":
+        params = estimate_frame_to_frame(sequence.frames, spacing, decorrelation)
+        method = "decorrelation"
+    else:
+        from .data import _as_uint8, resample_frames
+
+        if isinstance(model, (str, Path)):
+            model = load_model(default_model_path() if str(model) == "default" else model, device)
+        cfg = model.config
+        coarse = max(spacing) / cfg.pixel_spacing_mm
+        if coarse > 1.5:
+            log.warning(
+                "input pixels (%.3f x %.3f mm) are %.1fx coarser than the model's training spacing %.3f mm: "
+                "the speckle the model relies on is not resolved; expect poor accuracy",
+                spacing[0], spacing[1], coarse, cfg.pixel_spacing_mm,
+            )
+            info["warning"] = f"input spacing {max(spacing):.3f} mm is coarser than the model's {cfg.pixel_spacing_mm} mm"
+        frames = resample_frames(_as_uint8(sequence.frames), spacing, cfg.pixel_spacing_mm, cfg.image_size)
+        params = predict_poses(frames, model, device=device, batch_size=batch_size)
+        method = cfg.name if cfg.name != "dualtrack" or cfg.use_global else "dualtrack-local"
+    first = None
+    if itr is not None and np.all(np.isfinite(itr[0])):
+        first = itr[0]
+    est = trajectory_from_frame_to_frame(params, spacing, (rows, cols), first)
+    seconds = time.perf_counter() - start
+    n = sequence.n_frames
+    valid = np.ones(n, dtype=bool)
+    transforms = {"ImageToReference": (est, valid)}
+    if itp is not None:
+        transforms["ImageToProbe"] = (np.broadcast_to(itp, (n, 4, 4)).copy(), valid.copy())
+        transforms["ProbeToReference"] = (est @ np.linalg.inv(itp), valid.copy())
+    out = TrackedSequence(
+        frames=sequence.frames,
+        timestamps_s=sequence.timestamps_s.copy(),
+        transforms=transforms,
+        image_ok=sequence.image_ok.copy(),
+        pixel_spacing_mm=spacing,
+        metadata=dict(sequence.metadata),
+    )
+    return TrackingResult(out, params, method, seconds, itr, info)

@@ -1,0 +1,254 @@
+"""Sensorless tracking benchmark: all methods side by side on held-out simulated sweeps + PLUS data.
+
+    python Testing/benchmarks/bench_sensorless.py [--sweeps 20] [--models DIR] [--cache DIR]
+
+Held-out sweeps use ``SensorlessTrackingLib.simdata.test_seeds`` (disjoint from the training
+seeds): random probes, random tissue, 150-400 frames over 60-250 mm, shapes cycling
+straight / C / S. Methods:
+
+- the shipped model (``SensorlessTracking/Resources/Models/sensorless_dualtrack.pt``);
+- every other checkpoint ``*.pt`` in ``--models`` (e.g. ``pairwise.pt``, ``dualtrack_local.pt``,
+  ``moglo.pt`` made by ``train_shipped_model.py --model ... --out DIR/NAME.pt``);
+- ``decorrelation``, calibrated (sigma, direction, rotation model) on 6 training sweeps.
+
+Per sweep and method: final drift, FDR (path and end-to-end), max drift, GPE/LPE, mean angle
+error, inference frames/s. Prints a table of medians and writes
+``Testing/benchmarks/results/sensorless.json``. Also scores the PLUS SpinePhantomFreehand and
+BoneUltrasound_L14 sequences when ../shared/data/plus is present.
+
+Run by ``make benchmark`` through pytest (``test_sensorless_benchmark``) as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+RESULTS = REPO / "Testing" / "benchmarks" / "results"
+SHAPES = ("straight", "C", "S")
+PLUS = REPO.parent / "shared" / "data" / "plus"
+PLUS_CASES = (
+    ("SpinePhantomFreehand", "TestImages/SpinePhantomFreehand.igs.mha", "ConfigFiles/PlusDeviceSet_SpinePhantomFreehandReconstructionOnly.xml"),
+    ("BoneUltrasound_L14", "TestImages/BoneUltrasound_L14.igs.mha", "ConfigFiles/BoneUltrasound_L14_config.xml"),
+)
+KEYS = (
+    "final_drift_mm",
+    "fdr_path_percent",
+    "fdr_end_to_end_percent",
+    "max_drift_mm",
+    "gpe_mm",
+    "lpe_mm",
+    "mean_angle_error_deg",
+    "frames_per_second",
+)
+
+
+def _methods(models_dir: Path | None):
+    from SensorlessTrackingLib.predict import default_model_path
+
+    methods = {}
+    if default_model_path().is_file():
+        methods["shipped (" + default_model_path().stem + ")"] = default_model_path()
+    if models_dir is not None and models_dir.is_dir():
+        for p in sorted(models_dir.glob("*.pt")):
+            methods[p.stem] = p
+    methods["decorrelation"] = "decorrelation"
+    return methods
+
+
+def _held_out(n: int, cache: Path | None, log):
+    from FreehandUSLib.io import read_sequence, write_sequence
+    from SensorlessTrackingLib.simdata import simulate_sequence, test_seeds
+
+    out = []
+    for k, seed in enumerate(test_seeds(n)):
+        path = cache / f"test_{seed}.igs.mha" if cache else None
+        if path is not None and path.is_file():
+            seq = read_sequence(path)
+        else:
+            t = time.perf_counter()
+            seq = simulate_sequence(seed, shape=SHAPES[k % 3]).sequence
+            log.info("simulated held-out sweep %d (%d frames) in %.1f s", seed, seq.n_frames, time.perf_counter() - t)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_sequence(seq, path, compress=False)
+        out.append((f"sim-{seed}-{SHAPES[k % 3]}", seq))
+    return out
+
+
+def _simulator_speed(log) -> dict:
+    """Frames per second of the simulator at 256 x 256 (default linear probe; wall and CPU time)."""
+    from FreehandUSLib.simulation import SweepConfig, TrajectoryConfig, simulate_sweep
+
+    simulate_sweep(SweepConfig(trajectory=TrajectoryConfig(n_frames=2, length_mm=0.5)))  # compile
+    cpu, wall = time.process_time(), time.perf_counter()
+    res = simulate_sweep(SweepConfig(trajectory=TrajectoryConfig(n_frames=200, length_mm=100.0, seed=1), seed=1))
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    out = {
+        "frames": res.sequence.n_frames,
+        "image": [res.sequence.n_rows, res.sequence.n_cols],
+        "frames_per_second_wall": res.sequence.n_frames / wall,
+        "frames_per_second_cpu": res.sequence.n_frames / cpu,
+        "load_average": os.getloadavg()[0],
+    }
+    log.info("simulator: %.1f frames/s wall, %.1f frames/s of CPU time (load %.1f)", out["frames_per_second_wall"],
+             out["frames_per_second_cpu"], out["load_average"])
+    return out
+
+
+def _calibrated_decorrelation(log):
+    from SensorlessTrackingLib.decorrelation import calibrate_decorrelation
+    from SensorlessTrackingLib.simdata import simulate_sequence, train_seeds
+
+    data = []
+    for seed in train_seeds(6):
+        seq = simulate_sequence(seed, n_frames=(150, 200)).sequence
+        data.append((seq.frames, seq.transforms["ImageToReference"].matrices, seq.pixel_spacing_mm))
+    cfg = calibrate_decorrelation(data)
+    log.info("decorrelation calibrated on 6 training sweeps: sigma %.3f mm, direction %+d, rotations %s", cfg.sigma_mm, cfg.direction, cfg.out_of_plane_rotations)
+    return cfg
+
+
+def _plus_sequences(log):
+    out = []
+    if not PLUS.is_dir():
+        return out
+    from FreehandUSLib.io import read_plus_config, read_sequence
+    from SensorlessTrackingLib.data import image_to_reference_of
+
+    for name, seq_rel, cfg_rel in PLUS_CASES:
+        if not (PLUS / seq_rel).is_file() or not (PLUS / cfg_rel).is_file():
+            continue
+        seq = read_sequence(PLUS / seq_rel)
+        itp = read_plus_config(PLUS / cfg_rel).require_transform("ImageToProbe")
+        mats, valid = image_to_reference_of(seq, image_to_probe=itp)
+        keep = valid & seq.image_ok
+        seq = seq.select(keep)
+        seq.set_transform("ImageToReference", mats[keep])
+        seq.set_transform("ImageToProbe", np.broadcast_to(itp, (seq.n_frames, 4, 4)).copy())
+        log.info("%s: %d frames with a valid pose", name, seq.n_frames)
+        out.append((name, seq))
+    return out
+
+
+def _score(seq, method, decorrelation_cfg, threads):
+    from SensorlessTrackingLib.metrics import tracking_metrics
+    from SensorlessTrackingLib.predict import track_sequence
+
+    truth = seq.transforms["ImageToReference"].matrices
+    res = track_sequence(seq, method, decorrelation=decorrelation_cfg)
+    m = tracking_metrics(truth, res.sequence.transforms["ImageToReference"].matrices, (seq.n_rows, seq.n_cols)).to_dict()
+    m["frames_per_second"] = res.frames_per_second
+    m["method"] = res.method
+    return m
+
+
+def run(n_sweeps: int = 20, models_dir: Path | None = None, cache: Path | None = None, threads: int = 1) -> dict:
+    """Run the benchmark; returns (and writes) the results dict."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    log = logging.getLogger("bench_sensorless")
+    import torch
+
+    torch.set_num_threads(threads)
+    from SensorlessTrackingLib.predict import load_model
+
+    methods = _methods(models_dir)
+    loaded = {k: (v if v == "decorrelation" else load_model(v)) for k, v in methods.items()}
+    simulator = _simulator_speed(log)
+    decor = _calibrated_decorrelation(log)
+    sweeps = _held_out(n_sweeps, cache, log)
+    per_sweep = {name: {} for name in loaded}
+    for sname, seq in sweeps:
+        for mname, model in loaded.items():
+            per_sweep[mname][sname] = _score(seq, model, decor, threads)
+            m = per_sweep[mname][sname]
+            log.info("%s %s: FDR %.1f %% (drift %.1f of %.0f mm)", sname, mname, m["fdr_path_percent"], m["final_drift_mm"], m["path_length_mm"])
+    summary = {}
+    for mname, rows in per_sweep.items():
+        summary[mname] = {f"median_{k}": float(np.nanmedian([r[k] for r in rows.values()])) for k in KEYS}
+        summary[mname]["mean_fdr_path_percent"] = float(np.nanmean([r["fdr_path_percent"] for r in rows.values()]))
+    comparisons = {}
+    shipped = next((k for k in summary if k.startswith("shipped")), None)
+    if shipped is not None:
+        for other in summary:
+            if other != shipped:
+                a = summary[shipped]["median_fdr_path_percent"]
+                b = summary[other]["median_fdr_path_percent"]
+                comparisons[f"{shipped} vs {other}"] = {
+                    "median_fdr_path_percent": [a, b],
+                    "drift_reduction_percent": 100.0 * (1.0 - a / b) if b > 0 else float("nan"),
+                }
+    real = {}
+    for name, seq in _plus_sequences(log):
+        real[name] = {mname: _score(seq, model, decor, threads) for mname, model in loaded.items()}
+    result = {
+        "sweeps": [
+            {"name": s, "frames": q.n_frames, "path_length_mm": per_sweep["decorrelation"][s]["path_length_mm"]} for s, q in sweeps
+        ],
+        "methods": {k: str(v) for k, v in methods.items()},
+        "decorrelation_calibration": decor.to_dict(),
+        "summary": summary,
+        "comparisons": comparisons,
+        "per_sweep": per_sweep,
+        "plus_real_data": real,
+        "simulator_speed": simulator,
+        "torch_threads": threads,
+        "cpu_count": os.cpu_count(),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "sensorless.json").write_text(json.dumps(result, indent=2))
+    _print_table(result)
+    return result
+
+
+def _print_table(result) -> None:
+    sim = result.get("simulator_speed", {})
+    if sim:
+        print(f"\nSimulator, 256x256 default probe: {sim['frames_per_second_wall']:.1f} frames/s wall, "
+              f"{sim['frames_per_second_cpu']:.1f} frames/s of CPU time (load average {sim['load_average']:.1f})")
+    print(f"\nSensorless tracking on {len(result['sweeps'])} held-out simulated sweeps (medians)")
+    head = f"{'method':<34} {'FDR path %':>10} {'FDR e2e %':>10} {'final mm':>9} {'max mm':>8} {'GPE mm':>7} {'LPE mm':>7} {'angle':>6} {'frames/s':>9}"
+    print(head)
+    print("-" * len(head))
+    for name, s in sorted(result["summary"].items(), key=lambda kv: kv[1]["median_fdr_path_percent"]):
+        print(
+            f"{name[:34]:<34} {s['median_fdr_path_percent']:>10.1f} {s['median_fdr_end_to_end_percent']:>10.1f} "
+            f"{s['median_final_drift_mm']:>9.1f} {s['median_max_drift_mm']:>8.1f} {s['median_gpe_mm']:>7.1f} "
+            f"{s['median_lpe_mm']:>7.3f} {s['median_mean_angle_error_deg']:>6.1f} {s['median_frames_per_second']:>9.0f}"
+        )
+    for name, c in result.get("comparisons", {}).items():
+        print(f"{name}: median FDR {c['median_fdr_path_percent'][0]:.1f} % vs {c['median_fdr_path_percent'][1]:.1f} % "
+              f"({c['drift_reduction_percent']:+.0f} % less drift)")
+    for case, rows in result["plus_real_data"].items():
+        print(f"\n{case} (real PLUS data)")
+        for name, m in rows.items():
+            print(
+                f"  {name[:32]:<32} final drift {m['final_drift_mm']:.1f} mm, FDR {m['fdr_path_percent']:.1f} % of "
+                f"{m['path_length_mm']:.1f} mm, GPE {m['gpe_mm']:.1f} mm"
+            )
+
+
+def test_sensorless_benchmark():
+    """``make benchmark``: the full run; asserts only that every method produced finite numbers."""
+    result = run(int(os.environ.get("SENSORLESS_BENCH_SWEEPS", "20")), RESULTS / "sensorless_models", RESULTS / "sensorless_sweeps")
+    for name, s in result["summary"].items():
+        assert np.isfinite(s["median_final_drift_mm"]), name
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sweeps", type=int, default=20)
+    ap.add_argument("--models", type=Path, default=RESULTS / "sensorless_models", help="folder of extra checkpoints")
+    ap.add_argument("--cache", type=Path, default=RESULTS / "sensorless_sweeps", help="cache of simulated sweeps")
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args()
+    run(a.sweeps, a.models, a.cache, a.threads)
+    sys.exit(0)

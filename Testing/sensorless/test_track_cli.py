@@ -1,0 +1,144 @@
+"""``freehandus track train|predict|evaluate`` through the parser that add_parsers() builds."""
+
+import argparse
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from FreehandUSLib.errors import FreehandUSError
+from FreehandUSLib.io import read_sequence, write_sequence
+from SensorlessTrackingLib.cli import add_parsers, read_image_to_probe
+
+from sensorless_helpers import tiny_sweep
+
+
+def _run(argv):
+    """What FreehandUSLib.cli.main does with a registered `track`."""
+    parser = argparse.ArgumentParser(prog="freehandus")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_parsers(sub)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except FreehandUSError as exc:
+        print(f"freehandus {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("track")
+    paths = []
+    for s in range(3):
+        res = tiny_sweep(seed=10 + s, n_frames=10, length_mm=2.5)
+        sub = d / f"subject{s}"
+        sub.mkdir()
+        paths.append(write_sequence(res.sequence, sub / "sweep.igs.mha"))
+    return d, paths
+
+
+def test_track_help_needs_no_torch(capsys):
+    with pytest.raises(SystemExit) as exc:
+        _run(["track", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "train" in out and "predict" in out and "evaluate" in out
+    import subprocess
+
+    code = (
+        "import sys, SensorlessTrackingLib, SensorlessTrackingLib.cli, SensorlessTrackingLib.predict, "
+        "FreehandUSLib.simulation.cli; print('torch' in sys.modules)"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == "False"
+
+
+def test_track_predict_and_evaluate_with_decorrelation(files, tmp_path, capsys):
+    _, paths = files
+    out = tmp_path / "est.seq.nrrd"
+    assert _run(["track", "predict", str(paths[0]), "--model", "decorrelation", "--out", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["method"] == "decorrelation" and info["frames"] == 10 and info["anchored_at_input_pose"]
+    est = read_sequence(out)
+    truth = read_sequence(paths[0])
+    np.testing.assert_allclose(
+        est.transforms["ImageToReference"].matrices[0], truth.transforms["ImageToReference"].matrices[0], atol=1e-5
+    )
+    assert _run(["track", "evaluate", str(paths[0]), "--estimate", str(out), "--model", "decorrelation", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)["results"]
+    assert set(res) == {str(out), "decorrelation"}
+    for m in res.values():
+        assert {"final_drift_mm", "fdr_path_percent", "fdr_end_to_end_percent", "gpe_mm", "lpe_mm", "max_drift_mm"} <= set(m)
+    assert res[str(out)]["final_drift_mm"] == pytest.approx(res["decorrelation"]["final_drift_mm"], rel=1e-3)
+    assert _run(["track", "evaluate", str(paths[0]), "--model", "decorrelation"]) == 0
+    assert "FDR path %" in capsys.readouterr().out
+
+
+def test_track_train_then_predict(files, tmp_path, capsys):
+    pytest.importorskip("torch")
+    _, paths = files
+    out_dir = tmp_path / "model"
+    argv = ["track", "train", *map(str, paths), "--out", str(out_dir), "--model", "pairwise", "--image-size", "32", "32",
+            "--clip-length", "4", "--spacing-mm", "0.4", "--epochs", "1", "--clips-per-epoch", "4", "--batch-size", "2",
+            "--val-fraction", "0.34", "--threads", "1", "--json"]
+    assert _run(argv) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["sweeps"] == 3 and info["model"] == "pairwise" and len(info["history"]) == 1
+    ckpt = info["checkpoint"]
+    est = tmp_path / "est.igs.mha"
+    assert _run(["track", "predict", str(paths[1]), "--model", ckpt, "--out", str(est), "--threads", "1"]) == 0
+    assert "pairwise" in capsys.readouterr().out
+    assert read_sequence(est).transforms["ImageToReference"].matrices.shape == (10, 4, 4)
+
+
+def test_track_bad_input(files, tmp_path, capsys):
+    _, paths = files
+    assert _run(["track", "predict", str(paths[0]), "--model", str(tmp_path / "none.pt"), "--out", str(tmp_path / "o.igs.mha")]) == 2
+    assert "model file not found" in capsys.readouterr().err
+    one = write_sequence(read_sequence(paths[0])[0], tmp_path / "one.igs.mha")
+    assert _run(["track", "predict", str(one), "--model", "decorrelation", "--out", str(tmp_path / "o.igs.mha")]) == 2
+    assert "at least 2 frames" in capsys.readouterr().err
+    assert _run(["track", "train", "--out", str(tmp_path / "m")]) == 2
+    assert "--simulated" in capsys.readouterr().err
+    assert _run(["track", "predict", str(paths[0]), "--model", "decorrelation", "--out", str(tmp_path / "o.bmp")]) == 2
+    assert "unknown file type" in capsys.readouterr().err
+
+
+def test_read_image_to_probe_formats(tmp_path):
+    m = np.diag([0.2, 0.2, 1.0, 1.0])
+    m[0, 3] = 5.0
+    (tmp_path / "a.json").write_text(json.dumps({"ImageToProbe": m.tolist()}))
+    (tmp_path / "b.txt").write_text("\n".join(" ".join(str(v) for v in row) for row in m))
+    np.testing.assert_allclose(read_image_to_probe(tmp_path / "a.json"), m)
+    np.testing.assert_allclose(read_image_to_probe(tmp_path / "b.txt"), m)
+    scaling = np.diag([0.25, 0.25, 1.0, 1.0])
+    spatial = np.eye(4)
+    spatial[:3, 3] = [1.0, 2.0, 3.0]
+    rows = ["scaling_from_pixel_to_mm"] + [",".join(map(str, r)) for r in scaling]
+    rows += ["spatial_calibration"] + [",".join(map(str, r)) for r in spatial]
+    (tmp_path / "calib_matrix.csv").write_text("\n".join(rows))
+    shift = np.eye(4)
+    shift[:2, 3] = 1.0
+    np.testing.assert_allclose(read_image_to_probe(tmp_path / "calib_matrix.csv"), spatial @ scaling @ shift)
+    (tmp_path / "c.txt").write_text("1 2 3")
+    with pytest.raises(FreehandUSError, match="16 numbers"):
+        read_image_to_probe(tmp_path / "c.txt")
+    (tmp_path / "e.txt").write_text("1 2 three")
+    with pytest.raises(FreehandUSError, match="three"):
+        read_image_to_probe(tmp_path / "e.txt")
+    (tmp_path / "d.json").write_text(json.dumps({"Other": 1}))
+    with pytest.raises(FreehandUSError, match="ImageToProbe"):
+        read_image_to_probe(tmp_path / "d.json")
+    with pytest.raises(FreehandUSError, match="not found"):
+        read_image_to_probe(tmp_path / "missing.json")
+
+
+@pytest.mark.realdata
+def test_read_image_to_probe_from_plus_config():
+    from testdata import plus_file
+
+    cfg = plus_file("ConfigFiles/PlusDeviceSet_SpinePhantomFreehandReconstructionOnly.xml")
+    m = read_image_to_probe(cfg)
+    assert m.shape == (4, 4) and np.all(np.isfinite(m))
