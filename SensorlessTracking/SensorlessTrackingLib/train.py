@@ -215,7 +215,6 @@ def train(cfg: TrainConfig, out_dir, *, sweeps=None, progress: bool = True) -> P
     )
     points = corner_points_mm(model_cfg.image_size, model_cfg.pixel_spacing_mm, device)
     scale = torch.tensor(model_cfg.target_scale, dtype=torch.float32, device=device)
-    generator = torch.Generator().manual_seed(cfg.seed)
     started = time.perf_counter()
     bar = None
     if progress:
@@ -225,6 +224,8 @@ def train(cfg: TrainConfig, out_dir, *, sweeps=None, progress: bool = True) -> P
     try:
         for epoch in range(start_epoch, cfg.epochs):
             train_set.set_epoch(epoch)
+            # Shuffling seeded per epoch: a resumed run sees the same batches as an uninterrupted one.
+            generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
             loader = torch.utils.data.DataLoader(
                 train_set, batch_size=cfg.batch_size, shuffle=True, generator=generator, num_workers=0, drop_last=False
             )

@@ -194,6 +194,20 @@ def test_train_writes_checkpoints_resumes_and_is_deterministic(sweeps, tmp_path)
         train(_train_cfg(model=tiny_model_config("pairwise")), tmp_path / "a", sweeps=prepared, progress=False)
 
 
+def test_resumed_training_matches_an_uninterrupted_run(sweeps, tmp_path):
+    prepared = _prepared(sweeps, tiny_model_config())
+    train(_train_cfg(epochs=3), tmp_path / "straight", sweeps=prepared, progress=False)
+    straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)
+    # the same 3-epoch run, stopped after its first epoch by the time limit, then resumed
+    train(_train_cfg(epochs=3, max_minutes=0.0), tmp_path / "resumed", sweeps=prepared, progress=False)
+    assert torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)["epoch"] == 0
+    train(_train_cfg(epochs=3), tmp_path / "resumed", sweeps=prepared, progress=False)
+    resumed = torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)
+    assert straight["epoch"] == resumed["epoch"] == 2
+    for k, v in straight["state_dict"].items():
+        assert torch.allclose(v.float(), resumed["state_dict"][k].float(), atol=1e-6), k
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(sweeps, tmp_path):
     prepared = _prepared(sweeps, tiny_model_config())
     train(_train_cfg(epochs=1), tmp_path, sweeps=prepared, progress=False)
@@ -279,3 +293,25 @@ def test_simulated_training_data_is_reproducible_and_disjoint_from_tests():
     np.testing.assert_array_equal(a[0].frames, b[0].frames)
     np.testing.assert_allclose(a[0].poses, b[0].poses)
     assert seqs[0].n_frames == 4 and "ImageToReference" in seqs[0].transforms
+
+
+def test_shipped_model_is_trained_and_tracks_a_simulated_sweep():
+    from SensorlessTrackingLib.metrics import tracking_metrics
+    from SensorlessTrackingLib.predict import default_model_path
+
+    path = default_model_path()
+    if not path.is_file():
+        pytest.skip(f"no shipped model at {path} (made by SensorlessTracking/Resources/Models/train_shipped_model.py)")
+    assert path.stat().st_size < 20e6
+    model = load_model(path)
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    assert ckpt["epoch"] > 0 and ckpt["version"] == CHECKPOINT_VERSION
+    res = tiny_sweep(seed=21, n_frames=40, length_mm=16.0, n_rows=128, n_cols=128, depth_mm=32.0, width_mm=32.0,
+                     sigma_elevation_mm=0.8)
+    seq = res.sequence
+    est = track_sequence(seq, model)
+    truth = seq.transforms["ImageToReference"].matrices
+    m = tracking_metrics(truth, est.sequence.transforms["ImageToReference"].matrices, seq.frames.shape[1:])
+    still = tracking_metrics(truth, np.broadcast_to(truth[0], truth.shape), seq.frames.shape[1:])
+    # a trained model follows the sweep: far less drift than assuming no motion
+    assert m.final_drift_mm < 0.5 * still.final_drift_mm
