@@ -80,6 +80,9 @@ def add_parsers(subparsers):
     p.add_argument("sequences", nargs="*", help="tracked sequence files (.igs.mha .igs.nrrd .seq.nrrd .h5)")
     p.add_argument("--out", required=True, help="output folder (checkpoints; an existing last.pt is resumed)")
     p.add_argument("--model", choices=["dualtrack", "moglo", "pairwise"], default="dualtrack")
+    p.add_argument("--init", metavar="CHECKPOINT",
+                   help="start from these weights ('default': the shipped model) to fine-tune on your own "
+                        "probe; the architecture and input geometry then come from the checkpoint")
     p.add_argument("--local-only", action="store_true", help="dualtrack without the global encoder (ablation)")
     p.add_argument("--simulated", type=int, default=0, help="also train on this many simulated sweeps")
     p.add_argument("--image-to-probe", help="calibration for files without one (.xml PLUS config, .json, .txt)")
@@ -145,8 +148,16 @@ def _cmd_train(args) -> int:
 
     from .models import ModelConfig
 
+    init = None
+    if args.init:
+        from .predict import default_model_path
+        from .train import checkpoint_model_config
+
+        init = str(default_model_path()) if args.init == "default" else args.init
+        model_cfg = checkpoint_model_config(init)
     try:
-        model_cfg = ModelConfig(name=args.model, use_global=not args.local_only)
+        if init is None:
+            model_cfg = ModelConfig(name=args.model, use_global=not args.local_only)
         changes = {}
         if args.spacing_mm:
             changes["pixel_spacing_mm"] = args.spacing_mm
@@ -154,6 +165,11 @@ def _cmd_train(args) -> int:
             changes["image_size"] = tuple(args.image_size)
         if args.clip_length:
             changes["clip_length"] = args.clip_length
+        if init is not None and changes:
+            raise FreehandUSError(
+                f"--init {args.init}: the model's input geometry comes from the checkpoint; "
+                "drop --spacing-mm/--image-size/--clip-length"
+            )
         model_cfg = replace(model_cfg, **changes)
     except ValueError as exc:
         raise FreehandUSError(str(exc)) from exc
@@ -177,6 +193,7 @@ def _cmd_train(args) -> int:
         device=args.device,
         num_threads=args.threads,
         max_minutes=args.max_minutes,
+        init_from=init,
     )
     margin = AugmentConfig().crop_jitter_px
     sweeps = [load_sweep(p, model_cfg, image_to_probe=itp, margin_px=margin) for p in args.sequences]

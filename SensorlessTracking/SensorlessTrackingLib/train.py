@@ -30,7 +30,16 @@ from .data import NO_AUGMENT, AugmentConfig, ClipDataset, clip_targets, load_swe
 from .losses import LossConfig, corner_points_mm, tracking_loss
 from .models import ModelConfig, build_model
 
-__all__ = ["TrainConfig", "TrainingError", "train", "CHECKPOINT_VERSION", "select_device", "label_scale", "seed_everything"]
+__all__ = [
+    "TrainConfig",
+    "TrainingError",
+    "train",
+    "CHECKPOINT_VERSION",
+    "select_device",
+    "label_scale",
+    "seed_everything",
+    "checkpoint_model_config",
+]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +69,10 @@ class TrainConfig:
     device : "auto" (CUDA when present), "cpu" or "cuda"
     num_threads : torch CPU threads (None: torch's default)
     max_minutes : stop after the epoch during which this much time has passed (None: no limit)
+    init_from : checkpoint whose weights start the training (fine-tuning, e.g. the shipped model
+        on the user's own probe); ``model`` must describe the same architecture and input
+        geometry (:func:`checkpoint_model_config` reads it), and the checkpoint's target scale is
+        kept. Ignored when ``out_dir`` already holds a ``last.pt`` to resume.
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -79,6 +92,7 @@ class TrainConfig:
     device: str = "auto"
     num_threads: int | None = None
     max_minutes: float | None = None
+    init_from: str | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -107,6 +121,32 @@ def label_scale(sweeps) -> tuple[float, ...]:
     scale = 1.4826 * np.median(np.abs(params), axis=0)
     scale = np.maximum(scale, np.maximum(0.2 * scale.max(), 1e-3))
     return tuple(float(v) for v in scale)
+
+
+def checkpoint_model_config(path) -> ModelConfig:
+    """The :class:`~.models.ModelConfig` stored in a checkpoint (to fine-tune it on new data)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TrainingError(f"no checkpoint at {path}: give a file written by 'freehandus track train' or 'default'")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        return ModelConfig.from_dict(ckpt["model_config"])
+    except Exception as exc:  # a pickle/zip/key error: say which file and why
+        raise TrainingError(f"{path} is not a FreehandUS tracking checkpoint ({type(exc).__name__}: {exc})") from exc
+
+
+def _load_init(path, model_cfg: ModelConfig):
+    """(model config, state_dict) of the checkpoint that starts a fine-tuning run."""
+    saved = checkpoint_model_config(path)
+    if replace(saved, target_scale=model_cfg.target_scale) != model_cfg:
+        raise TrainingError(
+            f"{path} holds a {saved.name} model for {saved.image_size[0]}x{saved.image_size[1]} pixels of "
+            f"{saved.pixel_spacing_mm} mm, not the requested {model_cfg.name} for {model_cfg.image_size[0]}x"
+            f"{model_cfg.image_size[1]} of {model_cfg.pixel_spacing_mm} mm; train with the checkpoint's own "
+            "configuration (checkpoint_model_config)"
+        )
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    return saved, ckpt["state_dict"]
 
 
 def _batch_to(batch, device):
@@ -176,6 +216,10 @@ def train(cfg: TrainConfig, out_dir, *, sweeps=None, progress: bool = True) -> P
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
     resume = torch.load(last_path, map_location="cpu", weights_only=False) if last_path.is_file() else None
     model_cfg = cfg.model
+    init_state = None
+    if resume is None and cfg.init_from:
+        model_cfg, init_state = _load_init(cfg.init_from, model_cfg)
+        log.info("fine-tuning the weights of %s", cfg.init_from)
     if resume is not None:
         saved = ModelConfig.from_dict(resume["model_config"])
         if replace(saved, target_scale=model_cfg.target_scale) != model_cfg:
@@ -184,9 +228,11 @@ def train(cfg: TrainConfig, out_dir, *, sweeps=None, progress: bool = True) -> P
                 "use another output folder or delete it"
             )
         model_cfg = saved
-    elif cfg.auto_target_scale:
+    elif cfg.auto_target_scale and init_state is None:
         model_cfg = replace(model_cfg, target_scale=label_scale(train_sweeps))
     model = build_model(model_cfg).to(device)
+    if init_state is not None:
+        model.load_state_dict(init_state, strict=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, math.ceil(cfg.clips_per_epoch / cfg.batch_size))
     total = steps_per_epoch * cfg.epochs

@@ -208,6 +208,43 @@ def test_resumed_training_matches_an_uninterrupted_run(sweeps, tmp_path):
         assert torch.allclose(v.float(), resumed["state_dict"][k].float(), atol=1e-6), k
 
 
+def test_fine_tuning_starts_from_the_given_weights(sweeps, tmp_path):
+    from SensorlessTrackingLib.train import checkpoint_model_config
+
+    prepared = _prepared(sweeps, tiny_model_config())
+    base = train(_train_cfg(epochs=1), tmp_path / "base", sweeps=prepared, progress=False)
+    base_cfg = checkpoint_model_config(base)
+    start = torch.load(base, weights_only=False)["state_dict"]
+    # learning rate 0: the fine-tuned weights are exactly the checkpoint's (not a fresh init);
+    # batch-norm running statistics still move, so only learned parameters are compared
+    frozen = train(_train_cfg(epochs=1, lr=0.0, init_from=str(base), model=base_cfg), tmp_path / "frozen",
+                   sweeps=prepared, progress=False)
+    got = torch.load(frozen, weights_only=False)
+    assert got["model_config"]["target_scale"] == list(base_cfg.target_scale)
+    learned = [k for k in start if "running_" not in k and "num_batches" not in k]
+    assert len(learned) > 10
+    for k in learned:
+        assert torch.equal(start[k], got["state_dict"][k]), k
+    tuned = train(_train_cfg(epochs=1, init_from=str(base), model=base_cfg), tmp_path / "tuned", sweeps=prepared,
+                  progress=False)
+    moved = torch.load(tuned, weights_only=False)["state_dict"]
+    assert any(not torch.equal(start[k], moved[k]) for k in learned)
+
+
+def test_fine_tuning_rejects_another_architecture_and_bad_files(sweeps, tmp_path):
+    prepared = _prepared(sweeps, tiny_model_config())
+    base = train(_train_cfg(epochs=1), tmp_path / "base", sweeps=prepared, progress=False)
+    with pytest.raises(TrainingError, match="not the requested pairwise"):
+        train(_train_cfg(model=tiny_model_config("pairwise"), init_from=str(base)), tmp_path / "x", sweeps=prepared,
+              progress=False)
+    with pytest.raises(TrainingError, match="no checkpoint at"):
+        train(_train_cfg(init_from=str(tmp_path / "missing.pt")), tmp_path / "y", sweeps=prepared, progress=False)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(TrainingError, match="not a FreehandUS tracking checkpoint"):
+        train(_train_cfg(init_from=str(junk)), tmp_path / "z", sweeps=prepared, progress=False)
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(sweeps, tmp_path):
     prepared = _prepared(sweeps, tiny_model_config())
     train(_train_cfg(epochs=1), tmp_path, sweeps=prepared, progress=False)

@@ -3,6 +3,7 @@
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -91,6 +92,16 @@ def test_track_train_then_predict(files, tmp_path, capsys):
     assert _run(["track", "predict", str(paths[1]), "--model", ckpt, "--out", str(est), "--threads", "1"]) == 0
     assert "pairwise" in capsys.readouterr().out
     assert read_sequence(est).transforms["ImageToReference"].matrices.shape == (10, 4, 4)
+    # fine-tune that model on the same recordings: the geometry comes from the checkpoint
+    tuned_dir = tmp_path / "tuned"
+    assert _run(["track", "train", *map(str, paths), "--out", str(tuned_dir), "--init", ckpt, "--epochs", "1",
+                 "--clips-per-epoch", "4", "--batch-size", "2", "--val-fraction", "0.34", "--threads", "1",
+                 "--json"]) == 0
+    tuned = json.loads(capsys.readouterr().out)
+    assert tuned["model"] == "pairwise" and Path(tuned["checkpoint"]).is_file()
+    assert _run(["track", "train", *map(str, paths), "--out", str(tmp_path / "t2"), "--init", ckpt,
+                 "--spacing-mm", "0.3"]) == 2
+    assert "comes from the checkpoint" in capsys.readouterr().err
 
 
 def test_track_bad_input(files, tmp_path, capsys):
