@@ -11,8 +11,12 @@ into one ``qt-scripted-modules`` folder, so both import from here; this module l
 as a dependency so that folder is loaded first in a development setup too.
 
 torch is not pip-installed by this module: it comes from the PyTorch extension (``PyTorchUtils``),
-which picks a build that matches the GPU driver. This version reads and checks recordings and sets
-up PyTorch; trajectory estimation arrives with SensorlessTrackingLib.
+which picks a build that matches the GPU driver (a torch already importable in Slicer's Python is
+used as it is).
+
+Estimation, plots, reconstruction from the estimate and training go through
+``SensorlessTrackingLib.mrml_tracking`` (the MRML bridge of this module): the Logic converts
+panel values to arguments and calls it, nothing more.
 """
 
 import enum
@@ -35,6 +39,7 @@ from slicer.util import VTKObservationMixin
 
 # MRML classes of loadable modules must come from their own packages (see Slicer's parameter
 # node documentation): they are not in the slicer namespace yet when this file is read.
+from slicer import vtkMRMLLinearTransformNode, vtkMRMLScalarVolumeNode
 from vtkSlicerSequencesModuleMRMLPython import vtkMRMLSequenceBrowserNode
 
 #
@@ -61,10 +66,16 @@ installed on first use through the PyTorch extension.</p>
 import SensorlessTracking
 logic = SensorlessTracking.SensorlessTrackingLogic()
 print(logic.setupTorch())                 # e.g. "PyTorch 2.5.1, device cuda"
-browser = slicer.util.getNode("Sweep")
-sequence = logic.sequenceFromBrowser(browser)
-print(sequence.n_frames, sequence.frames.shape)
+browser = slicer.util.getNode("SweepBrowser")
+summary = logic.estimateTrajectory(browser)            # shipped model; or model="/path/best.pt"
+print(logic.summaryText(summary))         # frames/s, path, drift/GPE vs tracking if recorded
+chart = logic.trajectoryPlot(browser)     # estimated vs tracked image centre per frame
+result = logic.reconstructEstimated(browser, output_spacing_mm=0.5)   # new volume node
+model = logic.trainFromBrowsers([browser], "/data/models/mine", epochs=20, initModel="default")
 </pre>
+<p>The estimate is added to the same browser as the transform sequence
+<i>ImageToEstimatedReference</i> (one pose per frame); a new estimate replaces it and nothing
+else.</p>
 <p>See the <a href="https://github.com/freehandus/FreehandUS#readme">FreehandUS documentation</a>.</p>
 """
         )
@@ -138,23 +149,60 @@ class Device(enum.Enum):
         return {"AUTO": _("Automatic (GPU if available)"), "CPU": _("CPU"), "CUDA": _("CUDA GPU")}[self.name]
 
 
+class ModelChoice(enum.Enum):
+    """Which trajectory model estimates: the shipped one, a file, or the non-learned baseline."""
+
+    DEFAULT = "default"
+    FILE = "file"
+    DECORRELATION = "decorrelation"
+
+    def label(self) -> str:
+        return {
+            "DEFAULT": _("Shipped model (DualTrack, simulated training)"),
+            "FILE": _("Model file"),
+            "DECORRELATION": _("Speckle decorrelation (no learning)"),
+        }[self.name]
+
+
 @parameterNodeWrapper
 class SensorlessTrackingParameterNode:
     """
     The parameters of the module, saved with the scene.
 
-    inputBrowser - the ultrasound frames to track (tracking, if any, only for evaluation).
-    modelPath - trained trajectory model (PyTorch checkpoint).
+    inputBrowser - the ultrasound frames to track (tracking, if any, only for evaluation); the
+        estimated trajectory is added to this browser.
+    imageToProbe - ImageToProbe calibration (optional): pixel spacing, and the tracked pose of
+        recordings whose frames are not placed.
+    spacingMm - pixel spacing (mm) of recordings that give none; 0 = from the recording.
+    modelChoice - shipped model, a model file, or the decorrelation baseline.
+    modelPath - trained trajectory model (PyTorch checkpoint), used with modelChoice FILE.
     device - where the model runs.
-    batchSize - frames given to the model at once.
-    outputBrowser - receives the frames with the estimated poses.
+    batchSize - windows given to the model at once.
+    outputVolume - receives the reconstruction from the estimated trajectory.
+    reconstructionSpacingMm - voxel size of that reconstruction, mm.
+    trainOutputDirectory - folder of a training run (checkpoints; a second run resumes).
+    trainEpochs - passes over the training clips.
+    trainFineTune - start from the weights of the selected model (the shipped one, or the model
+        file) instead of random weights; its input size and pixel spacing are kept.
     """
 
     inputBrowser: vtkMRMLSequenceBrowserNode
+    imageToProbe: vtkMRMLLinearTransformNode
+    spacingMm: Annotated[float, WithinRange(0.0, 10.0)] = 0.0
+    modelChoice: ModelChoice = ModelChoice.DEFAULT
     modelPath: Path
     device: Device = Device.AUTO
-    batchSize: Annotated[int, WithinRange(1, 1024)] = 16
-    outputBrowser: vtkMRMLSequenceBrowserNode
+    batchSize: Annotated[int, WithinRange(1, 1024)] = 8
+    outputVolume: vtkMRMLScalarVolumeNode
+    reconstructionSpacingMm: Annotated[float, WithinRange(0.05, 10.0)] = 0.5
+    trainOutputDirectory: Path
+    trainEpochs: Annotated[int, WithinRange(1, 1000)] = 20
+    trainFineTune: bool = True
+
+
+def _isSet(path: Path) -> bool:
+    """A Path parameter left at its default (``Path()``, shown as ".") counts as not set."""
+    return str(path) not in ("", ".")
 
 
 #
@@ -187,6 +235,12 @@ class SensorlessTrackingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
 
         self.ui.inputInfoButton.connect("clicked(bool)", self.onInputInfoButton)
         self.ui.setupTorchButton.connect("clicked(bool)", self.onSetupTorchButton)
+        self.ui.estimateButton.connect("clicked(bool)", self.onEstimateButton)
+        self.ui.showPlotButton.connect("clicked(bool)", self.onShowPlotButton)
+        self.ui.reconstructButton.connect("clicked(bool)", self.onReconstructButton)
+        self.ui.trainButton.connect("clicked(bool)", self.onTrainButton)
+        self.ui.estimateProgressBar.hide()
+        self.ui.trainProgressBar.hide()
 
         self.initializeParameterNode()
 
@@ -235,7 +289,33 @@ class SensorlessTrackingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self._updateButtons()
 
     def _updateButtons(self, caller=None, event=None) -> None:
-        self.ui.inputInfoButton.enabled = bool(self._parameterNode and self._parameterNode.inputBrowser)
+        parameters = self._parameterNode
+        hasInput = bool(parameters and parameters.inputBrowser)
+        modelReady = bool(
+            parameters and (parameters.modelChoice != ModelChoice.FILE or _isSet(parameters.modelPath))
+        )
+        self.ui.inputInfoButton.enabled = hasInput
+        self.ui.modelPathLineEdit.enabled = bool(parameters and parameters.modelChoice == ModelChoice.FILE)
+        self.ui.estimateButton.enabled = hasInput and modelReady
+        self.ui.estimateButton.toolTip = (
+            _("Estimate the probe trajectory of the recording from its images.")
+            if hasInput and modelReady
+            else _("Select a recording (and a model file when 'Model file' is chosen).")
+        )
+        self.ui.showPlotButton.enabled = hasInput
+        self.ui.reconstructButton.enabled = hasInput
+        self.ui.trainButton.enabled = bool(parameters and _isSet(parameters.trainOutputDirectory))
+
+    def _onEstimateProgress(self, done, total) -> None:
+        self.ui.estimateProgressBar.maximum = max(int(total), 1)
+        self.ui.estimateProgressBar.value = int(done)
+        slicer.app.processEvents()
+
+    def _onTrainProgress(self, done, total) -> None:
+        self.ui.trainProgressBar.maximum = max(int(total), 1)
+        self.ui.trainProgressBar.value = int(done)
+        self.ui.trainStatusLabel.text = _("Epoch {done} of {total} done").format(done=done, total=total)
+        slicer.app.processEvents()
 
     def onInputInfoButton(self) -> None:
         import FreehandUS
@@ -248,6 +328,77 @@ class SensorlessTrackingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         with slicer.util.tryWithErrorDisplay(_("Failed to set up PyTorch."), waitCursor=True):
             self.ui.torchStatusLabel.text = self.logic.setupTorch()
 
+    def onEstimateButton(self) -> None:
+        parameters = self._parameterNode
+        self.ui.resultsLabel.text = ""
+        self.ui.estimateProgressBar.value = 0
+        self.ui.estimateProgressBar.show()
+        try:
+            with slicer.util.tryWithErrorDisplay(_("Trajectory estimation failed."), waitCursor=True):
+                summary = self.logic.estimateTrajectory(
+                    parameters.inputBrowser,
+                    model=self.logic.modelFromParameterNode(parameters),
+                    spacingMm=parameters.spacingMm or None,
+                    imageToProbeNode=parameters.imageToProbe,
+                    device=parameters.device.value,
+                    batchSize=parameters.batchSize,
+                    progress=self._onEstimateProgress,
+                )
+                self.ui.resultsLabel.text = self.logic.summaryText(summary)
+                self.logic.trajectoryPlot(parameters.inputBrowser)
+        finally:
+            self.ui.estimateProgressBar.hide()
+
+    def onShowPlotButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Failed to plot the trajectory."), waitCursor=True):
+            self.logic.trajectoryPlot(self._parameterNode.inputBrowser)
+
+    def onReconstructButton(self) -> None:
+        parameters = self._parameterNode
+        message = _("Reconstruction from the estimated trajectory failed.")
+        with slicer.util.tryWithErrorDisplay(message, waitCursor=True):
+            if not parameters.outputVolume:
+                parameters.outputVolume = slicer.mrmlScene.AddNewNodeByClass(
+                    "vtkMRMLScalarVolumeNode",
+                    slicer.mrmlScene.GenerateUniqueName(f"{parameters.inputBrowser.GetName()}EstimatedReconstruction"),
+                )
+            result = self.logic.reconstructEstimated(
+                parameters.inputBrowser,
+                parameters.outputVolume,
+                output_spacing_mm=parameters.reconstructionSpacingMm,
+            )
+            self.ui.reconstructionStatusLabel.text = str(result)
+            slicer.util.setSliceViewerLayers(background=parameters.outputVolume, fit=True)
+
+    def onTrainButton(self) -> None:
+        parameters = self._parameterNode
+        # A list of nodes cannot be a parameter bound by connectGui: the checked browsers are
+        # read from the selector when the button is pressed.
+        browsers = list(self.ui.trainingBrowsersSelector.checkedNodes())
+        self.ui.trainStatusLabel.text = ""
+        self.ui.trainProgressBar.value = 0
+        self.ui.trainProgressBar.show()
+        try:
+            with slicer.util.tryWithErrorDisplay(_("Training failed."), waitCursor=True):
+                initModel = None
+                if parameters.trainFineTune and parameters.modelChoice != ModelChoice.DECORRELATION:
+                    initModel = self.logic.modelFromParameterNode(parameters) or "default"
+                path = self.logic.trainFromBrowsers(
+                    browsers,
+                    parameters.trainOutputDirectory,
+                    epochs=parameters.trainEpochs,
+                    initModel=initModel,
+                    device=parameters.device.value,
+                    progress=self._onTrainProgress,
+                )
+                parameters.modelChoice = ModelChoice.FILE
+                parameters.modelPath = path
+                self.ui.trainStatusLabel.text = _("Model written to {path}; it is now the selected model.").format(
+                    path=path
+                )
+        finally:
+            self.ui.trainProgressBar.hide()
+
 
 #
 # SensorlessTrackingLogic
@@ -257,7 +408,8 @@ class SensorlessTrackingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
 class SensorlessTrackingLogic(ScriptedLoadableModuleLogic):
     """Sensorless tracking from MRML nodes; usable with no widget.
 
-    Recordings are read through the FreehandUS bridge (``FreehandUS.FreehandUSLogic``).
+    Recordings are read through the FreehandUS bridge (``FreehandUS.FreehandUSLogic``); the
+    estimate, plots, reconstruction and training through ``SensorlessTrackingLib.mrml_tracking``.
     """
 
     def __init__(self) -> None:
@@ -290,6 +442,168 @@ class SensorlessTrackingLogic(ScriptedLoadableModuleLogic):
         device = "cuda" if torch.cuda.is_available() else "cpu"
         return f"PyTorch {torch.__version__}, device {device}"
 
+    @staticmethod
+    def _ensurePackages(*, torchNeeded: bool) -> None:
+        """opencv (resampling) and, for learned models, torch (a torch Slicer already has is used)."""
+        import importlib.util
+
+        import FreehandUS
+
+        FreehandUS.ensurePythonPackages(["cv2"])
+        if torchNeeded and importlib.util.find_spec("torch") is None:
+            ensureTorch()
+
+    def modelFromParameterNode(self, parameterNode=None):
+        """The ``model`` argument of :meth:`estimateTrajectory` chosen in the panel.
+
+        Returns ``None`` (the shipped model), ``"decorrelation"`` or the model file path.
+
+        Raises
+        ------
+        ValueError
+            "Model file" is chosen but no file is set.
+        """
+        parameters = parameterNode or self.getParameterNode()
+        if parameters.modelChoice == ModelChoice.DECORRELATION:
+            return "decorrelation"
+        if parameters.modelChoice == ModelChoice.FILE:
+            if not _isSet(parameters.modelPath):
+                raise ValueError("'Model file' is selected but no model file is set")
+            return str(parameters.modelPath)
+        return None
+
+    def estimateTrajectory(
+        self,
+        browserNode,
+        *,
+        model=None,
+        spacingMm=None,
+        imageToProbeNode=None,
+        device="cpu",
+        batchSize=8,
+        progress=None,
+    ) -> dict:
+        """Estimate the trajectory of the recording held by ``browserNode`` and add it to the browser.
+
+        Parameters
+        ----------
+        browserNode : vtkMRMLSequenceBrowserNode
+            Frames to track; a tracked ImageToReference, if recorded, anchors the estimate at the
+            first tracked pose and gives the accuracy metrics.
+        model : None, str or pathlib.Path
+            ``None``: the shipped model; a checkpoint path; ``"decorrelation"``.
+        spacingMm : float or (float, float), optional
+            Pixel spacing (mm) of a recording that gives none.
+        imageToProbeNode : vtkMRMLLinearTransformNode, optional
+            ImageToProbe calibration.
+        device : {"cpu", "cuda", "auto"}
+        batchSize : int
+        progress : callable(done, total), optional
+
+        Returns
+        -------
+        dict
+            The summary of ``SensorlessTrackingLib.mrml_tracking.estimate_trajectory_to_browser``
+            (frames, frames_per_second, path_length_mm, metrics or None, warnings...). The
+            estimate is the browser's ``ImageToEstimatedReference`` transform sequence.
+        """
+        self._ensurePackages(torchNeeded=model != "decorrelation")
+        from SensorlessTrackingLib import mrml_tracking
+
+        imageToProbe = None
+        if imageToProbeNode is not None:
+            from FreehandUSLib.mrml_reconstruction import image_to_probe_from_node
+
+            imageToProbe = image_to_probe_from_node(imageToProbeNode)
+        return mrml_tracking.estimate_trajectory_to_browser(
+            browserNode,
+            model=model,
+            spacing_mm=spacingMm,
+            image_to_probe=imageToProbe,
+            device=device,
+            batch_size=batchSize,
+            progress=progress,
+        )
+
+    def summaryText(self, summary: dict) -> str:
+        """A few readable lines of an estimate summary."""
+        from SensorlessTrackingLib import mrml_tracking
+
+        return mrml_tracking.summary_text(summary)
+
+    def trajectoryPlot(self, browserNode, *, show=True):
+        """Table + plot chart of the estimated (and tracked) image centre per frame.
+
+        Returns
+        -------
+        vtkMRMLPlotChartNode
+            Shown in the layout's plot view when ``show`` is true; its table is the node
+            reference ``FreehandUS.SensorlessTracking.TrajectoryTable``.
+        """
+        from SensorlessTrackingLib import mrml_tracking
+
+        chartNode = mrml_tracking.trajectory_plot(browserNode)
+        if show:
+            slicer.modules.plots.logic().ShowChartInLayout(chartNode)
+        return chartNode
+
+    def reconstructEstimated(self, browserNode, outputVolumeNode=None, *, progress=None, **options):
+        """Reconstruct a volume from the frames placed by the estimated trajectory.
+
+        Parameters
+        ----------
+        browserNode : vtkMRMLSequenceBrowserNode
+            A browser on which :meth:`estimateTrajectory` ran.
+        outputVolumeNode : vtkMRMLScalarVolumeNode, optional
+            Default: a new ``<browser>EstimatedReconstruction`` node.
+        progress : callable(done, total), optional
+        **options
+            ``roi_node``, ``coverage_volume_node`` and reconstruction options, e.g.
+            ``output_spacing_mm=0.5, interpolation="linear", fill_holes=True``.
+
+        Returns
+        -------
+        FreehandUSLib.reconstruction.ReconstructionResult
+        """
+        import FreehandUS
+
+        FreehandUS.ensurePythonPackages(["numba"])
+        from SensorlessTrackingLib import mrml_tracking
+
+        return mrml_tracking.reconstruct_estimated(browserNode, outputVolumeNode, progress=progress, **options)
+
+    def trainFromBrowsers(self, browserNodes, outputDirectory, *, epochs=20, initModel=None, progress=None, **options):
+        """Train a model on tracked recordings (sequence browsers); returns the checkpoint path.
+
+        Parameters
+        ----------
+        browserNodes : list of vtkMRMLSequenceBrowserNode
+            Recordings with tracking (a tracked ImageToReference per frame).
+        outputDirectory : str or pathlib.Path
+            Checkpoints go here; a second call with the same folder resumes.
+        epochs : int
+        initModel : None, "default", str or pathlib.Path
+            Fine-tune this checkpoint (``"default"``: the shipped model) instead of training
+            from random weights; its architecture and input geometry are used.
+        progress : callable(done, total), optional
+            Called after every epoch.
+        **options
+            ``model_config`` (``SensorlessTrackingLib.models.ModelConfig``), ``config``
+            (``TrainConfig``), ``clips_per_epoch``, ``batch_size``, ``val_fraction``, ``lr``,
+            ``seed``, ``device``, ``image_to_probe``.
+
+        Returns
+        -------
+        pathlib.Path
+            The best checkpoint (use it as ``model=`` of :meth:`estimateTrajectory`).
+        """
+        self._ensurePackages(torchNeeded=True)
+        from SensorlessTrackingLib import mrml_tracking
+
+        return mrml_tracking.train_from_browsers(
+            browserNodes, outputDirectory, epochs=epochs, init_model=initModel, progress=progress, **options
+        )
+
 
 #
 # SensorlessTrackingTest
@@ -305,6 +619,8 @@ class SensorlessTrackingTest(ScriptedLoadableModuleTest):
     def runTest(self):
         self.setUp()
         self.test_recordingFromBrowser()
+        self.setUp()
+        self.test_estimatePlotReconstruct()
 
     def test_recordingFromBrowser(self):
         self.delayDisplay("Synthetic recording -> browser -> SensorlessTrackingLogic")
@@ -321,4 +637,35 @@ class SensorlessTrackingTest(ScriptedLoadableModuleTest):
         self.assertEqual(sequence.n_frames, sweep.n_frames)
         np.testing.assert_array_equal(sequence.frames, sweep.frames)
         self.assertEqual(logic.sequenceSummary(browserNode)["frames"], sweep.n_frames)
+        self.delayDisplay("Test passed")
+
+    def test_estimatePlotReconstruct(self):
+        self.delayDisplay("Tracked browser -> estimate (decorrelation) -> plot -> reconstruction")
+        import numpy as np
+        from FreehandUSLib.mrml import sequence_to_browser
+
+        import FreehandUS
+
+        sweep = FreehandUS.makeTestSequence(nFrames=8, nRows=64, nCols=64, seed=5)
+        imageToProbe = np.diag([0.3, 0.3, 1.0, 1.0])
+        browserNode = sequence_to_browser(slicer.mrmlScene, sweep, image_to_probe=imageToProbe, browser_name="Sweep")
+        nSequences = browserNode.GetNumberOfSynchronizedSequenceNodes()
+
+        logic = SensorlessTrackingLogic()
+        summary = logic.estimateTrajectory(browserNode, model="decorrelation")
+        self.assertEqual(summary["frames"], sweep.n_frames)
+        self.assertIsNotNone(summary["metrics"])
+        self.assertEqual(browserNode.GetNumberOfSynchronizedSequenceNodes(), nSequences + 1)
+        estimate = slicer.mrmlScene.GetNodeByID(summary["sequence_id"])
+        self.assertEqual(estimate.GetNumberOfDataNodes(), sweep.n_frames)
+        logic.estimateTrajectory(browserNode, model="decorrelation")  # replaces its own output only
+        self.assertEqual(browserNode.GetNumberOfSynchronizedSequenceNodes(), nSequences + 1)
+
+        chartNode = logic.trajectoryPlot(browserNode, show=False)
+        self.assertEqual(chartNode.GetNumberOfPlotSeriesNodes(), 7)
+
+        outputNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "EstimatedReconstruction")
+        result = logic.reconstructEstimated(browserNode, outputNode, output_spacing_mm=1.0)
+        self.assertEqual(result.frames_used, sweep.n_frames)
+        self.assertGreater(np.count_nonzero(slicer.util.arrayFromVolume(outputNode)), 0)
         self.delayDisplay("Test passed")

@@ -1,0 +1,1010 @@
+"""MRML bridge for sensorless tracking: sequence browsers in, estimated trajectories out.
+
+What the "Sensorless Tracking" module's Logic calls (it holds no tracking code itself), and what
+the headless tests exercise with the real MRML classes of the ``slicer-core`` wheel:
+
+- :func:`estimate_trajectory_to_browser` — the frames of a sequence browser in, the estimated
+  trajectory written as a transform sequence **into the same browser** (one item per image
+  item, same index values, with a proxy transform node), a summary returned; when the browser
+  also holds the tracked ImageToReference, the summary holds the accuracy of the estimate
+  (:func:`~SensorlessTrackingLib.metrics.tracking_metrics`);
+- :func:`trajectory_table` / :func:`trajectory_plot` — the image-centre positions of the
+  estimated (and tracked) trajectory per frame as a table node and a plot chart;
+- :func:`reconstruct_estimated` — volume reconstruction from the estimated trajectory (through
+  :func:`FreehandUSLib.mrml_reconstruction.reconstruct_browser_to_volume_node`);
+- :func:`train_from_browsers` — train a model on tracked browsers (through
+  :func:`~SensorlessTrackingLib.train.train`).
+
+Like :mod:`FreehandUSLib.mrml_reconstruction` it works on MRML nodes through their methods and
+``vtk`` and leaves everything that needs the ``slicer`` package to :mod:`FreehandUSLib.mrml`; it
+needs 3D Slicer's Python or the ``slicer-core`` wheel and is not imported by
+``import SensorlessTrackingLib``. torch is imported only when a learned model runs or trains.
+
+The estimated transform
+-----------------------
+The estimate is stored as ``ImageToEstimatedReference`` (:data:`ESTIMATED_TRANSFORM_NAME`):
+pixel -> mm, one 4x4 per frame, anchored at the tracked first pose when the browser has one
+(so it overlays the tracked ImageToReference and drifts away from it), else at
+``diag(sx, sy, 1)`` (first frame at the origin, pixels scaled to mm). Its target frame is named
+*EstimatedReference* on purpose: transform repositories never chain it with the tracker's
+transforms, :func:`~FreehandUSLib.mrml.browser_to_sequence` reads it back under that name, and
+a second estimate never takes it for the tracking it is compared with. The sequence carries the
+attribute ``FreehandUS.SensorlessTracking.Estimate = "true"`` (:data:`ATTR_ESTIMATE`); a new
+estimate refills that sequence and leaves every other sequence of the browser untouched.
+
+Coordinate convention: as in :mod:`FreehandUSLib.mrml`, the Reference frame *is* Slicer's RAS
+world (PLUS millimetres, no LPS flip).
+
+Example (3D Slicer Python console)
+----------------------------------
+>>> from SensorlessTrackingLib import mrml_tracking as mt
+>>> browser = slicer.util.getNode("SweepBrowser")
+>>> summary = mt.estimate_trajectory_to_browser(browser)          # the shipped model
+>>> print(mt.summary_text(summary))
+>>> chart = mt.trajectory_plot(browser)
+>>> result = mt.reconstruct_estimated(browser, output_spacing_mm=0.5)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import vtk
+
+from FreehandUSLib import mrml, mrml_reconstruction
+from FreehandUSLib.errors import FreehandUSError, SequenceError, TransformError
+from FreehandUSLib.reconstruction.errors import InvalidOptionError
+from FreehandUSLib.sequence import TrackedSequence
+
+from .metrics import tracking_metrics
+from .predict import ModelFileError, TrackingResult, default_model_path, input_spacing, load_model, track_sequence
+
+__all__ = [
+    "estimate_trajectory_to_browser",
+    "find_estimate_sequence",
+    "estimated_trajectory",
+    "trajectory_table",
+    "trajectory_plot",
+    "reconstruct_estimated",
+    "train_from_browsers",
+    "summary_text",
+    "ESTIMATED_TRANSFORM_NAME",
+    "ATTR_ESTIMATE",
+    "ATTR_ESTIMATE_SUMMARY",
+    "ATTR_ESTIMATE_MODEL",
+    "ATTR_RECON_TRAJECTORY",
+    "REF_TRAJECTORY_TABLE",
+    "REF_TRAJECTORY_CHART",
+    "REF_ESTIMATE_SEQUENCE",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Name of the estimated transform (sequence attribute, default sequence and proxy node name).
+ESTIMATED_TRANSFORM_NAME = "ImageToEstimatedReference"
+#: ``"true"`` on the transform sequence written by :func:`estimate_trajectory_to_browser`.
+ATTR_ESTIMATE = "FreehandUS.SensorlessTracking.Estimate"
+#: On the estimate sequence: JSON of the summary returned by the estimate.
+ATTR_ESTIMATE_SUMMARY = "FreehandUS.SensorlessTracking.Summary"
+#: On the estimate sequence: the model (file path, ``"default"`` or ``"decorrelation"``).
+ATTR_ESTIMATE_MODEL = "FreehandUS.SensorlessTracking.Model"
+#: On a volume made by :func:`reconstruct_estimated`: the transform it was reconstructed with.
+ATTR_RECON_TRAJECTORY = "FreehandUS.SensorlessTracking.Trajectory"
+#: Node reference from the estimate sequence to its trajectory table.
+REF_TRAJECTORY_TABLE = "FreehandUS.SensorlessTracking.TrajectoryTable"
+#: Node reference from the estimate sequence to its trajectory plot chart.
+REF_TRAJECTORY_CHART = "FreehandUS.SensorlessTracking.TrajectoryChart"
+#: Node reference from a reconstructed volume to the estimate sequence it used.
+REF_ESTIMATE_SEQUENCE = "FreehandUS.SensorlessTracking.EstimateSequence"
+
+_BROWSER_CLASS = "vtkMRMLSequenceBrowserNode"
+#: On plot series nodes made here (so that a refreshed chart drops only its own series).
+_ATTR_SERIES = "FreehandUS.SensorlessTracking.Series"
+#: Relative difference between a given and the recorded pixel spacing that is reported.
+_SPACING_MISMATCH = 0.05
+#: The input must cover at least this share of the model's field of view along each axis.
+_MIN_FIELD_OF_VIEW = 0.5
+_AXES = ("x", "y", "z")
+#: Series colours: x red, y green, z blue (Slicer's R, A, S axes); drift grey.
+_AXIS_COLORS = {"x": (0.85, 0.2, 0.2), "y": (0.2, 0.65, 0.2), "z": (0.2, 0.35, 0.9)}
+_DRIFT_COLOR = (0.35, 0.35, 0.35)
+
+
+# --------------------------------------------------------------------------------------------
+# Browser access
+# --------------------------------------------------------------------------------------------
+
+
+def _check_browser(browser_node, what: str = "input") -> str:
+    """The browser's name; SequenceError for None or another node class."""
+    if browser_node is None:
+        raise SequenceError(f"{what}: no sequence browser given (select the recording, a vtkMRMLSequenceBrowserNode)")
+    if not browser_node.IsA(_BROWSER_CLASS):
+        raise SequenceError(
+            f"{what}: {browser_node.GetName()!r} is a {browser_node.GetClassName()}; "
+            "expected a vtkMRMLSequenceBrowserNode"
+        )
+    if browser_node.GetScene() is None:
+        raise SequenceError(f"{what}: browser {browser_node.GetName()!r} is not in a scene")
+    return browser_node.GetName()
+
+
+def _browser_sequences(browser_node) -> list:
+    coll = vtk.vtkCollection()
+    browser_node.GetSynchronizedSequenceNodes(coll, True)
+    return [coll.GetItemAsObject(i) for i in range(coll.GetNumberOfItems())]
+
+
+def _holds(seq_node, cls: str) -> bool:
+    if seq_node.GetNumberOfDataNodes() == 0:
+        return False
+    node = seq_node.GetNthDataNode(0)
+    return node is not None and node.IsA(cls)
+
+
+def _image_sequence(browser_node):
+    """The browser's image (volume) sequence, picked as :func:`FreehandUSLib.mrml.browser_to_sequence` does."""
+    sequences = _browser_sequences(browser_node)
+    volumes = [s for s in sequences if _holds(s, "vtkMRMLVolumeNode")]
+    if not volumes:
+        names = [s.GetName() for s in sequences]
+        raise SequenceError(
+            f"browser {browser_node.GetName()!r} holds no images (no sequence of volume nodes; its sequences: "
+            f"{names or 'none'})"
+        )
+    for s in volumes:
+        if s.GetAttribute(mrml.ATTR_ROLE) == "Image":
+            return s
+    master = browser_node.GetMasterSequenceNode()
+    for s in volumes:
+        if master is not None and s.GetID() == master.GetID():
+            return s
+    return volumes[0]
+
+
+def find_estimate_sequence(browser_node):
+    """The estimated-trajectory sequence of a browser (attribute :data:`ATTR_ESTIMATE`), or None."""
+    if browser_node is None or not browser_node.IsA(_BROWSER_CLASS):
+        return None
+    for seq_node in _browser_sequences(browser_node):
+        if seq_node.GetAttribute(ATTR_ESTIMATE) == "true":
+            return seq_node
+    return None
+
+
+def _estimate_names(browser_node) -> set[str]:
+    """Transform names under which browser_to_sequence reads estimate sequences."""
+    names = set()
+    for seq_node in _browser_sequences(browser_node):
+        if seq_node.GetAttribute(ATTR_ESTIMATE) == "true":
+            names.add(seq_node.GetAttribute(mrml.ATTR_TRANSFORM_NAME) or ESTIMATED_TRANSFORM_NAME)
+    return names
+
+
+def _read_browser(browser_node, *, purpose: str) -> TrackedSequence:
+    """The browser's frames and transforms, without earlier estimates; >= 2 one-channel frames."""
+    name = _check_browser(browser_node)
+    _image_sequence(browser_node)  # names the browser when it holds no images
+    try:
+        sequence = mrml.browser_to_sequence(browser_node)
+    except SequenceError as exc:
+        raise SequenceError(f"cannot {purpose}: {exc}") from exc  # names the browser
+    estimates = _estimate_names(browser_node)
+    if estimates & set(sequence.transforms):
+        sequence = TrackedSequence(
+            frames=sequence.frames,
+            timestamps_s=sequence.timestamps_s,
+            transforms={k: v for k, v in sequence.transforms.items() if k not in estimates},
+            image_ok=sequence.image_ok,
+            pixel_spacing_mm=sequence.pixel_spacing_mm,
+            frame_fields=sequence.frame_fields,
+            metadata=sequence.metadata,
+        )
+    if sequence.n_frames < 2:
+        raise SequenceError(
+            f"browser {name!r} holds {sequence.n_frames} frame: cannot {purpose} from fewer than 2 frames (a sweep)"
+        )
+    if sequence.frames.ndim != 3:
+        raise SequenceError(
+            f"browser {name!r}: frames of shape {sequence.frames.shape[1:]} have several channels; cannot "
+            f"{purpose} from them (one-channel grey frames are needed)"
+        )
+    return sequence
+
+
+def _read_matrices(seq_node) -> np.ndarray:
+    """(n, 4, 4) float64 matrices to parent of a linear-transform sequence."""
+    out = np.empty((seq_node.GetNumberOfDataNodes(), 4, 4))
+    m = vtk.vtkMatrix4x4()
+    for i in range(out.shape[0]):
+        seq_node.GetNthDataNode(i).GetMatrixTransformToParent(m)
+        out[i] = mrml.vtk_to_matrix(m)
+    return out
+
+
+def _tracked_image_to_reference(sequence: TrackedSequence, image_to_probe=None):
+    """(n, 4, 4) tracked ImageToReference (NaN where invalid), or None without tracking."""
+    from .data import image_to_reference_of
+
+    try:
+        mats, valid = image_to_reference_of(sequence, image_to_probe=image_to_probe)
+    except TransformError:
+        return None
+    if not np.any(valid):
+        return None
+    return np.where(valid[:, None, None], mats, np.nan)
+
+
+# --------------------------------------------------------------------------------------------
+# Estimating a trajectory
+# --------------------------------------------------------------------------------------------
+
+
+def _resolve_model(model, device):
+    """(model for track_sequence, label for the summary)."""
+    if model is None or (isinstance(model, str) and model == "default"):
+        path = default_model_path()
+        return load_model(path, device), str(path)
+    if isinstance(model, str) and model == "decorrelation":
+        return "decorrelation", "decorrelation"
+    if isinstance(model, (str, Path)):
+        return load_model(Path(model), device), str(model)
+    if hasattr(model, "config") and hasattr(model, "eval"):
+        return model, f"(loaded {model.config.name} model)"
+    raise ModelFileError(
+        f"model: expected None (the shipped model), a checkpoint path, 'decorrelation' or a loaded model, "
+        f"got {type(model).__name__}"
+    )
+
+
+def _resolve_device(device) -> str:
+    if device in (None, "auto"):
+        try:
+            import torch
+        except ImportError:
+            return "cpu"
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(device)
+
+
+def _check_field_of_view(model, spacing, shape, browser_name: str, warnings: list) -> None:
+    """ModelFileError when the frames cover too little of the model's input (another input size)."""
+    cfg = model.config
+    rows_mm, cols_mm = shape[0] * spacing[1], shape[1] * spacing[0]
+    need_rows, need_cols = (v * cfg.pixel_spacing_mm for v in cfg.image_size)
+    cover = min(rows_mm / need_rows, cols_mm / need_cols)
+    if cover < _MIN_FIELD_OF_VIEW:
+        raise ModelFileError(
+            f"the model is for input frames of about {need_rows:.1f} x {need_cols:.1f} mm "
+            f"({cfg.image_size[0]}x{cfg.image_size[1]} pixels of {cfg.pixel_spacing_mm} mm); the frames of browser "
+            f"{browser_name!r} are {rows_mm:.1f} x {cols_mm:.1f} mm ({shape[0]}x{shape[1]} pixels of "
+            f"{spacing[0]:.3g} x {spacing[1]:.3g} mm) and would fill less than {100 * _MIN_FIELD_OF_VIEW:.0f} % of "
+            "it: use a model trained for this image size (train one with these recordings) or check the pixel spacing"
+        )
+    if cover < 0.9:
+        warnings.append(
+            f"the frames ({rows_mm:.1f} x {cols_mm:.1f} mm) fill only part of the model's input "
+            f"({need_rows:.1f} x {need_cols:.1f} mm); accuracy may suffer"
+        )
+
+
+def _write_estimate_sequence(browser_node, image_seq, matrices: np.ndarray, *, name: str | None):
+    """Fill (or make) the browser's estimate sequence and its proxy; returns the sequence node."""
+    scene = browser_node.GetScene()
+    index_values = [image_seq.GetNthIndexValue(i) for i in range(image_seq.GetNumberOfDataNodes())]
+    if len(index_values) != matrices.shape[0]:
+        raise SequenceError(
+            f"browser {browser_node.GetName()!r}: {matrices.shape[0]} poses for {len(index_values)} image items"
+        )
+    seq_node = find_estimate_sequence(browser_node)
+    created = seq_node is None
+    if created:
+        seq_node = scene.AddNewNodeByClass("vtkMRMLSequenceNode", name or ESTIMATED_TRANSFORM_NAME)
+    elif name:
+        seq_node.SetName(name)
+    transform_name = ESTIMATED_TRANSFORM_NAME
+    was_modifying = seq_node.StartModify()
+    try:
+        seq_node.RemoveAllDataNodes()
+        seq_node.SetIndexName(image_seq.GetIndexName())
+        seq_node.SetIndexUnit(image_seq.GetIndexUnit())
+        seq_node.SetIndexType(image_seq.GetIndexType())
+        seq_node.SetNumericIndexValueTolerance(image_seq.GetNumericIndexValueTolerance())
+        seq_node.SetAttribute(mrml.ATTR_ROLE, "Transform")
+        seq_node.SetAttribute(mrml.ATTR_TRANSFORM_NAME, transform_name)
+        seq_node.SetAttribute(ATTR_ESTIMATE, "true")
+        data = scene.CreateNodeByClass("vtkMRMLLinearTransformNode")
+        data.UnRegister(None)  # CreateNodeByClass hands over a reference; Python keeps its own
+        data.SetName(seq_node.GetName())
+        data.SetAttribute(mrml.ATTR_TRANSFORM_NAME, transform_name)
+        data.SetAttribute(mrml.ATTR_TRANSFORM_VALID, "true")
+        for i, value in enumerate(index_values):
+            data.SetMatrixTransformToParent(mrml.matrix_to_vtk(matrices[i]))
+            seq_node.SetDataNodeAtValue(data, value)  # deep copy
+    finally:
+        seq_node.EndModify(was_modifying)
+    if created:
+        browser_node.AddSynchronizedSequenceNodeID(seq_node.GetID())
+    item = max(browser_node.GetSelectedItemNumber(), 0)
+    proxy = browser_node.GetProxyNode(seq_node)
+    if proxy is None:
+        proxy = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", seq_node.GetName())
+        browser_node.AddProxyNode(proxy, seq_node, False)
+    proxy.SetAttribute(mrml.ATTR_TRANSFORM_NAME, transform_name)
+    proxy.SetMatrixTransformToParent(mrml.matrix_to_vtk(matrices[min(item, matrices.shape[0] - 1)]))
+    return seq_node
+
+
+def _centres(image_to_reference: np.ndarray, shape) -> np.ndarray:
+    """(n, 3) image-centre positions (Reference mm) of (n, 4, 4) pixel -> mm matrices."""
+    rows, cols = shape
+    centre = np.array([(cols - 1) / 2.0, (rows - 1) / 2.0, 0.0, 1.0])
+    return (image_to_reference @ centre)[:, :3]
+
+
+def _path_length_mm(positions: np.ndarray) -> float:
+    ok = np.all(np.isfinite(positions), axis=1)
+    p = positions[ok]
+    return float(np.linalg.norm(np.diff(p, axis=0), axis=1).sum()) if len(p) > 1 else 0.0
+
+
+def estimate_trajectory_to_browser(
+    browser_node,
+    *,
+    model=None,
+    spacing_mm=None,
+    image_to_probe=None,
+    name: str | None = None,
+    device="cpu",
+    batch_size: int = 8,
+    progress=None,
+) -> dict:
+    """Estimate the probe trajectory of a recording and add it to the recording's browser.
+
+    Parameters
+    ----------
+    browser_node : vtkMRMLSequenceBrowserNode
+        The recording: an image sequence of 2D one-channel frames (``Image_Reference`` from
+        :func:`~FreehandUSLib.mrml.sequence_to_browser` or a Slicer recording), optionally with
+        tracking (read by :func:`~FreehandUSLib.mrml.browser_to_sequence`); tracking is used
+        only to anchor the estimate at the first tracked pose and to measure its accuracy.
+    model : None, str, Path or loaded model
+        ``None``/``"default"``: the shipped model
+        (:func:`~SensorlessTrackingLib.predict.default_model_path`); a checkpoint path
+        (:func:`~SensorlessTrackingLib.predict.load_model`); a loaded model; or
+        ``"decorrelation"`` (the speckle-decorrelation baseline, no torch).
+    spacing_mm : float or (sx, sy), optional
+        Pixel spacing of the frames (mm), when the recording does not give it (no
+        ImageToReference, no ImageToProbe, no ``FreehandUS.PixelSpacing``). Given for a
+        recording that has one, it wins and a difference of more than 5 % is reported.
+    image_to_probe : (4, 4) array_like, optional
+        ImageToProbe calibration (pixels -> Probe mm): pixel spacing, and the tracked
+        ImageToReference through ProbeToReference when the frames lack it.
+    name : str, optional
+        Name of the output sequence and its proxy (default ``ImageToEstimatedReference``).
+    device : {"cpu", "cuda", "auto"}
+        Where the model runs (``"auto"``: CUDA when torch sees a GPU).
+    batch_size : int
+        Windows per forward pass.
+    progress : callable(done, total), optional
+        Called after reading (1 of 3), tracking (2) and writing (3).
+
+    Returns
+    -------
+    dict
+        JSON-safe summary, also stored in the output sequence's
+        ``FreehandUS.SensorlessTracking.Summary`` attribute: ``browser``, ``sequence`` (the
+        output sequence node name), ``sequence_id``, ``transform`` (``ImageToEstimatedReference``),
+        ``frames``, ``method`` (model name or ``decorrelation``), ``model`` (path or label),
+        ``input_spacing_mm``, ``path_length_mm`` (of the estimated image centre), ``seconds``
+        (tracking, resampling included), ``frames_per_second``, ``total_seconds`` (with MRML
+        reading and writing), ``anchored_at_tracked_pose``, ``tracked`` (the browser has a
+        tracked ImageToReference), ``metrics`` (``None`` without tracking, else
+        :meth:`~SensorlessTrackingLib.metrics.TrackingMetrics.to_dict`: ``final_drift_mm``,
+        ``fdr_path_percent``, ``fdr_end_to_end_percent``, ``gpe_mm``, ``lpe_mm``,
+        ``mean_angle_error_deg``...; over the frames whose tracking is valid), ``warnings``
+        (list of str: spacing mismatch, coarse pixels, partial field of view, invalid
+        tracking...).
+
+    Raises
+    ------
+    SequenceError
+        No browser, a browser without images, fewer than 2 frames, frames of different sizes
+        or with several channels, unknown pixel spacing (names the browser).
+    ModelFileError
+        Missing or unreadable model file, or a model for another input size (the frames would
+        cover less than half of its field of view).
+    """
+    started = time.perf_counter()
+    bname = _check_browser(browser_node)
+    _report(progress, 0, 3)
+    image_seq = _image_sequence(browser_node)
+    sequence = _read_browser(browser_node, purpose="estimate a trajectory")
+    _report(progress, 1, 3)
+    warnings: list[str] = []
+    try:
+        spacing, _, _ = input_spacing(sequence, image_to_probe=image_to_probe, spacing_mm=spacing_mm)
+    except SequenceError as exc:
+        raise SequenceError(
+            f"browser {bname!r}: the pixel spacing of the frames is unknown (no ImageToReference, ImageToProbe or "
+            "pixel spacing in the recording): give spacing_mm (mm per pixel) or an ImageToProbe calibration"
+        ) from exc
+    if spacing_mm is not None:
+        try:
+            recorded, _, _ = input_spacing(sequence, image_to_probe=image_to_probe)
+        except SequenceError:
+            recorded = None
+        relative = None if recorded is None else np.abs(np.subtract(spacing, recorded)) / np.asarray(recorded)
+        if relative is not None and np.max(relative) > _SPACING_MISMATCH:
+            warnings.append(
+                f"spacing_mm {spacing[0]:.4g} x {spacing[1]:.4g} mm differs from the recording's "
+                f"{recorded[0]:.4g} x {recorded[1]:.4g} mm; the given spacing was used"
+            )
+    device = _resolve_device(device)
+    tracker, model_label = _resolve_model(model, device)
+    learned = not isinstance(tracker, str)
+    if learned:
+        _check_field_of_view(tracker, spacing, sequence.frames.shape[1:], bname, warnings)
+    truth = _tracked_image_to_reference(sequence, image_to_probe)
+    try:
+        result = track_sequence(
+            sequence,
+            tracker,
+            image_to_probe=image_to_probe,
+            spacing_mm=spacing_mm,
+            device=device,
+            batch_size=batch_size,
+        )
+    except SequenceError as exc:
+        raise SequenceError(f"browser {bname!r}: {exc}") from exc
+    except ValueError as exc:
+        if learned:
+            raise
+        raise SequenceError(f"browser {bname!r}: speckle decorrelation cannot track these frames: {exc}") from exc
+    if "warning" in result.info:
+        warnings.append(str(result.info["warning"]))
+    _report(progress, 2, 3)
+
+    est = result.sequence.transforms["ImageToReference"].matrices
+    seq_node = _write_estimate_sequence(browser_node, image_seq, est, name=name)
+    metrics = None
+    if truth is not None:
+        ok = np.all(np.isfinite(truth), axis=(1, 2))
+        if ok.sum() >= 2:
+            metrics = tracking_metrics(truth[ok], est[ok], sequence.frames.shape[1:]).to_dict()
+            if not ok.all():
+                warnings.append(f"{int((~ok).sum())} frames without valid tracking are left out of the metrics")
+        else:
+            warnings.append("fewer than 2 frames have valid tracking: no accuracy metrics")
+    itr = result.true_image_to_reference
+    anchored = itr is not None and bool(np.all(np.isfinite(itr[0])))
+    if not anchored:
+        warnings.append(
+            "no tracked pose of the first frame: the trajectory starts at the origin (first frame, pixels scaled to mm)"
+        )
+    summary = {
+        "browser": bname,
+        "sequence": seq_node.GetName(),
+        "sequence_id": seq_node.GetID(),
+        "transform": ESTIMATED_TRANSFORM_NAME,
+        "frames": int(sequence.n_frames),
+        "method": result.method,
+        "model": model_label,
+        "input_spacing_mm": [float(v) for v in spacing],
+        "path_length_mm": _path_length_mm(_centres(est, sequence.frames.shape[1:])),
+        "seconds": float(result.seconds),
+        "frames_per_second": float(result.frames_per_second),
+        "total_seconds": time.perf_counter() - started,
+        "anchored_at_tracked_pose": anchored,
+        "tracked": truth is not None,
+        "metrics": metrics,
+        "warnings": warnings,
+    }
+    seq_node.SetAttribute(ATTR_ESTIMATE_SUMMARY, json.dumps(summary))
+    seq_node.SetAttribute(ATTR_ESTIMATE_MODEL, model_label)
+    for text in warnings:
+        logger.warning("browser %s: %s", bname, text)
+    logger.info("estimated trajectory of %s: %s", bname, summary_text(summary).replace("\n", "; "))
+    _report(progress, 3, 3)
+    return summary
+
+
+def _report(progress, done, total) -> None:
+    if progress is not None:
+        progress(done, total)
+
+
+def summary_text(summary: dict) -> str:
+    """A few readable lines of an estimate summary (for a label in the panel or a log)."""
+    lines = [
+        f"{summary['frames']} frames tracked by {summary['method']} in {summary['seconds']:.2f} s "
+        f"({summary['frames_per_second']:.0f} frames/s)",
+        f"estimated path {summary['path_length_mm']:.1f} mm -> {summary['sequence']}",
+    ]
+    m = summary.get("metrics")
+    if m:
+        lines.append(
+            f"vs tracking: final drift {m['final_drift_mm']:.2f} mm ({m['fdr_path_percent']:.1f} % of the "
+            f"{m['path_length_mm']:.1f} mm path), GPE {m['gpe_mm']:.2f} mm, mean angle error "
+            f"{m['mean_angle_error_deg']:.2f} deg"
+        )
+    elif not summary.get("tracked"):
+        lines.append("no tracking in the recording: no accuracy metrics")
+    lines += [f"warning: {w}" for w in summary.get("warnings", [])]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Table and plot
+# --------------------------------------------------------------------------------------------
+
+
+def estimated_trajectory(source) -> dict:
+    """The estimated (and tracked) trajectory of a browser or a tracking result, as arrays.
+
+    Parameters
+    ----------
+    source : vtkMRMLSequenceBrowserNode or TrackingResult
+        A browser on which :func:`estimate_trajectory_to_browser` ran, or the result of
+        :func:`~SensorlessTrackingLib.predict.track_sequence`.
+
+    Returns
+    -------
+    dict
+        ``estimated`` (n, 4, 4) pixel -> mm; ``tracked`` (n, 4, 4) with NaN where invalid, or
+        None; ``times_s`` (n,); ``image_shape`` (rows, cols); ``name`` (a label).
+
+    Raises
+    ------
+    SequenceError
+        A browser without an estimate (run :func:`estimate_trajectory_to_browser` first).
+    TypeError
+        Neither a browser nor a TrackingResult.
+    """
+    if isinstance(source, TrackingResult):
+        seq = source.sequence
+        tracked = source.true_image_to_reference
+        return {
+            "estimated": seq.transforms["ImageToReference"].matrices,
+            "tracked": None if tracked is None else np.asarray(tracked, dtype=np.float64),
+            "times_s": seq.timestamps_s,
+            "image_shape": seq.frames.shape[1:3],
+            "name": source.method,
+        }
+    if source is None or not hasattr(source, "IsA") or not source.IsA(_BROWSER_CLASS):
+        got = "None" if source is None else getattr(source, "GetClassName", lambda: type(source).__name__)()
+        raise TypeError(f"expected a vtkMRMLSequenceBrowserNode or a TrackingResult, got {got}")
+    bname = source.GetName()
+    seq_node = find_estimate_sequence(source)
+    if seq_node is None:
+        raise SequenceError(
+            f"browser {bname!r} has no estimated trajectory: run estimate_trajectory_to_browser "
+            "(Estimate trajectory) first"
+        )
+    sequence = _read_browser(source, purpose="plot a trajectory")
+    estimated = _read_matrices(seq_node)
+    if estimated.shape[0] != sequence.n_frames:
+        raise SequenceError(
+            f"browser {bname!r}: the estimate {seq_node.GetName()!r} has {estimated.shape[0]} items for "
+            f"{sequence.n_frames} frames; estimate the trajectory again"
+        )
+    return {
+        "estimated": estimated,
+        "tracked": _tracked_image_to_reference(sequence),
+        "times_s": sequence.timestamps_s,
+        "image_shape": sequence.frames.shape[1:3],
+        "name": bname,
+    }
+
+
+def _column(table: vtk.vtkTable, name: str, values, cls=vtk.vtkDoubleArray) -> None:
+    array = cls()
+    array.SetName(name)
+    array.SetNumberOfTuples(len(values))
+    for i, v in enumerate(values):
+        array.SetValue(i, v)
+    table.AddColumn(array)
+
+
+def trajectory_table(source, scene=None, *, table_node=None):
+    """A table node with the image-centre position of every frame (estimated, tracked, drift).
+
+    Parameters
+    ----------
+    source : vtkMRMLSequenceBrowserNode or TrackingResult
+        See :func:`estimated_trajectory`.
+    scene : vtkMRMLScene, optional
+        Where to add the table (default: the browser's scene; needed for a TrackingResult).
+    table_node : vtkMRMLTableNode, optional
+        Refilled in place. Default: the browser's earlier table (a node reference of its
+        estimate sequence), else a new ``<browser>EstimatedTrajectory`` table.
+
+    Returns
+    -------
+    vtkMRMLTableNode
+        One row per frame. Columns: ``frame`` (index, int), ``time_s``,
+        ``estimated_x_mm``/``_y_mm``/``_z_mm`` (image centre in the Reference frame = RAS,
+        mm) and, with tracking, ``tracked_x_mm``/``_y_mm``/``_z_mm`` (NaN where invalid) and
+        ``drift_mm`` (distance between the two centres).
+    """
+    traj = estimated_trajectory(source)
+    seq_node = None
+    if not isinstance(source, TrackingResult):
+        scene = scene if scene is not None else source.GetScene()
+        seq_node = find_estimate_sequence(source)
+        if table_node is None:
+            table_node = seq_node.GetNodeReference(REF_TRAJECTORY_TABLE)
+    if scene is None:
+        raise ValueError("trajectory_table: give the scene to add the table to")
+    if table_node is None:
+        table_node = scene.AddNewNodeByClass(
+            "vtkMRMLTableNode", scene.GenerateUniqueName(f"{traj['name']}EstimatedTrajectory")
+        )
+    elif not table_node.IsA("vtkMRMLTableNode"):
+        raise TypeError(f"table_node: expected a vtkMRMLTableNode, got {table_node.GetClassName()}")
+    est = _centres(traj["estimated"], traj["image_shape"])
+    n = est.shape[0]
+    table = vtk.vtkTable()
+    _column(table, "frame", list(range(n)), vtk.vtkIntArray)
+    _column(table, "time_s", np.asarray(traj["times_s"], dtype=float).tolist())
+    for k, axis in enumerate(_AXES):
+        _column(table, f"estimated_{axis}_mm", est[:, k].tolist())
+    if traj["tracked"] is not None:
+        tracked = _centres(traj["tracked"], traj["image_shape"])
+        for k, axis in enumerate(_AXES):
+            _column(table, f"tracked_{axis}_mm", tracked[:, k].tolist())
+        _column(table, "drift_mm", np.linalg.norm(tracked - est, axis=1).tolist())
+    table_node.SetAndObserveTable(table)
+    table_node.SetUseColumnTitleAsColumnHeader(True)
+    for column in range(table.GetNumberOfColumns()):
+        col = table.GetColumnName(column)
+        if col.endswith("_mm"):
+            table_node.SetColumnUnitLabel(col, "mm")
+        elif col == "time_s":
+            table_node.SetColumnUnitLabel(col, "s")
+    table_node.SetColumnDescription("frame", "frame index")
+    if seq_node is not None:
+        seq_node.SetNodeReferenceID(REF_TRAJECTORY_TABLE, table_node.GetID())
+    return table_node
+
+
+def trajectory_plot(source, scene=None, *, table_node=None, chart_node=None):
+    """A plot chart of the image-centre x, y, z (mm) per frame: estimated solid, tracked dashed.
+
+    Parameters
+    ----------
+    source : vtkMRMLSequenceBrowserNode or TrackingResult
+        See :func:`estimated_trajectory`.
+    scene : vtkMRMLScene, optional
+        Default: the browser's scene (needed for a TrackingResult).
+    table_node, chart_node : optional
+        Refilled in place (default: the browser's earlier ones, else new nodes).
+
+    Returns
+    -------
+    vtkMRMLPlotChartNode
+        With one ``vtkMRMLPlotSeriesNode`` per column of :func:`trajectory_table` (frame on the
+        x axis): ``estimated x/y/z``, and with tracking ``tracked x/y/z`` and ``drift``. The
+        chart references the table (``FreehandUS.SensorlessTracking.TrajectoryTable``).
+        In Slicer show it with ``slicer.modules.plots.logic().ShowChartInLayout(chart)``.
+    """
+    table_node = trajectory_table(source, scene, table_node=table_node)
+    scene = table_node.GetScene()
+    seq_node = None if isinstance(source, TrackingResult) else find_estimate_sequence(source)
+    if chart_node is None and seq_node is not None:
+        chart_node = seq_node.GetNodeReference(REF_TRAJECTORY_CHART)
+    if chart_node is None:
+        chart_name = scene.GenerateUniqueName(f"{table_node.GetName()}Chart")
+        chart_node = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", chart_name)
+    elif not chart_node.IsA("vtkMRMLPlotChartNode"):
+        raise TypeError(f"chart_node: expected a vtkMRMLPlotChartNode, got {chart_node.GetClassName()}")
+    for i in reversed(range(chart_node.GetNumberOfPlotSeriesNodes())):
+        old = chart_node.GetNthPlotSeriesNode(i)
+        if old is not None and old.GetAttribute(_ATTR_SERIES) == "true":
+            chart_node.RemovePlotSeriesNodeID(old.GetID())
+            scene.RemoveNode(old)
+    table = table_node.GetTable()
+    columns = [table.GetColumnName(c) for c in range(table.GetNumberOfColumns())]
+    for col in columns:
+        if not col.endswith("_mm"):
+            continue
+        kind, *axis = col[: -len("_mm")].split("_")
+        label = f"{kind} {axis[0]}" if axis else kind
+        series_name = scene.GenerateUniqueName(f"{table_node.GetName()} {label}")
+        series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", series_name)
+        series.SetAttribute(_ATTR_SERIES, "true")
+        series.SetAndObserveTableNodeID(table_node.GetID())
+        series.SetXColumnName("frame")
+        series.SetYColumnName(col)
+        series.SetPlotType(series.PlotTypeScatter)
+        series.SetMarkerStyle(series.MarkerStyleNone)
+        series.SetLineStyle(
+            {"estimated": series.LineStyleSolid, "tracked": series.LineStyleDash}.get(kind, series.LineStyleDot)
+        )
+        series.SetColor(*(_AXIS_COLORS[axis[0]] if axis else _DRIFT_COLOR))
+        chart_node.AddAndObservePlotSeriesNodeID(series.GetID())
+    chart_node.SetTitle(f"Image centre per frame: {table_node.GetName()}")
+    chart_node.SetXAxisTitle("frame")
+    chart_node.SetYAxisTitle("position in Reference (mm)")
+    chart_node.SetNodeReferenceID(REF_TRAJECTORY_TABLE, table_node.GetID())
+    if seq_node is not None:
+        seq_node.SetNodeReferenceID(REF_TRAJECTORY_CHART, chart_node.GetID())
+    return chart_node
+
+
+# --------------------------------------------------------------------------------------------
+# Reconstruction
+# --------------------------------------------------------------------------------------------
+
+
+def reconstruct_estimated(browser_node, output_volume_node=None, *, progress=None, **options):
+    """Reconstruct a volume from the frames placed by the estimated trajectory.
+
+    Calls :func:`FreehandUSLib.mrml_reconstruction.reconstruct_browser_to_volume_node` with
+    ``image_to_reference_transform="ImageToEstimatedReference"``; the volume lies in the
+    estimate's frame (the tracked Reference when the estimate is anchored at the tracked first
+    pose, so it overlays a reconstruction from tracking).
+
+    Parameters
+    ----------
+    browser_node : vtkMRMLSequenceBrowserNode
+        A browser on which :func:`estimate_trajectory_to_browser` ran.
+    output_volume_node : vtkMRMLScalarVolumeNode, optional
+        Default: a new ``<browser>EstimatedReconstruction`` node.
+    progress : callable(done, total), optional
+    **options
+        Passed on: ``roi_node``, ``coverage_volume_node``, ``config``, ``options`` and
+        :class:`~FreehandUSLib.reconstruction.ReconstructionOptions` fields
+        (``output_spacing_mm=0.5``, ``interpolation="linear"``, ``fill_holes=True``...).
+        ``image_to_probe_node`` and ``image_to_reference_transform`` are not accepted (the
+        estimate already maps pixels to mm).
+
+    Returns
+    -------
+    ReconstructionResult
+        Also written to the output node, whose ``FreehandUS.SensorlessTracking.Trajectory``
+        attribute names the transform used.
+
+    Raises
+    ------
+    SequenceError
+        Not a browser, or a browser without an estimate.
+    InvalidOptionError
+        ``image_to_probe_node``/``image_to_reference_transform`` given, or a bad option.
+    ReconstructionError, TransformError
+        From the reconstruction.
+    """
+    bname = _check_browser(browser_node)
+    seq_node = find_estimate_sequence(browser_node)
+    if seq_node is None:
+        raise SequenceError(
+            f"browser {bname!r} has no estimated trajectory: run estimate_trajectory_to_browser "
+            "(Estimate trajectory) first"
+        )
+    for key in ("image_to_probe_node", "image_to_reference_transform"):
+        if options.get(key) is not None:
+            raise InvalidOptionError(
+                f"reconstruct_estimated: {key} cannot be set: the estimated {ESTIMATED_TRANSFORM_NAME} already maps "
+                "pixels to mm (reconstruct from tracking with the Freehand US module instead)"
+            )
+        options.pop(key, None)
+    transform_name = seq_node.GetAttribute(mrml.ATTR_TRANSFORM_NAME) or ESTIMATED_TRANSFORM_NAME
+    if output_volume_node is None:
+        scene = browser_node.GetScene()
+        output_volume_node = scene.AddNewNodeByClass(
+            "vtkMRMLScalarVolumeNode", scene.GenerateUniqueName(f"{bname}EstimatedReconstruction")
+        )
+    result = mrml_reconstruction.reconstruct_browser_to_volume_node(
+        browser_node,
+        output_volume_node,
+        image_to_reference_transform=transform_name,
+        progress=progress,
+        **options,
+    )
+    output_volume_node.SetAttribute(ATTR_RECON_TRAJECTORY, transform_name)
+    output_volume_node.SetNodeReferenceID(REF_ESTIMATE_SEQUENCE, seq_node.GetID())
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+
+def _training_sweep(browser_node, model_config, *, image_to_probe, margin_px: int):
+    """A PreparedSweep from a tracked browser (its own split group)."""
+    from .data import prepare_sweep
+
+    bname = _check_browser(browser_node, "training recording")
+    sequence = _read_browser(browser_node, purpose="train")
+    truth = _tracked_image_to_reference(sequence, image_to_probe)
+    if truth is None:
+        raise TransformError(
+            f"browser {bname!r} has no tracking: training needs the tracked ImageToReference of every frame (frames "
+            "placed by tracking, or ImageToProbe + ProbeToReference/ProbeToTracker); its transforms: "
+            f"{', '.join(sequence.transform_names) or 'none'}"
+        )
+    valid = np.all(np.isfinite(truth), axis=(1, 2)) & sequence.image_ok
+    if valid.sum() < 2:
+        raise SequenceError(
+            f"browser {bname!r}: {int(valid.sum())} frames have valid tracking and image; training needs at least 2"
+        )
+    return prepare_sweep(
+        sequence.frames,
+        truth,
+        valid,
+        model_spacing_mm=model_config.pixel_spacing_mm,
+        image_size=model_config.image_size,
+        global_size=model_config.global_size,
+        margin_px=margin_px,
+        name=bname,
+        group=bname,
+    )
+
+
+def _geometry(model_config) -> tuple:
+    return (model_config.name, tuple(model_config.image_size), float(model_config.pixel_spacing_mm))
+
+
+def _describe(model_config) -> str:
+    rows, cols = model_config.image_size
+    return f"{model_config.name} model for {rows}x{cols} input pixels of {model_config.pixel_spacing_mm} mm"
+
+
+def _check_resume(out_dir: Path, model_config) -> None:
+    """ModelFileError when ``out_dir`` holds a checkpoint for another model or input size."""
+    last = out_dir / "last.pt"
+    if not last.is_file():
+        return
+    saved = load_model(last).config
+    if _geometry(saved) != _geometry(model_config):
+        raise ModelFileError(
+            f"{last}: holds a {_describe(saved)}, this training asks for a {_describe(model_config)}; training "
+            "would resume it: choose another output folder (or delete it)"
+        )
+
+
+def train_from_browsers(
+    browser_nodes,
+    out_dir,
+    *,
+    epochs: int | None = None,
+    model_config=None,
+    init_model=None,
+    config=None,
+    clips_per_epoch: int | None = None,
+    batch_size: int | None = None,
+    val_fraction: float | None = None,
+    lr: float | None = None,
+    seed: int | None = None,
+    device: str | None = None,
+    num_threads: int | None = None,
+    image_to_probe=None,
+    progress=None,
+) -> Path:
+    """Train a tracking model on tracked recordings held by sequence browsers.
+
+    Each browser is one sweep (and its own group of the validation split, so with several
+    browsers whole recordings are held out). A second call with the same ``out_dir`` resumes
+    (:func:`~SensorlessTrackingLib.train.train`).
+
+    Parameters
+    ----------
+    browser_nodes : vtkMRMLSequenceBrowserNode or iterable of them
+        Recordings with tracking: the tracked ImageToReference of every frame (frames placed by
+        tracking, as PLUS/SlicerOpenIGTLink record ``Image_Reference``; or ImageToProbe +
+        ProbeToReference). Frames without valid tracking are left out.
+    out_dir : str or Path
+        Folder for ``last.pt``, ``best.pt``, ``history.json``.
+    epochs, clips_per_epoch, batch_size, val_fraction, lr, seed, device, num_threads : optional
+        Override the fields of ``config`` (``device``: ``"auto"``, ``"cpu"`` or ``"cuda"``).
+    model_config : ModelConfig, optional
+        Architecture and input geometry (default: ``config.model``, the shipped model's; with
+        ``init_model``, that model's).
+    init_model : None, "default", str or Path, optional
+        Fine-tune: start from the weights of this checkpoint (``"default"``: the shipped model)
+        instead of random ones; its architecture and input geometry are used. Ignored when
+        ``out_dir`` already holds a run to resume.
+    config : TrainConfig, optional
+        Starting configuration (default: :class:`~SensorlessTrackingLib.train.TrainConfig`
+        defaults); its ``sequences`` are ignored.
+    image_to_probe : (4, 4) array_like, optional
+        Calibration for recordings that hold ProbeToReference but no placed frames.
+    progress : callable(done, total), optional
+        Called after every epoch with (epochs done, epochs); raise in it to stop (the
+        checkpoints of the finished epochs stay).
+
+    Returns
+    -------
+    Path
+        The best checkpoint (``best.pt``; ``last.pt`` without validation data), readable by
+        :func:`~SensorlessTrackingLib.predict.load_model`.
+
+    Raises
+    ------
+    SequenceError
+        No browser, a browser without images, fewer than 2 (tracked) frames, frames of
+        different sizes or several channels.
+    TransformError
+        A browser without tracking (names it and lists its transforms).
+    ModelFileError
+        ``init_model`` missing or unreadable, or ``init_model``/``out_dir``'s checkpoint is a
+        model for another input size than ``model_config``.
+    TrainingError
+        Non-finite loss, an incompatible checkpoint in ``out_dir``, sweeps shorter than the
+        clip length.
+    """
+    from .train import TrainConfig, train
+
+    if browser_nodes is None:
+        raise SequenceError("training: no sequence browsers given (select the tracked recordings to train on)")
+    if hasattr(browser_nodes, "IsA"):
+        browser_nodes = [browser_nodes]
+    browser_nodes = list(browser_nodes)
+    if not browser_nodes:
+        raise SequenceError("training: no sequence browsers given (select the tracked recordings to train on)")
+    cfg = config if config is not None else TrainConfig()
+    init_path = None
+    if init_model is not None:
+        init_path = default_model_path() if str(init_model) == "default" else Path(init_model)
+        saved = load_model(init_path).config
+        if model_config is not None and _geometry(model_config) != _geometry(saved):
+            raise ModelFileError(
+                f"{init_path}: the model to fine-tune is a {_describe(saved)}; the requested model_config is a "
+                f"{_describe(model_config)}: leave model_config out (the checkpoint's is used) or train from scratch"
+            )
+        model_config = saved
+    overrides = {
+        "model": model_config,
+        "epochs": epochs,
+        "clips_per_epoch": clips_per_epoch,
+        "batch_size": batch_size,
+        "val_fraction": val_fraction,
+        "lr": lr,
+        "seed": seed,
+        "device": device,
+        "num_threads": num_threads,
+        "init_from": None if init_path is None else str(init_path),
+    }
+    cfg = replace(cfg, sequences=(), **{k: v for k, v in overrides.items() if v is not None})
+    if int(cfg.epochs) < 1:
+        raise ValueError(f"epochs must be at least 1, got {cfg.epochs}")
+    sweeps = [
+        _training_sweep(b, cfg.model, image_to_probe=image_to_probe, margin_px=cfg.augment.crop_jitter_px)
+        for b in browser_nodes
+    ]
+    out_dir = Path(out_dir)
+    _check_resume(out_dir, cfg.model)
+    logger.info(
+        "training %s on %d browsers (%s), %d epochs -> %s",
+        cfg.model.name, len(sweeps), ", ".join(s.name for s in sweeps), cfg.epochs, out_dir,
+    )  # fmt: skip
+    if progress is None:
+        return train(cfg, out_dir, sweeps=sweeps, progress=False)
+    # One epoch per call: train() stops after the epoch in which max_minutes passed (0 = the
+    # first) and the next call resumes from last.pt with the same schedule.
+    started = time.perf_counter()
+    path = None
+    for _ in range(int(cfg.epochs)):
+        path = train(replace(cfg, max_minutes=0.0), out_dir, sweeps=sweeps, progress=False)
+        done = _epochs_done(out_dir)
+        progress(min(done, cfg.epochs), cfg.epochs)
+        if done >= cfg.epochs:
+            break
+        if cfg.max_minutes is not None and time.perf_counter() - started > 60.0 * cfg.max_minutes:
+            logger.warning("stopping after epoch %d: the time limit of %.1f min is reached", done - 1, cfg.max_minutes)
+            break
+    return path
+
+
+def _epochs_done(out_dir: Path) -> int:
+    history = out_dir / "history.json"
+    try:
+        return len(json.loads(history.read_text()))
+    except (OSError, ValueError) as exc:
+        raise FreehandUSError(f"{history}: training wrote no readable history ({exc})") from exc
