@@ -15,7 +15,7 @@ import json
 import logging
 from pathlib import Path
 
-__all__ = ["add_parsers", "add_simulate_nwire", "cmd_detect", "cmd_calibrate", "cmd_simulate_nwire"]
+__all__ = ["add_parsers", "add_simulate_nwire", "cmd_detect", "cmd_calibrate", "cmd_simulate_nwire", "time_offset_arg"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,16 @@ def _write_json(path, data) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     return path
+
+
+def time_offset_arg(text: str):
+    """argparse type of ``--time-offset``: ``auto`` or seconds (:func:`.temporal.parse_time_offset`)."""
+    from .temporal import parse_time_offset
+
+    try:
+        return parse_time_offset(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _setup_from_args(args):
@@ -95,11 +105,12 @@ def cmd_calibrate(args) -> int:
     val = read_sequence(args.validation) if args.validation else None
     result = calibrate(cal, val, setup, solver=args.solver, phantom_pose=args.phantom_pose, detector=args.detector,
                        progress=_progress(args, "detect"), seed=args.seed, ransac_iterations=args.ransac_iterations,
-                       ransac_threshold_mm=args.ransac_threshold)
+                       ransac_threshold_mm=args.ransac_threshold, time_offset=args.time_offset)
     data = result.to_dict()
     data.update({"calibration_sequence": str(args.calibration),
                  "validation_sequence": str(args.validation) if args.validation else None,
-                 "config": str(args.config) if args.config else None})
+                 "config": str(args.config) if args.config else None,
+                 "time_offset_s": result.info.get("time_offset_s", 0.0)})
     if args.out:
         _write_json(args.out, data)
     if args.plus_xml:
@@ -152,6 +163,10 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--ransac-iterations", type=int, default=3000, help="RANSAC iterations (default 3000)")
     p.add_argument("--ransac-threshold", type=float, default=0.5, metavar="MM",
                    help="RANSAC inlier threshold in mm (default 0.5; raised to the data's noise level)")
+    p.add_argument("--time-offset", type=time_offset_arg, default="auto", metavar="auto|SECONDS",
+                   help="video-to-tracker time offset: the tracking at t + offset is used for the frame at t (both "
+                        "recordings). auto (default): estimated from the calibration recording and applied when "
+                        "held-out frames confirm it; 0: use the recorded poses")
     p.add_argument("--plus-xml", metavar="FILE", help="also write the PLUS <Transform From=\"Image\" To=\"Probe\"> element")
     _add_common(p)
     p.set_defaults(func=cmd_calibrate)

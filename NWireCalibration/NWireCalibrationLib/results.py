@@ -278,6 +278,11 @@ class CalibrationResult:
         ]
         if self.validation is not None:
             lines.append(f"  validation:  {self.validation}")
+        if "time_offset_s" in self.info:
+            detail = self.info.get("time_offset") or {}
+            lines.append(f"  time offset {1000 * float(self.info['time_offset_s']):+.1f} ms "
+                         f"({self.info.get('time_offset_mode', 'given')}"
+                         + (f": {detail['reason']}" if detail.get("reason") else "") + ")")
         lines.append(f"  {self.seconds:.2f} s")
         lines.extend(f"  warning: {w}" for w in self.warnings)
         return "\n".join(lines)

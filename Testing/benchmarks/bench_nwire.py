@@ -13,7 +13,9 @@ Parts:
   thread); calibration accuracy (PLUS 3D error on the validation set, best 95 % and all) of each
   solver from our dots, from the PLUS-style detector's dots, and PLUS's reported numbers; wall
   time of a full ``calibrate`` (detect 190 + 103 frames + solve); calibration reproducibility
-  (CRE) over random halves of the calibration frames.
+  (CRE) over random halves of the calibration frames; calibration variants (time offset 0 / auto,
+  solvers, robust LM losses) with their blocked cross-validation error on the calibration
+  recording (the selection criterion) next to the validation error.
 - **Simulation**: linear and convex probes at 5, 8, 10, 12 cm with 10 % outlier poses and 5 %
   echo dropouts: recognition / false-detection rates of all detectors against the truth, and the
   image-plane target error (mean over the field of view) of LM, RANSAC+LM (known phantom pose)
@@ -138,10 +140,14 @@ def bench_plus(quick: bool) -> dict | None:
             }
     out["accuracy"] = acc
 
+    out["variants"] = bench_variants(cal, val, setup, dots["hessian"], iters)
+
     t0 = time.perf_counter()
     full = calibrate(cal, val, setup, solver="ransac-lm", ransac_iterations=iters)
     out["full_calibration_seconds"] = _f(time.perf_counter() - t0, 2)
     out["full_calibration_validation_trimmed95_mm"] = _f(full.validation.error3d_trimmed95_mean_mm, 4)
+    out["full_calibration_validation_mean_all_mm"] = _f(full.validation.error3d_mean_mm, 4)
+    out["full_calibration_time_offset_s"] = _f(full.info.get("time_offset_s", 0.0), 4)
 
     rng = np.random.default_rng(0)
     pc = dots["hessian"][0]
@@ -162,6 +168,53 @@ def bench_plus(quick: bool) -> dict | None:
                                                        setup.phantom))
     out["plus_matrix_recomputed_validation_trimmed95_mm"] = _f(e_plus.trimmed_mean, 4)
     out["load_after"] = _load()
+    return out
+
+
+def bench_variants(cal, val, setup, dots, iters: int) -> dict:
+    """Calibration variants on fCal 2.0: blocked-CV error on the calibration recording and validation error.
+
+    The calibration-CV error (the selection criterion) splits the calibration frames into 5
+    contiguous blocks, predicts each from a calibration fitted to the other 4 and reports the
+    95 %-trimmed mean of PLUS's 3D middle-wire error; the validation recording only gives the
+    final number. Variants: time offset 0 vs auto (estimated on the calibration recording), each
+    solver, and LM with robust losses.
+    """
+    from NWireCalibrationLib.metrics import reprojection_errors_3d, trimmed_statistics
+    from NWireCalibrationLib.pipeline import calibrate_from_points
+    from NWireCalibrationLib.solvers import calibrate_lm
+    from NWireCalibrationLib.temporal import estimate_time_offset, probe_to_reference_at
+
+    pc, pv = dots
+    y, ph = setup.phantom_to_reference, setup.phantom
+    t0 = time.perf_counter()
+    est = estimate_time_offset(pc, cal, ph, phantom_to_reference=y)
+    out = {"time_offset": est.to_dict(), "time_offset_seconds": _f(time.perf_counter() - t0, 2), "rows": []}
+
+    def fit(points, poses, solver, loss):
+        if loss is None:
+            return calibrate_from_points(points, poses, ph, phantom_to_reference=y, solver=solver,
+                                         ransac_iterations=iters).image_to_probe
+        return calibrate_lm(points, poses, ph, phantom_to_reference=y, loss=loss).image_to_probe
+
+    for offset_label, offset in (("0", 0.0), ("auto", est.offset_s)):
+        poses_c, poses_v = probe_to_reference_at(cal, offset), probe_to_reference_at(val, offset)
+        for solver, loss in (("lsq", None), ("lm", None), ("ransac-lm", None), ("lm", "huber"), ("lm", "cauchy")):
+            held = []
+            for block in np.array_split(np.arange(cal.n_frames), 5):
+                train = pc.copy()
+                train[block] = np.nan
+                e = reprojection_errors_3d(pc[block], poses_c[block], fit(train, poses_c, solver, loss), y, ph)
+                held.append(e[np.all(np.isfinite(e), axis=1)])
+            cv = trimmed_statistics(np.concatenate(held))
+            m = fit(pc, poses_c, solver, loss)
+            ev = reprojection_errors_3d(pv, poses_v, m, y, ph)
+            vs = trimmed_statistics(ev[np.all(np.isfinite(ev), axis=1)])
+            out["rows"].append({"time_offset": offset_label, "time_offset_s": _f(offset, 4), "solver": solver,
+                                "loss": loss or "linear", "calibration_cv_trimmed95_mm": _f(cv.trimmed_mean, 4),
+                                "calibration_cv_mean_all_mm": _f(cv.mean, 4),
+                                "validation_trimmed95_mm": _f(vs.trimmed_mean, 4),
+                                "validation_mean_all_mm": _f(vs.mean, 4)})
     return out
 
 
@@ -262,7 +315,20 @@ def _print_tables(report: dict) -> None:
         for k, a in plus["accuracy"].items():
             print(f"  {k:40s} {a['validation_trimmed95_mm']:>7.4f} {a['validation_mean_all_mm']:>7.4f} "
                   f"{a['calibration_trimmed95_mm']:>7.4f}")
-        print(f"  full calibrate (190 + 103 frames, ransac-lm): {plus['full_calibration_seconds']} s")
+        var = plus.get("variants")
+        if var:
+            to = var["time_offset"]
+            print(f"  time offset (auto, calibration recording): {to['estimated_s']} s, applied={to['applied']}: "
+                  f"{to['reason']}")
+            print(f"  {'offset':6s} {'solver':10s} {'loss':7s} {'calCV95':>8s} {'calCVall':>8s} {'val95':>7s} {'valAll':>7s}")
+            for r in var["rows"]:
+                print(f"  {r['time_offset']:6s} {r['solver']:10s} {r['loss']:7s} {r['calibration_cv_trimmed95_mm']:>8.4f} "
+                      f"{r['calibration_cv_mean_all_mm']:>8.4f} {r['validation_trimmed95_mm']:>7.4f} "
+                      f"{r['validation_mean_all_mm']:>7.4f}")
+        print(f"  full calibrate (190 + 103 frames, ransac-lm, default time offset auto = "
+              f"{plus.get('full_calibration_time_offset_s')} s): {plus['full_calibration_seconds']} s, validation "
+              f"{plus['full_calibration_validation_trimmed95_mm']} mm (best 95 %), "
+              f"{plus.get('full_calibration_validation_mean_all_mm')} mm (all)")
         print("  CRE (random halves): " + ", ".join(f"{k} {v['cre_mean_mm']} mm" for k, v in plus["cre_random_halves"].items()))
     sim = report["simulation"]["cases"]
     print("\nSimulation (10 % outlier poses, 5 % dropouts); target error = mean over the field of view vs truth")

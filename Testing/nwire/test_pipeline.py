@@ -119,6 +119,7 @@ def test_fcal2_calibration_beats_plus():
     r = calibrate(cal, val, setup, solver="ransac-lm", ransac_iterations=1000)
     assert r.calibration.frames_segmented >= 189 and r.validation.frames_segmented == 103
     assert r.validation.error3d_trimmed95_mean_mm < 0.540
+    assert 0.03 < r.info["time_offset_s"] < 0.06  # estimated from the calibration recording (default auto)
     assert r.seconds < 30
     element = r.plus_transform_element()
     assert element.startswith('<Transform From="Image" To="Probe"') and "Error=" in element
