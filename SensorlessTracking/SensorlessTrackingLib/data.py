@@ -166,10 +166,32 @@ def resample_frames(frames, spacing_mm, target_spacing_mm: float, canvas: tuple[
     )
     out = np.empty((n, ch, cw), dtype=f.dtype)
     blur = (0.45 * math.sqrt(max(fx * fx - 1, 0)), 0.45 * math.sqrt(max(fy * fy - 1, 0)))
+    smooth = blur[0] > 0.3 or blur[1] > 0.3
+    sigma = (max(blur[0], 0.01), max(blur[1], 0.01))
+    roi = smooth and f.dtype == np.uint8
+    if roi:
+        # Blur only the input pixels the canvas samples (plus the kernel's reach) and place them in
+        # a full-size buffer: warpAffine then reads exactly the values a full-image blur gives
+        # (uint8 only: OpenCV's float blur may round differently on a differently sized image).
+        reach = [int(math.ceil(4.0 * sg)) + 2 for sg in sigma]
+        xs = (m[0, 2], m[0, 2] + fx * (cw - 1))
+        ys = (m[1, 2], m[1, 2] + fy * (ch - 1))
+        x0 = min(max(int(math.floor(xs[0])) - 1, 0), cols)
+        x1 = max(min(int(math.ceil(xs[1])) + 2, cols), x0)
+        y0 = min(max(int(math.floor(ys[0])) - 1, 0), rows)
+        y1 = max(min(int(math.ceil(ys[1])) + 2, rows), y0)
+        bx0, bx1 = max(x0 - reach[0], 0), min(x1 + reach[0], cols)
+        by0, by1 = max(y0 - reach[1], 0), min(y1 + reach[1], rows)
+        buffer = np.zeros((rows, cols), dtype=f.dtype)
     for i in range(n):
         img = f[i]
-        if blur[0] > 0.3 or blur[1] > 0.3:
-            img = cv2.GaussianBlur(img, (0, 0), sigmaX=max(blur[0], 0.01), sigmaY=max(blur[1], 0.01))
+        if roi:
+            if x1 > x0 and y1 > y0:
+                part = cv2.GaussianBlur(np.ascontiguousarray(img[by0:by1, bx0:bx1]), (0, 0), sigmaX=sigma[0], sigmaY=sigma[1])
+                buffer[y0:y1, x0:x1] = part[y0 - by0 : y1 - by0, x0 - bx0 : x1 - bx0]
+            img = buffer  # (all zeros when the canvas lies outside the image)
+        elif smooth:
+            img = cv2.GaussianBlur(img, (0, 0), sigmaX=sigma[0], sigmaY=sigma[1])
         out[i] = cv2.warpAffine(
             img, m, (cw, ch), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_CONSTANT, borderValue=0
         )

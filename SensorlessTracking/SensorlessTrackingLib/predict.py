@@ -109,7 +109,25 @@ def _check_frames(frames, size) -> np.ndarray:
     return f
 
 
-def predict_poses(frames, model, *, device="cpu", batch_size: int = 8, global_frames=None) -> np.ndarray:
+def _windows(n: int, clip_length: int) -> tuple[int, list[int]]:
+    """Inference windows: (frames per window, start of each window).
+
+    Windows of ``t = min(clip_length, n)`` frames overlap by ``2 * (t // 4) + 1`` frames (for
+    t >= 8): each pair is later taken from the window where it is most central, away from the
+    clip ends the temporal convolutions pad with zeros.
+    """
+    t = min(clip_length, n)
+    margin = t // 4 if t >= 8 else 0
+    stride = max(1, t - 1 - 2 * margin)
+    starts = list(range(0, max(n - t, 0) + 1, stride))
+    if starts[-1] != n - t:
+        starts.append(n - t)
+    return t, starts
+
+
+def predict_poses(
+    frames, model, *, device="cpu", batch_size: int = 8, global_frames=None, fast: bool = True
+) -> np.ndarray:
     """Frame-to-frame poses of a sweep already at the model's input geometry.
 
     Parameters
@@ -120,6 +138,9 @@ def predict_poses(frames, model, *, device="cpu", batch_size: int = 8, global_fr
     batch_size : windows per forward pass
     global_frames : (n, g, g) downsampled frames for DualTrack's global encoder (default: made
         from ``frames``)
+    fast : on the CPU, run DualTrack's local encoder as
+        :class:`~.models.inference.FastLocalEncoder` (same weights and numbers to about 1e-6;
+        False = the model's own ``forward``)
 
     Returns
     -------
@@ -135,21 +156,20 @@ def predict_poses(frames, model, *, device="cpu", batch_size: int = 8, global_fr
     import cv2
     import torch
 
+    from .models.common import normalise_clip
+    from .models.inference import fast_local_encoder
+
     cfg = model.config
     f = _check_frames(frames, cfg.image_size)
     scale = 255.0 if f.dtype == np.uint8 else 1.0
     n = f.shape[0]
-    t = min(cfg.clip_length, n)
-    margin = t // 4 if t >= 8 else 0
-    stride = max(1, t - 1 - 2 * margin)
-    starts = list(range(0, max(n - t, 0) + 1, stride))
-    if starts[-1] != n - t:
-        starts.append(n - t)
+    t, starts = _windows(n, cfg.clip_length)
     device = torch.device(device)
+    encoder = fast_local_encoder(model) if fast and device.type == "cpu" else None
     out = np.zeros((n - 1, 6))
     best = np.full(n - 1, np.inf)
     global_tokens = None
-    with torch.no_grad():
+    with torch.inference_mode():
         if getattr(cfg, "use_global", False) and cfg.name == "dualtrack":
             if global_frames is None:
                 g = cfg.global_size
@@ -158,17 +178,23 @@ def predict_poses(frames, model, *, device="cpu", batch_size: int = 8, global_fr
             gf = torch.from_numpy(np.asarray(global_frames)[g_idx].astype(np.float32) / scale)[None].to(device)
             gp = torch.from_numpy((g_idx / max(n - 1, 1)).astype(np.float32))[None].to(device)
             global_tokens = model.encode_global(gf, gp)
+        # the sweep as float32 once (the same values as converting every window)
+        sweep = torch.from_numpy(np.ascontiguousarray(f)).to(device=device, dtype=torch.float32) / scale
         for b0 in range(0, len(starts), batch_size):
             chunk = starts[b0 : b0 + batch_size]
-            clip = np.stack([f[s : s + t] for s in chunk]).astype(np.float32) / scale
-            x = torch.from_numpy(clip).to(device)
+            x = torch.stack([sweep[s : s + t] for s in chunk])
             pos = torch.from_numpy(
                 np.stack([np.arange(s, s + t) / max(n - 1, 1) for s in chunk]).astype(np.float32)
             ).to(device)
-            kwargs = {"positions": pos}
-            if global_tokens is not None:
-                kwargs["global_tokens"] = global_tokens.expand(len(chunk), -1, -1)
-            y = model(x, **kwargs).cpu().numpy().astype(np.float64)
+            g_tok = None if global_tokens is None else global_tokens.expand(len(chunk), -1, -1)
+            if encoder is not None:
+                y = model.decode(encoder(normalise_clip(x)), pos, g_tok)
+            else:
+                kwargs = {"positions": pos}
+                if g_tok is not None:
+                    kwargs["global_tokens"] = g_tok
+                y = model(x, **kwargs)
+            y = y.cpu().numpy().astype(np.float64)
             for k, s in enumerate(chunk):
                 pairs = np.arange(s, s + t - 1)
                 dist = np.abs(pairs - (s + (t - 2) / 2.0))

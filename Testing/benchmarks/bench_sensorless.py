@@ -139,7 +139,25 @@ def _plus_sequences(log):
     return out
 
 
+def _warm_up(loaded, log) -> None:
+    """One small run per learned model before timing: numba's kernel (compiled or loaded from its
+    cache) and oneDNN's kernels are made on first use and would count against the first sweep."""
+    from SensorlessTrackingLib.predict import predict_poses
+
+    for name, model in loaded.items():
+        if model == "decorrelation":
+            continue
+        t = time.perf_counter()
+        frames = np.random.default_rng(0).integers(0, 256, (model.config.clip_length + 2, *model.config.image_size), dtype=np.uint8)
+        predict_poses(frames, model)
+        log.info("warm-up %s: %.2f s", name, time.perf_counter() - t)
+
+
 def _score(seq, method, decorrelation_cfg, threads):
+    """Accuracy metrics + inference speed (``track_sequence`` wall time: resampling to the model
+    grid, windows, encoders, fusion and trajectory; reading excluded) with ``threads`` torch threads."""
+    import torch
+
     from SensorlessTrackingLib.metrics import tracking_metrics
     from SensorlessTrackingLib.predict import track_sequence
 
@@ -147,6 +165,8 @@ def _score(seq, method, decorrelation_cfg, threads):
     res = track_sequence(seq, method, decorrelation=decorrelation_cfg)
     m = tracking_metrics(truth, res.sequence.transforms["ImageToReference"].matrices, (seq.n_rows, seq.n_cols)).to_dict()
     m["frames_per_second"] = res.frames_per_second
+    m["inference_seconds"] = res.seconds
+    m["torch_threads"] = torch.get_num_threads()
     m["method"] = res.method
     return m
 
@@ -162,6 +182,7 @@ def run(n_sweeps: int = 20, models_dir: Path | None = None, cache: Path | None =
 
     methods = _methods(models_dir)
     loaded = {k: (v if v == "decorrelation" else load_model(v)) for k, v in methods.items()}
+    _warm_up(loaded, log)
     simulator = _simulator_speed(log)
     decor = _calibrated_decorrelation(log)
     sweeps = _held_out(n_sweeps, cache, log)
@@ -170,7 +191,8 @@ def run(n_sweeps: int = 20, models_dir: Path | None = None, cache: Path | None =
         for mname, model in loaded.items():
             per_sweep[mname][sname] = _score(seq, model, decor, threads)
             m = per_sweep[mname][sname]
-            log.info("%s %s: FDR %.1f %% (drift %.1f of %.0f mm)", sname, mname, m["fdr_path_percent"], m["final_drift_mm"], m["path_length_mm"])
+            log.info("%s %s: FDR %.1f %% (drift %.1f of %.0f mm), %.0f frames/s with %d torch thread(s)", sname, mname,
+                     m["fdr_path_percent"], m["final_drift_mm"], m["path_length_mm"], m["frames_per_second"], m["torch_threads"])
     summary = {}
     for mname, rows in per_sweep.items():
         summary[mname] = {f"median_{k}": float(np.nanmedian([r[k] for r in rows.values()])) for k in KEYS}
@@ -214,7 +236,9 @@ def _print_table(result) -> None:
     if sim:
         print(f"\nSimulator, 256x256 default probe: {sim['frames_per_second_wall']:.1f} frames/s wall, "
               f"{sim['frames_per_second_cpu']:.1f} frames/s of CPU time (load average {sim['load_average']:.1f})")
-    print(f"\nSensorless tracking on {len(result['sweeps'])} held-out simulated sweeps (medians)")
+    threads = result.get("torch_threads", "?")
+    print(f"\nSensorless tracking on {len(result['sweeps'])} held-out simulated sweeps (medians; inference frames/s "
+          f"with {threads} torch thread(s), resampling included, reading excluded)")
     head = f"{'method':<34} {'FDR path %':>10} {'FDR e2e %':>10} {'final mm':>9} {'max mm':>8} {'GPE mm':>7} {'LPE mm':>7} {'angle':>6} {'frames/s':>9}"
     print(head)
     print("-" * len(head))
@@ -232,7 +256,8 @@ def _print_table(result) -> None:
         for name, m in rows.items():
             print(
                 f"  {name[:32]:<32} final drift {m['final_drift_mm']:.1f} mm, FDR {m['fdr_path_percent']:.1f} % of "
-                f"{m['path_length_mm']:.1f} mm, GPE {m['gpe_mm']:.1f} mm"
+                f"{m['path_length_mm']:.1f} mm, GPE {m['gpe_mm']:.1f} mm, {m['frames_per_second']:.0f} frames/s "
+                f"({m.get('torch_threads', threads)} thread(s))"
             )
 
 

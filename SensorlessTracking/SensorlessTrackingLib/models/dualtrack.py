@@ -19,6 +19,7 @@ from torch import nn
 
 from .common import Block2Plus1d, MotionHead, PositionEncoding, ResBlock2d, ScaledOutput, normalise_clip, pair_correlation
 from .config import ModelConfig
+from .fastcorr import pair_correlation_inference
 
 __all__ = ["DualTrack", "LocalEncoder", "GlobalEncoder"]
 
@@ -29,6 +30,7 @@ class LocalEncoder(nn.Module):
     With ``pair_radius > 0`` the local correlation of each frame with the next
     (:func:`~.common.pair_correlation`, at 1/4 resolution) joins the features after the first
     block: a speckle-decorrelation cue the network would otherwise have to learn to compute.
+    In eval mode it comes from :func:`~.fastcorr.pair_correlation_inference` (same numbers, faster).
     """
 
     def __init__(self, config: ModelConfig):
@@ -47,7 +49,8 @@ class LocalEncoder(nn.Module):
     def forward(self, frames):
         x = self.first(self.stem(frames[:, None]))  # (B, C, T, H/4, W/4)
         if self.pair_radius > 0:
-            x = torch.cat([x, pair_correlation(frames, self.pair_radius, 8, 4)], dim=1)
+            correlate = pair_correlation if self.training else pair_correlation_inference
+            x = torch.cat([x, correlate(frames, self.pair_radius, 8, 4)], dim=1)
         x = self.blocks(x)  # (B, C, T, h, w)
         x = F.adaptive_avg_pool3d(x, (x.shape[2], 4, 4))
         b, c, t = x.shape[:3]
@@ -116,16 +119,25 @@ class DualTrack(nn.Module):
 
     def forward(self, frames, positions=None, global_frames=None, global_positions=None, global_tokens=None):
         tokens = self.local(normalise_clip(frames))
+        if self.config.use_global and global_tokens is None:
+            if global_frames is None:
+                raise ValueError("dualtrack with use_global=True needs global_frames (or global_tokens)")
+            if global_positions is None:
+                g = global_frames.shape[1]
+                global_positions = torch.linspace(0, 1, g, device=frames.device).expand(frames.shape[0], g)
+            global_tokens = self.encode_global(global_frames, global_positions)
+        return self.decode(tokens, positions, global_tokens)
+
+    def decode(self, tokens, positions=None, global_tokens=None):
+        """Local tokens (B, T, D) (+ global tokens (B, G, D), positions (B, T)) -> (B, T - 1, 6) poses.
+
+        The part of :meth:`forward` after the local encoder (fusion and motion head).
+        """
         if self.config.use_global:
             if global_tokens is None:
-                if global_frames is None:
-                    raise ValueError("dualtrack with use_global=True needs global_frames (or global_tokens)")
-                if global_positions is None:
-                    g = global_frames.shape[1]
-                    global_positions = torch.linspace(0, 1, g, device=frames.device).expand(frames.shape[0], g)
-                global_tokens = self.encode_global(global_frames, global_positions)
+                raise ValueError("dualtrack with use_global=True needs global_tokens to decode")
             if positions is None:
-                positions = torch.full(frames.shape[:2], 0.5, device=frames.device)
+                positions = torch.full(tokens.shape[:2], 0.5, device=tokens.device)
             q = self.norm1(tokens + self.local_pos(positions))
             fused, _ = self.cross(q, global_tokens, global_tokens, need_weights=False)
             tokens = tokens + fused
