@@ -7,7 +7,7 @@ Run ``python Testing/benchmarks/bench_reconstruction.py [--quick]``; prints a ta
 - those frames repeated 10x (210 frames),
 - 300 synthetic 820x616 frames at 0.3 mm,
 
-each for nearest+max, nearest+mean, linear+mean, with and without hole filling (the spine
+each for nearest+max, nearest+mean, linear+mean, linear+max, with and without hole filling (the spine
 config's STICK), on 1 thread and on all cores; the numpy reference runs on the same frames
 (capped at ``--numpy-frames`` per case: it is slow). Also:
 
@@ -55,7 +55,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 
 PLUS = REPO.parent / "shared" / "data" / "plus"
-MODES = [("nearest", "max"), ("nearest", "mean"), ("linear", "mean")]
+MODES = [("nearest", "max"), ("nearest", "mean"), ("linear", "mean"), ("linear", "max")]
 STICK = HoleFillingElement("STICK", stick_length_limit=9, number_of_sticks_to_use=1)
 
 

@@ -69,7 +69,9 @@ from .kernels import (
     MODE_MEAN,
     MODE_MEAN_PLUS,
     accumulator_types,
+    counts_to_float32,
     default_threads,
+    finish_channel_into,
     insert_frames,
     pixels_per_voxel_bound,
     voxel_matrices,
@@ -438,9 +440,11 @@ def _finish_channel(acc, weight, c: int, divide: bool, dtype: np.dtype) -> np.nd
     """Output volume of channel ``c``: the mean (``acc / weight``) or the value, as ``dtype``.
 
     uint8: rounded half up and clipped to 0..255; float32: cast. Voxels without weight are 0.
-    Computed a plane at a time.
+    Means are computed in one compiled pass (no float temporaries); values a plane at a time.
     """
     out = np.empty(acc.shape[:3], dtype=dtype)
+    if divide and acc.flags.c_contiguous and weight.flags.c_contiguous:
+        return finish_channel_into(acc, weight, c, divide, out)  # the means, in float64 as below
     plane = np.empty(acc.shape[1:3], dtype=np.float64)
     for k in range(acc.shape[0]):
         src = acc[k, ..., c]
@@ -472,10 +476,7 @@ def _coverage(weight: np.ndarray, mode: int, consume: bool) -> np.ndarray:
     if weight.dtype == np.float32:
         return weight if consume else weight.copy()
     if weight.dtype == np.uint32 and consume and weight.flags.c_contiguous:
-        as_float = weight.view(np.float32)  # same buffer, converted a plane at a time
-        for k in range(weight.shape[0]):
-            as_float[k] = weight[k]
-        return as_float
+        return counts_to_float32(weight)  # same buffer, converted in place
     return weight.astype(np.float32)
 
 
