@@ -69,6 +69,23 @@ def test_reconstruct_json_and_files(tmp_path, capsys, main):
     assert "frames: 6 used of 6" in capsys.readouterr().out
 
 
+def test_reconstruct_engine_option(tmp_path, capsys, main):
+    pytest.importorskip("torch")
+    seq_path, calib = _probe_sweep(tmp_path)
+    volumes = {}
+    for engine in ("numba", "torch"):
+        out = tmp_path / f"{engine}.mha"
+        assert main(["reconstruct", str(seq_path), "--image-to-probe", str(calib), "--out", str(out),
+                     "--engine", engine, "--interpolation", "linear"]) == 0
+        volumes[engine] = read_volume(out).voxels
+    capsys.readouterr()
+    np.testing.assert_array_equal(volumes["torch"], volumes["numba"])
+    assert np.count_nonzero(volumes["torch"]) > 0
+    with pytest.raises(SystemExit):
+        main(["reconstruct", str(seq_path), "--out", str(tmp_path / "x.mha"), "--engine", "opencl"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
 def test_reconstruct_errors_exit_2(tmp_path, capsys, main):
     seq_path, calib = _probe_sweep(tmp_path)
     out = str(tmp_path / "v.mha")

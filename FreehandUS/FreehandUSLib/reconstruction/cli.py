@@ -127,6 +127,7 @@ def run_reconstruct(args) -> int:
         "memory_budget_bytes": None if args.memory_budget_gib is None else int(args.memory_budget_gib * 1024**3),
         "grid_alignment": args.grid_alignment,
         "emulate_plus": True if args.emulate_plus else None,
+        "engine": args.engine,
     }
     if args.fill_holes is not None:
         overrides["fill_holes"] = args.fill_holes
@@ -204,6 +205,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--memory-budget-gib", type=float, help="refuse volumes needing more memory (default 4)")
     p.add_argument("--grid-alignment", choices=("plus", "snap"), help="automatic grid: PLUS's or spacing-aligned")
     p.add_argument("--emulate-plus", action="store_true", help="reproduce PLUS's arithmetic (to compare with PLUS)")
+    p.add_argument("--engine", choices=("auto", "numba", "torch"),
+                   help="insertion engine (default auto: torch on a CUDA GPU, else the numba CPU kernels)")
     p.add_argument("--progress", dest="verbose_progress", action="store_true", help="show a progress bar")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=run_reconstruct)

@@ -222,6 +222,10 @@ class ReconstructionOptions:
         after 255 hits (nearest interpolation), hole-filled values truncated. Off by default:
         it is less accurate (the truncating mean is biased low by about a quarter of a grey
         level per contribution).
+    engine : {"auto", "numba", "torch"}
+        Pixel-insertion engine: ``numba`` (compiled CPU kernels), ``torch`` (scatter kernels on
+        torch's device: the GPU when there is one), ``auto`` (torch on a CUDA GPU, else numba).
+        Results agree within float rounding; ``emulate_plus`` always uses numba.
     """
 
     output_spacing_mm: tuple = (0.5, 0.5, 0.5)
@@ -250,6 +254,7 @@ class ReconstructionOptions:
     number_of_threads: int | None = None
     output_weight: bool = True
     emulate_plus: bool = False
+    engine: str = "auto"
 
     def __post_init__(self):
         setv = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)
@@ -276,6 +281,10 @@ class ReconstructionOptions:
                     f"output_directions: columns must be orthonormal axes, got {np.round(d, 6).tolist()}"
                 )
             setv("output_directions", tuple(tuple(float(x) for x in row) for row in d))
+        engine = str(self.engine).lower()
+        if engine not in ("auto", "numba", "torch"):
+            raise InvalidOptionError(f"engine: expected auto, numba or torch, got {self.engine!r}")
+        setv("engine", engine)
         setv("interpolation", _enum(self.interpolation, _INTERPOLATION_ALIASES, "interpolation"))
         setv("compounding", _enum(self.compounding, _COMPOUNDING_ALIASES, "compounding"))
         clip_o = _vector(self.clip_rectangle_origin_px, 2, "clip_rectangle_origin_px", cast=lambda v: int(round(v)))

@@ -77,6 +77,7 @@ from .kernels import (
     voxel_matrices,
 )
 from .masks import clipped_corners_px, detect_fan_angles, fan_row_ranges
+from .torch_engine import TorchAccumulators, resolve_engine
 
 __all__ = [
     "SKIP_REASONS",
@@ -547,6 +548,8 @@ class IncrementalReconstructor:
         self.linear = opts.interpolation == "linear"
         if opts.emulate_plus and self.mode == MODE_MEAN and not self.linear:
             self.mode = MODE_MEAN_PLUS
+        # PLUS emulation (fixed point, saturating 16-bit weights) exists in the numba kernels only.
+        self.engine = "numba" if opts.emulate_plus else resolve_engine(opts.engine)
         self.n_threads = opts.number_of_threads or default_threads()
         self.max_pending_frames = int(max_pending_frames)
         self.max_lag_s = float(max_lag_s)
@@ -846,11 +849,31 @@ class IncrementalReconstructor:
             ranges = self._ranges_stack
             pool = self._pool()
             counts = np.zeros(sel.size, dtype=np.int64)
+            # The torch engine works on device copies of the accumulators (64-bit sums and counts,
+            # no overflow) and hands back the numba layout, so grid growth and results are shared.
+            tacc = None
+            if self.engine == "torch":
+                tacc = TorchAccumulators.from_numpy(
+                    self._acc, self._weight, mode=self.mode, linear=self.linear, frame_dtype=self.dtype
+                )
             for a in range(0, sel.size, _BATCH):
                 b = min(sel.size, a + _BATCH)
+                batch_frames, batch_ids = self._frames_of(frames4d, frame_ids[sel[a:b]])
+                if tacc is not None:
+                    counts[a:b] = tacc.insert_frames(
+                        batch_frames,
+                        batch_ids,
+                        vox[a:b],
+                        ranges,
+                        mask_ids[sel[a:b]],
+                        importance=self._importance,
+                        pixel_rejection_threshold=opts.pixel_rejection_threshold,
+                    )
+                    if progress is not None:
+                        progress(int(b), int(sel.size))
+                    continue
                 if not opts.emulate_plus:
                     self._guard_counts(vox[a:b], mask_ids[sel[a:b]])
-                batch_frames, batch_ids = self._frames_of(frames4d, frame_ids[sel[a:b]])
                 counts[a:b] = insert_frames(
                     batch_frames,
                     batch_ids,
@@ -869,6 +892,8 @@ class IncrementalReconstructor:
                 )
                 if progress is not None:
                     progress(int(b), int(sel.size))
+            if tacc is not None:
+                self._acc, self._weight = tacc.to_numpy()
             self.pixels_inserted += int(counts.sum())
             for t, c in zip(sel, counts):
                 if c > 0:
