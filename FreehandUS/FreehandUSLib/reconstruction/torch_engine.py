@@ -78,6 +78,7 @@ Example
 from __future__ import annotations
 
 import ctypes.util
+import functools
 import hashlib
 import logging
 import os
@@ -140,11 +141,19 @@ def _import_torch():
     return torch
 
 
+@functools.lru_cache(maxsize=1)
 def _nvidia_driver_present() -> bool:
-    """Cheap hint that a CUDA driver exists (so machines without one never pay torch's import)."""
-    if os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidiactl"):
-        return True
-    return ctypes.util.find_library("nvcuda") is not None or ctypes.util.find_library("cuda") is not None
+    """Cheap hint that a CUDA driver exists (so machines without one never pay torch's import).
+
+    Linux: the driver's /proc entry or device node; Windows: nvcuda.dll on the search path
+    (``find_library`` is a path lookup there, while on Linux it spawns compilers, so it is not
+    used); macOS has no CUDA.
+    """
+    if sys.platform.startswith("linux"):
+        return os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidiactl")
+    if sys.platform == "win32":
+        return ctypes.util.find_library("nvcuda") is not None
+    return False
 
 
 def cuda_available() -> bool:
