@@ -1,8 +1,9 @@
 """The demo's 3D Slicer scene, written headless through the real MRML classes (slicer-core).
 
-Needs 3D Slicer's Python or the ``slicer-core`` wheel; the MRML classes are taken from
-:mod:`FreehandUSLib.mrml`, the bridge (the one Lib module that imports ``slicer``), imported when
-a function here is called (``ImportError`` without slicer-core). :func:`new_scene` sets a scene up the way
+Needs 3D Slicer's Python or the ``slicer-core`` wheel. Building a scene with no Slicer application
+running is the one thing in the Lib that must import ``slicer`` (for the scene and logic classes);
+it is done inside :func:`new_scene` only (``ImportError`` without slicer-core), so importing this
+module, and everything the Slicer modules use, stays free of ``slicer``. :func:`new_scene` sets a scene up the way
 Slicer sets up its own (application logic with its selection/interaction singletons, default
 color tables, the Sequences logic that registers the sequence node classes, a cache manager for
 reading ``.seq.mrb`` bundles back); :func:`write_demo_scene` fills it with the demo's volumes,
@@ -51,9 +52,9 @@ def new_scene(cache_dir=None):
     vtkMRMLScene
         Keeps its logics alive; call :func:`release_scene` when done.
     """
-    from . import mrml
+    # The documented exception to "a Lib never imports slicer": a headless scene for `freehandus demo`.
+    import slicer
 
-    slicer = mrml.slicer  # the MRML classes come through the bridge, the one module that imports slicer
     scene = slicer.vtkMRMLScene()
     app_logic = slicer.vtkSlicerApplicationLogic()
     app_logic.SetMRMLScene(scene)

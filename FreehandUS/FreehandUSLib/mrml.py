@@ -1,8 +1,8 @@
 """MRML bridge: tracked sequences, volumes and transforms <-> 3D Slicer MRML nodes.
 
-This is the only FreehandUSLib module that imports ``slicer`` (the 3D Slicer application's
-Python, or the ``slicer-core`` wheel for headless tests) and the only place that thinks about
-RAS/LPS. ``import FreehandUSLib`` does not import it; import it explicitly
+It works on the MRML classes of the scene it is given (3D Slicer's Python, or the ``slicer-core``
+wheel for headless tests) through ``vtk`` and scene methods, without importing ``slicer``, and is
+the only place that thinks about RAS/LPS. ``import FreehandUSLib`` does not import it; import it explicitly
 (``from FreehandUSLib import mrml``).
 
 Coordinate convention (what PLUS and SlicerOpenIGTLink do)
@@ -52,7 +52,6 @@ from pathlib import Path
 import numpy as np
 
 try:
-    import slicer
     import vtk
     from vtk.util import numpy_support
 except ImportError as exc:  # pragma: no cover - exercised only without Slicer/slicer-core
@@ -340,7 +339,7 @@ def sequence_to_browser(
     if frames.ndim == 4 and frames.shape[3] == 1:
         frames = frames[..., 0]  # one channel: a scalar volume (reads back as (n, rows, cols))
     vector = frames.ndim == 4
-    frame_node = slicer.vtkMRMLVectorVolumeNode() if vector else slicer.vtkMRMLScalarVolumeNode()
+    frame_node = _scratch_node(scene, "vtkMRMLVectorVolumeNode" if vector else "vtkMRMLScalarVolumeNode")
     frame_node.SetName(seq_name)
     for i in range(n):
         # No copy here: SetDataNodeAtValue deep-copies the node while `frames` is alive.
@@ -357,7 +356,7 @@ def sequence_to_browser(
         tseq = _new_sequence(scene, name, role="Transform")
         tseq.SetAttribute(ATTR_TRANSFORM_NAME, name)
         held = _hold_last_valid(ft.matrices, ft.valid, fallback=np.eye(4))
-        tnode = slicer.vtkMRMLLinearTransformNode()
+        tnode = _scratch_node(scene, "vtkMRMLLinearTransformNode")
         tnode.SetName(name)
         for i in range(n):
             tnode.SetMatrixTransformToParent(matrix_to_vtk(held[i]))
@@ -666,6 +665,13 @@ def _image_geometry(sequence, *, image_to_probe, fixed, reference_frame):
     valid[valid] = np.abs(np.linalg.det(mats[valid][:, :3, :3])) > 1e-12
     held = _hold_last_valid(mats, valid, fallback=pixels)
     return target, held, valid
+
+
+def _scratch_node(scene, class_name: str):
+    """A node of ``class_name`` that is not added to the scene (filled, then copied into sequences)."""
+    node = scene.CreateNodeByClass(class_name)
+    node.UnRegister(None)  # CreateNodeByClass hands over a reference; Python's wrapper holds its own
+    return node
 
 
 def _new_sequence(scene, name: str, *, role: str):
