@@ -14,10 +14,12 @@ config's STICK), on 1 thread and on all cores; the numpy reference runs on the s
 - hole filling of a 300^3 volume with 30 % of its voxels known at random, through the public
   :func:`fill_holes` (float64 values) and through the reconstruction's own path (uint32 sums
   and counts read as means, filled values rounded into the uint8 output), wall and CPU time;
-- peak memory of the 300-frame synthetic reconstruction per mode, measured in a fresh
-  subprocess as the growth of the resident set (VmHWM after resetting it, so everything
-  counts: numpy, numba, scratch) and with tracemalloc (numpy allocations), relative to the
-  uint8 output volume and to all returned volumes (output + float32 coverage map);
+- peak memory of the 300-frame synthetic reconstruction per mode, with and without the
+  float32 coverage map, measured in a fresh subprocess as the growth of the resident set
+  (VmHWM after resetting it, so everything counts: numpy, numba, scratch) and with
+  tracemalloc (numpy allocations), relative to the returned volumes; checked against the
+  target "< 2x the output volumes + one batch of 32 frames"; side by side, the same
+  reconstruction through the live path (accumulators for the whole grid);
 - how far PLUS's saturating MEAN (``emulate_plus``) drifts from the exact mean on the 10x
   spine data.
 
@@ -42,6 +44,7 @@ import numpy as np
 from FreehandUSLib import TrackedSequence
 from FreehandUSLib.reconstruction import (
     HoleFillingElement,
+    IncrementalReconstructor,
     ReconstructionOptions,
     fill_holes,
     reconstruct_volume,
@@ -206,6 +209,7 @@ def plus_mean_drift(seq, transforms):
 
 MEMORY_MODES = [("nearest", "max", False), ("nearest", "mean", False), ("linear", "mean", False),
                 ("linear", "max", False), ("nearest", "mean", True)]
+BATCH_FRAMES = 32  # frames per insertion batch (the target allows one batch beside 2x the output)
 
 
 def _status_bytes(key):
@@ -216,12 +220,24 @@ def _status_bytes(key):
     return 0
 
 
-def peak_memory_child(interpolation, compounding, fill, n_frames, spacing):
-    """Run in a fresh process: peak memory of one reconstruction of the synthetic sweep."""
+def peak_memory_child(interpolation, compounding, fill, n_frames, spacing, coverage=True, path="batch"):
+    """Run in a fresh process: peak memory of one reconstruction of the synthetic sweep.
+
+    ``path``: ``batch`` (:func:`reconstruct_volume`, slabs) or ``live`` (an
+    :class:`IncrementalReconstructor` on the same grid: accumulators for the whole grid).
+    """
     seq, _ = synthetic_case(n_frames=n_frames)
     opts = ReconstructionOptions(output_spacing_mm=spacing, interpolation=interpolation, compounding=compounding,
-                                 fill_holes=fill, hole_filling=(STICK,) if fill else (), number_of_threads=1)
-    reconstruct_volume(seq[:3], None, opts)  # compile / load the kernels first
+                                 fill_holes=fill, hole_filling=(STICK,) if fill else (), number_of_threads=1,
+                                 output_weight=coverage)
+    grid = reconstruct_volume(seq, None, opts).grid  # compile / load the kernels first
+
+    def run():
+        if path == "batch":
+            return reconstruct_volume(seq, None, opts)
+        recon = IncrementalReconstructor(opts, image_shape=(seq.n_rows, seq.n_cols), grid=grid)
+        recon.add_frames(seq.frames, seq.transforms["ImageToReference"].matrices)
+        return recon.result(consume=True)
     import gc
 
     gc.collect()
@@ -232,19 +248,22 @@ def peak_memory_child(interpolation, compounding, fill, n_frames, spacing):
     except OSError:  # pragma: no cover (not Linux)
         rss0 = None
     tracemalloc.start()
-    result = reconstruct_volume(seq, None, opts)
+    result = run()
     traced = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     rss = _status_bytes("VmHWM:") - rss0 if rss0 is not None else None
     out_bytes = result.volume.voxels.nbytes
     returned = out_bytes + (result.weight.voxels.nbytes if result.weight is not None else 0)
+    peak = rss if rss is not None else traced
+    batch = BATCH_FRAMES * seq.n_rows * seq.n_cols * seq.frames.itemsize
     return {
-        "mode": f"{interpolation}+{compounding}" + ("+holes" if fill else ""), "frames": n_frames,
+        "mode": f"{interpolation}+{compounding}" + ("+holes" if fill else ""), "path": path,
+        "coverage_map": coverage, "frames": n_frames,
         "dimensions": list(result.grid.dims), "output_volume_bytes": out_bytes, "returned_volumes_bytes": returned,
-        "peak_rss_growth_bytes": rss, "peak_traced_bytes": traced,
-        "peak_over_output": (rss if rss is not None else traced) / out_bytes,
-        "peak_over_returned": (rss if rss is not None else traced) / returned,
-        "traced_over_output": traced / out_bytes, "seconds": result.seconds,
+        "batch_of_frames_bytes": batch, "peak_rss_growth_bytes": rss, "peak_traced_bytes": traced,
+        "peak_over_output": peak / out_bytes, "peak_over_returned": peak / returned,
+        "traced_over_output": traced / out_bytes, "target_bytes": 2 * returned + batch,
+        "meets_target": bool(peak < 2 * returned + batch), "seconds": result.seconds,
     }
 
 
@@ -252,15 +271,16 @@ def peak_memory(n_frames, spacing=0.3):
     """:func:`peak_memory_child` for each of :data:`MEMORY_MODES`, each in its own process."""
     rows = []
     for interpolation, compounding, fill in MEMORY_MODES:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--peak-child",
-               json.dumps([interpolation, compounding, fill, n_frames, spacing])]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        row = json.loads(done.stdout.strip().splitlines()[-1])
-        rows.append(row)
-        mb = (row["peak_rss_growth_bytes"] or 0) / 2**20
-        print(f"peak memory {row['mode']:<20} {mb:7.1f} MiB = {row['peak_over_output']:5.1f} x the uint8 output, "
-              f"{row['peak_over_returned']:4.2f} x output + coverage map (traced {row['traced_over_output']:5.1f} x)",
-              flush=True)
+        for coverage, path in ((True, "batch"), (False, "batch"), (False, "live")):
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--peak-child",
+                   json.dumps([interpolation, compounding, fill, n_frames, spacing, coverage, path])]
+            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            mb = (row["peak_rss_growth_bytes"] or 0) / 2**20
+            print(f"peak memory {row['mode']:<20} {path:<5} {'output+coverage' if coverage else 'output only    '} "
+                  f"{mb:7.1f} MiB = {row['peak_over_returned']:5.2f} x returned volumes "
+                  f"(target < 2x + one batch of frames: {'met' if row['meets_target'] else 'NOT met'})", flush=True)
     return rows
 
 

@@ -172,7 +172,8 @@ def grid_from_bounds(
 
 
 def grid_from_options(
-    options, corners_reference: np.ndarray | None, *, n_channels: int = 1, out_itemsize: int = 1, frame_dtype=None
+    options, corners_reference: np.ndarray | None, *, n_channels: int = 1, out_itemsize: int = 1, frame_dtype=None,
+    slabbed: bool = False,
 ) -> OutputGrid:
     """The output grid of ``options``: the fixed ROI, or the bounding box of ``corners_reference``.
 
@@ -182,7 +183,7 @@ def grid_from_options(
     corners_reference : (n, 4, 3) float64 or None
         Clipped frame corners of the usable frames in the Reference frame, mm (needed unless
         the options give a full ROI).
-    n_channels, out_itemsize, frame_dtype
+    n_channels, out_itemsize, frame_dtype, slabbed
         For the memory check (see :func:`buffer_bytes_per_voxel`).
 
     Raises
@@ -216,14 +217,19 @@ def grid_from_options(
         counts,
         spacing,
         budget_bytes=options.memory_budget_bytes,
-        bytes_per_voxel=buffer_bytes_per_voxel(options, n_channels, out_itemsize, frame_dtype),
+        bytes_per_voxel=buffer_bytes_per_voxel(options, n_channels, out_itemsize, frame_dtype, slabbed=slabbed),
         ranges_mm=ranges,
     )
     return OutputGrid(origin, spacing, tuple(int(c) for c in counts), d)
 
 
-def buffer_bytes_per_voxel(options, n_channels: int = 1, out_itemsize: int = 1, frame_dtype=None) -> int:
+def buffer_bytes_per_voxel(options, n_channels: int = 1, out_itemsize: int = 1, frame_dtype=None, *,
+                           slabbed: bool = False) -> int:
     """Peak bytes per voxel of a reconstruction (accumulators, outputs, coverage map).
+
+    With ``slabbed`` (batch reconstruction a slab of planes at a time, :mod:`.slabs`): the
+    outputs, the coverage map and the slab buffers (at most half the outputs' bytes, beyond a
+    few MiB).
 
     The accumulators are the compact types of :func:`~.kernels.accumulator_types` (e.g. 4 + 4
     bytes for nearest/mean of uint8 frames, the output type + 4 for max/latest); the output
@@ -240,7 +246,11 @@ def buffer_bytes_per_voxel(options, n_channels: int = 1, out_itemsize: int = 1, 
         Bytes per output voxel (1: uint8, 4: float32).
     frame_dtype : numpy dtype, optional
         The frames' type as inserted (default: uint8 when ``out_itemsize`` is 1, else float32).
+    slabbed : bool
     """
+    if slabbed:
+        out = n_channels * out_itemsize
+        return int(out + (out + 1) // 2 + (4 if options.output_weight else 0))
     from .kernels import MODE_CODES, MODE_MEAN, MODE_MEAN_PLUS, accumulator_types
 
     if frame_dtype is None:

@@ -62,6 +62,7 @@ import numpy as np
 from numba import njit
 
 __all__ = [
+    "hole_filling_reach",
     "HoleFillingStats",
     "fill_holes",
     "fill_holes_into",
@@ -768,6 +769,22 @@ def _element_arrays(elements, emulate: bool):
     return kinds, sizes, needs, kernels, wtabs, ftabs, limits, n_uses
 
 
+def hole_filling_reach(elements) -> int:
+    """How many planes away (voxels along any axis) the elements read known voxels.
+
+    Cube elements (GAUSSIAN, GAUSSIAN_ACCUMULATION, NEAREST_NEIGHBOR, DISTANCE_WEIGHT_INVERSE)
+    reach ``size // 2``; a STICK reaches ``stick_length_limit - 1`` steps. Filling one plane
+    needs the known voxels of the planes this far on either side.
+    """
+    reach = 0
+    for e in elements:
+        if _KIND[e.type] == _STICK:
+            reach = max(reach, int(e.stick_length_limit) - 1)
+        else:
+            reach = max(reach, int(e.size) // 2)
+    return reach
+
+
 def fill_holes_into(
     out: np.ndarray,
     values: np.ndarray,
@@ -782,6 +799,7 @@ def fill_holes_into(
     emulate_plus: bool = False,
     integer_values: bool = False,
     filled: np.ndarray | None = None,
+    planes: tuple[int, int] | None = None,
 ) -> HoleFillingStats:
     """Fill holes reading the known voxels of ``values`` and writing the holes of ``out``.
 
@@ -809,6 +827,9 @@ def fill_holes_into(
         As in :func:`fill_holes`.
     filled : (n_k, n_j, n_i) bool, optional
         Set where a hole was filled.
+    planes : (first, stop), optional
+        Fill only the holes of planes ``first .. stop - 1`` (the arrays' other planes are read
+        as neighbours: a slab and its halo in a batch reconstruction); default all.
 
     Returns
     -------
@@ -831,20 +852,24 @@ def fill_holes_into(
             f"weight {weight.shape} (expected out like values, known and weight (n_k, n_j, n_i) = {values.shape[:3]})"
         )
     nk = known.shape[0]
-    n_holes = int(known.size - np.count_nonzero(known))
+    p0, p1 = (0, nk) if planes is None else (max(0, int(planes[0])), min(nk, int(planes[1])))
+    n_holes = int(known[p0:p1].size - np.count_nonzero(known[p0:p1])) if p1 > p0 else 0
     counts = np.zeros((1, max(1, len(elements))), dtype=np.int64)
     if elements and n_holes:
         packed = _element_arrays(elements, bool(emulate_plus))
-        n_chunks = 1 if n_threads <= 1 else max(1, min(nk, 2 * int(n_threads)))
-        bounds = np.linspace(0, nk, n_chunks + 1).astype(np.int64)
+        cap = max([e.stick_length_limit - 1 for e in elements if _KIND[e.type] == _STICK] + [0])
+        cap = min(cap, max(known.shape))  # no known voxel is farther away than the volume is long
+        # Each chunk first rolls the downward STICK distances over ``cap`` planes: chunks of
+        # fewer than 2 * cap planes would spend more on that than on filling.
+        n_chunks = 1 if n_threads <= 1 else max(1, min(p1 - p0, 2 * int(n_threads), (p1 - p0) // max(1, 2 * cap)))
+        bounds = np.linspace(p0, p1, n_chunks + 1).astype(np.int64)
         counts = np.zeros((n_chunks, len(elements)), dtype=np.int64)
         kinds, sizes, needs, kernels, wtabs, ftabs, limits, n_uses = packed
         params = (kinds, sizes, needs, kernels, STICK_DIRECTIONS, wtabs, ftabs, limits, n_uses,
                   bool(emulate_plus), bool(integer_values))
-        cap = max([e.stick_length_limit - 1 for e in elements if _KIND[e.type] == _STICK] + [0])
-        cap = min(cap, max(known.shape))  # no known voxel is farther away than the volume is long
         nj, ni, nc = known.shape[1], known.shape[2], values.shape[3]
-        block = int(min(64, max(4, _STICK_BLOCK_BYTES // max(1, 9 * nj * ni))))
+        # Upward STICK distances are computed a block of planes at a time, never past a chunk.
+        block = int(min(64, max(4, _STICK_BLOCK_BYTES // max(1, 9 * nj * ni)), max(4, int(np.diff(bounds).max()))))
         senses, cls, slot, _ = _stick_senses(STICK_DIRECTIONS)
         # The divisor is read only when dividing; otherwise a fixed stand-in keeps the number of
         # compiled variants down.

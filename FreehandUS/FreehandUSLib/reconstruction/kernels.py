@@ -77,6 +77,8 @@ __all__ = [
     "MODE_MEAN_PLUS",
     "MODE_CODES",
     "insert_frames",
+    "plane_work",
+    "worker_planes",
     "default_threads",
     "voxel_matrices",
     "finish_channel_into",
@@ -609,7 +611,7 @@ def _drop_pixels(frames, f, y, xa, xb, s0, s1, importance, use_imp, use_reject, 
 
 
 @njit(nogil=True, cache=True)
-def _nearest_row(frames, f, y, xa, xb, s0, s1, bi, bj, bk, ai, aj, ak, acc1, w1, nj, ni, mode,
+def _nearest_row(frames, f, y, xa, xb, s0, s1, bi, bj, bk, ai, aj, ak, acc1, w1, nj, ni, kbase, mode,
                  importance, use_imp, use_reject, reject, vox):
     """Nearest-neighbour insertion of pixels xa..xb of row y (all inside); return how many went in."""
     nc = frames.shape[3]
@@ -618,7 +620,7 @@ def _nearest_row(frames, f, y, xa, xb, s0, s1, bi, bj, bk, ai, aj, ak, acc1, w1,
         kk = int(bk + x * ak + 0.5)
         jj = int(bj + x * aj + 0.5)
         ii = int(bi + x * ai + 0.5)
-        vox[x] = (kk * nj + jj) * ni + ii
+        vox[x] = ((kk - kbase) * nj + jj) * ni + ii
     _drop_pixels(frames, f, y, xa, xb, s0, s1, importance, use_imp, use_reject, reject, vox)
     inserted = 0
     x = xa
@@ -678,8 +680,12 @@ def _nearest_row(frames, f, y, xa, xb, s0, s1, bi, bj, bk, ai, aj, ak, acc1, w1,
 
 @njit(nogil=True, cache=True)
 def _nearest_frames(frames, frame_ids, mats, ranges, mask_ids, importance, use_reject, reject, mode,
-                    acc, weight, counts, pieces, vox):
-    """Nearest-neighbour insertion of ``frames[frame_ids]`` into the k-plane ranges ``pieces``."""
+                    acc, weight, kbase, counts, pieces, vox):
+    """Nearest-neighbour insertion of ``frames[frame_ids]`` into the k-plane ranges ``pieces``.
+
+    ``acc`` / ``weight`` hold grid planes ``kbase ..``; ``pieces`` (m, 2): first and last grid
+    plane of each range.
+    """
     nk, nj, ni, nc = acc.shape
     acc1 = acc.reshape(-1)
     w1 = weight.reshape(-1)
@@ -700,7 +706,7 @@ def _nearest_frames(frames, frame_ids, mats, ranges, mask_ids, importance, use_r
                 xa, xb = _row_span(bi, bj, bk, ai, aj, ak, 0.5, 0, ni - 1, 0, nj - 1, pieces[p, 0], pieces[p, 1], x0, x1)
                 if xa <= xb:
                     total += _nearest_row(frames, f, y, xa, xb, rr[y, 2], rr[y, 3], bi, bj, bk, ai, aj, ak, acc1, w1,
-                                          nj, ni, mode, importance, use_imp, use_reject, reject, vox)
+                                          nj, ni, kbase, mode, importance, use_imp, use_reject, reject, vox)
         counts[n] += total
 
 
@@ -752,14 +758,14 @@ def _usable(w, mean_like):
 
 
 @njit(nogil=True, cache=True)
-def _linear_row(frames, f, y, xa, xb, s0, s1, bi, bj, bk, ai, aj, ak, acc, weight, acc1, w1, klo, khi, mode,
-                importance, use_reject, reject, cell, corner, wts):
+def _linear_row(frames, f, y, xa, xb, s0, s1, bi, bj, bk, ai, aj, ak, acc, weight, acc1, w1, kbase, nkg, klo, khi,
+                mode, importance, use_reject, reject, cell, corner, wts):
     """Trilinear splat of pixels xa..xb of row y; return how many pixels this worker counts.
 
     A pixel counts for the worker owning the plane of its first usable corner (non-zero
     weight, or >= 1/8 for max / latest, inside the grid, in corner order), so exactly once.
     """
-    nk, nj, ni, nc = acc.shape
+    nj, ni, nc = acc.shape[1], acc.shape[2], acc.shape[3]
     sj = ni
     sk = nj * ni
     mean_like = mode == MODE_MEAN or mode == MODE_IMPORTANCE
@@ -777,7 +783,7 @@ def _linear_row(frames, f, y, xa, xb, s0, s1, bi, bj, bk, ai, aj, ak, acc, weigh
         while e <= xb and cell[e] == key:
             e += 1
         i0, j0, k0 = corner[x, 0], corner[x, 1], corner[x, 2]
-        v0 = k0 * sk + j0 * sj + i0
+        v0 = (k0 - kbase) * sk + j0 * sj + i0
         inner = i0 >= 0 and i0 + 1 < ni and j0 >= 0 and j0 + 1 < nj and k0 >= klo and k0 + 1 <= khi
         if inner and nc == 1 and mean_like:
             # All 8 voxels are this worker's: 16 accumulators in registers for the run.
@@ -834,11 +840,12 @@ def _linear_row(frames, f, y, xa, xb, s0, s1, bi, bj, bk, ai, aj, ak, acc, weigh
             kk = k0 + (q >> 2)
             jj = j0 + ((q >> 1) & 1)
             ii = i0 + (q & 1)
-            if kk < klo or kk > khi or kk >= nk or jj < 0 or jj >= nj or ii < 0 or ii >= ni:
+            if kk < klo or kk > khi or kk >= nkg or jj < 0 or jj >= nj or ii < 0 or ii >= ni:
                 continue
+            kl = kk - kbase
             for c in range(nc):
-                r = acc[kk, jj, ii, c]
-                g = weight[kk, jj, ii]
+                r = acc[kl, jj, ii, c]
+                g = weight[kl, jj, ii]
                 for t in range(x, e):
                     wq = wts[t, q]
                     if mean_like:
@@ -848,19 +855,19 @@ def _linear_row(frames, f, y, xa, xb, s0, s1, bi, bj, bk, ai, aj, ak, acc, weigh
                         if mode == MODE_LATEST or g == 0 or val > r:
                             r = val
                         g = _like(g, g + wq)
-                acc[kk, jj, ii, c] = r
-            g = weight[kk, jj, ii]
+                acc[kl, jj, ii, c] = r
+            g = weight[kl, jj, ii]
             for t in range(x, e):
                 wq = wts[t, q]
                 if mean_like or wq >= _MIN_LINEAR_WEIGHT:
                     g = _like(g, g + wq)
-            weight[kk, jj, ii] = g
+            weight[kl, jj, ii] = g
         for t in range(x, e):
             for q in range(8):
                 kk = k0 + (q >> 2)
                 jj = j0 + ((q >> 1) & 1)
                 ii = i0 + (q & 1)
-                if kk < 0 or kk >= nk or jj < 0 or jj >= nj or ii < 0 or ii >= ni:
+                if kk < 0 or kk >= nkg or jj < 0 or jj >= nj or ii < 0 or ii >= ni:
                     continue
                 if _usable(wts[t, q], mean_like):
                     if klo <= kk <= khi:
@@ -871,8 +878,8 @@ def _linear_row(frames, f, y, xa, xb, s0, s1, bi, bj, bk, ai, aj, ak, acc, weigh
 
 
 @njit(nogil=True, cache=True)
-def _linear_row1(frames, f, y, xa, xb, s0, s1, bi, bj, bk, ai, aj, ak, acc, weight, acc1, w1, klo, khi, mode,
-                 importance, use_reject, reject, wb):
+def _linear_row1(frames, f, y, xa, xb, s0, s1, bi, bj, bk, ai, aj, ak, acc, weight, acc1, w1, kbase, nkg, klo,
+                 khi, mode, importance, use_reject, reject, wb):
     """Trilinear splat of pixels xa..xb of row y, one channel, in one streaming pass.
 
     While consecutive pixels fall into the same cell whose 8 voxels are all this worker's,
@@ -880,7 +887,7 @@ def _linear_row1(frames, f, y, xa, xb, s0, s1, bi, bj, bk, ai, aj, ak, acc, weig
     ends); other pixels update the voxels directly. Either way each voxel sees exactly the
     per-pixel operations of :func:`_linear_span`. Returns how many pixels this worker counts.
     """
-    nk, nj, ni, nc = acc.shape
+    nj, ni = acc.shape[1], acc.shape[2]
     sj = ni
     sk = nj * ni
     mean_like = mode == MODE_MEAN or mode == MODE_IMPORTANCE
@@ -941,7 +948,7 @@ def _linear_row1(frames, f, y, xa, xb, s0, s1, bi, bj, bk, ai, aj, ak, acc, weig
             ci, cj, ck = fi0, fj0, fk0
             cached = i0 >= 0 and i0 + 1 < ni and j0 >= 0 and j0 + 1 < nj and k0 >= klo and k0 + 1 <= khi
             if cached:
-                v0 = k0 * sk + j0 * sj + i0
+                v0 = (k0 - kbase) * sk + j0 * sj + i0
                 a0, a1, a2, a3 = acc1[v0], acc1[v0 + 1], acc1[v0 + sj], acc1[v0 + sj + 1]
                 a4, a5, a6, a7 = acc1[v0 + sk], acc1[v0 + sk + 1], acc1[v0 + sk + sj], acc1[v0 + sk + sj + 1]
                 g0, g1, g2, g3 = w1[v0], w1[v0 + 1], w1[v0 + sj], w1[v0 + sj + 1]
@@ -982,7 +989,7 @@ def _linear_row1(frames, f, y, xa, xb, s0, s1, bi, bj, bk, ai, aj, ak, acc, weig
             kk = k0 + (q >> 2)
             jj = j0 + ((q >> 1) & 1)
             ii = i0 + (q & 1)
-            if kk < 0 or kk >= nk or jj < 0 or jj >= nj or ii < 0 or ii >= ni:
+            if kk < 0 or kk >= nkg or jj < 0 or jj >= nj or ii < 0 or ii >= ni:
                 continue
             wq = wb[q]
             if not _usable(wq, mean_like):
@@ -991,7 +998,7 @@ def _linear_row1(frames, f, y, xa, xb, s0, s1, bi, bj, bk, ai, aj, ak, acc, weig
                 first_plane = kk
             if kk < klo or kk > khi:
                 continue
-            v = (kk * nj + jj) * ni + ii
+            v = ((kk - kbase) * nj + jj) * ni + ii
             if mean_like:
                 acc1[v] = _like(acc1[v], acc1[v] + wq * val)
             elif latest or w1[v] == 0 or val > acc1[v]:
@@ -1019,9 +1026,13 @@ def _max_update(r, g, w, val, latest):
 
 @njit(nogil=True, cache=True)
 def _linear_frames(frames, frame_ids, mats, ranges, mask_ids, importance, use_reject, reject, mode,
-                   acc, weight, counts, pieces, cell, corner, wts):
-    """Trilinear insertion of ``frames[frame_ids]`` into the k-plane ranges ``pieces``."""
-    nk, nj, ni, nc = acc.shape
+                   acc, weight, kbase, nkg, counts, pieces, cell, corner, wts):
+    """Trilinear insertion of ``frames[frame_ids]`` into the k-plane ranges ``pieces``.
+
+    ``acc`` / ``weight`` hold planes ``kbase ..`` of a grid ``nkg`` planes deep; ``pieces``
+    (m, 2): first and last grid plane of each range.
+    """
+    nj, ni, nc = acc.shape[1], acc.shape[2], acc.shape[3]
     acc1 = acc.reshape(-1)
     w1 = weight.reshape(-1)
     for n in range(frame_ids.shape[0]):
@@ -1039,16 +1050,17 @@ def _linear_frames(frames, frame_ids, mats, ranges, mask_ids, importance, use_re
             for p in range(pieces.shape[0]):
                 klo, khi = pieces[p, 0], pieces[p, 1]
                 xa, xb = _row_span(bi, bj, bk, ai, aj, ak, 0.0, -1, ni - 1, -1, nj - 1, max(-1, klo - 1),
-                                   min(nk - 1, khi), x0, x1)
+                                   min(nkg - 1, khi), x0, x1)
                 if xa > xb:
                     continue
                 if nc == 1:
                     total += _linear_row1(frames, f, y, xa, xb, rr[y, 2], rr[y, 3], bi, bj, bk, ai, aj, ak, acc,
-                                          weight, acc1, w1, klo, khi, mode, importance, use_reject, reject, wts[0])
+                                          weight, acc1, w1, kbase, nkg, klo, khi, mode, importance, use_reject, reject,
+                                          wts[0])
                 else:
                     total += _linear_row(frames, f, y, xa, xb, rr[y, 2], rr[y, 3], bi, bj, bk, ai, aj, ak, acc,
-                                         weight, acc1, w1, klo, khi, mode, importance, use_reject, reject, cell,
-                                         corner, wts)
+                                         weight, acc1, w1, kbase, nkg, klo, khi, mode, importance, use_reject, reject,
+                                         cell, corner, wts)
         counts[n] += total
 
 
@@ -1084,6 +1096,9 @@ def insert_frames(
     executor: ThreadPoolExecutor | None = None,
     slab: int | None = None,
     fixed_point: bool = False,
+    k_base: int = 0,
+    n_k_grid: int | None = None,
+    pieces: list | None = None,
 ) -> np.ndarray:
     """Insert frames into the accumulators (in place) and count the pixels each frame added.
 
@@ -1121,6 +1136,13 @@ def insert_frames(
     fixed_point : bool
         Emulate PLUS's fixed-point trilinear weights and its all-corners-inside rule (the
         matrices must then come from ``voxel_matrices(..., fixed_point=True)``).
+    k_base, n_k_grid : int
+        The accumulators hold grid planes ``k_base .. k_base + n_k - 1`` of a grid ``n_k_grid``
+        planes deep (default: the whole grid), e.g. one slab of a batch reconstruction. Pixels
+        go only into the planes held; not with ``fixed_point`` / PLUS's mean.
+    pieces : list of (m, 2) int64 arrays, optional
+        Per worker: the k-plane ranges (first, last grid plane) it owns, within the planes
+        held; default :func:`worker_planes` over the planes held.
 
     Returns
     -------
@@ -1137,23 +1159,30 @@ def insert_frames(
     reject = float(pixel_rejection_threshold) if use_reject else 0.0
     n = frame_ids.shape[0]
     nk = acc.shape[0]
+    k_base = int(k_base)
+    nkg = nk if n_k_grid is None else int(n_k_grid)
     n_threads = max(1, int(n_threads))
     emulate = bool(fixed_point) or int(mode) == MODE_MEAN_PLUS
     if emulate or not (acc.flags.c_contiguous and weight.flags.c_contiguous):
+        if k_base != 0 or nkg != nk:
+            raise ValueError("insert_frames: PLUS emulation and non-contiguous buffers need the whole grid (k_base 0)")
         return _insert_per_pixel(frames, frame_ids, matrices, row_ranges, mask_ids, acc, weight, int(mode), linear,
                                  importance, use_reject, reject, n_threads, executor, slab, fixed_point)
-    pieces = _worker_planes(matrices, row_ranges, mask_ids, nk, linear, n_threads, slab)
+    if pieces is None:
+        pieces = worker_planes(matrices, row_ranges, mask_ids, nkg, linear, n_threads, slab,
+                               first=k_base, last=k_base + nk - 1)
     groups = len(pieces)
     counts = np.zeros((groups, n), dtype=np.int64)
     if n == 0:
         return counts.sum(axis=0)
     n_cols = frames.shape[2]
-    args = (frames, frame_ids, matrices, row_ranges, mask_ids, importance, use_reject, reject, int(mode), acc, weight)
+    args = (frames, frame_ids, matrices, row_ranges, mask_ids, importance, use_reject, reject, int(mode), acc, weight,
+            k_base)
 
     def work(g):
         if linear:
             scratch = (np.empty(n_cols, np.int64), np.empty((n_cols, 3), np.int64), np.empty((n_cols, 8)))
-            _linear_frames(*args, counts[g], pieces[g], *scratch)
+            _linear_frames(*args, nkg, counts[g], pieces[g], *scratch)
         else:
             _nearest_frames(*args, counts[g], pieces[g], np.empty(n_cols, np.int64))
 
@@ -1173,35 +1202,48 @@ def insert_frames(
     return counts.sum(axis=0)
 
 
-def _worker_planes(matrices, row_ranges, mask_ids, nk: int, linear: bool, n_threads: int, slab) -> list:
-    """The k-plane ranges ``(m, 2)`` [first, last] each worker owns.
+def plane_work(matrices, row_ranges, mask_ids, nk: int, linear: bool) -> np.ndarray:
+    """Approximate pixels per k-plane ``(nk,)`` of a batch (every 8th row and column)."""
+    work = np.zeros(int(nk))
+    if len(matrices):
+        _plane_work(np.ascontiguousarray(matrices, dtype=np.float64), np.ascontiguousarray(row_ranges, dtype=np.int32),
+                    np.ascontiguousarray(mask_ids, dtype=np.int64), int(nk), bool(linear), 8, work)
+    return work
 
-    One worker: the whole volume. Several: with ``slab``, slabs of that many planes dealt
-    round-robin; otherwise one run of planes each, cut where the batch's pixels (estimated on
-    every 8th row and column) split evenly, so the workers get equal shares of the work and
+
+def worker_planes(matrices, row_ranges, mask_ids, nk: int, linear: bool, n_threads: int, slab=None, *,
+                  first: int = 0, last: int | None = None, work: np.ndarray | None = None) -> list:
+    """The k-plane ranges ``(m, 2)`` [first, last] each worker owns in planes first..last.
+
+    One worker: all of them. Several: with ``slab``, slabs of that many planes dealt
+    round-robin; otherwise one run of planes each, cut where the batch's pixels (``work``,
+    default :func:`plane_work`) split evenly, so the workers get equal shares of the work and
     share only the planes at the cuts.
     """
-    groups = max(1, min(n_threads, nk))
+    first = int(first)
+    last = int(nk) - 1 if last is None else int(last)
+    span = last - first + 1
+    groups = max(1, min(n_threads, span))
     if groups == 1:
-        return [np.array([[0, nk - 1]], dtype=np.int64)]
+        return [np.array([[first, last]], dtype=np.int64)]
     if slab is not None:
         slab = max(1, int(slab))
-        starts = np.arange(0, nk, slab, dtype=np.int64)
+        starts = np.arange(first, last + 1, slab, dtype=np.int64)
         groups = min(groups, starts.size)
         return [
-            np.stack([starts[g::groups], np.minimum(starts[g::groups] + slab - 1, nk - 1)], axis=1)
+            np.stack([starts[g::groups], np.minimum(starts[g::groups] + slab - 1, last)], axis=1)
             for g in range(groups)
         ]
-    work = np.zeros(nk)
-    _plane_work(matrices, row_ranges, mask_ids, nk, bool(linear), 8, work)
+    if work is None:
+        work = plane_work(matrices, row_ranges, mask_ids, nk, linear)
+    work = work[first : last + 1]
     total = work.sum()
     if total > 0:
         cum = np.cumsum(work)
         cuts = np.searchsorted(cum, total * np.arange(1, groups) / groups, side="left") + 1
     else:
-        cuts = (nk * np.arange(1, groups)) // groups
-    edges = np.concatenate([[0], np.clip(cuts, 0, nk), [nk]]).astype(np.int64)
-    edges = np.maximum.accumulate(edges)
+        cuts = (span * np.arange(1, groups)) // groups
+    edges = first + np.maximum.accumulate(np.concatenate([[0], np.clip(cuts, 0, span), [span]]).astype(np.int64))
     return [np.array([[edges[g], edges[g + 1] - 1]], dtype=np.int64) if edges[g + 1] > edges[g]
             else np.zeros((0, 2), dtype=np.int64) for g in range(groups)]
 

@@ -7,20 +7,22 @@
 - :func:`options_from_plus_config` maps a PLUS ``<VolumeReconstruction>`` element to
   :class:`~.config.ReconstructionOptions`.
 
-Batch reconstruction *is* incremental reconstruction into the grid computed from all frames,
-so the two give bit-identical volumes for the same frames and grid, in every mode.
+Batch reconstruction inserts the same frames in the same order as incremental reconstruction
+into the grid computed from all frames, so the two give bit-identical volumes for the same
+frames and grid, in every mode.
 
-Memory (per voxel; :func:`~.geometry.buffer_bytes_per_voxel` gives the peak): the
-accumulators have the compact types of :func:`~.kernels.accumulator_types` (uint32 sums and
-counts for nearest/mean of uint8 frames, widened to float64 before any voxel could pass
-16,843,009 pixels; the value itself plus a count for max/latest), frames are never copied
-whole (other types and extra channels are converted a batch of 32 frames at a time), the
-output is computed a plane at a time straight from the accumulators (for max/latest the value
-buffer *is* the output), hole filling reads the means from the accumulators and writes the
-rounded values into the output, and the float32 coverage map is the weight buffer converted
-in place (uint32 counts) or made after the sums are released (float64 weights). Nearest/mean
-of uint8 frames peaks at 9 bytes per voxel (10 with hole filling), max/latest at 5,
-linear/mean at 17 (float64 sums and weights, for exactness).
+Memory. Live (incremental) reconstruction keeps accumulators for the whole grid, of the
+compact types of :func:`~.kernels.accumulator_types` (uint32 sums and counts for nearest/mean
+of uint8 frames, widened to float64 before any voxel could pass 16,843,009 pixels; the value
+itself plus a count for max/latest): with the uint8 output, nearest/mean peaks at 9 bytes per
+voxel (10 with hole filling), max/latest at 5, linear/mean at 17 (float64 sums and weights, for
+exactness); :func:`~.geometry.buffer_bytes_per_voxel` gives the figure. Batch reconstruction
+on the numba engine needs accumulators for a slab of k-planes only (:mod:`.slabs`): its peak
+is the output volumes (+ 4 bytes per voxel for the coverage map, if asked for) plus slab
+buffers of at most half the outputs or 16 MiB. Frames are never copied whole (other types and
+extra channels are converted a batch of 32 frames at a time), outputs are computed straight
+from the accumulators, and hole filling reads the means from the accumulators and writes the
+rounded values into the output.
 
 Example
 -------
@@ -62,7 +64,7 @@ from .geometry import (
     grid_from_bounds,
     grid_from_options,
 )
-from .holefill import STORE_FLOOR, STORE_RAW, STORE_ROUND, HoleFillingStats, fill_holes_into
+from .holefill import STORE_FLOOR, STORE_RAW, STORE_ROUND, HoleFillingStats, fill_holes_into, hole_filling_reach
 from .kernels import (
     MODE_CODES,
     MODE_IMPORTANCE,
@@ -74,9 +76,12 @@ from .kernels import (
     finish_channel_into,
     insert_frames,
     pixels_per_voxel_bound,
+    plane_work,
     voxel_matrices,
+    worker_planes,
 )
 from .masks import clipped_corners_px, detect_fan_angles, fan_row_ranges
+from .slabs import frame_plane_ranges, plan_slabs
 from .torch_engine import TorchAccumulators, resolve_engine
 
 __all__ = [
@@ -509,6 +514,8 @@ class IncrementalReconstructor:
     max_lag_s : float
         Live queue: frames older than this (by their timestamps) than the newest are dropped
         (and counted) when processing, as PLUS gives up when it is 3 s behind.
+    allocate : bool
+        Allocate a fixed grid's accumulators now (default) or on the first frame.
 
     Notes
     -----
@@ -530,6 +537,7 @@ class IncrementalReconstructor:
         channel_dtypes=None,
         max_pending_frames: int = 256,
         max_lag_s: float = 3.0,
+        allocate: bool = True,
     ):
         self.options = options if options is not None else ReconstructionOptions()
         opts = self.options
@@ -594,7 +602,7 @@ class IncrementalReconstructor:
         self._count_limit: int | None = None  # largest exact per-voxel count of the buffers' types
         self._count_bound = 0  # upper bound of the largest per-voxel count so far
         self._kept_pixels: list = []  # pixels kept by each row-ranges mask
-        if grid is not None:
+        if grid is not None and allocate:
             self._allocate(grid)
         self._next_index = 0
         self.frames_received = 0
@@ -790,19 +798,14 @@ class IncrementalReconstructor:
             return frames4d, frame_ids
         return frames4d(frame_ids), np.arange(len(frame_ids), dtype=np.int64)
 
-    def _insert(self, frames4d, frame_ids, image_to_reference, indices, image_ok=None, progress=None) -> int:
-        """Insert ``frames4d[frame_ids]`` (already 4D, dtype checked); return frames used.
+    def _admit(self, frames4d, frame_ids, mats, indices, image_ok):
+        """Decide which of the offered frames go in; record the others' reasons.
 
-        ``frames4d`` may also be a callable ``ids -> (len(ids), rows, cols, channels)`` array
-        that converts frames a batch at a time (no converted copy of a whole sequence).
+        Returns ``(sel, mask_ids)``: positions of the frames to insert (the grid covers them
+        if it may grow) and each offered frame's row-ranges entry.
         """
         opts = self.options
-        start = time.perf_counter()
-        frame_ids = np.asarray(frame_ids, dtype=np.int64)
-        indices = np.asarray(indices, dtype=np.int64)
-        mats = np.asarray(image_to_reference, dtype=np.float64).reshape(-1, 4, 4)
         n = frame_ids.size
-        self.frames_received += n
         keep = np.ones(n, dtype=bool)
         finite = np.all(np.isfinite(mats), axis=(1, 2))
         if image_ok is not None:
@@ -832,15 +835,30 @@ class IncrementalReconstructor:
                     mask_ids[t] = self._row_ranges_for(angles)
         else:
             mask_ids[:] = self._row_ranges_for(None)
-        if self.fixed_grid and self._acc is None:
-            self._allocate(self._pending_grid)  # buffers released by result(consume=True)
         sel = np.flatnonzero(keep)
-        if sel.size:
+        if sel.size and not self.fixed_grid:
             corners = frame_corners_reference(mats[sel], self._corners_px)
             fits = self._ensure_grid(corners)
             for t in sel[~fits]:
                 self._skip(indices[t], "over_memory_budget")
             sel = sel[fits]
+        return sel, mask_ids
+
+    def _insert(self, frames4d, frame_ids, image_to_reference, indices, image_ok=None, progress=None) -> int:
+        """Insert ``frames4d[frame_ids]`` (already 4D, dtype checked); return frames used.
+
+        ``frames4d`` may also be a callable ``ids -> (len(ids), rows, cols, channels)`` array
+        that converts frames a batch at a time (no converted copy of a whole sequence).
+        """
+        opts = self.options
+        start = time.perf_counter()
+        frame_ids = np.asarray(frame_ids, dtype=np.int64)
+        indices = np.asarray(indices, dtype=np.int64)
+        mats = np.asarray(image_to_reference, dtype=np.float64).reshape(-1, 4, 4)
+        self.frames_received += frame_ids.size
+        sel, mask_ids = self._admit(frames4d, frame_ids, mats, indices, image_ok)
+        if self.fixed_grid and self._acc is None:
+            self._allocate(self._pending_grid)  # buffers released by result(consume=True)
         used = 0
         if sel.size and self.grid is not None:
             vox = voxel_matrices(mats[sel], self.grid.reference_to_voxel, fixed_point=opts.emulate_plus)
@@ -894,15 +912,21 @@ class IncrementalReconstructor:
                     progress(int(b), int(sel.size))
             if tacc is not None:
                 self._acc, self._weight = tacc.to_numpy()
-            self.pixels_inserted += int(counts.sum())
-            for t, c in zip(sel, counts):
-                if c > 0:
-                    used += 1
-                    continue
-                inside = self._frame_touches_grid(mats[t])
-                self._skip(indices[t], "no_pixels_kept" if inside else "outside_volume")
-        self.frames_used += used
+            used = self._count_used(sel, counts, mats, indices)
         self.insertion_seconds += time.perf_counter() - start
+        return used
+
+    def _count_used(self, sel, counts, mats, indices) -> int:
+        """Book the pixels each inserted frame added; frames that added none are skipped with a reason."""
+        self.pixels_inserted += int(counts.sum())
+        used = 0
+        for t, c in zip(sel, counts):
+            if c > 0:
+                used += 1
+                continue
+            inside = self._frame_touches_grid(mats[t])
+            self._skip(indices[t], "no_pixels_kept" if inside else "outside_volume")
+        self.frames_used += used
         return used
 
     def _frame_touches_grid(self, image_to_reference: np.ndarray) -> bool:
@@ -1085,33 +1109,11 @@ class IncrementalReconstructor:
                 hole_seconds += stats.seconds
             del known
             stats = dataclasses.replace(stats, seconds=hole_seconds)
-        n_total = self.grid.n_voxels
-        n_filled = n_known + (stats.filled if stats is not None else 0)
-        volumes = [self._volume(out, {"Channel": name}) for out, name in zip(outs, self.channel_names)]
         if consume:
             self._acc = None
             del acc  # the sums go before the coverage map is made (lower peak)
-        weight_volume = None
-        if opts.output_weight:
-            weight_volume = self._volume(_coverage(weight, self.mode, consume), {"Channel": "weight"})
-        result = ReconstructionResult(
-            volumes=tuple(volumes),
-            channel_names=self.channel_names,
-            weight=weight_volume,
-            grid=self.grid,
-            frames_total=self.frames_received,
-            frames_used=self.frames_used,
-            frames_skipped=dict(self.frames_skipped),
-            frames_dropped=self.frames_dropped,
-            pixels_inserted=self.pixels_inserted,
-            coverage_fraction=n_known / n_total,
-            filled_fraction=n_filled / n_total,
-            seconds=self.insertion_seconds + (time.perf_counter() - start),
-            insertion_seconds=self.insertion_seconds,
-            hole_filling_seconds=hole_seconds,
-            hole_filling=stats,
-            options=opts,
-        )
+        coverage = _coverage(weight, self.mode, consume) if opts.output_weight else None
+        result = self._make_result(outs, coverage, n_known, stats, self.insertion_seconds + (time.perf_counter() - start))
         if consume:
             del weight
             grid = self.grid
@@ -1121,6 +1123,130 @@ class IncrementalReconstructor:
             if self.fixed_grid:
                 self._pending_grid = grid
         return result
+
+    def _reconstruct_in_slabs(self, frames4d, frame_ids, image_to_reference, indices, image_ok=None,
+                              progress=None) -> ReconstructionResult:
+        """Batch reconstruction into the fixed grid a slab of k-planes at a time (see :mod:`.slabs`).
+
+        Same volumes, bit for bit, as inserting every frame and calling ``result()``, with
+        accumulators for a slab instead of the whole grid. Numba engine, not PLUS emulation.
+        """
+        start = time.perf_counter()
+        opts = self.options
+        frame_ids = np.asarray(frame_ids, dtype=np.int64)
+        indices = np.asarray(indices, dtype=np.int64)
+        mats = np.asarray(image_to_reference, dtype=np.float64).reshape(-1, 4, 4)
+        self.frames_received += frame_ids.size
+        sel, mask_ids = self._admit(frames4d, frame_ids, mats, indices, image_ok)
+        grid = self.grid = self._pending_grid
+        nk, nj, ni = grid.shape
+        nc = self.n_channels
+        vox = voxel_matrices(mats[sel], grid.reference_to_voxel)
+        msel = mask_ids[sel]
+        ranges = np.stack(self._ranges_list)
+        acc_dtype, weight_dtype, limit = accumulator_types(self.mode, self.linear, self.dtype)
+        if limit is not None and sel.size:
+            kept = np.asarray(self._kept_pixels, dtype=np.int64)[msel]
+            if int(pixels_per_voxel_bound(vox, kept).sum()) > limit:  # exact sums need float64
+                acc_dtype = np.dtype(np.float64) if self.mode == MODE_MEAN else acc_dtype
+                weight_dtype = np.dtype(np.float64)
+        divide = self.mode in (MODE_MEAN, MODE_IMPORTANCE)
+        fill = bool(opts.fill_holes and opts.hole_filling)
+        plan = plan_slabs(
+            nk, nj * ni, nc * acc_dtype.itemsize + weight_dtype.itemsize + (1 if fill else 0),
+            sum(np.dtype(d).itemsize for d in self.channel_dtypes), linear=self.linear,
+            reach=hole_filling_reach(opts.hole_filling) if fill else 0,
+        )
+        first, last = frame_plane_ranges(vox, self._corners_px)
+        work = plane_work(vox, ranges, msel, nk, self.linear)
+        outs = [np.empty(grid.shape, dtype=d) for d in self.channel_dtypes]
+        coverage = np.empty(grid.shape, dtype=np.float32) if opts.output_weight else None
+        acc_buf = np.zeros((plan.buffer_planes, nj, ni, nc), dtype=acc_dtype)
+        w_buf = np.zeros((plan.buffer_planes, nj, ni), dtype=weight_dtype)
+        counts = np.zeros(sel.size, dtype=np.int64)
+        store = [STORE_ROUND if np.dtype(d) == np.uint8 else STORE_RAW for d in self.channel_dtypes]
+        integer = all(np.dtype(d) == np.uint8 for d in self.channel_dtypes)
+        pool = self._pool()
+        n_known, holes, filled, hole_seconds = 0, 0, [0] * len(opts.hole_filling), 0.0
+        base = 0  # grid plane held in the buffers' plane 0
+        insert_seconds = 0.0
+        for s in range(plan.n_slabs):
+            t0 = time.perf_counter()
+            k0, k1 = plan.edges[s], plan.edges[s + 1]
+            lo, hi = k0 - base, k1 - base  # this slab's planes in the buffers
+            acc, w = acc_buf[lo:hi], w_buf[lo:hi]
+            take = np.flatnonzero((first <= k1 - 1) & (last >= k0))
+            pieces = worker_planes(None, None, None, nk, self.linear, self.n_threads, first=k0, last=k1 - 1, work=work)
+            for a in range(0, take.size, _BATCH):
+                part = take[a : a + _BATCH]
+                batch_frames, batch_ids = self._frames_of(frames4d, frame_ids[sel[part]])
+                counts[part] += insert_frames(
+                    batch_frames, batch_ids, vox[part], ranges, msel[part], acc, w,
+                    mode=self.mode, linear=self.linear, importance=self._importance,
+                    pixel_rejection_threshold=opts.pixel_rejection_threshold, n_threads=self.n_threads,
+                    executor=pool, k_base=k0, n_k_grid=nk, pieces=pieces,
+                )
+            for c in range(nc):
+                finish_channel_into(acc, w, c, divide, outs[c][k0:k1])
+            if coverage is not None:
+                coverage[k0:k1] = w
+            n_known += int(np.count_nonzero(w))
+            insert_seconds += time.perf_counter() - t0
+            if fill:
+                # Holes whose neighbours (reach planes either side) are all inserted by now.
+                f0 = max(0, k0 - plan.reach)
+                f1 = nk if s == plan.n_slabs - 1 else k1 - plan.reach
+                held = slice(0, hi)
+                known = w_buf[held] != 0
+                for c in range(nc):
+                    stats = fill_holes_into(
+                        outs[c][base:k1][..., None], acc_buf[held][..., c : c + 1], known, w_buf[held],
+                        opts.hole_filling, divide=divide, store=store[c], n_threads=self.n_threads,
+                        integer_values=integer, planes=(f0 - base, f1 - base),
+                    )
+                    if c == 0:  # the same holes in every channel
+                        holes += stats.holes
+                        filled = [x + y for x, y in zip(filled, stats.filled_per_element)]
+                    hole_seconds += stats.seconds
+            if s + 1 < plan.n_slabs:
+                # Carry the last planes over (hole filling's neighbours) and clear the rest.
+                new_base = max(0, k1 - plan.keep)
+                n_keep = k1 - new_base
+                acc_buf[:n_keep] = acc_buf[new_base - base : hi]
+                w_buf[:n_keep] = w_buf[new_base - base : hi]
+                acc_buf[n_keep:] = 0
+                w_buf[n_keep:] = 0
+                base = new_base
+            if progress is not None:
+                progress(int(round(sel.size * (s + 1) / plan.n_slabs)), int(sel.size))
+        self.insertion_seconds += insert_seconds
+        self._count_used(sel, counts, mats, indices)
+        stats = HoleFillingStats(holes, tuple(filled), hole_seconds) if fill else None
+        log.debug("batch reconstruction in %d slab(s) of <= %d planes", plan.n_slabs, plan.buffer_planes)
+        return self._make_result(outs, coverage, n_known, stats, time.perf_counter() - start)
+
+    def _make_result(self, outs, coverage, n_known: int, stats, seconds: float) -> ReconstructionResult:
+        """The result from the output voxels, the coverage map (or None) and the hole filling stats."""
+        n_total = self.grid.n_voxels
+        n_filled = n_known + (stats.filled if stats is not None else 0)
+        return ReconstructionResult(
+            volumes=tuple(self._volume(out, {"Channel": name}) for out, name in zip(outs, self.channel_names)),
+            channel_names=self.channel_names,
+            weight=None if coverage is None else self._volume(coverage, {"Channel": "weight"}),
+            grid=self.grid,
+            frames_total=self.frames_received,
+            frames_used=self.frames_used,
+            frames_skipped=dict(self.frames_skipped),
+            frames_dropped=self.frames_dropped,
+            pixels_inserted=self.pixels_inserted,
+            coverage_fraction=n_known / n_total,
+            filled_fraction=n_filled / n_total,
+            seconds=seconds,
+            insertion_seconds=self.insertion_seconds,
+            hole_filling_seconds=0.0 if stats is None else stats.seconds,
+            hole_filling=stats,
+            options=self.options,
+        )
 
     def _volume(self, voxels: np.ndarray, metadata: dict) -> Volume:
         return Volume(
@@ -1232,7 +1358,12 @@ def reconstruct_volume(
             clipped_corners_px(sequence.n_rows, sequence.n_cols, opts.clip_rectangle_origin_px, opts.clip_rectangle_size_px),
         )
     out_itemsize = max(np.dtype(d).itemsize for d in dtypes)
-    grid = grid_from_options(opts, corners, n_channels=n_channels, out_itemsize=out_itemsize, frame_dtype=common)
+    # The numba engine goes a slab of planes at a time (accumulators for a slab, not the
+    # grid); the torch engine and PLUS emulation accumulate the whole grid.
+    slabbed = not opts.emulate_plus and resolve_engine(opts.engine) == "numba"
+    grid = grid_from_options(
+        opts, corners, n_channels=n_channels, out_itemsize=out_itemsize, frame_dtype=common, slabbed=slabbed
+    )
     log.info("reconstructing %d frames into %s", usable.size, grid)
     recon = IncrementalReconstructor(
         opts,
@@ -1243,9 +1374,14 @@ def reconstruct_volume(
         importance_mask=importance_mask,
         channel_names=names,
         channel_dtypes=dtypes,
+        allocate=not slabbed,
     )
     try:
-        recon._insert(frames4d, chosen, mats[chosen], chosen, sequence.image_ok[chosen], progress)
+        ok = sequence.image_ok[chosen]
+        if slabbed:
+            result = recon._reconstruct_in_slabs(frames4d, chosen, mats[chosen], chosen, ok, progress)
+        else:
+            recon._insert(frames4d, chosen, mats[chosen], chosen, ok, progress)
         recon.frames_received = n
         recon.frames_skipped.update(skipped)
         if recon.frames_used == 0:
@@ -1258,7 +1394,12 @@ def reconstruct_volume(
             raise NoUsableFramesError(
                 f"no usable frame among {n}: " + ", ".join(f"{v} {k}" for k, v in sorted(reasons.items()))
             )
-        result = recon.result(consume=True)
+        if slabbed:
+            result = dataclasses.replace(
+                result, frames_total=n, frames_skipped=dict(recon.frames_skipped)
+            )
+        else:
+            result = recon.result(consume=True)
     finally:
         recon.close()
     return _with_seconds(result, time.perf_counter() - start)
