@@ -89,6 +89,14 @@ def add_parsers(subparsers):
     p.add_argument("--spacing-mm", type=float, help="model pixel spacing in mm (default 0.3)")
     p.add_argument("--image-size", type=int, nargs=2, metavar=("ROWS", "COLS"), help="model input size (default 96 96)")
     p.add_argument("--clip-length", type=int, help="frames per clip (default 16)")
+    p.add_argument("--train-clip-length", type=int, metavar="FRAMES",
+                   help="frames per training clip (default: the model's clip length); longer clips lengthen the "
+                        "horizon of the clip-level losses, the model and its inference windows stay as they are")
+    p.add_argument("--cumulative-weight", type=float, metavar="W",
+                   help="weight of the cumulative (running-sum) parameter loss, which penalises errors that persist "
+                        "over frames, e.g. out-of-plane rotations shrunk towards zero (default 0: off)")
+    p.add_argument("--component-weights", type=float, nargs=6, metavar=("TX", "TY", "TZ", "RX", "RY", "RZ"),
+                   help="weights of the six parameters in the parameter and cumulative losses (default all 1)")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--clips-per-epoch", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
@@ -179,6 +187,19 @@ def _cmd_train(args) -> int:
     from .data import AugmentConfig, load_sweep
     from .train import TrainConfig, train
 
+    from .losses import LossConfig
+
+    loss_changes = {}
+    if args.cumulative_weight is not None:
+        loss_changes["cumulative_weight"] = args.cumulative_weight
+    if args.component_weights is not None:
+        loss_changes["component_weights"] = tuple(args.component_weights)
+    try:
+        loss_cfg = LossConfig(**loss_changes)
+        if args.train_clip_length is not None and args.train_clip_length < 2:
+            raise ValueError(f"--train-clip-length must be >= 2 frames, got {args.train_clip_length}")
+    except ValueError as exc:
+        raise FreehandUSError(str(exc)) from exc
     itp = read_image_to_probe(args.image_to_probe) if args.image_to_probe else None
     cfg = TrainConfig(
         model=model_cfg,
@@ -194,6 +215,8 @@ def _cmd_train(args) -> int:
         num_threads=args.threads,
         max_minutes=args.max_minutes,
         init_from=init,
+        loss=loss_cfg,
+        clip_length=args.train_clip_length,
     )
     margin = AugmentConfig().crop_jitter_px
     sweeps = [load_sweep(p, model_cfg, image_to_probe=itp, margin_px=margin) for p in args.sequences]

@@ -338,19 +338,30 @@ class ClipDataset:
     """Augmented clips from prepared sweeps; a map-style dataset (works with a torch DataLoader).
 
     Item ``k`` of epoch ``e`` is a pure function of ``(seed, e, k)``: call :meth:`set_epoch`.
+    ``clip_length`` (frames per clip, >= 2) defaults to ``model_config.clip_length``; a longer
+    one lengthens the horizon of the clip-level loss terms without changing the model.
     """
 
-    def __init__(self, sweeps, model_config, *, clips_per_epoch: int = 256, augment: AugmentConfig = NO_AUGMENT, seed: int = 0):
+    def __init__(
+        self,
+        sweeps,
+        model_config,
+        *,
+        clips_per_epoch: int = 256,
+        augment: AugmentConfig = NO_AUGMENT,
+        seed: int = 0,
+        clip_length: int | None = None,
+    ):
         sweeps = list(sweeps)
-        self.sweeps = [s for s in sweeps if s.n_frames >= model_config.clip_length]
+        t = int(model_config.clip_length if clip_length is None else clip_length)
+        if t < 2:
+            raise ValueError(f"clip_length must be >= 2 frames, got {clip_length}")
+        self.clip_length = t
+        self.sweeps = [s for s in sweeps if s.n_frames >= t]
         if len(self.sweeps) < len(sweeps):
-            log.warning(
-                "skipping %d sweeps shorter than the clip length (%d frames)",
-                len(sweeps) - len(self.sweeps),
-                model_config.clip_length,
-            )
+            log.warning("skipping %d sweeps shorter than the clip length (%d frames)", len(sweeps) - len(self.sweeps), t)
         if not self.sweeps:
-            raise SequenceError(f"no sweep with at least {model_config.clip_length} frames (the clip length) to train on")
+            raise SequenceError(f"no sweep with at least {t} frames (the clip length) to train on")
         self.cfg = model_config
         self.clips_per_epoch = int(clips_per_epoch)
         self.augment = augment
@@ -372,7 +383,7 @@ class ClipDataset:
         aug = self.augment
         sweep = self.sweeps[int(rng.choice(len(self.sweeps), p=self.weights))]
         n = sweep.n_frames
-        t = self.cfg.clip_length
+        t = self.clip_length
         step_max = aug.max_step if rng.random() < aug.drop else 1
         step_max = max(1, min(step_max, (n - 1) // (t - 1)))
         steps = rng.integers(1, step_max + 1, size=t - 1)

@@ -73,6 +73,9 @@ class TrainConfig:
         on the user's own probe); ``model`` must describe the same architecture and input
         geometry (:func:`checkpoint_model_config` reads it), and the checkpoint's target scale is
         kept. Ignored when ``out_dir`` already holds a ``last.pt`` to resume.
+    clip_length : frames per training and validation clip (None: ``model.clip_length``); a longer
+        clip lengthens the horizon of the clip-level loss terms (accumulated, cumulative) while
+        the model and its inference windows stay as they are
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -93,10 +96,16 @@ class TrainConfig:
     num_threads: int | None = None
     max_minutes: float | None = None
     init_from: str | None = None
+    clip_length: int | None = None
+
+    def __post_init__(self):
+        if self.clip_length is not None and int(self.clip_length) < 2:
+            raise ValueError(f"TrainConfig.clip_length must be >= 2 frames (or None: the model's), got {self.clip_length}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["model"] = self.model.to_dict()
+        d["loss"] = self.loss.to_dict()
         return d
 
 
@@ -253,9 +262,15 @@ def train(cfg: TrainConfig, out_dir, *, sweeps=None, progress: bool = True) -> P
         history = list(resume.get("history", []))
         best_val = float(resume.get("best_val", float("inf")))
         log.info("resuming %s from epoch %d", last_path, start_epoch)
-    train_set = ClipDataset(train_sweeps, model_cfg, clips_per_epoch=cfg.clips_per_epoch, augment=cfg.augment, seed=cfg.seed)
+    train_set = ClipDataset(
+        train_sweeps, model_cfg, clips_per_epoch=cfg.clips_per_epoch, augment=cfg.augment, seed=cfg.seed,
+        clip_length=cfg.clip_length,
+    )
     val_set = (
-        ClipDataset(val_sweeps, model_cfg, clips_per_epoch=cfg.val_clips, augment=NO_AUGMENT, seed=cfg.seed + 1)
+        ClipDataset(
+            val_sweeps, model_cfg, clips_per_epoch=cfg.val_clips, augment=NO_AUGMENT, seed=cfg.seed + 1,
+            clip_length=cfg.clip_length,
+        )
         if val_sweeps
         else None
     )
