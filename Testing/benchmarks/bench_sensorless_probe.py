@@ -1,6 +1,7 @@
 """Sensorless tracking for one probe: the shipped model fine-tuned on that probe's tracked sweeps.
 
-    python Testing/benchmarks/bench_sensorless_probe.py [--train-sweeps 24] [--sweeps 20] [--minutes 20]
+    python Testing/benchmarks/bench_sensorless_probe.py [--train-sweeps 24] [--sweeps 20] [--minutes 30]
+        [--epochs 60] [--cumulative-weight 0] [--train-clip-length N] [--clips-per-epoch 256]
 
 The scenario of a user with a tracker: record sweeps with *their* probe, then
 ``freehandus track train RECORDINGS --init default`` adapts the shipped model to it. Here the
@@ -11,9 +12,18 @@ probe is the simulator's default linear probe (7.5 MHz, 40 mm deep, 256 x 256 pi
 other and from the generic training and test seeds).
 
 The fine-tuning runs through the command line (``track train --init default``), exactly as a
-user would. Scored side by side on the held-out sweeps: the shipped model, the fine-tuned model,
-and the decorrelation baseline calibrated on 6 of this probe's training sweeps. Writes
-``Testing/benchmarks/results/sensorless_probe.json`` and prints a table of medians.
+user would, with the recipe given by the options (learning rate, epochs, clips per epoch, the
+cumulative loss weight and the training clip length). The ``pairwise`` baseline is fine-tuned
+the same way (same sweeps, recipe and budget) from the generic pairwise checkpoint
+``results/sensorless_models/pairwise.pt`` when it is there, else trained from scratch on the
+probe's sweeps. Scored side by side on the held-out sweeps: the shipped model, the fine-tuned
+model, the fine-tuned pairwise baseline and the decorrelation baseline calibrated on 6 of this
+probe's training sweeps. Writes ``Testing/benchmarks/results/sensorless_probe.json`` (with the
+issue's criteria: median FDR <= 5 % and >= 30 % below pairwise and decorrelation) and prints a
+table of medians.
+
+Fine-tuned models are cached in ``WORK/dualtrack_fine_tuned`` and ``WORK/pairwise_fine_tuned``;
+a cached run made with another recipe is refused (delete the folder or give ``--work``).
 """
 
 from __future__ import annotations
@@ -64,26 +74,68 @@ def _sweeps(seeds, folder: Path, log, *, subject_folders: bool):
     return out
 
 
-def _fine_tune(train_files, out_dir: Path, minutes: float, epochs: int, threads: int, log) -> Path:
+def _recipe_args(recipe: dict) -> list[str]:
+    args = ["--epochs", str(recipe["epochs"]), "--clips-per-epoch", str(recipe["clips_per_epoch"]), "--lr", str(recipe["lr"]),
+            "--val-fraction", str(recipe["val_fraction"]), "--cumulative-weight", str(recipe["cumulative_weight"])]
+    if recipe.get("train_clip_length"):
+        args += ["--train-clip-length", str(recipe["train_clip_length"])]
+    return args
+
+
+def _same_recipe(train_config: dict, recipe: dict) -> bool:
+    return (
+        int(train_config.get("epochs", -1)) == recipe["epochs"]
+        and int(train_config.get("clips_per_epoch", -1)) == recipe["clips_per_epoch"]
+        and float(train_config.get("lr", -1)) == recipe["lr"]
+        and float(train_config.get("val_fraction", -1)) == recipe["val_fraction"]
+        and float(train_config.get("loss", {}).get("cumulative_weight", 0.0)) == recipe["cumulative_weight"]
+        and train_config.get("clip_length") == recipe.get("train_clip_length")
+    )
+
+
+def _fine_tune(train_files, out_dir: Path, minutes: float, recipe: dict, threads: int, log, *, init: str = "default",
+               model: str | None = None) -> tuple[Path, bool]:
+    """Fine-tune ``init`` (or train ``model`` from scratch when ``init`` is None) through the command line.
+
+    Returns the best checkpoint and whether it was trained now (False: a cached run of the same recipe).
+    """
+    import torch
+
     from FreehandUSLib.cli import main
 
     best = out_dir / "best.pt"
     history = out_dir / "history.json"
-    if best.is_file() and history.is_file() and len(json.loads(history.read_text())) >= epochs:
-        return best
-    argv = ["track", "train", *[str(p) for _, p in train_files], "--init", "default", "--out", str(out_dir),
-            "--epochs", str(epochs), "--clips-per-epoch", "256", "--lr", "5e-4", "--val-fraction", "0.15",
+    last = out_dir / "last.pt"
+    if last.is_file():
+        done = torch.load(last, map_location="cpu", weights_only=False).get("train_config", {})
+        if not _same_recipe(done, recipe):
+            raise RuntimeError(f"{out_dir} holds a run with another recipe; delete it or give --work")
+    if best.is_file() and history.is_file() and len(json.loads(history.read_text())) >= recipe["epochs"]:
+        log.info("using the cached fine-tuning in %s", out_dir)
+        return best, False
+    argv = ["track", "train", *[str(p) for _, p in train_files], "--out", str(out_dir), *_recipe_args(recipe),
             "--threads", str(threads), "--max-minutes", str(minutes), "--no-progress"]
+    argv += ["--init", init] if init else ["--model", model]
     log.info("freehandus %s", " ".join(argv))
     started = time.perf_counter()
     if main(argv) != 0:
         raise RuntimeError("fine-tuning failed (see the log above)")
     log.info("fine-tuning took %.1f min", (time.perf_counter() - started) / 60.0)
-    return best
+    return best, True
 
 
-def run(n_train: int = 24, n_test: int = 20, minutes: float = 20.0, epochs: int = 40, threads: int = 1,
-        work: Path | None = None) -> dict:
+#: The fine-tuning recipe of the benchmark: the shipped model's loss (no cumulative term), 60 epochs of
+#: 256 clips. Candidates with the cumulative loss (weight 1, clips of 16 / 32 / 64 frames, 36 epochs)
+#: did not lower the held-out drift (8.0 / 8.7 / 9.9 % against 7.9 %), so they are options, not the default.
+RECIPE = {"epochs": 60, "clips_per_epoch": 256, "lr": 5e-4, "val_fraction": 0.15, "cumulative_weight": 0.0,
+          "train_clip_length": None}
+PAIRWISE_INIT = RESULTS / "sensorless_models" / "pairwise.pt"
+
+
+def run(n_train: int = 24, n_test: int = 20, minutes: float = 30.0, epochs: int = RECIPE["epochs"], threads: int = 1,
+        work: Path | None = None, *, cumulative_weight: float = RECIPE["cumulative_weight"],
+        train_clip_length: int | None = RECIPE["train_clip_length"], clips_per_epoch: int = RECIPE["clips_per_epoch"],
+        lr: float = RECIPE["lr"]) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     log = logging.getLogger("bench_sensorless_probe")
     import torch
@@ -99,8 +151,16 @@ def run(n_train: int = 24, n_test: int = 20, minutes: float = 20.0, epochs: int 
     test_files = _sweeps([PROBE_TEST_SEED_BASE + k for k in range(n_test)], work / "test", log, subject_folders=False)
     sim_minutes = (time.perf_counter() - t0) / 60.0
     t1 = time.perf_counter()
-    tuned_path = _fine_tune(train_files, work / "fine_tuned", minutes, epochs, threads, log)
+    recipe = {**RECIPE, "epochs": int(epochs), "clips_per_epoch": int(clips_per_epoch), "lr": float(lr),
+              "cumulative_weight": float(cumulative_weight),
+              "train_clip_length": int(train_clip_length) if train_clip_length else None}
+    tuned_path, tuned_now = _fine_tune(train_files, work / "dualtrack_fine_tuned", minutes, recipe, threads, log)
     tune_minutes = (time.perf_counter() - t1) / 60.0
+    t2 = time.perf_counter()
+    pairwise_init = str(PAIRWISE_INIT) if PAIRWISE_INIT.is_file() else None
+    pairwise_path, pairwise_now = _fine_tune(train_files, work / "pairwise_fine_tuned", minutes, recipe, threads, log,
+                                             init=pairwise_init, model="pairwise")
+    pairwise_minutes = (time.perf_counter() - t2) / 60.0
     calib = []
     for _, p in train_files[:6]:
         seq = read_sequence(p)
@@ -110,6 +170,7 @@ def run(n_train: int = 24, n_test: int = 20, minutes: float = 20.0, epochs: int 
     methods = {
         "shipped (generic)": load_model(default_model_path()),
         "fine-tuned on this probe": load_model(tuned_path),
+        "pairwise (fine-tuned on this probe)": load_model(pairwise_path),
         "decorrelation (calibrated on this probe)": "decorrelation",
     }
     per_sweep = {m: {} for m in methods}
@@ -119,14 +180,36 @@ def run(n_train: int = 24, n_test: int = 20, minutes: float = 20.0, epochs: int 
             per_sweep[m][name] = r = _score(seq, model, decor, threads)
             log.info("%s %s: FDR %.1f %%", name, m, r["fdr_path_percent"])
     summary = {m: {f"median_{k}": float(np.nanmedian([r[k] for r in rows.values()])) for k in KEYS} for m, rows in per_sweep.items()}
-    history = json.loads((work / "fine_tuned" / "history.json").read_text())
+    history = json.loads((work / "dualtrack_fine_tuned" / "history.json").read_text())
+    pairwise_history = json.loads((work / "pairwise_fine_tuned" / "history.json").read_text())
+    if not tuned_now:  # cached: the training time is the one its history recorded
+        tune_minutes = history[-1]["seconds"] / 60.0
+    if not pairwise_now:
+        pairwise_minutes = pairwise_history[-1]["seconds"] / 60.0
+    best = summary["fine-tuned on this probe"]["median_fdr_path_percent"]
+    pw = summary["pairwise (fine-tuned on this probe)"]["median_fdr_path_percent"]
+    dec = summary["decorrelation (calibrated on this probe)"]["median_fdr_path_percent"]
+    criteria = {
+        "best_model": "fine-tuned on this probe",
+        "median_fdr_path_percent": best,
+        "reduction_vs_pairwise_percent": 100.0 * (1.0 - best / pw),
+        "reduction_vs_decorrelation_percent": 100.0 * (1.0 - best / dec),
+        "fdr_at_most_5_percent": bool(best <= 5.0),
+        "at_least_30_percent_lower_than_both": bool(best <= 0.7 * pw and best <= 0.7 * dec),
+    }
     result = {
         "probe": _probe_overrides(),
         "train_sweeps": n_train,
         "test_sweeps": [{"name": n, "path_length_mm": per_sweep["decorrelation (calibrated on this probe)"][n]["path_length_mm"]} for n, _ in test_files],
         "simulation_minutes": sim_minutes,
-        "fine_tuning": {"minutes": tune_minutes, "epochs": len(history), "threads": threads, "checkpoint": str(tuned_path),
+        "fine_tuning": {"minutes": tune_minutes, "cached": not tuned_now, "epochs": len(history), "threads": threads,
+                        "checkpoint": str(tuned_path),
                         "history": history},
+        "pairwise_fine_tuning": {"minutes": pairwise_minutes, "cached": not pairwise_now, "epochs": len(pairwise_history),
+                                 "threads": threads,
+                                 "checkpoint": str(pairwise_path), "init": pairwise_init, "history": pairwise_history},
+        "recipe": recipe,
+        "criteria": criteria,
         "decorrelation_calibration": decor.to_dict(),
         "summary": summary,
         "per_sweep": per_sweep,
@@ -142,6 +225,9 @@ def run(n_train: int = 24, n_test: int = 20, minutes: float = 20.0, epochs: int 
     for m, s in sorted(summary.items(), key=lambda kv: kv[1]["median_fdr_path_percent"]):
         print(f"{m:<42} {s['median_fdr_path_percent']:>10.1f} {s['median_final_drift_mm']:>9.1f} {s['median_gpe_mm']:>7.1f} "
               f"{s['median_mean_angle_error_deg']:>6.1f} {s['median_frames_per_second']:>9.0f}")
+    print(f"fine-tuned: {criteria['reduction_vs_pairwise_percent']:.0f} % below pairwise, "
+          f"{criteria['reduction_vs_decorrelation_percent']:.0f} % below decorrelation; <= 5 %: "
+          f"{criteria['fdr_at_most_5_percent']}, >= 30 % below both: {criteria['at_least_30_percent_lower_than_both']}")
     return result
 
 
@@ -156,10 +242,17 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train-sweeps", type=int, default=24)
     ap.add_argument("--sweeps", type=int, default=20)
-    ap.add_argument("--minutes", type=float, default=20.0, help="fine-tuning time budget")
-    ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--minutes", type=float, default=30.0, help="fine-tuning time budget (each model)")
+    ap.add_argument("--epochs", type=int, default=RECIPE["epochs"])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", type=Path, help="folder for the sweeps and the fine-tuned model")
+    ap.add_argument("--cumulative-weight", type=float, default=RECIPE["cumulative_weight"],
+                    help="weight of the cumulative (running-sum) loss in the fine-tuning (0: the shipped recipe)")
+    ap.add_argument("--train-clip-length", type=int, default=RECIPE["train_clip_length"],
+                    help="frames per training clip (default or 0: the model's)")
+    ap.add_argument("--clips-per-epoch", type=int, default=RECIPE["clips_per_epoch"])
+    ap.add_argument("--lr", type=float, default=RECIPE["lr"])
     a = ap.parse_args()
-    run(a.train_sweeps, a.sweeps, a.minutes, a.epochs, a.threads, a.work)
+    run(a.train_sweeps, a.sweeps, a.minutes, a.epochs, a.threads, a.work, cumulative_weight=a.cumulative_weight,
+        train_clip_length=a.train_clip_length, clips_per_epoch=a.clips_per_epoch, lr=a.lr)
     sys.exit(0)
