@@ -76,9 +76,7 @@ from .kernels import (
     finish_channel_into,
     insert_frames,
     pixels_per_voxel_bound,
-    plane_work,
     voxel_matrices,
-    worker_planes,
 )
 from .masks import clipped_corners_px, detect_fan_angles, fan_row_ranges
 from .slabs import frame_plane_ranges, plan_slabs
@@ -1158,7 +1156,6 @@ class IncrementalReconstructor:
             reach=hole_filling_reach(opts.hole_filling) if fill else 0,
         )
         first, last = frame_plane_ranges(vox, self._corners_px)
-        work = plane_work(vox, ranges, msel, nk, self.linear)
         outs = [np.empty(grid.shape, dtype=d) for d in self.channel_dtypes]
         coverage = np.empty(grid.shape, dtype=np.float32) if opts.output_weight else None
         acc_buf = np.zeros((plan.buffer_planes, nj, ni, nc), dtype=acc_dtype)
@@ -1176,7 +1173,6 @@ class IncrementalReconstructor:
             lo, hi = k0 - base, k1 - base  # this slab's planes in the buffers
             acc, w = acc_buf[lo:hi], w_buf[lo:hi]
             take = np.flatnonzero((first <= k1 - 1) & (last >= k0))
-            pieces = worker_planes(None, None, None, nk, self.linear, self.n_threads, first=k0, last=k1 - 1, work=work)
             for a in range(0, take.size, _BATCH):
                 part = take[a : a + _BATCH]
                 batch_frames, batch_ids = self._frames_of(frames4d, frame_ids[sel[part]])
@@ -1184,7 +1180,7 @@ class IncrementalReconstructor:
                     batch_frames, batch_ids, vox[part], ranges, msel[part], acc, w,
                     mode=self.mode, linear=self.linear, importance=self._importance,
                     pixel_rejection_threshold=opts.pixel_rejection_threshold, n_threads=self.n_threads,
-                    executor=pool, k_base=k0, n_k_grid=nk, pieces=pieces,
+                    executor=pool, k_base=k0, n_k_grid=nk,  # workers split the batch's pixels in the slab
                 )
             for c in range(nc):
                 finish_channel_into(acc, w, c, divide, outs[c][k0:k1])
