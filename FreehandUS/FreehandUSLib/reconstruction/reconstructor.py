@@ -77,9 +77,10 @@ from .kernels import (
     insert_frames,
     pixels_per_voxel_bound,
     voxel_matrices,
+    worker_planes,
 )
 from .masks import clipped_corners_px, detect_fan_angles, fan_row_ranges
-from .slabs import frame_plane_ranges, plan_slabs
+from .slabs import frame_plane_ranges, plan_slabs, slab_budget_bytes
 from .torch_engine import TorchAccumulators, resolve_engine
 
 __all__ = [
@@ -486,6 +487,37 @@ def _coverage(weight: np.ndarray, mode: int, consume: bool) -> np.ndarray:
 
 def _shutdown(executor: ThreadPoolExecutor) -> None:
     executor.shutdown(wait=False)
+
+
+@dataclass
+class _SlabContext:
+    """What every worker of a slab-wise batch reconstruction shares (read-only but the outputs)."""
+
+    frames4d: object
+    frame_ids: np.ndarray
+    vox: np.ndarray
+    mask_ids: np.ndarray
+    row_ranges: np.ndarray
+    first: np.ndarray
+    last: np.ndarray
+    outs: list
+    coverage: np.ndarray | None
+    acc_dtype: np.dtype
+    weight_dtype: np.dtype
+    fill: bool
+    threads: int
+
+
+@dataclass
+class _SlabPart:
+    """One worker's share of a slab-wise batch reconstruction."""
+
+    counts: np.ndarray
+    filled: list
+    n_slabs: int
+    n_known: int = 0
+    holes: int = 0
+    hole_seconds: float = 0.0
 
 
 class IncrementalReconstructor:
@@ -1127,7 +1159,10 @@ class IncrementalReconstructor:
         """Batch reconstruction into the fixed grid a slab of k-planes at a time (see :mod:`.slabs`).
 
         Same volumes, bit for bit, as inserting every frame and calling ``result()``, with
-        accumulators for a slab instead of the whole grid. Numba engine, not PLUS emulation.
+        accumulators for a slab instead of the whole grid. With several threads, each takes
+        one run of planes (cut where the pixels split evenly) and goes through it slab by
+        slab with its own buffers, so the workers never wait for each other. Numba engine,
+        not PLUS emulation.
         """
         start = time.perf_counter()
         opts = self.options
@@ -1138,75 +1173,127 @@ class IncrementalReconstructor:
         sel, mask_ids = self._admit(frames4d, frame_ids, mats, indices, image_ok)
         grid = self.grid = self._pending_grid
         nk, nj, ni = grid.shape
-        nc = self.n_channels
         vox = voxel_matrices(mats[sel], grid.reference_to_voxel)
         msel = mask_ids[sel]
-        ranges = np.stack(self._ranges_list)
+        row_ranges = np.stack(self._ranges_list)
         acc_dtype, weight_dtype, limit = accumulator_types(self.mode, self.linear, self.dtype)
         if limit is not None and sel.size:
             kept = np.asarray(self._kept_pixels, dtype=np.int64)[msel]
             if int(pixels_per_voxel_bound(vox, kept).sum()) > limit:  # exact sums need float64
                 acc_dtype = np.dtype(np.float64) if self.mode == MODE_MEAN else acc_dtype
                 weight_dtype = np.dtype(np.float64)
-        divide = self.mode in (MODE_MEAN, MODE_IMPORTANCE)
         fill = bool(opts.fill_holes and opts.hole_filling)
-        plan = plan_slabs(
-            nk, nj * ni, nc * acc_dtype.itemsize + weight_dtype.itemsize + (1 if fill else 0),
-            sum(np.dtype(d).itemsize for d in self.channel_dtypes), linear=self.linear,
-            reach=hole_filling_reach(opts.hole_filling) if fill else 0,
-        )
+        out_bytes = sum(np.dtype(d).itemsize for d in self.channel_dtypes)
         first, last = frame_plane_ranges(vox, self._corners_px)
-        outs = [np.empty(grid.shape, dtype=d) for d in self.channel_dtypes]
-        coverage = np.empty(grid.shape, dtype=np.float32) if opts.output_weight else None
-        acc_buf = np.zeros((plan.buffer_planes, nj, ni, nc), dtype=acc_dtype)
-        w_buf = np.zeros((plan.buffer_planes, nj, ni), dtype=weight_dtype)
-        counts = np.zeros(sel.size, dtype=np.int64)
+        n_workers = max(1, min(self.n_threads, nk // 16))
+        runs = [p[0] for p in worker_planes(vox, row_ranges, msel, nk, self.linear, n_workers) if len(p)]
+        budget = slab_budget_bytes(nk * nj * ni * out_bytes) // len(runs)
+        ctx = _SlabContext(
+            frames4d=frames4d, frame_ids=frame_ids[sel], vox=vox, mask_ids=msel, row_ranges=row_ranges, first=first,
+            last=last, outs=[np.empty(grid.shape, dtype=d) for d in self.channel_dtypes],
+            coverage=np.empty(grid.shape, dtype=np.float32) if opts.output_weight else None,
+            acc_dtype=acc_dtype, weight_dtype=weight_dtype, fill=fill,
+            threads=self.n_threads if len(runs) == 1 else 1,
+        )
+        reach = hole_filling_reach(opts.hole_filling) if fill else 0
+        plans = [
+            plan_slabs(int(k1) - int(k0) + 1, nj * ni, self.n_channels * acc_dtype.itemsize + weight_dtype.itemsize
+                       + (1 if fill else 0), out_bytes, linear=self.linear, reach=reach, budget_bytes=budget)
+            for k0, k1 in runs
+        ]
+        pool = self._pool()
+        jobs = [(int(k0), int(k1) + 1, plan) for (k0, k1), plan in zip(runs, plans)]
+        if len(jobs) == 1:
+            parts = [self._slab_run(ctx, *jobs[0], progress=progress, executor=pool)]
+        else:
+            futures = [pool.submit(self._slab_run, ctx, *job) for job in jobs[1:]]
+            parts = [self._slab_run(ctx, *jobs[0], progress=progress)]  # this thread is one of the workers
+            parts += [f.result() for f in futures]
+        counts = np.sum([p.counts for p in parts], axis=0) if sel.size else np.zeros(0, dtype=np.int64)
+        self.insertion_seconds += time.perf_counter() - start - max(p.hole_seconds for p in parts)
+        self._count_used(sel, counts, mats, indices)
+        stats = None
+        if fill:
+            filled = tuple(int(sum(p.filled[e] for p in parts)) for e in range(len(opts.hole_filling)))
+            stats = HoleFillingStats(sum(p.holes for p in parts), filled, max(p.hole_seconds for p in parts))
+        if progress is not None:
+            progress(int(sel.size), int(sel.size))
+        log.debug("batch reconstruction: %d run(s) of planes, %s slab(s)", len(jobs), [p.n_slabs for p in plans])
+        return self._make_result(ctx.outs, ctx.coverage, sum(p.n_known for p in parts), stats,
+                                 time.perf_counter() - start)
+
+    def _slab_insert(self, ctx, acc, w, k_lo: int, k_hi: int, counts, threads: int, executor) -> None:
+        """Insert every frame's pixels that land in planes ``k_lo .. k_hi - 1`` (held by ``acc`` / ``w``)."""
+        opts = self.options
+        take = np.flatnonzero((ctx.first <= k_hi - 1) & (ctx.last >= k_lo))
+        for a in range(0, take.size, _BATCH):
+            part = take[a : a + _BATCH]
+            batch_frames, batch_ids = self._frames_of(ctx.frames4d, ctx.frame_ids[part])
+            got = insert_frames(
+                batch_frames, batch_ids, ctx.vox[part], ctx.row_ranges, ctx.mask_ids[part], acc, w,
+                mode=self.mode, linear=self.linear, importance=self._importance,
+                pixel_rejection_threshold=opts.pixel_rejection_threshold, n_threads=threads, executor=executor,
+                k_base=k_lo, n_k_grid=self.grid.shape[0],
+            )
+            if counts is not None:
+                counts[part] += got
+
+    def _slab_run(self, ctx, run_start: int, run_stop: int, plan, progress=None, executor=None) -> "_SlabPart":
+        """Planes ``run_start .. run_stop - 1``, slab by slab: insert, finish, fill holes.
+
+        Hole filling reads ``plan.reach`` planes either side: those before the run (and, at
+        its end, after it) are inserted too but neither counted nor written.
+        """
+        opts = self.options
+        nk, nj, ni = self.grid.shape
+        reach = plan.reach
+        pre = max(0, run_start - reach)
+        post = min(nk, run_stop + reach)
+        planes = plan.buffer_planes + (run_start - pre) + (post - run_stop)
+        acc_buf = np.zeros((planes, nj, ni, self.n_channels), dtype=ctx.acc_dtype)
+        w_buf = np.zeros((planes, nj, ni), dtype=ctx.weight_dtype)
+        divide = self.mode in (MODE_MEAN, MODE_IMPORTANCE)
         store = [STORE_ROUND if np.dtype(d) == np.uint8 else STORE_RAW for d in self.channel_dtypes]
         integer = all(np.dtype(d) == np.uint8 for d in self.channel_dtypes)
-        pool = self._pool()
-        n_known, holes, filled, hole_seconds = 0, 0, [0] * len(opts.hole_filling), 0.0
-        base = 0  # grid plane held in the buffers' plane 0
-        insert_seconds = 0.0
+        part = _SlabPart(np.zeros(ctx.frame_ids.size, dtype=np.int64), [0] * len(opts.hole_filling), plan.n_slabs)
+        base = pre  # grid plane held in the buffers' plane 0
+        if ctx.fill and pre < run_start:
+            self._slab_insert(ctx, acc_buf[: run_start - pre], w_buf[: run_start - pre], pre, run_start, None,
+                              ctx.threads, executor)
         for s in range(plan.n_slabs):
-            t0 = time.perf_counter()
-            k0, k1 = plan.edges[s], plan.edges[s + 1]
-            lo, hi = k0 - base, k1 - base  # this slab's planes in the buffers
+            k0, k1 = run_start + plan.edges[s], run_start + plan.edges[s + 1]
+            lo, hi = k0 - base, k1 - base
             acc, w = acc_buf[lo:hi], w_buf[lo:hi]
-            take = np.flatnonzero((first <= k1 - 1) & (last >= k0))
-            for a in range(0, take.size, _BATCH):
-                part = take[a : a + _BATCH]
-                batch_frames, batch_ids = self._frames_of(frames4d, frame_ids[sel[part]])
-                counts[part] += insert_frames(
-                    batch_frames, batch_ids, vox[part], ranges, msel[part], acc, w,
-                    mode=self.mode, linear=self.linear, importance=self._importance,
-                    pixel_rejection_threshold=opts.pixel_rejection_threshold, n_threads=self.n_threads,
-                    executor=pool, k_base=k0, n_k_grid=nk,  # workers split the batch's pixels in the slab
-                )
-            for c in range(nc):
-                finish_channel_into(acc, w, c, divide, outs[c][k0:k1])
-            if coverage is not None:
-                coverage[k0:k1] = w
-            n_known += int(np.count_nonzero(w))
-            insert_seconds += time.perf_counter() - t0
-            if fill:
-                # Holes whose neighbours (reach planes either side) are all inserted by now.
-                f0 = max(0, k0 - plan.reach)
-                f1 = nk if s == plan.n_slabs - 1 else k1 - plan.reach
-                held = slice(0, hi)
-                known = w_buf[held] != 0
-                for c in range(nc):
+            self._slab_insert(ctx, acc, w, k0, k1, part.counts, ctx.threads, executor)
+            for c in range(self.n_channels):
+                finish_channel_into(acc, w, c, divide, ctx.outs[c][k0:k1])
+            if ctx.coverage is not None:
+                ctx.coverage[k0:k1] = w
+            part.n_known += int(np.count_nonzero(w))
+            last = s == plan.n_slabs - 1
+            if ctx.fill:
+                held = hi
+                if last and post > run_stop:
+                    self._slab_insert(ctx, acc_buf[hi : hi + post - k1], w_buf[hi : hi + post - k1], k1, post, None,
+                                      ctx.threads, executor)
+                    held = hi + post - k1
+                # The holes whose neighbours (reach planes either side) are all inserted by now.
+                f0 = max(run_start, k0 - reach)
+                f1 = run_stop if last else k1 - reach
+                known = w_buf[:held] != 0
+                for c in range(self.n_channels):
                     stats = fill_holes_into(
-                        outs[c][base:k1][..., None], acc_buf[held][..., c : c + 1], known, w_buf[held],
-                        opts.hole_filling, divide=divide, store=store[c], n_threads=self.n_threads,
+                        ctx.outs[c][base : base + held][..., None], acc_buf[:held][..., c : c + 1], known, w_buf[:held],
+                        opts.hole_filling, divide=divide, store=store[c], n_threads=ctx.threads,
                         integer_values=integer, planes=(f0 - base, f1 - base),
                     )
                     if c == 0:  # the same holes in every channel
-                        holes += stats.holes
-                        filled = [x + y for x, y in zip(filled, stats.filled_per_element)]
-                    hole_seconds += stats.seconds
-            if s + 1 < plan.n_slabs:
+                        part.holes += stats.holes
+                        part.filled = [x + y for x, y in zip(part.filled, stats.filled_per_element)]
+                    part.hole_seconds += stats.seconds
+            if not last:
                 # Carry the last planes over (hole filling's neighbours) and clear the rest.
-                new_base = max(0, k1 - plan.keep)
+                new_base = max(pre, k1 - plan.keep)
                 n_keep = k1 - new_base
                 acc_buf[:n_keep] = acc_buf[new_base - base : hi]
                 w_buf[:n_keep] = w_buf[new_base - base : hi]
@@ -1214,12 +1301,9 @@ class IncrementalReconstructor:
                 w_buf[n_keep:] = 0
                 base = new_base
             if progress is not None:
-                progress(int(round(sel.size * (s + 1) / plan.n_slabs)), int(sel.size))
-        self.insertion_seconds += insert_seconds
-        self._count_used(sel, counts, mats, indices)
-        stats = HoleFillingStats(holes, tuple(filled), hole_seconds) if fill else None
-        log.debug("batch reconstruction in %d slab(s) of <= %d planes", plan.n_slabs, plan.buffer_planes)
-        return self._make_result(outs, coverage, n_known, stats, time.perf_counter() - start)
+                n = ctx.frame_ids.size
+                progress(int(round(n * (k1 - run_start) / max(1, run_stop - run_start))), int(n))
+        return part
 
     def _make_result(self, outs, coverage, n_known: int, stats, seconds: float) -> ReconstructionResult:
         """The result from the output voxels, the coverage map (or None) and the hole filling stats."""

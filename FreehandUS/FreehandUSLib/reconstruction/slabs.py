@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["SlabPlan", "plan_slabs", "frame_plane_ranges", "MIN_SLAB_BYTES", "SLAB_OUTPUT_FRACTION"]
+__all__ = ["SlabPlan", "plan_slabs", "slab_budget_bytes", "frame_plane_ranges", "MIN_SLAB_BYTES", "SLAB_OUTPUT_FRACTION"]
 
 #: Slab buffers may always use this much, about one batch of 32 frames of 820 x 616 pixels:
 #: thin slabs cost time (rows are clipped per slab, trilinear cells straddle slab borders,
@@ -94,7 +94,7 @@ def plan_slabs(n_k: int, plane_voxels: int, acc_bytes_per_voxel: int, out_bytes_
     keep = 2 * reach
     plane_bytes = max(1, int(plane_voxels) * int(acc_bytes_per_voxel))
     if budget_bytes is None:
-        budget_bytes = max(MIN_SLAB_BYTES, int(SLAB_OUTPUT_FRACTION * n_k * int(plane_voxels) * out_bytes_per_voxel))
+        budget_bytes = slab_budget_bytes(n_k * int(plane_voxels) * out_bytes_per_voxel)
     core = max(_MIN_CORE_LINEAR if linear else _MIN_CORE_NEAREST, int(budget_bytes) // plane_bytes - keep)
     if core + keep >= n_k:
         return SlabPlan((0, n_k), 0, reach, n_k)  # one slab: the whole grid, nothing to carry over
@@ -102,6 +102,11 @@ def plan_slabs(n_k: int, plane_voxels: int, acc_bytes_per_voxel: int, out_bytes_
     edges = tuple(int(e) for e in np.linspace(0, n_k, n_slabs + 1).round().astype(np.int64))
     largest = max(b - a for a, b in zip(edges[:-1], edges[1:]))
     return SlabPlan(edges, keep, reach, min(n_k, largest + keep))
+
+
+def slab_budget_bytes(output_bytes: int) -> int:
+    """The slab buffers' budget for outputs of ``output_bytes``: half of them, at least :data:`MIN_SLAB_BYTES`."""
+    return int(max(MIN_SLAB_BYTES, SLAB_OUTPUT_FRACTION * int(output_bytes)))
 
 
 def frame_plane_ranges(voxel_matrices: np.ndarray, corners_px: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
