@@ -207,3 +207,22 @@ def test_each_thread_its_own_run_of_planes_gives_the_same_volume(thin_slabs, int
             whole.pixels_inserted, whole.frames_used, whole.filled_fraction)
         if holes:
             assert r.hole_filling.filled_per_element == whole.hole_filling.filled_per_element
+
+
+def test_masks_rejection_and_skipped_frames_through_slabs(thin_slabs):
+    seq = random_sweep(n_frames=14, n_rows=40, n_cols=48, seed=21)
+    seq.frames[3] = 0  # nothing bright: automatic fan detection skips it
+    seq.transforms["ImageToReference"].matrices[5] = np.nan  # an invalid transform
+    opts = ReconstructionOptions(output_spacing_mm=0.25, interpolation="linear", number_of_threads=2,
+                                 clip_rectangle_origin_px=(2, 1), clip_rectangle_size_px=(44, 36),
+                                 fan_angles_deg=(-30.0, 30.0), fan_origin_px=(24.0, -10.0), fan_radius_start_px=12.0,
+                                 fan_radius_stop_px=60.0, fan_angles_auto_detect=True, pixel_rejection_threshold=20.0)
+    slabbed = reconstruct_volume(seq, None, opts)
+    assert slabbed.grid.shape[0] >= 24  # three or more slabs of 8 planes
+    assert slabbed.frames_skipped[3] == "empty_image" and slabbed.frames_skipped[5] == "invalid_transform"
+    recon = IncrementalReconstructor(opts, image_shape=(seq.n_rows, seq.n_cols), grid=slabbed.grid)
+    recon.add_frames(seq.frames, seq.transforms["ImageToReference"].matrices)
+    whole = recon.result()
+    np.testing.assert_array_equal(slabbed.volume.voxels, whole.volume.voxels)
+    np.testing.assert_array_equal(slabbed.weight.voxels, whole.weight.voxels)
+    assert slabbed.frames_skipped == whole.frames_skipped and slabbed.pixels_inserted == whole.pixels_inserted
