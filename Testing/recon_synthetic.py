@@ -5,12 +5,14 @@ Import as ``from recon_synthetic import linear_sweep, ...`` (pytest has ``python
 
 from __future__ import annotations
 
+import tracemalloc
+
 import numpy as np
 from scipy.spatial.transform import Rotation
 
 from FreehandUSLib import TrackedSequence
 
-__all__ = ["image_to_reference_stack", "linear_sweep", "random_sweep"]
+__all__ = ["image_to_reference_stack", "linear_sweep", "random_sweep", "traced_peak"]
 
 
 def image_to_reference_stack(n_frames: int, *, pixel_mm: float = 0.2, step_mm: float = 0.5, z0_mm: float = 0.0,
@@ -64,3 +66,13 @@ def random_sweep(n_frames: int = 10, n_rows: int = 36, n_cols: int = 44, *, dtyp
         frames=frames,
         transforms={"ImageToReference": (mats, np.ones(n_frames, dtype=bool))},
     )
+
+
+def traced_peak(fn):
+    """``(fn(), peak bytes numpy allocated while it ran)`` (tracemalloc)."""
+    tracemalloc.start()
+    try:
+        result = fn()
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()

@@ -3,11 +3,9 @@ and the memory a reconstruction actually needs."""
 
 from __future__ import annotations
 
-import tracemalloc
-
 import numpy as np
 import pytest
-from recon_synthetic import linear_sweep, random_sweep
+from recon_synthetic import linear_sweep, random_sweep, traced_peak
 
 from FreehandUSLib import TrackedSequence
 from FreehandUSLib.reconstruction import (
@@ -143,15 +141,6 @@ def test_consuming_result_equals_a_preview(interpolation, compounding, dtype):
     assert preview.filled_fraction > again.filled_fraction
 
 
-def _traced_peak(fn):
-    tracemalloc.start()
-    try:
-        result = fn()
-        return result, tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-
-
 @pytest.mark.parametrize(
     "interpolation,compounding,fill,per_voxel",
     [("nearest", "mean", False, 9), ("nearest", "max", False, 5), ("linear", "max", False, 5),
@@ -169,7 +158,7 @@ def test_live_peak_memory_is_the_documented_buffers(interpolation, compounding, 
         recon.add_frames(seq.frames, seq.transforms["ImageToReference"].matrices)
         return recon.result(consume=True)
 
-    result, peak = _traced_peak(live)
+    result, peak = traced_peak(live)
     n_voxels = result.grid.n_voxels
     assert buffer_bytes_per_voxel(opts) == per_voxel  # output (1 byte) + accumulators (+ known mask)
     # Everything else (plane scratch, hole-filling workspace, bookkeeping) stays small.
@@ -183,7 +172,7 @@ def test_extra_channels_are_converted_a_batch_at_a_time():
     opts = ReconstructionOptions(output_spacing_mm=0.5, compounding="max")
     joined_bytes = us.frames.size * 2 * 4  # both channels as float32 frames
     reconstruct_volume(us[:4], None, opts, extra_channels={"pa": pa[:4]})  # compile outside the measurement
-    result, peak = _traced_peak(lambda: reconstruct_volume(us, None, opts, extra_channels={"pa": pa}))
+    result, peak = traced_peak(lambda: reconstruct_volume(us, None, opts, extra_channels={"pa": pa}))
     assert peak < joined_bytes / 3  # never the whole converted sequence at once, a batch of 32 frames
     assert result.volumes[1].voxels.dtype == np.float32
     alone = reconstruct_volume(TrackedSequence(frames=pa.astype(np.float32), transforms=us.transforms), None, opts)

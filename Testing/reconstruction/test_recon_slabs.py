@@ -3,11 +3,9 @@ in much less memory."""
 
 from __future__ import annotations
 
-import tracemalloc
-
 import numpy as np
 import pytest
-from recon_synthetic import linear_sweep, random_sweep
+from recon_synthetic import linear_sweep, random_sweep, traced_peak
 
 from FreehandUSLib.reconstruction import (
     HoleFillingElement,
@@ -150,15 +148,6 @@ def test_frame_plane_ranges_cover_every_pixel():
         assert last[n] - first[n] <= np.ptp(k) + 4  # and not much more
 
 
-def _traced_peak(fn):
-    tracemalloc.start()
-    try:
-        result = fn()
-        return result, tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-
-
 @pytest.mark.parametrize("interpolation,compounding,fill", [("nearest", "mean", True), ("linear", "mean", False),
                                                              ("linear", "max", False)])
 def test_peak_memory_stays_under_twice_the_output(monkeypatch, interpolation, compounding, fill):
@@ -167,7 +156,7 @@ def test_peak_memory_stays_under_twice_the_output(monkeypatch, interpolation, co
     opts = ReconstructionOptions(output_spacing_mm=0.12, interpolation=interpolation, compounding=compounding,
                                  fill_holes=fill, hole_filling=(GAUSS,), output_weight=False, number_of_threads=1)
     reconstruct_volume(seq[:4], None, opts)  # compile outside the measurement
-    result, peak = _traced_peak(lambda: reconstruct_volume(seq, None, opts))
+    result, peak = traced_peak(lambda: reconstruct_volume(seq, None, opts))
     out_bytes = result.volume.voxels.nbytes
     assert result.weight is None and out_bytes == result.grid.n_voxels
     assert out_bytes > 1_000_000
