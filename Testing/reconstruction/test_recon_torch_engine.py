@@ -334,6 +334,55 @@ def test_resolve_engine(torch):
         resolve_engine("gpu")
 
 
+def test_self_check_passes_on_the_cpu_device(torch):
+    from FreehandUSLib.reconstruction.torch_engine import self_check
+
+    assert self_check("cpu") is None
+
+
+def test_self_check_catches_wrong_values_and_device_failures(torch, monkeypatch):
+    from FreehandUSLib.reconstruction import torch_engine
+
+    honest = TorchAccumulators.to_numpy
+
+    def off_by_one(self):
+        acc, weight = honest(self)
+        return acc + (acc > 0), weight
+
+    monkeypatch.setattr(TorchAccumulators, "to_numpy", off_by_one)
+    assert torch_engine.self_check("cpu") == (
+        "nearest mean: values on cpu differ from the numba kernels' on a fixed test scene")
+    monkeypatch.setattr(TorchAccumulators, "to_numpy", honest)
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(TorchAccumulators, "insert_frames", broken)
+    problem = torch_engine.self_check("cpu")
+    assert problem.startswith("nearest mean: the torch engine failed on cpu: RuntimeError: CUDA error")
+
+
+@pytest.mark.skipif(cuda_available(), reason="needs a machine without CUDA")
+def test_self_check_on_a_missing_cuda_device_reports_the_failure(torch):
+    from FreehandUSLib.reconstruction.torch_engine import self_check
+
+    assert "the torch engine failed on cuda" in self_check("cuda")
+
+
+def test_auto_uses_a_gpu_only_when_it_passes_the_self_check(torch, monkeypatch, caplog):
+    from FreehandUSLib.reconstruction import torch_engine
+
+    monkeypatch.setattr(torch_engine, "cuda_available", lambda: True)
+    monkeypatch.setattr(torch_engine, "_cuda_self_check", lambda: None)
+    assert torch_engine.resolve_engine("auto") == "torch"
+    problem = "linear mean: weights on cuda differ (test 20261122)"
+    monkeypatch.setattr(torch_engine, "_cuda_self_check", lambda: problem)
+    with caplog.at_level("WARNING", logger=torch_engine.__name__):
+        assert torch_engine.resolve_engine("auto") == "numba"
+    assert "not using the CUDA GPU" in caplog.text and problem in caplog.text
+    assert torch_engine.resolve_engine("torch") == "torch"  # asked for by name: no second guessing
+
+
 def test_without_torch_the_module_imports_and_says_what_is_missing(monkeypatch):
     import FreehandUSLib.reconstruction as package
 

@@ -35,8 +35,9 @@ How a batch is inserted (no per-pixel Python):
 Speed: the engine is meant for CUDA. On the CPU it makes many passes over memory where the
 numba kernels make one, and was 10-20x slower than them for nearest and for linear
 interpolation (50 frames of 820x616, one thread each, on a loaded machine), so
-:func:`resolve_engine` picks torch only when a CUDA GPU is present. The CPU device is what the
-tests compare with numba.
+:func:`resolve_engine` picks torch only when a CUDA GPU is present and passes
+:func:`self_check` (a small fixed scene inserted on the GPU and by the numba kernels must agree).
+The CPU device is what the tests compare with numba.
 
 Precision and determinism:
 
@@ -106,6 +107,7 @@ __all__ = [
     "cuda_available",
     "default_device",
     "resolve_engine",
+    "self_check",
     "TorchAccumulators",
 ]
 
@@ -184,8 +186,9 @@ def resolve_engine(engine: str = "auto") -> str:
     Parameters
     ----------
     engine : {"auto", "numba", "torch"}
-        ``auto``: torch when a CUDA GPU is available, else numba (the numba kernels are the
-        faster CPU path).
+        ``auto``: torch when a CUDA GPU is available and passes :func:`self_check` (once per
+        process), else numba (the numba kernels are the faster CPU path); a GPU that fails the
+        check is logged as a warning.
 
     Raises
     ------
@@ -198,10 +201,90 @@ def resolve_engine(engine: str = "auto") -> str:
     if name not in ENGINES:
         raise InvalidOptionError(f"engine: expected one of {', '.join(ENGINES)}, got {engine!r}")
     if name == "auto":
-        return "torch" if cuda_available() else "numba"
+        if not cuda_available():
+            return "numba"
+        problem = _cuda_self_check()
+        if problem is None:
+            return "torch"
+        _warn_cuda_fallback(problem)
+        return "numba"
     if name == "torch":
         _import_torch()
     return name
+
+
+def self_check(device) -> str | None:
+    """Insert a small fixed scene on ``device`` and on the numba kernels and compare.
+
+    ``auto`` runs this once per process before it trusts a CUDA device (a driver, torch build
+    or GPU that computes wrong results must not silently change a volume), and falls back to
+    numba when it fails.
+
+    Parameters
+    ----------
+    device : str or torch.device
+        ``"cuda"``, ``"cpu"``, ...
+
+    Returns
+    -------
+    str or None
+        None when every mode agrees (counts, indices and max/latest values exactly, float sums
+        within 1e-9 relative); otherwise what differed or failed, in words.
+    """
+    from .kernels import insert_frames
+    from .masks import fan_row_ranges
+
+    rng = np.random.default_rng(20261122)
+    n_rows, n_cols, shape = 24, 32, (10, 12, 14)
+    frames = rng.integers(0, 256, size=(4, n_rows, n_cols, 1), dtype=np.uint8)
+    mats = np.zeros((4, 3, 3))
+    for f in range(4):  # oblique planes through the grid, 2-3 pixels per voxel, spilling over its faces
+        angle = 0.3 * f + 0.2
+        mats[f, :, 0] = [0.4 * np.cos(angle), 0.1, 0.4 * np.sin(angle)]
+        mats[f, :, 1] = [-0.05, 0.4, 0.1 * f]
+        mats[f, :, 2] = [1.0 - 0.5 * f, -1.5, 2.0 + 1.7 * f]
+    ranges = fan_row_ranges(n_rows, n_cols)[None]
+    ids, mask_ids = np.arange(4), np.zeros(4, dtype=np.int64)
+    cases = [("nearest mean", MODE_MEAN, False, np.uint8), ("nearest max", MODE_MAX, False, np.uint8),
+             ("linear mean", MODE_MEAN, True, np.float32), ("linear latest", MODE_LATEST, True, np.uint8)]
+    for label, mode, linear, dtype in cases:
+        data = frames.astype(dtype)
+        try:
+            acc_t, w_t = _self_check_torch(data, mats, ranges, shape, mode, linear, device)
+        except Exception as exc:  # noqa: BLE001 (any failure on the device means "do not use it")
+            return f"{label}: the torch engine failed on {device}: {type(exc).__name__}: {exc}"
+        acc_dtype, weight_dtype, _ = accumulator_types(mode, linear, data.dtype)
+        acc_n = np.zeros(shape + (1,), dtype=acc_dtype)
+        w_n = np.zeros(shape, dtype=weight_dtype)
+        insert_frames(data, ids, mats, ranges, mask_ids, acc_n, w_n, mode=mode, linear=linear)
+        if not np.any(w_n):
+            return f"{label}: the self-check scene missed the grid (a bug in the check itself)"
+        exact = not linear or mode != MODE_MEAN
+        same_acc = np.array_equal(acc_t, acc_n) if exact else np.allclose(acc_t, acc_n, rtol=1e-9, atol=1e-9)
+        same_w = (np.array_equal(w_t, w_n) if not linear
+                  else np.allclose(w_t, w_n, rtol=1e-6 if mode != MODE_MEAN else 1e-9, atol=1e-9))
+        if not (same_acc and same_w):
+            what = "values" if not same_acc else "weights"
+            return f"{label}: {what} on {device} differ from the numba kernels' on a fixed test scene"
+    return None
+
+
+def _self_check_torch(frames, mats, ranges, shape, mode, linear, device):
+    engine = TorchAccumulators(shape, 1, mode=mode, linear=linear, frame_dtype=frames.dtype, device=device,
+                               chunk_pixels=1000)
+    engine.insert_frames(frames, np.arange(len(frames)), mats, ranges, np.zeros(len(frames), dtype=np.int64),
+                         mode=mode, linear=linear)
+    return engine.to_numpy()
+
+
+@functools.lru_cache(maxsize=1)
+def _cuda_self_check() -> str | None:
+    return self_check("cuda")
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_cuda_fallback(problem: str) -> None:
+    log.warning("engine auto: not using the CUDA GPU, reconstructing on the CPU (numba) instead: %s", problem)
 
 
 def _check_mode(mode) -> int:
