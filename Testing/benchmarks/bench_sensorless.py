@@ -12,7 +12,11 @@ straight / C / S. Methods:
 - ``decorrelation``, calibrated (sigma, direction, rotation model) on 6 training sweeps.
 
 Per sweep and method: final drift, FDR (path and end-to-end), max drift, GPE/LPE, mean angle
-error, inference frames/s. Prints a table of medians and writes
+error, inference frames/s, and where the drift comes from
+(:func:`SensorlessTrackingLib.attribution.drift_attribution`: FDR with only the rotations, only
+the translations, only the out-of-plane or only the in-plane parameters estimated, and the
+elevational scale error), set against each simulated probe's elevational beam width in
+wavelengths (drawn at random, 2-6, and invisible in the images). Prints a table of medians and writes
 ``Testing/benchmarks/results/sensorless.json``. Also scores the PLUS SpinePhantomFreehand and
 BoneUltrasound_L14 sequences when ../shared/data/plus is present.
 
@@ -48,6 +52,11 @@ KEYS = (
     "lpe_mm",
     "mean_angle_error_deg",
     "frames_per_second",
+    "fdr_rotation_only_percent",
+    "fdr_translation_only_percent",
+    "fdr_out_of_plane_only_percent",
+    "fdr_in_plane_only_percent",
+    "elevation_scale",
 )
 
 
@@ -81,6 +90,38 @@ def _held_out(n: int, cache: Path | None, log):
                 path.parent.mkdir(parents=True, exist_ok=True)
                 write_sequence(seq, path, compress=False)
         out.append((f"sim-{seed}-{SHAPES[k % 3]}", seq))
+    return out
+
+
+def _elevation_beams(n: int) -> dict:
+    """Each held-out sweep's elevational beam sigma, in mm and in wavelengths (its probe's draw)."""
+    from FreehandUSLib.simulation import random_sweep_config
+    from FreehandUSLib.simulation.probe import SPEED_OF_SOUND_MM_PER_US
+    from SensorlessTrackingLib.simdata import test_seeds
+
+    out = {}
+    for k, seed in enumerate(test_seeds(n)):
+        probe = random_sweep_config(seed).probe  # the probe is drawn before the trajectory: shape-independent
+        wavelength = SPEED_OF_SOUND_MM_PER_US / probe.center_frequency_mhz
+        out[f"sim-{seed}-{SHAPES[k % 3]}"] = {
+            "sigma_elevation_mm": probe.sigma_elevation_mm,
+            "sigma_elevation_wavelengths": probe.sigma_elevation_mm / wavelength,
+        }
+    return out
+
+
+def _scale_vs_beam(per_sweep: dict, beams: dict) -> dict:
+    """Per method: correlation of the per-sweep elevation scale with the beam width (mm, wavelengths)."""
+    out = {}
+    for mname, rows in per_sweep.items():
+        names = [s for s in rows if s in beams and np.isfinite(rows[s]["elevation_scale"])]
+        if len(names) < 3:
+            continue
+        scale = np.array([rows[s]["elevation_scale"] for s in names])
+        out[mname] = {
+            f"corr_with_{key}": float(np.corrcoef(scale, [beams[s][key] for s in names])[0, 1])
+            for key in ("sigma_elevation_mm", "sigma_elevation_wavelengths")
+        }
     return out
 
 
@@ -158,12 +199,15 @@ def _score(seq, method, decorrelation_cfg, threads):
     grid, windows, encoders, fusion and trajectory; reading excluded) with ``threads`` torch threads."""
     import torch
 
+    from SensorlessTrackingLib.attribution import drift_attribution
     from SensorlessTrackingLib.metrics import tracking_metrics
     from SensorlessTrackingLib.predict import track_sequence
 
     truth = seq.transforms["ImageToReference"].matrices
     res = track_sequence(seq, method, decorrelation=decorrelation_cfg)
-    m = tracking_metrics(truth, res.sequence.transforms["ImageToReference"].matrices, (seq.n_rows, seq.n_cols)).to_dict()
+    estimate = res.sequence.transforms["ImageToReference"].matrices
+    m = tracking_metrics(truth, estimate, (seq.n_rows, seq.n_cols)).to_dict()
+    m |= {k: v for k, v in drift_attribution(truth, estimate, (seq.n_rows, seq.n_cols)).items() if k != "fdr_path_percent"}
     m["frames_per_second"] = res.frames_per_second
     m["inference_seconds"] = res.seconds
     m["torch_threads"] = torch.get_num_threads()
@@ -208,6 +252,7 @@ def run(n_sweeps: int = 20, models_dir: Path | None = None, cache: Path | None =
                     "median_fdr_path_percent": [a, b],
                     "drift_reduction_percent": 100.0 * (1.0 - a / b) if b > 0 else float("nan"),
                 }
+    beams = _elevation_beams(n_sweeps)
     real = {}
     for name, seq in _plus_sequences(log):
         real[name] = {mname: _score(seq, model, decor, threads) for mname, model in loaded.items()}
@@ -219,6 +264,8 @@ def run(n_sweeps: int = 20, models_dir: Path | None = None, cache: Path | None =
         "decorrelation_calibration": decor.to_dict(),
         "summary": summary,
         "comparisons": comparisons,
+        "elevation_beams": beams,
+        "elevation_scale_vs_beam": _scale_vs_beam(per_sweep, beams),
         "per_sweep": per_sweep,
         "plus_real_data": real,
         "simulator_speed": simulator,
@@ -247,6 +294,20 @@ def _print_table(result) -> None:
             f"{name[:34]:<34} {s['median_fdr_path_percent']:>10.1f} {s['median_fdr_end_to_end_percent']:>10.1f} "
             f"{s['median_final_drift_mm']:>9.1f} {s['median_max_drift_mm']:>8.1f} {s['median_gpe_mm']:>7.1f} "
             f"{s['median_lpe_mm']:>7.3f} {s['median_mean_angle_error_deg']:>6.1f} {s['median_frames_per_second']:>9.0f}"
+        )
+    print("\nWhere the drift comes from (median FDR path % with only these parameters estimated, the rest true; "
+          "elevation scale = true / estimated elevational steps, and its correlation with the probe's elevational "
+          "beam width in wavelengths)")
+    head = f"{'method':<34} {'rotation':>9} {'transl.':>8} {'out-of-pl':>9} {'in-plane':>8} {'elev. scale':>11} {'corr':>6}"
+    print(head)
+    print("-" * len(head))
+    corr = result.get("elevation_scale_vs_beam", {})
+    for name, s in sorted(result["summary"].items(), key=lambda kv: kv[1]["median_fdr_path_percent"]):
+        c = corr.get(name, {}).get("corr_with_sigma_elevation_wavelengths", float("nan"))
+        print(
+            f"{name[:34]:<34} {s['median_fdr_rotation_only_percent']:>9.1f} {s['median_fdr_translation_only_percent']:>8.1f} "
+            f"{s['median_fdr_out_of_plane_only_percent']:>9.1f} {s['median_fdr_in_plane_only_percent']:>8.1f} "
+            f"{s['median_elevation_scale']:>11.2f} {c:>6.2f}"
         )
     for name, c in result.get("comparisons", {}).items():
         print(f"{name}: median FDR {c['median_fdr_path_percent'][0]:.1f} % vs {c['median_fdr_path_percent'][1]:.1f} % "
