@@ -178,7 +178,7 @@ def bench_variants(cal, val, setup, dots, iters: int) -> dict:
     contiguous blocks, predicts each from a calibration fitted to the other 4 and reports the
     95 %-trimmed mean of PLUS's 3D middle-wire error; the validation recording only gives the
     final number. Variants: time offset 0 vs auto (estimated on the calibration recording), each
-    solver, and LM with robust losses.
+    solver, LM with robust losses, and RANSAC+LM with noise-weighted residuals (``weighting="noise"``).
     """
     from NWireCalibrationLib.metrics import reprojection_errors_3d, trimmed_statistics
     from NWireCalibrationLib.pipeline import calibrate_from_points
@@ -191,27 +191,31 @@ def bench_variants(cal, val, setup, dots, iters: int) -> dict:
     est = estimate_time_offset(pc, cal, ph, phantom_to_reference=y)
     out = {"time_offset": est.to_dict(), "time_offset_seconds": _f(time.perf_counter() - t0, 2), "rows": []}
 
-    def fit(points, poses, solver, loss):
+    def fit(points, poses, solver, loss, weighting):
         if loss is None:
             return calibrate_from_points(points, poses, ph, phantom_to_reference=y, solver=solver,
-                                         ransac_iterations=iters).image_to_probe
+                                         ransac_iterations=iters, weighting=weighting).image_to_probe
         return calibrate_lm(points, poses, ph, phantom_to_reference=y, loss=loss).image_to_probe
 
+    variants = (("lsq", None, "none"), ("lm", None, "none"), ("ransac-lm", None, "none"), ("lm", "huber", "none"),
+                ("lm", "cauchy", "none"), ("ransac-lm", None, "noise"))
     for offset_label, offset in (("0", 0.0), ("auto", est.offset_s)):
         poses_c, poses_v = probe_to_reference_at(cal, offset), probe_to_reference_at(val, offset)
-        for solver, loss in (("lsq", None), ("lm", None), ("ransac-lm", None), ("lm", "huber"), ("lm", "cauchy")):
+        for solver, loss, weighting in variants:
             held = []
             for block in np.array_split(np.arange(cal.n_frames), 5):
                 train = pc.copy()
                 train[block] = np.nan
-                e = reprojection_errors_3d(pc[block], poses_c[block], fit(train, poses_c, solver, loss), y, ph)
+                m_train = fit(train, poses_c, solver, loss, weighting)
+                e = reprojection_errors_3d(pc[block], poses_c[block], m_train, y, ph)
                 held.append(e[np.all(np.isfinite(e), axis=1)])
             cv = trimmed_statistics(np.concatenate(held))
-            m = fit(pc, poses_c, solver, loss)
+            m = fit(pc, poses_c, solver, loss, weighting)
             ev = reprojection_errors_3d(pv, poses_v, m, y, ph)
             vs = trimmed_statistics(ev[np.all(np.isfinite(ev), axis=1)])
             out["rows"].append({"time_offset": offset_label, "time_offset_s": _f(offset, 4), "solver": solver,
-                                "loss": loss or "linear", "calibration_cv_trimmed95_mm": _f(cv.trimmed_mean, 4),
+                                "loss": loss or "linear", "weighting": weighting,
+                                "calibration_cv_trimmed95_mm": _f(cv.trimmed_mean, 4),
                                 "calibration_cv_mean_all_mm": _f(cv.mean, 4),
                                 "validation_trimmed95_mm": _f(vs.trimmed_mean, 4),
                                 "validation_mean_all_mm": _f(vs.mean, 4)})
@@ -320,9 +324,11 @@ def _print_tables(report: dict) -> None:
             to = var["time_offset"]
             print(f"  time offset (auto, calibration recording): {to['estimated_s']} s, applied={to['applied']}: "
                   f"{to['reason']}")
-            print(f"  {'offset':6s} {'solver':10s} {'loss':7s} {'calCV95':>8s} {'calCVall':>8s} {'val95':>7s} {'valAll':>7s}")
+            print(f"  {'offset':6s} {'solver':10s} {'loss':7s} {'weights':7s} {'calCV95':>8s} {'calCVall':>8s} "
+                  f"{'val95':>7s} {'valAll':>7s}")
             for r in var["rows"]:
-                print(f"  {r['time_offset']:6s} {r['solver']:10s} {r['loss']:7s} {r['calibration_cv_trimmed95_mm']:>8.4f} "
+                print(f"  {r['time_offset']:6s} {r['solver']:10s} {r['loss']:7s} {r.get('weighting', 'none'):7s} "
+                      f"{r['calibration_cv_trimmed95_mm']:>8.4f} "
                       f"{r['calibration_cv_mean_all_mm']:>8.4f} {r['validation_trimmed95_mm']:>7.4f} "
                       f"{r['validation_mean_all_mm']:>7.4f}")
         print(f"  full calibrate (190 + 103 frames, ransac-lm, default time offset auto = "
