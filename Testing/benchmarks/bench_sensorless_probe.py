@@ -1,7 +1,7 @@
 """Sensorless tracking for one probe: the shipped model fine-tuned on that probe's tracked sweeps.
 
     python Testing/benchmarks/bench_sensorless_probe.py [--train-sweeps 24] [--sweeps 20] [--minutes 30]
-        [--epochs 60] [--cumulative-weight 0] [--train-clip-length N] [--clips-per-epoch 256]
+        [--epochs 60] [--cumulative-weight 0] [--train-clip-length N] [--clips-per-epoch 256] [--init default]
 
 The scenario of a user with a tracker: record sweeps with *their* probe, then
 ``freehandus track train RECORDINGS --init default`` adapts the shipped model to it. Here the
@@ -22,8 +22,11 @@ probe's training sweeps. Writes ``Testing/benchmarks/results/sensorless_probe.js
 issue's criteria: median FDR <= 5 % and >= 30 % below pairwise and decorrelation) and prints a
 table of medians.
 
-Fine-tuned models are cached in ``WORK/dualtrack_fine_tuned`` and ``WORK/pairwise_fine_tuned``;
-a cached run made with another recipe is refused (delete the folder or give ``--work``).
+``--init`` names the checkpoint the fine-tuning starts from (default: the shipped model), and
+the "generic" row scores that same checkpoint. Fine-tuned models are cached in
+``WORK/dualtrack_fine_tuned_<first 12 hex digits of the init checkpoint's SHA-256>`` (so a new
+shipped model never reuses a fine-tuning of the old one) and ``WORK/pairwise_fine_tuned``; a
+cached run made with another recipe is refused (delete the folder or give ``--work``).
 """
 
 from __future__ import annotations
@@ -93,6 +96,12 @@ def _same_recipe(train_config: dict, recipe: dict) -> bool:
     )
 
 
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def _fine_tune(train_files, out_dir: Path, minutes: float, recipe: dict, threads: int, log, *, init: str = "default",
                model: str | None = None) -> tuple[Path, bool]:
     """Fine-tune ``init`` (or train ``model`` from scratch when ``init`` is None) through the command line.
@@ -135,7 +144,7 @@ PAIRWISE_INIT = RESULTS / "sensorless_models" / "pairwise.pt"
 def run(n_train: int = 24, n_test: int = 20, minutes: float = 30.0, epochs: int = RECIPE["epochs"], threads: int = 1,
         work: Path | None = None, *, cumulative_weight: float = RECIPE["cumulative_weight"],
         train_clip_length: int | None = RECIPE["train_clip_length"], clips_per_epoch: int = RECIPE["clips_per_epoch"],
-        lr: float = RECIPE["lr"]) -> dict:
+        lr: float = RECIPE["lr"], init: str = "default") -> dict:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     log = logging.getLogger("bench_sensorless_probe")
     import torch
@@ -154,7 +163,10 @@ def run(n_train: int = 24, n_test: int = 20, minutes: float = 30.0, epochs: int 
     recipe = {**RECIPE, "epochs": int(epochs), "clips_per_epoch": int(clips_per_epoch), "lr": float(lr),
               "cumulative_weight": float(cumulative_weight),
               "train_clip_length": int(train_clip_length) if train_clip_length else None}
-    tuned_path, tuned_now = _fine_tune(train_files, work / "dualtrack_fine_tuned", minutes, recipe, threads, log)
+    init_path = default_model_path() if init == "default" else Path(init)
+    init_sha = _sha256(init_path)
+    tuned_dir = work / f"dualtrack_fine_tuned_{init_sha[:12]}"
+    tuned_path, tuned_now = _fine_tune(train_files, tuned_dir, minutes, recipe, threads, log, init=str(init_path))
     tune_minutes = (time.perf_counter() - t1) / 60.0
     t2 = time.perf_counter()
     pairwise_init = str(PAIRWISE_INIT) if PAIRWISE_INIT.is_file() else None
@@ -168,7 +180,7 @@ def run(n_train: int = 24, n_test: int = 20, minutes: float = 30.0, epochs: int 
     decor = calibrate_decorrelation(calib)
     log.info("decorrelation calibrated on 6 of this probe's sweeps: sigma %.3f mm", decor.sigma_mm)
     methods = {
-        "shipped (generic)": load_model(default_model_path()),
+        "shipped (generic)" if init == "default" else f"{init_path.stem} (generic)": load_model(init_path),
         "fine-tuned on this probe": load_model(tuned_path),
         "pairwise (fine-tuned on this probe)": load_model(pairwise_path),
         "decorrelation (calibrated on this probe)": "decorrelation",
@@ -180,7 +192,7 @@ def run(n_train: int = 24, n_test: int = 20, minutes: float = 30.0, epochs: int 
             per_sweep[m][name] = r = _score(seq, model, decor, threads)
             log.info("%s %s: FDR %.1f %%", name, m, r["fdr_path_percent"])
     summary = {m: {f"median_{k}": float(np.nanmedian([r[k] for r in rows.values()])) for k in KEYS} for m, rows in per_sweep.items()}
-    history = json.loads((work / "dualtrack_fine_tuned" / "history.json").read_text())
+    history = json.loads((tuned_dir / "history.json").read_text())
     pairwise_history = json.loads((work / "pairwise_fine_tuned" / "history.json").read_text())
     if not tuned_now:  # cached: the training time is the one its history recorded
         tune_minutes = history[-1]["seconds"] / 60.0
@@ -203,7 +215,7 @@ def run(n_train: int = 24, n_test: int = 20, minutes: float = 30.0, epochs: int 
         "test_sweeps": [{"name": n, "path_length_mm": per_sweep["decorrelation (calibrated on this probe)"][n]["path_length_mm"]} for n, _ in test_files],
         "simulation_minutes": sim_minutes,
         "fine_tuning": {"minutes": tune_minutes, "cached": not tuned_now, "epochs": len(history), "threads": threads,
-                        "checkpoint": str(tuned_path),
+                        "checkpoint": str(tuned_path), "init": str(init_path), "init_sha256": init_sha,
                         "history": history},
         "pairwise_fine_tuning": {"minutes": pairwise_minutes, "cached": not pairwise_now, "epochs": len(pairwise_history),
                                  "threads": threads,
@@ -252,7 +264,8 @@ if __name__ == "__main__":
                     help="frames per training clip (default or 0: the model's)")
     ap.add_argument("--clips-per-epoch", type=int, default=RECIPE["clips_per_epoch"])
     ap.add_argument("--lr", type=float, default=RECIPE["lr"])
+    ap.add_argument("--init", default="default", help="checkpoint to fine-tune (default: the shipped model)")
     a = ap.parse_args()
     run(a.train_sweeps, a.sweeps, a.minutes, a.epochs, a.threads, a.work, cumulative_weight=a.cumulative_weight,
-        train_clip_length=a.train_clip_length, clips_per_epoch=a.clips_per_epoch, lr=a.lr)
+        train_clip_length=a.train_clip_length, clips_per_epoch=a.clips_per_epoch, lr=a.lr, init=a.init)
     sys.exit(0)
