@@ -7,7 +7,7 @@ seeds): random probes, random tissue, 150-400 frames over 60-250 mm, shapes cycl
 straight / C / S. Methods:
 
 - the shipped model (``SensorlessTracking/Resources/Models/sensorless_dualtrack.pt``);
-- every other checkpoint ``*.pt`` in ``--models`` (e.g. ``pairwise.pt``, ``dualtrack_local.pt``,
+- every other checkpoint ``*.pt`` in ``--models`` (e.g. ``pairwise.pt``, ``dualtrack_global.pt``,
   ``moglo.pt`` made by ``train_shipped_model.py --model ... --out DIR/NAME.pt``);
 - ``decorrelation``, calibrated (sigma, direction, rotation model) on 6 training sweeps.
 
