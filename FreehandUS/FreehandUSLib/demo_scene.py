@@ -1,9 +1,9 @@
 """The demo's 3D Slicer scene, written headless through the real MRML classes (slicer-core).
 
-Needs 3D Slicer's Python or the ``slicer-core`` wheel. Building a scene with no Slicer application
-running is the one thing in the Lib that must import ``slicer`` (for the scene and logic classes);
-it is done inside :func:`new_scene` only (``ImportError`` without slicer-core), so importing this
-module, and everything the Slicer modules use, stays free of ``slicer``. :func:`new_scene` sets a scene up the way
+Needs the ``slicer-core`` wheel: :func:`new_scene` takes the scene and logic classes from its
+compiled modules (``slicer_core.MRMLCore`` ...), not from the ``slicer`` package, and imports them
+only when called (a clear ``ImportError`` without slicer-core), so importing this module, and
+everything the Slicer modules use, stays free of ``slicer``. :func:`new_scene` sets a scene up the way
 Slicer sets up its own (application logic with its selection/interaction singletons, default
 color tables, the Sequences logic that registers the sequence node classes, a cache manager for
 reading ``.seq.mrb`` bundles back); :func:`write_demo_scene` fills it with the demo's volumes,
@@ -38,6 +38,25 @@ TRAJECTORY_COLORS = {
 }
 
 
+def _scene_classes() -> dict:
+    """The MRML scene and logic classes of the slicer-core wheel, by name (ImportError without it)."""
+    try:
+        from slicer_core.MRMLCore import vtkCacheManager, vtkDataIOManager, vtkMRMLScene
+        from slicer_core.vtkSlicerBaseLogic import vtkSlicerApplicationLogic
+        from slicer_core.vtkSlicerSequencesModuleLogic import vtkSlicerSequencesLogic
+    except ImportError as exc:
+        raise ImportError(
+            "writing the demo's Slicer scene headless needs the slicer-core wheel (pip install slicer-core)"
+        ) from exc
+    return {
+        "vtkMRMLScene": vtkMRMLScene,
+        "vtkCacheManager": vtkCacheManager,
+        "vtkDataIOManager": vtkDataIOManager,
+        "vtkSlicerApplicationLogic": vtkSlicerApplicationLogic,
+        "vtkSlicerSequencesLogic": vtkSlicerSequencesLogic,
+    }
+
+
 def new_scene(cache_dir=None):
     """A ``vtkMRMLScene`` set up like Slicer's: application logic, colors, Sequences logic, IO manager.
 
@@ -52,24 +71,22 @@ def new_scene(cache_dir=None):
     vtkMRMLScene
         Keeps its logics alive; call :func:`release_scene` when done.
     """
-    # The documented exception to "a Lib never imports slicer": a headless scene for `freehandus demo`.
-    import slicer
-
-    scene = slicer.vtkMRMLScene()
-    app_logic = slicer.vtkSlicerApplicationLogic()
+    classes = _scene_classes()
+    scene = classes["vtkMRMLScene"]()
+    app_logic = classes["vtkSlicerApplicationLogic"]()
     app_logic.SetMRMLScene(scene)
     color_logic = app_logic.GetColorLogic()
     color_logic.SetMRMLScene(scene)
     color_logic.AddDefaultColorNodes()
-    sequences = slicer.vtkSlicerSequencesLogic()
+    sequences = classes["vtkSlicerSequencesLogic"]()
     sequences.SetMRMLApplicationLogic(app_logic)
     sequences.SetMRMLScene(scene)
     app_logic.SetModuleLogic("Sequences", sequences)
     cache = Path(cache_dir) if cache_dir is not None else Path(tempfile.mkdtemp(prefix="freehandus-mrml-cache-"))
     cache.mkdir(parents=True, exist_ok=True)
-    cache_manager = slicer.vtkCacheManager()
+    cache_manager = classes["vtkCacheManager"]()
     cache_manager.SetRemoteCacheDirectory(str(cache))
-    io_manager = slicer.vtkDataIOManager()
+    io_manager = classes["vtkDataIOManager"]()
     io_manager.SetCacheManager(cache_manager)
     scene.SetDataIOManager(io_manager)
     setattr(scene, _KEEP, {"app_logic": app_logic, "logics": [color_logic, sequences], "io": (io_manager, cache_manager)})

@@ -14,6 +14,7 @@ import contextlib
 import io
 import json
 import re
+import sys
 import xml.etree.ElementTree as ET
 
 import numpy as np
@@ -311,3 +312,11 @@ def test_sensorless_without_model_falls_back_and_says_so(analytic_sweep, tmp_pat
     out = sensorless_estimates(seq, image_to_probe, sigma_elevation_mm=0.7, model_path=broken)
     assert out["model_available"] and out["primary"] == "decorrelation"
     assert "could not be used" in out["notes"][0] and "broken.pt" in out["notes"][0]
+
+
+def test_scene_builder_without_slicer_core_says_what_to_install(monkeypatch):
+    from FreehandUSLib import demo_scene
+
+    monkeypatch.setitem(sys.modules, "slicer_core.MRMLCore", None)  # `from slicer_core.MRMLCore import` now fails
+    with pytest.raises(ImportError, match=r"needs the slicer-core wheel \(pip install slicer-core\)"):
+        demo_scene.new_scene()

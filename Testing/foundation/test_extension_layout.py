@@ -33,9 +33,6 @@ TITLES = {
     "SensorlessTracking": "Sensorless Tracking",
 }
 FORBIDDEN_IN_LIBS = ("slicer", "qt", "ctk", "__main__")
-#: The one exception: `freehandus demo` writes a Slicer scene headless, which needs slicer-core's
-#: scene and logic classes (imported inside demo_scene.new_scene only).
-HEADLESS_SCENE_BUILDER = "FreehandUS/FreehandUSLib/demo_scene.py"
 #: Properties of the catalog entry schema v1.0.2 (Slicer/Schemas; additionalProperties: false).
 CATALOG_PROPERTIES = {
     "$schema",
@@ -219,7 +216,7 @@ def _parameter_attribute_uses(cls: ast.ClassDef) -> set[str]:
     return used
 
 
-def forbidden_imports(source: str, *, allowed=()) -> list[tuple[int, str]]:
+def forbidden_imports(source: str) -> list[tuple[int, str]]:
     """(line, module) of every absolute import of slicer/qt/ctk/__main__ anywhere in ``source``."""
     found = []
     for node in ast.walk(ast.parse(source)):
@@ -231,7 +228,7 @@ def forbidden_imports(source: str, *, allowed=()) -> list[tuple[int, str]]:
             continue
         for module in modules:
             top = module.split(".")[0]
-            if top in FORBIDDEN_IN_LIBS and top not in allowed:
+            if top in FORBIDDEN_IN_LIBS:
                 found.append((node.lineno, module))
     return found
 
@@ -755,11 +752,7 @@ def test_libs_do_not_import_slicer_qt_ctk():
     offenders = []
     for path in files:
         relative = path.relative_to(REPO_ROOT).as_posix()
-        allowed = ("slicer",) if relative == HEADLESS_SCENE_BUILDER else ()
-        offenders += [
-            f"{relative}:{line} imports {name}"
-            for line, name in forbidden_imports(path.read_text(), allowed=allowed)
-        ]
+        offenders += [f"{relative}:{line} imports {name}" for line, name in forbidden_imports(path.read_text())]
     assert not offenders, "\n".join(offenders)
 
 
@@ -770,12 +763,9 @@ def test_libs_do_not_import_slicer_qt_ctk():
         ("def f():\n    from slicer.util import arrayFromVolume\n", [(2, "slicer.util")]),
         ("import numpy, ctk\n", [(1, "ctk")]),
         ("from __main__ import slicer\n", [(1, "__main__")]),
-        ("import slicerx\nfrom . import slicer\nimport qtpy\n", []),
+        ("import slicerx\nfrom . import slicer\nimport qtpy\nfrom slicer_core.MRMLCore import vtkMRMLScene\n", []),
     ],
 )
 def test_forbidden_import_scanner(source, expected):
     assert forbidden_imports(source) == expected
 
-
-def test_forbidden_import_scanner_exception_for_the_bridge():
-    assert forbidden_imports("import slicer\nimport qt\n", allowed=("slicer",)) == [(2, "qt")]

@@ -12,7 +12,6 @@ from NWireCalibrationLib.metrics import target_errors_mm
 from NWireCalibrationLib.pipeline import calibrate_from_points, probe_to_reference
 from NWireCalibrationLib.simulate import simulate_nwire
 from NWireCalibrationLib.solvers import (
-    WEIGHTINGS,
     calibrate_lm,
     calibrate_ransac_lm,
     residual_sigmas_mm,
@@ -37,10 +36,6 @@ def _anisotropic(sim, pts, seed, lateral_mm=LATERAL_MM, axial_mm=AXIAL_MM):
     sx, sy = sim.pixel_spacing_mm
     rng = np.random.default_rng(seed)
     return pts + rng.standard_normal(pts.shape) * np.array([lateral_mm / sx, axial_mm / sy])
-
-
-def test_weightings_constant():
-    assert WEIGHTINGS == ("none", "noise")
 
 
 def test_noise_free_weighted_fit_is_exact():

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
+import pytest
 
 from FreehandUSLib.simulation import ProbeConfig, SweepConfig, TrajectoryConfig, simulate_sweep
 
@@ -50,3 +53,31 @@ def random_rigid(rng, n, t_scale=1.0, r_deg=2.0):
     m[:, :3, :3] = Rotation.from_rotvec(np.radians(r_deg) * rng.normal(size=(n, 3))).as_matrix()
     m[:, :3, 3] = t_scale * rng.normal(size=(n, 3))
     return m
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One torch thread per test (CI has 2 shared cores). Import it into a test module to use it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def run_cli(argv) -> int:
+    """Run ``freehandus`` sensorless sub-commands in-process; returns the exit code (2 on a FreehandUSError)."""
+    import argparse
+
+    from FreehandUSLib.errors import FreehandUSError
+    from SensorlessTrackingLib.cli import add_parsers
+
+    parser = argparse.ArgumentParser(prog="freehandus")
+    add_parsers(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except FreehandUSError as exc:
+        print(f"freehandus {args.command}: error: {exc}", file=sys.stderr)
+        return 2

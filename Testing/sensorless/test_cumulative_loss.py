@@ -1,19 +1,16 @@
 """The cumulative (running-sum) loss, per-component loss weights and longer training clips."""
 
-import argparse
 import json
-import sys
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from sensorless_helpers import tiny_model_config, tiny_sweep  # noqa: E402
+from sensorless_helpers import run_cli, tiny_model_config, tiny_sweep  # noqa: E402
+from sensorless_helpers import one_torch_thread  # noqa: E402, F401  (autouse fixture: one torch thread per test)
 
-from FreehandUSLib.errors import FreehandUSError  # noqa: E402
 from FreehandUSLib.io import write_sequence  # noqa: E402
-from SensorlessTrackingLib.cli import add_parsers  # noqa: E402
 from SensorlessTrackingLib.data import AugmentConfig, ClipDataset, prepare_sweep  # noqa: E402
 from SensorlessTrackingLib.losses import (  # noqa: E402
     LossConfig,
@@ -28,14 +25,6 @@ from SensorlessTrackingLib.train import TrainConfig, train  # noqa: E402
 
 SCALE = torch.tensor([0.1, 0.1, 0.4, 0.3, 0.3, 0.3])
 POINTS = corner_points_mm((32, 32), 0.4)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _batch(seed=0, b=3, pairs=15):
@@ -163,17 +152,6 @@ def test_training_with_long_clips_and_cumulative_loss(prepared, tmp_path):
     assert all(np.isfinite(h["val_loss"]) and np.isfinite(h["train_loss"]) for h in ckpt["history"])
 
 
-def _run(argv):
-    parser = argparse.ArgumentParser(prog="freehandus")
-    add_parsers(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except FreehandUSError as exc:
-        print(f"freehandus {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-
-
 def test_cli_loss_options(tmp_path, capsys):
     paths = []
     for s in range(3):
@@ -184,14 +162,14 @@ def test_cli_loss_options(tmp_path, capsys):
               "--clips-per-epoch", "2", "--batch-size", "2", "--val-fraction", "0.34", "--threads", "1", "--json"]
     argv = ["track", "train", *paths, "--out", str(tmp_path / "m"), *common, "--train-clip-length", "6",
             "--cumulative-weight", "0.5", "--component-weights", "1", "1", "1", "2", "2", "1"]
-    assert _run(argv) == 0
+    assert run_cli(argv) == 0
     info = json.loads(capsys.readouterr().out)
     tc = torch.load(info["checkpoint"], weights_only=False)["train_config"]
     assert tc["clip_length"] == 6 and tc["loss"]["cumulative_weight"] == 0.5 and tc["loss"]["component_weights"][3] == 2.0
-    assert _run(["track", "train", *paths, "--out", str(tmp_path / "b1"), *common, "--cumulative-weight", "-1"]) == 2
+    assert run_cli(["track", "train", *paths, "--out", str(tmp_path / "b1"), *common, "--cumulative-weight", "-1"]) == 2
     assert "cumulative_weight" in capsys.readouterr().err
-    assert _run(["track", "train", *paths, "--out", str(tmp_path / "b2"), *common, "--train-clip-length", "1"]) == 2
+    assert run_cli(["track", "train", *paths, "--out", str(tmp_path / "b2"), *common, "--train-clip-length", "1"]) == 2
     assert "--train-clip-length" in capsys.readouterr().err
-    assert _run(["track", "train", *paths, "--out", str(tmp_path / "b3"), *common,
+    assert run_cli(["track", "train", *paths, "--out", str(tmp_path / "b3"), *common,
                  "--component-weights", "0", "0", "0", "0", "0", "0"]) == 2
     assert "component_weights" in capsys.readouterr().err

@@ -8,6 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from sensorless_helpers import random_rigid, tiny_model_config, tiny_sweep  # noqa: E402
+from sensorless_helpers import one_torch_thread  # noqa: E402, F401  (autouse fixture: one torch thread per test)
 
 from FreehandUSLib.errors import SequenceError, TransformError  # noqa: E402
 from FreehandUSLib.sequence import TrackedSequence  # noqa: E402
@@ -23,14 +24,6 @@ from SensorlessTrackingLib.data import (  # noqa: E402
 from SensorlessTrackingLib.losses import LossConfig  # noqa: E402
 from SensorlessTrackingLib.predict import ModelFileError, load_model, predict_poses, track_sequence  # noqa: E402
 from SensorlessTrackingLib.train import CHECKPOINT_VERSION, TrainConfig, TrainingError, train  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from sensorless_helpers import tiny_model_config  # noqa: E402
+from sensorless_helpers import one_torch_thread  # noqa: E402, F401  (autouse fixture: one torch thread per test)
 
 from SensorlessTrackingLib.losses import (  # noqa: E402
     LossConfig,
@@ -19,15 +20,6 @@ from SensorlessTrackingLib.losses import (  # noqa: E402
 )
 from SensorlessTrackingLib.models import MODEL_NAMES, ModelConfig, build_model  # noqa: E402
 from SensorlessTrackingLib.pose import params_to_matrices  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids OpenMP spinning on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _batch(cfg, b=2, seed=0):

@@ -20,6 +20,7 @@ from FreehandUSLib import SequenceError, TrackedSequence, TransformError, mrml  
 from FreehandUSLib.reconstruction import InvalidOptionError  # noqa: E402
 from mrml_scene import make_scene, release_scene  # noqa: E402
 from sensorless_helpers import tiny_model_config, tiny_sweep  # noqa: E402
+from sensorless_helpers import one_torch_thread  # noqa: E402, F401  (autouse fixture: one torch thread per test)
 from SensorlessTrackingLib import mrml_tracking as mt  # noqa: E402
 from SensorlessTrackingLib.metrics import tracking_metrics  # noqa: E402
 from SensorlessTrackingLib.predict import ModelFileError, default_model_path, load_model, track_sequence  # noqa: E402
@@ -28,14 +29,6 @@ from vtk.util import numpy_support  # noqa: E402
 pytestmark = pytest.mark.mrml
 
 N_FRAMES = 12
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -20,6 +19,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from sensorless_helpers import tiny_model_config, tiny_sweep  # noqa: E402
+from sensorless_helpers import one_torch_thread  # noqa: E402, F401  (autouse fixture: one torch thread per test)
 from testdata import REPO_ROOT, plus_file  # noqa: E402
 
 from SensorlessTrackingLib import predict as predict_mod  # noqa: E402
@@ -90,15 +90,6 @@ def _old_resample(frames, spacing_mm, target_spacing_mm, canvas):
             img = cv2.GaussianBlur(img, (0, 0), sigmaX=max(blur[0], 0.01), sigmaY=max(blur[1], 0.01))
         out[i] = cv2.warpAffine(img, m, (cw, ch), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     return out
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One torch thread: the CI machine has 2 shared cores (faster and no oversubscription)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -1,6 +1,5 @@
 """``freehandus track train|predict|evaluate`` through the parser that add_parsers() builds."""
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -10,22 +9,9 @@ import pytest
 
 from FreehandUSLib.errors import FreehandUSError
 from FreehandUSLib.io import read_sequence, write_sequence
-from SensorlessTrackingLib.cli import add_parsers, read_image_to_probe
+from SensorlessTrackingLib.cli import read_image_to_probe
 
-from sensorless_helpers import tiny_sweep
-
-
-def _run(argv):
-    """What FreehandUSLib.cli.main does with a registered `track`."""
-    parser = argparse.ArgumentParser(prog="freehandus")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_parsers(sub)
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except FreehandUSError as exc:
-        print(f"freehandus {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+from sensorless_helpers import run_cli, tiny_sweep
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +28,7 @@ def files(tmp_path_factory):
 
 def test_track_help_needs_no_torch(capsys):
     with pytest.raises(SystemExit) as exc:
-        _run(["track", "--help"])
+        run_cli(["track", "--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "train" in out and "predict" in out and "evaluate" in out
@@ -59,7 +45,7 @@ def test_track_help_needs_no_torch(capsys):
 def test_track_predict_and_evaluate_with_decorrelation(files, tmp_path, capsys):
     _, paths = files
     out = tmp_path / "est.seq.nrrd"
-    assert _run(["track", "predict", str(paths[0]), "--model", "decorrelation", "--out", str(out), "--json"]) == 0
+    assert run_cli(["track", "predict", str(paths[0]), "--model", "decorrelation", "--out", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["method"] == "decorrelation" and info["frames"] == 10 and info["anchored_at_input_pose"]
     est = read_sequence(out)
@@ -67,13 +53,13 @@ def test_track_predict_and_evaluate_with_decorrelation(files, tmp_path, capsys):
     np.testing.assert_allclose(
         est.transforms["ImageToReference"].matrices[0], truth.transforms["ImageToReference"].matrices[0], atol=1e-5
     )
-    assert _run(["track", "evaluate", str(paths[0]), "--estimate", str(out), "--model", "decorrelation", "--json"]) == 0
+    assert run_cli(["track", "evaluate", str(paths[0]), "--estimate", str(out), "--model", "decorrelation", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)["results"]
     assert set(res) == {str(out), "decorrelation"}
     for m in res.values():
         assert {"final_drift_mm", "fdr_path_percent", "fdr_end_to_end_percent", "gpe_mm", "lpe_mm", "max_drift_mm"} <= set(m)
     assert res[str(out)]["final_drift_mm"] == pytest.approx(res["decorrelation"]["final_drift_mm"], rel=1e-3)
-    assert _run(["track", "evaluate", str(paths[0]), "--model", "decorrelation"]) == 0
+    assert run_cli(["track", "evaluate", str(paths[0]), "--model", "decorrelation"]) == 0
     assert "FDR path %" in capsys.readouterr().out
 
 
@@ -84,36 +70,36 @@ def test_track_train_then_predict(files, tmp_path, capsys):
     argv = ["track", "train", *map(str, paths), "--out", str(out_dir), "--model", "pairwise", "--image-size", "32", "32",
             "--clip-length", "4", "--spacing-mm", "0.4", "--epochs", "1", "--clips-per-epoch", "4", "--batch-size", "2",
             "--val-fraction", "0.34", "--threads", "1", "--json"]
-    assert _run(argv) == 0
+    assert run_cli(argv) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["sweeps"] == 3 and info["model"] == "pairwise" and len(info["history"]) == 1
     ckpt = info["checkpoint"]
     est = tmp_path / "est.igs.mha"
-    assert _run(["track", "predict", str(paths[1]), "--model", ckpt, "--out", str(est), "--threads", "1"]) == 0
+    assert run_cli(["track", "predict", str(paths[1]), "--model", ckpt, "--out", str(est), "--threads", "1"]) == 0
     assert "pairwise" in capsys.readouterr().out
     assert read_sequence(est).transforms["ImageToReference"].matrices.shape == (10, 4, 4)
     # fine-tune that model on the same recordings: the geometry comes from the checkpoint
     tuned_dir = tmp_path / "tuned"
-    assert _run(["track", "train", *map(str, paths), "--out", str(tuned_dir), "--init", ckpt, "--epochs", "1",
+    assert run_cli(["track", "train", *map(str, paths), "--out", str(tuned_dir), "--init", ckpt, "--epochs", "1",
                  "--clips-per-epoch", "4", "--batch-size", "2", "--val-fraction", "0.34", "--threads", "1",
                  "--json"]) == 0
     tuned = json.loads(capsys.readouterr().out)
     assert tuned["model"] == "pairwise" and Path(tuned["checkpoint"]).is_file()
-    assert _run(["track", "train", *map(str, paths), "--out", str(tmp_path / "t2"), "--init", ckpt,
+    assert run_cli(["track", "train", *map(str, paths), "--out", str(tmp_path / "t2"), "--init", ckpt,
                  "--spacing-mm", "0.3"]) == 2
     assert "comes from the checkpoint" in capsys.readouterr().err
 
 
 def test_track_bad_input(files, tmp_path, capsys):
     _, paths = files
-    assert _run(["track", "predict", str(paths[0]), "--model", str(tmp_path / "none.pt"), "--out", str(tmp_path / "o.igs.mha")]) == 2
+    assert run_cli(["track", "predict", str(paths[0]), "--model", str(tmp_path / "none.pt"), "--out", str(tmp_path / "o.igs.mha")]) == 2
     assert "model file not found" in capsys.readouterr().err
     one = write_sequence(read_sequence(paths[0])[0], tmp_path / "one.igs.mha")
-    assert _run(["track", "predict", str(one), "--model", "decorrelation", "--out", str(tmp_path / "o.igs.mha")]) == 2
+    assert run_cli(["track", "predict", str(one), "--model", "decorrelation", "--out", str(tmp_path / "o.igs.mha")]) == 2
     assert "at least 2 frames" in capsys.readouterr().err
-    assert _run(["track", "train", "--out", str(tmp_path / "m")]) == 2
+    assert run_cli(["track", "train", "--out", str(tmp_path / "m")]) == 2
     assert "--simulated" in capsys.readouterr().err
-    assert _run(["track", "predict", str(paths[0]), "--model", "decorrelation", "--out", str(tmp_path / "o.bmp")]) == 2
+    assert run_cli(["track", "predict", str(paths[0]), "--model", "decorrelation", "--out", str(tmp_path / "o.bmp")]) == 2
     assert "unknown file type" in capsys.readouterr().err
 
 
