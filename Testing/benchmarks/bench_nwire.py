@@ -140,7 +140,13 @@ def bench_plus(quick: bool) -> dict | None:
             }
     out["accuracy"] = acc
 
-    out["variants"] = bench_variants(cal, val, setup, dots["hessian"], iters)
+    from NWireCalibrationLib.detect_hessian import HessianSettings
+
+    fitted = HessianSettings(refine_model="clipped-gaussian")  # opt-in: better CV, worse validation
+    fitted_dots = (detect_sequence(cal, setup, hessian=fitted).points_px,
+                   detect_sequence(val, setup, hessian=fitted).points_px)
+    out["variants"] = bench_variants(cal, val, setup, dots["hessian"], iters,
+                                     other_centres={"clipped-gaussian": fitted_dots})
 
     t0 = time.perf_counter()
     full = calibrate(cal, val, setup, solver="ransac-lm", ransac_iterations=iters)
@@ -171,15 +177,18 @@ def bench_plus(quick: bool) -> dict | None:
     return out
 
 
-def bench_variants(cal, val, setup, dots, iters: int) -> dict:
+def bench_variants(cal, val, setup, dots, iters: int, other_centres=None) -> dict:
     """Calibration variants on fCal 2.0: blocked-CV error on the calibration recording and validation error.
 
     The calibration-CV error (the selection criterion) splits the calibration frames into 5
     contiguous blocks, predicts each from a calibration fitted to the other 4 and reports the
     95 %-trimmed mean of PLUS's 3D middle-wire error; the validation recording only gives the
     final number. Variants: time offset 0 vs auto (estimated on the calibration recording), each
-    solver, LM with robust losses, and RANSAC+LM with noise-weighted residuals (``weighting="noise"``).
+    solver, LM with robust losses, RANSAC+LM with noise-weighted residuals (``weighting="noise"``),
+    and RANSAC+LM on dots from another sub-pixel centre estimator (``other_centres``: label ->
+    (calibration dots, validation dots); the default dots are ``HessianSettings().refine_model``'s).
     """
+    from NWireCalibrationLib.detect_hessian import HessianSettings
     from NWireCalibrationLib.metrics import reprojection_errors_3d, trimmed_statistics
     from NWireCalibrationLib.pipeline import calibrate_from_points
     from NWireCalibrationLib.solvers import calibrate_lm
@@ -199,26 +208,31 @@ def bench_variants(cal, val, setup, dots, iters: int) -> dict:
 
     variants = (("lsq", None, "none"), ("lm", None, "none"), ("ransac-lm", None, "none"), ("lm", "huber", "none"),
                 ("lm", "cauchy", "none"), ("ransac-lm", None, "noise"))
-    for offset_label, offset in (("0", 0.0), ("auto", est.offset_s)):
+    default_centre = HessianSettings().refine_model
+    runs = [(lab, off, sv, ls, wt, default_centre, pc, pv) for lab, off in (("0", 0.0), ("auto", est.offset_s))
+            for sv, ls, wt in variants]
+    for centre, (oc, ov) in (other_centres or {}).items():
+        off = estimate_time_offset(oc, cal, ph, phantom_to_reference=y).offset_s
+        runs.append(("auto", off, "ransac-lm", None, "none", centre, oc, ov))
+    for offset_label, offset, solver, loss, weighting, centre, pc, pv in runs:
         poses_c, poses_v = probe_to_reference_at(cal, offset), probe_to_reference_at(val, offset)
-        for solver, loss, weighting in variants:
-            held = []
-            for block in np.array_split(np.arange(cal.n_frames), 5):
-                train = pc.copy()
-                train[block] = np.nan
-                m_train = fit(train, poses_c, solver, loss, weighting)
-                e = reprojection_errors_3d(pc[block], poses_c[block], m_train, y, ph)
-                held.append(e[np.all(np.isfinite(e), axis=1)])
-            cv = trimmed_statistics(np.concatenate(held))
-            m = fit(pc, poses_c, solver, loss, weighting)
-            ev = reprojection_errors_3d(pv, poses_v, m, y, ph)
-            vs = trimmed_statistics(ev[np.all(np.isfinite(ev), axis=1)])
-            out["rows"].append({"time_offset": offset_label, "time_offset_s": _f(offset, 4), "solver": solver,
-                                "loss": loss or "linear", "weighting": weighting,
-                                "calibration_cv_trimmed95_mm": _f(cv.trimmed_mean, 4),
-                                "calibration_cv_mean_all_mm": _f(cv.mean, 4),
-                                "validation_trimmed95_mm": _f(vs.trimmed_mean, 4),
-                                "validation_mean_all_mm": _f(vs.mean, 4)})
+        held = []
+        for block in np.array_split(np.arange(cal.n_frames), 5):
+            train = pc.copy()
+            train[block] = np.nan
+            m_train = fit(train, poses_c, solver, loss, weighting)
+            e = reprojection_errors_3d(pc[block], poses_c[block], m_train, y, ph)
+            held.append(e[np.all(np.isfinite(e), axis=1)])
+        cv = trimmed_statistics(np.concatenate(held))
+        m = fit(pc, poses_c, solver, loss, weighting)
+        ev = reprojection_errors_3d(pv, poses_v, m, y, ph)
+        vs = trimmed_statistics(ev[np.all(np.isfinite(ev), axis=1)])
+        out["rows"].append({"time_offset": offset_label, "time_offset_s": _f(offset, 4), "solver": solver,
+                            "loss": loss or "linear", "weighting": weighting, "centre": centre,
+                            "calibration_cv_trimmed95_mm": _f(cv.trimmed_mean, 4),
+                            "calibration_cv_mean_all_mm": _f(cv.mean, 4),
+                            "validation_trimmed95_mm": _f(vs.trimmed_mean, 4),
+                            "validation_mean_all_mm": _f(vs.mean, 4)})
     return out
 
 
@@ -324,10 +338,11 @@ def _print_tables(report: dict) -> None:
             to = var["time_offset"]
             print(f"  time offset (auto, calibration recording): {to['estimated_s']} s, applied={to['applied']}: "
                   f"{to['reason']}")
-            print(f"  {'offset':6s} {'solver':10s} {'loss':7s} {'weights':7s} {'calCV95':>8s} {'calCVall':>8s} "
-                  f"{'val95':>7s} {'valAll':>7s}")
+            print(f"  {'offset':6s} {'solver':10s} {'loss':7s} {'weights':7s} {'centre':16s} {'calCV95':>8s} "
+                  f"{'calCVall':>8s} {'val95':>7s} {'valAll':>7s}")
             for r in var["rows"]:
                 print(f"  {r['time_offset']:6s} {r['solver']:10s} {r['loss']:7s} {r.get('weighting', 'none'):7s} "
+                      f"{r.get('centre', ''):16s} "
                       f"{r['calibration_cv_trimmed95_mm']:>8.4f} "
                       f"{r['calibration_cv_mean_all_mm']:>8.4f} {r['validation_trimmed95_mm']:>7.4f} "
                       f"{r['validation_mean_all_mm']:>7.4f}")
