@@ -26,7 +26,7 @@ table of medians.
 the "generic" row scores that same checkpoint. Fine-tuned models are cached in
 ``WORK/dualtrack_fine_tuned_<first 12 hex digits of the init checkpoint's SHA-256>`` (so a new
 shipped model never reuses a fine-tuning of the old one) and ``WORK/pairwise_fine_tuned``; a
-cached run made with another recipe is refused (delete the folder or give ``--work``).
+cached run made with another recipe or on other training sweeps is refused (delete the folder or give ``--work``).
 """
 
 from __future__ import annotations
@@ -96,6 +96,11 @@ def _same_recipe(train_config: dict, recipe: dict) -> bool:
     )
 
 
+def _sweep_names(paths) -> list[str]:
+    """Subject folder + file name of each path, sorted: the same sweeps whatever the working directory."""
+    return sorted("/".join(Path(p).parts[-2:]) for p in paths)
+
+
 def _sha256(path: Path) -> str:
     import hashlib
 
@@ -119,6 +124,9 @@ def _fine_tune(train_files, out_dir: Path, minutes: float, recipe: dict, threads
         done = torch.load(last, map_location="cpu", weights_only=False).get("train_config", {})
         if not _same_recipe(done, recipe):
             raise RuntimeError(f"{out_dir} holds a run with another recipe; delete it or give --work")
+        if _sweep_names(done.get("sequences", ())) != _sweep_names(p for _, p in train_files):
+            raise RuntimeError(f"{out_dir} holds a run on other training sweeps (not these {len(train_files)}); "
+                               "delete it or give --work")
     if best.is_file() and history.is_file() and len(json.loads(history.read_text())) >= recipe["epochs"]:
         log.info("using the cached fine-tuning in %s", out_dir)
         return best, False
