@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pytest
 
@@ -67,17 +65,7 @@ def one_torch_thread():
 
 
 def run_cli(argv) -> int:
-    """Run ``freehandus`` sensorless sub-commands in-process; returns the exit code (2 on a FreehandUSError)."""
-    import argparse
+    """Run ``freehandus`` in-process (:func:`FreehandUSLib.cli.main`); returns the exit code (2 on a FreehandUSError)."""
+    from FreehandUSLib.cli import main
 
-    from FreehandUSLib.errors import FreehandUSError
-    from SensorlessTrackingLib.cli import add_parsers
-
-    parser = argparse.ArgumentParser(prog="freehandus")
-    add_parsers(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except FreehandUSError as exc:
-        print(f"freehandus {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    return main(argv)

@@ -1,13 +1,13 @@
 """Speckle sweep simulator: decorrelation physics, speckle statistics, geometry, trajectories, CLI."""
 
-import argparse
 import json
 import math
 
 import numpy as np
 import pytest
 
-from FreehandUSLib.errors import FileFormatError, FreehandUSError
+from FreehandUSLib.cli import main as freehandus
+from FreehandUSLib.errors import FileFormatError
 from FreehandUSLib.io import read_sequence
 from FreehandUSLib.simulation import (
     Inclusion,
@@ -26,7 +26,7 @@ from FreehandUSLib.simulation import (
     simulate_sweep,
     sweep_bounds,
 )
-from FreehandUSLib.simulation.cli import add_simulate_sweep, photoacoustic_path
+from FreehandUSLib.simulation.cli import photoacoustic_path
 from FreehandUSLib.simulation.probe import beam_grid
 from FreehandUSLib.simulation.speckle import ScattererField, candidate_blocks, iq_normalisation, render_iq
 
@@ -286,28 +286,12 @@ def test_bad_trajectory_config(kwargs, match):
 # -- command line ----------------------------------------------------------------------------------
 
 
-def _run(argv):
-    """What FreehandUSLib.cli.main does with a registered `simulate sweep`."""
-    parser = argparse.ArgumentParser(prog="freehandus")
-    sub = parser.add_subparsers(dest="command", required=True)
-    simulate = sub.add_parser("simulate").add_subparsers(dest="simulate_command", required=True)
-    add_simulate_sweep(simulate)
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except FreehandUSError as exc:
-        import sys
-
-        print(f"freehandus simulate: error: {exc}", file=sys.stderr)
-        return 2
-
-
 def test_cli_simulate_sweep_writes_a_tracked_sequence(tmp_path, capsys):
     out = tmp_path / "s.seq.nrrd"
     argv = ["simulate", "sweep", "--out", str(out), "--seed", "3", "--frames", "6", "--length-mm", "3",
             "--rows", "64", "--cols", "64", "--depth-mm", "12", "--geometry", "linear", "--photoacoustic",
             "--config-out", str(tmp_path / "cfg.json"), "--json"]
-    assert _run(argv) == 0
+    assert freehandus(argv) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["frames"] == 6 and info["width"] == 64 and info["geometry"] == "linear"
     seq = read_sequence(out)
@@ -320,9 +304,9 @@ def test_cli_simulate_sweep_writes_a_tracked_sequence(tmp_path, capsys):
 
 
 def test_cli_simulate_sweep_bad_input(tmp_path, capsys):
-    assert _run(["simulate", "sweep", "--out", str(tmp_path / "s.txt")]) == 2
+    assert freehandus(["simulate", "sweep", "--out", str(tmp_path / "s.txt")]) == 2
     assert "unknown file type" in capsys.readouterr().err
-    assert _run(["simulate", "sweep", "--out", str(tmp_path / "s.igs.mha"), "--frames", "1"]) == 2
+    assert freehandus(["simulate", "sweep", "--out", str(tmp_path / "s.igs.mha"), "--frames", "1"]) == 2
     assert "n_frames" in capsys.readouterr().err
     with pytest.raises(FileFormatError):
         from FreehandUSLib.io import sequence_format
