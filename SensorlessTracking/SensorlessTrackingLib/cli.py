@@ -89,6 +89,9 @@ def add_parsers(subparsers):
     p.add_argument("--spacing-mm", type=float, help="model pixel spacing in mm (default 0.3)")
     p.add_argument("--image-size", type=int, nargs=2, metavar=("ROWS", "COLS"), help="model input size (default 96 96)")
     p.add_argument("--clip-length", type=int, help="frames per clip (default 16)")
+    p.add_argument("--pair-gaps", type=int, nargs="+", metavar="FRAMES",
+                   help="dualtrack: correlate each frame with the frames this many later (default 1, as the "
+                        "shipped model; e.g. 1 2 3)")
     p.add_argument("--train-clip-length", type=int, metavar="FRAMES",
                    help="frames per training clip (default: the model's clip length); longer clips lengthen the "
                         "horizon of the clip-level losses, the model and its inference windows stay as they are")
@@ -173,10 +176,12 @@ def _cmd_train(args) -> int:
             changes["image_size"] = tuple(args.image_size)
         if args.clip_length:
             changes["clip_length"] = args.clip_length
+        if args.pair_gaps:
+            changes["pair_gaps"] = tuple(args.pair_gaps)
         if init is not None and changes:
             raise FreehandUSError(
-                f"--init {args.init}: the model's input geometry comes from the checkpoint; "
-                "drop --spacing-mm/--image-size/--clip-length"
+                f"--init {args.init}: the model's architecture and input geometry come from the checkpoint; "
+                "drop --spacing-mm/--image-size/--clip-length/--pair-gaps"
             )
         model_cfg = replace(model_cfg, **changes)
     except ValueError as exc:

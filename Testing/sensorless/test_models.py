@@ -142,6 +142,10 @@ def test_motion_weighted_loss_emphasises_large_motion():
         ({"clip_length": 1}, "clip_length"),
         ({"target_scale": (1, 1, 1)}, "target_scale"),
         ({"token_dim": 30, "heads": 4}, "divisible"),
+        ({"pair_gaps": ()}, "pair_gaps"),
+        ({"pair_gaps": (0, 1)}, "pair_gaps"),
+        ({"pair_gaps": (1, 1)}, "pair_gaps"),
+        ({"pair_gaps": (1, 4), "clip_length": 4}, "pair_gaps"),
     ],
 )
 def test_bad_model_config(kwargs, match):
@@ -152,6 +156,10 @@ def test_bad_model_config(kwargs, match):
 def test_model_config_round_trip():
     cfg = tiny_model_config("moglo")
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    gaps = tiny_model_config("dualtrack", pair_gaps=[1, 3])
+    assert gaps.pair_gaps == (1, 3) and ModelConfig.from_dict(gaps.to_dict()) == gaps
+    old = {k: v for k, v in cfg.to_dict().items() if k != "pair_gaps"}  # a checkpoint from before pair_gaps
+    assert ModelConfig.from_dict(old).pair_gaps == (1,)
     with pytest.raises(ValueError, match="unknown fields"):
         ModelConfig.from_dict({**cfg.to_dict(), "depth": 3})
 
@@ -173,3 +181,40 @@ def test_pair_correlation_features():
     model = build_model(tiny_model_config("dualtrack", pair_radius=1)).eval()
     batch = _batch(tiny_model_config("dualtrack"))
     assert model(**batch).shape == (2, 3, 6)
+
+
+def test_pair_correlation_at_a_gap():
+    from SensorlessTrackingLib.models.common import pair_correlation
+
+    torch.manual_seed(1)
+    a = torch.randn(1, 1, 32, 32)
+    later = torch.roll(a, shifts=(1, 0), dims=(2, 3))  # frame 2 = frame 0 moved one pixel down
+    frames = torch.cat([a, torch.randn(1, 1, 32, 32), later, torch.randn(1, 1, 32, 32)], dim=1)
+    corr = pair_correlation(frames, radius=1, window=8, stride=4, gap=2)
+    assert corr.shape == (1, 9, 4, 8, 8)
+    inner = corr[0, :, 0, 1:-1, 1:-1].mean(dim=(1, 2))
+    assert int(torch.argmax(inner)) == 7 and float(inner[7]) > 0.99  # (dy, dx) = (+1, 0): index 2 * 3 + 1
+    assert float(corr[0, :, 1, 1:-1, 1:-1].abs().mean()) < 0.3  # frames 1 and 3 are unrelated
+    assert float(corr[0, :, 2:].abs().max()) == 0.0  # the last two frames have no frame 2 later
+    # gap 1 is the default; a clip no longer than the gap gives zeros of the usual shape
+    assert torch.equal(pair_correlation(frames, 1, 8, 4, gap=1), pair_correlation(frames, 1, 8, 4))
+    short = pair_correlation(frames[:, :2], 1, 8, 4, gap=2)
+    assert short.shape == (1, 9, 2, 8, 8) and float(short.abs().max()) == 0.0
+    with pytest.raises(ValueError, match="gap"):
+        pair_correlation(frames, 1, 8, 4, gap=0)
+
+
+def test_dualtrack_with_several_gaps_sees_them():
+    torch.manual_seed(2)
+    cfg = tiny_model_config("dualtrack", pair_radius=1, pair_gaps=(1, 2))
+    model = build_model(cfg).eval()
+    n_pair = 9
+    assert model.local.blocks[0].spatial.in_channels == cfg.channels[1] + 2 * n_pair
+    batch = _batch(cfg)
+    out = model(**batch)
+    assert out.shape == (2, 3, 6) and torch.isfinite(out).all()
+    # the gap-2 channels reach the output: zeroing their weights changes the prediction
+    with torch.no_grad():
+        model.local.blocks[0].spatial.weight[:, -n_pair:] = 0
+        model.local.blocks[0].short[0].weight[:, -n_pair:] = 0
+    assert not torch.allclose(model(**batch), out)

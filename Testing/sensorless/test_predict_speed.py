@@ -26,7 +26,7 @@ from SensorlessTrackingLib import predict as predict_mod  # noqa: E402
 from SensorlessTrackingLib.data import _as_uint8, resample_frames  # noqa: E402
 from SensorlessTrackingLib.models import build_model, dualtrack  # noqa: E402
 from SensorlessTrackingLib.models.common import normalise_clip, pair_correlation  # noqa: E402
-from SensorlessTrackingLib.models.fastcorr import compiled_kernel, pair_correlation_inference  # noqa: E402
+from SensorlessTrackingLib.models.fastcorr import compiled_kernel, pair_correlation_fast  # noqa: E402
 from SensorlessTrackingLib.models.inference import FastLocalEncoder, fast_local_encoder  # noqa: E402
 from SensorlessTrackingLib.predict import ModelFileError, default_model_path, load_model, predict_poses, track_sequence  # noqa: E402
 
@@ -95,7 +95,7 @@ def _old_resample(frames, spacing_mm, target_spacing_mm, canvas):
 @pytest.fixture
 def reference_forward(monkeypatch):
     """Make the model's own forward use the original torch pair correlation."""
-    monkeypatch.setattr(dualtrack, "pair_correlation_inference", pair_correlation)
+    monkeypatch.setattr(dualtrack, "pair_correlation_fast", pair_correlation)
 
 
 def _randomise_batch_norms(model, seed=0):
@@ -131,10 +131,10 @@ def _clips(seed, shape, flat=True):
     "shape, radius, window, stride",
     [((2, 5, 32, 48), 2, 8, 4), ((1, 4, 20, 28), 1, 4, 2), ((3, 3, 24, 24), 3, 5, 2), ((1, 16, 96, 96), 2, 8, 4)],
 )
-def test_pair_correlation_inference_repeats_torch_rounding(shape, radius, window, stride):
+def test_pair_correlation_fast_repeats_torch_rounding(shape, radius, window, stride):
     x = _clips(1, shape)
     ref = pair_correlation(x, radius, window, stride)
-    new = pair_correlation_inference(x, radius, window, stride)
+    new = pair_correlation_fast(x, radius, window, stride)
     assert new.shape == ref.shape and new.dtype == torch.float32
     assert torch.all(new[:, :, -1] == 0)
     # within one float32 ulp everywhere, flat (ill-conditioned) windows included
@@ -145,17 +145,30 @@ def test_pair_correlation_inference_repeats_torch_rounding(shape, radius, window
     assert not torch.all((accurate - ref).abs() <= ULP * ref.abs())
 
 
-def test_pair_correlation_inference_falls_back_to_torch():
+@pytest.mark.skipif(compiled_kernel() is None, reason="numba not installed")
+@pytest.mark.parametrize("gap", [2, 3])
+def test_pair_correlation_fast_at_a_gap(gap):
+    x = _clips(5, (2, 6, 32, 48))
+    ref = pair_correlation(x, 2, 8, 4, gap)
+    new = pair_correlation_fast(x, 2, 8, 4, gap)
+    assert new.shape == ref.shape
+    assert torch.all(new[:, :, -gap:] == 0)
+    assert torch.all((new - ref).abs() <= ULP * ref.abs()), float((new - ref).abs().max())
+    short = pair_correlation_fast(x[:, :gap], 2, 8, 4, gap)  # no frame pair that far apart
+    assert torch.equal(short, pair_correlation(x[:, :gap], 2, 8, 4, gap))
+
+
+def test_pair_correlation_fast_falls_back_to_torch():
     x = _clips(2, (1, 3, 16, 16)).double()
-    assert torch.equal(pair_correlation_inference(x, 1, 4, 2), pair_correlation(x, 1, 4, 2))
+    assert torch.equal(pair_correlation_fast(x, 1, 4, 2), pair_correlation(x, 1, 4, 2))
     y = _clips(3, (1, 3, 16, 16)).requires_grad_(True)
-    assert torch.equal(pair_correlation_inference(y, 1, 4, 2), pair_correlation(y, 1, 4, 2))
+    assert torch.equal(pair_correlation_fast(y, 1, 4, 2), pair_correlation(y, 1, 4, 2))
 
 
 # --------------------------------------------------------------------------- local encoder
-@pytest.mark.parametrize("pair_radius", [0, 1])
-def test_fast_local_encoder_matches_module(pair_radius):
-    model = _tiny_model(pair_radius=pair_radius, image_size=(48, 32), clip_length=6)
+@pytest.mark.parametrize("pair_radius, pair_gaps", [(0, (1,)), (1, (1,)), (1, (1, 2, 3))])
+def test_fast_local_encoder_matches_module(pair_radius, pair_gaps):
+    model = _tiny_model(pair_radius=pair_radius, pair_gaps=pair_gaps, image_size=(48, 32), clip_length=6)
     x = _clips(4, (3, 6, 48, 32))
     with torch.no_grad():
         ref = model.local(x)
@@ -217,7 +230,7 @@ def _check_track(sequence, model, monkeypatch):
     cfg = model.config
     frames = resample_frames(_as_uint8(sequence.frames), spacing, cfg.pixel_spacing_mm, cfg.image_size)
     with monkeypatch.context() as m:
-        m.setattr(dualtrack, "pair_correlation_inference", pair_correlation)
+        m.setattr(dualtrack, "pair_correlation_fast", pair_correlation)
         ref = _old_predict_poses(frames, model)
     res = track_sequence(sequence, model)
     assert res.frame_to_frame.shape == (sequence.n_frames - 1, 6)

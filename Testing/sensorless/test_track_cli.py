@@ -87,7 +87,27 @@ def test_track_train_then_predict(files, tmp_path, capsys):
     assert tuned["model"] == "pairwise" and Path(tuned["checkpoint"]).is_file()
     assert run_cli(["track", "train", *map(str, paths), "--out", str(tmp_path / "t2"), "--init", ckpt,
                  "--spacing-mm", "0.3"]) == 2
-    assert "comes from the checkpoint" in capsys.readouterr().err
+    assert "come from the checkpoint" in capsys.readouterr().err
+
+
+def test_track_train_pair_gaps(files, tmp_path, capsys):
+    pytest.importorskip("torch")
+    from SensorlessTrackingLib.train import checkpoint_model_config
+
+    _, paths = files
+    small = ["--image-size", "32", "32", "--clip-length", "4", "--spacing-mm", "0.4", "--epochs", "1",
+             "--clips-per-epoch", "4", "--batch-size", "2", "--val-fraction", "0.34", "--threads", "1", "--json"]
+    argv = ["track", "train", *map(str, paths), "--out", str(tmp_path / "m"), "--local-only", "--pair-gaps", "1", "2", *small]
+    assert run_cli(argv) == 0
+    ckpt = json.loads(capsys.readouterr().out)["checkpoint"]
+    assert checkpoint_model_config(ckpt).pair_gaps == (1, 2)
+    # a gap of 0 frames, a gap as long as the clip, or a new gap on a checkpoint's architecture
+    assert run_cli(["track", "train", *map(str, paths), "--out", str(tmp_path / "z"), "--pair-gaps", "0", *small]) == 2
+    assert "pair_gaps" in capsys.readouterr().err
+    assert run_cli(["track", "train", *map(str, paths), "--out", str(tmp_path / "l"), "--pair-gaps", "1", "4", *small]) == 2
+    assert "clip_length - 1" in capsys.readouterr().err
+    assert run_cli(["track", "train", *map(str, paths), "--out", str(tmp_path / "i"), "--init", ckpt, "--pair-gaps", "1"]) == 2
+    assert "--pair-gaps" in capsys.readouterr().err
 
 
 def test_track_bad_input(files, tmp_path, capsys):

@@ -23,20 +23,27 @@ def normalise_clip(frames: torch.Tensor) -> torch.Tensor:
     return (frames - mean) / std
 
 
-def pair_correlation(frames: torch.Tensor, radius: int, window: int, stride: int) -> torch.Tensor:
-    """Local normalised cross-correlation of each frame with the next one.
+def pair_correlation(frames: torch.Tensor, radius: int, window: int, stride: int, gap: int = 1) -> torch.Tensor:
+    """Local normalised cross-correlation of each frame with the one ``gap`` frames later.
 
     For every displacement ``d`` with ``|d|_inf <= radius`` pixels and every ``window`` x
     ``window`` patch (taken every ``stride`` pixels), the Pearson correlation of frame ``t``
-    with frame ``t + 1`` shifted by ``d``. Its peak value is the local speckle decorrelation
-    (elevational motion), its position the in-plane motion. The last frame gets zeros.
+    with frame ``t + gap`` shifted by ``d``. Its peak value is the local speckle decorrelation
+    (elevational motion), its position the in-plane motion. The last ``gap`` frames get zeros
+    (all frames, when the clip has no more than ``gap`` frames).
 
     frames : (B, T, H, W) -> (B, (2 radius + 1)^2, T, H / stride, W / stride), no gradient.
     """
+    if int(gap) < 1:
+        raise ValueError(f"pair_correlation: gap must be >= 1 frame, got {gap}")
     with torch.no_grad():
         b, t, h, w = frames.shape
-        a = frames[:, :-1].reshape(-1, 1, h, w)
-        nb = frames[:, 1:].reshape(-1, 1, h, w)
+        if t <= gap:
+            pad = (window - stride) // 2
+            out_hw = ((h + 2 * pad - window) // stride + 1, (w + 2 * pad - window) // stride + 1)
+            return frames.new_zeros((b, (2 * radius + 1) ** 2, t, *out_hw))
+        a = frames[:, :-gap].reshape(-1, 1, h, w)
+        nb = frames[:, gap:].reshape(-1, 1, h, w)
 
         def pool(x):
             return F.avg_pool2d(x, window, stride, padding=(window - stride) // 2, count_include_pad=False)
@@ -51,10 +58,10 @@ def pair_correlation(frames: torch.Tensor, radius: int, window: int, stride: int
                 mean_s = pool(s)
                 var_s = (pool(s * s) - mean_s**2).clamp_min(1e-6)
                 out.append((pool(a * s) - mean_a * mean_s) / torch.sqrt(var_a * var_s))
-        corr = torch.cat(out, dim=1)  # (B*(T-1), K, h', w')
+        corr = torch.cat(out, dim=1)  # (B*(T-gap), K, h', w')
         k, hh, ww = corr.shape[1:]
-        corr = corr.reshape(b, t - 1, k, hh, ww)
-        corr = torch.cat([corr, torch.zeros_like(corr[:, :1])], dim=1)
+        corr = corr.reshape(b, t - gap, k, hh, ww)
+        corr = torch.cat([corr, torch.zeros_like(corr[:, :1]).expand(-1, gap, -1, -1, -1)], dim=1)
         return corr.permute(0, 2, 1, 3, 4).contiguous()
 
 

@@ -33,6 +33,9 @@ class ModelConfig:
     pair_radius : dualtrack: > 0 adds the local correlation of consecutive frames (displacements
         up to this many pixels) to the local encoder; 0 = plain learned features (the other
         models ignore it)
+    pair_gaps : dualtrack: the frame distances of those correlations, e.g. ``(1,)`` (each frame
+        with the next) or ``(1, 2, 3)``; a longer gap sees a larger elevational step, which
+        keeps slow motion above the speckle's decorrelation noise
     global_size : side of the downsampled frames of the global encoder, pixels
     max_global_tokens : frames of the whole sweep the global encoder sees (every k-th frame)
     global_layers, heads : temporal self-attention depth and heads
@@ -56,6 +59,7 @@ class ModelConfig:
     token_dim: int = 96
     use_global: bool = True
     pair_radius: int = 2
+    pair_gaps: tuple[int, ...] = (1,)
     global_size: int = 48
     max_global_tokens: int = 16
     global_layers: int = 2
@@ -77,6 +81,11 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.clip_length must be >= 2, got {self.clip_length}")
         if len(self.target_scale) != 6 or min(self.target_scale) <= 0:
             raise ValueError(f"ModelConfig.target_scale must be 6 positive numbers, got {self.target_scale}")
+        gaps = tuple(int(g) for g in self.pair_gaps)
+        if not gaps or min(gaps) < 1 or len(set(gaps)) != len(gaps) or max(gaps) >= int(self.clip_length):
+            raise ValueError(f"ModelConfig.pair_gaps must be distinct frame distances from 1 to clip_length - 1 "
+                             f"({int(self.clip_length) - 1}), got {self.pair_gaps}")
+        object.__setattr__(self, "pair_gaps", gaps)
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
         object.__setattr__(self, "target_scale", tuple(float(v) for v in self.target_scale))
         if self.token_dim % self.heads:
@@ -87,6 +96,7 @@ class ModelConfig:
         d["image_size"] = list(self.image_size)
         d["channels"] = list(self.channels)
         d["target_scale"] = list(self.target_scale)
+        d["pair_gaps"] = list(self.pair_gaps)
         return d
 
     @staticmethod
@@ -96,7 +106,7 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"ModelConfig: unknown fields {sorted(unknown)}")
         d = dict(d)
-        for key in ("image_size", "channels", "target_scale"):
+        for key in ("image_size", "channels", "target_scale", "pair_gaps"):
             if key in d:
                 d[key] = tuple(d[key])
         return ModelConfig(**d)

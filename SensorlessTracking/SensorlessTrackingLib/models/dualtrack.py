@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import Block2Plus1d, MotionHead, PositionEncoding, ResBlock2d, ScaledOutput, normalise_clip, pair_correlation
+from .common import Block2Plus1d, MotionHead, PositionEncoding, ResBlock2d, ScaledOutput, normalise_clip
 from .config import ModelConfig
-from .fastcorr import pair_correlation_inference
+from .fastcorr import pair_correlation_fast
 
 __all__ = ["DualTrack", "LocalEncoder", "GlobalEncoder"]
 
@@ -27,17 +27,22 @@ __all__ = ["DualTrack", "LocalEncoder", "GlobalEncoder"]
 class LocalEncoder(nn.Module):
     """(B, T, H, W) -> (B, T, token_dim): one token per frame, temporal resolution kept.
 
-    With ``pair_radius > 0`` the local correlation of each frame with the next
-    (:func:`~.common.pair_correlation`, at 1/4 resolution) joins the features after the first
-    block: a speckle-decorrelation cue the network would otherwise have to learn to compute.
-    In eval mode it comes from :func:`~.fastcorr.pair_correlation_inference` (same numbers, faster).
+    With ``pair_radius > 0`` the local correlation of each frame with the frames ``pair_gaps``
+    later (:func:`~.common.pair_correlation`, at 1/4 resolution, one set of channels per gap)
+    joins the features after the first block: a speckle-decorrelation cue the network would
+    otherwise have to learn to compute.
+    It is computed by :func:`~.fastcorr.pair_correlation_fast` in training too: the
+    correlation has no gradient, and that kernel gives the torch code's float32 numbers (to 1 ulp)
+    faster on the CPU, where the torch code was most of a training step's time with three gaps
+    (on a GPU it falls back to the torch code).
     """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         c = config.channels
         self.pair_radius = int(config.pair_radius)
-        n_pair = (2 * self.pair_radius + 1) ** 2 if self.pair_radius > 0 else 0
+        self.pair_gaps = tuple(config.pair_gaps)
+        n_pair = len(self.pair_gaps) * (2 * self.pair_radius + 1) ** 2 if self.pair_radius > 0 else 0
         self.stem = nn.Sequential(
             nn.Conv3d(1, c[0], (3, 5, 5), (1, 2, 2), (1, 2, 2), bias=False), nn.BatchNorm3d(c[0]), nn.ReLU()
         )
@@ -49,8 +54,8 @@ class LocalEncoder(nn.Module):
     def forward(self, frames):
         x = self.first(self.stem(frames[:, None]))  # (B, C, T, H/4, W/4)
         if self.pair_radius > 0:
-            correlate = pair_correlation if self.training else pair_correlation_inference
-            x = torch.cat([x, correlate(frames, self.pair_radius, 8, 4)], dim=1)
+            corr = [pair_correlation_fast(frames, self.pair_radius, 8, 4, gap) for gap in self.pair_gaps]
+            x = torch.cat([x, *corr], dim=1)
         x = self.blocks(x)  # (B, C, T, h, w)
         x = F.adaptive_avg_pool3d(x, (x.shape[2], 4, 4))
         b, c, t = x.shape[:3]

@@ -10,7 +10,7 @@ arranged for the CPU:
   temporal ``(3, 1, 1)`` convolutions as 2D ``(3, 1)`` convolutions over (frames, pixels) and the
   strided 1x1 shortcuts as matrix products (torch's ``Conv3d`` has no fast CPU path for those
   shapes);
-- the pair correlation from :func:`~.fastcorr.pair_correlation_inference`.
+- the pair correlation from :func:`~.fastcorr.pair_correlation_fast`.
 
 Only the order of float32 additions changes (about 1e-6 relative); the correlation, whose
 flat-window values are sensitive to rounding, is computed exactly as in training. Build one per
@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .fastcorr import pair_correlation_inference
+from .fastcorr import pair_correlation_fast
 
 __all__ = ["FastLocalEncoder", "fast_local_encoder"]
 
@@ -84,6 +84,7 @@ class FastLocalEncoder:
         self.first = _Block(local.first)
         self.blocks = [_Block(blk) for blk in local.blocks]
         self.pair_radius = int(local.pair_radius)
+        self.pair_gaps = tuple(local.pair_gaps)
         weight = local.proj.weight.detach()  # (D, C * 16), features ordered (c, i, j)
         d = weight.shape[0]
         c = weight.shape[1] // 16
@@ -101,7 +102,8 @@ class FastLocalEncoder:
         x = x.permute(0, 2, 3, 1)
         x = self.first(x.reshape(b, t, *x.shape[1:]))  # (B, T, h, w, C)
         if self.pair_radius > 0:
-            corr = pair_correlation_inference(frames, self.pair_radius, 8, 4)  # (B, K, T, h, w)
+            corr = torch.cat([pair_correlation_fast(frames, self.pair_radius, 8, 4, gap) for gap in self.pair_gaps],
+                             dim=1)  # (B, K * gaps, T, h, w)
             x = torch.cat([x, corr.permute(0, 2, 3, 4, 1)], dim=-1)
         for block in self.blocks:
             x = block(x)
