@@ -90,8 +90,8 @@ def add_parsers(subparsers):
     p.add_argument("--image-size", type=int, nargs=2, metavar=("ROWS", "COLS"), help="model input size (default 96 96)")
     p.add_argument("--clip-length", type=int, help="frames per clip (default 16)")
     p.add_argument("--pair-gaps", type=int, nargs="+", metavar="FRAMES",
-                   help="dualtrack: correlate each frame with the frames this many later (default 1, as the "
-                        "shipped model; e.g. 1 2 3)")
+                   help="dualtrack: correlate each frame with the frames this many later (default 1; the "
+                        "shipped model uses 1 2 3)")
     p.add_argument("--train-clip-length", type=int, metavar="FRAMES",
                    help="frames per training clip (default: the model's clip length); longer clips lengthen the "
                         "horizon of the clip-level losses, the model and its inference windows stay as they are")
