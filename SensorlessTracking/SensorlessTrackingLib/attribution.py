@@ -17,6 +17,12 @@ steps onto the true ones (``tz_true ~ k * tz_est``): 1 means unbiased, 1.3 means
 moved 30 % too little out of the plane. A per-sweep scale that follows the probe's elevational
 beam width is the signature of a scale the images alone cannot give (the decorrelation curve
 depends on distance / beam width only).
+
+``fdr_scale_fitted_percent`` is the final drift ratio after multiplying every estimated
+out-of-plane step (tz, rx, ry together, since all three come from decorrelation measured in
+units of the beam width) by the one factor ``out_of_plane_scale`` that minimises it. The gap
+between it and the full FDR is the drift that a correct elevational scale alone would remove:
+what knowing the probe (fine-tuning on its tracked sweeps) can win, and what no image cue can.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from __future__ import annotations
 import numpy as np
 
 from .metrics import tracking_metrics
+from scipy.optimize import minimize_scalar
+
 from .pose import (
     absolute_to_frame_to_frame,
     frame_to_frame_to_relative,
@@ -34,9 +42,12 @@ from .pose import (
     relative_to_absolute,
 )
 
-__all__ = ["GROUPS", "drift_attribution"]
+__all__ = ["GROUPS", "SCALE_RANGE", "drift_attribution", "fit_out_of_plane_scale"]
 
 _MIN_RMS_STEP_MM = 1e-9
+
+#: Out-of-plane scale factors searched by the scale fit (a beam width misjudged up to 4x).
+SCALE_RANGE = (0.25, 4.0)
 
 #: Parameter indices (tx, ty, tz, rx, ry, rz) of each group.
 GROUPS = {
@@ -66,7 +77,8 @@ def drift_attribution(true_image_to_reference, est_image_to_reference, image_sha
     dict
         ``fdr_path_percent`` (all estimated), ``fdr_<group>_only_percent`` for each of
         :data:`GROUPS`, ``elevation_scale`` (see the module docstring; NaN when the estimate
-        has no elevational motion).
+        has no elevational motion), ``out_of_plane_scale`` and ``fdr_scale_fitted_percent``
+        (the best factor in :data:`SCALE_RANGE` and the FDR it leaves).
 
     Raises
     ------
@@ -94,4 +106,56 @@ def drift_attribution(true_image_to_reference, est_image_to_reference, image_sha
     denom = float(tz_e @ tz_e)
     moved = denom > _MIN_RMS_STEP_MM**2 * tz_e.size  # not just rounding noise
     out["elevation_scale"] = float(tz_t @ tz_e) / denom if moved else float("nan")
+    scale, fdr = _best_scale(p_est, poses_t, full.path_length_mm)
+    out["out_of_plane_scale"] = scale
+    out["fdr_scale_fitted_percent"] = fdr
     return out
+
+
+def fit_out_of_plane_scale(true_image_to_reference, est_image_to_reference, image_shape) -> tuple[float, float]:
+    """The one factor on the estimate's out-of-plane steps that minimises its final drift.
+
+    Parameters and errors as :func:`drift_attribution`.
+
+    Returns
+    -------
+    (out_of_plane_scale, fdr_scale_fitted_percent)
+        The factor in :data:`SCALE_RANGE` that multiplies tz, rx and ry of every estimated
+        frame-to-frame step (image-mm frame), and the final drift / path length (%) it leaves.
+    """
+    t = np.asarray(true_image_to_reference, dtype=np.float64)
+    e = np.asarray(est_image_to_reference, dtype=np.float64)
+    full = tracking_metrics(t, e, image_shape)  # validates the input; gives the path length
+    spacing = _spacing(t)
+    centre = ((image_shape[1] - 1) / 2.0, (image_shape[0] - 1) / 2.0)
+    poses_t = image_mm_poses(t, spacing, centre)
+    poses_e = image_mm_poses(t[0] @ np.linalg.inv(e[0]) @ e, spacing, centre)
+    return _best_scale(matrices_to_params(absolute_to_frame_to_frame(poses_e)), poses_t, full.path_length_mm)
+
+
+def _best_scale(p_est: np.ndarray, poses_t: np.ndarray, path_mm: float) -> tuple[float, float]:
+    """(factor, FDR %) minimising the final drift when tz, rx, ry of ``p_est`` are scaled.
+
+    The final drift is that of the image-mm origin (the image centre), as in the metrics. Scaled
+    rotations bend the whole path, so the drift need not be unimodal in the factor: a
+    log-spaced grid finds the basin and a bounded Brent search refines it.
+    """
+    idx = list(GROUPS["out_of_plane"])
+    end_true = poses_t[-1, :3, 3]
+
+    def fdr(log_k: float) -> float:
+        p = p_est.copy()
+        p[:, idx] *= np.exp(log_k)
+        end = (poses_t[0] @ frame_to_frame_to_relative(params_to_matrices(p))[-1])[:3, 3]
+        return 100.0 * float(np.linalg.norm(end - end_true)) / path_mm if path_mm > 0 else float("nan")
+
+    lo, hi = np.log(SCALE_RANGE[0]), np.log(SCALE_RANGE[1])
+    grid = np.linspace(lo, hi, 41)
+    values = [fdr(g) for g in grid]
+    if not np.all(np.isfinite(values)):
+        return float("nan"), float("nan")
+    k = int(np.argmin(values))
+    res = minimize_scalar(fdr, bounds=(grid[max(k - 1, 0)], grid[min(k + 1, grid.size - 1)]), method="bounded",
+                          options={"xatol": 1e-4})
+    best_log, best = (float(res.x), float(res.fun)) if res.fun < values[k] else (float(grid[k]), float(values[k]))
+    return float(np.exp(best_log)), best

@@ -277,9 +277,15 @@ def _cmd_predict(args) -> int:
 def _cmd_evaluate(args) -> int:
     from FreehandUSLib.io import read_sequence
 
+    from .attribution import fit_out_of_plane_scale
     from .data import image_to_reference_of
     from .metrics import tracking_metrics
     from .predict import track_sequence
+
+    def score(estimate) -> dict:
+        m = tracking_metrics(truth, estimate, shape).to_dict()
+        m["out_of_plane_scale"], m["fdr_scale_fitted_percent"] = fit_out_of_plane_scale(truth, estimate, shape)
+        return m
 
     seq = read_sequence(args.sequence)
     itp = read_image_to_probe(args.image_to_probe) if args.image_to_probe else None
@@ -297,26 +303,32 @@ def _cmd_evaluate(args) -> int:
         if "ImageToReference" not in est_seq.transforms:
             raise FreehandUSError(f"{est_path}: no ImageToReference to evaluate")
         est = est_seq.transforms["ImageToReference"].matrices
-        rows[str(est_path)] = tracking_metrics(truth, est, shape).to_dict()
+        rows[str(est_path)] = score(est)
     models = args.model or ([] if args.estimate else ["default"])
     if any(m != "decorrelation" for m in models):
         _threads(args.threads)
     for name in models:
         model = _load_method(name, args.device)
         result = track_sequence(seq, model, image_to_probe=itp, spacing_mm=_spacing(args), device=args.device, batch_size=args.batch_size)
-        metrics = tracking_metrics(truth, result.sequence.transforms["ImageToReference"].matrices, shape).to_dict()
+        metrics = score(result.sequence.transforms["ImageToReference"].matrices)
         metrics["frames_per_second"] = result.frames_per_second
         rows[f"{name} ({result.method})" if name != result.method else name] = metrics
     if args.json:
         print(json.dumps({"sequence": str(args.sequence), "results": rows}, indent=2))
     else:
         print(f"{args.sequence}: {seq.n_frames} frames")
-        header = f"  {'method':<36} {'final drift mm':>14} {'FDR path %':>10} {'FDR e2e %':>10} {'max drift':>9} {'GPE':>7} {'LPE':>7} {'angle':>7}"
+        header = (f"  {'method':<36} {'final drift mm':>14} {'FDR path %':>10} {'FDR e2e %':>10} {'max drift':>9} "
+                  f"{'GPE':>7} {'LPE':>7} {'angle':>7} {'oop scale':>9} {'FDR scaled %':>12}")
         print(header)
         for name, m in rows.items():
             print(
                 f"  {name[:36]:<36} {m['final_drift_mm']:>14.2f} {m['fdr_path_percent']:>10.1f} "
                 f"{m['fdr_end_to_end_percent']:>10.1f} {m['max_drift_mm']:>9.2f} {m['gpe_mm']:>7.2f} "
-                f"{m['lpe_mm']:>7.3f} {m['mean_angle_error_deg']:>7.2f}"
+                f"{m['lpe_mm']:>7.3f} {m['mean_angle_error_deg']:>7.2f} {m['out_of_plane_scale']:>9.2f} "
+                f"{m['fdr_scale_fitted_percent']:>12.1f}"
             )
+        print("  oop scale: the factor on the estimated out-of-plane motion (tz, rx, ry) that best fits the tracked "
+              "trajectory,\n  FDR scaled: the drift left with it. A factor far from 1 that removes most of the drift "
+              "means the model\n  misjudges this probe's elevational beam width: fine-tune it on tracked sweeps of "
+              "this probe (track train --init).")
     return 0

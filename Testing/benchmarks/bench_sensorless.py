@@ -14,8 +14,9 @@ straight / C / S. Methods:
 Per sweep and method: final drift, FDR (path and end-to-end), max drift, GPE/LPE, mean angle
 error, inference frames/s, and where the drift comes from
 (:func:`SensorlessTrackingLib.attribution.drift_attribution`: FDR with only the rotations, only
-the translations, only the out-of-plane or only the in-plane parameters estimated, and the
-elevational scale error), set against each simulated probe's elevational beam width in
+the translations, only the out-of-plane or only the in-plane parameters estimated, the
+elevational scale error, and the FDR left once one out-of-plane scale factor per sweep is fitted
+to the truth), set against each simulated probe's elevational beam width in
 wavelengths (drawn at random, 2-6, and invisible in the images). Prints a table of medians and writes
 ``Testing/benchmarks/results/sensorless.json``. Also scores the PLUS SpinePhantomFreehand and
 BoneUltrasound_L14 sequences when ../shared/data/plus is present.
@@ -57,6 +58,8 @@ KEYS = (
     "fdr_out_of_plane_only_percent",
     "fdr_in_plane_only_percent",
     "elevation_scale",
+    "out_of_plane_scale",
+    "fdr_scale_fitted_percent",
 )
 
 
@@ -297,8 +300,10 @@ def _print_table(result) -> None:
         )
     print("\nWhere the drift comes from (median FDR path % with only these parameters estimated, the rest true; "
           "elevation scale = true / estimated elevational steps, and its correlation with the probe's elevational "
-          "beam width in wavelengths)")
-    head = f"{'method':<34} {'rotation':>9} {'transl.':>8} {'out-of-pl':>9} {'in-plane':>8} {'elev. scale':>11} {'corr':>6}"
+          "beam width in wavelengths; scale-fitted = FDR path % once the out-of-plane steps of each sweep are "
+          "multiplied by the one factor that suits it best)")
+    head = (f"{'method':<34} {'rotation':>9} {'transl.':>8} {'out-of-pl':>9} {'in-plane':>8} {'elev. scale':>11} {'corr':>6}"
+            f" {'scale-fitted':>12}")
     print(head)
     print("-" * len(head))
     corr = result.get("elevation_scale_vs_beam", {})
@@ -307,7 +312,7 @@ def _print_table(result) -> None:
         print(
             f"{name[:34]:<34} {s['median_fdr_rotation_only_percent']:>9.1f} {s['median_fdr_translation_only_percent']:>8.1f} "
             f"{s['median_fdr_out_of_plane_only_percent']:>9.1f} {s['median_fdr_in_plane_only_percent']:>8.1f} "
-            f"{s['median_elevation_scale']:>11.2f} {c:>6.2f}"
+            f"{s['median_elevation_scale']:>11.2f} {c:>6.2f} {s['median_fdr_scale_fitted_percent']:>12.1f}"
         )
     for name, c in result.get("comparisons", {}).items():
         print(f"{name}: median FDR {c['median_fdr_path_percent'][0]:.1f} % vs {c['median_fdr_path_percent'][1]:.1f} % "

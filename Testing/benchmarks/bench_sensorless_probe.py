@@ -20,7 +20,9 @@ probe's sweeps. Scored side by side on the held-out sweeps: the shipped model, t
 model, the fine-tuned pairwise baseline and the decorrelation baseline calibrated on 6 of this
 probe's training sweeps. Writes ``Testing/benchmarks/results/sensorless_probe.json`` (with the
 issue's criteria: median FDR <= 5 % and >= 30 % below pairwise and decorrelation) and prints a
-table of medians.
+table of medians; its last column is the FDR left once each sweep's out-of-plane steps are
+scaled by the one factor that suits that sweep best (``SensorlessTrackingLib.attribution``): how
+much of the drift a wrong elevational scale causes.
 
 ``--init`` names the checkpoint the fine-tuning starts from (default: the shipped model), and
 the "generic" row scores that same checkpoint. Fine-tuned models are cached in
@@ -242,12 +244,13 @@ def run(n_train: int = 24, n_test: int = 20, minutes: float = 60.0, epochs: int 
     (RESULTS / "sensorless_probe.json").write_text(json.dumps(result, indent=2))
     print(f"\nOne probe ({n_train} training sweeps, fine-tuned {len(history)} epochs in {tune_minutes:.1f} min), "
           f"{n_test} held-out sweeps, medians")
-    head = f"{'method':<42} {'FDR path %':>10} {'final mm':>9} {'GPE mm':>7} {'angle':>6} {'frames/s':>9}"
+    head = f"{'method':<42} {'FDR path %':>10} {'final mm':>9} {'GPE mm':>7} {'angle':>6} {'frames/s':>9} {'scale-fitted':>12}"
     print(head)
     print("-" * len(head))
     for m, s in sorted(summary.items(), key=lambda kv: kv[1]["median_fdr_path_percent"]):
         print(f"{m:<42} {s['median_fdr_path_percent']:>10.1f} {s['median_final_drift_mm']:>9.1f} {s['median_gpe_mm']:>7.1f} "
-              f"{s['median_mean_angle_error_deg']:>6.1f} {s['median_frames_per_second']:>9.0f}")
+              f"{s['median_mean_angle_error_deg']:>6.1f} {s['median_frames_per_second']:>9.0f} "
+              f"{s['median_fdr_scale_fitted_percent']:>12.1f}")
     print(f"fine-tuned: {criteria['reduction_vs_pairwise_percent']:.0f} % below pairwise, "
           f"{criteria['reduction_vs_decorrelation_percent']:.0f} % below decorrelation; <= 5 %: "
           f"{criteria['fdr_at_most_5_percent']}, >= 30 % below both: {criteria['at_least_30_percent_lower_than_both']}")

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from SensorlessTrackingLib.attribution import GROUPS, drift_attribution
+from SensorlessTrackingLib.attribution import GROUPS, SCALE_RANGE, drift_attribution
 from SensorlessTrackingLib.metrics import tracking_metrics
 from SensorlessTrackingLib.pose import (
     frame_to_frame_to_relative,
@@ -42,6 +42,46 @@ def test_a_perfect_estimate_has_no_drift_in_any_group():
     for key in ["fdr_path_percent"] + [f"fdr_{g}_only_percent" for g in GROUPS]:
         assert got[key] == pytest.approx(0.0, abs=1e-6), key
     assert got["elevation_scale"] == pytest.approx(1.0)
+    assert got["out_of_plane_scale"] == pytest.approx(1.0, abs=1e-3)
+    assert got["fdr_scale_fitted_percent"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_misjudged_beam_width_is_undone_by_the_scale_fit():
+    # All three out-of-plane parameters 25 % too small, as from a beam taken 25 % too wide.
+    p = true_params(seed=5)
+    est = p.copy()
+    est[:, 2:5] /= 1.25
+    got = drift_attribution(sweep(p), sweep(est), SHAPE)
+    assert got["fdr_path_percent"] > 10.0
+    assert got["out_of_plane_scale"] == pytest.approx(1.25, rel=1e-3)
+    assert got["fdr_scale_fitted_percent"] == pytest.approx(0.0, abs=0.05)
+
+
+def test_the_scale_fit_cannot_remove_in_plane_drift():
+    p = true_params(seed=6)
+    est = p.copy()
+    est[:, 0] += 0.05  # 0.05 mm per frame of lateral drift
+    got = drift_attribution(sweep(p), sweep(est), SHAPE)
+    assert got["fdr_path_percent"] > 5.0
+    assert got["fdr_scale_fitted_percent"] <= got["fdr_path_percent"] + 1e-9
+    assert got["fdr_scale_fitted_percent"] > 0.8 * got["fdr_path_percent"]
+
+
+def test_the_scale_fit_stays_inside_its_range():
+    p = true_params(seed=7)
+    est = p.copy()
+    est[:, 2:5] *= 0.1  # would need a factor of 10
+    got = drift_attribution(sweep(p), sweep(est), SHAPE)
+    assert got["out_of_plane_scale"] == pytest.approx(SCALE_RANGE[1], rel=1e-3)
+    assert 0.0 < got["fdr_scale_fitted_percent"] < got["fdr_path_percent"]
+
+
+def test_the_scale_fit_at_its_best_never_exceeds_the_unscaled_drift():
+    rng = np.random.default_rng(8)
+    p = true_params(seed=8)
+    est = p + 0.05 * rng.normal(size=p.shape)
+    got = drift_attribution(sweep(p), sweep(est), SHAPE)
+    assert got["fdr_scale_fitted_percent"] <= got["fdr_path_percent"] + 1e-9
 
 
 def test_an_elevational_scale_error_shows_in_translation_and_out_of_plane_only():

@@ -63,6 +63,34 @@ def test_track_predict_and_evaluate_with_decorrelation(files, tmp_path, capsys):
     assert "FDR path %" in capsys.readouterr().out
 
 
+def test_track_evaluate_reports_the_out_of_plane_scale_that_fits(files, tmp_path, capsys):
+    # An estimate that moves 20 % too little out of the plane (tz, rx, ry), as a model that
+    # takes the probe's elevational beam 25 % too wide would: the fitted factor undoes it.
+    from FreehandUSLib.sequence import TrackedSequence
+    from SensorlessTrackingLib.pose import absolute_to_frame_to_frame, image_mm_poses, matrices_to_params
+    from SensorlessTrackingLib.predict import trajectory_from_frame_to_frame
+
+    truth = read_sequence(files[1][1])
+    itr = truth.transforms["ImageToReference"].matrices
+    shape = (truth.n_rows, truth.n_cols)
+    spacing = tuple(np.linalg.norm(itr[0, :3, :2], axis=0))
+    centre = ((shape[1] - 1) / 2.0, (shape[0] - 1) / 2.0)
+    params = matrices_to_params(absolute_to_frame_to_frame(image_mm_poses(itr, spacing, centre)))
+    params[:, 2:5] *= 0.8
+    est = trajectory_from_frame_to_frame(params, spacing, shape, itr[0])
+    out = write_sequence(
+        TrackedSequence(frames=truth.frames, transforms={"ImageToReference": (est, np.ones(len(est), bool))}),
+        tmp_path / "scaled.seq.nrrd",
+    )
+    assert run_cli(["track", "evaluate", str(files[1][1]), "--estimate", str(out), "--json"]) == 0
+    m = json.loads(capsys.readouterr().out)["results"][str(out)]
+    assert m["fdr_path_percent"] > 5.0
+    assert m["out_of_plane_scale"] == pytest.approx(1.25, rel=0.01)
+    assert m["fdr_scale_fitted_percent"] < 0.05 * m["fdr_path_percent"]
+    assert run_cli(["track", "evaluate", str(files[1][1]), "--estimate", str(out)]) == 0
+    assert "oop scale" in capsys.readouterr().out
+
+
 def test_track_train_then_predict(files, tmp_path, capsys):
     pytest.importorskip("torch")
     _, paths = files
