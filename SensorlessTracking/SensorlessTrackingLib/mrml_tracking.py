@@ -61,6 +61,7 @@ from FreehandUSLib.errors import FreehandUSError, SequenceError, TransformError
 from FreehandUSLib.reconstruction.errors import InvalidOptionError
 from FreehandUSLib.sequence import TrackedSequence
 
+from .attribution import fit_out_of_plane_scale
 from .metrics import tracking_metrics
 from .predict import ModelFileError, TrackingResult, default_model_path, input_spacing, load_model, track_sequence
 
@@ -407,7 +408,9 @@ def estimate_trajectory_to_browser(
         tracked ImageToReference), ``metrics`` (``None`` without tracking, else
         :meth:`~SensorlessTrackingLib.metrics.TrackingMetrics.to_dict`: ``final_drift_mm``,
         ``fdr_path_percent``, ``fdr_end_to_end_percent``, ``gpe_mm``, ``lpe_mm``,
-        ``mean_angle_error_deg``...; over the frames whose tracking is valid), ``warnings``
+        ``mean_angle_error_deg``...; over the frames whose tracking is valid; plus
+        ``out_of_plane_scale`` and ``fdr_scale_fitted_percent`` from
+        :func:`~SensorlessTrackingLib.attribution.fit_out_of_plane_scale`), ``warnings``
         (list of str: spacing mismatch, coarse pixels, partial field of view, invalid
         tracking...).
 
@@ -477,6 +480,9 @@ def estimate_trajectory_to_browser(
         ok = np.all(np.isfinite(truth), axis=(1, 2))
         if ok.sum() >= 2:
             metrics = tracking_metrics(truth[ok], est[ok], sequence.frames.shape[1:]).to_dict()
+            metrics["out_of_plane_scale"], metrics["fdr_scale_fitted_percent"] = fit_out_of_plane_scale(
+                truth[ok], est[ok], sequence.frames.shape[1:]
+            )
             if not ok.all():
                 warnings.append(f"{int((~ok).sum())} frames without valid tracking are left out of the metrics")
         else:
@@ -533,6 +539,12 @@ def summary_text(summary: dict) -> str:
             f"{m['path_length_mm']:.1f} mm path), GPE {m['gpe_mm']:.2f} mm, mean angle error "
             f"{m['mean_angle_error_deg']:.2f} deg"
         )
+        k = m.get("out_of_plane_scale")
+        if k is not None and np.isfinite(k):
+            hint = "" if abs(np.log(k)) < np.log(1.15) else ": the model misjudges this probe's elevational beam; fine-tune it"
+            lines.append(
+                f"out-of-plane motion x {k:.2f} would fit best (drift {m['fdr_scale_fitted_percent']:.1f} %){hint}"
+            )
     elif not summary.get("tracked"):
         lines.append("no tracking in the recording: no accuracy metrics")
     lines += [f"warning: {w}" for w in summary.get("warnings", [])]

@@ -22,6 +22,7 @@ from mrml_scene import make_scene, release_scene  # noqa: E402
 from sensorless_helpers import tiny_model_config, tiny_sweep  # noqa: E402
 from sensorless_helpers import one_torch_thread  # noqa: E402, F401  (autouse fixture: one torch thread per test)
 from SensorlessTrackingLib import mrml_tracking as mt  # noqa: E402
+from SensorlessTrackingLib.attribution import fit_out_of_plane_scale  # noqa: E402
 from SensorlessTrackingLib.metrics import tracking_metrics  # noqa: E402
 from SensorlessTrackingLib.predict import ModelFileError, default_model_path, load_model, track_sequence  # noqa: E402
 from vtk.util import numpy_support  # noqa: E402
@@ -140,14 +141,18 @@ def test_estimate_adds_a_synchronized_transform_sequence(scene, sweep, tiny_mode
     assert summary["input_spacing_mm"] == pytest.approx([0.2, 0.2])
     assert summary["seconds"] > 0 and summary["frames_per_second"] > 0
     expected = tracking_metrics(truth, est, sweep.frames.shape[1:]).to_dict()
+    scale, fdr_scaled = fit_out_of_plane_scale(truth, est, sweep.frames.shape[1:])
+    expected |= {"out_of_plane_scale": scale, "fdr_scale_fitted_percent": fdr_scaled}
     assert set(expected) == set(summary["metrics"])
-    for key in ("final_drift_mm", "fdr_path_percent", "gpe_mm", "mean_angle_error_deg"):
+    for key in ("final_drift_mm", "fdr_path_percent", "gpe_mm", "mean_angle_error_deg", "out_of_plane_scale",
+                "fdr_scale_fitted_percent"):
         assert summary["metrics"][key] == pytest.approx(expected[key], rel=1e-9)
+    assert summary["metrics"]["fdr_scale_fitted_percent"] <= summary["metrics"]["fdr_path_percent"] + 1e-9
     centres = (est @ [31.5, 31.5, 0, 1])[:, :3]
     assert summary["path_length_mm"] == pytest.approx(np.linalg.norm(np.diff(centres, axis=0), axis=1).sum())
     assert calls[-1] == (3, 3) and [c[0] for c in calls] == sorted(c[0] for c in calls)
     assert json.loads(seq_node.GetAttribute(mt.ATTR_ESTIMATE_SUMMARY)) == json.loads(json.dumps(summary))
-    assert "final drift" in mt.summary_text(summary)
+    assert "final drift" in mt.summary_text(summary) and "out-of-plane motion x" in mt.summary_text(summary)
 
     # the browser reads back with the estimate under its own name, the tracking unchanged
     back = mrml.browser_to_sequence(browser)
@@ -442,3 +447,14 @@ def test_shipped_model_estimates_a_simulated_sweep(scene):
     # a trained model follows the sweep: less final drift than assuming no motion
     assert summary["metrics"]["final_drift_mm"] < still.final_drift_mm
     assert summary["path_length_mm"] > 0.3 * still.path_length_mm
+
+
+def test_the_summary_names_a_misjudged_elevational_scale():
+    base = {"frames": 5, "method": "dualtrack", "seconds": 0.1, "frames_per_second": 50.0, "path_length_mm": 20.0,
+            "sequence": "s", "tracked": True, "warnings": []}
+    metrics = {"final_drift_mm": 2.0, "fdr_path_percent": 10.0, "path_length_mm": 20.0, "gpe_mm": 1.0,
+               "mean_angle_error_deg": 1.0, "fdr_scale_fitted_percent": 2.0}
+    off = mt.summary_text({**base, "metrics": {**metrics, "out_of_plane_scale": 0.8}})
+    assert "x 0.80 would fit best (drift 2.0 %)" in off and "fine-tune" in off
+    near = mt.summary_text({**base, "metrics": {**metrics, "out_of_plane_scale": 1.05}})
+    assert "x 1.05 would fit best" in near and "fine-tune" not in near
