@@ -28,10 +28,9 @@ what knowing the probe (fine-tuning on its tracked sweeps) can win, and what no 
 from __future__ import annotations
 
 import numpy as np
-
-from .metrics import tracking_metrics
 from scipy.optimize import minimize_scalar
 
+from .metrics import tracking_metrics
 from .pose import (
     absolute_to_frame_to_frame,
     frame_to_frame_to_relative,

@@ -541,7 +541,11 @@ def summary_text(summary: dict) -> str:
         )
         k = m.get("out_of_plane_scale")
         if k is not None and np.isfinite(k):
-            hint = "" if abs(np.log(k)) < np.log(1.15) else ": the model misjudges this probe's elevational beam; fine-tune it"
+            hint = ""
+            if abs(np.log(k)) >= np.log(1.15):
+                hint = ": the method misjudges this probe's elevational beam width"
+                if summary.get("method") != "decorrelation":
+                    hint += "; fine-tune the model on tracked sweeps of this probe"
             lines.append(
                 f"out-of-plane motion x {k:.2f} would fit best (drift {m['fdr_scale_fitted_percent']:.1f} %){hint}"
             )

@@ -457,4 +457,6 @@ def test_the_summary_names_a_misjudged_elevational_scale():
     off = mt.summary_text({**base, "metrics": {**metrics, "out_of_plane_scale": 0.8}})
     assert "x 0.80 would fit best (drift 2.0 %)" in off and "fine-tune" in off
     near = mt.summary_text({**base, "metrics": {**metrics, "out_of_plane_scale": 1.05}})
-    assert "x 1.05 would fit best" in near and "fine-tune" not in near
+    assert "x 1.05 would fit best" in near and "misjudges" not in near
+    physics = mt.summary_text({**base, "method": "decorrelation", "metrics": {**metrics, "out_of_plane_scale": 1.3}})
+    assert "misjudges" in physics and "fine-tune" not in physics
