@@ -30,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import minimize_scalar
 
-from .metrics import tracking_metrics
+from .metrics import checked_trajectories, tracking_metrics
 from .pose import (
     absolute_to_frame_to_frame,
     frame_to_frame_to_relative,
@@ -122,14 +122,14 @@ def fit_out_of_plane_scale(true_image_to_reference, est_image_to_reference, imag
         The factor in :data:`SCALE_RANGE` that multiplies tz, rx and ry of every estimated
         frame-to-frame step (image-mm frame), and the final drift / path length (%) it leaves.
     """
-    t = np.asarray(true_image_to_reference, dtype=np.float64)
-    e = np.asarray(est_image_to_reference, dtype=np.float64)
-    full = tracking_metrics(t, e, image_shape)  # validates the input; gives the path length
+    t, e = checked_trajectories(true_image_to_reference, est_image_to_reference)
     spacing = _spacing(t)
     centre = ((image_shape[1] - 1) / 2.0, (image_shape[0] - 1) / 2.0)
     poses_t = image_mm_poses(t, spacing, centre)
     poses_e = image_mm_poses(t[0] @ np.linalg.inv(e[0]) @ e, spacing, centre)
-    return _best_scale(matrices_to_params(absolute_to_frame_to_frame(poses_e)), poses_t, full.path_length_mm)
+    # The image-mm origin is the image centre: its path is the metrics' path length.
+    path_mm = float(np.linalg.norm(np.diff(poses_t[:, :3, 3], axis=0), axis=1).sum())
+    return _best_scale(matrices_to_params(absolute_to_frame_to_frame(poses_e)), poses_t, path_mm)
 
 
 def _best_scale(p_est: np.ndarray, poses_t: np.ndarray, path_mm: float) -> tuple[float, float]:

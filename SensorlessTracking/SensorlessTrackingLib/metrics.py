@@ -25,7 +25,7 @@ import numpy as np
 
 from .pose import rigid
 
-__all__ = ["TrackingMetrics", "tracking_metrics", "image_points", "pixel_errors"]
+__all__ = ["TrackingMetrics", "tracking_metrics", "checked_trajectories", "image_points", "pixel_errors"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -93,6 +93,21 @@ def _angles_deg(r_true: np.ndarray, r_est: np.ndarray) -> np.ndarray:
     return np.degrees(np.arccos(cos))
 
 
+def checked_trajectories(true_image_to_reference, est_image_to_reference) -> tuple[np.ndarray, np.ndarray]:
+    """Both stacks as float64 ``(n, 4, 4)``; ValueError unless equal in length, ``n >= 2`` and finite."""
+    t = np.asarray(true_image_to_reference, dtype=np.float64)
+    e = np.asarray(est_image_to_reference, dtype=np.float64)
+    if t.ndim != 3 or t.shape[1:] != (4, 4) or e.shape != t.shape:
+        raise ValueError(
+            f"true and estimated ImageToReference must both be (n, 4, 4), got {t.shape} and {e.shape}"
+        )
+    if t.shape[0] < 2:
+        raise ValueError(f"tracking metrics need at least 2 frames, got {t.shape[0]}")
+    if not (np.all(np.isfinite(t)) and np.all(np.isfinite(e))):
+        raise ValueError("true and estimated ImageToReference must be finite")
+    return t, e
+
+
 def tracking_metrics(true_image_to_reference, est_image_to_reference, image_shape) -> TrackingMetrics:
     """Compare an estimated trajectory with the truth (see the module docstring).
 
@@ -106,17 +121,8 @@ def tracking_metrics(true_image_to_reference, est_image_to_reference, image_shap
     ValueError
         If the stacks differ in length, hold fewer than 2 frames or non-finite values.
     """
-    t = np.asarray(true_image_to_reference, dtype=np.float64)
-    e = np.asarray(est_image_to_reference, dtype=np.float64)
-    if t.ndim != 3 or t.shape[1:] != (4, 4) or e.shape != t.shape:
-        raise ValueError(
-            f"true and estimated ImageToReference must both be (n, 4, 4), got {t.shape} and {e.shape}"
-        )
+    t, e = checked_trajectories(true_image_to_reference, est_image_to_reference)
     n = t.shape[0]
-    if n < 2:
-        raise ValueError(f"tracking metrics need at least 2 frames, got {n}")
-    if not (np.all(np.isfinite(t)) and np.all(np.isfinite(e))):
-        raise ValueError("true and estimated ImageToReference must be finite")
     e = t[0] @ np.linalg.inv(e[0]) @ e  # anchor at the true first frame
     all_pts = image_points(image_shape, which="all")
     corner_pts = image_points(image_shape, which="corners")

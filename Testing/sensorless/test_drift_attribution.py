@@ -137,3 +137,21 @@ def test_bad_input_is_refused_like_the_metrics():
         drift_attribution(truth[:1], truth[:1], SHAPE)
     with pytest.raises(ValueError, match=r"must both be \(n, 4, 4\)"):
         drift_attribution(truth, truth[:3], SHAPE)
+
+
+def test_the_public_scale_fit_agrees_with_the_attribution_and_refuses_bad_input():
+    from SensorlessTrackingLib.attribution import fit_out_of_plane_scale
+
+    rng = np.random.default_rng(9)
+    p = true_params(seed=9)
+    est = p + 0.05 * rng.normal(size=p.shape)
+    est[:, 2:5] *= 0.8
+    truth, estimate = sweep(p), sweep(est)
+    got = drift_attribution(truth, estimate, SHAPE)
+    scale, fdr = fit_out_of_plane_scale(truth, estimate, SHAPE)
+    assert scale == pytest.approx(got["out_of_plane_scale"], rel=1e-9)
+    assert fdr == pytest.approx(got["fdr_scale_fitted_percent"], rel=1e-9)
+    with pytest.raises(ValueError, match="at least 2 frames"):
+        fit_out_of_plane_scale(truth[:1], truth[:1], SHAPE)
+    with pytest.raises(ValueError, match="must be finite"):
+        fit_out_of_plane_scale(truth, np.full_like(truth, np.nan), SHAPE)
