@@ -178,6 +178,8 @@ class SensorlessTrackingParameterNode:
     modelPath - trained trajectory model (PyTorch checkpoint), used with modelChoice FILE.
     device - where the model runs.
     batchSize - windows given to the model at once.
+    mirrorAverage - average a learned model's estimate over the mirrored and backwards sweep
+        (4x the time, less drift).
     outputVolume - receives the reconstruction from the estimated trajectory.
     reconstructionSpacingMm - voxel size of that reconstruction, mm.
     trainOutputDirectory - folder of a training run (checkpoints; a second run resumes).
@@ -193,6 +195,7 @@ class SensorlessTrackingParameterNode:
     modelPath: Path
     device: Device = Device.AUTO
     batchSize: Annotated[int, WithinRange(1, 1024)] = 8
+    mirrorAverage: bool = False
     outputVolume: vtkMRMLScalarVolumeNode
     reconstructionSpacingMm: Annotated[float, WithinRange(0.05, 10.0)] = 0.5
     trainOutputDirectory: Path
@@ -342,6 +345,7 @@ class SensorlessTrackingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
                     imageToProbeNode=parameters.imageToProbe,
                     device=parameters.device.value,
                     batchSize=parameters.batchSize,
+                    mirrorAverage="flip+reverse" if parameters.mirrorAverage else "none",
                     progress=self._onEstimateProgress,
                 )
                 self.ui.resultsLabel.text = self.logic.summaryText(summary)
@@ -481,6 +485,7 @@ class SensorlessTrackingLogic(ScriptedLoadableModuleLogic):
         imageToProbeNode=None,
         device="cpu",
         batchSize=8,
+        mirrorAverage="none",
         progress=None,
     ) -> dict:
         """Estimate the trajectory of the recording held by ``browserNode`` and add it to the browser.
@@ -498,6 +503,8 @@ class SensorlessTrackingLogic(ScriptedLoadableModuleLogic):
             ImageToProbe calibration.
         device : {"cpu", "cuda", "auto"}
         batchSize : int
+        mirrorAverage : {"none", "flip", "flip+reverse"}
+            Learned models: average over the mirrored (and backwards) sweep, 2x (4x) the time.
         progress : callable(done, total), optional
 
         Returns
@@ -522,6 +529,7 @@ class SensorlessTrackingLogic(ScriptedLoadableModuleLogic):
             image_to_probe=imageToProbe,
             device=device,
             batch_size=batchSize,
+            mirror_average=mirrorAverage,
             progress=progress,
         )
 

@@ -19,6 +19,8 @@ import numpy as np
 
 from FreehandUSLib.errors import FileFormatError, FreehandUSError
 
+from .mirror_average import MODES
+
 __all__ = ["add_parsers", "read_image_to_probe"]
 
 log = logging.getLogger(__name__)
@@ -137,6 +139,9 @@ def _add_input_options(p):
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--mirror-average", choices=MODES, default="none",
+                   help="learned models: average the estimate over the left-right mirrored sweep (flip) and also the "
+                        "backwards sweep (flip+reverse); cancels the model's odd biases, 2x / 4x the inference time")
 
 
 def _threads(n):
@@ -262,12 +267,16 @@ def _cmd_predict(args) -> int:
     from .predict import track_sequence
 
     sequence_format(args.out)
+    if args.model == "decorrelation" and args.mirror_average != "none":
+        raise FreehandUSError("--mirror-average is for learned models; the decorrelation method has no learned bias to "
+                              "average out (leave --mirror-average at none)")
     if args.model != "decorrelation":
         _threads(args.threads)
     seq = read_sequence(args.sequence)
     itp = read_image_to_probe(args.image_to_probe) if args.image_to_probe else None
     model = _load_method(args.model, args.device)
-    result = track_sequence(seq, model, image_to_probe=itp, spacing_mm=_spacing(args), device=args.device, batch_size=args.batch_size)
+    result = track_sequence(seq, model, image_to_probe=itp, spacing_mm=_spacing(args), device=args.device,
+                            batch_size=args.batch_size, mirror_average=args.mirror_average)
     out = write_sequence(result.sequence, args.out)
     d = {**result.to_dict(), "input": str(args.sequence), "output": str(out)}
     print(json.dumps(d, indent=2) if args.json else f"{result}\n  wrote {out}")
@@ -309,7 +318,10 @@ def _cmd_evaluate(args) -> int:
         _threads(args.threads)
     for name in models:
         model = _load_method(name, args.device)
-        result = track_sequence(seq, model, image_to_probe=itp, spacing_mm=_spacing(args), device=args.device, batch_size=args.batch_size)
+        # one --mirror-average for all learned models; decorrelation has nothing to average out
+        average = "none" if name == "decorrelation" else args.mirror_average
+        result = track_sequence(seq, model, image_to_probe=itp, spacing_mm=_spacing(args), device=args.device,
+                                batch_size=args.batch_size, mirror_average=average)
         metrics = score(result.sequence.transforms["ImageToReference"].matrices)
         metrics["frames_per_second"] = result.frames_per_second
         rows[f"{name} ({result.method})" if name != result.method else name] = metrics

@@ -63,6 +63,7 @@ from FreehandUSLib.sequence import TrackedSequence
 
 from .attribution import fit_out_of_plane_scale
 from .metrics import tracking_metrics
+from .mirror_average import check_mode
 from .predict import ModelFileError, TrackingResult, default_model_path, input_spacing, load_model, track_sequence
 
 __all__ = [
@@ -363,6 +364,7 @@ def estimate_trajectory_to_browser(
     name: str | None = None,
     device="cpu",
     batch_size: int = 8,
+    mirror_average: str = "none",
     progress=None,
 ) -> dict:
     """Estimate the probe trajectory of a recording and add it to the recording's browser.
@@ -392,6 +394,10 @@ def estimate_trajectory_to_browser(
         Where the model runs (``"auto"``: CUDA when torch sees a GPU).
     batch_size : int
         Windows per forward pass.
+    mirror_average : {"none", "flip", "flip+reverse"}
+        Learned models: average the estimate over the mirrored (and backwards) sweep
+        (:mod:`~SensorlessTrackingLib.mirror_average`, 2x / 4x the time). The decorrelation
+        baseline runs without it (with a warning when it was asked for).
     progress : callable(done, total), optional
         Called after reading (1 of 3), tracking (2) and writing (3).
 
@@ -453,6 +459,10 @@ def estimate_trajectory_to_browser(
     learned = not isinstance(tracker, str)
     if learned:
         _check_field_of_view(tracker, spacing, sequence.frames.shape[1:], bname, warnings)
+    check_mode(mirror_average)
+    if not learned and mirror_average != "none":
+        warnings.append("mirror averaging is for learned models; the decorrelation baseline ran without it")
+        mirror_average = "none"
     truth = _tracked_image_to_reference(sequence, image_to_probe)
     try:
         result = track_sequence(
@@ -462,6 +472,7 @@ def estimate_trajectory_to_browser(
             spacing_mm=spacing_mm,
             device=device,
             batch_size=batch_size,
+            mirror_average=mirror_average,
         )
     except SequenceError as exc:
         raise SequenceError(f"browser {bname!r}: {exc}") from exc

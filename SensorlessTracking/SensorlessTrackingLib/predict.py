@@ -26,6 +26,7 @@ from FreehandUSLib.errors import FreehandUSError, SequenceError
 from FreehandUSLib.sequence import TrackedSequence
 
 from .decorrelation import DecorrelationConfig, estimate_frame_to_frame
+from .mirror_average import check_mode, predict_poses_averaged
 from .pose import frame_to_frame_to_relative, mm_to_pixel, params_to_matrices, rigid
 
 __all__ = [
@@ -317,6 +318,7 @@ def track_sequence(
     device="cpu",
     batch_size: int = 8,
     decorrelation: DecorrelationConfig | None = None,
+    mirror_average: str = "none",
 ) -> TrackingResult:
     """Estimate the trajectory of ``sequence`` (see the module docstring).
 
@@ -328,6 +330,8 @@ def track_sequence(
     spacing_mm : optional pixel spacing (sx, sy) or one number, when nothing else gives it
     device, batch_size : inference settings
     decorrelation : settings of the decorrelation method
+    mirror_average : learned models only: "none", "flip" or "flip+reverse", average the estimate
+        over the sweep's mirror images (:mod:`.mirror_average`; 2x / 4x the inference time)
 
     Raises
     ------
@@ -336,6 +340,7 @@ def track_sequence(
     ModelFileError
         Missing or unfit model file.
     """
+    check_mode(mirror_average)
     if sequence.n_frames < 2:
         raise SequenceError(f"tracking needs at least 2 frames, got {sequence.n_frames}")
     if sequence.frames.ndim != 3:
@@ -345,6 +350,8 @@ def track_sequence(
     start = time.perf_counter()
     info = {"input_spacing_mm": list(spacing)}
     if isinstance(model, str) and model == "decorrelation":
+        if mirror_average != "none":
+            raise ValueError("mirror averaging is for learned models; the decorrelation method has no learned bias to average out")
         params = estimate_frame_to_frame(sequence.frames, spacing, decorrelation)
         method = "decorrelation"
     else:
@@ -362,8 +369,11 @@ def track_sequence(
             )
             info["warning"] = f"input spacing {max(spacing):.3f} mm is coarser than the model's {cfg.pixel_spacing_mm} mm"
         frames = resample_frames(_as_uint8(sequence.frames), spacing, cfg.pixel_spacing_mm, cfg.image_size)
-        params = predict_poses(frames, model, device=device, batch_size=batch_size)
+        params = predict_poses_averaged(frames, model, mode=mirror_average, device=device, batch_size=batch_size)
         method = cfg.name if cfg.name != "dualtrack" or cfg.use_global else "dualtrack-local"
+        if mirror_average != "none":
+            method += f" ({mirror_average} averaged)"
+            info["mirror_average"] = mirror_average
     first = None
     if itr is not None and np.all(np.isfinite(itr[0])):
         first = itr[0]

@@ -188,6 +188,21 @@ def test_a_second_estimate_replaces_only_its_own_sequence(scene, sweep, tiny_mod
     assert first["metrics"]["gpe_mm"] != pytest.approx(second["metrics"]["gpe_mm"])
 
 
+def test_mirror_averaged_estimate(scene, sweep, tiny_model):
+    browser = _browser(scene, sweep)
+    plain = mt.estimate_trajectory_to_browser(browser, model=tiny_model)
+    est_plain = mt._read_matrices(mt.find_estimate_sequence(browser))
+    averaged = mt.estimate_trajectory_to_browser(browser, model=tiny_model, mirror_average="flip+reverse")
+    est_averaged = mt._read_matrices(mt.find_estimate_sequence(browser))
+    assert averaged["method"] == f"{plain['method']} (flip+reverse averaged)" and not averaged["warnings"]
+    assert not np.allclose(est_plain[1:], est_averaged[1:])
+    # the decorrelation baseline has nothing to average: it runs plain and says so
+    dec = mt.estimate_trajectory_to_browser(browser, model="decorrelation", mirror_average="flip")
+    assert dec["method"] == "decorrelation" and any("mirror averaging" in w for w in dec["warnings"])
+    with pytest.raises(ValueError, match="unknown test-time averaging 'both'"):
+        mt.estimate_trajectory_to_browser(browser, model=tiny_model, mirror_average="both")
+
+
 def test_untracked_browser_gets_an_estimate_without_metrics(scene, sweep, tiny_model):
     browser = _browser(scene, _untracked(sweep))
     assert "ImageToReference" not in mrml.browser_to_sequence(browser).transforms

@@ -106,6 +106,15 @@ def test_track_train_then_predict(files, tmp_path, capsys):
     assert run_cli(["track", "predict", str(paths[1]), "--model", ckpt, "--out", str(est), "--threads", "1"]) == 0
     assert "pairwise" in capsys.readouterr().out
     assert read_sequence(est).transforms["ImageToReference"].matrices.shape == (10, 4, 4)
+    averaged = tmp_path / "averaged.igs.mha"
+    assert run_cli(["track", "predict", str(paths[1]), "--model", ckpt, "--out", str(averaged), "--threads", "1",
+                    "--mirror-average", "flip+reverse", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["method"] == "pairwise (flip+reverse averaged)"
+    assert read_sequence(averaged).transforms["ImageToReference"].matrices.shape == (10, 4, 4)
+    # one --mirror-average for every learned model of an evaluation; decorrelation runs as it is
+    assert run_cli(["track", "evaluate", str(paths[1]), "--model", ckpt, "--model", "decorrelation",
+                    "--mirror-average", "flip", "--json"]) == 0
+    assert set(json.loads(capsys.readouterr().out)["results"]) == {f"{ckpt} (pairwise (flip averaged))", "decorrelation"}
     # fine-tune that model on the same recordings: the geometry comes from the checkpoint
     tuned_dir = tmp_path / "tuned"
     assert run_cli(["track", "train", *map(str, paths), "--out", str(tuned_dir), "--init", ckpt, "--epochs", "1",
@@ -149,6 +158,12 @@ def test_track_bad_input(files, tmp_path, capsys):
     assert "--simulated" in capsys.readouterr().err
     assert run_cli(["track", "predict", str(paths[0]), "--model", "decorrelation", "--out", str(tmp_path / "o.bmp")]) == 2
     assert "unknown file type" in capsys.readouterr().err
+    assert run_cli(["track", "predict", str(paths[0]), "--model", "decorrelation", "--out", str(tmp_path / "o.igs.mha"),
+                    "--mirror-average", "flip"]) == 2
+    assert "for learned models" in capsys.readouterr().err and not (tmp_path / "o.igs.mha").exists()
+    with pytest.raises(SystemExit):
+        run_cli(["track", "predict", str(paths[0]), "--out", str(tmp_path / "o.igs.mha"), "--mirror-average", "mirror"])
+    assert "flip+reverse" in capsys.readouterr().err
 
 
 def test_read_image_to_probe_formats(tmp_path):
