@@ -63,6 +63,10 @@ KEYS = (
 )
 
 
+#: Row of the shipped model averaged over the mirrored and backwards sweep.
+SHIPPED_AVERAGED = "shipped, flip+reverse averaged"
+
+
 def _methods(models_dir: Path | None):
     from SensorlessTrackingLib.predict import default_model_path
 
@@ -197,9 +201,10 @@ def _warm_up(loaded, log) -> None:
         log.info("warm-up %s: %.2f s", name, time.perf_counter() - t)
 
 
-def _score(seq, method, decorrelation_cfg, threads):
+def _score(seq, method, decorrelation_cfg, threads, mirror_average="none"):
     """Accuracy metrics + inference speed (``track_sequence`` wall time: resampling to the model
-    grid, windows, encoders, fusion and trajectory; reading excluded) with ``threads`` torch threads."""
+    grid, windows, encoders, fusion and trajectory; reading excluded) with ``threads`` torch threads;
+    ``mirror_average`` as in ``track_sequence``."""
     import torch
 
     from SensorlessTrackingLib.attribution import drift_attribution
@@ -207,7 +212,7 @@ def _score(seq, method, decorrelation_cfg, threads):
     from SensorlessTrackingLib.predict import track_sequence
 
     truth = seq.transforms["ImageToReference"].matrices
-    res = track_sequence(seq, method, decorrelation=decorrelation_cfg)
+    res = track_sequence(seq, method, decorrelation=decorrelation_cfg, mirror_average=mirror_average)
     estimate = res.sequence.transforms["ImageToReference"].matrices
     m = tracking_metrics(truth, estimate, (seq.n_rows, seq.n_cols)).to_dict()
     m |= {k: v for k, v in drift_attribution(truth, estimate, (seq.n_rows, seq.n_cols)).items() if k != "fdr_path_percent"}
@@ -229,6 +234,13 @@ def run(n_sweeps: int = 20, models_dir: Path | None = None, cache: Path | None =
 
     methods = _methods(models_dir)
     loaded = {k: (v if v == "decorrelation" else load_model(v)) for k, v in methods.items()}
+    # the shipped model once more, averaged over the sweep's mirror images (track_sequence's mirror_average)
+    averaged = {}
+    shipped_name = next((k for k in loaded if k.startswith("shipped")), None)
+    if shipped_name is not None:
+        averaged[SHIPPED_AVERAGED] = "flip+reverse"
+        loaded[SHIPPED_AVERAGED] = loaded[shipped_name]
+        methods[SHIPPED_AVERAGED] = f"{methods[shipped_name]} (mirror_average flip+reverse)"
     _warm_up(loaded, log)
     simulator = _simulator_speed(log)
     decor = _calibrated_decorrelation(log)
@@ -236,7 +248,7 @@ def run(n_sweeps: int = 20, models_dir: Path | None = None, cache: Path | None =
     per_sweep = {name: {} for name in loaded}
     for sname, seq in sweeps:
         for mname, model in loaded.items():
-            per_sweep[mname][sname] = _score(seq, model, decor, threads)
+            per_sweep[mname][sname] = _score(seq, model, decor, threads, mirror_average=averaged.get(mname, "none"))
             m = per_sweep[mname][sname]
             log.info("%s %s: FDR %.1f %% (drift %.1f of %.0f mm), %.0f frames/s with %d torch thread(s)", sname, mname,
                      m["fdr_path_percent"], m["final_drift_mm"], m["path_length_mm"], m["frames_per_second"], m["torch_threads"])
@@ -245,7 +257,7 @@ def run(n_sweeps: int = 20, models_dir: Path | None = None, cache: Path | None =
         summary[mname] = {f"median_{k}": float(np.nanmedian([r[k] for r in rows.values()])) for k in KEYS}
         summary[mname]["mean_fdr_path_percent"] = float(np.nanmean([r["fdr_path_percent"] for r in rows.values()]))
     comparisons = {}
-    shipped = next((k for k in summary if k.startswith("shipped")), None)
+    shipped = shipped_name
     if shipped is not None:
         for other in summary:
             if other != shipped:
@@ -258,7 +270,8 @@ def run(n_sweeps: int = 20, models_dir: Path | None = None, cache: Path | None =
     beams = _elevation_beams(n_sweeps)
     real = {}
     for name, seq in _plus_sequences(log):
-        real[name] = {mname: _score(seq, model, decor, threads) for mname, model in loaded.items()}
+        real[name] = {mname: _score(seq, model, decor, threads, mirror_average=averaged.get(mname, "none"))
+                      for mname, model in loaded.items()}
     result = {
         "sweeps": [
             {"name": s, "frames": q.n_frames, "path_length_mm": per_sweep["decorrelation"][s]["path_length_mm"]} for s, q in sweeps
