@@ -179,7 +179,7 @@ class SensorlessTrackingParameterNode:
     device - where the model runs.
     batchSize - windows given to the model at once.
     mirrorAverage - average a learned model's estimate over the mirrored and backwards sweep
-        (4x the time, less drift).
+        (4x the time; see the user guide for its effect).
     outputVolume - receives the reconstruction from the estimated trajectory.
     reconstructionSpacingMm - voxel size of that reconstruction, mm.
     trainOutputDirectory - folder of a training run (checkpoints; a second run resumes).

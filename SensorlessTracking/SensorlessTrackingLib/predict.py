@@ -351,7 +351,9 @@ def track_sequence(
     info = {"input_spacing_mm": list(spacing)}
     if isinstance(model, str) and model == "decorrelation":
         if mirror_average != "none":
-            raise ValueError("mirror averaging is for learned models; the decorrelation method has no learned bias to average out")
+            raise ValueError(
+                "mirror averaging is for learned models; the decorrelation method has no learned bias to average out"
+            )
         params = estimate_frame_to_frame(sequence.frames, spacing, decorrelation)
         method = "decorrelation"
     else:
@@ -369,7 +371,9 @@ def track_sequence(
             )
             info["warning"] = f"input spacing {max(spacing):.3f} mm is coarser than the model's {cfg.pixel_spacing_mm} mm"
         frames = resample_frames(_as_uint8(sequence.frames), spacing, cfg.pixel_spacing_mm, cfg.image_size)
-        params = predict_poses_averaged(frames, model, mode=mirror_average, device=device, batch_size=batch_size)
+        params = predict_poses_averaged(
+            frames, model, mode=mirror_average, device=device, batch_size=batch_size
+        )
         method = cfg.name if cfg.name != "dualtrack" or cfg.use_global else "dualtrack-local"
         if mirror_average != "none":
             method += f" ({mirror_average} averaged)"

@@ -48,9 +48,11 @@ def test_averaged_estimate_is_exactly_equivariant(model, frames):
     for mode in ("flip", "flip+reverse"):
         avg = predict_poses_averaged(frames, model, mode=mode)
         assert avg.shape == plain.shape and np.all(np.isfinite(avg))
-        np.testing.assert_allclose(predict_poses_averaged(flipped, model, mode=mode), _mirrored(avg, mirror_x()), atol=1e-5)
+        mirrored = predict_poses_averaged(flipped, model, mode=mode)
+        np.testing.assert_allclose(mirrored, _mirrored(avg, mirror_x()), atol=1e-5)
     avg = predict_poses_averaged(frames, model, mode="flip+reverse")
-    np.testing.assert_allclose(predict_poses_averaged(backwards, model, mode="flip+reverse"), _backwards(avg), atol=1e-5)
+    backwards_avg = predict_poses_averaged(backwards, model, mode="flip+reverse")
+    np.testing.assert_allclose(backwards_avg, _backwards(avg), atol=1e-5)
 
 
 def test_track_sequence_mirror_average_and_bad_input(model):
