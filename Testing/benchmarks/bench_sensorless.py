@@ -236,11 +236,11 @@ def run(n_sweeps: int = 20, models_dir: Path | None = None, cache: Path | None =
     loaded = {k: (v if v == "decorrelation" else load_model(v)) for k, v in methods.items()}
     # the shipped model once more, averaged over the sweep's mirror images (track_sequence's mirror_average)
     averaged = {}
-    shipped_name = next((k for k in loaded if k.startswith("shipped")), None)
-    if shipped_name is not None:
+    shipped = next((k for k in loaded if k.startswith("shipped")), None)
+    if shipped is not None:
         averaged[SHIPPED_AVERAGED] = "flip+reverse"
-        loaded[SHIPPED_AVERAGED] = loaded[shipped_name]
-        methods[SHIPPED_AVERAGED] = f"{methods[shipped_name]} (mirror_average flip+reverse)"
+        loaded[SHIPPED_AVERAGED] = loaded[shipped]
+        methods[SHIPPED_AVERAGED] = f"{methods[shipped]} (mirror_average flip+reverse)"
     _warm_up(loaded, log)
     simulator = _simulator_speed(log)
     decor = _calibrated_decorrelation(log)
@@ -257,7 +257,6 @@ def run(n_sweeps: int = 20, models_dir: Path | None = None, cache: Path | None =
         summary[mname] = {f"median_{k}": float(np.nanmedian([r[k] for r in rows.values()])) for k in KEYS}
         summary[mname]["mean_fdr_path_percent"] = float(np.nanmean([r["fdr_path_percent"] for r in rows.values()]))
     comparisons = {}
-    shipped = shipped_name
     if shipped is not None:
         for other in summary:
             if other != shipped:
