@@ -596,9 +596,10 @@ class SensorlessTrackingLogic(ScriptedLoadableModuleLogic):
         progress : callable(done, total), optional
             Called after every epoch.
         **options
-            ``model_config`` (``SensorlessTrackingLib.models.ModelConfig``), ``config``
-            (``TrainConfig``), ``clips_per_epoch``, ``batch_size``, ``val_fraction``, ``lr``,
-            ``seed``, ``device``, ``image_to_probe``.
+            ``model_config`` (``SensorlessTrackingLib.models.ModelConfig``), ``image_size``
+            ((rows, cols), also when fine-tuning: a larger input sees more of the probe's image),
+            ``config`` (``TrainConfig``), ``clips_per_epoch``, ``batch_size``, ``val_fraction``,
+            ``lr``, ``seed``, ``device``, ``image_to_probe``.
 
         Returns
         -------

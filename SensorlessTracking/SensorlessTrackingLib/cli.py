@@ -84,12 +84,15 @@ def add_parsers(subparsers):
     p.add_argument("--model", choices=["dualtrack", "moglo", "pairwise"], default="dualtrack")
     p.add_argument("--init", metavar="CHECKPOINT",
                    help="start from these weights ('default': the shipped model) to fine-tune on your own "
-                        "probe; the architecture and input geometry then come from the checkpoint")
+                        "probe; the architecture and pixel spacing then come from the checkpoint, the input size "
+                        "too unless --image-size is given")
     p.add_argument("--local-only", action="store_true", help="dualtrack without the global encoder (ablation)")
     p.add_argument("--simulated", type=int, default=0, help="also train on this many simulated sweeps")
     p.add_argument("--image-to-probe", help="calibration for files without one (.xml PLUS config, .json, .txt)")
     p.add_argument("--spacing-mm", type=float, help="model pixel spacing in mm (default 0.3)")
-    p.add_argument("--image-size", type=int, nargs=2, metavar=("ROWS", "COLS"), help="model input size (default 96 96)")
+    p.add_argument("--image-size", type=int, nargs=2, metavar=("ROWS", "COLS"),
+                   help="model input size in pixels of the model spacing, multiples of 16 (default 96 96); with "
+                        "--init, a larger size lets the fine-tuned model see more of your probe's image")
     p.add_argument("--clip-length", type=int, help="frames per clip (default 16)")
     p.add_argument("--pair-gaps", type=int, nargs="+", metavar="FRAMES",
                    help="dualtrack: correlate each frame with the frames this many later (default 1; the "
@@ -183,10 +186,10 @@ def _cmd_train(args) -> int:
             changes["clip_length"] = args.clip_length
         if args.pair_gaps:
             changes["pair_gaps"] = tuple(args.pair_gaps)
-        if init is not None and changes:
+        if init is not None and set(changes) - {"image_size"}:
             raise FreehandUSError(
-                f"--init {args.init}: the model's architecture and input geometry come from the checkpoint; "
-                "drop --spacing-mm/--image-size/--clip-length/--pair-gaps"
+                f"--init {args.init}: the model's architecture and pixel spacing come from the checkpoint; "
+                "drop --spacing-mm/--clip-length/--pair-gaps (only --image-size may change)"
             )
         model_cfg = replace(model_cfg, **changes)
     except ValueError as exc:

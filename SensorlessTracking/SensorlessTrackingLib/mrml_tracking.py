@@ -903,6 +903,7 @@ def train_from_browsers(
     epochs: int | None = None,
     model_config=None,
     init_model=None,
+    image_size=None,
     config=None,
     clips_per_epoch: int | None = None,
     batch_size: int | None = None,
@@ -937,6 +938,10 @@ def train_from_browsers(
         Fine-tune: start from the weights of this checkpoint (``"default"``: the shipped model)
         instead of random ones; its architecture and input geometry are used. Ignored when
         ``out_dir`` already holds a run to resume.
+    image_size : (rows, cols), optional
+        Model input in pixels of the model's spacing (multiples of 16), replacing the size of
+        ``model_config`` or of ``init_model``: a checkpoint's weights fit any size, so a fine-tuning
+        can see more of the probe's image than the shipped model's 96 x 96 (28.8 mm) square.
     config : TrainConfig, optional
         Starting configuration (default: :class:`~SensorlessTrackingLib.train.TrainConfig`
         defaults); its ``sequences`` are ignored.
@@ -965,6 +970,8 @@ def train_from_browsers(
     TrainingError
         Non-finite loss, an incompatible checkpoint in ``out_dir``, sweeps shorter than the
         clip length.
+    ValueError
+        ``epochs`` < 1, an ``image_size`` that is not two multiples of 16.
     """
     from .train import TrainConfig, train
 
@@ -986,6 +993,9 @@ def train_from_browsers(
                 f"{_describe(model_config)}: leave model_config out (the checkpoint's is used) or train from scratch"
             )
         model_config = saved
+    if image_size is not None:
+        base = model_config if model_config is not None else cfg.model
+        model_config = replace(base, image_size=tuple(int(v) for v in image_size))
     overrides = {
         "model": model_config,
         "epochs": epochs,

@@ -70,9 +70,9 @@ class TrainConfig:
     num_threads : torch CPU threads (None: torch's default)
     max_minutes : stop after the epoch during which this much time has passed (None: no limit)
     init_from : checkpoint whose weights start the training (fine-tuning, e.g. the shipped model
-        on the user's own probe); ``model`` must describe the same architecture and input
-        geometry (:func:`checkpoint_model_config` reads it), and the checkpoint's target scale is
-        kept. Ignored when ``out_dir`` already holds a ``last.pt`` to resume.
+        on the user's own probe); ``model`` must describe the same architecture and pixel spacing
+        (:func:`checkpoint_model_config` reads it; ``image_size`` may differ), and the
+        checkpoint's target scale is kept. Ignored when ``out_dir`` already holds a ``last.pt`` to resume.
     clip_length : frames per training and validation clip (None: ``model.clip_length``); a longer
         clip lengthens the horizon of the clip-level loss terms (accumulated, cumulative) while
         the model and its inference windows stay as they are
@@ -145,17 +145,21 @@ def checkpoint_model_config(path) -> ModelConfig:
 
 
 def _load_init(path, model_cfg: ModelConfig):
-    """(model config, state_dict) of the checkpoint that starts a fine-tuning run."""
+    """(model config, state_dict) of the checkpoint that starts a fine-tuning run.
+
+    The input size may differ from the checkpoint's: every model pools its image features
+    adaptively to a fixed grid, so the same weights fit any size (a fine-tuning can see a larger
+    part of the user's image than the generic model did). Everything else must match.
+    """
     saved = checkpoint_model_config(path)
-    if replace(saved, target_scale=model_cfg.target_scale) != model_cfg:
+    if replace(saved, target_scale=model_cfg.target_scale, image_size=model_cfg.image_size) != model_cfg:
         raise TrainingError(
-            f"{path} holds a {saved.name} model for {saved.image_size[0]}x{saved.image_size[1]} pixels of "
-            f"{saved.pixel_spacing_mm} mm, not the requested {model_cfg.name} for {model_cfg.image_size[0]}x"
-            f"{model_cfg.image_size[1]} of {model_cfg.pixel_spacing_mm} mm; train with the checkpoint's own "
-            "configuration (checkpoint_model_config)"
+            f"{path} holds a {saved.name} model for pixels of {saved.pixel_spacing_mm} mm, not the requested "
+            f"{model_cfg.name} for pixels of {model_cfg.pixel_spacing_mm} mm, or another architecture; train with "
+            "the checkpoint's own configuration (checkpoint_model_config; only image_size may differ)"
         )
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    return saved, ckpt["state_dict"]
+    return replace(saved, image_size=model_cfg.image_size), ckpt["state_dict"]
 
 
 def _batch_to(batch, device):

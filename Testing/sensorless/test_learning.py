@@ -224,6 +224,32 @@ def test_fine_tuning_starts_from_the_given_weights(sweeps, tmp_path):
     assert any(not torch.equal(start[k], moved[k]) for k in learned)
 
 
+@pytest.mark.parametrize("name", ["dualtrack", "moglo", "pairwise"])
+def test_fine_tuning_may_enlarge_the_input(sweeps, tmp_path, name):
+    """Every model pools its features adaptively, so a checkpoint's weights fine-tune at another
+    input size (the user's probe shows more than the generic model's crop)."""
+    from dataclasses import replace
+
+    from SensorlessTrackingLib.train import checkpoint_model_config
+
+    small = tiny_model_config(name)
+    base = train(_train_cfg(epochs=1, model=small), tmp_path / "base", sweeps=_prepared(sweeps, small), progress=False)
+    big = replace(checkpoint_model_config(base), image_size=(48, 32))
+    frozen = train(_train_cfg(epochs=1, lr=0.0, init_from=str(base), model=big), tmp_path / "big",
+                   sweeps=_prepared(sweeps, big), progress=False)
+    got = torch.load(frozen, weights_only=False)
+    assert got["model_config"]["image_size"] == [48, 32]
+    start = torch.load(base, weights_only=False)["state_dict"]
+    for k in (k for k in start if "running_" not in k and "num_batches" not in k):
+        assert torch.equal(start[k], got["state_dict"][k]), k
+    frames = (np.random.default_rng(0).random((6, 48, 32)) * 255).astype(np.uint8)
+    assert np.all(np.isfinite(predict_poses(frames, load_model(frozen))))
+    # the pixel spacing is part of what the weights learned: still refused
+    with pytest.raises(TrainingError, match="only image_size may differ"):
+        train(_train_cfg(init_from=str(base), model=replace(big, pixel_spacing_mm=0.5)), tmp_path / "x",
+              sweeps=_prepared(sweeps, big), progress=False)
+
+
 def test_fine_tuning_rejects_another_architecture_and_bad_files(sweeps, tmp_path):
     prepared = _prepared(sweeps, tiny_model_config())
     base = train(_train_cfg(epochs=1), tmp_path / "base", sweeps=prepared, progress=False)

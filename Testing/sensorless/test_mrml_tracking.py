@@ -373,6 +373,15 @@ def test_train_from_browsers_fine_tunes_a_model_file(scene, sweep, tiny_model, t
                                model_config=tiny_model_config(image_size=(48, 48)))  # fmt: skip
     with pytest.raises(ModelFileError, match="missing.pt: model file not found"):
         mt.train_from_browsers(browser, tmp_path / "other", epochs=1, init_model=tmp_path / "missing.pt")
+    # the same weights fine-tuned on a larger part of the image
+    wider = mt.train_from_browsers(browser, tmp_path / "wider", epochs=1, init_model=tiny_model, image_size=(48, 32),
+                                   clips_per_epoch=2, batch_size=2, val_fraction=0.0, device="cpu")  # fmt: skip
+    assert load_model(wider).config.image_size == (48, 32)
+    assert torch.load(wider, weights_only=False)["train_config"]["init_from"] == str(tiny_model)
+    summary = mt.estimate_trajectory_to_browser(browser, model=wider)
+    assert summary["frames"] == sweep.n_frames and np.isfinite(summary["metrics"]["fdr_path_percent"])
+    with pytest.raises(ValueError, match="multiples of 16"):
+        mt.train_from_browsers(browser, tmp_path / "odd", epochs=1, init_model=tiny_model, image_size=(40, 30))
 
 
 def test_train_from_browsers_bad_inputs(scene, sweep, tmp_path):

@@ -125,6 +125,15 @@ def test_track_train_then_predict(files, tmp_path, capsys):
     assert run_cli(["track", "train", *map(str, paths), "--out", str(tmp_path / "t2"), "--init", ckpt,
                  "--spacing-mm", "0.3"]) == 2
     assert "come from the checkpoint" in capsys.readouterr().err
+    # a larger input than the checkpoint's: the same weights, fine-tuned on more of the image
+    assert run_cli(["track", "train", *map(str, paths), "--out", str(tmp_path / "t3"), "--init", ckpt, "--epochs", "1",
+                 "--clips-per-epoch", "4", "--batch-size", "2", "--val-fraction", "0.34", "--threads", "1",
+                 "--image-size", "48", "32", "--json"]) == 0
+    from SensorlessTrackingLib.train import checkpoint_model_config
+
+    wider = json.loads(capsys.readouterr().out)["checkpoint"]
+    assert checkpoint_model_config(wider).image_size == (48, 32)
+    assert checkpoint_model_config(wider).pixel_spacing_mm == checkpoint_model_config(ckpt).pixel_spacing_mm
 
 
 def test_track_train_pair_gaps(files, tmp_path, capsys):
