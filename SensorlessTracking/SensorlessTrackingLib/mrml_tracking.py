@@ -936,8 +936,8 @@ def train_from_browsers(
         ``init_model``, that model's).
     init_model : None, "default", str or Path, optional
         Fine-tune: start from the weights of this checkpoint (``"default"``: the shipped model)
-        instead of random ones; its architecture and input geometry are used. Ignored when
-        ``out_dir`` already holds a run to resume.
+        instead of random ones; its architecture and input geometry are used (``image_size``
+        may replace its input size). Ignored when ``out_dir`` already holds a run to resume.
     image_size : (rows, cols), optional
         Model input in pixels of the model's spacing (multiples of 16), replacing the size of
         ``model_config`` or of ``init_model``: a checkpoint's weights fit any size, so a fine-tuning
