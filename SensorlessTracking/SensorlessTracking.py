@@ -185,7 +185,10 @@ class SensorlessTrackingParameterNode:
     trainOutputDirectory - folder of a training run (checkpoints; a second run resumes).
     trainEpochs - passes over the training clips.
     trainFineTune - start from the weights of the selected model (the shipped one, or the model
-        file) instead of random weights; its input size and pixel spacing are kept.
+        file) instead of random weights; its pixel spacing is kept, and its input size unless
+        trainFitImage.
+    trainFitImage - train on the largest input (multiples of 16 model pixels, at most 160) that
+        every checked recording fills, rather than the model's input size.
     """
 
     inputBrowser: vtkMRMLSequenceBrowserNode
@@ -201,6 +204,7 @@ class SensorlessTrackingParameterNode:
     trainOutputDirectory: Path
     trainEpochs: Annotated[int, WithinRange(1, 1000)] = 20
     trainFineTune: bool = True
+    trainFitImage: bool = False
 
 
 def _isSet(path: Path) -> bool:
@@ -392,6 +396,7 @@ class SensorlessTrackingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
                     parameters.trainOutputDirectory,
                     epochs=parameters.trainEpochs,
                     initModel=initModel,
+                    image_size="fit" if parameters.trainFitImage else None,
                     device=parameters.device.value,
                     progress=self._onTrainProgress,
                 )
@@ -597,7 +602,8 @@ class SensorlessTrackingLogic(ScriptedLoadableModuleLogic):
             Called after every epoch.
         **options
             ``model_config`` (``SensorlessTrackingLib.models.ModelConfig``), ``image_size``
-            ((rows, cols), also when fine-tuning: a larger input sees more of the probe's image),
+            ((rows, cols), also when fine-tuning: a larger input sees more of the probe's image;
+            ``"fit"``: the largest that every recording fills, at most 160 pixels a side),
             ``config`` (``TrainConfig``), ``clips_per_epoch``, ``batch_size``, ``val_fraction``,
             ``lr``, ``seed``, ``device``, ``image_to_probe``.
 

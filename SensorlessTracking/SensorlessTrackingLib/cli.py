@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -90,9 +91,10 @@ def add_parsers(subparsers):
     p.add_argument("--simulated", type=int, default=0, help="also train on this many simulated sweeps")
     p.add_argument("--image-to-probe", help="calibration for files without one (.xml PLUS config, .json, .txt)")
     p.add_argument("--spacing-mm", type=float, help="model pixel spacing in mm (default 0.3)")
-    p.add_argument("--image-size", type=int, nargs=2, metavar=("ROWS", "COLS"),
+    p.add_argument("--image-size", nargs="+", metavar="ROWS COLS | fit",
                    help="model input size in pixels of the model spacing, multiples of 16 (default 96 96); with "
-                        "--init, a larger size lets the fine-tuned model see more of your probe's image")
+                        "--init, a larger size lets the fine-tuned model see more of your probe's image. 'fit': "
+                        "the largest size that every recording fills (at most 160 pixels a side)")
     p.add_argument("--clip-length", type=int, help="frames per clip (default 16)")
     p.add_argument("--pair-gaps", type=int, nargs="+", metavar="FRAMES",
                    help="dualtrack: correlate each frame with the frames this many later (default 1; the "
@@ -162,6 +164,33 @@ def _spacing(args):
     return tuple(args.spacing) if len(args.spacing) == 2 else (args.spacing[0], args.spacing[0])
 
 
+def _image_size_arg(args, spacing_mm: float) -> tuple[int, int]:
+    """--image-size: two integers, or 'fit' (the recordings' common field of view, read from the files)."""
+    values = list(args.image_size)
+    if values == ["fit"]:
+        if not args.sequences:
+            raise FreehandUSError("--image-size fit fits the input to tracked sequence files; give some (simulated "
+                                  "sweeps alone have no probe to fit)")
+        from FreehandUSLib.io import read_sequence
+
+        from .input_size import fitting_image_size, sequence_field_of_view_mm
+
+        itp = read_image_to_probe(args.image_to_probe) if args.image_to_probe else None
+        # one file at a time: the recordings need not fit in memory together
+        fields = [sequence_field_of_view_mm(read_sequence(p), image_to_probe=itp) for p in args.sequences]
+        size = fitting_image_size(fields, spacing_mm, names=args.sequences)
+        print(f"model input fitted to the recordings: {size[0]} x {size[1]} pixels of {spacing_mm} mm",
+              file=sys.stderr)
+        return size
+    try:
+        size = tuple(int(v) for v in values)
+    except ValueError:
+        size = ()
+    if len(size) != 2:
+        raise FreehandUSError(f"--image-size takes ROWS COLS (two integers) or 'fit', got {' '.join(values)}")
+    return size
+
+
 def _cmd_train(args) -> int:
     from dataclasses import replace
 
@@ -180,17 +209,17 @@ def _cmd_train(args) -> int:
         changes = {}
         if args.spacing_mm:
             changes["pixel_spacing_mm"] = args.spacing_mm
-        if args.image_size:
-            changes["image_size"] = tuple(args.image_size)
         if args.clip_length:
             changes["clip_length"] = args.clip_length
         if args.pair_gaps:
             changes["pair_gaps"] = tuple(args.pair_gaps)
-        if init is not None and set(changes) - {"image_size"}:
+        if init is not None and changes:
             raise FreehandUSError(
                 f"--init {args.init}: the model's architecture and pixel spacing come from the checkpoint; "
                 "drop --spacing-mm/--clip-length/--pair-gaps (only --image-size may change)"
             )
+        if args.image_size:  # after the checks above: 'fit' reads every recording
+            changes["image_size"] = _image_size_arg(args, changes.get("pixel_spacing_mm", model_cfg.pixel_spacing_mm))
         model_cfg = replace(model_cfg, **changes)
     except ValueError as exc:
         raise FreehandUSError(str(exc)) from exc

@@ -843,10 +843,8 @@ def reconstruct_estimated(browser_node, output_volume_node=None, *, progress=Non
 # --------------------------------------------------------------------------------------------
 
 
-def _training_sweep(browser_node, model_config, *, image_to_probe, margin_px: int):
-    """A PreparedSweep from a tracked browser (its own split group)."""
-    from .data import prepare_sweep
-
+def _training_recording(browser_node, image_to_probe):
+    """(name, sequence, tracked ImageToReference (n, 4, 4), valid (n,)) of a training browser."""
     bname = _check_browser(browser_node, "training recording")
     sequence = _read_browser(browser_node, purpose="train")
     truth = _tracked_image_to_reference(sequence, image_to_probe)
@@ -861,6 +859,14 @@ def _training_sweep(browser_node, model_config, *, image_to_probe, margin_px: in
         raise SequenceError(
             f"browser {bname!r}: {int(valid.sum())} frames have valid tracking and image; training needs at least 2"
         )
+    return bname, sequence, truth, valid
+
+
+def _training_sweep(browser_node, model_config, *, image_to_probe, margin_px: int):
+    """A PreparedSweep from a tracked browser (its own split group)."""
+    from .data import prepare_sweep
+
+    bname, sequence, truth, valid = _training_recording(browser_node, image_to_probe)
     return prepare_sweep(
         sequence.frames,
         truth,
@@ -938,10 +944,12 @@ def train_from_browsers(
         Fine-tune: start from the weights of this checkpoint (``"default"``: the shipped model)
         instead of random ones; its architecture and input geometry are used (``image_size``
         may replace its input size). Ignored when ``out_dir`` already holds a run to resume.
-    image_size : (rows, cols), optional
+    image_size : (rows, cols) or "fit", optional
         Model input in pixels of the model's spacing (multiples of 16), replacing the size of
         ``model_config`` or of ``init_model``: a checkpoint's weights fit any size, so a fine-tuning
         can see more of the probe's image than the shipped model's 96 x 96 (28.8 mm) square.
+        ``"fit"``: the largest size that every recording's frames fill, at most 160 pixels a
+        side (:func:`~SensorlessTrackingLib.input_size.fitting_image_size`).
     config : TrainConfig, optional
         Starting configuration (default: :class:`~SensorlessTrackingLib.train.TrainConfig`
         defaults); its ``sequences`` are ignored.
@@ -961,7 +969,8 @@ def train_from_browsers(
     ------
     SequenceError
         No browser, a browser without images, fewer than 2 (tracked) frames, frames of
-        different sizes or several channels.
+        different sizes or several channels; with ``image_size="fit"``, a recording smaller
+        than 16 model pixels on a side.
     TransformError
         A browser without tracking (names it and lists its transforms).
     ModelFileError
@@ -971,7 +980,7 @@ def train_from_browsers(
         Non-finite loss, an incompatible checkpoint in ``out_dir``, sweeps shorter than the
         clip length.
     ValueError
-        ``epochs`` < 1, an ``image_size`` that is not two multiples of 16.
+        ``epochs`` < 1, an ``image_size`` that is not two multiples of 16 or ``"fit"``.
     """
     from .train import TrainConfig, train
 
@@ -995,6 +1004,10 @@ def train_from_browsers(
         model_config = saved
     if image_size is not None:
         base = model_config if model_config is not None else cfg.model
+        if isinstance(image_size, str) and image_size == "fit":
+            image_size = _fitted_image_size(browser_nodes, base.pixel_spacing_mm, image_to_probe)
+        elif isinstance(image_size, str):
+            raise ValueError(f"image_size must be (rows, cols) or 'fit', got {image_size!r}")
         model_config = replace(base, image_size=tuple(int(v) for v in image_size))
     overrides = {
         "model": model_config,
@@ -1037,6 +1050,19 @@ def train_from_browsers(
             logger.warning("stopping after epoch %d: the time limit of %.1f min is reached", done - 1, cfg.max_minutes)
             break
     return path
+
+
+def _fitted_image_size(browser_nodes, spacing_mm: float, image_to_probe) -> tuple[int, int]:
+    """The largest model input (pixels of ``spacing_mm``) that every training recording fills."""
+    from .data import pixel_spacing_of
+    from .input_size import field_of_view_mm, fitting_image_size
+
+    names, fields = [], []
+    for b in browser_nodes:  # one recording in memory at a time
+        bname, sequence, truth, valid = _training_recording(b, image_to_probe)
+        names.append(bname)
+        fields.append(field_of_view_mm(sequence.frames.shape[1:3], pixel_spacing_of(truth, valid)))
+    return fitting_image_size(fields, spacing_mm, names=names)
 
 
 def _epochs_done(out_dir: Path) -> int:

@@ -382,6 +382,21 @@ def test_train_from_browsers_fine_tunes_a_model_file(scene, sweep, tiny_model, t
     assert summary["frames"] == sweep.n_frames and np.isfinite(summary["metrics"]["fdr_path_percent"])
     with pytest.raises(ValueError, match="multiples of 16"):
         mt.train_from_browsers(browser, tmp_path / "odd", epochs=1, init_model=tiny_model, image_size=(40, 30))
+    with pytest.raises(ValueError, match="'fit'"):
+        mt.train_from_browsers(browser, tmp_path / "odd", epochs=1, init_model=tiny_model, image_size="all")
+
+
+def test_train_from_browsers_fits_the_input_to_the_recordings(scene, tiny_model, tmp_path):
+    # a deeper recording than the checkpoint's 12.8 mm square: 19.2 x 12.8 mm = 48 x 32 pixels of 0.4 mm
+    deep = _browser(scene, tiny_sweep(seed=4, n_frames=8, length_mm=2.0, n_rows=96, depth_mm=19.2).sequence, "Deep")
+    fitted = mt.train_from_browsers(deep, tmp_path / "fit", epochs=1, init_model=tiny_model, image_size="fit",
+                                    clips_per_epoch=2, batch_size=2, val_fraction=0.0, device="cpu")  # fmt: skip
+    assert load_model(fitted).config.image_size == (48, 32)
+    # with a recording only 6.4 mm wide beside it, the input is what both fill
+    narrow = _browser(scene, tiny_sweep(seed=5, n_frames=8, length_mm=2.0, n_cols=32, width_mm=6.4).sequence, "Narrow")
+    both = mt.train_from_browsers([deep, narrow], tmp_path / "both", epochs=1, init_model=tiny_model, image_size="fit",
+                                  clips_per_epoch=2, batch_size=2, val_fraction=0.0, device="cpu")  # fmt: skip
+    assert load_model(both).config.image_size == (32, 16)
 
 
 def test_train_from_browsers_bad_inputs(scene, sweep, tmp_path):

@@ -136,6 +136,30 @@ def test_track_train_then_predict(files, tmp_path, capsys):
     assert checkpoint_model_config(wider).pixel_spacing_mm == checkpoint_model_config(ckpt).pixel_spacing_mm
 
 
+def test_track_train_fits_the_input_to_the_recordings(tmp_path, capsys):
+    pytest.importorskip("torch")
+    from SensorlessTrackingLib.train import checkpoint_model_config
+
+    paths = []
+    for s in range(2):  # 19.2 x 12.8 mm frames: 48 x 32 pixels of 0.4 mm
+        res = tiny_sweep(seed=20 + s, n_frames=8, length_mm=2.0, n_rows=96, depth_mm=19.2)
+        (tmp_path / f"subject{s}").mkdir()
+        paths.append(write_sequence(res.sequence, tmp_path / f"subject{s}" / "sweep.igs.mha"))
+    small = ["--model", "pairwise", "--clip-length", "4", "--spacing-mm", "0.4", "--epochs", "1", "--clips-per-epoch",
+             "2", "--batch-size", "2", "--val-fraction", "0", "--threads", "1", "--json"]
+    assert run_cli(["track", "train", *map(str, paths), "--out", str(tmp_path / "fit"), "--image-size", "fit", *small]) == 0
+    out, err = capsys.readouterr()
+    assert checkpoint_model_config(json.loads(out)["checkpoint"]).image_size == (48, 32)
+    assert "48 x 32 pixels of 0.4 mm" in err
+    # 'fit' needs recordings; a size is two integers
+    assert run_cli(["track", "train", "--simulated", "1", "--out", str(tmp_path / "s"), "--image-size", "fit", *small]) == 2
+    assert "give some" in capsys.readouterr().err
+    for bad in (["48"], ["48", "x"], ["fit", "48"]):
+        assert run_cli(["track", "train", *map(str, paths), "--out", str(tmp_path / "b"), "--image-size", *bad, *small]) == 2
+        assert "ROWS COLS (two integers) or 'fit'" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists() and not (tmp_path / "b").exists()
+
+
 def test_track_train_pair_gaps(files, tmp_path, capsys):
     pytest.importorskip("torch")
     from SensorlessTrackingLib.train import checkpoint_model_config
