@@ -190,10 +190,11 @@ def _fine_tune(train_files, out_dir: Path, minutes: float, recipe: dict, threads
 #: 40 x 38 mm image) rather than the shipped model's 96 x 96 (the central 28.8 mm): most of the drift
 #: was out-of-plane rotation, which shows as a difference in decorrelation across the image, and a
 #: wider image is a longer lever for it. Chosen on the validation sweeps (seeds 0 / 1: 4.5 / 4.1 %
-#: against 6.0 / 5.8 %, better on 9 and 7 of 10); on the held-out sweeps 5.0 / 4.1 % against
-#: 4.5 / 5.2 % (mean 5.8 / 5.3 against 6.6 / 7.1 %, better on 24 of 40 sweep-seed pairs, mean log
-#: ratio -0.20 +- 0.10; median mean angle error 3.1 / 2.5 against 4.0 / 4.7 degrees), pairwise
-#: 10.9 / 12.6 % against 12.3 / 14.6 %. ``--image-size 96 96`` gives the former recipe.
+#: against 6.0 / 5.8 %, better on 9 and 7 of 10); on the held-out sweeps, seeds 0 / 1 / 2,
+#: 5.0 / 4.1 / 4.7 % against 4.5 / 5.2 / 5.9 % (mean 5.8 / 5.3 / 5.5 against 6.6 / 7.1 / 7.4 %,
+#: better on 38 of 60 sweep-seed pairs, mean log ratio -0.26 +- 0.08; median mean angle error
+#: 3.1 / 2.5 / 2.6 against 4.0 / 4.7 / 4.1 degrees), pairwise 10.9 / 12.6 / 12.2 % against
+#: 12.3 / 14.6 / 11.9 %. ``--image-size 96 96`` gives the former recipe.
 RECIPE = {"epochs": 120, "clips_per_epoch": 256, "lr": 5e-4, "val_fraction": 0.15, "cumulative_weight": 0.0,
           "train_clip_length": None, "seed": 0, "image_size": [128, 112]}
 PAIRWISE_INIT = RESULTS / "sensorless_models" / "pairwise.pt"
