@@ -28,8 +28,8 @@ __all__ = ["MAX_FIT_SIDE", "field_of_view_mm", "sequence_field_of_view_mm", "fit
 
 log = logging.getLogger(__name__)
 
-#: Largest fitted input side, pixels of the model spacing (48 mm at 0.3 mm). 128 x 112 trains
-#: about 1.6 times slower than 96 x 96 on a CPU; 160 x 160 would be about 2.8 times.
+#: Largest fitted input side, pixels of the model spacing (48 mm at 0.3 mm). 128 x 112 (1.6 times
+#: the pixels of 96 x 96) trained about 1.6 times slower on a CPU; 160 x 160 has 2.8 times the pixels.
 MAX_FIT_SIDE = 160
 
 
