@@ -99,6 +99,10 @@ def add_parsers(subparsers):
     p.add_argument("--pair-gaps", type=int, nargs="+", metavar="FRAMES",
                    help="dualtrack: correlate each frame with the frames this many later (default 1; the "
                         "shipped model uses 1 2 3)")
+    p.add_argument("--global-drop", type=float, metavar="P",
+                   help="dualtrack with the global encoder: train a share P of the clips without the global "
+                        "context (drop-path, a regulariser against recognising training sweeps; default 0: off; "
+                        "allowed with --init)")
     p.add_argument("--train-clip-length", type=int, metavar="FRAMES",
                    help="frames per training clip (default: the model's clip length); longer clips lengthen the "
                         "horizon of the clip-level losses, the model and its inference windows stay as they are")
@@ -216,8 +220,16 @@ def _cmd_train(args) -> int:
         if init is not None and changes:
             raise FreehandUSError(
                 f"--init {args.init}: the model's architecture and pixel spacing come from the checkpoint; "
-                "drop --spacing-mm/--clip-length/--pair-gaps (only --image-size may change)"
+                "drop --spacing-mm/--clip-length/--pair-gaps (only --image-size and --global-drop may change)"
             )
+        if args.global_drop:
+            if model_cfg.name != "dualtrack" or not model_cfg.use_global:
+                what = "a local-only dualtrack" if model_cfg.name == "dualtrack" else f"a {model_cfg.name} model"
+                raise FreehandUSError(f"--global-drop regularises dualtrack's global context; {what} has none "
+                                      "(drop --global-drop, or train dualtrack without --local-only)")
+            changes["global_drop"] = args.global_drop
+        elif args.global_drop is not None:
+            changes["global_drop"] = 0.0
         if args.image_size:  # after the checks above: 'fit' reads every recording
             changes["image_size"] = _image_size_arg(args, changes.get("pixel_spacing_mm", model_cfg.pixel_spacing_mm))
         model_cfg = replace(model_cfg, **changes)

@@ -149,17 +149,19 @@ def _load_init(path, model_cfg: ModelConfig):
 
     The input size may differ from the checkpoint's: every model pools its image features
     adaptively to a fixed grid, so the same weights fit any size (a fine-tuning can see a larger
-    part of the user's image than the generic model did). Everything else must match.
+    part of the user's image than the generic model did). So may ``global_drop`` (a training
+    regulariser, no weights). Everything else must match.
     """
     saved = checkpoint_model_config(path)
-    if replace(saved, target_scale=model_cfg.target_scale, image_size=model_cfg.image_size) != model_cfg:
+    free = dict(image_size=model_cfg.image_size, global_drop=model_cfg.global_drop)  # no weights depend on them
+    if replace(saved, target_scale=model_cfg.target_scale, **free) != model_cfg:
         raise TrainingError(
             f"{path} holds a {saved.name} model for pixels of {saved.pixel_spacing_mm} mm, not the requested "
             f"{model_cfg.name} for pixels of {model_cfg.pixel_spacing_mm} mm, or another architecture; train with "
-            "the checkpoint's own configuration (checkpoint_model_config; only image_size may differ)"
+            "the checkpoint's own configuration (checkpoint_model_config; only image_size and global_drop may differ)"
         )
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    return replace(saved, image_size=model_cfg.image_size), ckpt["state_dict"]
+    return replace(saved, **free), ckpt["state_dict"]
 
 
 def _batch_to(batch, device):

@@ -69,6 +69,45 @@ def test_dualtrack_global_context_changes_the_output_and_ablation_ignores_it():
         model(batch["frames"])
 
 
+def test_dualtrack_global_drop_path_in_training_only():
+    """Each training clip is decoded either without the global fusion or with it scaled by
+    1 / (1 - p); inference always fuses, unscaled."""
+    torch.manual_seed(0)
+    cfg = tiny_model_config("dualtrack", global_drop=0.5)
+    model = build_model(cfg)
+    batch = _batch(cfg, b=32)
+    with torch.no_grad():
+        tokens = model.local(batch["frames"])
+        glob = model.encode_global(batch["global_frames"], batch["global_positions"])
+
+        def decoded(scale):
+            model.train()
+            model._keep_mask = lambda fused: torch.full((fused.shape[0], 1, 1), scale)
+            y = model.decode(tokens, batch["positions"], glob)
+            del model._keep_mask
+            return y
+
+        dropped, doubled = decoded(0.0), decoded(2.0)
+        model.eval()
+        plain = model.decode(tokens, batch["positions"], glob)
+        model.train()
+        trained = model.decode(tokens, batch["positions"], glob)
+    is_dropped = torch.isclose(trained, dropped, atol=1e-6).flatten(1).all(1)
+    is_doubled = torch.isclose(trained, doubled, atol=1e-6).flatten(1).all(1)
+    assert torch.all(is_dropped ^ is_doubled)
+    assert 4 <= int(is_dropped.sum()) <= 28  # about half of 32 (binomial, p = 0.5)
+    assert not torch.allclose(plain, dropped) and not torch.allclose(plain, doubled)
+    # eval mode ignores global_drop entirely: the same output as a model without it
+    model.eval()
+    same = build_model(tiny_model_config("dualtrack"))
+    same.load_state_dict(model.state_dict())
+    same.eval()
+    with torch.no_grad():
+        assert torch.equal(model(**batch), same(**batch))
+    mask = model._keep_mask(torch.zeros(20000, 1, 1))
+    assert set(mask.unique().tolist()) == {0.0, 2.0} and abs(float(mask.mean()) - 1.0) < 0.05
+
+
 def test_models_are_blind_to_gain_and_offset():
     torch.manual_seed(0)
     for name in MODEL_NAMES:
@@ -146,6 +185,8 @@ def test_motion_weighted_loss_emphasises_large_motion():
         ({"pair_gaps": (0, 1)}, "pair_gaps"),
         ({"pair_gaps": (1, 1)}, "pair_gaps"),
         ({"pair_gaps": (1, 4), "clip_length": 4}, "pair_gaps"),
+        ({"global_drop": 1.0}, "global_drop"),
+        ({"global_drop": -0.1}, "global_drop"),
     ],
 )
 def test_bad_model_config(kwargs, match):
@@ -160,6 +201,8 @@ def test_model_config_round_trip():
     assert gaps.pair_gaps == (1, 3) and ModelConfig.from_dict(gaps.to_dict()) == gaps
     old = {k: v for k, v in cfg.to_dict().items() if k != "pair_gaps"}  # a checkpoint from before pair_gaps
     assert ModelConfig.from_dict(old).pair_gaps == (1,)
+    no_drop = {k: v for k, v in cfg.to_dict().items() if k != "global_drop"}  # from before global_drop
+    assert ModelConfig.from_dict(no_drop).global_drop == 0.0
     with pytest.raises(ValueError, match="unknown fields"):
         ModelConfig.from_dict({**cfg.to_dict(), "depth": 3})
 

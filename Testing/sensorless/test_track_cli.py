@@ -180,6 +180,32 @@ def test_track_train_pair_gaps(files, tmp_path, capsys):
     assert "--pair-gaps" in capsys.readouterr().err
 
 
+def test_track_train_global_drop(files, tmp_path, capsys):
+    pytest.importorskip("torch")
+    from SensorlessTrackingLib.train import checkpoint_model_config
+
+    _, paths = files
+    small = ["--image-size", "32", "32", "--clip-length", "4", "--spacing-mm", "0.4", "--epochs", "1",
+             "--clips-per-epoch", "4", "--batch-size", "2", "--val-fraction", "0.34", "--threads", "1", "--json"]
+    assert run_cli(["track", "train", *map(str, paths), "--out", str(tmp_path / "d"), "--global-drop", "0.5", *small]) == 0
+    ckpt = json.loads(capsys.readouterr().out)["checkpoint"]
+    assert checkpoint_model_config(ckpt).global_drop == 0.5
+    # a training choice, not architecture: a checkpoint may be fine-tuned with another value
+    tune = ["--epochs", "1", "--clips-per-epoch", "4", "--batch-size", "2", "--val-fraction", "0.34", "--threads", "1",
+            "--json"]
+    assert run_cli(["track", "train", *map(str, paths), "--out", str(tmp_path / "t"), "--init", ckpt, "--global-drop",
+                    "0", *tune]) == 0
+    assert checkpoint_model_config(json.loads(capsys.readouterr().out)["checkpoint"]).global_drop == 0.0
+    # nothing to drop without the global encoder, and a probability below 1
+    for extra, match in ((["--local-only"], "local-only dualtrack has none"), (["--model", "pairwise"], "pairwise model"),
+                         ([], "global_drop")):
+        value = "1.5" if not extra else "0.5"
+        assert run_cli(["track", "train", *map(str, paths), "--out", str(tmp_path / "bad"), *extra, "--global-drop",
+                        value, *small]) == 2
+        assert match in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_track_bad_input(files, tmp_path, capsys):
     _, paths = files
     assert run_cli(["track", "predict", str(paths[0]), "--model", str(tmp_path / "none.pt"), "--out", str(tmp_path / "o.igs.mha")]) == 2

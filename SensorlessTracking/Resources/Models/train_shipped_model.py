@@ -79,6 +79,10 @@ def main(argv=None) -> int:
     p.add_argument("--model", choices=["dualtrack", "moglo", "pairwise"], default="dualtrack")
     p.add_argument("--global-context", action="store_true",
                    help="dualtrack with its global encoder (the ablation; the shipped model has none)")
+    p.add_argument("--global-drop", type=float, default=0.0, metavar="P",
+                   help="with --global-context: train a share P of the clips without it (drop-path; default 0)")
+    p.add_argument("--pair-gaps", type=int, nargs="+", metavar="FRAMES",
+                   help="dualtrack's correlation gaps (default: the shipped model's 1 2 3)")
     p.add_argument("--out", help="output checkpoint (default: the shipped model file)")
     p.add_argument("--sweeps", type=int, default=48, help="simulated training sweeps (default 48)")
     p.add_argument("--epochs", type=int, help="epochs (default: as many as fit the time budget, measured)")
@@ -107,7 +111,10 @@ def main(argv=None) -> int:
     from SensorlessTrackingLib.train import TrainConfig, train
 
     torch.set_num_threads(args.threads)
-    model_cfg = ModelConfig(name=args.model, use_global=args.global_context, **MODEL)
+    if args.global_drop and not args.global_context:
+        p.error("--global-drop needs --global-context")
+    model = dict(MODEL, pair_gaps=tuple(args.pair_gaps)) if args.pair_gaps else MODEL
+    model_cfg = ModelConfig(name=args.model, use_global=args.global_context, global_drop=args.global_drop, **model)
     augment = AugmentConfig()
     seeds = train_seeds(args.sweeps)
     sweeps, sim_cpu = _load_cache(args.cache, seeds, model_cfg, augment.crop_jitter_px) if args.cache else (None, 0.0)

@@ -39,6 +39,11 @@ class ModelConfig:
     global_size : side of the downsampled frames of the global encoder, pixels
     max_global_tokens : frames of the whole sweep the global encoder sees (every k-th frame)
     global_layers, heads : temporal self-attention depth and heads
+    global_drop : dualtrack, training only: probability that a training clip is decoded without the
+        global fusion (drop-path; the kept ones are scaled by 1 / (1 - p)); inference always fuses.
+        A regulariser: with a few dozen training sweeps the sweep-level context can recognise a
+        training sweep, and the model leans on it. 0 = off. It changes no weights, so a checkpoint
+        can be fine-tuned with another value.
 
     MoGLo
     -----
@@ -64,6 +69,7 @@ class ModelConfig:
     max_global_tokens: int = 16
     global_layers: int = 2
     heads: int = 4
+    global_drop: float = 0.0
     corr_radius: int = 3
     lstm_hidden: int = 128
     target_scale: tuple[float, ...] = (0.1, 0.1, 0.4, 0.3, 0.3, 0.3)
@@ -88,6 +94,9 @@ class ModelConfig:
         object.__setattr__(self, "pair_gaps", gaps)
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
         object.__setattr__(self, "target_scale", tuple(float(v) for v in self.target_scale))
+        if not 0.0 <= float(self.global_drop) < 1.0:
+            raise ValueError(f"ModelConfig.global_drop must be a probability in [0, 1), got {self.global_drop}")
+        object.__setattr__(self, "global_drop", float(self.global_drop))
         if self.token_dim % self.heads:
             raise ValueError(f"ModelConfig.token_dim ({self.token_dim}) must be divisible by heads ({self.heads})")
 

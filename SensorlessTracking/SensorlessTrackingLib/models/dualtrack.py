@@ -9,6 +9,8 @@
   position in the sweep), then a per-pair motion head -> 6 DoF per consecutive pair.
 
 ``use_global=False`` is the local-only ablation (same local encoder and head, no fusion).
+``global_drop`` > 0 trains that share of the clips without the fusion (drop-path), so the motion
+head cannot rely on the global tokens alone; inference always fuses.
 """
 
 from __future__ import annotations
@@ -145,6 +147,14 @@ class DualTrack(nn.Module):
                 positions = torch.full(tokens.shape[:2], 0.5, device=tokens.device)
             q = self.norm1(tokens + self.local_pos(positions))
             fused, _ = self.cross(q, global_tokens, global_tokens, need_weights=False)
+            if self.training and self.config.global_drop > 0:
+                fused = fused * self._keep_mask(fused)
             tokens = tokens + fused
             tokens = tokens + self.ffn(self.norm2(tokens))
         return self.out(self.head(tokens))
+
+    def _keep_mask(self, fused):
+        """(B, 1, 1) per-clip drop-path mask of the global fusion, scaled so its mean is 1."""
+        p = self.config.global_drop
+        keep = torch.rand(fused.shape[0], 1, 1, device=fused.device) >= p
+        return keep.to(fused.dtype) / (1.0 - p)
