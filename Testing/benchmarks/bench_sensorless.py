@@ -17,7 +17,9 @@ error, inference frames/s, and where the drift comes from
 the translations, only the out-of-plane or only the in-plane parameters estimated, the
 elevational scale error, and the FDR left once one out-of-plane scale factor per sweep is fitted
 to the truth), set against each simulated probe's elevational beam width in
-wavelengths (drawn at random, 2-6, and invisible in the images). Prints a table of medians and writes
+wavelengths (drawn at random, 2-6, and invisible in the images). The global-context ablation pairs
+each dualtrack checkpoint that has the global encoder with the local-only one of the same
+architecture and training sweeps, sweep by sweep. Prints a table of medians and writes
 ``Testing/benchmarks/results/sensorless.json``. Also scores the PLUS SpinePhantomFreehand and
 BoneUltrasound_L14 sequences when ../shared/data/plus is present.
 
@@ -267,6 +269,7 @@ def run(n_sweeps: int = 20, models_dir: Path | None = None, cache: Path | None =
                     "drift_reduction_percent": 100.0 * (1.0 - a / b) if b > 0 else float("nan"),
                 }
     beams = _elevation_beams(n_sweeps)
+    ablation = _global_context_ablation(loaded, methods, per_sweep)
     real = {}
     for name, seq in _plus_sequences(log):
         real[name] = {mname: _score(seq, model, decor, threads, mirror_average=averaged.get(mname, "none"))
@@ -279,6 +282,7 @@ def run(n_sweeps: int = 20, models_dir: Path | None = None, cache: Path | None =
         "decorrelation_calibration": decor.to_dict(),
         "summary": summary,
         "comparisons": comparisons,
+        "global_context_ablation": ablation,
         "elevation_beams": beams,
         "elevation_scale_vs_beam": _scale_vs_beam(per_sweep, beams),
         "per_sweep": per_sweep,
@@ -291,6 +295,53 @@ def run(n_sweeps: int = 20, models_dir: Path | None = None, cache: Path | None =
     (RESULTS / "sensorless.json").write_text(json.dumps(result, indent=2))
     _print_table(result)
     return result
+
+
+def _global_context_ablation(loaded, methods, per_sweep) -> dict:
+    """Each dualtrack checkpoint with the global encoder against the local-only checkpoint of the
+    same architecture otherwise, trained on the same sweeps (the seeds in the ``.json`` report
+    that ``train_shipped_model.py`` writes beside it): the issue's ablation, local vs local + global.
+
+    Paired, because the sweeps differ far more from each other than the models do: the sweeps on
+    which the global variant drifts less, and the mean and standard error of
+    log(FDR global / FDR local) over the sweeps (negative: the global context helps).
+    """
+    from dataclasses import replace
+
+    def config(model):
+        return getattr(model, "config", None)
+
+    def training_data(name):
+        report = Path(str(methods[name])).with_suffix(".json")
+        if not report.is_file():
+            return None
+        info = json.loads(report.read_text())
+        return info.get("train_seeds"), info.get("training_frames")
+
+    local = {name: config(m) for name, m in loaded.items()
+             if config(m) is not None and config(m).name == "dualtrack" and not config(m).use_global}
+    out = {}
+    for name, model in loaded.items():
+        cfg = config(model)
+        if cfg is None or cfg.name != "dualtrack" or not cfg.use_global:
+            continue
+        twin = replace(cfg, use_global=False, global_drop=0.0)
+        for lname, lcfg in local.items():
+            if replace(lcfg, global_drop=0.0) != twin or training_data(lname) != training_data(name):
+                continue
+            keys = sorted(per_sweep[name])
+            g = np.array([per_sweep[name][k]["fdr_path_percent"] for k in keys])
+            loc = np.array([per_sweep[lname][k]["fdr_path_percent"] for k in keys])
+            ratio = np.log(g / loc)
+            out[f"{name} vs {lname}"] = {
+                "global_drop": cfg.global_drop,
+                "median_fdr_path_percent": [float(np.median(g)), float(np.median(loc))],
+                "sweeps_global_better": int(np.sum(g < loc)),
+                "sweeps": len(keys),
+                "mean_log_ratio": float(ratio.mean()),
+                "mean_log_ratio_se": float(ratio.std(ddof=1) / np.sqrt(len(ratio))) if len(ratio) > 1 else float("nan"),
+            }
+    return out
 
 
 def _print_table(result) -> None:
@@ -329,6 +380,11 @@ def _print_table(result) -> None:
     for name, c in result.get("comparisons", {}).items():
         print(f"{name}: median FDR {c['median_fdr_path_percent'][0]:.1f} % vs {c['median_fdr_path_percent'][1]:.1f} % "
               f"({c['drift_reduction_percent']:+.0f} % less drift)")
+    for name, a in result.get("global_context_ablation", {}).items():
+        print(f"global-context ablation, {name} (global_drop {a['global_drop']:g}): median FDR "
+              f"{a['median_fdr_path_percent'][0]:.1f} % vs {a['median_fdr_path_percent'][1]:.1f} %, global better on "
+              f"{a['sweeps_global_better']} of {a['sweeps']} sweeps, mean log ratio {a['mean_log_ratio']:+.2f} "
+              f"+/- {a['mean_log_ratio_se']:.2f} (negative: the global context helps)")
     for case, rows in result["plus_real_data"].items():
         print(f"\n{case} (real PLUS data)")
         for name, m in rows.items():
