@@ -19,6 +19,9 @@ drop-path) removes that harm but gives no gain: with the next frame only, median
 against 18.6 % local only and 25.7 % global on the 36 validation sweeps below (better than local
 only on 20 of 36, than global on 27), 18.4 % against 18.8 % and 26.4 % on the benchmark's 20 test
 sweeps; fine-tuned on one probe as above, 7.0 % against 6.3 % local only (better on 9 of 20).
+Trained on twice the sweeps (``--sweeps 96``) the two still tie: 17.4 % against 17.6 % on the
+validation sweeps (better on 18 of 36), 16.9 % against 17.5 % on the test sweeps (better on 11 of
+20, mean log ratio +0.11 +/- 0.10).
 Its local encoder correlates each frame with the frames 1, 2 and 3 later (``pair_gaps``),
 chosen on 36 validation sweeps (seeds 800000-800035, disjoint from training and
 test): with the next frame only, the same recipe drifted more there, median FDR 18.6 % against
