@@ -222,14 +222,12 @@ def _cmd_train(args) -> int:
                 f"--init {args.init}: the model's architecture and pixel spacing come from the checkpoint; "
                 "drop --spacing-mm/--clip-length/--pair-gaps (only --image-size and --global-drop may change)"
             )
-        if args.global_drop:
-            if model_cfg.name != "dualtrack" or not model_cfg.use_global:
+        if args.global_drop is not None:
+            if args.global_drop and (model_cfg.name != "dualtrack" or not model_cfg.use_global):
                 what = "a local-only dualtrack" if model_cfg.name == "dualtrack" else f"a {model_cfg.name} model"
                 raise FreehandUSError(f"--global-drop regularises dualtrack's global context; {what} has none "
                                       "(drop --global-drop, or train dualtrack without --local-only)")
             changes["global_drop"] = args.global_drop
-        elif args.global_drop is not None:
-            changes["global_drop"] = 0.0
         if args.image_size:  # after the checks above: 'fit' reads every recording
             changes["image_size"] = _image_size_arg(args, changes.get("pixel_spacing_mm", model_cfg.pixel_spacing_mm))
         model_cfg = replace(model_cfg, **changes)

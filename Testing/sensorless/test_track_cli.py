@@ -197,9 +197,9 @@ def test_track_train_global_drop(files, tmp_path, capsys):
                     "0", *tune]) == 0
     assert checkpoint_model_config(json.loads(capsys.readouterr().out)["checkpoint"]).global_drop == 0.0
     # nothing to drop without the global encoder, and a probability below 1
-    for extra, match in ((["--local-only"], "local-only dualtrack has none"), (["--model", "pairwise"], "pairwise model"),
-                         ([], "global_drop")):
-        value = "1.5" if not extra else "0.5"
+    for extra, value, match in ((["--local-only"], "0.5", "local-only dualtrack has none"),
+                                (["--model", "pairwise"], "0.5", "pairwise model"),
+                                ([], "1.5", "global_drop must be a probability")):
         assert run_cli(["track", "train", *map(str, paths), "--out", str(tmp_path / "bad"), *extra, "--global-drop",
                         value, *small]) == 2
         assert match in capsys.readouterr().err
