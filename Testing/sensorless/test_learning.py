@@ -371,3 +371,29 @@ def test_shipped_model_is_trained_and_tracks_a_simulated_sweep():
     still = tracking_metrics(truth, np.broadcast_to(truth[0], truth.shape), seq.frames.shape[1:])
     # a trained model follows the sweep: far less drift than assuming no motion
     assert m.final_drift_mm < 0.5 * still.final_drift_mm
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--global-drop", "0.5"], "need --global-context"),
+        (["--global-tokens", "64"], "need --global-context"),
+        (["--global-context", "--global-tokens", "0"], "max_global_tokens must be >= 1"),
+        (["--global-context", "--global-drop", "1"], "global_drop must be a probability"),
+    ],
+)
+def test_shipped_model_script_refuses_bad_global_options(flags, message, tmp_path, capsys):
+    """The global encoder's options need ``--global-context`` and valid values; the script stops
+    before simulating anything."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "SensorlessTracking" / "Resources" / "Models" / "train_shipped_model.py"
+    spec = importlib.util.spec_from_file_location("train_shipped_model", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(SystemExit) as stop:
+        module.main([*flags, "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "m.pt")])
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

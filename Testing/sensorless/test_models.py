@@ -187,6 +187,7 @@ def test_motion_weighted_loss_emphasises_large_motion():
         ({"pair_gaps": (1, 4), "clip_length": 4}, "pair_gaps"),
         ({"global_drop": 1.0}, "global_drop"),
         ({"global_drop": -0.1}, "global_drop"),
+        ({"max_global_tokens": 0}, "max_global_tokens"),
     ],
 )
 def test_bad_model_config(kwargs, match):

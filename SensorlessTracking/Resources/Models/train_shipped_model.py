@@ -91,6 +91,8 @@ def main(argv=None) -> int:
                    help="dualtrack with its global encoder (the ablation; the shipped model has none)")
     p.add_argument("--global-drop", type=float, default=0.0, metavar="P",
                    help="with --global-context: train a share P of the clips without it (drop-path; default 0)")
+    p.add_argument("--global-tokens", type=int, metavar="N",
+                   help="with --global-context: frames of the whole sweep its encoder sees (default 16)")
     p.add_argument("--pair-gaps", type=int, nargs="+", metavar="FRAMES",
                    help="dualtrack's correlation gaps (default: the shipped model's 1 2 3)")
     p.add_argument("--out", help="output checkpoint (default: the shipped model file)")
@@ -106,6 +108,8 @@ def main(argv=None) -> int:
     p.add_argument("--work-dir", help="checkpoint folder (default: a temporary folder); an existing last.pt is resumed")
     p.add_argument("--cache", help="folder to keep the simulated sweeps in (.npz) and reuse them on later runs")
     args = p.parse_args(argv)
+    if (args.global_drop or args.global_tokens is not None) and not args.global_context:
+        p.error("--global-drop and --global-tokens need --global-context")
 
     start = time.perf_counter()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -121,10 +125,15 @@ def main(argv=None) -> int:
     from SensorlessTrackingLib.train import TrainConfig, train
 
     torch.set_num_threads(args.threads)
-    if args.global_drop and not args.global_context:
-        p.error("--global-drop needs --global-context")
-    model = dict(MODEL, pair_gaps=tuple(args.pair_gaps)) if args.pair_gaps else MODEL
-    model_cfg = ModelConfig(name=args.model, use_global=args.global_context, global_drop=args.global_drop, **model)
+    model = dict(MODEL)
+    if args.pair_gaps:
+        model["pair_gaps"] = tuple(args.pair_gaps)
+    if args.global_tokens is not None:
+        model["max_global_tokens"] = args.global_tokens
+    try:
+        model_cfg = ModelConfig(name=args.model, use_global=args.global_context, global_drop=args.global_drop, **model)
+    except ValueError as e:
+        p.error(str(e))
     augment = AugmentConfig()
     seeds = train_seeds(args.sweeps)
     sweeps, sim_cpu = _load_cache(args.cache, seeds, model_cfg, augment.crop_jitter_px) if args.cache else (None, 0.0)

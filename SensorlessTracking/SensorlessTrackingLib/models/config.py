@@ -97,6 +97,8 @@ class ModelConfig:
         if not 0.0 <= float(self.global_drop) < 1.0:
             raise ValueError(f"ModelConfig.global_drop must be a probability in [0, 1), got {self.global_drop}")
         object.__setattr__(self, "global_drop", float(self.global_drop))
+        if int(self.max_global_tokens) < 1:
+            raise ValueError(f"ModelConfig.max_global_tokens must be >= 1 (frames of the sweep), got {self.max_global_tokens}")
         if self.token_dim % self.heads:
             raise ValueError(f"ModelConfig.token_dim ({self.token_dim}) must be divisible by heads ({self.heads})")
 
