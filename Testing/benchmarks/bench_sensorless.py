@@ -306,8 +306,6 @@ def _global_context_ablation(loaded, methods, per_sweep) -> dict:
     which the global variant drifts less, and the mean and standard error of
     log(FDR global / FDR local) over the sweeps (negative: the global context helps).
     """
-    from dataclasses import replace
-
     def config(model):
         return getattr(model, "config", None)
 
@@ -325,9 +323,8 @@ def _global_context_ablation(loaded, methods, per_sweep) -> dict:
         cfg = config(model)
         if cfg is None or cfg.name != "dualtrack" or not cfg.use_global:
             continue
-        twin = replace(cfg, use_global=False, global_drop=0.0)
         for lname, lcfg in local.items():
-            if replace(lcfg, global_drop=0.0) != twin or training_data(lname) != training_data(name):
+            if lcfg.local_part() != cfg.local_part() or training_data(lname) != training_data(name):
                 continue
             keys = sorted(per_sweep[name])
             g = np.array([per_sweep[name][k]["fdr_path_percent"] for k in keys])
@@ -335,6 +332,7 @@ def _global_context_ablation(loaded, methods, per_sweep) -> dict:
             ratio = np.log(g / loc)
             out[f"{name} vs {lname}"] = {
                 "global_drop": cfg.global_drop,
+                "max_global_tokens": cfg.max_global_tokens,
                 "median_fdr_path_percent": [float(np.median(g)), float(np.median(loc))],
                 "sweeps_global_better": int(np.sum(g < loc)),
                 "sweeps": len(keys),
@@ -381,7 +379,8 @@ def _print_table(result) -> None:
         print(f"{name}: median FDR {c['median_fdr_path_percent'][0]:.1f} % vs {c['median_fdr_path_percent'][1]:.1f} % "
               f"({c['drift_reduction_percent']:+.0f} % less drift)")
     for name, a in result.get("global_context_ablation", {}).items():
-        print(f"global-context ablation, {name} (global_drop {a['global_drop']:g}): median FDR "
+        print(f"global-context ablation, {name} (global_drop {a['global_drop']:g}, "
+              f"{a['max_global_tokens']} global frames): median FDR "
               f"{a['median_fdr_path_percent'][0]:.1f} % vs {a['median_fdr_path_percent'][1]:.1f} %, global better on "
               f"{a['sweeps_global_better']} of {a['sweeps']} sweeps, mean log ratio {a['mean_log_ratio']:+.2f} "
               f"+/- {a['mean_log_ratio_se']:.2f} (negative: the global context helps)")

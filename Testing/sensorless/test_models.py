@@ -195,6 +195,16 @@ def test_bad_model_config(kwargs, match):
         ModelConfig(**kwargs)
 
 
+def test_local_part_ignores_only_the_global_encoder():
+    """A global model and its local-only ablation share the local part; a local change does not."""
+    local = ModelConfig(use_global=False, pair_gaps=(1,))
+    wide_global = ModelConfig(use_global=True, pair_gaps=(1,), max_global_tokens=64, global_size=32, global_layers=1,
+                              heads=2, global_drop=0.5)
+    assert wide_global.local_part() == local.local_part()
+    for change in ({"pair_gaps": (1, 2)}, {"image_size": (128, 96)}, {"token_dim": 64}, {"name": "moglo"}):
+        assert ModelConfig(use_global=True, **{"pair_gaps": (1,), **change}).local_part() != local.local_part(), change
+
+
 def test_model_config_round_trip():
     cfg = tiny_model_config("moglo")
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg

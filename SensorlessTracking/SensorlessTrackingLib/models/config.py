@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-__all__ = ["ModelConfig", "MODEL_NAMES"]
+__all__ = ["ModelConfig", "MODEL_NAMES", "GLOBAL_ONLY_FIELDS"]
 
 #: Learned models; "decorrelation" (no learning) lives in :mod:`..decorrelation`.
 MODEL_NAMES = ("dualtrack", "moglo", "pairwise")
+
+#: What only dualtrack's global encoder and its fusion read: a local-only model ignores them.
+GLOBAL_ONLY_FIELDS = ("use_global", "max_global_tokens", "global_size", "global_layers", "heads", "global_drop")
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,12 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.max_global_tokens must be >= 1 (frames of the sweep), got {self.max_global_tokens}")
         if self.token_dim % self.heads:
             raise ValueError(f"ModelConfig.token_dim ({self.token_dim}) must be divisible by heads ({self.heads})")
+
+    def local_part(self) -> dict:
+        """The fields that are not the global encoder's (:data:`GLOBAL_ONLY_FIELDS`). Two dualtrack
+        configs with equal local parts have the same input, local encoder and motion head: a
+        global model and its local-only ablation."""
+        return {k: v for k, v in self.to_dict().items() if k not in GLOBAL_ONLY_FIELDS}
 
     def to_dict(self) -> dict:
         d = asdict(self)
