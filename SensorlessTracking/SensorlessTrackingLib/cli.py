@@ -103,6 +103,9 @@ def add_parsers(subparsers):
                    help="dualtrack with the global encoder: train a share P of the clips without the global "
                         "context (drop-path, a regulariser against recognising training sweeps; default 0: off; "
                         "allowed with --init)")
+    p.add_argument("--global-tokens", type=int, metavar="N",
+                   help="dualtrack with the global encoder: frames of the whole sweep it sees, evenly spaced "
+                        "(default 16; no weights depend on it, so allowed with --init)")
     p.add_argument("--train-clip-length", type=int, metavar="FRAMES",
                    help="frames per training clip (default: the model's clip length); longer clips lengthen the "
                         "horizon of the clip-level losses, the model and its inference windows stay as they are")
@@ -220,14 +223,18 @@ def _cmd_train(args) -> int:
         if init is not None and changes:
             raise FreehandUSError(
                 f"--init {args.init}: the model's architecture and pixel spacing come from the checkpoint; "
-                "drop --spacing-mm/--clip-length/--pair-gaps (only --image-size and --global-drop may change)"
+                "drop --spacing-mm/--clip-length/--pair-gaps (only --image-size, --global-drop and --global-tokens "
+                "may change)"
             )
-        if args.global_drop is not None:
-            if args.global_drop and (model_cfg.name != "dualtrack" or not model_cfg.use_global):
+        for flag, field, value, off in (("--global-drop", "global_drop", args.global_drop, 0),
+                                        ("--global-tokens", "max_global_tokens", args.global_tokens, None)):
+            if value is None:
+                continue
+            if value != off and (model_cfg.name != "dualtrack" or not model_cfg.use_global):
                 what = "a local-only dualtrack" if model_cfg.name == "dualtrack" else f"a {model_cfg.name} model"
-                raise FreehandUSError(f"--global-drop regularises dualtrack's global context; {what} has none "
-                                      "(drop --global-drop, or train dualtrack without --local-only)")
-            changes["global_drop"] = args.global_drop
+                raise FreehandUSError(f"{flag} is a setting of dualtrack's global context; {what} has none "
+                                      f"(drop {flag}, or train dualtrack without --local-only)")
+            changes[field] = value
         if args.image_size:  # after the checks above: 'fit' reads every recording
             changes["image_size"] = _image_size_arg(args, changes.get("pixel_spacing_mm", model_cfg.pixel_spacing_mm))
         model_cfg = replace(model_cfg, **changes)

@@ -71,7 +71,8 @@ class TrainConfig:
     max_minutes : stop after the epoch during which this much time has passed (None: no limit)
     init_from : checkpoint whose weights start the training (fine-tuning, e.g. the shipped model
         on the user's own probe); ``model`` must describe the same architecture and pixel spacing
-        (:func:`checkpoint_model_config` reads it; ``image_size`` may differ), and the
+        (:func:`checkpoint_model_config` reads it; ``image_size``, ``global_drop`` and
+        ``max_global_tokens`` may differ), and the
         checkpoint's target scale is kept. Ignored when ``out_dir`` already holds a ``last.pt`` to resume.
     clip_length : frames per training and validation clip (None: ``model.clip_length``); a longer
         clip lengthens the horizon of the clip-level loss terms (accumulated, cumulative) while
@@ -150,15 +151,19 @@ def _load_init(path, model_cfg: ModelConfig):
     The input size may differ from the checkpoint's: every model pools its image features
     adaptively to a fixed grid, so the same weights fit any size (a fine-tuning can see a larger
     part of the user's image than the generic model did). So may ``global_drop`` (a training
-    regulariser, no weights). Everything else must match.
+    regulariser) and ``max_global_tokens`` (the global encoder encodes each frame's position in the
+    sweep, not its index). Everything else must match.
     """
     saved = checkpoint_model_config(path)
-    free = dict(image_size=model_cfg.image_size, global_drop=model_cfg.global_drop)  # no weights depend on them
+    # no weights depend on them
+    free = dict(image_size=model_cfg.image_size, global_drop=model_cfg.global_drop,
+                max_global_tokens=model_cfg.max_global_tokens)
     if replace(saved, target_scale=model_cfg.target_scale, **free) != model_cfg:
         raise TrainingError(
             f"{path} holds a {saved.name} model for pixels of {saved.pixel_spacing_mm} mm, not the requested "
             f"{model_cfg.name} for pixels of {model_cfg.pixel_spacing_mm} mm, or another architecture; train with "
-            "the checkpoint's own configuration (checkpoint_model_config; only image_size and global_drop may differ)"
+            "the checkpoint's own configuration (checkpoint_model_config; only image_size, global_drop and "
+            "max_global_tokens may differ)"
         )
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     return replace(saved, **free), ckpt["state_dict"]

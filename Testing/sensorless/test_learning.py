@@ -245,7 +245,7 @@ def test_fine_tuning_may_enlarge_the_input(sweeps, tmp_path, name):
     frames = (np.random.default_rng(0).random((6, 48, 32)) * 255).astype(np.uint8)
     assert np.all(np.isfinite(predict_poses(frames, load_model(frozen))))
     # the pixel spacing is part of what the weights learned: still refused
-    with pytest.raises(TrainingError, match="only image_size and global_drop may differ"):
+    with pytest.raises(TrainingError, match="only image_size, global_drop and max_global_tokens may differ"):
         train(_train_cfg(init_from=str(base), model=replace(big, pixel_spacing_mm=0.5)), tmp_path / "x",
               sweeps=_prepared(sweeps, big), progress=False)
 

@@ -206,6 +206,35 @@ def test_track_train_global_drop(files, tmp_path, capsys):
     assert not (tmp_path / "bad").exists()
 
 
+def test_track_train_global_tokens(files, tmp_path, capsys):
+    """How many frames of the sweep the global encoder sees: stored, changeable in a fine-tuning
+    (the encoder reads positions in the sweep, not token indices), refused without a global encoder."""
+    pytest.importorskip("torch")
+    from SensorlessTrackingLib.train import checkpoint_model_config
+
+    _, paths = files
+    small = ["--image-size", "32", "32", "--clip-length", "4", "--spacing-mm", "0.4", "--epochs", "1",
+             "--clips-per-epoch", "4", "--batch-size", "2", "--val-fraction", "0.34", "--threads", "1", "--json"]
+    assert run_cli(["track", "train", *map(str, paths), "--out", str(tmp_path / "d"), "--global-tokens", "5", *small]) == 0
+    ckpt = json.loads(capsys.readouterr().out)["checkpoint"]
+    assert checkpoint_model_config(ckpt).max_global_tokens == 5
+    tune = ["--epochs", "1", "--clips-per-epoch", "4", "--batch-size", "2", "--val-fraction", "0.34", "--threads", "1",
+            "--json"]
+    assert run_cli(["track", "train", *map(str, paths), "--out", str(tmp_path / "t"), "--init", ckpt, "--global-tokens",
+                    "8", *tune]) == 0
+    tuned = json.loads(capsys.readouterr().out)["checkpoint"]
+    assert checkpoint_model_config(tuned).max_global_tokens == 8
+    assert run_cli(["track", "predict", str(paths[0]), "--model", tuned, "--out", str(tmp_path / "p.igs.mha")]) == 0
+    capsys.readouterr()
+    for extra, value, match in ((["--local-only"], "16", "local-only dualtrack has none"),
+                                (["--model", "moglo"], "16", "moglo model"),
+                                ([], "0", "max_global_tokens must be >= 1")):
+        assert run_cli(["track", "train", *map(str, paths), "--out", str(tmp_path / "bad"), *extra, "--global-tokens",
+                        value, *small]) == 2
+        assert match in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_track_bad_input(files, tmp_path, capsys):
     _, paths = files
     assert run_cli(["track", "predict", str(paths[0]), "--model", str(tmp_path / "none.pt"), "--out", str(tmp_path / "o.igs.mha")]) == 2
