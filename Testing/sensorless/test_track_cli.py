@@ -180,57 +180,41 @@ def test_track_train_pair_gaps(files, tmp_path, capsys):
     assert "--pair-gaps" in capsys.readouterr().err
 
 
-def test_track_train_global_drop(files, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "flag, field, value, tuned, refused, bad_value, bad_match",
+    [
+        # drop-path: a training regulariser, 0 = off, a probability below 1
+        ("--global-drop", "global_drop", "0.5", "0", "pairwise", "1.5", "global_drop must be a probability"),
+        # how many frames of the sweep the global encoder sees: it encodes positions in the sweep,
+        # not token indices, so no weight depends on it
+        ("--global-tokens", "max_global_tokens", "5", "8", "moglo", "0", "max_global_tokens must be >= 1"),
+    ],
+)
+def test_track_train_global_setting(files, tmp_path, capsys, flag, field, value, tuned, refused, bad_value, bad_match):
+    """A setting of dualtrack's global context: stored in the checkpoint, changeable when
+    fine-tuning (it changes no weights), refused without a global encoder or out of range."""
     pytest.importorskip("torch")
     from SensorlessTrackingLib.train import checkpoint_model_config
 
     _, paths = files
     small = ["--image-size", "32", "32", "--clip-length", "4", "--spacing-mm", "0.4", "--epochs", "1",
              "--clips-per-epoch", "4", "--batch-size", "2", "--val-fraction", "0.34", "--threads", "1", "--json"]
-    assert run_cli(["track", "train", *map(str, paths), "--out", str(tmp_path / "d"), "--global-drop", "0.5", *small]) == 0
+    assert run_cli(["track", "train", *map(str, paths), "--out", str(tmp_path / "d"), flag, value, *small]) == 0
     ckpt = json.loads(capsys.readouterr().out)["checkpoint"]
-    assert checkpoint_model_config(ckpt).global_drop == 0.5
-    # a training choice, not architecture: a checkpoint may be fine-tuned with another value
+    assert getattr(checkpoint_model_config(ckpt), field) == float(value)
     tune = ["--epochs", "1", "--clips-per-epoch", "4", "--batch-size", "2", "--val-fraction", "0.34", "--threads", "1",
             "--json"]
-    assert run_cli(["track", "train", *map(str, paths), "--out", str(tmp_path / "t"), "--init", ckpt, "--global-drop",
-                    "0", *tune]) == 0
-    assert checkpoint_model_config(json.loads(capsys.readouterr().out)["checkpoint"]).global_drop == 0.0
-    # nothing to drop without the global encoder, and a probability below 1
-    for extra, value, match in ((["--local-only"], "0.5", "local-only dualtrack has none"),
-                                (["--model", "pairwise"], "0.5", "pairwise model"),
-                                ([], "1.5", "global_drop must be a probability")):
-        assert run_cli(["track", "train", *map(str, paths), "--out", str(tmp_path / "bad"), *extra, "--global-drop",
-                        value, *small]) == 2
-        assert match in capsys.readouterr().err
-    assert not (tmp_path / "bad").exists()
-
-
-def test_track_train_global_tokens(files, tmp_path, capsys):
-    """How many frames of the sweep the global encoder sees: stored, changeable in a fine-tuning
-    (the encoder reads positions in the sweep, not token indices), refused without a global encoder."""
-    pytest.importorskip("torch")
-    from SensorlessTrackingLib.train import checkpoint_model_config
-
-    _, paths = files
-    small = ["--image-size", "32", "32", "--clip-length", "4", "--spacing-mm", "0.4", "--epochs", "1",
-             "--clips-per-epoch", "4", "--batch-size", "2", "--val-fraction", "0.34", "--threads", "1", "--json"]
-    assert run_cli(["track", "train", *map(str, paths), "--out", str(tmp_path / "d"), "--global-tokens", "5", *small]) == 0
-    ckpt = json.loads(capsys.readouterr().out)["checkpoint"]
-    assert checkpoint_model_config(ckpt).max_global_tokens == 5
-    tune = ["--epochs", "1", "--clips-per-epoch", "4", "--batch-size", "2", "--val-fraction", "0.34", "--threads", "1",
-            "--json"]
-    assert run_cli(["track", "train", *map(str, paths), "--out", str(tmp_path / "t"), "--init", ckpt, "--global-tokens",
-                    "8", *tune]) == 0
-    tuned = json.loads(capsys.readouterr().out)["checkpoint"]
-    assert checkpoint_model_config(tuned).max_global_tokens == 8
-    assert run_cli(["track", "predict", str(paths[0]), "--model", tuned, "--out", str(tmp_path / "p.igs.mha")]) == 0
+    assert run_cli(["track", "train", *map(str, paths), "--out", str(tmp_path / "t"), "--init", ckpt, flag, tuned,
+                    *tune]) == 0
+    fine_tuned = json.loads(capsys.readouterr().out)["checkpoint"]
+    assert getattr(checkpoint_model_config(fine_tuned), field) == float(tuned)
+    assert run_cli(["track", "predict", str(paths[0]), "--model", fine_tuned, "--out", str(tmp_path / "p.igs.mha")]) == 0
     capsys.readouterr()
-    for extra, value, match in ((["--local-only"], "16", "local-only dualtrack has none"),
-                                (["--model", "moglo"], "16", "moglo model"),
-                                ([], "0", "max_global_tokens must be >= 1")):
-        assert run_cli(["track", "train", *map(str, paths), "--out", str(tmp_path / "bad"), *extra, "--global-tokens",
-                        value, *small]) == 2
+    for extra, bad, match in ((["--local-only"], value, "local-only dualtrack has none"),
+                              (["--model", refused], value, f"{refused} model"),
+                              ([], bad_value, bad_match)):
+        assert run_cli(["track", "train", *map(str, paths), "--out", str(tmp_path / "bad"), *extra, flag, bad,
+                        *small]) == 2
         assert match in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
 
