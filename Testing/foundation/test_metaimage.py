@@ -824,3 +824,143 @@ def test_reading_streams_with_bounded_memory(tmp_path, compress):
     assert stats["delta"] < 1.5 * data_bytes, (
         f"peak RSS grew by {stats['delta'] / data_bytes:.2f}x the data"
     )
+
+
+# -------------------------------------------------------------------------------------------
+# Hostile headers: sizes checked against the file before any allocation, data files beside the
+# header, one-line messages (issue 21)
+# -------------------------------------------------------------------------------------------
+def _peak_allocation_bytes(fn) -> int:
+    """Peak bytes Python and numpy allocated while ``fn()`` ran (it must raise FileFormatError)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(FileFormatError) as info:
+            fn()
+        return tracemalloc.get_traced_memory()[1], str(info.value)
+    finally:
+        tracemalloc.stop()
+
+
+def _transform_lines(n_frames_listed: int) -> dict:
+    return {
+        f"Seq_Frame{i:04d}_ProbeToTrackerTransform": "1 0 0 0 0 1 0 0 0 0 1 0 0 0 0 1"
+        for i in range(n_frames_listed)
+    }
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_hundred_million_frames_in_a_tiny_file_allocate_nothing(tmp_path, compressed):
+    # issue 21: a 174-byte .igs.mha with DimSize = 1 1 100000000 allocated 12.7 GB of per-frame
+    # transform and status arrays before the pixel data were checked.
+    extra = {"CompressedData": "True"} if compressed else {}
+    payload = zlib.compress(bytes(100)) if compressed else bytes(100)
+    header = seq_header(**extra, DimSize="1 1 100000000", **_transform_lines(1))
+    path = write_raw_metafile(tmp_path / "tiny.igs.mha", header, payload)
+    peak, message = _peak_allocation_bytes(lambda: read_sequence_metafile(path))
+    assert peak < 100 << 20, peak  # the 12.7 GB of transforms would be far above this
+    assert "tiny.igs.mha" in message and "\n" not in message
+
+
+def test_dimsize_product_does_not_wrap(tmp_path):
+    # 4294967296 * 4294967296 * 3 is 0 modulo 2**64: it passed the size check as 0 bytes.
+    header = seq_header(DimSize="4294967296 4294967296 3")
+    path = write_raw_metafile(tmp_path / "wrap.mha", header, ramp().tobytes())
+    with pytest.raises(FileFormatError, match=r"needs 55340232221128654848 bytes"):
+        read_sequence_metafile(path)
+    for compressed in ("True", "False"):
+        header = seq_header(DimSize="4294967296 4294967296 3", CompressedData=compressed)
+        path = write_raw_metafile(tmp_path / "wrap2.mha", header, zlib.compress(ramp().tobytes()))
+        with pytest.raises(FileFormatError, match=r"55340232221128654848 bytes"):
+            read_sequence_metafile(path)
+
+
+@pytest.mark.parametrize("value", ["1" * 24, "2000", "-1", "1 1"])
+def test_element_number_of_channels_is_bounded(tmp_path, value):
+    header = seq_header(ElementNumberOfChannels=value)
+    path = write_raw_metafile(tmp_path / "ch.mha", header, ramp().tobytes())
+    with pytest.raises(FileFormatError, match=r"ElementNumberOfChannels") as info:
+        read_sequence_metafile(path)
+    assert len(str(info.value)) < 300
+
+
+def test_zero_sized_frames_are_refused(tmp_path):
+    # 0 x 0 pixels need 0 bytes: without this check any frame count passed the size check.
+    header = seq_header(DimSize="0 0 1000000000000", **_transform_lines(1))
+    path = write_raw_metafile(tmp_path / "z.mha", header, b"")
+    with pytest.raises(FileFormatError, match=r"0 x 0 pixels hold no image"):
+        read_sequence_metafile(path)
+    volume_header = {**seq_header(DimSize="0 4 3")}
+    path = write_raw_metafile(tmp_path / "v.mha", volume_header, b"")
+    with pytest.raises(FileFormatError, match=r"at least one voxel"):
+        read_volume_metafile(path)
+
+
+def test_frame_index_of_thousands_of_digits(tmp_path):
+    header = seq_header(**{f"Seq_Frame{'9' * 5000}_Timestamp": "1"})
+    path = write_raw_metafile(tmp_path / "d.mha", header, ramp().tobytes())
+    with pytest.raises(FileFormatError, match=r"not of the form Seq_Frame<number>_<Name>") as info:
+        read_sequence_metafile(path)
+    assert len(str(info.value)) < 300
+
+
+def test_huge_header_values_are_not_echoed(tmp_path):
+    for field in ("DimSize", "ElementType", "CompressedData", "ElementSpacing", "NDims"):
+        header = seq_header(**{field: "x" * 500_000})
+        path = write_raw_metafile(tmp_path / "big.mha", header, ramp().tobytes())
+        with pytest.raises(FileFormatError) as info:
+            read_sequence_metafile(path)
+        message = str(info.value)
+        assert field in message and len(message) < 400 and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["/etc/passwd", "../outside.raw", "../../../../../../etc/passwd", "/dev/zero", "sub/../../outside.raw"],
+)
+def test_element_data_file_outside_the_folder_is_refused(tmp_path, name):
+    folder = tmp_path / "rec"
+    folder.mkdir()
+    (tmp_path / "outside.raw").write_bytes(ramp().tobytes())
+    text = format_metaimage_header({**seq_header(), "ElementDataFile": name})
+    path = folder / "x.mhd"
+    path.write_text(text)
+    with pytest.raises(FileFormatError, match=r"x\.mhd: ElementDataFile = .* lies outside the header's folder"):
+        read_sequence_metafile(path)
+    with pytest.raises(FileFormatError, match=r"outside the header's folder"):
+        read_volume_metafile(path)
+
+
+def test_element_data_file_links_and_devices(tmp_path):
+    folder = tmp_path / "rec"
+    (folder / "sub").mkdir(parents=True)
+    (tmp_path / "secret.raw").write_bytes(ramp().tobytes())
+    (folder / "link.raw").symlink_to(tmp_path / "secret.raw")
+    (folder / "sub" / "data.raw").write_bytes(ramp().tobytes())
+    (folder / "fifo.raw").mkdir()  # not a regular file
+    for name, match in [
+        ("link.raw", "outside the header's folder"),
+        ("fifo.raw", "not a regular file"),
+    ]:
+        path = folder / "x.mhd"
+        path.write_text(format_metaimage_header({**seq_header(), "ElementDataFile": name}))
+        with pytest.raises(FileFormatError, match=match):
+            read_sequence_metafile(path)
+    # a data file in a subfolder, and an absolute path into the folder, are fine
+    for name in ("sub/data.raw", str(folder / "sub" / "data.raw")):
+        path.write_text(format_metaimage_header({**seq_header(), "ElementDataFile": name}))
+        assert np.array_equal(read_sequence_metafile(path).frames, ramp())
+
+
+def test_compressed_bomb_header_costs_only_the_data(tmp_path):
+    # the header promises 1000x the frames that the compressed data hold (within deflate's
+    # ratio, so the early check passes): the reader grows its output as the data arrive.
+    frames = np.random.default_rng(0).integers(0, 256, (40, 64, 64), dtype=np.uint8)
+    payload = zlib.compress(frames.tobytes())
+    header = seq_header(40_000, 64, 64, CompressedData="True")
+    path = write_raw_metafile(tmp_path / "bomb.mha", header, payload)
+    assert 40_000 * 64 * 64 < 1100 * len(payload)
+    peak, message = _peak_allocation_bytes(lambda: read_sequence_metafile(path))
+    assert peak < 80 << 20, peak  # 64 MiB first block, not the 164 MB promised
+    assert "only 163840 bytes" in message

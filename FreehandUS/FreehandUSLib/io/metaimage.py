@@ -60,6 +60,7 @@ ITK's MetaImageIO reads it that way (``SetDirection(a, values[a*n:(a+1)*n])``), 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import zlib
@@ -73,6 +74,7 @@ from ..orientation import normalize_orientation
 from ..sequence import FrameTransforms, TrackedSequence
 from ..transforms import split_transform_name
 from ..volume import Volume
+from ._safety import MAX_INFLATE_RATIO, check_memory, data_file_beside, format_bytes, shown
 
 __all__ = [
     "parse_metaimage_header",
@@ -157,13 +159,14 @@ _VOLUME_STRUCTURAL_KEYS = _SEQUENCE_STRUCTURAL_KEYS - {
 
 _FRAME_PREFIX = "Seq_Frame"
 _WHITESPACE_RE = re.compile(r"\s")
-_FRAME_KEY_RE = re.compile(r"^Seq_Frame(\d+)_(.+)$")
+_FRAME_KEY_RE = re.compile(r"^Seq_Frame(\d{1,18})_(.+)$")
 _TIMESTAMP = "Timestamp"
 _IMAGE_STATUS_FIELDS = ("ImageStatus", "Status")
 
 _MAX_LINE_BYTES = 1 << 20  # a header line longer than this is not a header line
 _CHUNK_BYTES = 1 << 20  # compressed bytes read at a time
-_MAX_ZLIB_RATIO = 1100  # deflate cannot expand data by more than ~1032x
+_FIRST_ALLOCATION_BYTES = 64 << 20  # output allocated for compressed data before it grows
+_MAX_CHANNELS = 1024  # ElementNumberOfChannels above this is not an image
 _SIZE_FIELD_WIDTH = 20  # reserved characters for the patched CompressedDataSize value
 _DEFAULT_COMPRESSION_LEVEL = 6  # zlib's default, what PLUS uses
 
@@ -183,16 +186,15 @@ def _parse_line(line: str, lineno: int, source) -> tuple[str, str] | None:
         return None
     key, sep, value = line.partition("=")
     key = key.strip()
-    shown = line if len(line) <= 80 else line[:77] + "..."
     if not sep:
         raise FileFormatError(
-            f"{_where(source)}header line {lineno} {shown!r} is not of the form 'Key = Value' (no '=')"
+            f"{_where(source)}header line {lineno} {shown(line)} is not of the form 'Key = Value' (no '=')"
         )
     if not key:
-        raise FileFormatError(f"{_where(source)}header line {lineno} {shown!r} has an empty key")
+        raise FileFormatError(f"{_where(source)}header line {lineno} {shown(line)} has an empty key")
     if _WHITESPACE_RE.search(key):
         raise FileFormatError(
-            f"{_where(source)}header line {lineno} {shown!r}: key {key!r} contains white space"
+            f"{_where(source)}header line {lineno} {shown(line)}: key {shown(key)} contains white space"
         )
     return key, value.strip()
 
@@ -229,7 +231,7 @@ def parse_metaimage_header(text: str, *, source: str = "") -> dict[str, str]:
             continue
         key, value = item
         if key in fields:
-            raise FileFormatError(f"{_where(source)}header line {lineno}: key {key!r} occurs twice")
+            raise FileFormatError(f"{_where(source)}header line {lineno}: key {shown(key)} occurs twice")
         fields[key] = value
         if key == "ElementDataFile":
             break
@@ -255,7 +257,7 @@ def format_metaimage_header(fields: Mapping[str, object]) -> str:
 def _check_key(key) -> str:
     if not isinstance(key, str) or not key or "=" in key or _WHITESPACE_RE.search(key):
         raise FileFormatError(
-            f"MetaImage header key {key!r} must be a non-empty string without '=' or white space"
+            f"MetaImage header key {shown(key)} must be a non-empty string without '=' or white space"
         )
     return key
 
@@ -264,7 +266,7 @@ def _check_value(key, value) -> str:
     text = str(value)
     if "\n" in text or "\r" in text:
         raise FileFormatError(
-            f"MetaImage header field {key!r}: value {text!r} contains a line break"
+            f"MetaImage header field {shown(key)}: value {shown(text)} contains a line break"
         )
     return text.strip()
 
@@ -317,7 +319,7 @@ def read_metaimage_header(path) -> tuple[dict[str, str], int]:
                     continue
                 key, value = item
                 if key in fields:
-                    raise FileFormatError(f"{path}: header line {lineno}: key {key!r} occurs twice")
+                    raise FileFormatError(f"{path}: header line {lineno}: key {shown(key)} occurs twice")
                 fields[key] = value
                 if key == "ElementDataFile":
                     return fields, f.tell()
@@ -340,10 +342,10 @@ def _ints(header, key, path, *, required=True) -> list[int] | None:
         values = [int(v) for v in text.split()]
     except ValueError:
         raise FileFormatError(
-            f"{path}: header field {key} = {text!r} is not a list of integers"
+            f"{path}: header field {key} = {shown(text)} is not a list of integers"
         ) from None
     if any(v < 0 for v in values):
-        raise FileFormatError(f"{path}: header field {key} = {text!r} holds negative values")
+        raise FileFormatError(f"{path}: header field {key} = {shown(text)} holds negative values")
     return values
 
 
@@ -355,11 +357,11 @@ def _floats(header, key, path, count) -> list[float] | None:
         values = [float(v) for v in text.split()]
     except ValueError:
         raise FileFormatError(
-            f"{path}: header field {key} = {text!r} is not a list of numbers"
+            f"{path}: header field {key} = {shown(text)} is not a list of numbers"
         ) from None
     if len(values) != count or not all(np.isfinite(values)):
         raise FileFormatError(
-            f"{path}: header field {key} = {text!r}: expected {count} finite numbers, got {len(values)}"
+            f"{path}: header field {key} = {shown(text)}: expected {count} finite numbers, got {len(values)}"
         )
     return values
 
@@ -373,7 +375,7 @@ def _bool(header, key, path, default=False) -> bool:
         return True
     if low in ("false", "0", "no"):
         return False
-    raise FileFormatError(f"{path}: header field {key} = {text!r} is not True or False")
+    raise FileFormatError(f"{path}: header field {key} = {shown(text)} is not True or False")
 
 
 class _Layout:
@@ -388,11 +390,11 @@ class _Layout:
                 ndims = int(ndims_text)
             except ValueError:
                 raise FileFormatError(
-                    f"{path}: header field NDims = {ndims_text!r} is not an integer"
+                    f"{path}: header field NDims = {shown(ndims_text)} is not an integer"
                 ) from None
             if len(dims) != ndims:
                 raise FileFormatError(
-                    f"{path}: DimSize = {header['DimSize']!r} has {len(dims)} values but NDims = {ndims}"
+                    f"{path}: DimSize = {shown(header['DimSize'])} has {len(dims)} values but NDims = {ndims}"
                 )
         self.ndims = len(dims)
         self.dims = dims
@@ -400,10 +402,12 @@ class _Layout:
             raise FileFormatError(f"{path}: NDims = {self.ndims} is not supported (2, 3 or 4)")
 
         n_channels = _ints(header, "ElementNumberOfChannels", path, required=False)
-        if n_channels is not None and (len(n_channels) != 1 or n_channels[0] < 1):
+        if n_channels is not None and (
+            len(n_channels) != 1 or not 1 <= n_channels[0] <= _MAX_CHANNELS
+        ):
             raise FileFormatError(
-                f"{path}: ElementNumberOfChannels = {header['ElementNumberOfChannels']!r} "
-                f"is not a positive integer"
+                f"{path}: ElementNumberOfChannels = {shown(header['ElementNumberOfChannels'])} "
+                f"is not an integer from 1 to {_MAX_CHANNELS}"
             )
         self.n_channels = n_channels[0] if n_channels else 1
 
@@ -412,7 +416,7 @@ class _Layout:
             raise FileFormatError(f"{path}: header field ElementType is missing")
         if etype not in _MET_TYPES:
             raise FileFormatError(
-                f"{path}: ElementType = {etype!r} is not supported; expected one of "
+                f"{path}: ElementType = {shown(etype)} is not supported; expected one of "
                 f"{', '.join(_MET_TYPES)}"
             )
         self.element_type = etype
@@ -429,46 +433,49 @@ class _Layout:
             size = _ints(header, "CompressedDataSize", path)
             if len(size) != 1:
                 raise FileFormatError(
-                    f"{path}: CompressedDataSize = {header['CompressedDataSize']!r} is not one integer"
+                    f"{path}: CompressedDataSize = {shown(header['CompressedDataSize'])} is not one integer"
                 )
             self.compressed_size = size[0]
 
         data_file = header.get("ElementDataFile")
         if data_file is None:
             raise FileFormatError(f"{path}: header field ElementDataFile is missing")
+        self.header_size = None
         if data_file == "LOCAL":
             self.data_path = path
             self.data_offset = data_offset
-            self.header_size = None
         else:
             if data_file.upper() == "LIST" or "%" in data_file or not data_file:
                 raise FileFormatError(
-                    f"{path}: ElementDataFile = {data_file!r}: only LOCAL or one data file is supported"
+                    f"{path}: ElementDataFile = {shown(data_file)}: only LOCAL or one data file is supported"
                 )
-            self.data_path = path.parent / data_file
-            if not self.data_path.is_file():
-                raise FileFormatError(
-                    f"{path}: data file {self.data_path} (ElementDataFile = {data_file}) not found"
-                )
-            header_size = header.get("HeaderSize")
-            self.header_size = None
+            self.data_path = data_file_beside(path, data_file, "ElementDataFile")
             self.data_offset = 0
+            header_size = header.get("HeaderSize")
             if header_size is not None:
                 try:
                     self.header_size = int(header_size)
                 except ValueError:
                     raise FileFormatError(
-                        f"{path}: HeaderSize = {header_size!r} is not an integer"
+                        f"{path}: HeaderSize = {shown(header_size)} is not an integer"
                     ) from None
+                if self.header_size < -1:
+                    raise FileFormatError(
+                        f"{path}: HeaderSize = {shown(header_size)}: expected -1 (data at the end of "
+                        f"the file) or a number of bytes >= 0"
+                    )
                 if self.header_size > 0:
                     self.data_offset = self.header_size
+        # Python ints: a product of header numbers cannot wrap around here.
+        self.n_elements = math.prod(dims) * self.n_channels
+        self.expected_bytes = self.n_elements * self.dtype.itemsize
 
     @property
     def element_bytes(self) -> int:
         return self.dtype.itemsize * self.n_channels
 
     def describe(self) -> str:
-        return f"DimSize {' '.join(map(str, self.dims))}, {self.element_type} x {self.n_channels} channel(s)"
+        return f"DimSize {shown(' '.join(map(str, self.dims)), quote=False)}, {self.element_type} x {self.n_channels} channel(s)"
 
 
 class _RawSource:
@@ -525,11 +532,11 @@ class _ZlibSource:
                     f"{max(available, 0)} bytes after offset {layout.data_offset}"
                 )
             self.left = layout.compressed_size
-        if expected_bytes > _MAX_ZLIB_RATIO * max(self.left, 1):
+        if expected_bytes > MAX_INFLATE_RATIO * max(self.left, 1):
             raise FileFormatError(
                 f"{layout.path}: {layout.describe()} needs {expected_bytes} bytes but the "
                 f"{self.left} compressed bytes cannot hold that much (zlib expands at most "
-                f"{_MAX_ZLIB_RATIO}x): DimSize and CompressedDataSize do not match"
+                f"{MAX_INFLATE_RATIO}x): DimSize and CompressedDataSize do not match"
             )
         f.seek(layout.data_offset)
         self.decompressor = zlib.decompressobj(zlib.MAX_WBITS | 32)  # zlib or gzip stream
@@ -576,24 +583,41 @@ class _ZlibSource:
 
 
 def _read_slabs(layout: _Layout, shape: tuple[int, ...], dtype, *, on_slab=None) -> np.ndarray:
-    """Allocate ``(n, ...) = shape`` of ``dtype`` once and fill it slab by slab from the file.
+    """Fill an ``(n, ...) = shape`` array of ``dtype`` slab by slab from the file.
 
     ``out[i]`` receives the i-th ``prod(shape[1:])`` elements, converted from the file's
     element type when ``dtype`` differs. ``on_slab(i, out[i])`` runs after each slab. The data
-    size is checked against the file before the output is allocated.
+    size is checked against the file before anything is allocated; uncompressed data are read
+    into an array allocated once, compressed data into one that grows (doubling) as the data
+    arrive, so a header that promises more than its compressed data hold costs no more memory
+    than the data do.
     """
     n = shape[0]
-    slab_elems = int(np.prod(shape[1:], dtype=np.int64))
+    slab_elems = math.prod(shape[1:])
     slab_bytes = slab_elems * layout.dtype.itemsize
+    out_slab_bytes = slab_elems * np.dtype(dtype).itemsize
     expected = n * slab_bytes
     dtype = np.dtype(dtype)
     direct = dtype == layout.dtype
     source_cls = _ZlibSource if layout.compressed else _RawSource
     with open(layout.data_path, "rb") as f:
         source = source_cls(layout, f, expected)
-        out = np.empty(shape, dtype=dtype)
+        if layout.compressed:
+            capacity = min(n, max(1, _FIRST_ALLOCATION_BYTES // max(out_slab_bytes, 1)))
+        else:
+            capacity = n
+        check_memory(capacity * out_slab_bytes, layout.path, f"the pixel data ({layout.describe()})")
+        out = np.empty((capacity,) + tuple(shape[1:]), dtype=dtype)
         scratch = None if direct else np.empty(shape[1:], dtype=layout.dtype)
         for i in range(n):
+            if i == capacity:
+                capacity = min(n, 2 * capacity)
+                check_memory(
+                    (capacity - i) * out_slab_bytes,
+                    layout.path,
+                    f"the pixel data ({layout.describe()})",
+                )
+                out.resize((capacity,) + tuple(shape[1:]), refcheck=False)
             target = out[i] if direct else scratch
             if slab_bytes:
                 got = source.readinto(memoryview(target).cast("B"))
@@ -621,7 +645,7 @@ def _parse_matrix(text: str, path, key) -> np.ndarray:
     try:
         values = [float(v) for v in text.split()]
     except ValueError:
-        raise FileFormatError(f"{path}: {key} = {text!r} is not a list of 16 numbers") from None
+        raise FileFormatError(f"{path}: {key} = {shown(text)} is not a list of 16 numbers") from None
     if len(values) != 16:
         raise FileFormatError(
             f"{path}: {key} has {len(values)} numbers, expected 16 (a 4x4 matrix)"
@@ -675,13 +699,17 @@ def read_sequence_metafile(path) -> TrackedSequence:
     else:
         if dims[2] != 1:
             raise FileFormatError(
-                f"{path}: DimSize = {header['DimSize']!r}: sequences of 3D frames are not supported "
+                f"{path}: DimSize = {shown(header['DimSize'])}: sequences of 3D frames are not supported "
                 f"(NDims 4 is read only with a third size of 1)"
             )
         n_cols, n_rows, n_frames = dims[0], dims[1], dims[3]
     if n_frames == 0:
         raise SequenceError(
-            f"{path}: the sequence is empty (DimSize = {header['DimSize']!r} has 0 frames)"
+            f"{path}: the sequence is empty (DimSize = {shown(header['DimSize'])} has 0 frames)"
+        )
+    if n_rows == 0 or n_cols == 0:
+        raise FileFormatError(
+            f"{path}: DimSize = {shown(header['DimSize'])}: frames of {n_cols} x {n_rows} pixels hold no image"
         )
 
     source_orientation = header.get("UltrasoundImageOrientation", "MF")
@@ -694,7 +722,7 @@ def read_sequence_metafile(path) -> TrackedSequence:
         if match is None:
             if key.startswith(_FRAME_PREFIX):
                 raise FileFormatError(
-                    f"{path}: header field {key!r} is not of the form Seq_Frame<number>_<Name>"
+                    f"{path}: header field {shown(key)} is not of the form Seq_Frame<number>_<Name>"
                 )
             if key not in _SEQUENCE_STRUCTURAL_KEYS:
                 metadata[key] = value
@@ -702,12 +730,12 @@ def read_sequence_metafile(path) -> TrackedSequence:
         index, name = int(match.group(1)), match.group(2)
         if index >= n_frames:
             raise FileFormatError(
-                f"{path}: header field {key} refers to frame {index} but DimSize = "
-                f"{header['DimSize']!r} has {n_frames} frame(s)"
+                f"{path}: header field {shown(key, quote=False)} refers to frame {index} but DimSize = "
+                f"{shown(header['DimSize'])} has {n_frames} frame(s)"
             )
         values = per_frame.setdefault(name, {})
         if index in values:
-            raise FileFormatError(f"{path}: frame {index} has field {name} twice ({key})")
+            raise FileFormatError(f"{path}: frame {index} has field {shown(name)} twice")
         values[index] = value
     metadata["SourceOrientation"] = source_orientation
 
@@ -717,42 +745,78 @@ def read_sequence_metafile(path) -> TrackedSequence:
         sx, sy = spacing_values[0], spacing_values[1]
         if not (sx > 0 and sy > 0):
             raise FileFormatError(
-                f"{path}: ElementSpacing = {header['ElementSpacing']!r} must be positive"
+                f"{path}: ElementSpacing = {shown(header['ElementSpacing'])} must be positive"
             )
         if (sx, sy) != (1.0, 1.0):
             spacing = (sx, sy)
 
-    # -- per-frame fields -----------------------------------------------------------------
-    def key_of(index, name):
-        return f"Seq_Frame{index:04d}_{name}"
-
-    image_ok = np.ones(n_frames, dtype=bool)
+    # -- pixels first: they prove that the file holds n_frames frames, so the per-frame arrays
+    # -- below are sized by data that exist, not by a header number alone
+    no_image = set()  # frames whose status is not OK (a set: sized by the header's lines)
     for status_name in _IMAGE_STATUS_FIELDS:
         for index, value in per_frame.pop(status_name, {}).items():
             if value.upper() != "OK":
-                image_ok[index] = False
+                no_image.add(index)
+    frame_shape = (n_rows, n_cols) + ((layout.n_channels,) if layout.n_channels > 1 else ())
+    if layout.element_type == "MET_UCHAR":
+        out_dtype = np.dtype(np.uint8)
+    else:
+        out_dtype = np.dtype(np.float32)
+        if layout.element_type != "MET_FLOAT":
+            metadata["SourceElementType"] = layout.element_type
+            logger.info("%s: %s pixels converted to float32", path, layout.element_type)
+    flip_rows = orientation[1] == "N"
+    flip_cols = orientation[0] == "U"
+
+    def fix_frame(index, frame):
+        if index in no_image:
+            frame[...] = 0
+            return
+        if flip_rows:
+            frame[...] = frame[::-1]
+        if flip_cols:
+            frame[...] = frame[:, ::-1]
+
+    needs_fix = flip_rows or flip_cols or bool(no_image)
+    frames = _read_slabs(
+        layout, (n_frames,) + frame_shape, out_dtype, on_slab=fix_frame if needs_fix else None
+    )
+
+    # -- per-frame fields -----------------------------------------------------------------
+    def key_of(index, name):
+        return shown(f"Seq_Frame{index:04d}_{name}", quote=False)
+
+    transform_names = [n for n in per_frame if _is_transform_name(n)]
+    check_memory(
+        n_frames * (len(transform_names) * (16 * 8 + 1) + 8 + 1),
+        path,
+        f"the per-frame transforms and timestamps of {n_frames} frames",
+    )
+    image_ok = np.ones(n_frames, dtype=bool)
+    image_ok[sorted(no_image)] = False
 
     timestamps = None
     stamps = per_frame.pop(_TIMESTAMP, None)
     if stamps is not None:
+        if len(stamps) < n_frames:
+            index = next(i for i in range(n_frames) if i not in stamps)
+            raise FileFormatError(
+                f"{path}: frame {index} has no {_TIMESTAMP} field ({key_of(index, _TIMESTAMP)}) "
+                f"while other frames have one"
+            )
         timestamps = np.empty(n_frames, dtype=np.float64)
         for index in range(n_frames):
-            if index not in stamps:
-                raise FileFormatError(
-                    f"{path}: frame {index} has no {_TIMESTAMP} field ({key_of(index, _TIMESTAMP)}) "
-                    f"while other frames have one"
-                )
             try:
                 timestamps[index] = float(stamps[index])
             except ValueError:
                 timestamps[index] = np.nan
             if not np.isfinite(timestamps[index]):
                 raise FileFormatError(
-                    f"{path}: {key_of(index, _TIMESTAMP)} = {stamps[index]!r} is not a finite number"
+                    f"{path}: {key_of(index, _TIMESTAMP)} = {shown(stamps[index])} is not a finite number"
                 )
 
     transforms: dict[str, FrameTransforms] = {}
-    for name in [n for n in per_frame if _is_transform_name(n)]:
+    for name in transform_names:
         matrices_text = per_frame.pop(name)
         statuses = per_frame.pop(name + "Status", {})
         matrices = np.tile(np.eye(4), (n_frames, 1, 1))
@@ -770,35 +834,12 @@ def read_sequence_metafile(path) -> TrackedSequence:
             valid[index] = is_ok
         transforms[name[: -len("Transform")]] = FrameTransforms(matrices, valid)
 
+    check_memory(
+        n_frames * len(per_frame) * 64, path, f"the per-frame text fields of {n_frames} frames"
+    )
     frame_fields = {
         name: [values.get(i, "") for i in range(n_frames)] for name, values in per_frame.items()
     }
-
-    # -- pixels ---------------------------------------------------------------------------
-    frame_shape = (n_rows, n_cols) + ((layout.n_channels,) if layout.n_channels > 1 else ())
-    if layout.element_type == "MET_UCHAR":
-        out_dtype = np.dtype(np.uint8)
-    else:
-        out_dtype = np.dtype(np.float32)
-        if layout.element_type != "MET_FLOAT":
-            metadata["SourceElementType"] = layout.element_type
-            logger.info("%s: %s pixels converted to float32", path, layout.element_type)
-    flip_rows = orientation[1] == "N"
-    flip_cols = orientation[0] == "U"
-
-    def fix_frame(index, frame):
-        if not image_ok[index]:
-            frame[...] = 0
-            return
-        if flip_rows:
-            frame[...] = frame[::-1]
-        if flip_cols:
-            frame[...] = frame[:, ::-1]
-
-    needs_fix = flip_rows or flip_cols or not image_ok.all()
-    frames = _read_slabs(
-        layout, (n_frames,) + frame_shape, out_dtype, on_slab=fix_frame if needs_fix else None
-    )
 
     return TrackedSequence(
         frames=frames,
@@ -819,10 +860,10 @@ def _floats_any(header, key, path) -> list[float] | None:
         values = [float(v) for v in text.split()]
     except ValueError:
         raise FileFormatError(
-            f"{path}: header field {key} = {text!r} is not a list of numbers"
+            f"{path}: header field {key} = {shown(text)} is not a list of numbers"
         ) from None
     if not all(np.isfinite(values)):
-        raise FileFormatError(f"{path}: header field {key} = {text!r} holds NaN or infinite values")
+        raise FileFormatError(f"{path}: header field {key} = {shown(text)} holds NaN or infinite values")
     return values
 
 
@@ -1005,7 +1046,7 @@ def _sequence_header(
             continue
         if key.startswith(_FRAME_PREFIX):
             raise FileFormatError(
-                f"metadata key {key!r} starts with {_FRAME_PREFIX!r} and would be read back as a "
+                f"metadata key {shown(key)} starts with {shown(_FRAME_PREFIX)} and would be read back as a "
                 f"per-frame field; put per-frame values in frame_fields"
             )
         items.append((key, value))
@@ -1018,7 +1059,7 @@ def _check_frame_field_names(seq_or_names) -> None:
         _check_key(name)
         if name in reserved:
             raise FileFormatError(
-                f"frame field {name!r} is reserved (written from timestamps/image_ok)"
+                f"frame field {shown(name)} is reserved (written from timestamps/image_ok)"
             )
 
 
@@ -1212,7 +1253,7 @@ class SequenceMetafileWriter:
             matrix = np.asarray(matrix, dtype=np.float64)
             if matrix.shape != (4, 4):
                 raise SequenceError(
-                    f"{self.path}: frame {self.n_frames} transform {name!r} has shape {matrix.shape}, expected (4, 4)"
+                    f"{self.path}: frame {self.n_frames} transform {shown(name)} has shape {matrix.shape}, expected (4, 4)"
                 )
             name = _strip_transform_suffix(name)
             split_transform_name(name)
@@ -1337,12 +1378,16 @@ def read_volume_metafile(path) -> Volume:
         raise FileFormatError(
             f"{path}: NDims = {layout.ndims}: volumes must have 2 or 3 dimensions"
         )
+    if 0 in layout.dims:
+        raise FileFormatError(
+            f"{path}: DimSize = {shown(header['DimSize'])}: a volume needs at least one voxel along each axis"
+        )
     nd = layout.ndims
     dims = list(layout.dims) + [1] * (3 - nd)
     spacing_key = _first_present(header, ("ElementSpacing", "ElementSize"))
     spacing = _floats(header, spacing_key, path, nd) if spacing_key else [1.0] * nd
     if min(spacing) <= 0:
-        raise FileFormatError(f"{path}: {spacing_key} = {header[spacing_key]!r} must be positive")
+        raise FileFormatError(f"{path}: {spacing_key} = {shown(header[spacing_key])} must be positive")
     offset_key = _first_present(header, ("Offset", "Position", "Origin"))
     origin = _floats(header, offset_key, path, nd) if offset_key else [0.0] * nd
     matrix_key = _first_present(header, ("TransformMatrix", "Rotation", "Orientation"))
