@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import gzip
 import importlib
+import zlib
+from pathlib import Path
 
 import nrrd
 import numpy as np
@@ -882,3 +884,141 @@ def test_gzip_payload_is_real_gzip(tmp_path):
     data = path.read_bytes()
     payload = data[data.index(b"\n\n") + 2 :]
     assert len(gzip.decompress(payload)) == 2 * 48 * 64
+
+
+# ------------------------------------------------------------------------------------------------
+# hostile headers: every read bounded by the size the header implies, data files beside the
+# header, one-line messages (issue 21)
+
+
+def _hand_nrrd(path, fields: list[str], data: bytes = b"") -> Path:
+    """A NRRD file written by hand: ``NRRD0004``, the header lines, a blank line, ``data``."""
+    path.write_bytes(("\n".join(["NRRD0004", *fields]) + "\n\n").encode("ascii") + data)
+    return path
+
+
+_PLUS_FIELDS = ["type: uint8", "dimension: 3", "sizes: 4 3 2", "kinds: domain domain list"]
+
+
+def _peak_and_error(fn):
+    """(peak bytes traced while ``fn()`` ran, its FileFormatError message); it must raise one."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(FileFormatError) as info:
+            fn()
+        return tracemalloc.get_traced_memory()[1], str(info.value)
+    finally:
+        tracemalloc.stop()
+
+
+def test_empty_space_origin_is_a_format_error(tmp_path):
+    # pynrrd raised IndexError for 'space origin: ' (empty)
+    fields = ["type: uint8", "dimension: 3", "space: left-posterior-superior", "sizes: 2 2 2",
+              "space origin: ", "encoding: raw"]
+    path = _hand_nrrd(tmp_path / "o.nrrd", fields, bytes(8))
+    with pytest.raises(FileFormatError, match=r"o\.nrrd: invalid NRRD header"):
+        read_volume_nrrd(path)
+    with pytest.raises(FileFormatError, match=r"o\.nrrd: invalid NRRD header"):
+        read_sequence_nrrd(path)
+
+
+@pytest.mark.parametrize("encoding", ["raw", "gzip"])
+def test_huge_line_skip_does_not_hang(tmp_path, encoding):
+    import time
+
+    data = bytes(24) if encoding == "raw" else gzip.compress(bytes(24))
+    path = _hand_nrrd(tmp_path / "l.igs.nrrd", [*_PLUS_FIELDS, f"encoding: {encoding}", "line skip: 99999999999"], data)
+    start = time.monotonic()
+    with pytest.raises(FileFormatError, match=r"'line skip' 99999999999 is more lines than"):
+        read_sequence_nrrd(path)
+    assert time.monotonic() - start < 2
+    # a line skip within the file but past its end: stops at the end of the file
+    path = _hand_nrrd(tmp_path / "l2.igs.nrrd", [*_PLUS_FIELDS, "encoding: raw", "line skip: 20"], b"\n" * 5 + bytes(30))
+    with pytest.raises(FileFormatError, match=r"ends after 5 of the 20 lines"):
+        read_sequence_nrrd(path)
+
+
+@pytest.mark.parametrize("encoding", ["raw", "gzip", "bzip2"])
+def test_huge_byte_skip(tmp_path, encoding):
+    import bz2
+
+    payload = {"raw": bytes(24), "gzip": gzip.compress(bytes(24)), "bzip2": bz2.compress(bytes(24))}
+    path = _hand_nrrd(
+        tmp_path / "b.igs.nrrd",
+        [*_PLUS_FIELDS, f"encoding: {encoding}", "byte skip: 99999999999"],
+        payload[encoding],
+    )
+    peak, message = _peak_and_error(lambda: read_sequence_nrrd(path))
+    assert peak < 16 << 20, peak
+    assert "truncated or corrupt" in message or "cannot hold" in message, message
+
+
+def test_byte_skip_minus_one_only_with_raw(tmp_path):
+    path = _hand_nrrd(tmp_path / "m.igs.nrrd", [*_PLUS_FIELDS, "encoding: gzip", "byte skip: -1"], gzip.compress(bytes(24)))
+    with pytest.raises(FileFormatError, match=r"'byte skip: -1'.*only valid with raw"):
+        read_sequence_nrrd(path)
+    path = _hand_nrrd(tmp_path / "r.igs.nrrd", [*_PLUS_FIELDS, "encoding: raw", "byte skip: -1"], b"junk" + bytes(range(24)))
+    assert read_sequence_nrrd(path).frames.reshape(-1).tolist() == list(range(24))
+
+
+@pytest.mark.parametrize(
+    "name", ["/dev/zero", "/etc/passwd", "../outside.raw", "../../../../../../../etc/passwd", "link.raw"]
+)
+def test_detached_data_file_outside_the_folder_is_refused(tmp_path, name):
+    folder = tmp_path / "rec"
+    folder.mkdir()
+    (tmp_path / "outside.raw").write_bytes(bytes(24))
+    (folder / "link.raw").symlink_to(tmp_path / "outside.raw")
+    path = _hand_nrrd(folder / "d.igs.nhdr", [*_PLUS_FIELDS, "encoding: raw", f"data file: {name}"])
+    start_peak, message = _peak_and_error(lambda: read_sequence_nrrd(path))
+    assert "lies outside the header's folder" in message and start_peak < 16 << 20
+
+
+def test_detached_data_file_must_be_a_regular_file(tmp_path):
+    (tmp_path / "dir.raw").mkdir()
+    path = _hand_nrrd(tmp_path / "d.igs.nhdr", [*_PLUS_FIELDS, "encoding: raw", "data file: dir.raw"])
+    with pytest.raises(FileFormatError, match=r"not a regular file"):
+        read_sequence_nrrd(path)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "d.raw").write_bytes(bytes(range(24)))
+    path = _hand_nrrd(tmp_path / "d.igs.nhdr", [*_PLUS_FIELDS, "encoding: raw", "data file: sub/d.raw"])
+    assert read_sequence_nrrd(path).frames.sum() == sum(range(24))
+
+
+def test_gzip_bomb_is_inflated_only_as_far_as_the_header_says(tmp_path):
+    # 64 MiB of zeros in ~64 kB of gzip behind a header that asks for 24 bytes (issue 21: a
+    # 2 MB bomb inflating to 2 GiB was read until memory ran out).
+    compressor = zlib.compressobj(9, zlib.DEFLATED, zlib.MAX_WBITS | 16)
+    block = bytes(1 << 20)
+    bomb = b"".join(compressor.compress(block) for _ in range(64)) + compressor.flush()
+    path = _hand_nrrd(tmp_path / "bomb.igs.nrrd", [*_PLUS_FIELDS, "encoding: gzip"], bomb)
+    peak, message = _peak_and_error(lambda: read_sequence_nrrd(path))
+    assert peak < 8 << 20, peak
+    assert "hold more than the 24 bytes" in message
+
+
+def test_sizes_larger_than_the_compressed_data(tmp_path):
+    path = _hand_nrrd(
+        tmp_path / "s.igs.nrrd",
+        ["type: uint8", "dimension: 3", "sizes: 100000 100000 100000", "kinds: domain domain list", "encoding: gzip"],
+        gzip.compress(bytes(24)),
+    )
+    peak, message = _peak_and_error(lambda: read_sequence_nrrd(path))
+    assert peak < 8 << 20 and "cannot hold that much" in message
+
+
+def test_messages_have_no_numpy_reprs_and_no_huge_values(tmp_path):
+    path = _hand_nrrd(tmp_path / "t.igs.nrrd", [*_PLUS_FIELDS, "encoding: raw"], bytes(5))
+    with pytest.raises(FileFormatError) as info:
+        read_sequence_nrrd(path)
+    assert "np." not in str(info.value) and "[4, 3, 2]" in str(info.value)
+    for field in ("type", "encoding", "kinds", "sizes", "endian"):
+        fields = [f for f in [*_PLUS_FIELDS, "encoding: raw"] if not f.startswith(field)]
+        if field == "endian":
+            fields = [f.replace("uint8", "uint16") for f in fields]
+        path = _hand_nrrd(tmp_path / "h.igs.nrrd", [*fields, f"{field}: {'x' * 300_000}"], bytes(24))
+        with pytest.raises(FileFormatError) as info:
+            read_sequence_nrrd(path)
+        assert len(str(info.value)) < 400 and "\n" not in str(info.value), field

@@ -54,7 +54,10 @@ metafile reader streams frame by frame where memory matters.
 
 from __future__ import annotations
 
+import bz2
 import logging
+import math
+import os
 import re
 import zlib
 from pathlib import Path
@@ -68,12 +71,13 @@ from ..orientation import normalize_orientation, to_mf
 from ..sequence import TrackedSequence
 from ..transforms import split_transform_name
 from ..volume import Volume
+from ._safety import MAX_INFLATE_RATIO, check_memory, data_file_beside, shown
 
 __all__ = ["read_sequence_nrrd", "write_sequence_nrrd", "read_volume_nrrd", "write_volume_nrrd"]
 
 logger = logging.getLogger(__name__)
 
-_FRAME_KEY_RE = re.compile(r"^Seq_Frame(\d+)_(.+)$")
+_FRAME_KEY_RE = re.compile(r"^Seq_Frame(\d{1,18})_(.+)$")
 _AXIS_KEY_RE = re.compile(r"^axis (\d+) index (type|values)$")
 _ORIENTATION_KEY = "ultrasound image orientation"
 _IMAGE_TYPE_KEY = "ultrasound image type"
@@ -116,37 +120,299 @@ _COMPRESSION_LEVEL = 4
 # low-level reading
 
 
+#: NRRD type names (the format's list of synonyms) -> numpy type codes.
+_NRRD_TYPES = {
+    **dict.fromkeys(("signed char", "int8", "int8_t"), "i1"),
+    **dict.fromkeys(("uchar", "unsigned char", "uint8", "uint8_t"), "u1"),
+    **dict.fromkeys(
+        ("short", "short int", "signed short", "signed short int", "int16", "int16_t"), "i2"
+    ),
+    **dict.fromkeys(
+        ("ushort", "unsigned short", "unsigned short int", "uint16", "uint16_t"), "u2"
+    ),
+    **dict.fromkeys(("int", "signed int", "int32", "int32_t"), "i4"),
+    **dict.fromkeys(("uint", "unsigned int", "uint32", "uint32_t"), "u4"),
+    **dict.fromkeys(
+        (
+            "longlong",
+            "long long",
+            "long long int",
+            "signed long long",
+            "signed long long int",
+            "int64",
+            "int64_t",
+        ),
+        "i8",
+    ),
+    **dict.fromkeys(
+        ("ulonglong", "unsigned long long", "unsigned long long int", "uint64", "uint64_t"), "u8"
+    ),
+    "float": "f4",
+    "double": "f8",
+}
+_RAW = ("raw",)
+_GZIP = ("gzip", "gz")
+_BZIP2 = ("bzip2", "bz2")
+_ASCII = ("ascii", "text", "txt")
+_MAX_HEADER_LINE = 64 << 20  # bytes; a longer "line" is not a NRRD header line
+_CHUNK = 1 << 20  # compressed bytes read at a time
+#: pynrrd's parsers raise these on malformed field values (e.g. IndexError for an empty
+#: ``space origin``); each becomes a FileFormatError naming the file.
+_PARSE_ERRORS = (
+    nrrd.NRRDError,
+    ValueError,
+    KeyError,
+    IndexError,
+    TypeError,
+    OverflowError,
+    AttributeError,
+    UnicodeError,
+)
+
+
 def _read_header(path: Path, fh):
+    """Parse the header (pynrrd) from lines read with a length limit; leave ``fh`` at the data.
+
+    Returns the header with ``sizes`` checked: ``dimension`` positive integers, each at least 1.
+    """
+    lines = []
+    while True:
+        line = fh.readline(_MAX_HEADER_LINE)
+        if not line:
+            break
+        if len(line) >= _MAX_HEADER_LINE and not line.endswith(b"\n"):
+            raise FileFormatError(
+                f"{path}: header line {len(lines) + 1} is longer than {_MAX_HEADER_LINE} bytes; "
+                "not a NRRD header"
+            )
+        lines.append(line)
+        if len(lines) > 1 and not line.rstrip() and not line.startswith(b"#"):
+            break  # the blank line that ends the header
+    if not lines:
+        raise FileFormatError(f"{path}: empty file, expected a NRRD header")
     try:
-        header = nrrd.read_header(fh)
+        header = nrrd.read_header(lines)
     except StopIteration:
         raise FileFormatError(f"{path}: empty file, expected a NRRD header") from None
-    except (nrrd.NRRDError, ValueError, KeyError, UnicodeError) as exc:
-        raise FileFormatError(f"{path}: invalid NRRD header: {exc}") from exc
+    except _PARSE_ERRORS as exc:
+        raise FileFormatError(
+            f"{path}: invalid NRRD header: {shown(str(exc), 160, quote=False)}"
+        ) from None
     for key in ("dimension", "sizes", "type", "encoding"):
         if key not in header:
             raise FileFormatError(f"{path}: NRRD header lacks the required field {key!r}")
-    sizes = np.asarray(header["sizes"]).reshape(-1)
-    if int(header["dimension"]) != sizes.size:
+    try:
+        sizes = [int(v) for v in np.asarray(header["sizes"]).reshape(-1)]
+        dimension = int(header["dimension"])
+    except (TypeError, ValueError, OverflowError):
         raise FileFormatError(
-            f"{path}: 'dimension' is {header['dimension']} but 'sizes' has {sizes.size} values"
-        )
-    if "kinds" in header and len(header["kinds"]) != sizes.size:
+            f"{path}: 'sizes' {shown(header['sizes'])} is not a list of integers"
+        ) from None
+    if dimension != len(sizes):
         raise FileFormatError(
-            f"{path}: 'kinds' has {len(header['kinds'])} entries, expected {sizes.size} (one per axis)"
+            f"{path}: 'dimension' is {dimension} but 'sizes' has {len(sizes)} values"
         )
+    if any(v < 0 for v in sizes):
+        raise FileFormatError(f"{path}: 'sizes' {shown(sizes)}: sizes must not be negative")
+    if "kinds" in header and len(header["kinds"]) != len(sizes):
+        raise FileFormatError(
+            f"{path}: 'kinds' has {len(header['kinds'])} entries, expected {len(sizes)} (one per axis)"
+        )
+    header["sizes"] = np.asarray(sizes, dtype=np.int64) if max(sizes) < 2**63 else sizes
     return header
 
 
-def _read_data(path: Path, fh, header) -> np.ndarray:
-    """The data block in C order (shape = reversed ``sizes``)."""
-    try:
-        return nrrd.read_data(header, fh, filename=str(path), index_order="C")
-    except (nrrd.NRRDError, zlib.error, EOFError, OSError, ValueError, KeyError) as exc:
+def _nrrd_int(header, keys, default: int, path: Path) -> int:
+    for key in keys:
+        if key in header:
+            try:
+                return int(header[key])
+            except (TypeError, ValueError, OverflowError):
+                raise FileFormatError(
+                    f"{path}: {key!r} {shown(header[key])} is not an integer"
+                ) from None
+    return default
+
+
+def _data_dtype(header, path: Path) -> np.dtype:
+    type_name = str(header["type"]).strip().lower()
+    if type_name not in _NRRD_TYPES:
         raise FileFormatError(
-            f"{path}: NRRD data (encoding {header.get('encoding')!r}, type {header.get('type')!r}, "
-            f"sizes {list(np.asarray(header['sizes']))}) is truncated or corrupt: {exc}"
-        ) from exc
+            f"{path}: 'type' {shown(header['type'])} is not supported (expected a NRRD integer or "
+            "floating-point type)"
+        )
+    code = _NRRD_TYPES[type_name]
+    encoding = str(header["encoding"]).strip().lower()
+    if code[1] != "1" and encoding not in _ASCII:
+        endian = str(header.get("endian", "")).strip().lower()
+        if endian not in ("little", "big"):
+            raise FileFormatError(
+                f"{path}: 'endian' {shown(header.get('endian', 'missing'))}: a {type_name} "
+                "data block needs 'endian: little' or 'endian: big'"
+            )
+        code = ("<" if endian == "little" else ">") + code
+    return np.dtype(code)
+
+
+def _read_data(path: Path, fh, header) -> np.ndarray:
+    """The data block in C order (shape = reversed ``sizes``), read within the header's bounds.
+
+    ``fh`` is positioned just after the header. The number of bytes the header implies
+    (``prod(sizes) * type size``, as a Python int) is checked against the file before anything
+    is allocated; compressed data are inflated incrementally and never beyond that size (plus
+    ``byte skip``); ``line skip`` stops at the end of the file; a detached ``data file`` must lie
+    beside the header (same folder or below) and be a regular file.
+    """
+    sizes = [int(v) for v in header["sizes"]]
+    dtype = _data_dtype(header, path)
+    encoding = str(header["encoding"]).strip().lower()
+    if encoding not in _RAW + _GZIP + _BZIP2 + _ASCII:
+        raise FileFormatError(
+            f"{path}: 'encoding' {shown(header['encoding'])} is not supported (raw, gzip, bzip2 or ascii)"
+        )
+    line_skip = _nrrd_int(header, ("line skip", "lineskip"), 0, path)
+    byte_skip = _nrrd_int(header, ("byte skip", "byteskip"), 0, path)
+    if line_skip < 0:
+        raise FileFormatError(f"{path}: 'line skip' is {line_skip}; it must be >= 0")
+    if byte_skip < -1:
+        raise FileFormatError(f"{path}: 'byte skip' is {byte_skip}; it must be >= -1")
+    if byte_skip == -1 and encoding not in _RAW:
+        raise FileFormatError(
+            f"{path}: 'byte skip: -1' (data at the end of the file) is only valid with raw encoding, "
+            f"not {encoding}"
+        )
+    data_file = header.get("data file", header.get("datafile"))
+    describe = f"sizes {shown(sizes, quote=False)} of {header['type']} ({encoding})"
+    if data_file is not None:
+        name = str(data_file).strip()
+        if name.upper().startswith("LIST") or len(name.split()) > 1:
+            raise FileFormatError(
+                f"{path}: 'data file' {shown(name)}: only one detached data file is supported"
+            )
+        data_path = data_file_beside(path, name, "data file")
+        with open(data_path, "rb") as data_fh:
+            return _read_block(path, data_fh, 0, sizes, dtype, encoding, line_skip, byte_skip, describe)
+    return _read_block(path, fh, fh.tell(), sizes, dtype, encoding, line_skip, byte_skip, describe)
+
+
+def _read_block(path, f, offset, sizes, dtype, encoding, line_skip, byte_skip, describe):
+    n_values = math.prod(sizes)
+    nbytes = n_values * dtype.itemsize
+    size = os.fstat(f.fileno()).st_size
+    f.seek(offset)
+    if line_skip > size - offset:
+        raise FileFormatError(
+            f"{path}: 'line skip' {line_skip} is more lines than the {max(size - offset, 0)} bytes "
+            "after the header can hold"
+        )
+    for number in range(line_skip):
+        while True:
+            line = f.readline(_CHUNK)
+            if not line:
+                raise FileFormatError(
+                    f"{path}: the file ends after {number} of the {line_skip} lines of 'line skip'"
+                )
+            if line.endswith(b"\n"):
+                break
+    position = f.tell()
+    available = size - position
+    if encoding in _RAW:
+        if byte_skip == -1:
+            position = size - nbytes
+        else:
+            position += byte_skip
+        if nbytes > size - position or position < 0:
+            raise FileFormatError(
+                f"{path}: NRRD data truncated or corrupt: {describe} need {nbytes} bytes, the file holds "
+                f"{max(size - max(position, 0), 0)} after the header and skips"
+            )
+        check_memory(nbytes, path, f"the data ({describe})")
+        out = np.empty(n_values, dtype=dtype)
+        view = memoryview(out).cast("B")
+        f.seek(position)
+        filled = 0
+        while filled < nbytes:
+            got = f.readinto(view[filled:])
+            if not got:
+                raise FileFormatError(f"{path}: NRRD data truncated or corrupt after {filled} of {nbytes} bytes")
+            filled += got
+        return out.reshape(sizes[::-1])
+    if encoding in _ASCII:
+        check_memory(available * 24, path, f"the text data ({describe})")
+        tokens = f.read(available).split()
+        if len(tokens) < n_values:
+            raise FileFormatError(
+                f"{path}: NRRD text data truncated or corrupt: {describe} need {n_values} values, the file holds "
+                f"{len(tokens)}"
+            )
+        try:
+            values = np.array([float(t) for t in tokens[:n_values]], dtype=np.float64)
+        except ValueError:
+            raise FileFormatError(f"{path}: NRRD text data hold a value that is not a number") from None
+        if dtype.kind in "iu":
+            info = np.iinfo(dtype)
+            if not (np.all(values == np.round(values)) and values.min() >= info.min and values.max() <= info.max):
+                raise FileFormatError(f"{path}: NRRD text data do not fit the type {dtype}")
+        return values.astype(dtype).reshape(sizes[::-1])
+    # gzip / bzip2: inflate incrementally, never past byte skip + the data (skipped bytes are
+    # dropped as they come), plus one byte that tells whether the data are longer
+    want = byte_skip + nbytes
+    if encoding in _GZIP and want > MAX_INFLATE_RATIO * max(available, 1):
+        raise FileFormatError(
+            f"{path}: {describe} need {nbytes} bytes"
+            + (f" after a byte skip of {byte_skip}" if byte_skip else "")
+            + f" but {available} gzip bytes cannot hold that much (gzip expands at most "
+            f"{MAX_INFLATE_RATIO}x): 'sizes' and the data do not match"
+        )
+    check_memory(nbytes, path, f"the data ({describe})")
+    decompressor = zlib.decompressobj(zlib.MAX_WBITS | 32) if encoding in _GZIP else bz2.BZ2Decompressor()
+    out = bytearray()
+    produced = 0  # bytes inflated, skipped ones included
+    pending = b""
+    left = available
+    while produced < want + 1:
+        limit = min(want + 1 - produced, _CHUNK * 16)
+        try:
+            if encoding in _GZIP:
+                if not pending:
+                    pending = f.read(min(_CHUNK, left))
+                    left -= len(pending)
+                    if not pending:
+                        break
+                piece = decompressor.decompress(pending, limit)
+                pending = decompressor.unconsumed_tail
+                done = decompressor.eof
+            else:
+                data = b""
+                if decompressor.needs_input:
+                    data = f.read(min(_CHUNK, left))
+                    left -= len(data)
+                    if not data:
+                        break
+                piece = decompressor.decompress(data, limit)
+                done = decompressor.eof
+        except (zlib.error, OSError, EOFError, ValueError) as exc:
+            raise FileFormatError(
+                f"{path}: {encoding} data truncated or corrupt after {produced} bytes "
+                f"({shown(str(exc), quote=False)})"
+            ) from None
+        skip = min(max(byte_skip - produced, 0), len(piece))
+        out += memoryview(piece)[skip:]
+        produced += len(piece)
+        if done:
+            break
+    if produced < want:
+        raise FileFormatError(
+            f"{path}: NRRD data truncated or corrupt: {describe} need {nbytes} bytes"
+            + (f" after a byte skip of {byte_skip}" if byte_skip else "")
+            + f", the {encoding} data hold only {max(produced - byte_skip, 0)}"
+        )
+    if produced > want:
+        raise FileFormatError(
+            f"{path}: the {encoding} data hold more than the {nbytes} bytes {describe} need: "
+            "'sizes' and the data do not match"
+        )
+    return np.frombuffer(out, dtype=dtype).reshape(sizes[::-1])
 
 
 def _open(path) -> Path:
@@ -177,7 +443,7 @@ def _space_flip(header, path: Path) -> np.ndarray:
         return np.ones(3)
     if space not in _SPACE_TO_LPS:
         raise FileFormatError(
-            f"{path}: 'space' {header['space']!r} is not supported; expected left-posterior-superior,"
+            f"{path}: 'space' {shown(header['space'])} is not supported; expected left-posterior-superior,"
             " right-anterior-superior, left-anterior-superior or 3D-right-handed"
         )
     return np.asarray(_SPACE_TO_LPS[space])
@@ -220,7 +486,9 @@ def read_sequence_nrrd(path) -> TrackedSequence:
         header = _read_header(path, fh)
         layout = _sequence_layout(header, path)
         if layout["n_frames"] == 0:
-            raise SequenceError(f"{path}: 'sizes' {list(header['sizes'])}: the sequence holds no frames")
+            raise SequenceError(
+                f"{path}: 'sizes' {shown(header['sizes'], quote=False)}: the sequence holds no frames"
+            )
         data = _read_data(path, fh, header)
 
     frames, source_type = _frames_from_data(data, layout, path)
@@ -345,7 +613,7 @@ def _frames_from_data(data_c: np.ndarray, layout: dict, path: Path):
 
 
 def _split_frame_keys(key_values: dict[str, str], n: int, path: Path):
-    per_frame: dict[str, list[str | None]] = {}
+    found: dict[str, dict[int, str]] = {}
     other: dict[str, str] = {}
     for key, value in key_values.items():
         match = _FRAME_KEY_RE.match(key)
@@ -355,12 +623,20 @@ def _split_frame_keys(key_values: dict[str, str], n: int, path: Path):
         index, name = int(match.group(1)), match.group(2)
         if index >= n:
             raise FileFormatError(
-                f"{path}: {key!r} refers to frame {index} but the data holds {n} frames"
+                f"{path}: {shown(key)} refers to frame {index} but the data holds {n} frames"
             )
-        values = per_frame.setdefault(name, [None] * n)
-        if values[index] is not None:
-            raise FileFormatError(f"{path}: frame {index} has field {name!r} twice ({key!r})")
+        values = found.setdefault(name, {})
+        if index in values:
+            raise FileFormatError(f"{path}: frame {index} has field {shown(name)} twice")
         values[index] = value.strip()
+    check_memory(
+        len(found) * n * (8 + 16 * 8 + 1), path, f"the per-frame fields of {n} frames"
+    )
+    per_frame: dict[str, list[str | None]] = {}
+    for name, values in found.items():
+        column = per_frame[name] = [None] * n
+        for index, value in values.items():
+            column[index] = value
     return per_frame, other
 
 
@@ -430,7 +706,7 @@ def _parse_matrix(text: str, key: str, path: Path) -> np.ndarray:
         values = []
     if len(values) != 16:
         raise FileFormatError(
-            f"{path}: {key!r} must hold 16 numbers (a 4x4 matrix, row major), got {text!r}"
+            f"{path}: {shown(key)} must hold 16 numbers (a 4x4 matrix, row major), got {shown(text)}"
         )
     return np.array(values, dtype=np.float64).reshape(4, 4)
 
@@ -439,7 +715,7 @@ def _parse_float(text: str, key: str, path: Path) -> float:
     try:
         return float(text)
     except ValueError:
-        raise FileFormatError(f"{path}: {key!r} must be a number, got {text!r}") from None
+        raise FileFormatError(f"{path}: {shown(key)} must be a number, got {shown(text)}") from None
 
 
 def _index_values(slicer_keys: dict[str, str], frame_axis: int, n: int, path: Path):
@@ -452,7 +728,7 @@ def _index_values(slicer_keys: dict[str, str], frame_axis: int, n: int, path: Pa
         return None, None
     texts = [unquote(v) for v in slicer_keys[key].split()]
     if len(texts) != n:
-        raise FileFormatError(f"{path}: {key!r} has {len(texts)} values, expected {n} (one per frame)")
+        raise FileFormatError(f"{path}: {shown(key)} has {len(texts)} values, expected {n} (one per frame)")
     try:
         return np.array([float(t) for t in texts], dtype=np.float64), None
     except ValueError:
