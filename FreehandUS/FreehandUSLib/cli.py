@@ -2,7 +2,9 @@
 
 Each subcommand parses its options, loads files, calls the same Lib function the Slicer Logic
 calls, prints ``str(result)`` (or JSON with ``--json``) and returns an exit code. Errors caused by
-the input (:class:`~FreehandUSLib.errors.FreehandUSError`) print one line to stderr and exit 2.
+the input (:class:`~FreehandUSLib.errors.FreehandUSError`, a bad number or a file that cannot be
+opened or written) print one line to stderr and exit 2; Ctrl-C prints one line and exits 130.
+Numbers are checked by argparse with the types of :mod:`.cli_support`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from .cli_support import ArgumentParser, add_progress_option, progress_enabled
 from .errors import FreehandUSError
 
 __all__ = ["main", "build_parser", "sequence_info"]
@@ -97,13 +100,14 @@ def _cmd_convert(args) -> int:
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
-    result = run_demo(Path(args.out), quick=args.quick, browser_check=not args.no_browser_check)
+    result = run_demo(Path(args.out), quick=args.quick, browser_check=not args.no_browser_check,
+                      progress=progress_enabled(args))
     print(json.dumps(result.to_dict(), indent=2) if args.json else str(result))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="freehandus",
         description="Freehand 3D ultrasound: calibration, reconstruction, sensorless tracking, streams.",
     )
@@ -135,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-browser-check", action="store_true",
                    help="do not render report.html with a headless Chromium to check it (report.png)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    add_progress_option(p)
     p.set_defaults(func=_cmd_demo)
 
     # Subcommands of the other parts register themselves (their modules import only argparse
@@ -160,19 +165,53 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_name(args) -> str:
+    """``freehandus track predict`` etc.: the program and the subcommands the user typed."""
+    words = [args.command]
+    for key in ("what", "track_command", "simulate_command"):
+        word = getattr(args, key, None)
+        if isinstance(word, str):
+            words.append(word)
+    return "freehandus " + " ".join(words)
+
+
+def _os_error_text(exc: OSError) -> str:
+    """One line for an OSError: ``<file>: <reason>`` (no errno tuple, no traceback)."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    if exc.filename is not None:
+        return f"{exc.filename}: {reason}"
+    return reason
+
+
 def main(argv=None) -> int:
-    """Entry point of ``freehandus``; returns the process exit code."""
+    """Entry point of ``freehandus``; returns the process exit code.
+
+    0 on success; 2 on bad input (one line on stderr: a :class:`FreehandUSError`, an input or
+    output file that cannot be opened or written, or, from argparse, a bad option); 130 when
+    interrupted (Ctrl-C). Outputs are written to temporary names and renamed when complete, so
+    an interrupted command leaves no truncated file under the name asked for.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    name = _command_name(args)
     try:
         return int(args.func(args) or 0)
     except FreehandUSError as exc:
-        print(f"freehandus {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{name}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        print(f"{name}: error: {_os_error_text(exc)}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print(f"{name}: error: out of memory (use smaller inputs or outputs)", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -405,12 +405,13 @@ def _finite_or_none(value):
 
 
 class _Progress:
-    """tqdm bars (on stderr, only on a terminal unless ``force``) or nothing."""
+    """tqdm bars on stderr: ``enabled`` None on a terminal only, True always, False never."""
 
-    def __init__(self, enabled: bool):
+    def __init__(self, enabled: bool | None):
         self.enabled = enabled
+        self._disable = None if enabled is None else False  # tqdm: None = off unless a terminal
         self._tqdm = None
-        if enabled:
+        if enabled is not False:
             try:
                 from tqdm import tqdm
 
@@ -424,7 +425,7 @@ class _Progress:
         if self._tqdm is None:
             yield lambda done, total=None: None
             return
-        bar = self._tqdm(total=total, desc=desc, unit=unit, leave=False, disable=None, dynamic_ncols=True)
+        bar = self._tqdm(total=total, desc=desc, unit=unit, leave=False, disable=self._disable, dynamic_ncols=True)
 
         def update(done, total=None):
             if total is not None and total != bar.total:
@@ -838,7 +839,7 @@ def _stage(timings: dict, name: str):
     return timer()
 
 
-def run_demo(out_dir, *, quick: bool = False, settings: DemoSettings | None = None, progress: bool = True,
+def run_demo(out_dir, *, quick: bool = False, settings: DemoSettings | None = None, progress: bool | None = None,
              browser_check: bool = True, stream_timeout_s: float = 120.0) -> DemoResult:
     """Run the end-to-end demo (module docstring) and write everything to ``out_dir``.
 
@@ -850,8 +851,9 @@ def run_demo(out_dir, *, quick: bool = False, settings: DemoSettings | None = No
         The reduced run (:meth:`DemoSettings.quick_settings`) used by the end-to-end test.
     settings : DemoSettings, optional
         Overrides ``quick``.
-    progress : bool
-        tqdm progress bars on stderr (shown on a terminal only).
+    progress : bool or None
+        tqdm progress bars on stderr: None (default) only when stderr is a terminal, True always,
+        False never.
     browser_check : bool
         Render ``report.html`` with a headless Chromium (when installed) to ``report.png`` and
         check that the picture is not blank.

@@ -24,6 +24,18 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cli_support import (
+    add_progress_option,
+    finite_float,
+    index,
+    int_in,
+    non_negative_float,
+    positive_float,
+    positive_int,
+    progress_bar,
+    progress_enabled,
+    spacing_mm,
+)
 from ..errors import ConfigError, FileFormatError
 from .config import COMPOUNDINGS, INTERPOLATIONS, HoleFillingElement, ReconstructionOptions
 
@@ -77,6 +89,31 @@ def _spacing(values):
     raise ConfigError(f"--spacing: expected 1 or 3 values (mm), got {len(values)}")
 
 
+def _check_extent(extent):
+    """--extent i0 i1 j0 j1 k0 k1: each max >= its min (the voxel count is checked against the
+    memory budget by the reconstruction)."""
+    if extent is None:
+        return None
+    for axis, (low, high) in zip("ijk", zip(extent[0::2], extent[1::2])):
+        if high < low:
+            raise ConfigError(f"--extent: {axis}1 = {high} is below {axis}0 = {low} (expected i0 i1 j0 j1 k0 k1, "
+                              "each max >= its min)")
+    return tuple(extent)
+
+
+def _check_output(out: Path, *, flag: str = "--out") -> None:
+    """Refuse an output path whose folder is missing or is not a folder, or which is a folder,
+    before any work (``--out nodir/x.mha``)."""
+    from ..io import sequence_format
+
+    if out.is_dir():
+        raise FileFormatError(f"{flag} {out}: is a folder; give a volume file name (.mha, .mhd, .nrrd, .nhdr)")
+    sequence_format(out)  # unknown extension -> FileFormatError
+    parent = out.parent
+    if not parent.is_dir():
+        raise FileFormatError(f"{flag} {out}: folder {parent} does not exist (create it first)")
+
+
 def _channel_path(out: Path, name: str) -> Path:
     text = out.name
     for suffix in (".seq.nrrd", ".nrrd", ".nhdr", ".mha", ".mhd"):
@@ -85,11 +122,36 @@ def _channel_path(out: Path, name: str) -> Path:
     return out.with_name(text + f"_{name}")
 
 
+def _budget_bytes(gib: float) -> int:
+    """--memory-budget-gib -> bytes (refuses budgets beyond what any machine has: 1 EiB)."""
+    if gib > 2.0**30:
+        raise ConfigError(f"--memory-budget-gib: {gib:g} GiB is more memory than any machine has (at most {2**30} GiB)")
+    return max(1, int(gib * 1024**3))
+
+
+def _remove_written(path: Path) -> None:
+    """Remove an output this run wrote (and a ``.mhd``'s data file beside it)."""
+    paths = [path]
+    if path.suffix.lower() == ".mhd":
+        paths += [path.with_suffix(".raw"), path.with_suffix(".zraw")]
+    if path.suffix.lower() == ".nhdr":
+        paths += [path.with_suffix(".raw"), path.with_suffix(".raw.gz")]
+    for p in paths:
+        try:
+            p.unlink()
+        except OSError:
+            pass
+
+
 def run_reconstruct(args) -> int:
     """Body of ``freehandus reconstruct`` (see the module docstring)."""
     from ..io import read_sequence, write_volume
     from .reconstructor import options_from_plus_config, reconstruct_volume
 
+    out = Path(args.out)
+    _check_output(out)
+    if args.weight_out:
+        _check_output(Path(args.weight_out), flag="--weight-out")
     transforms = None
     if args.config:
         from ..io.plus_config import read_plus_config
@@ -109,7 +171,7 @@ def run_reconstruct(args) -> int:
     overrides = {
         "output_spacing_mm": _spacing(args.spacing),
         "output_origin_mm": args.origin,
-        "output_extent": args.extent,
+        "output_extent": _check_extent(args.extent),
         "interpolation": args.interpolation,
         "compounding": args.compounding,
         "clip_rectangle_origin_px": args.clip_origin,
@@ -124,7 +186,7 @@ def run_reconstruct(args) -> int:
         "image_to_reference_transform": args.image_to_reference_transform,
         "importance_mask_file": args.importance_mask,
         "number_of_threads": args.threads,
-        "memory_budget_bytes": None if args.memory_budget_gib is None else int(args.memory_budget_gib * 1024**3),
+        "memory_budget_bytes": None if args.memory_budget_gib is None else _budget_bytes(args.memory_budget_gib),
         "grid_alignment": args.grid_alignment,
         "emulate_plus": True if args.emulate_plus else None,
         "engine": args.engine,
@@ -135,25 +197,22 @@ def run_reconstruct(args) -> int:
             overrides["hole_filling"] = DEFAULT_HOLE_FILLING
     options = options.replace(**overrides)
     sequence = read_sequence(args.sequence)
-    progress = None
-    if args.verbose_progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=sequence.n_frames, unit="frame", desc="reconstruct")
-
-        def progress(done, total):
-            bar.total = total
-            bar.n = done
-            bar.refresh()
-
-    result = reconstruct_volume(sequence, transforms, options, progress=progress)
-    out = Path(args.out)
+    with progress_bar(progress_enabled(args), "reconstruct", total=sequence.n_frames) as progress:
+        result = reconstruct_volume(sequence, transforms, options, progress=progress)
     written = {}
-    for c, (name, volume) in enumerate(zip(result.channel_names, result.volumes)):
-        path = out if c == 0 else _channel_path(out, name)
-        written[name] = str(write_volume(volume, path))
-    if args.weight_out:
-        written["weight"] = str(write_volume(result.weight, Path(args.weight_out)))
+    try:
+        for c, (name, volume) in enumerate(zip(result.channel_names, result.volumes)):
+            path = out if c == 0 else _channel_path(out, name)
+            written[name] = write_volume(volume, path)
+        if args.weight_out:
+            written["weight"] = write_volume(result.weight, Path(args.weight_out))
+    except BaseException:
+        # a part of the outputs is no output: remove what this run wrote (each file is written
+        # under a temporary name and renamed when complete, so no file is left half-written)
+        for path in written.values():
+            _remove_written(Path(path))
+        raise
+    written = {name: str(path) for name, path in written.items()}
     if args.json:
         info = result.to_dict()
         info["files"] = written
@@ -184,30 +243,30 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--image-to-reference-transform",
         help="transform from image pixels to the output frame (default ImageToReference, or the config's)",
     )
-    p.add_argument("--spacing", type=float, nargs="+", metavar="MM", help="output voxel size: 1 or 3 values")
-    p.add_argument("--origin", type=float, nargs=3, metavar=("X", "Y", "Z"), help="output origin, mm")
+    p.add_argument("--spacing", type=spacing_mm, nargs="+", metavar="MM", help="output voxel size: 1 or 3 values")
+    p.add_argument("--origin", type=finite_float, nargs=3, metavar=("X", "Y", "Z"), help="output origin, mm")
     p.add_argument(
-        "--extent", type=int, nargs=6, metavar="I", help="output extent i0 i1 j0 j1 k0 k1 (with --origin: a fixed ROI)"
+        "--extent", type=index, nargs=6, metavar="I", help="output extent i0 i1 j0 j1 k0 k1 (with --origin: a fixed ROI)"
     )
     p.add_argument("--interpolation", choices=INTERPOLATIONS)
     p.add_argument("--compounding", choices=COMPOUNDINGS)
     p.add_argument("--fill-holes", action=argparse.BooleanOptionalAction, default=None, help="hole filling on/off")
-    p.add_argument("--clip-origin", type=int, nargs=2, metavar=("X", "Y"), help="clip rectangle origin, pixels")
-    p.add_argument("--clip-size", type=int, nargs=2, metavar=("W", "H"), help="clip rectangle size, pixels")
-    p.add_argument("--fan-angles", type=float, nargs=2, metavar=("LEFT", "RIGHT"), help="fan angles, degrees")
-    p.add_argument("--fan-origin", type=float, nargs=2, metavar=("X", "Y"), help="fan apex, pixels")
-    p.add_argument("--fan-radius", type=float, nargs=2, metavar=("START", "STOP"), help="fan radii, pixels")
+    p.add_argument("--clip-origin", type=index, nargs=2, metavar=("X", "Y"), help="clip rectangle origin, pixels")
+    p.add_argument("--clip-size", type=int_in(1, 2**31 - 1), nargs=2, metavar=("W", "H"), help="clip rectangle size, pixels")
+    p.add_argument("--fan-angles", type=finite_float, nargs=2, metavar=("LEFT", "RIGHT"), help="fan angles, degrees")
+    p.add_argument("--fan-origin", type=finite_float, nargs=2, metavar=("X", "Y"), help="fan apex, pixels")
+    p.add_argument("--fan-radius", type=non_negative_float, nargs=2, metavar=("START", "STOP"), help="fan radii, pixels")
     p.add_argument("--fan-auto-detect", action="store_true", help="detect the fan angles of each frame")
-    p.add_argument("--pixel-rejection-threshold", type=float, help="skip pixels darker than this")
-    p.add_argument("--skip-interval", type=int, help="use every n-th frame")
+    p.add_argument("--pixel-rejection-threshold", type=finite_float, help="skip pixels darker than this")
+    p.add_argument("--skip-interval", type=positive_int, help="use every n-th frame")
     p.add_argument("--importance-mask", help="importance mask image for --compounding importance_mask")
-    p.add_argument("--threads", type=int, help="worker threads (default: all cores; results do not change)")
-    p.add_argument("--memory-budget-gib", type=float, help="refuse volumes needing more memory (default 4)")
+    p.add_argument("--threads", type=positive_int, help="worker threads (default: all cores; results do not change)")
+    p.add_argument("--memory-budget-gib", type=positive_float, help="refuse volumes needing more memory (default 4)")
     p.add_argument("--grid-alignment", choices=("plus", "snap"), help="automatic grid: PLUS's or spacing-aligned")
     p.add_argument("--emulate-plus", action="store_true", help="reproduce PLUS's arithmetic (to compare with PLUS)")
     p.add_argument("--engine", choices=("auto", "numba", "torch"),
                    help="insertion engine (default auto: torch on a CUDA GPU, else the numba CPU kernels)")
-    p.add_argument("--progress", dest="verbose_progress", action="store_true", help="show a progress bar")
+    add_progress_option(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=run_reconstruct)
     return p

@@ -272,8 +272,11 @@ def buffer_bytes_per_voxel(options, n_channels: int = 1, out_itemsize: int = 1, 
 
 
 def format_bytes(n: float) -> str:
-    """``1536 -> '1.5 KiB'``."""
-    n = float(n)
+    """``1536 -> '1.5 KiB'`` (an integer beyond the float range: ``'about 1e330 B'``)."""
+    try:
+        n = float(n)
+    except OverflowError:
+        return f"about 1e{int(math.log10(n))} B"
     for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
         if abs(n) < 1024 or unit == "PiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -321,7 +324,8 @@ def check_memory(counts, spacing_mm, *, budget_bytes: int, bytes_per_voxel: int,
         size_mm = np.maximum(np.asarray(ranges_mm[1]) - np.asarray(ranges_mm[0]), 0.0)
     else:
         size_mm = (counts - 1) * spacing
-    scale = (needed / budget_bytes) ** (1.0 / 3.0)
+    # in logarithms: ``needed`` may be an integer far beyond the float range (spacing 1e-300 mm)
+    scale = math.exp((math.log(needed) - math.log(budget_bytes)) / 3.0)
     suggestion = np.array([_nice_up(s * scale) for s in spacing])
     for _ in range(200):
         fit = math.prod(int(math.floor(r / s + 0.5)) + 1 for r, s in zip(size_mm, suggestion)) * bytes_per_voxel
@@ -333,6 +337,6 @@ def check_memory(counts, spacing_mm, *, budget_bytes: int, bytes_per_voxel: int,
         f"output volume of {dims} voxels ({n_voxels:,} voxels at spacing "
         f"{' '.join(f'{s:g}' for s in spacing)} mm) needs {format_bytes(needed)} ({needed:,} bytes) of "
         f"reconstruction buffers, over the memory budget of {format_bytes(budget_bytes)}; use a spacing of "
-        f"at least {spacing_text} mm (--spacing {spacing_text}), a smaller ROI, or a larger memory_budget_bytes"
+        f"at least {spacing_text} mm (--spacing {spacing_text}), a smaller ROI, or a larger memory budget (memory_budget_bytes; --memory-budget-gib on the command line)"
     )
 
