@@ -317,3 +317,143 @@ def test_singular_calibration(tmp_path):
     csv = write_csv(tmp_path / "calib_matrix.csv", scaling=np.diag([0.0, 0.2, 1.0, 1.0]))
     with pytest.raises(TransformError, match="ImageToProbe in .*calib_matrix.csv.*not invertible"):
         read_tusrec_h5(write_h5(tmp_path / "s.h5", frames=frames, tforms=tforms), calibration_csv=csv)
+
+
+# ------------------------------------------------------------------------------------------------
+# hostile files: links, external storage, absurd shapes, damaged structures (issue 21)
+
+
+def _peak_and_error(fn):
+    """(peak bytes traced while ``fn()`` ran, its FileFormatError message); it must raise one."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(FileFormatError) as info:
+            fn()
+        return tracemalloc.get_traced_memory()[1], str(info.value)
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_absurd_frames_shape_is_refused_before_reading(tmp_path, chunked):
+    # issue 21: a 1.7 KB file declaring a (100000, 1000, 1000) 'frames' dataset was read whole
+    path = tmp_path / "absurd.h5"
+    with h5py.File(path, "w") as h5:
+        h5.create_dataset(
+            "frames", shape=(100000, 1000, 1000), dtype=np.uint8, chunks=(1, 1000, 1000) if chunked else None
+        )
+        h5.create_dataset("tforms", data=np.tile(np.eye(4), (100000, 1, 1)), compression="gzip")
+    assert path.stat().st_size < 200_000
+    peak, message = _peak_and_error(lambda: read_tusrec_h5(path))
+    assert peak < 32 << 20, peak
+    assert "'frames' of shape (100000, 1000, 1000) uint8 needs 100000000000 bytes" in message
+
+
+def test_absurd_tforms_shape_is_refused_before_reading(tmp_path):
+    path = tmp_path / "t.h5"
+    with h5py.File(path, "w") as h5:
+        h5.create_dataset("frames", shape=(10**9, 1, 1), dtype=np.uint8, chunks=(1024, 1, 1), compression="gzip")
+        h5.create_dataset("tforms", shape=(10**9, 4, 4), dtype=np.float64)
+    peak, message = _peak_and_error(lambda: read_tusrec_h5(path))
+    assert peak < 32 << 20 and "'tforms' of shape (1000000000, 4, 4) float64 needs" in message
+
+
+def test_dangling_soft_and_external_links(tmp_path):
+    frames, tforms = scan()
+    path = tmp_path / "soft.h5"
+    with h5py.File(path, "w") as h5:
+        h5["frames"] = h5py.SoftLink("/nowhere")
+        h5.create_dataset("tforms", data=tforms)
+    with pytest.raises(FileFormatError, match=r"soft\.h5: 'frames' is a link to an object that does not exist"):
+        read_tusrec_h5(path)
+    path = tmp_path / "ext.h5"
+    with h5py.File(path, "w") as h5:
+        h5.create_dataset("frames", data=frames)
+        h5["tforms"] = h5py.ExternalLink("missing.h5", "/tforms")
+    with pytest.raises(FileFormatError, match=r"ext\.h5: .*missing\.h5.*not found"):
+        read_tusrec_h5(path)
+
+
+def test_external_link_must_stay_beside_the_file(tmp_path):
+    frames, tforms = scan()
+    (tmp_path / "rec").mkdir()
+    write_h5(tmp_path / "other.h5", tforms=tforms)
+    write_h5(tmp_path / "rec" / "other.h5", tforms=tforms)
+    for target, ok in [("../other.h5", False), (str(tmp_path / "other.h5"), False), ("other.h5", True)]:
+        path = tmp_path / "rec" / "scan.h5"
+        with h5py.File(path, "w") as h5:
+            h5.create_dataset("frames", data=frames)
+            h5["tforms"] = h5py.ExternalLink(target, "/tforms")
+        if ok:
+            np.testing.assert_array_equal(read_tusrec_h5(path).frames, frames)
+        else:
+            with pytest.raises(FileFormatError, match=r"lies outside the header's folder"):
+                read_tusrec_h5(path)
+
+
+def test_external_storage_must_stay_beside_the_file(tmp_path, monkeypatch):
+    frames, tforms = scan()
+    (tmp_path / "rec").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    for folder in (tmp_path, tmp_path / "rec"):
+        (folder / "pixels.raw").write_bytes(frames.tobytes())
+    cases = [
+        ("/etc/passwd", "outside the header's folder"),
+        ("../pixels.raw", "outside the header's folder"),
+        ("/dev/zero", "outside the header's folder"),
+        ("pixels.raw", None),
+    ]
+    monkeypatch.chdir(tmp_path / "elsewhere")  # HDF5 would resolve names against this folder
+    for name, match in cases:
+        path = tmp_path / "rec" / "scan.h5"
+        with h5py.File(path, "w") as h5:
+            h5.create_dataset("frames", shape=frames.shape, dtype=np.uint8, external=[(name, 0, frames.nbytes)])
+            h5.create_dataset("tforms", data=tforms)
+        if match is None:
+            np.testing.assert_array_equal(read_tusrec_h5(path).frames, frames)
+        else:
+            with pytest.raises(FileFormatError, match=match):
+                read_tusrec_h5(path)
+    # external storage shorter than the shape: refused before reading
+    (tmp_path / "rec" / "pixels.raw").write_bytes(frames.tobytes()[:100])
+    with pytest.raises(FileFormatError, match=r"'frames' of shape \(5, 6, 8\) uint8 needs 240 bytes but its external files hold 100"):
+        read_tusrec_h5(path)
+
+
+def test_virtual_dataset_is_refused(tmp_path):
+    frames, tforms = scan()
+    write_h5(tmp_path / "src.h5", frames=frames)
+    layout = h5py.VirtualLayout(shape=frames.shape, dtype=np.uint8)
+    layout[:] = h5py.VirtualSource(str(tmp_path / "src.h5"), "frames", shape=frames.shape)
+    path = tmp_path / "v.h5"
+    with h5py.File(path, "w") as h5:
+        h5.create_virtual_dataset("frames", layout)
+        h5.create_dataset("tforms", data=tforms)
+    with pytest.raises(FileFormatError, match=r"'frames' is a virtual dataset"):
+        read_tusrec_h5(path)
+
+
+def test_damaged_structures_give_format_errors(tmp_path):
+    # overwrite the local heap (link names) and the object headers one region at a time:
+    # every outcome is a parsed scan or a FileFormatError (h5py raised KeyError/RuntimeError)
+    frames, tforms = scan()
+    good = write_h5(tmp_path / "good.h5", frames=frames, tforms=tforms).read_bytes()
+    outcomes = set()
+    for signature in (b"HEAP", b"OHDR", b"TREE", b"SNOD"):
+        start = good.find(signature)
+        if start < 0:
+            continue
+        for offset in range(start, min(start + 96, len(good)), 8):
+            damaged = bytearray(good)
+            damaged[offset : offset + 8] = b"\xff" * 8
+            path = tmp_path / "damaged.h5"
+            path.write_bytes(bytes(damaged))
+            try:
+                read_tusrec_h5(path)
+                outcomes.add("parsed")
+            except (FileFormatError, SequenceError, TransformError) as exc:
+                assert "\n" not in str(exc) and len(str(exc)) < 400
+                outcomes.add("error")
+    assert "error" in outcomes

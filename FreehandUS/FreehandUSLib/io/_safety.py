@@ -47,7 +47,11 @@ def shown(value, limit: int = _SHOWN_CHARS, *, quote: bool = True) -> str:
     if isinstance(value, str):
         text = repr(value) if quote else value
     elif isinstance(value, (list, tuple)):
-        text = "[" + ", ".join(str(v.item() if isinstance(v, np.generic) else v) for v in value) + "]"
+        items = [str(v.item() if isinstance(v, np.generic) else v) for v in value]
+        if isinstance(value, tuple):
+            text = "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
+        else:
+            text = "[" + ", ".join(items) + "]"
     else:
         text = str(value)
     text = " ".join(text.split())

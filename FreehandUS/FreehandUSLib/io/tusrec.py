@@ -24,6 +24,8 @@ and the 2025 baseline code, github.com/QiLi111/TUS-REC2025-Challenge_baseline):
 from __future__ import annotations
 
 import logging
+import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +33,7 @@ import numpy as np
 from ..errors import FileFormatError, SequenceError, TransformError
 from ..sequence import TrackedSequence
 from ..transforms import check_matrix
+from ._safety import MAX_INFLATE_RATIO, check_memory, data_file_beside, shown
 
 __all__ = ["read_tusrec_h5", "write_tusrec_h5", "read_tusrec_calibration", "TUSREC_FPS"]
 
@@ -39,6 +42,7 @@ logger = logging.getLogger(__name__)
 #: Frame rate of the TUS-REC recordings (challenge data description: "recorded at 20 fps").
 TUSREC_FPS = 20.0
 _LAST_ROW = np.array([0.0, 0.0, 0.0, 1.0])
+_READ_BLOCK_BYTES = 64 << 20  # frames read from the file at a time
 
 
 def read_tusrec_calibration(csv_path) -> tuple[np.ndarray, np.ndarray]:
@@ -100,16 +104,102 @@ def read_tusrec_calibration(csv_path) -> tuple[np.ndarray, np.ndarray]:
     return matrices[0], matrices[1]
 
 
-def _dataset(h5, name: str, path: Path) -> np.ndarray:
-    if name not in h5:
-        raise FileFormatError(f"{path}: dataset {name!r} not found (datasets: {sorted(h5.keys())})")
-    obj = h5[name]
-    if not hasattr(obj, "shape") or not hasattr(obj, "dtype"):
-        raise FileFormatError(f"{path}: {name!r} is a group, expected a dataset")
+#: What h5py and the HDF5 library raise on a damaged file (dangling links, corrupted heaps,
+#: unreadable chunks); each becomes a FileFormatError naming the file and the dataset.
+_H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError, IndexError, OverflowError)
+
+
+def _open_dataset(h5, name: str, path: Path):
+    """The dataset ``name`` of an open file, without reading it; links and storage checked.
+
+    Soft links are followed (a dangling one is an error); an external link must point to a
+    file beside ``path`` (same folder or below); a virtual dataset is refused; external raw
+    storage must lie beside ``path`` and is resolved relative to it (not to the working folder,
+    HDF5's default).
+    """
+    import h5py
+
     try:
-        return obj[()]
-    except (OSError, ValueError, TypeError) as exc:
-        raise FileFormatError(f"{path}: dataset {name!r} cannot be read: {exc}") from exc
+        link = h5.get(name, getlink=True)
+        if link is None:
+            names = ", ".join(shown(k) for k in list(h5.keys())[:10])
+            raise FileFormatError(f"{path}: dataset {name!r} not found (datasets: {names or 'none'})")
+        if isinstance(link, h5py.ExternalLink):
+            data_file_beside(path, link.filename, f"external link {name!r}")
+        dapl = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
+        dapl.set_efile_prefix(b"${ORIGIN}")
+        try:
+            kind = h5.get(name, getclass=True)
+        except _H5_ERRORS:  # a soft link to nothing, an external link to a missing object
+            kind = None
+        if kind is None:
+            raise FileFormatError(f"{path}: {name!r} is a link to an object that does not exist")
+        if kind is not h5py.Dataset:
+            raise FileFormatError(f"{path}: {name!r} is a {kind.__name__.lower()}, expected a dataset")
+        dataset = h5py.Dataset(h5py.h5d.open(h5.id, name.encode(), dapl=dapl))
+        dcpl = dataset.id.get_create_plist()
+        if dcpl.get_layout() == h5py.h5d.VIRTUAL:
+            raise FileFormatError(f"{path}: dataset {name!r} is a virtual dataset (not supported)")
+        for index in range(dcpl.get_external_count()):
+            external = dcpl.get_external(index)[0]
+            data_file_beside(path, os.fsdecode(external), f"external storage of {name!r}")
+    except FileFormatError:
+        raise
+    except _H5_ERRORS as exc:
+        raise FileFormatError(
+            f"{path}: {name!r} cannot be opened ({shown(str(exc), 120, quote=False)})"
+        ) from None
+    return dataset
+
+
+def _check_stored(dataset, name: str, path: Path) -> None:
+    """Refuse a dataset whose shape promises more data than the file stores for it."""
+    nbytes = math.prod(dataset.shape) * dataset.dtype.itemsize
+    dcpl = dataset.id.get_create_plist()
+    if dcpl.get_external_count():
+        stored = 0
+        for index in range(dcpl.get_external_count()):
+            file_name, offset, size = dcpl.get_external(index)
+            real = data_file_beside(path, os.fsdecode(file_name), f"external storage of {name!r}")
+            stored += max(min(real.stat().st_size - offset, size), 0)
+        limit, what = stored, "its external files hold"
+    else:
+        stored = dataset.id.get_storage_size()
+        filtered = dcpl.get_layout() == h5py_chunked() and dcpl.get_nfilters() > 0
+        limit = stored * MAX_INFLATE_RATIO if filtered else stored
+        what = "its compressed chunks can hold" if filtered else "the file stores"
+    if nbytes > limit:
+        raise FileFormatError(
+            f"{path}: dataset {name!r} of shape {shown(dataset.shape)} {dataset.dtype} needs "
+            f"{nbytes} bytes but {what} {limit} bytes"
+        )
+
+
+def h5py_chunked() -> int:
+    import h5py
+
+    return h5py.h5d.CHUNKED
+
+
+def _read_dataset(dataset, name: str, path: Path, out_dtype=None) -> np.ndarray:
+    """Read a checked dataset block by block into one array of ``out_dtype`` (default: its own)."""
+    out_dtype = np.dtype(out_dtype or dataset.dtype)
+    shape = tuple(int(v) for v in dataset.shape)
+    check_memory(math.prod(shape) * out_dtype.itemsize, path, f"dataset {name!r}")
+    out = np.empty(shape, dtype=out_dtype)
+    if not shape or 0 in shape:
+        return out
+    per_row = max(math.prod(shape[1:]) * dataset.dtype.itemsize, 1)
+    step = max(1, _READ_BLOCK_BYTES // per_row)
+    try:
+        for start in range(0, shape[0], step):
+            stop = min(start + step, shape[0])
+            out[start:stop] = dataset[start:stop]
+    except _H5_ERRORS as exc:
+        raise FileFormatError(
+            f"{path}: dataset {name!r} cannot be read ({shown(str(exc), 120, quote=False)})"
+        ) from None
+    return out
 
 
 def _open_h5(path: Path):
@@ -119,8 +209,60 @@ def _open_h5(path: Path):
         raise FileFormatError(f"{path}: file not found")
     try:
         return h5py.File(path, "r")
-    except OSError as exc:
-        raise FileFormatError(f"{path}: not a readable HDF5 file: {exc}") from exc
+    except _H5_ERRORS as exc:
+        raise FileFormatError(
+            f"{path}: not a readable HDF5 file ({shown(str(exc), 120, quote=False)})"
+        ) from None
+
+
+def _type_name(dtype) -> str:
+    return "compound" if dtype.names else str(dtype)
+
+
+def _read_tforms(h5, source: Path, n: int, frames_path: Path) -> np.ndarray:
+    """``tforms`` ``(n, 4, 4)`` as float64, shape and type checked before it is read."""
+    dataset = _open_dataset(h5, "tforms", source)
+    if dataset.ndim != 3 or tuple(dataset.shape[1:]) != (4, 4) or dataset.dtype.kind not in "iuf":
+        raise FileFormatError(
+            f"{source}: 'tforms' must be (N, 4, 4) numbers, got shape "
+            f"{shown(dataset.shape)} {_type_name(dataset.dtype)}"
+        )
+    if dataset.shape[0] != n:
+        raise FileFormatError(
+            f"{source}: 'tforms' has {dataset.shape[0]} matrices but 'frames' in {frames_path.name} has {n}"
+        )
+    _check_stored(dataset, "tforms", source)
+    return _read_dataset(dataset, "tforms", source, np.float64)
+
+
+def _read_scan(path: Path, tforms_path):
+    """``(frames, tforms (N, 4, 4) float64, the file tforms came from)``, all checked."""
+    with _open_h5(path) as h5:
+        frames_ds = _open_dataset(h5, "frames", path)
+        if frames_ds.ndim != 3:
+            raise FileFormatError(
+                f"{path}: 'frames' must be (N, H, W), got shape {shown(frames_ds.shape)}"
+            )
+        if frames_ds.dtype.kind not in "iuf":
+            raise FileFormatError(
+                f"{path}: 'frames' of type {_type_name(frames_ds.dtype)} are not images"
+            )
+        n = int(frames_ds.shape[0])
+        if n == 0:
+            raise SequenceError(f"{path}: 'frames' holds no frames")
+        if tforms_path is None:
+            tforms_source = path
+            tforms = _read_tforms(h5, tforms_source, n, path)
+        else:
+            tforms_source = Path(tforms_path)
+            with _open_h5(tforms_source) as h5_tforms:
+                tforms = _read_tforms(h5_tforms, tforms_source, n, path)
+        _check_stored(frames_ds, "frames", path)
+        keep = frames_ds.dtype in (np.dtype(np.uint8), np.dtype(np.float32))
+        if not keep:
+            logger.info("%s: converting %s frames to float32", path, frames_ds.dtype)
+        frames = _read_dataset(frames_ds, "frames", path, None if keep else np.float32)
+    return frames, tforms, tforms_source
 
 
 def read_tusrec_h5(
@@ -188,37 +330,14 @@ def read_tusrec_h5(
     elif image_to_probe is not None:
         calibration = check_matrix(image_to_probe, name="image_to_probe")
 
-    with _open_h5(path) as h5:
-        frames = _dataset(h5, "frames", path)
-        if tforms_path is None:
-            tforms = _dataset(h5, "tforms", path)
-            tforms_source = path
-    if tforms_path is not None:
-        tforms_source = Path(tforms_path)
-        with _open_h5(tforms_source) as h5:
-            tforms = _dataset(h5, "tforms", tforms_source)
-
-    frames = np.asarray(frames)
-    if frames.ndim != 3:
-        raise FileFormatError(f"{path}: 'frames' must be (N, H, W), got shape {frames.shape}")
-    if frames.dtype != np.uint8 and frames.dtype != np.float32:
-        if frames.dtype.kind not in "iuf":
-            raise FileFormatError(f"{path}: 'frames' of type {frames.dtype} are not images")
-        logger.info("%s: converting %s frames to float32", path, frames.dtype)
-        frames = frames.astype(np.float32)
+    try:
+        frames, tforms, tforms_source = _read_scan(path, tforms_path)
+    except _H5_ERRORS as exc:  # what h5py raises on a damaged file, wherever it raises it
+        raise FileFormatError(
+            f"{path}: damaged HDF5 file ({exc.__class__.__name__}: {shown(str(exc), 120, quote=False)})"
+        ) from None
     n = frames.shape[0]
-    if n == 0:
-        raise SequenceError(f"{path}: 'frames' holds no frames")
-    tforms = np.asarray(tforms)
-    if tforms.ndim != 3 or tforms.shape[1:] != (4, 4) or tforms.dtype.kind not in "iuf":
-        raise FileFormatError(
-            f"{tforms_source}: 'tforms' must be (N, 4, 4) numbers, got shape {tforms.shape} {tforms.dtype}"
-        )
-    if tforms.shape[0] != n:
-        raise FileFormatError(
-            f"{tforms_source}: 'tforms' has {tforms.shape[0]} matrices but 'frames' in {path.name} has {n}"
-        )
-    matrices = tforms.astype(np.float64)
+    matrices = tforms
     with np.errstate(invalid="ignore"):
         valid = np.all(np.isfinite(matrices), axis=(1, 2)) & np.all(
             np.abs(matrices[:, 3, :] - _LAST_ROW) < 1e-6, axis=1
