@@ -91,3 +91,92 @@ def test_demo_writes_sequences(tmp_path, capsys, monkeypatch):
     assert read_sequence(result["files"]["nwire_calibration_sequence"]).n_frames == 16
     assert result["files"]["report"].endswith("report.html") and (out / "report.html").is_file()
     assert seq.frames.std() > 10  # speckle and structures, not a blank image
+
+
+def _one_line(err: str) -> str:
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    return err
+
+
+def test_parse_errors_are_one_line_and_exit_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["info"])
+    assert exc.value.code == 2
+    err = _one_line(capsys.readouterr().err)
+    assert err.startswith("freehandus info: error: ") and "sequence" in err and "--help" in err
+
+
+def test_file_system_errors_are_one_line_and_exit_2(tmp_path, capsys):
+    src = write_sequence(make_synthetic_sequence(n_frames=3), tmp_path / "in.igs.mha")
+    missing = tmp_path / "nodir" / "out.igs.mha"
+    assert main(["convert", str(src), str(missing)]) == 2  # was a FileNotFoundError traceback
+    err = _one_line(capsys.readouterr().err)
+    assert err.startswith("freehandus convert: error: ") and "nodir" in err
+    assert not missing.parent.exists()
+
+
+def test_ctrl_c_prints_one_line_and_exits_130(tmp_path, capsys, monkeypatch):
+    import FreehandUSLib.io as io
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(io, "read_sequence", interrupted)
+    assert main(["info", str(tmp_path / "any.igs.mha")]) == 130
+    assert _one_line(capsys.readouterr().err) == "freehandus info: interrupted\n"
+
+
+@pytest.mark.parametrize(
+    "kind, good, bad",
+    [
+        ("finite_float", {"-2.5": -2.5, "0": 0.0}, ["nan", "inf", "-inf", "1e300", "x", ""]),
+        ("positive_float", {"0.5": 0.5, "1e12": 1e12}, ["0", "-1", "nan", "inf", "1e13"]),
+        ("non_negative_float", {"0": 0.0, "3": 3.0}, ["-0.1", "nan"]),
+        ("fraction", {"0": 0.0, "1": 1.0, "0.25": 0.25}, ["1.01", "-0.01", "nan"]),
+        ("spacing_mm", {"0.3": 0.3, "0.001": 0.001}, ["0", "1e-300", "1e4", "nan"]),
+        ("positive_int", {"1": 1, "99999999999999999999": 99999999999999999999}, ["0", "-3", "1.5", "1e3", "x"]),
+        ("non_negative_int", {"0": 0}, ["-1"]),
+        ("index", {"-2147483648": -(2**31), "2147483647": 2**31 - 1}, ["2147483648", "1e9"]),
+    ],
+)
+def test_argparse_number_types(kind, good, bad):
+    import argparse
+
+    from FreehandUSLib import cli_support
+
+    parse = getattr(cli_support, kind)
+    for text, value in good.items():
+        assert parse(text) == value
+    for text in bad:
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse(text)
+
+
+def test_progress_follows_the_option_else_the_terminal():
+    import argparse
+    import io
+
+    from FreehandUSLib.cli_support import progress_enabled
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    def args(**kw):
+        return argparse.Namespace(**{"progress": None, "json": False, **kw})
+
+    assert progress_enabled(args(), Terminal()) and not progress_enabled(args(), io.StringIO())
+    assert not progress_enabled(args(json=True), Terminal())  # JSON runs are for scripts
+    assert progress_enabled(args(progress=True), io.StringIO())
+    assert not progress_enabled(args(progress=False), Terminal())
+
+
+@pytest.mark.parametrize("enabled, shown", [(None, False), (True, True), (False, False)])
+def test_demo_progress_bars_stay_out_of_logs(capsys, enabled, shown):
+    # captured stderr is not a terminal: bars only when asked for
+    from FreehandUSLib.demo import _Progress
+
+    with _Progress(enabled).bar("step", 50) as update:
+        for i in range(1, 51):
+            update(i)
+    assert ("step" in capsys.readouterr().err) == shown
