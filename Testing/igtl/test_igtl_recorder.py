@@ -14,7 +14,7 @@ from FreehandUSLib.igtl.protocol import (
     TrackingDataMessage,
     TransformMessage,
 )
-from FreehandUSLib.igtl.recorder import IncrementalSequenceFile, StreamRecorder
+from FreehandUSLib.igtl.recorder import IncrementalSequenceFile, RecordingExistsError, StreamRecorder
 from FreehandUSLib.io import read_sequence
 
 
@@ -219,7 +219,7 @@ def test_recorder_errors(tmp_path):
     with pytest.raises(FreehandUSError, match="recorder is closed"):
         rec.add(TransformMessage(device_name="AToB"))
     (tmp_path / "x.igs.mhd").write_text("")
-    with pytest.raises(FileFormatError, match="exists"):
+    with pytest.raises(RecordingExistsError, match="x.igs.mhd exists: an unfinished recording to x.igs.mha"):
         IncrementalSequenceFile(tmp_path / "x.igs.mha", frame_shape=(2, 2), dtype=np.uint8)
 
 

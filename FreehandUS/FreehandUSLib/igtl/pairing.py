@@ -14,9 +14,15 @@ pipelines (:mod:`.live`). Feed it every received message; it returns :class:`Pai
   ``max_gap_s`` apart (default: 1.5 x the median interval of that transform's samples). A
   transform without a usable value is reported invalid (identity matrix).
 - **Waiting for transforms.** An image is complete once the next image has arrived and every
-  known transform has a sample at or after its timestamp (normally when the next tracked frame
+  active transform has a sample at or after its timestamp (normally when the next tracked frame
   arrives), or once it is ``hold_s`` older than the newest image (a tool out of view for a long
   time), or at :meth:`FramePairer.flush`.
+- **Many names stay cheap.** A transform without a sample for ``stale_s`` (default the larger
+  of ``hold_s`` and 1 s) becomes *dormant*: it no longer holds images back and is reported
+  invalid without any computation; the ``max_dormant`` (64) most recently active dormant ones
+  are still listed in every frame, older ones are left out (a reader takes a missing
+  transform as invalid). A frame then costs time in proportion to the transforms active
+  around it, not to every name the stream ever sent.
 - **Timestamps.** An image with a zero timestamp ("none given") is stamped with its arrival time
   (``received_s``); a transform with a zero timestamp gets the stamp of the image that arrived
   just before it, so untimed streams are paired by arrival order in PlusServer's order (image,
@@ -32,7 +38,7 @@ from __future__ import annotations
 import bisect
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,6 +52,8 @@ __all__ = ["FramePairer", "PairedFrame"]
 logger = logging.getLogger(__name__)
 
 EXACT_S = 1e-6  # timestamps this close are "the same sample time"
+_IDENTITY = np.eye(4)
+_IDENTITY.flags.writeable = False  # shared by every invalid transform of every frame
 
 
 @dataclass(eq=False)
@@ -59,7 +67,8 @@ class PairedFrame:
     frame : (n_rows, n_cols[, n_components]) array
         The pixels (MF as sent by PLUS), a read-only view of the received message.
     transforms : dict name -> (matrix (4, 4) float64, valid bool)
-        Every known transform at ``timestamp_s`` (identity when invalid).
+        Every listed, active or recently dormant transform at ``timestamp_s`` (identity when
+        invalid); a name left out is invalid too (module docstring).
     interpolated : tuple of str
         Names whose value was interpolated rather than taken from a sample at that time.
     image_to_world : (4, 4) float64
@@ -183,6 +192,10 @@ class FramePairer:
         Widest pair of samples to interpolate between (default: 1.5 x the median interval).
     hold_s : float
         Longest an image waits for its transforms (seconds of stream time).
+    stale_s : float, optional
+        Seconds without a sample after which a transform is dormant (default max(hold_s, 1)).
+    max_dormant : int
+        Dormant transforms still listed in every frame (the most recently active ones).
     """
 
     def __init__(
@@ -193,6 +206,8 @@ class FramePairer:
         name_map=None,
         max_gap_s: float | None = None,
         hold_s: float = 0.5,
+        stale_s: float | None = None,
+        max_dormant: int = 64,
     ):
         self.image_device = image_device
         self.transform_names = None if transform_names is None else [_base(n) for n in transform_names]
@@ -201,7 +216,15 @@ class FramePairer:
         self.name_map = dict(name_map or {})
         self.max_gap_s = max_gap_s
         self.hold_s = float(hold_s)
-        self._samples: dict[str, _Samples] = {}
+        self.stale_s = max(self.hold_s, 1.0) if stale_s is None else float(stale_s)
+        if not self.stale_s > 0:
+            raise ValueError(f"stale_s must be > 0, got {stale_s}")
+        self.max_dormant = int(max_dormant)
+        self._samples: dict[str, _Samples] = {}  # active transforms
+        self._known: dict[str, None] = dict.fromkeys(self.transform_names or [])  # every name, in order
+        self._dormant: OrderedDict = OrderedDict()  # recently active names without samples now
+        self._head_t: float | None = None  # the oldest pending image ...
+        self._blockers: set[str] = set()  # ... and the active transforms it still waits for
         self._pending: deque = deque()
         self._last_image_t = -np.inf
         self._last_done_t: float | None = None
@@ -221,9 +244,7 @@ class FramePairer:
     @property
     def names(self) -> list[str]:
         """Transform names known so far (listed ones first)."""
-        names = list(self.transform_names or [])
-        names += [n for n in self._samples if n not in names]
-        return names
+        return list(self._known)
 
     def stop_images(self) -> None:
         """Ignore images from now on; transforms still complete the frames in hand."""
@@ -276,9 +297,16 @@ class FramePairer:
         samples = self._samples.get(name)
         if samples is None:
             samples = self._samples[name] = _Samples()
+            self._known.setdefault(name, None)
+            self._dormant.pop(name, None)
         samples.add(
             self._stamp(message), np.array(matrix, dtype=np.float64), _usable_matrix(matrix, message.metadata)
         )
+        if self._head_t is not None:
+            if samples.synchronous is True or samples.latest() >= self._head_t - EXACT_S:
+                self._blockers.discard(name)
+            else:
+                self._blockers.add(name)
 
     def _add_image(self, message: ImageMessage) -> list[PairedFrame]:
         if not self._accept_images:
@@ -295,7 +323,9 @@ class FramePairer:
             logger.warning("image timestamps went back by %.3f s (restarted source?); restarting the pairing",
                            self._last_image_t - t)  # fmt: skip
             done += self.flush()
+            self._dormant.update(dict.fromkeys(self._samples))
             self._samples.clear()
+            self._head_t = None
             self._last_done_t = None
             self.time_resets += 1
         self._last_image_t = t
@@ -317,7 +347,13 @@ class FramePairer:
             return True
         if len(self._pending) < 2 and self._accept_images:
             return False  # wait for the next image: it closes this frame's messages
-        return all(s.latest() >= t - EXACT_S for s in self._samples.values())
+        if self._head_t != t:  # a new oldest image: which active transforms does it wait for?
+            # A frame-synchronous transform came before the next image (one sender, in order).
+            self._head_t = t
+            self._blockers = {
+                n for n, s in self._samples.items() if s.synchronous is not True and s.latest() < t - EXACT_S
+            }
+        return not self._blockers
 
     def _complete_ready(self) -> list[PairedFrame]:
         done = []
@@ -325,23 +361,40 @@ class FramePairer:
             done.append(self._complete(self._pending.popleft()))
         if done:
             oldest = self._pending[0][0] if self._pending else self._last_image_t
+            self._retire(oldest)
             for samples in self._samples.values():
                 samples.prune_before(oldest)
         return done
+
+    def _retire(self, t: float) -> None:
+        """Make transforms without a sample since ``t - stale_s`` dormant (module docstring)."""
+        stale = [n for n, s in self._samples.items() if s.latest() < t - self.stale_s]
+        for name in stale:
+            del self._samples[name]
+            self._blockers.discard(name)
+            self._dormant[name] = None
+        while len(self._dormant) > self.max_dormant:
+            self._dormant.popitem(last=False)
 
     def _complete(self, item) -> PairedFrame:
         t, message, latency = item
         transforms = {}
         interpolated = []
-        for name in self.names:
-            samples = self._samples.get(name)
-            matrix = None
-            if samples is not None:
-                samples.observe_frame(self._last_done_t, t)
-                matrix, interp = samples.value_at(t, self.max_gap_s)
-                if matrix is not None and interp:
-                    interpolated.append(name)
-            transforms[name] = (np.eye(4), False) if matrix is None else (matrix, True)
+        for name in self.transform_names or ():
+            if name not in self._samples:
+                transforms[name] = (_IDENTITY, False)
+        for name in self._dormant:
+            transforms[name] = (_IDENTITY, False)
+        last_done = -np.inf if self._last_done_t is None else self._last_done_t
+        for name, samples in self._samples.items():
+            if samples.synchronous is True and samples.latest() <= last_done + EXACT_S:
+                transforms[name] = (_IDENTITY, False)  # no sample since the last frame: withheld
+                continue
+            samples.observe_frame(self._last_done_t, t)
+            matrix, interp = samples.value_at(t, self.max_gap_s)
+            if matrix is not None and interp:
+                interpolated.append(name)
+            transforms[name] = (_IDENTITY, False) if matrix is None else (matrix, True)
         self._last_done_t = t
         return PairedFrame(
             timestamp_s=t,
