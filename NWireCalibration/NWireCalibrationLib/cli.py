@@ -5,7 +5,7 @@ The main parser (``FreehandUSLib.cli``) calls :func:`add_parsers` with its subpa
 loads files, calls the same Lib functions as the Slicer Logic (:mod:`.pipeline`,
 :mod:`.simulate`), writes JSON and prints ``str(result)`` (or the JSON with ``--json``).
 Library errors (``FreehandUSError``) propagate to the main parser, which prints one line and
-exits 2.
+exits 2; numbers are checked at the argparse edge (:mod:`FreehandUSLib.cli_support`).
 """
 
 from __future__ import annotations
@@ -15,30 +15,37 @@ import json
 import logging
 from pathlib import Path
 
+from FreehandUSLib.cli_support import (
+    ArgumentParser,
+    add_progress_option,
+    fraction,
+    int_in,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    progress_bar,
+    progress_enabled,
+    spacing_mm,
+)
+from FreehandUSLib.errors import FileFormatError
+
+from .errors import NWireError
+
 __all__ = ["add_parsers", "add_simulate_nwire", "cmd_detect", "cmd_calibrate", "cmd_simulate_nwire", "time_offset_arg"]
 
 logger = logging.getLogger(__name__)
 
 
-def _progress(args, total_label: str):
-    """A tqdm progress callback on stderr (None when tqdm is missing or --json is given)."""
-    if getattr(args, "json", False):
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        return None
-    bar = {"bar": None}
-
-    def update(done, total):
-        if bar["bar"] is None:
-            bar["bar"] = tqdm(total=total, desc=total_label, unit="frame", leave=False)
-        bar["bar"].n = done
-        bar["bar"].refresh()
-        if done >= total:
-            bar["bar"].close()
-
-    return update
+def _check_output_file(flag: str, text) -> None:
+    """Refuse, before any work, an output file that is a folder or whose folder is missing."""
+    if not text:
+        return
+    path = Path(text)
+    if path.is_dir():
+        raise FileFormatError(f"{flag} {text}: is a folder; give a file name")
+    if not path.resolve().parent.is_dir():
+        raise FileFormatError(f"{flag} {text}: folder {path.parent} does not exist (create it first)")
 
 
 def _write_json(path, data) -> Path:
@@ -71,10 +78,11 @@ def _add_common(p):
     p.add_argument("--phantom", help="phantom: built-in name (fCal-2.0...), .json or PLUS .xml; overrides the config's")
     p.add_argument("--detector", default="hessian", choices=("hessian", "plus", "agcfd", "tacd"),
                    help="dot detector (default hessian: Liu et al. 2025)")
-    p.add_argument("--pixel-spacing", type=float, metavar="MM",
+    p.add_argument("--pixel-spacing", type=spacing_mm, metavar="MM",
                    help="approximate mm per pixel (overrides ApproximateSpacingMmPerPixel)")
     p.add_argument("--no-clip", action="store_true", help="ignore the config's clip rectangle")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    add_progress_option(p)
 
 
 def cmd_detect(args) -> int:
@@ -83,9 +91,11 @@ def cmd_detect(args) -> int:
 
     from .pipeline import detect_sequence
 
+    _check_output_file("--out", args.out)
     setup = _setup_from_args(args)
     seq = read_sequence(args.sequence)
-    result = detect_sequence(seq, setup, detector=args.detector, progress=_progress(args, "detect"))
+    with progress_bar(progress_enabled(args), "detect") as progress:
+        result = detect_sequence(seq, setup, detector=args.detector, progress=progress)
     data = result.to_dict()
     data["sequence"] = str(args.sequence)
     if args.out:
@@ -100,12 +110,16 @@ def cmd_calibrate(args) -> int:
 
     from .pipeline import calibrate
 
+    _check_output_file("--out", args.out)
+    _check_output_file("--plus-xml", args.plus_xml)
     setup = _setup_from_args(args)
     cal = read_sequence(args.calibration)
     val = read_sequence(args.validation) if args.validation else None
-    result = calibrate(cal, val, setup, solver=args.solver, phantom_pose=args.phantom_pose, detector=args.detector,
-                       progress=_progress(args, "detect"), seed=args.seed, ransac_iterations=args.ransac_iterations,
-                       ransac_threshold_mm=args.ransac_threshold, time_offset=args.time_offset)
+    with progress_bar(progress_enabled(args), "detect") as progress:
+        result = calibrate(cal, val, setup, solver=args.solver, phantom_pose=args.phantom_pose,
+                           detector=args.detector, progress=progress, seed=args.seed,
+                           ransac_iterations=args.ransac_iterations, ransac_threshold_mm=args.ransac_threshold,
+                           time_offset=args.time_offset)
     data = result.to_dict()
     data.update({"calibration_sequence": str(args.calibration),
                  "validation_sequence": str(args.validation) if args.validation else None,
@@ -119,18 +133,47 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+#: File name of ``simulate nwire --out FOLDER/`` (its config and truth get the same stem).
+SIMULATION_FILE_NAME = "nwire.igs.mha"
+
+
+def simulation_output(text: str) -> Path:
+    """``simulate nwire --out``: a sequence file, or a folder (existing, or written with a trailing
+    ``/``) that gets :data:`SIMULATION_FILE_NAME`. Checked before any work: a sequence extension,
+    and no file where a folder must be."""
+    from FreehandUSLib.io import sequence_format
+
+    out = Path(text)
+    if out.is_dir() or text.endswith(("/", "\\")):
+        out = out / SIMULATION_FILE_NAME
+    sequence_format(out)  # unknown extension -> FileFormatError
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise FileFormatError(f"--out {text}: {parent} is a file, not a folder")
+    return out
+
+
 def cmd_simulate_nwire(args) -> int:
-    """``freehandus simulate nwire --out SEQ.igs.mha``: a tracked N-wire recording with known truth."""
+    """``freehandus simulate nwire --out SEQ.igs.mha`` (or ``--out FOLDER/``): a tracked N-wire
+    recording with known truth."""
     from .simulate import SimulationSettings, simulate_nwire, write_simulation
 
-    settings = SimulationSettings(
-        phantom=args.phantom, probe=args.probe, depth_mm=args.depth_mm, n_frames=args.frames,
-        image_size_px=(args.width, args.height), outlier_fraction=args.outlier_fraction,
-        dropout_fraction=args.dropout_fraction, tracker_noise_mm=args.tracker_noise_mm,
-        tracker_noise_deg=args.tracker_noise_deg, seed=args.seed,
-    )
-    sim = simulate_nwire(settings)
-    files = write_simulation(sim, args.out, config_path=args.config_out, truth_path=args.truth_out)
+    out = simulation_output(args.out)
+    _check_output_file("--config-out", args.config_out)
+    _check_output_file("--truth-out", args.truth_out)
+    try:
+        settings = SimulationSettings(
+            phantom=args.phantom, probe=args.probe, depth_mm=args.depth_mm, n_frames=args.frames,
+            image_size_px=(args.width, args.height), outlier_fraction=args.outlier_fraction,
+            dropout_fraction=args.dropout_fraction, tracker_noise_mm=args.tracker_noise_mm,
+            tracker_noise_deg=args.tracker_noise_deg, seed=args.seed,
+        )
+        sim = simulate_nwire(settings)
+    except ValueError as exc:  # settings that do not fit together (depth, image size, phantom)
+        raise NWireError(str(exc)) from exc
+    files = write_simulation(sim, out, config_path=args.config_out, truth_path=args.truth_out)
     summary = sim.summary()
     summary["files"] = {k: str(v) for k, v in files.items()}
     print(json.dumps(summary, indent=2) if args.json else
@@ -159,9 +202,9 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--phantom-pose", default="auto", choices=("known", "estimate", "auto"),
                    help="use the config's PhantomToReference (known) or estimate it (no stylus registration); "
                         "auto: known when the config has one")
-    p.add_argument("--seed", type=int, default=0, help="RANSAC seed (default 0)")
-    p.add_argument("--ransac-iterations", type=int, default=3000, help="RANSAC iterations (default 3000)")
-    p.add_argument("--ransac-threshold", type=float, default=0.5, metavar="MM",
+    p.add_argument("--seed", type=non_negative_int, default=0, help="RANSAC seed (default 0)")
+    p.add_argument("--ransac-iterations", type=positive_int, default=3000, help="RANSAC iterations (default 3000)")
+    p.add_argument("--ransac-threshold", type=positive_float, default=0.5, metavar="MM",
                    help="RANSAC inlier threshold in mm (default 0.5; raised to the data's noise level)")
     p.add_argument("--time-offset", type=time_offset_arg, default="auto", metavar="auto|SECONDS",
                    help="video-to-tracker time offset: the tracking at t + offset is used for the frame at t (both "
@@ -179,18 +222,19 @@ def add_simulate_nwire(simulate_subparsers) -> None:
         description="Render a tracked N-wire recording (speckle, depth-dependent PSF, wall reflections, "
                     "reverberation, dropouts, tracker noise, outlier poses) with a known calibration, plus a PLUS "
                     "config and a truth JSON.")
-    p.add_argument("--out", required=True, help="output sequence (.igs.mha / .igs.nrrd)")
+    p.add_argument("--out", required=True,
+                   help=f"output sequence (.igs.mha / .igs.nrrd), or a folder (gets {SIMULATION_FILE_NAME})")
     p.add_argument("--phantom", default="fCal-2.0", help="phantom name or file (default fCal-2.0)")
     p.add_argument("--probe", default="linear", choices=("linear", "convex"))
-    p.add_argument("--depth-mm", type=float, default=80.0, help="imaging depth in mm (default 80)")
-    p.add_argument("--frames", type=int, default=100, help="number of frames (default 100)")
-    p.add_argument("--width", type=int, default=820, help="image width in pixels (default 820)")
-    p.add_argument("--height", type=int, default=616, help="image height in pixels (default 616)")
-    p.add_argument("--outlier-fraction", type=float, default=0.0, help="fraction of frames with a wrong pose")
-    p.add_argument("--dropout-fraction", type=float, default=0.0, help="fraction of frames missing a wire echo")
-    p.add_argument("--tracker-noise-mm", type=float, default=0.1, help="tracker position noise (mm, 1 sigma)")
-    p.add_argument("--tracker-noise-deg", type=float, default=0.1, help="tracker rotation noise (deg, 1 sigma)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--depth-mm", type=positive_float, default=80.0, help="imaging depth in mm (default 80)")
+    p.add_argument("--frames", type=int_in(1, 100_000), default=100, help="number of frames (default 100)")
+    p.add_argument("--width", type=int_in(16, 8192), default=820, help="image width in pixels (default 820)")
+    p.add_argument("--height", type=int_in(16, 8192), default=616, help="image height in pixels (default 616)")
+    p.add_argument("--outlier-fraction", type=fraction, default=0.0, help="fraction of frames with a wrong pose")
+    p.add_argument("--dropout-fraction", type=fraction, default=0.0, help="fraction of frames missing a wire echo")
+    p.add_argument("--tracker-noise-mm", type=non_negative_float, default=0.1, help="tracker position noise (mm, 1 sigma)")
+    p.add_argument("--tracker-noise-deg", type=non_negative_float, default=0.1, help="tracker rotation noise (deg, 1 sigma)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default 0)")
     p.add_argument("--config-out", help="PLUS config to write (default: <out>.config.xml)")
     p.add_argument("--truth-out", help="truth JSON to write (default: <out>.truth.json)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -199,7 +243,7 @@ def add_simulate_nwire(simulate_subparsers) -> None:
 
 def build_standalone_parser() -> argparse.ArgumentParser:
     """A parser with only these commands (for tests and ``python -m NWireCalibrationLib.cli``)."""
-    parser = argparse.ArgumentParser(prog="freehandus")
+    parser = ArgumentParser(prog="freehandus")
     sub = parser.add_subparsers(dest="command", required=True)
     add_parsers(sub)
     sim = sub.add_parser("simulate", help="simulate recordings")

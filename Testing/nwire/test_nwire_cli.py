@@ -88,3 +88,61 @@ def test_parsers_register_on_a_foreign_parser():
     assert args.probe == "convex"
     with pytest.raises(SystemExit):
         parser.parse_args(["detect", "a.igs.mha", "--detector", "nonsense"])
+
+
+def test_simulate_into_a_folder_as_the_readme_does(tmp_path, capsys):
+    """README: ``freehandus simulate nwire --out session/ ...`` (it wanted a file name and failed
+    after the whole simulation had run)."""
+    from FreehandUSLib.cli import main
+
+    session = tmp_path / "session"
+    small = ["--frames", "4", "--width", "320", "--height", "240", "--depth-mm", "50"]
+    assert main(["simulate", "nwire", "--out", f"{session}/", *small]) == 0
+    assert sorted(p.name for p in session.iterdir()) == ["nwire.config.xml", "nwire.igs.mha", "nwire.truth.json"]
+    assert main(["simulate", "nwire", "--out", str(session), "--seed", "1", *small]) == 0  # an existing folder
+    assert "nwire.igs.mha" in capsys.readouterr().out
+
+
+def test_simulate_checks_its_arguments_before_simulating(tmp_path, capsys, monkeypatch):
+    from FreehandUSLib.cli import main
+    from NWireCalibrationLib import simulate
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("simulated although the output cannot be written")
+
+    monkeypatch.setattr(simulate, "simulate_nwire", no_work)
+    for out, match in ((tmp_path / "x.bmp", "unknown file type"),):
+        assert main(["simulate", "nwire", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert match in err and err.count("\n") == 1
+    (tmp_path / "file").write_text("")
+    assert main(["simulate", "nwire", "--out", str(tmp_path / "file" / "x.igs.mha")]) == 2
+    assert "not a folder" in capsys.readouterr().err
+    assert main(["simulate", "nwire", "--out", str(tmp_path / "x.igs.mha"), "--truth-out",
+                 str(tmp_path / "no" / "t.json")]) == 2
+    assert "--truth-out" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["simulate", "nwire", "--out", "x.igs.mha"], ["detect", "x.igs.mha"],
+                                     ["calibrate", "x.igs.mha"]])
+@pytest.mark.parametrize("extra", [["--frames", "0"], ["--depth-mm", "nan"], ["--outlier-fraction", "2"],
+                                   ["--tracker-noise-mm", "-1"], ["--seed", "-1"], ["--pixel-spacing", "0"],
+                                   ["--ransac-iterations", "0"], ["--ransac-threshold", "inf"]])
+def test_bad_numbers_are_refused_by_the_parser(command, extra, capsys):
+    from FreehandUSLib.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([*command, *extra])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and "error: " in err
+    assert f"argument {extra[0]}" in err or "unrecognized arguments" in err
+
+
+def test_settings_that_do_not_fit_are_one_line(tmp_path, capsys):
+    from FreehandUSLib.cli import main
+
+    # a 40 mm linear field of view at this depth needs a wider image: a ValueError traceback before
+    assert main(["simulate", "nwire", "--out", str(tmp_path / "x.igs.mha"), "--depth-mm", "10"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("freehandus simulate nwire: error: ") and err.count("\n") == 1

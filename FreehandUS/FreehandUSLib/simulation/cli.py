@@ -16,7 +16,17 @@ import json
 import logging
 from pathlib import Path
 
-from ..errors import FreehandUSError
+from ..cli_support import (
+    add_progress_option,
+    int_in,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    progress_bar,
+    progress_enabled,
+)
+from ..errors import FileFormatError, FreehandUSError
 
 __all__ = ["add_simulate_sweep", "run_simulate_sweep", "photoacoustic_path"]
 
@@ -32,6 +42,24 @@ def photoacoustic_path(out: Path) -> Path:
     return out.with_name(name + "_pa")
 
 
+def _output_path(text: str) -> Path:
+    """``--out``: a sequence file, or a folder (existing, or written with a trailing ``/``) that
+    gets ``sweep.igs.mha``. Checked before any work: the extension, and that the folder that will
+    hold the file exists or can be made (its nearest existing parent is a folder)."""
+    from ..io import sequence_format
+
+    out = Path(text)
+    if out.is_dir() or text.endswith(("/", "\\")):
+        out = out / "sweep.igs.mha"
+    sequence_format(out)  # unknown extension -> FileFormatError before any work
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise FileFormatError(f"--out {text}: {parent} is a file, not a folder")
+    return out
+
+
 def add_simulate_sweep(simulate_subparsers):
     """Add the ``sweep`` subcommand to the ``simulate`` sub-parsers; returns its parser."""
     p = simulate_subparsers.add_parser(
@@ -42,26 +70,27 @@ def add_simulate_sweep(simulate_subparsers):
             "speckle from point scatterers. Options not given are drawn from --seed."
         ),
     )
-    p.add_argument("--out", required=True, help="output sequence (.igs.mha, .igs.nrrd, .seq.nrrd, .h5)")
-    p.add_argument("--seed", type=int, default=0, help="random seed of everything not given (default 0)")
-    p.add_argument("--frames", type=int, help="number of frames (default: random 150-400)")
-    p.add_argument("--length-mm", type=float, help="path length in mm (default: random 50-250)")
+    p.add_argument("--out", required=True,
+                   help="output sequence (.igs.mha, .igs.nrrd, .seq.nrrd, .h5), or a folder (gets sweep.igs.mha)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="random seed of everything not given (default 0)")
+    p.add_argument("--frames", type=int_in(2, 100_000), help="number of frames (default: random 150-400)")
+    p.add_argument("--length-mm", type=non_negative_float, help="path length in mm (default: random 50-250)")
     p.add_argument("--shape", choices=["straight", "C", "S"], help="sweep shape (default: random)")
     p.add_argument("--probe", choices=["random", "default"], default="random",
                    help="random probe parameters (default) or the fixed default probe")
     p.add_argument("--geometry", choices=["linear", "convex"], help="probe geometry")
-    p.add_argument("--rows", type=int, help="image rows (default 256)")
-    p.add_argument("--cols", type=int, help="image columns (default 256)")
-    p.add_argument("--depth-mm", type=float, help="imaging depth in mm")
-    p.add_argument("--frequency-mhz", type=float, help="centre frequency in MHz")
-    p.add_argument("--elevation-sigma-mm", type=float,
+    p.add_argument("--rows", type=int_in(8, 8192), help="image rows (default 256)")
+    p.add_argument("--cols", type=int_in(8, 8192), help="image columns (default 256)")
+    p.add_argument("--depth-mm", type=positive_float, help="imaging depth in mm")
+    p.add_argument("--frequency-mhz", type=positive_float, help="centre frequency in MHz")
+    p.add_argument("--elevation-sigma-mm", type=positive_float,
                    help="elevational PSF sigma in mm (= sigma of the decorrelation curve)")
-    p.add_argument("--scatterers-per-cell", type=float, default=10.0, help="scatterers per resolution cell (default 10)")
-    p.add_argument("--fps", type=float, default=20.0, help="frame rate for the timestamps (default 20)")
+    p.add_argument("--scatterers-per-cell", type=positive_float, default=10.0, help="scatterers per resolution cell (default 10)")
+    p.add_argument("--fps", type=positive_float, default=20.0, help="frame rate for the timestamps (default 20)")
     p.add_argument("--photoacoustic", action="store_true",
                    help="also write photoacoustic frames (absorbers in vessels) to <out>_pa.<ext>")
     p.add_argument("--config-out", help="also write the full simulation config (JSON) here")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_progress_option(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=run_simulate_sweep)
     return p
@@ -69,12 +98,13 @@ def add_simulate_sweep(simulate_subparsers):
 
 def run_simulate_sweep(args) -> int:
     """Body of ``freehandus simulate sweep`` (argparse namespace in, exit code out)."""
-    from ..io import sequence_format, write_sequence
+    from ..io import write_sequence
     from .probe import ProbeConfig
     from .sweep import random_sweep_config, simulate_sweep
 
-    out = Path(args.out)
-    sequence_format(out)  # unknown extension -> FileFormatError before any work
+    out = _output_path(args.out)
+    if args.config_out and not Path(args.config_out).resolve().parent.is_dir():
+        raise FileFormatError(f"--config-out {args.config_out}: folder {Path(args.config_out).parent} does not exist")
     probe_overrides = {}
     for option, name in (
         ("geometry", "geometry"),
@@ -110,30 +140,22 @@ def run_simulate_sweep(args) -> int:
     except ValueError as exc:
         raise FreehandUSError(str(exc)) from exc
 
-    progress = None
-    bar = None
-    if not args.no_progress and not args.json:
-        try:
-            from tqdm import tqdm
-
-            bar = tqdm(total=cfg.trajectory.n_frames, unit="frame", desc="simulate", leave=False)
-
-            def progress(done, total):
-                bar.update(done - bar.n)
-        except ImportError:  # pragma: no cover
-            bar = None
-    try:
+    with progress_bar(progress_enabled(args), "simulate", total=cfg.trajectory.n_frames) as progress:
         result = simulate_sweep(cfg, progress=progress)
-    finally:
-        if bar is not None:
-            bar.close()
     out.parent.mkdir(parents=True, exist_ok=True)
-    written = {"sequence": str(write_sequence(result.sequence, out))}
-    if result.photoacoustic is not None:
-        written["photoacoustic"] = str(write_sequence(result.photoacoustic_sequence(), photoacoustic_path(out)))
-    if args.config_out:
-        Path(args.config_out).write_text(json.dumps(result.config.to_dict(), indent=2))
-        written["config"] = str(args.config_out)
+    written = {}
+    try:
+        written["sequence"] = write_sequence(result.sequence, out)
+        if result.photoacoustic is not None:
+            written["photoacoustic"] = write_sequence(result.photoacoustic_sequence(), photoacoustic_path(out))
+        if args.config_out:
+            Path(args.config_out).write_text(json.dumps(result.config.to_dict(), indent=2))
+            written["config"] = Path(args.config_out)
+    except BaseException:  # interrupted or failed: no half set of outputs
+        for path in written.values():
+            Path(path).unlink(missing_ok=True)
+        raise
+    written = {key: str(path) for key, path in written.items()}
     if args.json:
         d = result.to_dict()
         d["files"] = written
