@@ -14,9 +14,9 @@ from all three modules. During development, add the three module folders of the 
 
 import enum
 import importlib
-import importlib.util
 import logging
 import sys
+import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -116,72 +116,88 @@ FreehandUS follows the coordinate conventions and file formats of the PLUS toolk
 # Python dependencies (installed into Slicer's Python on first use)
 #
 
-#: Packages FreehandUS may need beyond what Slicer bundles, as import name -> pip requirement.
-#: numpy and scipy ship with Slicer; vtk must never be pip-installed into Slicer; torch comes
-#: from the PyTorch extension (see SensorlessTracking.ensureTorch).
-PYTHON_REQUIREMENTS = {
-    "nrrd": "pynrrd>=1.0",
-    "h5py": "h5py>=3.9",
-    "skimage": "scikit-image>=0.22",
-    "cv2": "opencv-python-headless>=4.8",
-    "pyigtl": "pyigtl>=0.3.4",
-    "numba": "numba>=0.60",
-}
-
-#: Extra imports volume reconstruction needs (its insertion and hole-filling kernels are numba).
-_RECONSTRUCTION_IMPORTS = ["numba"]
-
-#: Extra imports the sequence reader/writer needs, per format of FreehandUSLib.io.sequence_format.
-_SEQUENCE_FORMAT_IMPORTS = {"metafile": [], "nrrd": ["nrrd"], "tusrec": ["h5py"]}
+#: The packages all three FreehandUS modules need beyond what Slicer bundles (numpy, scipy, vtk,
+#: packaging), with version bounds. One file for the three modules: they install into one
+#: qt-scripted-modules folder. torch comes from the PyTorch extension (SensorlessTracking.ensureTorch).
+REQUIREMENTS_FILE = Path(__file__).resolve().parent / "Resources" / "requirements.txt"
 
 
-def ensurePythonPackages(importNames, *, askConfirmation=True) -> list:
-    """Install the missing packages among ``importNames`` into Slicer's Python.
+def _slicerPackaging():
+    """``slicer.packaging`` where this Slicer has it (5.12 and later), else None."""
+    try:
+        packagingApi = importlib.import_module("slicer.packaging")
+    except ImportError:
+        return None
+    return packagingApi if hasattr(packagingApi, "pip_ensure") else None
+
+
+def ensureRequirements(*, askConfirmation=True, requester="FreehandUS") -> list:
+    """Install what Slicer's Python lacks of :data:`REQUIREMENTS_FILE`; call before any Lib import.
+
+    Every Logic method (and self-test) of the three modules calls this first: the Libs import
+    numba, OpenCV, pynrrd and h5py, which a fresh Slicer does not have. Installed versions are
+    checked against the bounds of the file (``importlib.metadata``), not just imported, and
+    pip is constrained to keep Slicer's own numpy and scipy. On Slicer 5.12 and later the
+    installation goes through ``slicer.packaging.pip_ensure`` (progress dialog, restart prompt),
+    before through ``slicer.util.pip_install``.
 
     Parameters
     ----------
-    importNames : iterable of str
-        Import names (keys of :data:`PYTHON_REQUIREMENTS`), e.g. ``["nrrd", "h5py"]``.
     askConfirmation : bool
         Ask the user before downloading (never asked while Slicer runs tests).
+    requester : str
+        Module name shown in Slicer's dialogs.
 
     Returns
     -------
     list of str
-        The pip requirements that were installed (empty when nothing was missing).
+        The requirements that were installed (empty when all were met).
 
     Raises
     ------
-    ValueError
-        If an import name has no known pip requirement.
     RuntimeError
-        If the user declines the installation.
+        If the user declines, if a requirement is still unmet after the installation, or if an
+        upgraded package was already imported in an older version (restart Slicer then).
     """
-    importNames = list(importNames)
-    unknown = [name for name in importNames if name not in PYTHON_REQUIREMENTS]
-    if unknown:
-        raise ValueError(
-            f"ensurePythonPackages: no pip requirement known for {unknown}; "
-            f"expected import names among {sorted(PYTHON_REQUIREMENTS)}"
-        )
-    missing = [PYTHON_REQUIREMENTS[name] for name in importNames if importlib.util.find_spec(name) is None]
-    if not missing:
+    from FreehandUSLib.dependencies import core_constraints, import_name, read_requirements, unmet_requirements
+
+    requirements = read_requirements(REQUIREMENTS_FILE)
+    unmet = unmet_requirements(requirements)
+    if not unmet:
         return []
-    if askConfirmation and not slicer.app.testingEnabled():
-        message = _("FreehandUS needs these Python packages, which will be downloaded and installed now:")
-        if not slicer.util.confirmOkCancelDisplay(message + "\n\n" + "\n".join(missing)):
-            raise RuntimeError(f"FreehandUS needs {', '.join(missing)}; the installation was cancelled")
-    logging.info("Installing Python packages: %s", ", ".join(missing))
-    slicer.util.pip_install(missing)
+    specs = [str(item.requirement) for item in unmet]
+    interactive = askConfirmation and not slicer.app.testingEnabled()
+    logging.info("%s: installing Python packages: %s", requester, ", ".join(str(item) for item in unmet))
+    with tempfile.TemporaryDirectory(prefix="FreehandUS-") as folder:
+        constraints = Path(folder) / "constraints.txt"
+        constraints.write_text("\n".join(core_constraints()) + "\n", encoding="utf-8")
+        packagingApi = _slicerPackaging()
+        if packagingApi is not None:
+            packagingApi.pip_ensure(
+                specs, constraints=constraints, requester=requester,
+                prompt_install=interactive, prompt_restart=interactive, skip_in_testing=False,
+            )  # fmt: skip
+        else:
+            if interactive:
+                message = _("{requester} needs these Python packages, which will be downloaded and installed now:")
+                message = message.format(requester=requester) + "\n\n" + "\n".join(specs)
+                if not slicer.util.confirmOkCancelDisplay(message):
+                    raise RuntimeError(f"{requester} needs {', '.join(specs)}; the installation was cancelled")
+            slicer.util.pip_install([*specs, "-c", str(constraints)])
     importlib.invalidate_caches()
-    return missing
-
-
-def sequenceFileImports(path) -> list:
-    """Import names the reader/writer of this sequence file needs (see ensurePythonPackages)."""
-    from FreehandUSLib.io import sequence_format
-
-    return list(_SEQUENCE_FORMAT_IMPORTS[sequence_format(path)])
+    still = unmet_requirements(requirements)
+    if still:
+        raise RuntimeError(
+            f"{requester}: still unmet after the installation: {'; '.join(str(item) for item in still)}"
+        )
+    stale = [
+        str(item.requirement)
+        for item in unmet
+        if item.installed is not None and import_name(item.requirement.name) in sys.modules
+    ]
+    if stale:
+        raise RuntimeError(f"{requester}: {', '.join(stale)} updated while an older version is loaded; restart Slicer")
+    return specs
 
 
 def summaryText(info: dict) -> str:
@@ -588,7 +604,7 @@ class FreehandUSLogic(ScriptedLoadableModuleLogic):
             The new browser; its ``FreehandUS.SourceFile`` attribute holds ``path``.
         """
         path = Path(path)
-        ensurePythonPackages(sequenceFileImports(path))
+        ensureRequirements()
         from FreehandUSLib.io import read_sequence
         from FreehandUSLib.mrml import sequence_to_browser
 
@@ -620,6 +636,7 @@ class FreehandUSLogic(ScriptedLoadableModuleLogic):
         """
         if browserNode is None:
             raise ValueError("sequenceFromBrowser: browserNode is None; select a sequence browser")
+        ensureRequirements()
         from FreehandUSLib.mrml import browser_to_sequence
 
         return browser_to_sequence(browserNode)
@@ -633,7 +650,7 @@ class FreehandUSLogic(ScriptedLoadableModuleLogic):
             The file written; also stored in the browser's ``FreehandUS.SavedFile`` attribute.
         """
         path = Path(path)
-        ensurePythonPackages(sequenceFileImports(path))
+        ensureRequirements()
         from FreehandUSLib.io import write_sequence
 
         written = Path(write_sequence(self.sequenceFromBrowser(browserNode), path))
@@ -642,6 +659,7 @@ class FreehandUSLogic(ScriptedLoadableModuleLogic):
 
     def sequenceSummary(self, browserNode) -> dict:
         """What ``freehandus info --json`` reports for the recording held by ``browserNode``."""
+        ensureRequirements()
         from FreehandUSLib.cli import sequence_info
 
         sequence = self.sequenceFromBrowser(browserNode)
@@ -685,7 +703,7 @@ class FreehandUSLogic(ScriptedLoadableModuleLogic):
         FreehandUSLib.reconstruction.ReconstructionOptions
             The config's options (spacing, interpolation, compounding, hole filling, clip, fan).
         """
-        ensurePythonPackages(_RECONSTRUCTION_IMPORTS)
+        ensureRequirements()
         from FreehandUSLib.io.plus_config import read_plus_config
         from FreehandUSLib.reconstruction import options_from_plus_config
 
@@ -764,7 +782,7 @@ class FreehandUSLogic(ScriptedLoadableModuleLogic):
             Frames used/skipped (with reasons), grid, coverage, timings; the same summary is
             stored in the output node's ``FreehandUS.Reconstruction.*`` attributes.
         """
-        ensurePythonPackages(_RECONSTRUCTION_IMPORTS)
+        ensureRequirements()
         from FreehandUSLib.mrml_reconstruction import reconstruct_browser_to_volume_node
 
         return reconstruct_browser_to_volume_node(
@@ -825,7 +843,7 @@ class FreehandUSLogic(ScriptedLoadableModuleLogic):
         if imageNode is None:
             raise ValueError("startLiveReconstruction: imageNode is None; select the live image (e.g. Image_Reference)")
         self.stopLiveReconstruction()
-        ensurePythonPackages(_RECONSTRUCTION_IMPORTS)
+        ensureRequirements()
         from FreehandUSLib.mrml_reconstruction import LiveReconstruction
 
         if outputVolumeNode is None:
@@ -879,6 +897,7 @@ def makeTestSequence(nFrames=6, nRows=24, nCols=32, seed=0):
 
     Used by the self-tests of all three modules; downloads nothing.
     """
+    ensureRequirements()
     from FreehandUSLib import TrackedSequence
 
     rng = np.random.default_rng(seed)
@@ -910,6 +929,7 @@ class FreehandUSTest(ScriptedLoadableModuleTest):
 
     def setUp(self):
         slicer.mrmlScene.Clear()
+        ensureRequirements()  # a fresh Slicer lacks numba, pynrrd...: before any Lib import
 
     def runTest(self):
         self.setUp()

@@ -102,18 +102,16 @@ manual point picking); phantom definitions and test data come from the PLUS tool
 # Python dependencies (installed into Slicer's Python on first use)
 #
 
-#: Import names the calibration needs beyond Slicer's bundled packages (see FreehandUS.PYTHON_REQUIREMENTS).
-REQUIRED_IMPORTS = ["skimage", "cv2"]
-
-
 def installDependencies(*, askConfirmation=True) -> list:
-    """pip-install scikit-image and opencv-python-headless into Slicer's Python if missing.
+    """Install what Slicer's Python lacks of the extension's requirements; before any Lib import.
 
-    Returns the requirements installed (empty when nothing was missing).
+    The requirements (OpenCV for dot detection, numba, pynrrd, h5py) are one file for the three
+    modules, ``FreehandUS/Resources/requirements.txt``; see ``FreehandUS.ensureRequirements``.
+    Returns the requirements installed (empty when all were met).
     """
     import FreehandUS
 
-    return FreehandUS.ensurePythonPackages(REQUIRED_IMPORTS, askConfirmation=askConfirmation)
+    return FreehandUS.ensureRequirements(askConfirmation=askConfirmation, requester="N-Wire Calibration")
 
 
 def _pathOrNone(path):
@@ -666,6 +664,7 @@ class NWireCalibrationLogic(ScriptedLoadableModuleLogic):
 
     def showDetection(self, browserNode) -> None:
         """Show the browser's image in the slice views, turned into the image plane (the dots lie on it)."""
+        installDependencies()
         from NWireCalibrationLib.mrml_calibration import image_proxy_node
 
         slicer.util.setSliceViewerLayers(background=image_proxy_node(browserNode), fit=True, rotateToVolumePlane=True)
@@ -753,6 +752,7 @@ class NWireCalibrationLogic(ScriptedLoadableModuleLogic):
 
 def _simulatedRecordings(tempDir):
     """(calibration, validation) simulated recordings and a PLUS config written into ``tempDir``."""
+    installDependencies(askConfirmation=False)
     from NWireCalibrationLib.simulate import simulate_nwire
 
     options = {"probe": "linear", "depth_mm": 50.0, "image_size_px": (320, 240)}

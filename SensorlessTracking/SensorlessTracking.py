@@ -92,21 +92,21 @@ by the SlicerPyTorch extension.
 # Python dependencies (installed into Slicer's Python on first use)
 #
 
-#: Import names this module needs beyond Slicer's bundled packages (TUS-REC scans are HDF5).
-REQUIRED_IMPORTS = ["h5py"]
-
 #: Versions of torch the PyTorch extension may install for this module.
 TORCH_VERSION_REQUIREMENT = ">=2.0"
 
 
 def installDependencies(*, askConfirmation=True) -> list:
-    """pip-install h5py into Slicer's Python if missing (torch: see :func:`ensureTorch`).
+    """Install what Slicer's Python lacks of the extension's requirements; before any Lib import.
 
-    Returns the requirements installed (empty when nothing was missing).
+    ``SensorlessTrackingLib.mrml_tracking`` imports the reconstruction (numba) and OpenCV, the
+    TUS-REC reader h5py: the requirements are one file for the three modules,
+    ``FreehandUS/Resources/requirements.txt`` (see ``FreehandUS.ensureRequirements``); torch is
+    not among them (see :func:`ensureTorch`). Returns the requirements installed.
     """
     import FreehandUS
 
-    return FreehandUS.ensurePythonPackages(REQUIRED_IMPORTS, askConfirmation=askConfirmation)
+    return FreehandUS.ensureRequirements(askConfirmation=askConfirmation, requester="Sensorless Tracking")
 
 
 def ensureTorch(*, askConfirmation=True):
@@ -453,12 +453,10 @@ class SensorlessTrackingLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def _ensurePackages(*, torchNeeded: bool) -> None:
-        """opencv (resampling) and, for learned models, torch (a torch Slicer already has is used)."""
+        """The extension's requirements and, for learned models, torch (a torch Slicer already has is used)."""
         import importlib.util
 
-        import FreehandUS
-
-        FreehandUS.ensurePythonPackages(["cv2"])
+        installDependencies()
         if torchNeeded and importlib.util.find_spec("torch") is None:
             ensureTorch()
 
@@ -540,6 +538,7 @@ class SensorlessTrackingLogic(ScriptedLoadableModuleLogic):
 
     def summaryText(self, summary: dict) -> str:
         """A few readable lines of an estimate summary."""
+        installDependencies()
         from SensorlessTrackingLib import mrml_tracking
 
         return mrml_tracking.summary_text(summary)
@@ -553,6 +552,7 @@ class SensorlessTrackingLogic(ScriptedLoadableModuleLogic):
             Shown in the layout's plot view when ``show`` is true; its table is the node
             reference ``FreehandUS.SensorlessTracking.TrajectoryTable``.
         """
+        installDependencies()
         from SensorlessTrackingLib import mrml_tracking
 
         chartNode = mrml_tracking.trajectory_plot(browserNode)
@@ -578,9 +578,7 @@ class SensorlessTrackingLogic(ScriptedLoadableModuleLogic):
         -------
         FreehandUSLib.reconstruction.ReconstructionResult
         """
-        import FreehandUS
-
-        FreehandUS.ensurePythonPackages(["numba"])
+        installDependencies()
         from SensorlessTrackingLib import mrml_tracking
 
         return mrml_tracking.reconstruct_estimated(browserNode, outputVolumeNode, progress=progress, **options)
@@ -630,6 +628,7 @@ class SensorlessTrackingTest(ScriptedLoadableModuleTest):
 
     def setUp(self):
         slicer.mrmlScene.Clear()
+        installDependencies(askConfirmation=False)  # a fresh Slicer lacks numba, OpenCV...
 
     def runTest(self):
         self.setUp()

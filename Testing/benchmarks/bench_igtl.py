@@ -293,14 +293,28 @@ def run(seconds: float = 5.0, paced_fps: float = 100.0) -> dict:
         "codec": bench_codec(),
         "ours_max": bench_ours_max(source, seconds),
         "ours_paced": {"target_fps": paced_fps, **bench_ours_paced(source, seconds, paced_fps)},
-        "pyigtl_to_pyigtl": bench_pyigtl(seconds, "pyigtl"),
-        "pyigtl_to_pyigtl_image_only": bench_pyigtl(seconds, "pyigtl", with_transforms=False),
-        "pyigtl_to_ours": bench_pyigtl(seconds, "ours"),
-        "load_after": load_average(),
     }
-    base = result["pyigtl_to_pyigtl"]["fps"]
-    result["speedup_vs_pyigtl"] = result["ours_max"]["fps"] / base if base else None
+    if have_pyigtl():
+        result["pyigtl_to_pyigtl"] = bench_pyigtl(seconds, "pyigtl")
+        result["pyigtl_to_pyigtl_image_only"] = bench_pyigtl(seconds, "pyigtl", with_transforms=False)
+        result["pyigtl_to_ours"] = bench_pyigtl(seconds, "ours")
+        base = result["pyigtl_to_pyigtl"]["fps"]
+        result["speedup_vs_pyigtl"] = result["ours_max"]["fps"] / base if base else None
+    else:
+        result["pyigtl_skipped"] = PYIGTL_MISSING
+    result["load_after"] = load_average()
     return result
+
+
+#: Why the pyigtl rows are missing (pyigtl is an optional benchmark dependency).
+PYIGTL_MISSING = 'pyigtl is not installed: pip install -e ".[benchmark]" to race it'
+
+
+def have_pyigtl() -> bool:
+    """Whether pyigtl (the optional reference implementation) can be imported."""
+    import importlib.util
+
+    return importlib.util.find_spec("pyigtl") is not None
 
 
 def table(r: dict) -> str:
@@ -330,9 +344,12 @@ def table(r: dict) -> str:
     paced = dict(r["ours_paced"], fps=r["ours_paced"]["fps_sender"])
     paced["mb_per_s"] = paced["fps"] * ROWS * COLS / 1e6
     row(f"ours -> ours (paced {r['ours_paced']['target_fps']:g} fps)", paced)
-    row("pyigtl -> pyigtl (blocking send)", r["pyigtl_to_pyigtl"])
-    row("pyigtl -> pyigtl (IMAGE only)", r["pyigtl_to_pyigtl_image_only"])
-    row("pyigtl -> ours", r["pyigtl_to_ours"])
+    if "pyigtl_skipped" in r:
+        lines.append(f"pyigtl runs skipped: {r['pyigtl_skipped']}")
+    else:
+        row("pyigtl -> pyigtl (blocking send)", r["pyigtl_to_pyigtl"])
+        row("pyigtl -> pyigtl (IMAGE only)", r["pyigtl_to_pyigtl_image_only"])
+        row("pyigtl -> ours", r["pyigtl_to_ours"])
     if r.get("speedup_vs_pyigtl"):
         lines.append(f"\nours max / pyigtl: {r['speedup_vs_pyigtl']:.1f}x")
     return "\n".join(lines)
@@ -351,6 +368,21 @@ def main(argv=None) -> int:
     print(table(result))
     print(f"\nwrote {out}")
     return 0
+
+
+def test_bench_igtl_table_without_pyigtl():
+    """Without the optional pyigtl the table says the pyigtl runs were skipped and why."""
+    run = {"ours_fps": 100.0, "frames_sent": 10, "frames_received": 10, "frames_lost": 0, "mb_per_s": 50.0}
+    result = {
+        "frame": "820x616", "seconds_per_run": 1.0, "load_before": "0", "load_after": "0",
+        "codec": {"crc_backend": "numba", "crc_mb_per_s": 1000.0, "encode_ms": 1.0, "decode_ms": 1.0},
+        "ours_max": dict(run, fps=100.0),
+        "ours_paced": dict(run, fps_sender=60.0, target_fps=60.0, latency_ms_median=1.0, latency_ms_p95=2.0),
+        "pyigtl_skipped": PYIGTL_MISSING,
+    }  # fmt: skip
+    text = table(result)
+    assert "pyigtl runs skipped" in text and ".[benchmark]" in text
+    assert "pyigtl -> pyigtl" not in text
 
 
 def test_bench_igtl_short_run_loses_nothing(tmp_path):
