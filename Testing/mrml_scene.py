@@ -7,6 +7,9 @@ once: application logic (+ default color tables), Sequences and Markups logics, 
 DataIOManager with a cache directory (needed to read ``.seq.mrb`` files back).
 
 The logics are kept alive on the scene object; call :func:`release_scene` when done.
+:func:`save_like_slicer` writes a scene the way Slicer's File > Save does by default (each
+node's default storage node, e.g. ``.seq.mha`` for a transform sequence), and
+:func:`reload_scene` opens it again in a new scene.
 Only imports ``slicer`` when called, so test modules can import this file without slicer-core.
 """
 
@@ -15,7 +18,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-__all__ = ["make_scene", "release_scene"]
+__all__ = ["make_scene", "release_scene", "save_like_slicer", "reload_scene"]
 
 _KEEP = "freehandus_test_objects"
 
@@ -74,3 +77,56 @@ def release_scene(scene) -> None:
     kept["app_logic"].SetMRMLScene(None)
     scene.Clear(1)
     delattr(scene, _KEEP)
+
+
+def save_like_slicer(scene, path) -> Path:
+    """Write ``scene`` as Slicer's File > Save does with its default choices, return the ``.mrml``.
+
+    Every storable node with data keeps its storage node or gets its default one
+    (``AddDefaultStorageNode``: a transform sequence gets Slicer's
+    ``vtkMRMLLinearTransformSequenceStorageNode`` and a ``.seq.mha`` file, a volume sequence
+    ``.seq.nrrd`` when its frames share one geometry, else a ``.seq.mrb`` bundle), is written
+    next to the scene file under its node name with the format's default extension, and the
+    scene is committed.
+    """
+    import re
+
+    path = Path(path)
+    folder = path.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    used = set()
+    for i in range(scene.GetNumberOfNodes()):
+        node = scene.GetNthNode(i)
+        if not node.IsA("vtkMRMLStorableNode") or not node.GetSaveWithScene():
+            continue
+        if node.IsA("vtkMRMLSequenceNode") and node.GetNumberOfDataNodes() == 0:
+            continue
+        if node.IsA("vtkMRMLVolumeNode") and node.GetImageData() is None:
+            continue
+        if node.GetStorageNode() is None and not node.AddDefaultStorageNode():
+            continue
+        storage = node.GetStorageNode()
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", node.GetName())
+        name = f"{stem}.{storage.GetDefaultWriteFileExtension()}"
+        while name.lower() in used:
+            stem += "_"
+            name = f"{stem}.{storage.GetDefaultWriteFileExtension()}"
+        used.add(name.lower())
+        storage.SetFileName(str(folder / name))
+        if not storage.WriteData(node):
+            raise OSError(f"{storage.GetClassName()} could not write {node.GetName()!r} to {name}")
+    scene.SetRootDirectory(str(folder))
+    scene.SetURL(str(path))
+    if not scene.Commit():
+        raise OSError(f"could not write {path}")
+    return path
+
+
+def reload_scene(path, cache_dir=None):
+    """A new scene (:func:`make_scene`) with the ``.mrml`` file ``path`` imported, as File > Open does."""
+    scene = make_scene(cache_dir=cache_dir)
+    scene.SetURL(str(path))
+    if scene.Import() != 1:
+        release_scene(scene)
+        raise OSError(f"could not read {path}")
+    return scene

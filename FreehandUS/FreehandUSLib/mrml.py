@@ -23,24 +23,48 @@ the image node's IJKToRAS. PLUS coordinates are millimetres with no anatomical m
 
 Nodes made by :func:`sequence_to_browser`
 -----------------------------------------
-- a ``vtkMRMLSequenceNode`` named ``f"{image_name}_{reference_frame}"`` (``Image_Reference``,
-  the PLUS/SlicerOpenIGTLink name) holding one ``vtkMRMLScalarVolumeNode`` per frame
+Named the way Slicer names a recording it loads from a file (Slicer's sequence storage nodes,
+SlicerIGSIO), ``<base>-<Source>-Seq`` with the PLUS name in the ``Sequences.Source``
+attribute, where ``<base>`` is the recording's name (the browser's name, made unique):
+
+- a ``vtkMRMLSequenceNode`` ``<base>-Image_Reference-Seq`` (source ``f"{image_name}_{reference_frame}"``,
+  the PLUS/SlicerOpenIGTLink device name) holding one ``vtkMRMLScalarVolumeNode`` per frame
   (``vtkMRMLVectorVolumeNode`` for multi-channel frames), index = timestamps (name ``time``,
   unit ``s``, numeric, written with ``repr`` so that they read back exactly);
 - one ``vtkMRMLSequenceNode`` of ``vtkMRMLLinearTransformNode`` per per-frame transform of the
-  sequence (``ProbeToTracker``, ``ReferenceToTracker``, ...), same index values;
-- a ``vtkMRMLSequenceBrowserNode`` with the image sequence as master and the transform
-  sequences synchronised, and one proxy node per sequence (named like the sequence).
+  sequence (``<base>-ProbeToTracker-Seq``, ...), an item at each frame whose transform is valid;
+- a ``vtkMRMLSequenceBrowserNode`` ``<base>`` with the image sequence as master and the
+  transform sequences synchronised, and one proxy node per sequence named ``<base>-<Source>``.
+  No node is named like a live device (``Image_Reference``, ``ProbeToTracker``): connecting
+  SlicerOpenIGTLink to a PlusServer later makes its own nodes and never writes into a
+  loaded recording.
 
-Invalid data is kept so that browsing works: a frame whose ImageToReference cannot be formed
-(an invalid tracker transform) keeps its pixels, holds the last valid geometry (the first valid
-one before any, pixel spacing only if there is none) and carries the attribute
-``FreehandUS.TransformValid = "false"``; an invalid per-frame transform holds the last valid
-matrix in the same way (its original, unusable matrix is not kept). Provenance is recorded as
-node attributes (see the ``ATTR_*`` constants), which :func:`browser_to_sequence` reads back.
-When ImageToReference cannot be resolved at all (no ImageToProbe, no chain to the reference
-frame), the image sequence is named ``image_name`` and IJKToRAS holds the pixel spacing only
-(``FreehandUS.ImageGeometry = "pixels"``).
+Invalid data (the way PLUS and Slicer's sequence metafile writer mark it)
+--------------------------------------------------------------------------
+An invalid per-frame transform (PLUS ``<Name>TransformStatus = INVALID``) is a **missing item**
+at that frame's time in the transform sequence. Slicer's sequence metafile writer writes such a
+gap as ``TransformStatus = INVALID`` when it writes transforms along an image sequence and
+leaves the frame out of a transform sequence written alone (File > Save: ``.seq.mha``); either
+way it comes back as a gap, which a per-item attribute would not (the metafile has no place for
+it), and the browser shows the previous valid pose there. An image frame keeps its pixels;
+when its ImageToReference cannot be formed it holds the last valid geometry (the first valid
+one before any, pixel spacing only if there is none) and carries
+``FreehandUS.TransformValid = "false"`` (Slicer's volume sequence writers, ``.seq.nrrd`` and
+``.seq.mrb``, keep it). Provenance is recorded as node attributes (see the ``ATTR_*``
+constants), which :func:`browser_to_sequence` reads back. When ImageToReference cannot be
+resolved at all (no ImageToProbe, no chain to the reference frame), the image source is
+``image_name`` and IJKToRAS holds the pixel spacing only (``FreehandUS.ImageGeometry = "pixels"``).
+
+Reading recordings that Slicer made
+-----------------------------------
+:func:`browser_to_sequence` recognises a transform sequence by, in order, ``FreehandUS.TransformName``,
+``Sequences.Source`` (Slicer's sequence readers, SlicerIGSIO), then the ``-``-separated parts
+of the sequence name (``<base>-<Name>-Seq`` from the readers, ``<proxy>-Sequence`` from the
+Sequences recorder, in any language) and of its proxy's name (a SlicerOpenIGTLink device name).
+Transform items are matched to image frames by index value; Slicer's metafile reader rounds
+times to 1 ms, so a transform sequence whose times are the image times rounded to 1 ms is
+matched frame by frame too (a frame without an item is invalid); a sequence recorded on its
+own clock (the Sequences recorder) is interpolated at the image times.
 """
 
 from __future__ import annotations
@@ -82,6 +106,7 @@ __all__ = [
     "ATTR_PIXEL_SPACING",
     "ATTR_FIELD_PREFIX",
     "ATTR_METADATA_PREFIX",
+    "ATTR_SEQUENCES_SOURCE",
 ]
 
 logger = logging.getLogger(__name__)
@@ -104,12 +129,18 @@ ATTR_PIXEL_SPACING = "FreehandUS.PixelSpacing"
 ATTR_FIELD_PREFIX = "FreehandUS.Field."
 #: Prefix of metadata attributes on the image sequence / volume node.
 ATTR_METADATA_PREFIX = "FreehandUS.Metadata."
+#: Slicer's own attribute (sequence readers, SlicerIGSIO, ``.seq.mha`` writer): the PLUS name of
+#: what a sequence holds (``"ProbeToTracker"``, ``"Image"``).
+ATTR_SEQUENCES_SOURCE = "Sequences.Source"
 
 _PIXEL_GEOMETRY = "pixels"
 _BROWSER_CLASS = "vtkMRMLSequenceBrowserNode"
 #: Timestamps closer than this (s) would be merged by the sequence node.
 _INDEX_TOLERANCE_S = 1e-9
 _VTK_TO_NUMPY_OK = (np.uint8, np.float32)
+#: Slicer's sequence metafile reader keeps 3 decimals of each time (s); a transform time this
+#: close to an image time is that image's time rounded.
+_ROUNDED_INDEX_TOLERANCE_S = 0.5e-3 + 1e-9
 
 
 # -- matrices -------------------------------------------------------------------------------
@@ -284,13 +315,16 @@ def sequence_to_browser(
     reference_frame : str
         Frame the image is placed in; IJKToRAS of each frame is ``ImageTo<reference_frame>``.
     browser_name : str, optional
-        Defaults to a unique ``"<image sequence name>Browser"``.
+        The recording's name (e.g. the file name without extensions), default ``"Recording"``;
+        made unique in the scene. It names the browser and is the ``<base>`` of the sequence
+        (``<base>-<Source>-Seq``) and proxy (``<base>-<Source>``) names.
 
     Returns
     -------
     vtkMRMLSequenceBrowserNode
-        Master: the image sequence (``Image_Reference``); synchronised: one transform sequence
-        per per-frame transform; proxies created, first item selected.
+        Master: the image sequence (``<base>-Image_Reference-Seq``); synchronised: one transform
+        sequence per per-frame transform that is valid on at least one frame (an item per valid
+        frame); proxies created, first item selected.
 
     Raises
     ------
@@ -327,9 +361,10 @@ def sequence_to_browser(
         sequence, image_to_probe=image_to_probe, fixed=fixed, reference_frame=reference_frame
     )
     index_values = [repr(float(t)) for t in ts]
-    seq_name = f"{image_name}_{reference_frame}" if geometry_name != _PIXEL_GEOMETRY else image_name
+    image_source = f"{image_name}_{reference_frame}" if geometry_name != _PIXEL_GEOMETRY else image_name
+    base = _recording_base_name(scene, browser_name)
 
-    image_seq = _new_sequence(scene, seq_name, role="Image")
+    image_seq = _new_sequence(scene, base, image_source, role="Image")
     image_seq.SetAttribute(ATTR_IMAGE_GEOMETRY, geometry_name)
     if sequence.pixel_spacing_mm is not None:
         image_seq.SetAttribute(ATTR_PIXEL_SPACING, " ".join(repr(v) for v in sequence.pixel_spacing_mm))
@@ -340,7 +375,7 @@ def sequence_to_browser(
         frames = frames[..., 0]  # one channel: a scalar volume (reads back as (n, rows, cols))
     vector = frames.ndim == 4
     frame_node = _scratch_node(scene, "vtkMRMLVectorVolumeNode" if vector else "vtkMRMLScalarVolumeNode")
-    frame_node.SetName(seq_name)
+    frame_node.SetName(f"{base}-{image_source}")
     for i in range(n):
         # No copy here: SetDataNodeAtValue deep-copies the node while `frames` is alive.
         frame_node.SetAndObserveImageData(_image_data(frames[i][np.newaxis], deep=False))
@@ -353,28 +388,32 @@ def sequence_to_browser(
 
     transform_seqs = []
     for name, ft in sequence.transforms.items():
-        tseq = _new_sequence(scene, name, role="Transform")
+        good = np.flatnonzero(ft.valid & np.all(np.isfinite(ft.matrices), axis=(1, 2)))
+        if good.size == 0:
+            logger.warning("sequence_to_browser: %s is invalid on every frame; no sequence made for it", name)
+            continue
+        tseq = _new_sequence(scene, base, name, role="Transform")
         tseq.SetAttribute(ATTR_TRANSFORM_NAME, name)
-        held = _hold_last_valid(ft.matrices, ft.valid, fallback=np.eye(4))
         tnode = _scratch_node(scene, "vtkMRMLLinearTransformNode")
-        tnode.SetName(name)
-        for i in range(n):
-            tnode.SetMatrixTransformToParent(matrix_to_vtk(held[i]))
-            tnode.SetAttribute(ATTR_TRANSFORM_VALID, _bool_text(ft.valid[i]))
+        tnode.SetName(f"{base}-{name}")
+        for i in good:  # an invalid frame has no item (PLUS/Slicer: TransformStatus = INVALID)
+            tnode.SetMatrixTransformToParent(matrix_to_vtk(ft.matrices[i]))
             tseq.SetDataNodeAtValue(tnode, index_values[i])
         transform_seqs.append(tseq)
 
-    if browser_name is None:
-        browser_name = scene.GenerateUniqueName(f"{seq_name}Browser")
-    browser = scene.AddNewNodeByClass(_BROWSER_CLASS, browser_name)
+    browser = scene.AddNewNodeByClass(_BROWSER_CLASS, base)
     browser.SetAndObserveMasterSequenceNodeID(image_seq.GetID())
     for tseq in transform_seqs:
         browser.AddSynchronizedSequenceNodeID(tseq.GetID())
     browser.SetIndexDisplayFormat("%.3f")
     browser.SetSelectedItemNumber(0)
     for seq_node in [image_seq, *transform_seqs]:
-        if browser.GetProxyNode(seq_node) is None:
-            _add_proxy(scene, browser, seq_node)
+        proxy_name = f"{base}-{seq_node.GetAttribute(ATTR_SEQUENCES_SOURCE)}"
+        proxy = browser.GetProxyNode(seq_node)
+        if proxy is None:
+            _add_proxy(scene, browser, seq_node, name=proxy_name)
+        else:
+            proxy.SetName(proxy_name)
     logger.info(
         "sequence_to_browser: %d frames -> %s (geometry %s, %d transform sequences)",
         n,
@@ -389,20 +428,24 @@ def browser_to_sequence(browser_node) -> TrackedSequence:
     """Read a sequence browser back into a :class:`TrackedSequence`.
 
     Works on browsers made by :func:`sequence_to_browser` (exact round trip of frames,
-    timestamps, valid transforms, image status, frame fields, metadata) and on recordings made
-    in Slicer (e.g. ``Image_Reference`` + transform sequences from SlicerOpenIGTLink).
+    timestamps, valid transforms, image status, frame fields, metadata), on those saved and
+    reloaded with Slicer's own storage nodes, and on recordings Slicer makes (its sequence
+    readers, SlicerIGSIO, a SlicerOpenIGTLink stream recorded with the Sequences module); see
+    "Reading recordings that Slicer made" in the module docstring.
 
     - frames: the image (volume) sequence, volume arrays ``[k=0, j, i]`` -> ``(n, rows, cols)``;
       dtypes other than uint8/float32 are converted to float32;
     - timestamps: the image sequence's index values (s);
-    - transforms: every synchronised linear-transform sequence whose name (attribute
-      ``FreehandUS.TransformName``, else the sequence or proxy name) is ``<From>To<To>``;
-      validity from ``FreehandUS.TransformValid`` when present. Transform sequences indexed
-      at other times than the images are interpolated at the image timestamps
+    - transforms: every synchronised linear-transform sequence whose name is ``<From>To<To>``
+      (``FreehandUS.TransformName``, ``Sequences.Source``, a part of the sequence or proxy
+      name). Items at the image times (exactly, or rounded to 1 ms) are taken frame by frame and
+      a frame with no item is invalid, as is an item with ``FreehandUS.TransformValid = "false"``;
+      sequences recorded at other times are interpolated at the image timestamps
       (:func:`~FreehandUSLib.transforms.interpolate_transforms`, no extrapolation);
     - ``ImageTo<Frame>`` from each frame's IJKToRAS (``<Frame>`` from the
-      ``FreehandUS.ImageGeometry`` attribute, else from a ``<Image>_<Frame>`` sequence name),
-      unless a transform sequence of that name exists.
+      ``FreehandUS.ImageGeometry`` attribute, else from an ``<Image>_<Frame>`` source or
+      sequence name part), unless a transform sequence of that name exists; invalid where the
+      frame's ``FreehandUS.TransformValid`` says so.
 
     Raises
     ------
@@ -494,8 +537,9 @@ def save_scene(scene, path) -> Path:
     (``vtkMRMLTransformStorageNode``), and **every sequence ``.seq.mrb``**
     (``vtkMRMLSequenceStorageNode``: an MRML bundle of the data nodes). The bundle is chosen
     for sequences because it is lossless: ``.seq.nrrd`` cannot hold per-frame IJKToRAS
-    (tracked frames), and ``.seq.mha`` transform sequences keep only 3 decimals of the
-    timestamps and drop the per-frame attributes. The scene then records the files relative to
+    (tracked frames), and ``.seq.mha`` transform sequences (Slicer's default for them) keep 6
+    significant digits of each matrix and read back with their times rounded to 1 ms (which
+    :func:`browser_to_sequence` still matches to the frames, gaps included). The scene then records the files relative to
     its folder (``scene.SetRootDirectory``, ``SetURL``, ``Commit``) and the scene's URL now
     points to ``path``.
 
@@ -674,8 +718,19 @@ def _scratch_node(scene, class_name: str):
     return node
 
 
-def _new_sequence(scene, name: str, *, role: str):
-    seq = scene.AddNewNodeByClass("vtkMRMLSequenceNode", name)
+def _recording_base_name(scene, browser_name) -> str:
+    """The ``<base>`` of a new recording's node names: ``browser_name`` (default ``"Recording"``),
+    made unique among the scene's node names (a second load of one file gets ``<base>_1``)."""
+    base = "Recording" if browser_name is None else str(browser_name)
+    if not base.strip():
+        raise ValueError("sequence_to_browser: browser_name must be a non-empty string")
+    return scene.GetUniqueNameByString(base)
+
+
+def _new_sequence(scene, base: str, source: str, *, role: str):
+    """A time-indexed sequence named as Slicer's readers name one (``<base>-<source>-Seq``)."""
+    seq = scene.AddNewNodeByClass("vtkMRMLSequenceNode", f"{base}-{source}-Seq")
+    seq.SetAttribute(ATTR_SEQUENCES_SOURCE, source)
     seq.SetIndexName("time")
     seq.SetIndexUnit("s")
     seq.SetIndexType(seq.NumericIndex)
@@ -684,10 +739,10 @@ def _new_sequence(scene, name: str, *, role: str):
     return seq
 
 
-def _add_proxy(scene, browser, seq_node) -> None:
+def _add_proxy(scene, browser, seq_node, *, name: str) -> None:
     """Create a proxy node when no Sequences logic is observing the scene."""
     data = seq_node.GetNthDataNode(max(browser.GetSelectedItemNumber(), 0))
-    proxy = scene.AddNewNodeByClass(seq_node.GetDataNodeClassName(), seq_node.GetName())
+    proxy = scene.AddNewNodeByClass(seq_node.GetDataNodeClassName(), name)
     if data is not None:
         proxy.CopyContent(data)
     browser.AddProxyNode(proxy, seq_node, False)
@@ -737,18 +792,43 @@ def _index_to_seconds(seq_node, values) -> np.ndarray:
     return ts
 
 
+def _name_parts(text: str) -> list[str]:
+    """Where a PLUS name sits in a Slicer node name: ``text`` itself, else its last or
+    second-to-last ``-``-separated part (``<base>-<Name>-Seq`` from the readers,
+    ``<proxy>-Sequence`` from the recorder, ``<base>-<Name>`` proxies); a proxy name's
+    ``" [time=...]"`` tail is dropped first."""
+    text = text.split(" [", 1)[0].strip()
+    parts = text.split("-")
+    return [text] if len(parts) == 1 else [text, parts[-1], parts[-2]]
+
+
+def _plus_transform_name(text) -> str | None:
+    if not text:
+        return None
+    for part in _name_parts(text):
+        if _parses_as_transform(part):
+            return part[: -len("Transform")] if part.endswith("Transform") else part
+    return None
+
+
 def _transform_sequence_name(browser, seq_node) -> str | None:
     if not _first_data_node_is(seq_node, "vtkMRMLLinearTransformNode"):
         return None
-    candidates = [seq_node.GetAttribute(ATTR_TRANSFORM_NAME), seq_node.GetName()]
+    candidates = [
+        seq_node.GetAttribute(ATTR_TRANSFORM_NAME),
+        seq_node.GetAttribute(ATTR_SEQUENCES_SOURCE),
+        seq_node.GetName(),
+    ]
     proxy = browser.GetProxyNode(seq_node)
     if proxy is not None:
-        candidates.append(proxy.GetName())
+        candidates += [proxy.GetAttribute(ATTR_TRANSFORM_NAME), proxy.GetName()]
     for text in candidates:
-        if text and _parses_as_transform(text):
-            return text[: -len("Transform")] if text.endswith("Transform") else text
+        name = _plus_transform_name(text)
+        if name is not None:
+            return name
     logger.warning(
-        "browser %s: transform sequence %r is not named <From>To<To>; skipped",
+        "browser %s: transform sequence %r is not named <From>To<To> (nor is its Sequences.Source "
+        "or proxy); skipped",
         browser.GetName(),
         seq_node.GetName(),
     )
@@ -756,6 +836,7 @@ def _transform_sequence_name(browser, seq_node) -> str | None:
 
 
 def _read_transform_sequence(seq_node, image_index_values, image_ts, *, what: str):
+    """``(n_image, 4, 4)`` matrices and ``(n_image,)`` validity of a transform sequence at the image items."""
     m_count = seq_node.GetNumberOfDataNodes()
     mats = np.empty((m_count, 4, 4))
     valid = np.empty(m_count, dtype=bool)
@@ -767,15 +848,52 @@ def _read_transform_sequence(seq_node, image_index_values, image_ts, *, what: st
         mats[k] = vtk_to_matrix(m)
         valid[k] = _text_bool(node.GetAttribute(ATTR_TRANSFORM_VALID), default=True)
         values.append(seq_node.GetNthIndexValue(k))
+    n = len(image_index_values)
     if values == list(image_index_values):
         return mats, valid
+    item_of_frame = _items_at_image_times(seq_node, values, image_index_values, image_ts)
+    if item_of_frame is not None:
+        out = np.full((n, 4, 4), np.nan)
+        out_valid = np.zeros(n, dtype=bool)
+        has = item_of_frame >= 0
+        out[has] = mats[item_of_frame[has]]
+        out_valid[has] = valid[item_of_frame[has]]
+        logger.debug(
+            "%s: %s matched frame by frame, %d frames without an item", what, seq_node.GetName(), n - has.sum()
+        )
+        return out, out_valid
     if seq_node.GetIndexType() != seq_node.NumericIndex:
         raise SequenceError(
             f"{what}: transform sequence {seq_node.GetName()!r} has a text index that does not "
-            f"match the image items ({m_count} vs {len(image_index_values)} items)"
+            f"match the image items ({m_count} vs {n} items)"
         )
     t = _index_to_seconds(seq_node, values)
     return interpolate_transforms(t, mats, valid, image_ts)
+
+
+def _items_at_image_times(seq_node, values, image_index_values, image_ts):
+    """``(n_image,)`` item number per image frame (-1: none) when every item sits at an image
+    time (the same index value, or that time rounded to 1 ms as Slicer's metafile reader writes
+    it, each image frame at most once); else None (recorded on another clock)."""
+    position = {v: i for i, v in enumerate(image_index_values)}
+    frames = [position.get(v, -1) for v in values]
+    if -1 in frames and seq_node.GetIndexType() == seq_node.NumericIndex:
+        try:
+            t = np.array([float(v) for v in values], dtype=np.float64)
+        except ValueError:
+            return None
+        if image_ts.size > 1 and np.min(np.diff(image_ts)) <= 2 * _ROUNDED_INDEX_TOLERANCE_S:
+            return None  # image frames closer than the rounding: a rounded time is ambiguous
+        after = np.clip(np.searchsorted(image_ts, t), 0, image_ts.size - 1)
+        before = np.clip(after - 1, 0, image_ts.size - 1)
+        nearest = np.where(np.abs(image_ts[before] - t) <= np.abs(image_ts[after] - t), before, after)
+        close = np.abs(image_ts[nearest] - t) <= _ROUNDED_INDEX_TOLERANCE_S
+        frames = [int(f) if f_ok else -1 for f, f_ok in zip(nearest, close)]
+    if -1 in frames or len(set(frames)) != len(frames):
+        return None
+    item_of_frame = np.full(len(image_index_values), -1, dtype=np.int64)
+    item_of_frame[frames] = np.arange(len(frames))
+    return item_of_frame
 
 
 def _geometry_name_of(image_seq) -> str | None:
@@ -784,9 +902,11 @@ def _geometry_name_of(image_seq) -> str | None:
         return None
     if geometry and _parses_as_transform(geometry):
         return geometry
-    parts = (image_seq.GetName() or "").rsplit("_", 1)
-    if len(parts) == 2 and parts[1] and _parses_as_transform(f"ImageTo{parts[1]}"):
-        return f"ImageTo{parts[1]}"
+    for text in (image_seq.GetAttribute(ATTR_SEQUENCES_SOURCE), image_seq.GetName()):
+        for part in _name_parts(text or ""):
+            pieces = part.rsplit("_", 1)
+            if len(pieces) == 2 and pieces[1] and _parses_as_transform(f"ImageTo{pieces[1]}"):
+                return f"ImageTo{pieces[1]}"
     return None
 
 

@@ -95,22 +95,26 @@ def test_round_trip_preserves_frames_and_image_to_reference(mrml_scene):
     assert set(back.transforms) == {"ProbeToTracker", "ReferenceToTracker", "ImageToReference"}
 
 
-def test_browser_has_plus_names_time_index_and_proxies(mrml_scene):
+def test_browser_has_slicer_names_plus_sources_time_index_and_proxies(mrml_scene):
     seq = make_synthetic_sequence(n_frames=5)
-    browser = mrml.sequence_to_browser(mrml_scene, seq, image_to_probe=_image_to_probe())
+    browser = mrml.sequence_to_browser(mrml_scene, seq, image_to_probe=_image_to_probe(), browser_name="Sweep")
+    assert browser.GetName() == "Sweep"
     sequences = {s.GetName(): s for s in _browser_sequences(browser)}
-    assert set(sequences) == {"Image_Reference", "ProbeToTracker", "ReferenceToTracker"}
+    # Slicer's reader naming: <base>-<Source>-Seq, the PLUS name in Sequences.Source.
+    assert set(sequences) == {"Sweep-Image_Reference-Seq", "Sweep-ProbeToTracker-Seq", "Sweep-ReferenceToTracker-Seq"}
+    for name, s in sequences.items():
+        assert name == f"Sweep-{s.GetAttribute('Sequences.Source')}-Seq"
     image_seq = browser.GetMasterSequenceNode()
-    assert image_seq.GetName() == "Image_Reference"
+    assert image_seq.GetAttribute("Sequences.Source") == "Image_Reference"
     assert (image_seq.GetIndexName(), image_seq.GetIndexUnit()) == ("time", "s")
     assert image_seq.GetNumberOfDataNodes() == 5
     assert image_seq.GetNthDataNode(0).GetClassName() == "vtkMRMLScalarVolumeNode"
     assert [float(image_seq.GetNthIndexValue(i)) for i in range(5)] == seq.timestamps_s.tolist()
-    assert sequences["ProbeToTracker"].GetNthDataNode(0).GetClassName() == "vtkMRMLLinearTransformNode"
+    assert sequences["Sweep-ProbeToTracker-Seq"].GetNthDataNode(0).GetClassName() == "vtkMRMLLinearTransformNode"
     for s in sequences.values():
         proxy = browser.GetProxyNode(s)
         assert proxy is not None and proxy.GetScene() is not None
-        assert proxy.GetName() == s.GetName()
+        assert proxy.GetName() == f"Sweep-{s.GetAttribute('Sequences.Source')}"
 
 
 def test_proxy_lands_at_image_to_reference_without_lps_flip(mrml_scene):
@@ -166,7 +170,7 @@ def test_round_trip_dtypes_and_channels(mrml_scene, dtype, channels, node_class)
     _assert_same_sequence(back, seq, seq.repository({"ImageToProbe": image_to_probe}).get("ImageToReference"))
 
 
-def test_invalid_transform_frame_is_kept_marked_and_holds_last_geometry(mrml_scene):
+def test_invalid_transform_frame_is_a_gap_and_the_image_holds_last_geometry(mrml_scene):
     seq = make_synthetic_sequence(n_frames=8)  # ReferenceToTracker invalid at frame 4
     bad = 4
     seq.transforms["ReferenceToTracker"].matrices[bad] = np.nan
@@ -177,11 +181,14 @@ def test_invalid_transform_frame_is_kept_marked_and_holds_last_geometry(mrml_sce
     assert frame.GetAttribute(mrml.ATTR_TRANSFORM_VALID) == "false"
     assert image_seq.GetNthDataNode(bad - 1).GetAttribute(mrml.ATTR_TRANSFORM_VALID) == "true"
     np.testing.assert_array_equal(_ijk_to_ras(frame), _ijk_to_ras(image_seq.GetNthDataNode(bad - 1)))
-    ref_seq = next(s for s in _browser_sequences(browser) if s.GetName() == "ReferenceToTracker")
-    tnode = ref_seq.GetNthDataNode(bad)
-    assert tnode.GetAttribute(mrml.ATTR_TRANSFORM_VALID) == "false"
+    ref_seq = next(s for s in _browser_sequences(browser) if s.GetAttribute("Sequences.Source") == "ReferenceToTracker")
+    # As PLUS / Slicer's metafile writer mark it: no item at the invalid frame's time.
+    assert ref_seq.GetNumberOfDataNodes() == 7
+    assert ref_seq.GetItemNumberFromIndexValue(image_seq.GetNthIndexValue(bad)) == -1
+    # Browsing to that frame shows the last valid pose.
+    browser.SetSelectedItemNumber(bad)
     m = vtk.vtkMatrix4x4()
-    tnode.GetMatrixTransformToParent(m)
+    browser.GetProxyNode(ref_seq).GetMatrixTransformToParent(m)
     np.testing.assert_array_equal(
         mrml.vtk_to_matrix(m), seq.transforms["ReferenceToTracker"].matrices[bad - 1]
     )
@@ -227,7 +234,7 @@ def test_without_image_to_probe_frames_keep_pixel_geometry(mrml_scene):
     seq.pixel_spacing_mm = (0.3, 0.4)
     browser = mrml.sequence_to_browser(mrml_scene, seq)
     image_seq = browser.GetMasterSequenceNode()
-    assert image_seq.GetName() == "Image"
+    assert image_seq.GetName() == "Recording-Image-Seq"
     assert image_seq.GetAttribute(mrml.ATTR_IMAGE_GEOMETRY) == "pixels"
     np.testing.assert_array_equal(_ijk_to_ras(image_seq.GetNthDataNode(1)), np.diag([0.3, 0.4, 1.0, 1.0]))
     back = mrml.browser_to_sequence(browser)
@@ -251,7 +258,7 @@ def test_reference_frame_and_fixed_transforms(mrml_scene):
         image_name="US",
         reference_frame="Phantom",
     )
-    assert browser.GetMasterSequenceNode().GetName() == "US_Phantom"
+    assert browser.GetMasterSequenceNode().GetName() == "Recording-US_Phantom-Seq"
     back = mrml.browser_to_sequence(browser)
     expected = seq.repository({"ImageToProbe": image_to_probe, **fixed}).get("ImageToPhantom")
     ok = back.transforms["ImageToPhantom"].valid
@@ -308,7 +315,7 @@ def test_proxies_are_made_when_no_sequences_logic_observes(tmp_path):
     )
     for s in _browser_sequences(browser):
         proxy = browser.GetProxyNode(s)
-        assert proxy is not None and proxy.GetName() == s.GetName()
+        assert proxy is not None and proxy.GetName() == f"Recording-{s.GetAttribute('Sequences.Source')}"
     image_proxy = browser.GetProxyNode(browser.GetMasterSequenceNode())
     assert image_proxy.GetImageData().GetDimensions() == (64, 48, 1)
     scene.Clear(1)
@@ -494,9 +501,9 @@ def test_save_scene_and_reload(mrml_scene, tmp_path):
     assert path == tmp_path / "demo" / "scene.mrml" and path.is_file()
     files = {p.name for p in path.parent.iterdir()}
     assert {
-        "Image_Reference.seq.mrb",
-        "ProbeToTracker.seq.mrb",
-        "ReferenceToTracker.seq.mrb",
+        "Recording-Image_Reference-Seq.seq.mrb",
+        "Recording-ProbeToTracker-Seq.seq.mrb",
+        "Recording-ReferenceToTracker-Seq.seq.mrb",
         "Reconstruction.nrrd",
         "ImageToProbe.h5",
     } <= files
@@ -555,7 +562,7 @@ def test_spine_phantom_round_trip(mrml_scene):
     )
     browser = mrml.sequence_to_browser(mrml_scene, seq, image_to_probe=image_to_probe)
     image_seq = browser.GetMasterSequenceNode()
-    assert image_seq.GetName() == "Image_Reference"
+    assert image_seq.GetName() == "Recording-Image_Reference-Seq"
     assert image_seq.GetNumberOfDataNodes() == 21
     assert image_seq.GetNthDataNode(0).GetImageData().GetDimensions() == (820, 616, 1)
     back = mrml.browser_to_sequence(browser)
