@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -60,8 +61,10 @@ def test_serve_runs_for_a_duration_and_reports_json(source, capsys):
     _, path = source
     assert main(["serve", str(path), "--port", "0", "--duration", "0.3", "--json"]) == 0
     out = capsys.readouterr().out
-    first, rest = out.split("\n", 1)
+    first, second, rest = out.split("\n", 2)
     assert first.startswith(f"serving {path} on 127.0.0.1:") and "images as Image_Image" in first
+    assert second.startswith("remote StartRecording/ReconstructVolume write new files into ")
+    assert "freehandus-serve-" in second and not Path(second.rsplit(" ", 1)[1]).exists()  # created when used
     result = json.loads(rest)
     assert result["replay"]["frames_sent"] == 0 and result["server"]["clients_connected"] == 0
 

@@ -7,17 +7,25 @@ stand-alone.
 
 ``serve`` prints ``serving <file> on <host>:<port> ...`` on its first line (the real port when
 ``--port 0`` asked for a free one) and runs until Ctrl-C/SIGTERM, ``--duration``, or, with
-``--exit-when-done``, until a non-looping replay has been sent. ``record`` stops after
-``--duration`` seconds or ``--frames`` frames, or on Ctrl-C/SIGTERM, always leaving a valid file.
+``--exit-when-done``, until a non-looping replay has been sent. Listening on anything but a
+loopback address prints a warning: the server has no authentication.
+
+``record`` stops after ``--duration`` seconds or ``--frames`` frames, on Ctrl-C/SIGTERM, or when
+the server has been gone for ``--reconnect-timeout`` seconds (exit 1), always leaving a valid
+file. It never replaces a file (exit 2) unless ``--overwrite`` moves the old one to a backup
+folder. On a terminal it shows frames, rate, drops and reconnects as it goes; with stderr not a
+terminal it prints only the summary and one line per lost/regained connection.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
 import json
 import logging
 import signal
+import socket
 import sys
 import threading
 import time
@@ -55,11 +63,39 @@ def _names(text: str | None) -> list[str] | None:
     return [n.strip() for n in text.split(",") if n.strip()]
 
 
+def _check_port(port: int, *, allow_zero: bool) -> None:
+    low = 0 if allow_zero else 1
+    if not low <= port <= 65535:
+        raise FreehandUSError(f"--port {port}: expected {low} to 65535" + (" (0: any free port)" if allow_zero else ""))
+
+
+def _is_loopback(host: str) -> bool:
+    """True when every address ``host`` names is a loopback address (127.x, ::1)."""
+    if not host:
+        return False  # all interfaces
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return True  # cannot be bound either; the bind reports it
+    return all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+
+
+def _exposure_warning(host: str, port: int, output_dir) -> str:
+    return (
+        f"freehandus serve: warning: listening on {host or '*'}:{port}, not only on this machine, and "
+        f"OpenIGTLink has no authentication: anyone who can reach this port receives every image and "
+        f"transform, can start and stop recordings and run volume reconstructions that write new files "
+        f"into {output_dir} (existing files are never replaced) and use this machine's CPU. Use "
+        f"--host 127.0.0.1 (the default) unless the network is trusted."
+    )
+
+
 def serve_command(args) -> int:
     """Run ``freehandus serve`` (see :func:`add_parsers`)."""
     from ..io import read_sequence
     from .replay import ReplayServer
 
+    _check_port(args.port, allow_zero=True)
     seq = read_sequence(args.sequence)
     fixed = {}
     options = None
@@ -104,6 +140,9 @@ def serve_command(args) -> int:
                 f"{', loop' if args.loop else ''}; images as {server.image_device})",
                 flush=True,
             )
+            print(f"remote StartRecording/ReconstructVolume write new files into {server.output_dir}", flush=True)
+            if not _is_loopback(args.host):
+                print(_exposure_warning(args.host, server.port, server.output_dir), file=sys.stderr, flush=True)
             t_end = None if args.duration is None else time.monotonic() + args.duration
             while not stop.is_set():
                 if t_end is not None and time.monotonic() >= t_end:
@@ -127,30 +166,72 @@ def serve_command(args) -> int:
         print(
             f"sent {result['replay']['frames_sent']} frames ({st['messages_sent']} messages, "
             f"{st['bytes_sent'] / 1e6:.1f} MB) to {st['clients_connected']} client(s); dropped {st['dropped']}"
+            + (f", {st['clients_cut']} client(s) cut loose for taking no data" if st["clients_cut"] else "")
         )
     return 0
 
 
+class _StatusLine:
+    """``record``'s live status on a terminal (tqdm); nothing when stderr is not a terminal."""
+
+    def __init__(self, total, stream=None):
+        from tqdm import tqdm
+
+        stream = sys.stderr if stream is None else stream
+        self.bar = tqdm(total=total, unit="frame", file=stream, disable=not stream.isatty(), dynamic_ncols=True,
+                        bar_format="{desc}{n_fmt}" + ("/{total_fmt}" if total else "") + " frames {postfix}")  # fmt: skip
+
+    def __call__(self, status) -> None:
+        if self.bar.disable:
+            return
+        self.bar.n = status.frames
+        text = f"{status.fps:.1f} fps, dropped {status.dropped}, missing {status.missing_frames}"
+        if status.state != "connected":
+            text += f", reconnecting for {status.reconnecting_s:.0f} s"
+        self.bar.set_postfix_str(text, refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def record_command(args) -> int:
     """Run ``freehandus record`` (see :func:`add_parsers`)."""
-    from .recorder import record_stream
+    from .recorder import RecordingExistsError, prepare_output, record_stream
 
     if args.duration is None and args.frames is None:
         raise FreehandUSError("record: give --duration S or --frames N so the recording can end")
+    _check_port(args.port, allow_zero=False)
+    try:
+        if not args.overwrite:
+            prepare_output(args.out)
+    except RecordingExistsError as exc:
+        raise FreehandUSError(f"{exc}; choose another --out, or --overwrite to move the old files to a backup folder")
     stop = threading.Event()
-    with _stop_on_signals(stop):
-        summary = record_stream(
-            args.host,
-            args.port,
-            args.out,
-            duration_s=args.duration,
-            frames=args.frames,
-            connect_timeout_s=args.connect_timeout,
-            stop_event=stop,
-            image_device=args.image_device,
-            transform_names=_names(args.transforms),
-        )
+    status = _StatusLine(args.frames)
+    try:
+        with _stop_on_signals(stop):
+            summary = record_stream(
+                args.host,
+                args.port,
+                args.out,
+                duration_s=args.duration,
+                frames=args.frames,
+                connect_timeout_s=args.connect_timeout,
+                reconnect_timeout_s=args.reconnect_timeout,
+                stop_event=stop,
+                image_device=args.image_device,
+                transform_names=_names(args.transforms),
+                overwrite=args.overwrite,
+                monitor=status,
+            )
+    finally:
+        status.close()
     print(json.dumps(summary.to_dict(), indent=2) if args.json else str(summary))
+    if summary.stopped.startswith("server gone"):
+        print(f"freehandus record: error: {summary.stopped}; the {summary.frames} frame(s) recorded are in "
+              f"{summary.path or '(nothing)'}", file=sys.stderr)  # fmt: skip
+        return 1
     return 0
 
 
@@ -184,7 +265,11 @@ def add_parsers(subparsers) -> None:
         "(ImageToReference matrix) + valid TRANSFORMs per frame, keep-alive STATUS, PLUS commands.",
     )
     p.add_argument("sequence", help="tracked sequence file (.igs.mha/.igs.mhd/.igs.nrrd/.seq.nrrd/.h5)")
-    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    p.add_argument(
+        "--host", default="127.0.0.1",
+        help="interface to listen on (default 127.0.0.1, this machine only; others are warned about: "
+        "no authentication)",
+    )  # fmt: skip
     p.add_argument("--port", type=int, default=18944, help="TCP port (default 18944; 0 = any free port)")
     p.add_argument(
         "--fps", type=_non_negative_float, default=None,
@@ -202,7 +287,11 @@ def add_parsers(subparsers) -> None:
         "--timestamps", choices=("live", "original"), default="live",
         help="send the current time (like a live PlusServer, default) or the file's timestamps",
     )  # fmt: skip
-    p.add_argument("--output-dir", default=".", help="folder for StartRecording/ReconstructVolume output")
+    p.add_argument(
+        "--output-dir",
+        help="folder for the files remote StartRecording/ReconstructVolume commands write (never replacing one; "
+        "default: a new folder freehandus-serve-<date>-<time>-<pid> here)",
+    )
     p.add_argument("--duration", type=_positive_float, help="stop serving after this many seconds")
     p.add_argument("--exit-when-done", action="store_true", help="exit once a non-looping replay was sent")
     p.add_argument("--no-wait", action="store_true", help="start streaming before any client connects")
@@ -220,11 +309,21 @@ def add_parsers(subparsers) -> None:
     p.add_argument(
         "--out",
         required=True,
-        help="output sequence (.igs.mhd written incrementally; others converted at the end)",
+        help="output sequence (.igs.mhd written incrementally; others converted at the end); never replaced",
     )
     p.add_argument("--duration", type=_positive_float, help="record for this many seconds")
     p.add_argument("--frames", type=_positive_int, help="record this many frames")
     p.add_argument("--connect-timeout", type=_positive_float, default=10.0, help="seconds to wait for the server")
+    p.add_argument(
+        "--reconnect-timeout", type=_positive_float, default=60.0,
+        help="after a lost connection, stop (keeping what was recorded, exit 1) when the server is not back "
+        "within this many seconds (default 60)",
+    )  # fmt: skip
+    p.add_argument(
+        "--overwrite", action="store_true",
+        help="if --out (or an unfinished recording to it) exists, move it to <out>.backup-<date>-<time>/ "
+        "instead of refusing",
+    )  # fmt: skip
     p.add_argument("--image-device", help="IMAGE device to record (default: the first one seen)")
     p.add_argument("--transforms", help="comma-separated transform names to record (default: all)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")

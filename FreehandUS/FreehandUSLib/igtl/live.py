@@ -371,7 +371,8 @@ def reconstruct_for_command(server, reconstruct_volume, attributes: dict, contex
     """Execute PLUS's ``ReconstructVolume`` for a :class:`~.replay.ReplayServer`.
 
     Attributes used: ``InputSeqFilename`` (a file in the server's output folder; default: the
-    replayed sequence), ``OutputVolFilename`` (written in the output folder), ``OutputVolDeviceName``
+    replayed sequence), ``OutputVolFilename`` (a new ``.mha``/``.nrrd`` in the output folder; an
+    existing name is refused, never replaced), ``OutputVolDeviceName``
     (send the volume to the requesting client as an IMAGE of that name), ``OutputSpacing``
     ("sx sy sz" mm). ImageToProbe comes from the server's fixed transforms.
     """
@@ -380,7 +381,7 @@ def reconstruct_for_command(server, reconstruct_volume, attributes: dict, contex
 
     try:
         if attributes.get("InputSeqFilename"):
-            sequence = read_sequence(server._safe_path(attributes["InputSeqFilename"], ""))
+            sequence = read_sequence(server._safe_path(attributes["InputSeqFilename"], "", new=False))
         else:
             sequence = server.sequence
         options = server.reconstruction_options or ReconstructionOptions()
@@ -393,7 +394,7 @@ def reconstruct_for_command(server, reconstruct_volume, attributes: dict, contex
         result = reconstruct_volume(sequence, server.fixed_transforms or None, options)
         messages = [f"{result.frames_used} frames, volume {'x'.join(str(d) for d in result.grid.dims)}"]
         if attributes.get("OutputVolFilename"):
-            path = write_volume(result.volume, server._safe_path(attributes["OutputVolFilename"], ".mha"))
+            path = server._create(attributes["OutputVolFilename"], ".mha", lambda p: write_volume(result.volume, p))
             messages.insert(0, str(Path(path)))
         if attributes.get("OutputVolDeviceName"):
             name = attributes["OutputVolDeviceName"]

@@ -224,6 +224,7 @@ class FramePairer:
         self._known: dict[str, None] = dict.fromkeys(self.transform_names or [])  # every name, in order
         self._dormant: OrderedDict = OrderedDict()  # recently active names without samples now
         self._head_t: float | None = None  # the oldest pending image ...
+        self._head_newer = False  # ... whether a newer image arrived ...
         self._blockers: set[str] = set()  # ... and the active transforms it still waits for
         self._pending: deque = deque()
         self._last_image_t = -np.inf
@@ -303,7 +304,7 @@ class FramePairer:
             self._stamp(message), np.array(matrix, dtype=np.float64), _usable_matrix(matrix, message.metadata)
         )
         if self._head_t is not None:
-            if samples.synchronous is True or samples.latest() >= self._head_t - EXACT_S:
+            if (self._head_newer and samples.synchronous is True) or samples.latest() >= self._head_t - EXACT_S:
                 self._blockers.discard(name)
             else:
                 self._blockers.add(name)
@@ -347,11 +348,16 @@ class FramePairer:
             return True
         if len(self._pending) < 2 and self._accept_images:
             return False  # wait for the next image: it closes this frame's messages
-        if self._head_t != t:  # a new oldest image: which active transforms does it wait for?
-            # A frame-synchronous transform came before the next image (one sender, in order).
+        newer = self._last_image_t > t + EXACT_S
+        if self._head_t != t or self._head_newer != newer:  # which active transforms does it wait for?
+            # Once a newer image arrived, the frame-synchronous transforms of this one have come
+            # (one sender, in order); else every active transform must reach t.
             self._head_t = t
+            self._head_newer = newer
             self._blockers = {
-                n for n, s in self._samples.items() if s.synchronous is not True and s.latest() < t - EXACT_S
+                n
+                for n, s in self._samples.items()
+                if not (newer and s.synchronous is True) and s.latest() < t - EXACT_S
             }
         return not self._blockers
 

@@ -42,11 +42,24 @@ PLUS remote-control commands (STRING ``CMD_<uid>`` or COMMAND, see :mod:`.comman
                        ``OutputVolDeviceName``, send the volume as an IMAGE to the requester.
                        Needs :func:`FreehandUSLib.reconstruction.reconstruct_volume`; without it
                        the reply is FAIL naming what is missing.
+
+**What a client can do to this machine.** There is no authentication (as with PlusServer): any
+client that reaches the port receives the images and transforms and can write new sequence and
+volume files into ``output_dir`` and spend CPU time on reconstructions. It cannot replace or
+delete a file: a name that exists there (or a link) is refused with FAIL, and files are created
+exclusively. ``output_dir`` defaults to a fresh folder (``freehandus-serve-<date>-<time>-<pid>``
+in the current folder, created when first written), never the folder of the served file.
+
+**Slow clients.** Frames are broadcast at their pace (``fps`` > 0 or None): a client that does
+not keep up misses frames (counted) and one that takes nothing for ``send_timeout_s`` is
+disconnected, without delaying the others (:class:`~.server.IGTLServer`). With ``fps=0`` the
+replay waits for the slowest client that still takes data.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -152,7 +165,8 @@ class ReplayServer:
     wait_for_clients : int
         Clients that must be connected before the first frame is sent (0 = start at once).
     output_dir : path, optional
-        Where StartRecording/ReconstructVolume write (default: the current folder).
+        Where StartRecording/ReconstructVolume write (default: a fresh folder in the current one,
+        see the module docstring); created when first written.
     image_to_probe : (4, 4), optional
         The calibration; same as ``fixed_transforms={"ImageToProbe": ...}``.
     reconstruction_options : ReconstructionOptions, optional
@@ -191,7 +205,9 @@ class ReplayServer:
         self.loop = bool(loop)
         self.timestamps = timestamps
         self.wait_for_clients = int(wait_for_clients)
-        self.output_dir = Path(output_dir) if output_dir is not None else Path.cwd()
+        if output_dir is None:
+            output_dir = Path.cwd() / time.strftime(f"freehandus-serve-%Y%m%d-%H%M%S-{os.getpid()}")
+        self.output_dir = Path(output_dir)
         fixed = {k: np.asarray(v, dtype=np.float64) for k, v in dict(fixed_transforms or {}).items()}
         if image_to_probe is not None:
             fixed.setdefault("ImageToProbe", np.asarray(image_to_probe, dtype=np.float64))
@@ -366,7 +382,8 @@ class ReplayServer:
                         if delay > 0 and self._stop.wait(delay):
                             return
                     timestamp = self._timestamp(index, pass_index, offset)
-                    self.server.broadcast(self.frame_messages(index, timestamp))
+                    # paced: a slow client misses frames, nobody waits for it; fps=0: back-pressure
+                    self.server.broadcast(self.frame_messages(index, timestamp), timeout_s=None if self.fps == 0 else 0)
                     self.stats.frames_sent += 1
                     self._record(index, timestamp)
                 pass_index += 1
@@ -389,14 +406,46 @@ class ReplayServer:
             transforms = {name: (mats[index], bool(valid[index])) for name, mats, valid in self._transforms}
             self._recording.append(self.sequence.frames[index], timestamp_s, transforms)
 
-    def _safe_path(self, filename: str | None, default_suffix: str) -> Path:
+    def _safe_path(self, filename: str | None, default_suffix: str, *, new: bool = True) -> Path:
+        """``filename`` in :attr:`output_dir` (its last component only).
+
+        ``new``: the name must not exist there (nothing is replaced); else it must be a file in
+        the folder itself (a link pointing elsewhere is refused)."""
         if not filename:
             filename = time.strftime("Recording_%Y%m%d_%H%M%S") + default_suffix
-        name = Path(filename).name
-        if not name or name in (".", ".."):
+        name = Path(str(filename).replace("\\", "/")).name
+        if not name or name in (".", "..") or any(ord(c) < 32 for c in name):
             raise FreehandUSError(f"invalid file name {filename!r}")
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        return self.output_dir / name
+        path = self.output_dir / name
+        if new:
+            if os.path.lexists(path):
+                raise FreehandUSError(f"{name} exists in the output folder; a remote command never replaces a file")
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        elif not path.is_file() or path.resolve().parent != self.output_dir.resolve():
+            raise FreehandUSError(f"{name} is not a file in the output folder")
+        return path
+
+    def _create(self, filename: str | None, default_suffix: str, write) -> Path:
+        """Write a new one-file output ``filename`` in :attr:`output_dir` with ``write(tmp_path)``.
+
+        The file is written under a temporary name and linked to its name, which fails when
+        the name was taken meanwhile: an existing file is never replaced."""
+        path = self._safe_path(filename, default_suffix)
+        if path.name.lower().endswith((".mhd", ".nhdr")):
+            raise FreehandUSError(f"{path.name}: remote outputs are one file (.mha, .nrrd), not header + data")
+        tmp = path.with_name(f".partial-{os.getpid()}-{threading.get_ident()}-{path.name}")
+        try:
+            write(tmp)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise FreehandUSError(
+                    f"{path.name} exists in the output folder; a remote command never replaces a file"
+                ) from None
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        return path
 
     # -- commands ----------------------------------------------------------------------------
     def _handle_command(self, name: str, attributes: dict, context: CommandContext) -> tuple[bool, str]:
@@ -405,16 +454,19 @@ class ReplayServer:
             with self._record_lock:
                 if self._recording is not None:
                     return False, f"Recording is already in progress to {self._recording.path}"
-                path = self._safe_path(attributes.get("OutputFilename"), ".igs.mhd")
                 seq = self.sequence
-                self._recording = IncrementalSequenceFile(
-                    path,
-                    frame_shape=seq.frames.shape[1:3],
-                    dtype=seq.frames.dtype,
-                    n_channels=seq.n_channels,
-                    transform_names=[n for n, _, _ in self._transforms],
-                    pixel_spacing_mm=seq.pixel_spacing_mm,
-                )
+                try:
+                    path = self._safe_path(attributes.get("OutputFilename"), ".igs.mhd")
+                    self._recording = IncrementalSequenceFile(
+                        path,
+                        frame_shape=seq.frames.shape[1:3],
+                        dtype=seq.frames.dtype,
+                        n_channels=seq.n_channels,
+                        transform_names=[n for n, _, _ in self._transforms],
+                        pixel_spacing_mm=seq.pixel_spacing_mm,
+                    )  # refuses every existing file it would write (output, data, working .mhd)
+                except FreehandUSError as exc:
+                    return False, f"StartRecording refused: {exc}"
                 self.stats.recording = str(path)
             return True, str(path)
         if key == "stoprecording":
@@ -423,6 +475,8 @@ class ReplayServer:
                     return False, "Recording is not in progress"
                 recording, self._recording = self._recording, None
             final = recording.close()
+            if final is None:
+                return True, "no frames were recorded; nothing written"
             return True, str(final)
         if key == "requestchannelids":
             return True, CHANNEL_ID

@@ -7,10 +7,15 @@
   header version 1 **until the client sends a version-2 message**, then with version 2 (capped at
   ``max_header_version``), as PlusServer does;
 - a **sender** thread fed by a bounded queue. :meth:`IGTLServer.broadcast` puts one bundle
-  (e.g. the IMAGE + TRANSFORMs of a tracked frame) in every client's queue; when a queue is full
-  the broadcaster waits up to ``send_timeout_s`` (back-pressure, so a fast replay never outruns a
-  client that keeps up), after which the bundle is dropped *for that client* and counted. Each
-  bundle is encoded (CRC) once per header version, not once per client.
+  (e.g. the IMAGE + TRANSFORMs of a tracked frame) in every client's queue. When a queue is full
+  the bundle is dropped *for that client* and counted, at once (``timeout_s=0``, a paced
+  stream: nobody else is delayed) or after waiting for that client to make room (back-pressure,
+  so an as-fast-as-possible replay never outruns a client that keeps up; never longer than the
+  client could still be cut loose). Each bundle is encoded (CRC) once per header version, not
+  once per client.
+- a **slow or dead client is cut loose**: one that has had data waiting for ``send_timeout_s``
+  without taking any is disconnected (logged, counted in ``clients_cut``); its first dropped
+  bundle is logged too.
 - a keep-alive: an empty-named STATUS OK (header version 1, as PlusServer's) whenever nothing was
   sent to that client for ``keepalive_interval_s`` (PlusServer: 0.25 s).
 
@@ -66,7 +71,9 @@ class ServerStats:
     messages_sent, bytes_sent : int
         Over all clients.
     dropped : int
-        Bundles dropped for a client whose queue stayed full for ``send_timeout_s``.
+        Bundles dropped for a client whose queue was full.
+    clients_cut : int
+        Clients disconnected because they took no data for ``send_timeout_s``.
     keepalives : int
     clients_connected : int
         Clients accepted since start; ``clients_now`` connected now.
@@ -80,6 +87,7 @@ class ServerStats:
     messages_sent: int = 0
     bytes_sent: int = 0
     dropped: int = 0
+    clients_cut: int = 0
     keepalives: int = 0
     clients_connected: int = 0
     clients_now: int = 0
@@ -143,6 +151,7 @@ class _Session:
         self.cond = threading.Condition()
         self.alive = True
         self.last_sent = time.monotonic()
+        self.last_progress = self.last_sent  # last send completed, or start of the wait for one
         self.recent_ids: collections.deque = collections.deque(maxlen=_RECENT_COMMAND_IDS)
         self.stream = StreamStats()
         self.sent = 0
@@ -158,20 +167,35 @@ class _Session:
             t.start()
 
     # -- sending -----------------------------------------------------------------------------
+    def busy(self) -> bool:
+        """Data is waiting for this client or being sent to it (call with ``cond`` held)."""
+        return bool(self.queue or self.urgent or self.in_flight)
+
     def put(self, bundle: _Bundle, timeout_s: float) -> bool:
+        """Queue ``bundle``; False when the client is gone or its queue stayed full (dropped).
+
+        Waits at most ``timeout_s`` for room, and never past the moment this client would be
+        cut loose (``send_timeout_s`` without progress)."""
         with self.cond:
             if bundle.priority:
+                if not self.busy():
+                    self.last_progress = time.monotonic()
                 self.urgent.append(bundle)
                 self.cond.notify_all()
                 return True
-            ok = self.cond.wait_for(
-                lambda: not self.alive or len(self.queue) < self.server.client_queue_size, timeout_s
-            )
+            size = self.server.client_queue_size
+            if len(self.queue) >= size and timeout_s > 0:
+                limit = self.last_progress + self.server.send_timeout_s - time.monotonic()
+                self.cond.wait_for(lambda: not self.alive or len(self.queue) < size, min(timeout_s, max(0.0, limit)))
             if not self.alive:
                 return False
-            if not ok:
+            if len(self.queue) >= size:
                 self.dropped += 1
+                if self.dropped == 1:
+                    logger.warning("client %d (%s) is not keeping up: dropping data for it", self.id, self.address)
                 return False
+            if not self.busy():
+                self.last_progress = time.monotonic()
             self.queue.append(bundle)
             self.cond.notify_all()
             return True
@@ -201,6 +225,7 @@ class _Session:
                 server._count_sent(len(bundle.messages), nbytes)
                 with self.cond:
                     self.in_flight = False
+                    self.last_progress = self.last_sent
                     self.cond.notify_all()
         except OSError as exc:
             if self.alive:
@@ -306,9 +331,11 @@ class IGTLServer:
         0 picks a free port (see :attr:`port` after :meth:`start`).
     keepalive_interval_s : float
     client_queue_size : int
-        Bundles waiting per client before the broadcaster waits.
+        Bundles waiting per client; more are dropped for that client (or waited for, see
+        :meth:`broadcast`).
     send_timeout_s : float
-        How long :meth:`broadcast` waits for a full client queue before dropping for that client.
+        A client that has had data waiting this long without taking any is disconnected; the
+        longest :meth:`broadcast` waits for a full client queue.
     max_header_version : 1 or 2
     command_handler : callable(name, attributes, CommandContext) -> (bool, str), optional
         Executes commands; None answers every command with FAIL "unknown command".
@@ -332,6 +359,10 @@ class IGTLServer:
             raise ValueError(f"client_queue_size must be >= 1, got {client_queue_size}")
         if keepalive_interval_s <= 0:
             raise ValueError(f"keepalive_interval_s must be > 0, got {keepalive_interval_s}")
+        if not send_timeout_s > 0:
+            raise ValueError(f"send_timeout_s must be > 0, got {send_timeout_s}")
+        if not 0 <= int(port) <= 65535:
+            raise ValueError(f"port must be 0 (any free port) to 65535, got {port}")
         self.host = host
         self.requested_port = int(port)
         self.keepalive_interval_s = float(keepalive_interval_s)
@@ -359,7 +390,7 @@ class IGTLServer:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             listener.bind((self.host, self.requested_port))
-        except OSError as exc:
+        except (OSError, OverflowError) as exc:
             listener.close()
             from ..errors import FreehandUSError
 
@@ -464,8 +495,10 @@ class IGTLServer:
     def broadcast(self, messages, *, timeout_s: float | None = None) -> int:
         """Queue ``messages`` (one bundle) for every connected client; returns clients served.
 
-        Waits up to ``timeout_s`` (default ``send_timeout_s``) for a client whose queue is full;
-        that client misses the bundle when the wait times out (counted in ``dropped``).
+        A client whose queue is full misses the bundle (counted in ``dropped``): at once with
+        ``timeout_s=0`` (a paced stream: nobody waits for a slow client), else after waiting up
+        to ``timeout_s`` (default ``send_timeout_s``) for it to make room, which a client that
+        takes nothing ends within ``send_timeout_s`` (it is then cut loose).
         """
         bundle = _Bundle(messages)
         timeout = self.send_timeout_s if timeout_s is None else timeout_s
@@ -479,10 +512,6 @@ class IGTLServer:
             elif session.alive:
                 with self._lock:
                     self._stats.dropped += 1
-                logger.warning(
-                    "client %d did not take data for %.1f s; bundle dropped for it (%d so far)",
-                    session.id, timeout, session.dropped,
-                )  # fmt: skip
         return served
 
     def flush(self, timeout_s: float = 5.0) -> bool:
@@ -510,11 +539,23 @@ class IGTLServer:
         return True
 
     def _keepalive_loop(self) -> None:
-        while not self._stop.wait(self.keepalive_interval_s / 2):
+        """Keep-alives for idle clients; cut loose the clients that take nothing."""
+        while not self._stop.wait(min(self.keepalive_interval_s / 2, _POLL_S)):
             now = time.monotonic()
             with self._lock:
                 sessions = list(self._sessions.values())
             for session in sessions:
+                with session.cond:
+                    stuck = session.busy() and now - session.last_progress > self.send_timeout_s
+                if stuck:
+                    logger.warning(
+                        "client %d (%s) took no data for %.1f s (%d bundle(s) dropped for it); disconnected",
+                        session.id, session.address, now - session.last_progress, session.dropped,
+                    )  # fmt: skip
+                    with self._lock:
+                        self._stats.clients_cut += 1
+                    self._drop_session(session)
+                    continue
                 if now - session.last_sent >= self.keepalive_interval_s and not (session.queue or session.urgent):
                     session.last_sent = now
                     session.reply(StatusMessage(code=1, timestamp_s=time.time()), version=1)
