@@ -1,6 +1,7 @@
 """Inference: frames -> trajectory, with a learned model or the decorrelation baseline.
 
-- :func:`load_model` reads a checkpoint (strict), :func:`default_model_path` is the shipped one.
+- :func:`load_model` reads a checkpoint (strict, weights only: :func:`read_checkpoint` runs no code
+  from the file), :func:`default_model_path` is the shipped one.
 - :func:`predict_poses` runs a model over frames already at its input geometry, in overlapping
   windows of ``clip_length`` frames (each pair is taken from the window where it is most
   central; DualTrack's global tokens are computed once per sweep) -> frame-to-frame poses.
@@ -34,6 +35,7 @@ __all__ = [
     "TrackingResult",
     "default_model_path",
     "load_model",
+    "read_checkpoint",
     "predict_poses",
     "track_sequence",
     "trajectory_from_frame_to_frame",
@@ -55,6 +57,50 @@ def default_model_path() -> Path:
     return Path(__file__).resolve().parents[1] / "Resources" / "Models" / DEFAULT_MODEL_NAME
 
 
+def read_checkpoint(path) -> dict:
+    """The contents of a FreehandUS checkpoint, read without running any code from the file.
+
+    A checkpoint (:func:`~.train.train` writes it) is a dict of tensors and plain values: the
+    architecture as a JSON-able ``model_config`` dict (:meth:`~.models.ModelConfig.to_dict`), the
+    ``state_dict``, and for resuming the optimiser's state and the training settings. It is read
+    with ``torch.load(weights_only=True)``, which unpickles only tensors and plain containers, so
+    a file holding any other Python object (a pickled class or function, which ``pickle`` would
+    run) is refused instead of executed.
+
+    Raises
+    ------
+    ModelFileError
+        Missing file, a file holding other Python objects, not a torch file, or a dict without
+        ``model_config`` (a plain dict) and ``state_dict``.
+    """
+    import pickle
+    import re
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: model file not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch names the class or function the file asks for ("GLOBAL posix.system"); without one
+        # the file is not a pickle at all
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if found:
+            raise ModelFileError(
+                f"{path}: refused: the file holds a Python object ({found.group(1)}) besides weights and plain "
+                "settings, and loading it could run code; only checkpoints written by FreehandUS (track train) load"
+            ) from exc
+        raise ModelFileError(f"{path}: not a readable torch checkpoint (not a torch file)") from exc
+    except Exception as exc:  # torch raises many kinds on a corrupt file
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelFileError(f"{path}: not a readable torch checkpoint ({first})") from exc
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model_config"), dict) or "state_dict" not in ckpt:
+        raise ModelFileError(f"{path}: not a FreehandUS tracking checkpoint (needs 'model_config' and 'state_dict')")
+    return ckpt
+
+
 def load_model(path, device="cpu"):
     """Load a checkpoint written by :func:`~.train.train` (strict); the model is in eval mode.
 
@@ -70,14 +116,7 @@ def load_model(path, device="cpu"):
     from .models import ModelConfig, build_model
 
     path = Path(path)
-    if not path.is_file():
-        raise ModelFileError(f"{path}: model file not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # torch raises many kinds on a corrupt file
-        raise ModelFileError(f"{path}: not a readable torch checkpoint ({exc})") from exc
-    if not isinstance(ckpt, dict) or "model_config" not in ckpt or "state_dict" not in ckpt:
-        raise ModelFileError(f"{path}: not a FreehandUS tracking checkpoint (needs 'model_config' and 'state_dict')")
+    ckpt = read_checkpoint(path)
     try:
         config = ModelConfig.from_dict(ckpt["model_config"])
     except (ValueError, TypeError) as exc:

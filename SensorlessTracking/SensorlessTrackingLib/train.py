@@ -6,7 +6,9 @@ split, augmentations (:class:`~.data.AugmentConfig`), AdamW + cosine learning ra
 deterministic seed, CUDA when present, and a tqdm progress bar showing the loss.
 
 Checkpoints (``out_dir/last.pt`` after every epoch, ``out_dir/best.pt`` at the best validation
-loss) hold ``{"model_config", "state_dict", "optimizer", "epoch", "version", ...}``; a second
+loss) hold ``{"model_config", "state_dict", "optimizer", "epoch", "version", ...}``, tensors and
+plain values only (the architecture as a JSON-able dict), so they are read weights-only
+(:func:`~.predict.read_checkpoint`: no code in a model file runs); a second
 call with the same ``out_dir`` resumes from ``last.pt``. A non-finite loss stops training with
 :class:`TrainingError`; the checkpoints of the last good epoch stay untouched.
 """
@@ -29,6 +31,7 @@ from FreehandUSLib.errors import FreehandUSError
 from .data import NO_AUGMENT, AugmentConfig, ClipDataset, clip_targets, load_sweep, split_by_group
 from .losses import LossConfig, corner_points_mm, tracking_loss
 from .models import ModelConfig, build_model
+from .predict import ModelFileError, read_checkpoint
 
 __all__ = [
     "TrainConfig",
@@ -133,16 +136,25 @@ def label_scale(sweeps) -> tuple[float, ...]:
     return tuple(float(v) for v in scale)
 
 
+def _read_checkpoint(path) -> dict:
+    """:func:`.predict.read_checkpoint` (weights only: runs no code from the file), its errors as
+    :class:`TrainingError`."""
+    try:
+        return read_checkpoint(path)
+    except ModelFileError as exc:
+        raise TrainingError(f"not a FreehandUS tracking checkpoint: {exc}") from exc
+
+
 def checkpoint_model_config(path) -> ModelConfig:
     """The :class:`~.models.ModelConfig` stored in a checkpoint (to fine-tune it on new data)."""
     path = Path(path)
     if not path.is_file():
         raise TrainingError(f"no checkpoint at {path}: give a file written by 'freehandus track train' or 'default'")
+    ckpt = _read_checkpoint(path)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
         return ModelConfig.from_dict(ckpt["model_config"])
-    except Exception as exc:  # a pickle/zip/key error: say which file and why
-        raise TrainingError(f"{path} is not a FreehandUS tracking checkpoint ({type(exc).__name__}: {exc})") from exc
+    except (TypeError, ValueError) as exc:
+        raise TrainingError(f"{path} is not a FreehandUS tracking checkpoint (model_config: {exc})") from exc
 
 
 def _load_init(path, model_cfg: ModelConfig):
@@ -165,8 +177,7 @@ def _load_init(path, model_cfg: ModelConfig):
             "the checkpoint's own configuration (checkpoint_model_config; only image_size, global_drop and "
             "max_global_tokens may differ)"
         )
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    return replace(saved, **free), ckpt["state_dict"]
+    return replace(saved, **free), _read_checkpoint(path)["state_dict"]
 
 
 def _batch_to(batch, device):
@@ -182,19 +193,27 @@ def _forward(model, batch):
     )
 
 
+def _plain(value):
+    """``value`` as plain Python (dicts, lists, str, int, float, bool, None) via JSON, so that
+    a checkpoint holds nothing ``torch.load(weights_only=True)`` refuses (e.g. numpy scalars)."""
+    return json.loads(json.dumps(value))
+
+
 def _save(path: Path, model, optimizer, scheduler, epoch, cfg: TrainConfig, history, best_val) -> None:
+    """Write a checkpoint: tensors and plain values only (:func:`.predict.read_checkpoint` reads it
+    weights-only), to a temporary file renamed when complete."""
     tmp = path.with_suffix(".tmp")
     torch.save(
         {
-            "model_config": model.config.to_dict(),
+            "model_config": _plain(model.config.to_dict()),
             "state_dict": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
-            "epoch": epoch,
+            "epoch": int(epoch),
             "version": CHECKPOINT_VERSION,
-            "train_config": cfg.to_dict(),
-            "history": history,
-            "best_val": best_val,
+            "train_config": _plain(cfg.to_dict()),
+            "history": _plain(history),
+            "best_val": float(best_val),
         },
         tmp,
     )
@@ -234,7 +253,7 @@ def train(cfg: TrainConfig, out_dir, *, sweeps=None, progress: bool = True) -> P
     if not train_sweeps:
         raise TrainingError("the validation split left no training sweeps; lower val_fraction or add sequences")
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
-    resume = torch.load(last_path, map_location="cpu", weights_only=False) if last_path.is_file() else None
+    resume = _read_checkpoint(last_path) if last_path.is_file() else None
     model_cfg = cfg.model
     init_state = None
     if resume is None and cfg.init_from:

@@ -154,7 +154,7 @@ def _fine_tune(train_files, out_dir: Path, minutes: float, recipe: dict, threads
     history = out_dir / "history.json"
     last = out_dir / "last.pt"
     if last.is_file():
-        done = torch.load(last, map_location="cpu", weights_only=False).get("train_config", {})
+        done = torch.load(last, map_location="cpu", weights_only=True).get("train_config", {})
         if not _same_recipe(done, recipe):
             raise RuntimeError(f"{out_dir} holds a run with another recipe; delete it or give --work")
         if _sweep_names(done.get("sequences", ())) != _sweep_names(p for _, p in train_files):

@@ -165,22 +165,22 @@ def test_train_writes_checkpoints_resumes_and_is_deterministic(sweeps, tmp_path)
     cfg = tiny_model_config()
     prepared = _prepared(sweeps, cfg)
     path = train(_train_cfg(), tmp_path / "a", sweeps=prepared, progress=False)
-    ckpt = torch.load(path, weights_only=False)
+    ckpt = torch.load(path, weights_only=True)
     assert {"model_config", "state_dict", "optimizer", "epoch", "version"} <= set(ckpt)
     assert ckpt["version"] == CHECKPOINT_VERSION
-    last = torch.load(tmp_path / "a" / "last.pt", weights_only=False)
+    last = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
     assert last["epoch"] == 1 and len(last["history"]) == 2
     # the target scale was set from the labels
     assert tuple(ckpt["model_config"]["target_scale"]) != cfg.target_scale
     # same seed, same weights
     path_b = train(_train_cfg(), tmp_path / "b", sweeps=prepared, progress=False)
-    b = torch.load(tmp_path / "b" / "last.pt", weights_only=False)
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
     for k, v in last["state_dict"].items():
         assert torch.equal(v, b["state_dict"][k]), k
     assert path_b.name in ("best.pt", "last.pt")
     # resume: two more epochs continue from epoch 2
     train(_train_cfg(epochs=4), tmp_path / "a", sweeps=prepared, progress=False)
-    resumed = torch.load(tmp_path / "a" / "last.pt", weights_only=False)
+    resumed = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
     assert resumed["epoch"] == 3 and [h["epoch"] for h in resumed["history"]] == [0, 1, 2, 3]
     # another architecture in the same folder is refused
     with pytest.raises(TrainingError, match="different model"):
@@ -190,12 +190,12 @@ def test_train_writes_checkpoints_resumes_and_is_deterministic(sweeps, tmp_path)
 def test_resumed_training_matches_an_uninterrupted_run(sweeps, tmp_path):
     prepared = _prepared(sweeps, tiny_model_config())
     train(_train_cfg(epochs=3), tmp_path / "straight", sweeps=prepared, progress=False)
-    straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)
+    straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
     # the same 3-epoch run, stopped after its first epoch by the time limit, then resumed
     train(_train_cfg(epochs=3, max_minutes=0.0), tmp_path / "resumed", sweeps=prepared, progress=False)
-    assert torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)["epoch"] == 0
+    assert torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)["epoch"] == 0
     train(_train_cfg(epochs=3), tmp_path / "resumed", sweeps=prepared, progress=False)
-    resumed = torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)
+    resumed = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
     assert straight["epoch"] == resumed["epoch"] == 2
     for k, v in straight["state_dict"].items():
         assert torch.allclose(v.float(), resumed["state_dict"][k].float(), atol=1e-6), k
@@ -207,12 +207,12 @@ def test_fine_tuning_starts_from_the_given_weights(sweeps, tmp_path):
     prepared = _prepared(sweeps, tiny_model_config())
     base = train(_train_cfg(epochs=1), tmp_path / "base", sweeps=prepared, progress=False)
     base_cfg = checkpoint_model_config(base)
-    start = torch.load(base, weights_only=False)["state_dict"]
+    start = torch.load(base, weights_only=True)["state_dict"]
     # learning rate 0: the fine-tuned weights are exactly the checkpoint's (not a fresh init);
     # batch-norm running statistics still move, so only learned parameters are compared
     frozen = train(_train_cfg(epochs=1, lr=0.0, init_from=str(base), model=base_cfg), tmp_path / "frozen",
                    sweeps=prepared, progress=False)
-    got = torch.load(frozen, weights_only=False)
+    got = torch.load(frozen, weights_only=True)
     assert got["model_config"]["target_scale"] == list(base_cfg.target_scale)
     learned = [k for k in start if "running_" not in k and "num_batches" not in k]
     assert len(learned) > 10
@@ -220,7 +220,7 @@ def test_fine_tuning_starts_from_the_given_weights(sweeps, tmp_path):
         assert torch.equal(start[k], got["state_dict"][k]), k
     tuned = train(_train_cfg(epochs=1, init_from=str(base), model=base_cfg), tmp_path / "tuned", sweeps=prepared,
                   progress=False)
-    moved = torch.load(tuned, weights_only=False)["state_dict"]
+    moved = torch.load(tuned, weights_only=True)["state_dict"]
     assert any(not torch.equal(start[k], moved[k]) for k in learned)
 
 
@@ -237,9 +237,9 @@ def test_fine_tuning_may_enlarge_the_input(sweeps, tmp_path, name):
     big = replace(checkpoint_model_config(base), image_size=(48, 32))
     frozen = train(_train_cfg(epochs=1, lr=0.0, init_from=str(base), model=big), tmp_path / "big",
                    sweeps=_prepared(sweeps, big), progress=False)
-    got = torch.load(frozen, weights_only=False)
+    got = torch.load(frozen, weights_only=True)
     assert got["model_config"]["image_size"] == [48, 32]
-    start = torch.load(base, weights_only=False)["state_dict"]
+    start = torch.load(base, weights_only=True)["state_dict"]
     for k in (k for k in start if "running_" not in k and "num_batches" not in k):
         assert torch.equal(start[k], got["state_dict"][k]), k
     frames = (np.random.default_rng(0).random((6, 48, 32)) * 255).astype(np.uint8)
@@ -267,10 +267,10 @@ def test_fine_tuning_rejects_another_architecture_and_bad_files(sweeps, tmp_path
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(sweeps, tmp_path):
     prepared = _prepared(sweeps, tiny_model_config())
     train(_train_cfg(epochs=1), tmp_path, sweeps=prepared, progress=False)
-    good = torch.load(tmp_path / "last.pt", weights_only=False)
+    good = torch.load(tmp_path / "last.pt", weights_only=True)
     with pytest.raises(TrainingError, match="loss became nan.*last good checkpoint"):
         train(_train_cfg(epochs=3, loss=LossConfig(param_weight=float("nan"))), tmp_path, sweeps=prepared, progress=False)
-    kept = torch.load(tmp_path / "last.pt", weights_only=False)
+    kept = torch.load(tmp_path / "last.pt", weights_only=True)
     assert kept["epoch"] == good["epoch"] == 0
     assert load_model(tmp_path / "last.pt") is not None
     with pytest.raises(TrainingError, match="no checkpoint was written"):
@@ -325,7 +325,7 @@ def test_load_model_errors(tmp_path, trained):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(ModelFileError, match="not a readable"):
         load_model(bad)
-    ckpt = torch.load(trained, weights_only=False)
+    ckpt = torch.load(trained, weights_only=True)
     ckpt["model_config"]["name"] = "pairwise"  # weights of another architecture
     other = tmp_path / "other.pt"
     torch.save(ckpt, other)
@@ -360,7 +360,7 @@ def test_shipped_model_is_trained_and_tracks_a_simulated_sweep():
         pytest.skip(f"no shipped model at {path} (made by SensorlessTracking/Resources/Models/train_shipped_model.py)")
     assert path.stat().st_size < 20e6
     model = load_model(path)
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
     assert ckpt["epoch"] > 0 and ckpt["version"] == CHECKPOINT_VERSION
     res = tiny_sweep(seed=21, n_frames=40, length_mm=16.0, n_rows=128, n_cols=128, depth_mm=32.0, width_mm=32.0,
                      sigma_elevation_mm=0.8)

@@ -362,7 +362,7 @@ def test_train_from_browsers_fine_tunes_a_model_file(scene, sweep, tiny_model, t
     browser = _browser(scene, sweep)
     path = mt.train_from_browsers(browser, tmp_path / "tuned", epochs=1, init_model=tiny_model, clips_per_epoch=2,
                                   batch_size=2, val_fraction=0.0, device="cpu")  # fmt: skip
-    tuned, start = torch.load(path, weights_only=False), torch.load(tiny_model, weights_only=False)
+    tuned, start = torch.load(path, weights_only=True), torch.load(tiny_model, weights_only=True)
     assert tuned["train_config"]["init_from"] == str(tiny_model)
     assert tuned["model_config"] == start["model_config"]  # architecture, geometry, target scale kept
     changed = [k for k, v in start["state_dict"].items() if not torch.equal(v, tuned["state_dict"][k])]
@@ -377,7 +377,7 @@ def test_train_from_browsers_fine_tunes_a_model_file(scene, sweep, tiny_model, t
     wider = mt.train_from_browsers(browser, tmp_path / "wider", epochs=1, init_model=tiny_model, image_size=(48, 32),
                                    clips_per_epoch=2, batch_size=2, val_fraction=0.0, device="cpu")  # fmt: skip
     assert load_model(wider).config.image_size == (48, 32)
-    assert torch.load(wider, weights_only=False)["train_config"]["init_from"] == str(tiny_model)
+    assert torch.load(wider, weights_only=True)["train_config"]["init_from"] == str(tiny_model)
     summary = mt.estimate_trajectory_to_browser(browser, model=wider)
     assert summary["frames"] == sweep.n_frames and np.isfinite(summary["metrics"]["fdr_path_percent"])
     with pytest.raises(ValueError, match="multiples of 16"):
