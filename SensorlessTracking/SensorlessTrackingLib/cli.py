@@ -18,11 +18,23 @@ from pathlib import Path
 
 import numpy as np
 
+from FreehandUSLib.cli_support import (
+    add_progress_option,
+    finite_float,
+    float_in,
+    int_at_least,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    progress_enabled,
+    spacing_mm,
+)
 from FreehandUSLib.errors import FileFormatError, FreehandUSError
 
 from .mirror_average import MODES
 
-__all__ = ["add_parsers", "read_image_to_probe"]
+__all__ = ["add_parsers", "read_image_to_probe", "with_input_transforms", "drift_against_tracking", "tracked_name"]
 
 log = logging.getLogger(__name__)
 
@@ -88,42 +100,43 @@ def add_parsers(subparsers):
                         "probe; the architecture and pixel spacing then come from the checkpoint, the input size "
                         "too unless --image-size is given")
     p.add_argument("--local-only", action="store_true", help="dualtrack without the global encoder (ablation)")
-    p.add_argument("--simulated", type=int, default=0, help="also train on this many simulated sweeps")
+    p.add_argument("--simulated", type=non_negative_int, default=0, help="also train on this many simulated sweeps")
     p.add_argument("--image-to-probe", help="calibration for files without one (.xml PLUS config, .json, .txt)")
-    p.add_argument("--spacing-mm", type=float, help="model pixel spacing in mm (default 0.3)")
+    p.add_argument("--spacing-mm", type=spacing_mm, help="model pixel spacing in mm (default 0.3)")
     p.add_argument("--image-size", nargs="+", metavar="ROWS COLS | fit",
                    help="model input size in pixels of the model spacing, multiples of 16 (default 96 96); with "
                         "--init, a larger size lets the fine-tuned model see more of your probe's image. 'fit': "
                         "the largest size that every recording fills (at most 160 pixels a side)")
-    p.add_argument("--clip-length", type=int, help="frames per clip (default 16)")
-    p.add_argument("--pair-gaps", type=int, nargs="+", metavar="FRAMES",
+    p.add_argument("--clip-length", type=int_at_least(2), help="frames per clip (default 16)")
+    p.add_argument("--pair-gaps", type=positive_int, nargs="+", metavar="FRAMES",
                    help="dualtrack: correlate each frame with the frames this many later (default 1; the "
                         "shipped model uses 1 2 3)")
-    p.add_argument("--global-drop", type=float, metavar="P",
+    p.add_argument("--global-drop", type=finite_float, metavar="P",
                    help="dualtrack with the global encoder: train a share P of the clips without the global "
                         "context (drop-path, a regulariser against recognising training sweeps; default 0: off; "
                         "allowed with --init)")
     p.add_argument("--global-tokens", type=int, metavar="N",
                    help="dualtrack with the global encoder: frames of the whole sweep it sees, evenly spaced "
                         "(default 16; no weights depend on it, so allowed with --init)")
-    p.add_argument("--train-clip-length", type=int, metavar="FRAMES",
+    p.add_argument("--train-clip-length", type=int_at_least(2), metavar="FRAMES",
                    help="frames per training clip (default: the model's clip length); longer clips lengthen the "
                         "horizon of the clip-level losses, the model and its inference windows stay as they are")
-    p.add_argument("--cumulative-weight", type=float, metavar="W",
+    p.add_argument("--cumulative-weight", type=non_negative_float, metavar="W",
                    help="weight of the cumulative (running-sum) parameter loss, which penalises errors that persist "
                         "over frames, e.g. out-of-plane rotations shrunk towards zero (default 0: off)")
-    p.add_argument("--component-weights", type=float, nargs=6, metavar=("TX", "TY", "TZ", "RX", "RY", "RZ"),
+    p.add_argument("--component-weights", type=non_negative_float, nargs=6, metavar=("TX", "TY", "TZ", "RX", "RY", "RZ"),
                    help="weights of the six parameters in the parameter and cumulative losses (default all 1)")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--clips-per-epoch", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--val-fraction", type=float, default=0.15, help="share of subjects (parent folders) held out")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=positive_int, default=20)
+    p.add_argument("--clips-per-epoch", type=positive_int, default=256)
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--lr", type=positive_float, default=1e-3)
+    p.add_argument("--val-fraction", type=float_in(0.0, 1.0, high_open=True), default=0.15,
+                   help="share of subjects (parent folders) held out")
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--max-minutes", type=float, help="stop after the epoch that passes this time")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads")
+    p.add_argument("--max-minutes", type=positive_float, help="stop after the epoch that passes this time")
+    add_progress_option(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=_cmd_train)
 
@@ -147,10 +160,10 @@ def add_parsers(subparsers):
 
 def _add_input_options(p):
     p.add_argument("--image-to-probe", help="calibration (.xml PLUS config, .json, .txt) for spacing and ProbeToReference")
-    p.add_argument("--spacing", type=float, nargs="+", metavar="MM", help="pixel spacing (one or two numbers)")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--spacing", type=spacing_mm, nargs="+", metavar="MM", help="pixel spacing (one or two numbers)")
+    p.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:N or mps")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads")
     p.add_argument("--mirror-average", choices=MODES, default="none",
                    help="learned models: average the estimate over the left-right mirrored sweep (flip) and also the "
                         "backwards sweep (flip+reverse); cancels the model's odd biases, 2x / 4x the inference time")
@@ -242,6 +255,8 @@ def _cmd_train(args) -> int:
         raise FreehandUSError(str(exc)) from exc
     if not args.sequences and args.simulated <= 0:
         raise FreehandUSError("give tracked sequence files and/or --simulated N")
+    if args.device != "auto":
+        _torch_device(args.device)
     _threads(args.threads)
     from .data import AugmentConfig, load_sweep
     from .train import TrainConfig, train
@@ -284,7 +299,7 @@ def _cmd_train(args) -> int:
 
         sim, _, _ = simulated_sweeps(train_seeds(args.simulated), model_cfg, margin_px=margin)
         sweeps += sim
-    path = train(cfg, args.out, sweeps=sweeps, progress=not args.no_progress and not args.json)
+    path = train(cfg, args.out, sweeps=sweeps, progress=progress_enabled(args))
     history_file = Path(args.out) / "history.json"
     history = json.loads(history_file.read_text()) if history_file.is_file() else []
     result = {"checkpoint": str(path), "model": model_cfg.name, "sweeps": len(sweeps), "history": history}
@@ -310,26 +325,127 @@ def _load_method(name, device):
     return load_model(name, device)
 
 
+def _torch_device(name: str) -> str:
+    """Check ``--device`` before any work: a torch device name this torch build can use."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise FreehandUSError(f"--device {name}: not a torch device (cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise FreehandUSError(f"--device {name}: this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise FreehandUSError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA GPU(s) "
+                                  f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise FreehandUSError(f"--device {name}: this torch has no MPS (Apple GPU) support; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise FreehandUSError(f"--device {name}: not supported (cpu, cuda, cuda:N or mps)")
+    return name
+
+
+#: Transforms a ``track predict`` output holds for the estimate (:func:`.predict.track_sequence`).
+ESTIMATE_NAMES = ("ImageToReference", "ImageToProbe", "ProbeToReference")
+
+
+def tracked_name(name: str) -> str:
+    """The name under which ``track predict`` keeps an input transform whose name the estimate
+    takes: ``ImageToReference`` -> ``ImageToTrackedReference``."""
+    from FreehandUSLib.transforms import split_transform_name
+
+    source, target = split_transform_name(name)
+    return f"{source}ToTracked{target}"
+
+
+def with_input_transforms(estimate, sequence):
+    """The estimate's sequence plus the input's own transforms (and per-frame fields).
+
+    The estimate keeps its names (``ImageToReference``, and with a calibration ``ImageToProbe``
+    and ``ProbeToReference``), so a reconstruction or ``track evaluate --estimate`` of the output
+    uses the estimate. An input transform of another name is kept as it is (``ProbeToTracker``,
+    ``ReferenceToTracker``, ...); one the estimate takes is kept as :func:`tracked_name` (the
+    tracked ``ImageToReference`` as ``ImageToTrackedReference``), unless it equals the estimate's
+    (the same calibration).
+    """
+    from dataclasses import replace
+
+    transforms = dict(estimate.transforms)
+    for name, ft in sequence.transforms.items():
+        if name not in transforms:
+            transforms[name] = ft
+            continue
+        same = np.array_equal(ft.valid, transforms[name].valid) and np.allclose(
+            np.where(ft.valid[:, None, None], ft.matrices, 0.0),
+            np.where(ft.valid[:, None, None], transforms[name].matrices, 0.0), rtol=0.0, atol=1e-12)
+        if not same:
+            transforms[tracked_name(name)] = ft
+    fields = {**sequence.frame_fields, **estimate.frame_fields}
+    return replace(estimate, transforms=transforms, frame_fields=fields)
+
+
+def drift_against_tracking(result, sequence, image_to_probe=None):
+    """Tracking metrics (:class:`.metrics.TrackingMetrics`) of the estimate against the input's
+    own tracking, or a sentence saying why there are none (no tracking, or frames without it)."""
+    from .data import image_to_reference_of
+    from .metrics import tracking_metrics
+
+    try:
+        truth, valid = image_to_reference_of(sequence, image_to_probe=image_to_probe)
+    except FreehandUSError:
+        return "input is not tracked (no ImageToReference): no drift to report"
+    if not valid.any():
+        return "input has no valid tracked pose: no drift to report"
+    if not valid.all():
+        return (f"drift not computed: {int((~valid).sum())} of {valid.size} frames have no tracked pose "
+                "(track evaluate needs all)")
+    estimate = result.sequence.transforms["ImageToReference"].matrices
+    return tracking_metrics(truth, estimate, (sequence.n_rows, sequence.n_cols))
+
+
 def _cmd_predict(args) -> int:
-    from FreehandUSLib.io import read_sequence, sequence_format, write_sequence
+    from FreehandUSLib.io import read_sequence, write_sequence
 
     from .predict import track_sequence
 
-    sequence_format(args.out)
+    out = _check_sequence_output(args.out)
     if args.model == "decorrelation" and args.mirror_average != "none":
         raise FreehandUSError("--mirror-average is for learned models; the decorrelation method has no learned bias to "
                               "average out (leave --mirror-average at none)")
     if args.model != "decorrelation":
+        _torch_device(args.device)
         _threads(args.threads)
+    model = _load_method(args.model, args.device)  # a refused model file: before reading the input
     seq = read_sequence(args.sequence)
     itp = read_image_to_probe(args.image_to_probe) if args.image_to_probe else None
-    model = _load_method(args.model, args.device)
     result = track_sequence(seq, model, image_to_probe=itp, spacing_mm=_spacing(args), device=args.device,
                             batch_size=args.batch_size, mirror_average=args.mirror_average)
-    out = write_sequence(result.sequence, args.out)
-    d = {**result.to_dict(), "input": str(args.sequence), "output": str(out)}
-    print(json.dumps(d, indent=2) if args.json else f"{result}\n  wrote {out}")
+    drift = drift_against_tracking(result, seq, itp)
+    written = write_sequence(with_input_transforms(result.sequence, seq), out)
+    d = {**result.to_dict(), "input": str(args.sequence), "output": str(written)}
+    if isinstance(drift, str):
+        d["drift"], d["drift_note"] = None, drift
+    else:
+        d["drift"] = drift.to_dict()
+    if args.json:
+        print(json.dumps(d, indent=2))
+    else:
+        print(f"{result}\n  drift against the tracking: {drift}\n  wrote {written}")
     return 0
+
+
+def _check_sequence_output(text) -> Path:
+    """--out of a sequence: a known extension and an existing folder, checked before any work."""
+    from FreehandUSLib.io import sequence_format
+
+    out = Path(text)
+    if out.is_dir():
+        raise FileFormatError(f"--out {text}: is a folder; give a sequence file name (.igs.mha, .seq.nrrd, ...)")
+    sequence_format(out)
+    if not out.resolve().parent.is_dir():
+        raise FileFormatError(f"--out {text}: folder {out.parent} does not exist (create it first)")
+    return out
 
 
 def _cmd_evaluate(args) -> int:
@@ -364,6 +480,7 @@ def _cmd_evaluate(args) -> int:
         rows[str(est_path)] = score(est)
     models = args.model or ([] if args.estimate else ["default"])
     if any(m != "decorrelation" for m in models):
+        _torch_device(args.device)
         _threads(args.threads)
     for name in models:
         model = _load_method(name, args.device)

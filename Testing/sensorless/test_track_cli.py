@@ -172,8 +172,9 @@ def test_track_train_pair_gaps(files, tmp_path, capsys):
     ckpt = json.loads(capsys.readouterr().out)["checkpoint"]
     assert checkpoint_model_config(ckpt).pair_gaps == (1, 2)
     # a gap of 0 frames, a gap as long as the clip, or a new gap on a checkpoint's architecture
-    assert run_cli(["track", "train", *map(str, paths), "--out", str(tmp_path / "z"), "--pair-gaps", "0", *small]) == 2
-    assert "pair_gaps" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # refused by argparse, before any file is read
+        run_cli(["track", "train", *map(str, paths), "--out", str(tmp_path / "z"), "--pair-gaps", "0", *small])
+    assert exc.value.code == 2 and "argument --pair-gaps: must be an integer >= 1" in capsys.readouterr().err
     assert run_cli(["track", "train", *map(str, paths), "--out", str(tmp_path / "l"), "--pair-gaps", "1", "4", *small]) == 2
     assert "clip_length - 1" in capsys.readouterr().err
     assert run_cli(["track", "train", *map(str, paths), "--out", str(tmp_path / "i"), "--init", ckpt, "--pair-gaps", "1"]) == 2
@@ -274,3 +275,91 @@ def test_read_image_to_probe_from_plus_config():
     cfg = plus_file("ConfigFiles/PlusDeviceSet_SpinePhantomFreehandReconstructionOnly.xml")
     m = read_image_to_probe(cfg)
     assert m.shape == (4, 4) and np.all(np.isfinite(m))
+
+
+def _one_line(err: str) -> str:
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.parametrize("extra, flag", [(["--spacing", "0"], "--spacing"),  # was a ZeroDivisionError
+                                         (["--spacing", "nan"], "--spacing"),
+                                         (["--batch-size", "0"], "--batch-size"),  # was a ValueError in range()
+                                         (["--threads", "-2"], "--threads")])
+def test_track_predict_bad_numbers_are_refused_by_the_parser(files, tmp_path, capsys, extra, flag):
+    _, paths = files
+    with pytest.raises(SystemExit) as exc:
+        run_cli(["track", "predict", str(paths[0]), "--model", "decorrelation", "--out", str(tmp_path / "o.igs.mha"),
+                 *extra])
+    assert exc.value.code == 2
+    err = _one_line(capsys.readouterr().err)
+    assert err.startswith("freehandus track predict: error: ") and f"argument {flag}" in err
+
+
+def test_track_device_is_checked_before_any_work(files, tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    _, paths = files
+    missing = str(tmp_path / "missing.igs.mha")  # the device is refused before the input is read
+    out = str(tmp_path / "o.igs.mha")
+    if not torch.cuda.is_available():  # was an AssertionError traceback ("Torch not compiled with CUDA enabled")
+        assert run_cli(["track", "predict", missing, "--out", out, "--device", "cuda"]) == 2
+        assert "--device cuda" in _one_line(capsys.readouterr().err)
+        assert run_cli(["track", "evaluate", str(paths[0]), "--device", "cuda:0"]) == 2
+        assert "--device cuda:0" in _one_line(capsys.readouterr().err)
+        assert run_cli(["track", "train", "--simulated", "1", "--out", str(tmp_path / "m"), "--device", "cuda"]) == 2
+        assert "--device cuda" in _one_line(capsys.readouterr().err) and not (tmp_path / "m").exists()
+    assert run_cli(["track", "predict", missing, "--out", out, "--device", "gpu7"]) == 2  # was a RuntimeError
+    assert "not a torch device" in _one_line(capsys.readouterr().err)
+
+
+def test_track_predict_reports_the_drift_and_keeps_the_input_transforms(tmp_path, capsys):
+    """README: predicting on a tracked input prints the drift against the tracking; the output
+    keeps the input's own transforms beside the estimate."""
+    from FreehandUSLib import TrackedSequence
+    from SensorlessTrackingLib.metrics import tracking_metrics
+
+    sim = tiny_sweep(seed=4, n_frames=10, length_mm=2.5).sequence
+    itp = sim.transforms["ImageToProbe"].matrices[0]
+    reference_to_tracker = np.eye(4)
+    reference_to_tracker[:3, 3] = (10.0, -20.0, 30.0)
+    probe_to_tracker = reference_to_tracker @ sim.transforms["ProbeToReference"].matrices
+    valid = np.ones(sim.n_frames, bool)
+    plus = TrackedSequence(frames=sim.frames, timestamps_s=sim.timestamps_s, transforms={
+        "ProbeToTracker": (probe_to_tracker, valid), "ReferenceToTracker": (np.repeat(reference_to_tracker[None], 10, 0),
+                                                                            valid)})
+    src = write_sequence(plus, tmp_path / "plus.igs.mha")
+    calib = tmp_path / "calib.json"
+    calib.write_text(json.dumps({"ImageToProbe": itp.tolist()}))
+    out = tmp_path / "est.igs.mha"
+    argv = ["track", "predict", str(src), "--model", "decorrelation", "--image-to-probe", str(calib), "--out", str(out)]
+    assert run_cli(argv + ["--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    est = read_sequence(out)
+    # the input's transforms, unchanged, beside the estimate
+    assert set(est.transform_names) == {"ProbeToTracker", "ReferenceToTracker", "ImageToReference", "ImageToProbe",
+                                        "ProbeToReference"}
+    for name in ("ProbeToTracker", "ReferenceToTracker"):
+        np.testing.assert_allclose(est.transforms[name].matrices, plus.transforms[name].matrices, atol=1e-9)
+    truth = sim.transforms["ImageToReference"].matrices
+    expected = tracking_metrics(truth, est.transforms["ImageToReference"].matrices, (sim.n_rows, sim.n_cols))
+    assert info["drift"]["final_drift_mm"] == pytest.approx(expected.final_drift_mm, rel=1e-6, abs=1e-9)
+    assert run_cli(argv) == 0
+    text = capsys.readouterr().out
+    assert f"drift against the tracking: {expected}" in text
+    # an input whose own ImageToReference the estimate replaces keeps it as ImageToTrackedReference
+    assert run_cli(["track", "predict", str(write_sequence(sim, tmp_path / "sim.igs.mha")), "--model", "decorrelation",
+                    "--out", str(out)]) == 0
+    capsys.readouterr()
+    kept = read_sequence(out).transforms["ImageToTrackedReference"].matrices
+    np.testing.assert_allclose(kept, truth, atol=1e-6)
+
+
+def test_track_predict_on_an_untracked_input_says_there_is_no_drift(tmp_path, capsys):
+    from FreehandUSLib import TrackedSequence
+
+    sim = tiny_sweep(seed=5, n_frames=6, length_mm=1.5).sequence
+    src = write_sequence(TrackedSequence(frames=sim.frames, timestamps_s=sim.timestamps_s), tmp_path / "u.igs.mha")
+    assert run_cli(["track", "predict", str(src), "--model", "decorrelation", "--spacing", "0.2",
+                    "--out", str(tmp_path / "e.igs.mha"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["drift"] is None and "not tracked" in info["drift_note"]
