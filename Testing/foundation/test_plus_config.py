@@ -763,3 +763,41 @@ def test_transform_element_bad_inputs():
         transform_element("Probe", np.eye(4))
     with pytest.raises(ValueError, match=r"error_mm: expected a finite number >= 0 \(mm\), got -1.0"):
         transform_element("ImageToProbe", np.eye(4), error_mm=-1)
+
+
+# ------------------------------------------------------------------------------------------------
+# hostile files (issue 21)
+
+
+@pytest.mark.parametrize("name", ["/etc/passwd", "../mask.png", "sub/../../mask.png"])
+def test_importance_mask_outside_the_config_folder_is_refused(tmp_path, name):
+    folder = tmp_path / "cfg"
+    folder.mkdir()
+    path = write_config(folder, recon_xml(CompoundingMode="IMPORTANCE_MASK", ImportanceMaskFilename=name))
+    with pytest.raises(ConfigError, match=r"ImportanceMaskFilename=.*configuration's folder or below"):
+        read_plus_config(path)
+    path = write_config(folder, recon_xml(CompoundingMode="IMPORTANCE_MASK", ImportanceMaskFilename="masks/m.png"))
+    assert read_plus_config(path).volume_reconstruction.importance_mask_filename == "masks/m.png"
+
+
+def test_entity_expansion_and_external_entities_are_not_followed(tmp_path):
+    import time
+
+    laughs = "".join(f'<!ENTITY l{i} "{("&l" + str(i - 1) + ";") * 10}">' for i in range(1, 12))
+    bomb = f'<?xml version="1.0"?><!DOCTYPE r [<!ENTITY l0 "lol">{laughs}]><PlusConfiguration a="&l11;"/>'
+    path = tmp_path / "bomb.xml"
+    path.write_text(bomb)
+    start = time.monotonic()
+    with pytest.raises(FileFormatError, match=r"bomb\.xml: not well-formed XML") as info:
+        read_plus_config(path)
+    assert time.monotonic() - start < 2 and "\n" not in str(info.value)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("1 0 0 0 0 1 0 0 0 0 1 0 0 0 0 1")
+    external = (
+        f'<?xml version="1.0"?><!DOCTYPE r [<!ENTITY m SYSTEM "file://{secret}">]>'
+        '<PlusConfiguration><CoordinateDefinitions><Transform From="A" To="B" Matrix="&m;"/>'
+        "</CoordinateDefinitions></PlusConfiguration>"
+    )
+    path.write_text(external)
+    with pytest.raises(FileFormatError, match=r"external entity"):
+        read_plus_config(path)

@@ -45,9 +45,18 @@ writes: MF frames, uint8 (``MET_UCHAR``) or float32 (``MET_FLOAT``), little-endi
 in PLUS order with ``ElementDataFile`` last, numbers as the shortest text that reads back to the
 same float64 (``repr``), compressed data streamed through ``zlib.compressobj``.
 
-Reading streams: the output array is allocated once and filled frame by frame, straight from the
-file (``readinto``) or from a ``zlib.decompressobj`` fed in 1 MiB pieces; orientation flips are
-done in place per frame. Peak memory is about the size of the frames plus a few MiB.
+Reading streams: the output array is filled frame by frame, straight from the file
+(``readinto``) or from a ``zlib.decompressobj`` fed in 1 MiB pieces; orientation flips are done
+in place per frame. Peak memory is about the size of the frames plus a few MiB.
+
+Header numbers are not trusted: ``DimSize`` and ``ElementNumberOfChannels`` (1 to 1024) are
+multiplied as Python ints (no wrap-around) and the bytes they imply are checked against the data
+file before anything is allocated (compressed data: against deflate's maximum ratio, and the
+output grows as the data really decompress). The pixels are read *before* the per-frame arrays
+(transforms, timestamps, status) are allocated, so those are sized by frames that exist. A
+separate data file (``ElementDataFile``) must be a regular file in the header's folder or below
+it (no absolute paths elsewhere, no ``..``, no device files, no links leading out). Values are
+echoed in messages truncated to one short line.
 
 Volumes (:func:`read_volume_metafile`): MetaIO's ``TransformMatrix`` (synonyms ``Rotation``,
 ``Orientation``) lists the direction matrix row by row of a matrix whose *rows* are the axes,

@@ -47,9 +47,15 @@ puts the same volume saved as ``.mha`` (RAS = diag(-1, -1, 1) * the stored mm). 
 LAS files are converted to that LPS convention; ``3D-right-handed`` or no ``space`` is taken as
 LPS, as ITK and so Slicer do (checked with slicer-core's storage nodes in the tests).
 
-pynrrd holds the whole file and the whole decompressed data block in memory while reading (a
-1500-frame 640x480 uint8 sequence is 460 MB of pixels); we accept that for NRRD. The PLUS
-metafile reader streams frame by frame where memory matters.
+pynrrd parses the header (read line by line with a length limit); the data block is read here,
+bounded by what the header implies: ``prod(sizes) * type size`` (Python ints, no wrap-around) is
+checked against the file before anything is allocated, gzip/bzip2 data are inflated incrementally
+and never past that size (a gzip bomb costs nothing), ``line skip`` stops at the end of the file,
+``byte skip: -1`` is accepted with raw encoding only (as the NRRD format says), and a detached
+``data file`` must be one regular file in the header's folder or below (no ``/dev/zero``, no
+``../..``, no ``LIST``). The decompressed block is held in memory once (a 1500-frame 640x480
+uint8 sequence is 460 MB of pixels); the PLUS metafile reader streams frame by frame where
+memory matters.
 """
 
 from __future__ import annotations

@@ -1133,6 +1133,19 @@ def _read_volume_reconstruction(root: ET.Element, path: Path) -> VolumeReconstru
     kw["skip_interval"] = a.int("SkipInterval", 1, "use every n-th frame", minimum=1)
     kw["recompute_output_spacing"] = a.bool("RecomputeOutputSpacing", False)
     kw["importance_mask_filename"] = a.string("ImportanceMaskFilename")
+    if kw["importance_mask_filename"]:
+        # a data file named by the configuration: beside it (same folder or below), as data files
+        # named by sequence headers must be
+        folder = path.resolve().parent
+        try:
+            inside = (folder / kw["importance_mask_filename"]).resolve().is_relative_to(folder)
+        except (OSError, RuntimeError, ValueError):
+            inside = False
+        if not inside:
+            raise a.error(
+                "ImportanceMaskFilename",
+                "the importance mask must be in the configuration's folder or below it",
+            )
     if mode == "IMPORTANCE_MASK" and not kw["importance_mask_filename"]:
         raise a.error(
             "CompoundingMode", "IMPORTANCE_MASK compounding needs an ImportanceMaskFilename attribute"

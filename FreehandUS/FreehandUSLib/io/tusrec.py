@@ -19,6 +19,14 @@ and the 2025 baseline code, github.com/QiLi111/TUS-REC2025-Challenge_baseline):
   ``ImageToProbe = spatial @ scaling @ T(+1, +1)`` (``one_based_pixels=True``, the default; pass
   False to get ``spatial @ scaling`` unchanged). No flip is applied: the calibration maps pixels
   as stored, so the frames are taken to be MF as they are.
+
+Reading a file from elsewhere is reading untrusted input: datasets are opened without being read,
+their shape and type checked, and the bytes the file stores for them compared with what the shape
+needs (a few-kB file declaring a 100 GB ``frames`` dataset is refused) before the frames are read
+in blocks. External links and external raw storage must point to files beside the ``.h5`` (same
+folder or below; external storage is resolved against that folder, not the working folder),
+virtual datasets are refused, and whatever h5py raises on a damaged file (dangling links,
+corrupted heaps) becomes a :class:`FileFormatError`.
 """
 
 from __future__ import annotations
@@ -99,7 +107,8 @@ def read_tusrec_calibration(csv_path) -> tuple[np.ndarray, np.ndarray]:
     ):
         if not np.all(np.isfinite(m)) or not np.allclose(m[3], _LAST_ROW, atol=1e-9):
             raise FileFormatError(
-                f"{path}: {what} matrix must be finite with last row 0 0 0 1, got\n{m}"
+                f"{path}: {what} matrix must be finite with last row 0 0 0 1, got "
+                f"{' '.join(repr(float(v)) for v in m.ravel())}"
             )
     return matrices[0], matrices[1]
 
