@@ -114,6 +114,11 @@ def test_reconstruct_volume_command_writes_and_sends_the_volume(sweep, tmp_path)
                     break
             bad = client.command("ReconstructVolume", InputSeqFilename="missing.igs.mha")
             assert not bad.ok and "missing.igs.mha" in bad.message
+            first = (tmp_path / "vol.mha").read_bytes()
+            again = client.command("ReconstructVolume", timeout_s=60, OutputVolFilename="vol.mha",
+                                   OutputSpacing="2 2 2")  # fmt: skip
+            assert not again.ok and "vol.mha exists in the output folder" in again.message
+            assert (tmp_path / "vol.mha").read_bytes() == first  # a remote command never replaces a file
         finally:
             client.close()
     written = read_volume(tmp_path / "vol.mha")
