@@ -71,6 +71,7 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +93,8 @@ from .volume import Volume
 __all__ = [
     "sequence_to_browser",
     "browser_to_sequence",
+    "image_placement",
+    "ImagePlacement",
     "volume_to_node",
     "node_to_volume",
     "matrix_to_vtk",
@@ -527,6 +530,127 @@ def browser_to_sequence(browser_node) -> TrackedSequence:
     )
 
 
+@dataclass(frozen=True, eq=False)
+class ImagePlacement:
+    """Where Slicer shows each frame of a recording: its image proxy's transform tree, per frame.
+
+    Attributes
+    ----------
+    parent_to_world : (n, 4, 4) float64
+        The transforms above the image proxy composed up to world (RAS, mm), at each image
+        frame: a transform recorded in the same browser (a proxy of one of its sequences) takes
+        that sequence's item at the frame (as when browsing to it), any other its current
+        matrix. NaN where a recorded one is invalid.
+    valid : (n,) bool
+        Frames on which every recorded transform of the tree is valid.
+    ijk_to_world : (n, 4, 4) float64
+        ``parent_to_world @ IJKToRAS`` of each frame: pixel (i, j, 0) -> world mm, as shown.
+    geometry_frame : str or None
+        The frame the frames' own IJKToRAS is in (``"Reference"`` for ``Image_Reference``), or
+        None when it holds the pixel spacing only.
+    recorded : tuple of str
+        Names of the tree's transforms taken from the recording.
+    parent_ids : tuple of str
+        MRML IDs of every transform of the tree, the image proxy's parent first.
+    """
+
+    parent_to_world: np.ndarray
+    valid: np.ndarray
+    ijk_to_world: np.ndarray
+    geometry_frame: str | None
+    recorded: tuple
+    parent_ids: tuple
+
+    def __str__(self) -> str:
+        frame = self.geometry_frame or "pixels"
+        return (
+            f"ImagePlacement: {self.valid.size} frames ({frame} geometry), {int(self.valid.sum())} placed; "
+            f"recorded parents: {', '.join(self.recorded) or 'none'}"
+        )
+
+
+def image_placement(browser_node) -> ImagePlacement | None:
+    """The image proxy's transform tree of a recording per frame, or None when it has no parent.
+
+    What SlicerIGT's Volume Reconstruction composes by browsing through the recording: the
+    image proxy's parent transforms (e.g. a ``ReferenceToRAS`` the user placed it under, or a
+    SlicerIGT tree ImageToProbe -> ProbeToTracker -> TrackerToRAS whose ProbeToTracker is
+    recorded) applied to each frame's IJKToRAS. Recorded parents are read at the image times
+    the way :func:`browser_to_sequence` reads transform sequences.
+
+    Parameters
+    ----------
+    browser_node : vtkMRMLSequenceBrowserNode
+
+    Returns
+    -------
+    ImagePlacement or None
+        None when the image proxy is missing or has no parent transform.
+
+    Raises
+    ------
+    TypeError
+        If ``browser_node`` is not a sequence browser.
+    SequenceError
+        No volume sequence or no frames.
+    TransformError
+        A transform of the tree is not linear (names it).
+    """
+    if browser_node is None or not browser_node.IsA(_BROWSER_CLASS):
+        got = "None" if browser_node is None else browser_node.GetClassName()
+        raise TypeError(f"image_placement: expected a vtkMRMLSequenceBrowserNode, got {got}")
+    sequences = _browser_sequences(browser_node)
+    image_seq = _pick_image_sequence(browser_node, sequences)
+    proxy = browser_node.GetProxyNode(image_seq)
+    node = None if proxy is None else proxy.GetParentTransformNode()
+    if node is None:
+        return None
+    n = image_seq.GetNumberOfDataNodes()
+    if n == 0:
+        raise SequenceError(f"browser {browser_node.GetName()!r}: image sequence {image_seq.GetName()!r} has no frames")
+    index_values = [image_seq.GetNthIndexValue(i) for i in range(n)]
+    timestamps = _index_to_seconds(image_seq, index_values)
+    synchronized = {s.GetID() for s in sequences}
+    to_world = np.broadcast_to(np.eye(4), (n, 4, 4)).copy()
+    valid = np.ones(n, dtype=bool)
+    recorded, parent_ids = [], []
+    while node is not None:
+        parent_ids.append(node.GetID())
+        if not node.IsLinear():
+            raise TransformError(
+                f"browser {browser_node.GetName()!r}: transform {node.GetName()!r} above the image "
+                f"{proxy.GetName()!r} is not linear"
+            )
+        seq_node = browser_node.GetSequenceNode(node)
+        if seq_node is not None and seq_node.GetID() in synchronized and seq_node.GetNumberOfDataNodes() > 0:
+            mats, ok = _read_transform_sequence(
+                seq_node, index_values, timestamps, what=f"browser {browser_node.GetName()!r}"
+            )
+            mats = np.where(ok[:, None, None], mats, np.nan)
+            recorded.append(node.GetName())
+        else:
+            m = vtk.vtkMatrix4x4()
+            node.GetMatrixTransformToParent(m)
+            mats, ok = vtk_to_matrix(m)[np.newaxis], np.ones(n, dtype=bool)
+        to_world = mats @ to_world
+        valid &= ok
+        node = node.GetParentTransformNode()
+    ijk_to_ras = np.empty((n, 4, 4))
+    for i in range(n):
+        m = vtk.vtkMatrix4x4()
+        image_seq.GetNthDataNode(i).GetIJKToRASMatrix(m)
+        ijk_to_ras[i] = vtk_to_matrix(m)
+    geometry = _geometry_name_of(image_seq)
+    return ImagePlacement(
+        parent_to_world=to_world,
+        valid=valid,
+        ijk_to_world=to_world @ ijk_to_ras,
+        geometry_frame=None if geometry is None else split_transform_name(geometry)[1],
+        recorded=tuple(recorded),
+        parent_ids=tuple(parent_ids),
+    )
+
+
 # -- scene files ----------------------------------------------------------------------------
 def save_scene(scene, path) -> Path:
     """Write the scene as a ``.mrml`` file with its data files beside it, through MRML storage nodes.
@@ -539,9 +663,9 @@ def save_scene(scene, path) -> Path:
     for sequences because it is lossless: ``.seq.nrrd`` cannot hold per-frame IJKToRAS
     (tracked frames), and ``.seq.mha`` transform sequences (Slicer's default for them) keep 6
     significant digits of each matrix and read back with their times rounded to 1 ms (which
-    :func:`browser_to_sequence` still matches to the frames, gaps included). The scene then records the files relative to
-    its folder (``scene.SetRootDirectory``, ``SetURL``, ``Commit``) and the scene's URL now
-    points to ``path``.
+    :func:`browser_to_sequence` still matches to the frames, gaps included). The scene then
+    records the files relative to its folder (``scene.SetRootDirectory``, ``SetURL``,
+    ``Commit``) and the scene's URL now points to ``path``.
 
     Reading it back: ``scene.SetURL(path); scene.Import()`` in 3D Slicer (File / Add Data) or
     in a headless scene whose Sequences logic is set and whose DataIOManager has a cache

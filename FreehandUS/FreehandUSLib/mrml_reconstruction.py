@@ -23,8 +23,11 @@ module's Widget runs a ``qt.QTimer`` for that).
 Coordinate convention: as in :mod:`FreehandUSLib.mrml`, the Reference frame *is* Slicer's RAS
 world (PLUS millimetres, no LPS flip). A frame's ImageToReference is its image node's IJKToRAS
 (pixels -> mm, what SlicerOpenIGTLink sets from PlusServer's ``Image_Reference`` message)
-composed with the node's parent transforms to world, if any. A markups ROI is read in world
-coordinates (its parent transforms applied).
+composed with the node's parent transforms to world, if any. A recording is reconstructed the
+same way: when its image proxy sits under transforms (a ``ReferenceToRAS``, or a SlicerIGT tree
+whose ProbeToTracker is recorded), they are composed per frame as SlicerIGT's Volume
+Reconstruction does and the volume is made in RAS (:func:`reconstruct_browser_to_volume_node`).
+A markups ROI is read in world coordinates (its parent transforms applied).
 
 Example (3D Slicer Python console)
 ----------------------------------
@@ -537,6 +540,50 @@ def _without_image_geometry(sequence: TrackedSequence) -> TrackedSequence:
     )
 
 
+def _in_world(sequence, placement, fixed, opts, *, name: str, image_to_probe_node):
+    """(sequence, options) that reconstruct a recording in world (RAS) where Slicer shows its frames.
+
+    ``placement`` (:func:`FreehandUSLib.mrml.image_placement`) holds the transforms above the
+    image proxy, per frame. They are composed as SlicerIGT's Volume Reconstruction composes them
+    while browsing:
+
+    - frames placed in a tracked frame (``Image_Reference``: IJKToRAS = ImageToReference) under
+      e.g. ``ReferenceToRAS``: ImageToRAS = ParentToWorld @ ImageToReference, the latter from the
+      frames or, with an ImageToProbe node, from it and the recorded tracking;
+    - frames with pixel geometry under a SlicerIGT tree (ImageToProbe -> ProbeToTracker ->
+      TrackerToRAS): ImageToRAS = the tree @ IJKToRAS; with an ImageToProbe node that is not in
+      the tree, the tree starts at the Probe frame: ImageToRAS = tree @ ImageToProbe.
+
+    The result holds a per-frame ``ImageToRAS`` (invalid where a recorded transform of the tree
+    or the image's own geometry is) and the options reconstruct in RAS, so the output volume and
+    an ROI (read in world coordinates) are in the same frame as the scene shows the frames. When
+    the options ask for another frame than the one the frames are placed in, the tree cannot be
+    applied and the request is kept (logged).
+    """
+    frame = placement.geometry_frame
+    target_frame = split_transform_name(opts.image_to_reference_transform)[1]
+    if frame is not None:
+        if target_frame != frame:
+            logger.warning(
+                "browser %s: its image is placed from the %s frame by transforms above it, but %s was "
+                "asked; reconstructing in %s without them",
+                name, frame, opts.image_to_reference_transform, target_frame,
+            )
+            return sequence, opts
+        image_to_frame = sequence.repository(fixed).get(f"ImageTo{frame}")
+        image_to_world = placement.parent_to_world @ image_to_frame
+    elif image_to_probe_node is not None and image_to_probe_node.GetID() not in placement.parent_ids:
+        image_to_world = placement.parent_to_world @ fixed["ImageToProbe"]
+    else:
+        image_to_world = placement.ijk_to_world
+    valid = placement.valid & np.all(np.isfinite(image_to_world), axis=(1, 2))
+    sequence.set_transform("ImageToRAS", np.where(valid[:, None, None], image_to_world, np.nan), valid)
+    logger.info(
+        "browser %s: reconstructing in RAS through the transforms above its image (%s)", name, placement
+    )
+    return sequence, opts.replace(image_to_reference_transform="ImageToRAS")
+
+
 def reconstruct_browser_to_volume_node(
     browser_node,
     output_volume_node=None,
@@ -556,7 +603,10 @@ def reconstruct_browser_to_volume_node(
     browser_node : vtkMRMLSequenceBrowserNode
         A tracked recording: an image sequence (e.g. ``Image_Reference``) and synchronised
         transform sequences (``ProbeToTracker``...), read by
-        :func:`FreehandUSLib.mrml.browser_to_sequence`.
+        :func:`FreehandUSLib.mrml.browser_to_sequence`. When its image proxy sits under
+        transforms (``ReferenceToRAS``, a SlicerIGT tree with recorded ProbeToTracker...), the
+        frames are placed through them, per frame, as Slicer shows them, and the volume is
+        made in RAS (world): see :func:`FreehandUSLib.mrml.image_placement`.
     output_volume_node : vtkMRMLScalarVolumeNode, optional
         Receives the volume (default: a new node ``<browser>Reconstruction``).
     image_to_probe_node : vtkMRMLLinearTransformNode, optional
@@ -565,7 +615,8 @@ def reconstruct_browser_to_volume_node(
         ignored. Without it, ImageToReference comes from the frames' IJKToRAS (recordings of
         ``Image_Reference``) or from ``config``'s ``<CoordinateDefinitions>``.
     roi_node : vtkMRMLMarkupsROINode, optional
-        Box to reconstruct (world = Reference). Default: the box that encloses all frames.
+        Box to reconstruct, in world coordinates (the frame the volume is made in).
+        Default: the box that encloses all frames.
     coverage_volume_node : vtkMRMLScalarVolumeNode, optional
         Receives the coverage map (accumulated weight per voxel).
     config : PlusConfig or str or Path, optional
@@ -632,6 +683,11 @@ def reconstruct_browser_to_volume_node(
         fixed["ImageToProbe"] = image_to_probe_from_node(image_to_probe_node)
         sequence = _without_image_geometry(sequence)
     try:
+        placement = mrml.image_placement(browser_node)
+        if placement is not None:
+            sequence, opts = _in_world(
+                sequence, placement, fixed, opts, name=name, image_to_probe_node=image_to_probe_node
+            )
         result = reconstruct_volume(sequence, fixed or None, opts, progress=progress)
     except TransformError as exc:
         raise TransformError(

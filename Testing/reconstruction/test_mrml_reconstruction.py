@@ -199,6 +199,85 @@ def test_invalid_frames_are_skipped_and_recorded(scene):
     assert summary["frames_skipped_by_reason"] == {"invalid_transform": 1}
 
 
+def _tracker_to_ras() -> np.ndarray:
+    m = np.eye(4)
+    m[:3, :3] = Rotation.from_rotvec([0.3, -0.2, 0.5]).as_matrix()
+    m[:3, 3] = [40.0, -25.0, 60.0]
+    return m
+
+
+def test_image_proxy_under_a_parent_transform_is_reconstructed_where_slicer_shows_it(scene, sweep):
+    # The frames' IJKToRAS is ImageToTracker; the user puts the image under TrackerToRAS, so
+    # Slicer shows every frame at TrackerToRAS @ ImageToTracker. The volume must land there too.
+    seq, image_to_probe = sweep
+    browser = _calibrated_browser(scene, seq, image_to_probe)
+    parent = mrml.transform_to_node(scene, _tracker_to_ras(), name="TrackerToRAS")
+    browser.GetProxyNode(browser.GetMasterSequenceNode()).SetAndObserveTransformNodeID(parent.GetID())
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "Box")
+    shown = _tracker_to_ras() @ _as_stored(seq.repository({"ImageToProbe": image_to_probe}).get("ImageToTracker"))
+    centre = shown[seq.n_frames // 2] @ [seq.n_cols / 2, seq.n_rows / 2, 0.0, 1.0]
+    roi.SetCenterWorld(*centre[:3])
+    roi.SetSize(30.0, 30.0, 30.0)
+    in_world = TrackedSequence(frames=seq.frames, transforms={"ImageToRAS": (shown, np.ones(seq.n_frames, bool))})
+    # The ROI read as the module reads it (markups keep float32 coordinates), the frames in RAS.
+    opts = mr.roi_node_options(roi, _opts(compounding="max").replace(image_to_reference_transform="ImageToRAS"))
+    expected = reconstruct_volume(in_world, None, opts)
+    out = _volume_node(scene)
+
+    result = mr.reconstruct_browser_to_volume_node(browser, out, roi_node=roi, options=_opts(compounding="max"))
+
+    assert result.grid.same_as(expected.grid)
+    np.testing.assert_array_equal(_voxels(out), expected.volume.voxels)
+    assert _voxels(out).any()
+    np.testing.assert_allclose(_ijk_to_ras(out), expected.volume.ijk_to_world, rtol=0, atol=1e-9)
+    assert json.loads(out.GetAttribute(mr.ATTR_RECON_OPTIONS))["image_to_reference_transform"] == "ImageToRAS"
+
+
+def test_slicerigt_transform_tree_with_recorded_tracking(scene, sweep):
+    # SlicerIGT's layout: the image (pixels, IJKToRAS = identity as PLUS's Image_Image) under
+    # ImageToProbe -> the recorded ProbeToTracker proxy -> TrackerToRAS; tracking lost on 2 frames.
+    seq0, image_to_probe = sweep
+    probe = seq0.transforms["ProbeToTracker"]
+    valid = probe.valid.copy()
+    valid[[3, 4]] = False
+    seq = TrackedSequence(frames=seq0.frames, timestamps_s=seq0.timestamps_s,
+                          transforms={"ProbeToTracker": (probe.matrices, valid)})  # fmt: skip
+    browser = mrml.sequence_to_browser(scene, seq, browser_name="Tree")
+    calibration = mrml.transform_to_node(scene, image_to_probe, name="ImageToProbe")
+    tracker_to_ras = mrml.transform_to_node(scene, _tracker_to_ras(), name="TrackerToRAS")
+    probe_seq = next(s for s in _browser_sequences(browser) if s.GetAttribute("Sequences.Source") == "ProbeToTracker")
+    probe_proxy = browser.GetProxyNode(probe_seq)
+    probe_proxy.SetAndObserveTransformNodeID(tracker_to_ras.GetID())
+    calibration.SetAndObserveTransformNodeID(probe_proxy.GetID())
+    browser.GetProxyNode(browser.GetMasterSequenceNode()).SetAndObserveTransformNodeID(calibration.GetID())
+    shown = _tracker_to_ras() @ probe.matrices @ image_to_probe
+    in_world = TrackedSequence(frames=seq.frames, transforms={"ImageToRAS": (shown, valid)})
+    expected = reconstruct_volume(in_world, None, _opts().replace(image_to_reference_transform="ImageToRAS"))
+    out = _volume_node(scene)
+
+    result = mr.reconstruct_browser_to_volume_node(browser, out, options=_opts())
+
+    assert sorted(result.frames_skipped) == [3, 4]
+    assert result.grid.same_as(expected.grid)
+    np.testing.assert_array_equal(_voxels(out), expected.volume.voxels)
+    # The same with the calibration node selected as well (it is in the tree: not applied twice).
+    again = mr.reconstruct_browser_to_volume_node(
+        browser, _volume_node(scene, "Again"), image_to_probe_node=calibration, options=_opts()
+    )
+    assert again.grid.same_as(expected.grid)
+    # The image straight under the probe, the calibration selected instead: the same volume.
+    browser.GetProxyNode(browser.GetMasterSequenceNode()).SetAndObserveTransformNodeID(probe_proxy.GetID())
+    selected = _volume_node(scene, "Selected")
+    mr.reconstruct_browser_to_volume_node(browser, selected, image_to_probe_node=calibration, options=_opts())
+    np.testing.assert_array_equal(_voxels(selected), expected.volume.voxels)
+
+
+def _browser_sequences(browser) -> list:
+    coll = vtk.vtkCollection()
+    browser.GetSynchronizedSequenceNodes(coll, True)
+    return [coll.GetItemAsObject(i) for i in range(coll.GetNumberOfItems())]
+
+
 def test_new_output_node_progress_and_default_hole_filling(scene, sweep):
     seq, image_to_probe = sweep
     browser = _calibrated_browser(scene, seq, image_to_probe)
