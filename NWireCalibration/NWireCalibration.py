@@ -86,7 +86,10 @@ live = logic.startLiveCalibration(slicer.util.getNode("Image_Image"), imageToPro
 print(live.status())                        # frames, keyframes, last change, converged
 logic.stopLiveCalibration()
 </pre>
-<p>See the <a href="https://github.com/freehandus/FreehandUS#readme">FreehandUS documentation</a>.</p>
+<p>Runs on 3D Slicer 5.10 and later (their bundled Python 3.12). The Python packages it needs
+beyond Slicer's own (numba, OpenCV, pynrrd, h5py; listed with version bounds in the extension's
+<code>Resources/requirements.txt</code>) are installed on first use, after asking.</p>
+<p>See the <a href="https://github.com/freehandus/SlicerFreehandUS#readme">FreehandUS documentation</a>.</p>
 """
         )
         self.parent.acknowledgementText = _(

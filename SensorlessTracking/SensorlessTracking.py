@@ -76,7 +76,10 @@ model = logic.trainFromBrowsers([browser], "/data/models/mine", epochs=20, initM
 <p>The estimate is added to the same browser as the transform sequence
 <i>ImageToEstimatedReference</i> (one pose per frame); a new estimate replaces it and nothing
 else.</p>
-<p>See the <a href="https://github.com/freehandus/FreehandUS#readme">FreehandUS documentation</a>.</p>
+<p>Runs on 3D Slicer 5.10 and later (their bundled Python 3.12). The Python packages it needs
+beyond Slicer's own (numba, OpenCV, pynrrd, h5py; listed with version bounds in the extension's
+<code>Resources/requirements.txt</code>) are installed on first use, after asking.</p>
+<p>See the <a href="https://github.com/freehandus/SlicerFreehandUS#readme">FreehandUS documentation</a>.</p>
 """
         )
         self.parent.acknowledgementText = _(
