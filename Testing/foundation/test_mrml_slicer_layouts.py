@@ -226,6 +226,21 @@ def test_openigtlink_stream_recorded_with_the_sequences_module(scene, suffix):
     assert not back.transforms["ProbeToTracker"].valid[0] and back.transforms["ProbeToTracker"].valid[1:].all()
 
 
+@pytest.mark.realdata
+def test_fcal_recordings_loaded_by_slicerigsio_calibrate(scene):
+    from FreehandUSLib.io import read_sequence
+    from NWireCalibrationLib import mrml_calibration as mc
+    from nwire_synthetic import FCAL2_CONFIG
+
+    browsers = []
+    for name in ("fCal_Test_Calibration_3NWires_fCal2.0", "fCal_Test_Validation_3NWires_fCal2.0"):
+        recording = read_sequence(plus_file(f"TestImages/{name}.igs.mha"))
+        browsers.append(_importer_layout(scene, recording, f"{name}.igs", lambda t: f"{t:.3f}", skip_invalid=False))
+    out = mc.calibrate_browsers(*browsers, mc.make_setup(plus_file(FCAL2_CONFIG)), solver="lsq")
+    assert out.result.calibration.frames_segmented >= 189 and out.result.validation.frames_segmented == 103
+    assert out.result.validation.error3d_trimmed95_mean_mm < 0.6  # PLUS: 0.540 mm
+
+
 # -- item 3: invalid tracking and timestamps survive File > Save ------------------------------
 def _sweep_with_invalid_frames():
     seq, image_to_probe = simulate_analytic_sweep(n_frames=16, n_rows=40, n_cols=32, pixel_spacing_mm=0.5)
