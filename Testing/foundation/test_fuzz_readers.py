@@ -16,8 +16,8 @@ truncated, a compression bomb appended, an XML entity expansion prepended; 1 to 
 
 Environment:
 
-- ``FREEHANDUS_FUZZ_CASES``: cases per reader (default 150: the four readers together take a
-  few minutes on two cores); ``FREEHANDUS_FUZZ_SEED``: Hypothesis seed (default 21, so the
+- ``FREEHANDUS_FUZZ_CASES``: cases per reader (default 300: the four readers together take
+  well under a few minutes on two cores); ``FREEHANDUS_FUZZ_SEED``: Hypothesis seed (default 21, so the
   normal run is reproducible; give a fresh one for a hand run).
 - ``FREEHANDUS_FUZZ_KEEP_GOING=1``: do not stop at the first failing case; count every outcome
   and fail at the end. ``FREEHANDUS_FUZZ_REPORT=<file>``: append one JSON line per reader with the
@@ -52,12 +52,13 @@ from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 from testdata import PLUS_CONFIGS, PLUS_IMAGES, make_synthetic_sequence
 
+import FreehandUSLib
 from FreehandUSLib import Volume
 from FreehandUSLib.io.metaimage import write_sequence_metafile, write_volume_metafile
 from FreehandUSLib.io.nrrd_io import write_sequence_nrrd, write_volume_nrrd
 from FreehandUSLib.io.tusrec import write_tusrec_h5
 
-CASES = int(os.environ.get("FREEHANDUS_FUZZ_CASES", "150"))
+CASES = int(os.environ.get("FREEHANDUS_FUZZ_CASES", "300"))
 SEED = int(os.environ.get("FREEHANDUS_FUZZ_SEED", "21"))
 TIMEOUT_S = float(os.environ.get("FREEHANDUS_FUZZ_TIMEOUT_S", "8"))
 HEADROOM_BYTES = int(os.environ.get("FREEHANDUS_FUZZ_MEMORY_MIB", "1024")) << 20
@@ -86,6 +87,10 @@ class FuzzWorker:
         env = dict(os.environ)
         for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             env[var] = "1"
+        # the worker imports FreehandUSLib from where this process found it
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(Path(FreehandUSLib.__file__).resolve().parents[1]), env.get("PYTHONPATH")) if p
+        )
         self.proc = subprocess.Popen(
             [sys.executable, str(WORKER), str(HEADROOM_BYTES)],
             stdin=subprocess.PIPE,

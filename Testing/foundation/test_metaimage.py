@@ -964,3 +964,17 @@ def test_compressed_bomb_header_costs_only_the_data(tmp_path):
     peak, message = _peak_allocation_bytes(lambda: read_sequence_metafile(path))
     assert peak < 80 << 20, peak  # 64 MiB first block, not the 164 MB promised
     assert "only 163840 bytes" in message
+
+
+def test_entry_points_refuse_folders_and_fifos(tmp_path):
+    import os
+
+    (tmp_path / "d.igs.mha").mkdir()
+    os.mkfifo(tmp_path / "f.igs.nrrd")  # opening it would block forever
+    for name in ("d.igs.mha", "f.igs.nrrd"):
+        with pytest.raises(FileFormatError, match=r"not a regular file"):
+            read_sequence(tmp_path / name)
+    with pytest.raises(FileFormatError, match=r"not a regular file"):
+        read_volume(tmp_path / "f.igs.nrrd")
+    with pytest.raises(FileFormatError, match=r"file not found"):
+        read_sequence(tmp_path / "gone.igs.mha")

@@ -56,11 +56,20 @@ def sequence_format(path) -> str:
     )
 
 
+def _check_input_file(path) -> None:
+    """Raise unless ``path`` is an existing regular file (not a folder, FIFO or device)."""
+    path = Path(path)
+    if path.is_file():
+        return
+    if path.exists():
+        raise FileFormatError(f"{path}: not a regular file")
+    raise FileFormatError(f"{path}: file not found")
+
+
 def read_sequence(path, **options):
     """Read a tracked sequence (frames flipped to MF) from any supported file."""
     fmt = sequence_format(path)
-    if not Path(path).is_file():
-        raise FileFormatError(f"{path}: file not found")
+    _check_input_file(path)
     if fmt == "metafile":
         from .metaimage import read_sequence_metafile
 
@@ -93,8 +102,7 @@ def write_sequence(sequence, path, **options) -> Path:
 def read_volume(path, **options):
     """Read a 3D volume (:class:`~FreehandUSLib.volume.Volume`) from ``.mha/.mhd/.nrrd/.nhdr``."""
     fmt = sequence_format(path)
-    if not Path(path).is_file():
-        raise FileFormatError(f"{path}: file not found")
+    _check_input_file(path)
     if fmt == "metafile":
         from .metaimage import read_volume_metafile
 
