@@ -978,3 +978,15 @@ def test_entry_points_refuse_folders_and_fifos(tmp_path):
         read_volume(tmp_path / "f.igs.nrrd")
     with pytest.raises(FileFormatError, match=r"file not found"):
         read_sequence(tmp_path / "gone.igs.mha")
+
+
+@pytest.mark.parametrize("compressed", ["True", "False"])
+def test_header_size_beyond_the_data_file(tmp_path, compressed):
+    # a 20-digit HeaderSize made the seek overflow (ValueError) for compressed data
+    payload = zlib.compress(ramp().tobytes()) if compressed == "True" else ramp().tobytes()
+    (tmp_path / "d.raw").write_bytes(payload)
+    header = {**seq_header(CompressedData=compressed), "HeaderSize": "9" * 20, "ElementDataFile": "d.raw"}
+    path = tmp_path / "h.mhd"
+    path.write_text(format_metaimage_header(header))
+    with pytest.raises(FileFormatError, match=r"HeaderSize = '9999.*' lies beyond the end of d\.raw"):
+        read_sequence_metafile(path)

@@ -475,6 +475,12 @@ class _Layout:
                     )
                 if self.header_size > 0:
                     self.data_offset = self.header_size
+                size = self.data_path.stat().st_size
+                if self.data_offset > size:
+                    raise FileFormatError(
+                        f"{path}: HeaderSize = {shown(header_size)} lies beyond the end of "
+                        f"{self.data_path.name} ({size} bytes)"
+                    )
         # Python ints: a product of header numbers cannot wrap around here.
         self.n_elements = math.prod(dims) * self.n_channels
         self.expected_bytes = self.n_elements * self.dtype.itemsize
