@@ -64,7 +64,10 @@ Sequences recorder, in any language) and of its proxy's name (a SlicerOpenIGTLin
 Transform items are matched to image frames by index value; Slicer's metafile reader rounds
 times to 1 ms, so a transform sequence whose times are the image times rounded to 1 ms is
 matched frame by frame too (a frame without an item is invalid); a sequence recorded on its
-own clock (the Sequences recorder) is interpolated at the image times.
+own clock (the Sequences recorder) is interpolated at the image times. That reader keeps the
+matrix of a frame PLUS marked ``TransformStatus = INVALID`` and drops the status: when a
+transform sequence was read from a PLUS file by ``vtkMRMLLinearTransformSequenceStorageNode``,
+the status is read back from that file.
 """
 
 from __future__ import annotations
@@ -442,7 +445,8 @@ def browser_to_sequence(browser_node) -> TrackedSequence:
     - transforms: every synchronised linear-transform sequence whose name is ``<From>To<To>``
       (``FreehandUS.TransformName``, ``Sequences.Source``, a part of the sequence or proxy
       name). Items at the image times (exactly, or rounded to 1 ms) are taken frame by frame and
-      a frame with no item is invalid, as is an item with ``FreehandUS.TransformValid = "false"``;
+      a frame with no item is invalid, as is an item with ``FreehandUS.TransformValid = "false"``
+      or one that the PLUS file it was read from marks ``TransformStatus = INVALID``;
       sequences recorded at other times are interpolated at the image timestamps
       (:func:`~FreehandUSLib.transforms.interpolate_transforms`, no extrapolation);
     - ``ImageTo<Frame>`` from each frame's IJKToRAS (``<Frame>`` from the
@@ -972,6 +976,9 @@ def _read_transform_sequence(seq_node, image_index_values, image_ts, *, what: st
         mats[k] = vtk_to_matrix(m)
         valid[k] = _text_bool(node.GetAttribute(ATTR_TRANSFORM_VALID), default=True)
         values.append(seq_node.GetNthIndexValue(k))
+    status = _metafile_transform_status(seq_node)
+    if status:
+        valid &= np.array([status.get(v, True) for v in values], dtype=bool)
     n = len(image_index_values)
     if values == list(image_index_values):
         return mats, valid
@@ -993,6 +1000,46 @@ def _read_transform_sequence(seq_node, image_index_values, image_ts, *, what: st
         )
     t = _index_to_seconds(seq_node, values)
     return interpolate_transforms(t, mats, valid, image_ts)
+
+
+def _metafile_transform_status(seq_node) -> dict[str, bool]:
+    """``{index value: status is OK}`` from the PLUS sequence metafile that Slicer's
+    ``vtkMRMLLinearTransformSequenceStorageNode`` read ``seq_node`` from.
+
+    That reader keeps every matrix but drops ``Seq_Frame<i>_<Name>TransformStatus`` (PLUS's mark
+    of an invalid pose), and indexes each item by the frame's timestamp with 3 decimals; the
+    status is read back from the same file under the same index values. Empty when the
+    sequence was not read from such a file (or it is gone).
+    """
+    storage = seq_node.GetStorageNode()
+    source = seq_node.GetAttribute(ATTR_SEQUENCES_SOURCE)
+    if storage is None or not storage.IsA("vtkMRMLLinearTransformSequenceStorageNode") or not source:
+        return {}
+    path = Path(storage.GetFullNameFromFileName() or "")
+    if path.suffix.lower() not in (".mha", ".mhd") or not path.is_file():
+        return {}
+    from .io.metaimage import read_metaimage_header
+
+    try:
+        header, _ = read_metaimage_header(path)
+    except FileFormatError as exc:
+        logger.warning("sequence %s: TransformStatus not read from %s: %s", seq_node.GetName(), path, exc)
+        return {}
+    frames: dict[str, dict[str, str]] = {}
+    for key, value in header.items():
+        match = re.fullmatch(r"Seq_Frame(\d+)_(Timestamp|.+TransformStatus)", key)
+        if match:
+            frames.setdefault(match.group(1), {})[match.group(2)] = value.strip()
+    status = {}
+    for fields in frames.values():
+        try:
+            index_value = f"{float(fields['Timestamp']):.3f}"
+        except (KeyError, ValueError):
+            continue
+        text = fields.get(f"{source}TransformStatus")
+        if text is not None:
+            status[index_value] = text.upper() == "OK"
+    return status
 
 
 def _items_at_image_times(seq_node, values, image_index_values, image_ts):

@@ -166,6 +166,35 @@ def _spine_image_to_probe() -> np.ndarray:
     raise AssertionError("no ImageToProbe in the PLUS configuration")
 
 
+def test_plus_invalid_status_is_kept_when_slicers_reader_drops_it(scene, tmp_path):
+    from FreehandUSLib.io import write_sequence
+
+    # A PLUS file with tracking lost on frames 2 and 5 (PLUS writes a matrix and INVALID).
+    seq = make_synthetic_sequence(n_frames=8)
+    seq.transforms["ReferenceToTracker"].valid[:] = True
+    probe = seq.transforms["ProbeToTracker"]
+    probe.valid[[2, 5]] = False
+    probe.matrices[[2, 5]] = np.eye(4)
+    path = write_sequence(seq, tmp_path / "Lost.igs.mha")
+    assert "Seq_Frame0002_ProbeToTrackerTransformStatus = INVALID" in path.read_bytes()[:20000].decode(errors="replace")
+    tseq = scene.AddNewNodeByClass("vtkMRMLSequenceNode")
+    storage = scene.AddNewNodeByClass("vtkMRMLLinearTransformSequenceStorageNode")
+    storage.SetFileName(str(path))
+    tseq.SetAndObserveStorageNodeID(storage.GetID())
+    assert storage.ReadData(tseq) == 1
+    assert tseq.GetNumberOfDataNodes() == 8  # Slicer's reader keeps the invalid frames' matrices
+    image_seq = _time_sequence(scene, "Lost.igs-Image-Seq", "Image")
+    for i in range(8):
+        image_seq.SetDataNodeAtValue(_image_node(scene, seq.frames[i], np.eye(4), "f"), tseq.GetNthIndexValue(i))
+    browser = scene.AddNewNodeByClass("vtkMRMLSequenceBrowserNode", "Lost.igs")
+    browser.SetAndObserveMasterSequenceNodeID(image_seq.GetID())
+    browser.AddSynchronizedSequenceNodeID(tseq.GetID())
+
+    back = mrml.browser_to_sequence(browser)
+
+    np.testing.assert_array_equal(back.transforms["ProbeToTracker"].valid, probe.valid)
+
+
 @pytest.mark.parametrize(
     ("layout", "index_text"),
     [
