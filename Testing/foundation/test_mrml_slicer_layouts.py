@@ -340,10 +340,8 @@ def test_loaded_recordings_never_take_a_live_device_name(scene):
     before = {pid: (_matrix(p) if p.IsA("vtkMRMLTransformNode") else None) for pid, p in proxies.items()}
 
     # Connect SlicerOpenIGTLink to a PlusServer later: its nodes are new ones.
-    live = {
-        device: _openigtlink_writes(scene, device, cls, np.zeros((3, 3), np.uint8) if "Volume" in cls else 2 * np.eye(4))
-        for device, cls in LIVE_DEVICES.items()
-    }
+    incoming = {"vtkMRMLScalarVolumeNode": np.zeros((3, 3), np.uint8), "vtkMRMLLinearTransformNode": 2 * np.eye(4)}
+    live = {device: _openigtlink_writes(scene, device, cls, incoming[cls]) for device, cls in LIVE_DEVICES.items()}
     assert not {n.GetID() for n in live.values()} & set(proxies)
     for pid, proxy in proxies.items():
         if before[pid] is not None:
