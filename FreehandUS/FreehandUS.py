@@ -101,6 +101,8 @@ live = logic.startLiveReconstruction(image, None, updateIntervalS=2.0, output_sp
 print(live.status())      # frames used, skipped (and why), dropped, missed
 result = logic.stopLiveReconstruction()   # last frames, hole filling, final volume
 </pre>
+<p>Sample data: <i>Sample Data &gt; FreehandUS</i> downloads the PLUS toolkit's spine phantom sweep
+and fCal N-wire recordings (with their PLUS configs) and loads them as sequence browsers.</p>
 <p>Runs on 3D Slicer 5.10 and later (their bundled Python 3.12). The Python packages it needs
 beyond Slicer's own (numba, OpenCV, pynrrd, h5py; listed with version bounds in the extension's
 <code>Resources/requirements.txt</code>) are installed on first use, after asking.</p>
@@ -112,6 +114,38 @@ beyond Slicer's own (numba, OpenCV, pynrrd, h5py; listed with version bounds in 
 FreehandUS follows the coordinate conventions and file formats of the PLUS toolkit
 (www.plustoolkit.org) and works alongside SlicerIGT and SlicerOpenIGTLink.
 """
+        )
+        # The PLUS sample recordings in the Sample Data module, once Slicer has started.
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+#
+# Sample data (the PLUS toolkit's recordings, downloaded on request; see FreehandUSLib.sample_data)
+#
+
+
+def registerSampleData():
+    """Offer the PLUS sample recordings in the Sample Data module (category "FreehandUS").
+
+    Called when Slicer has started. The files are not in the extension: the Sample Data button
+    downloads them from the PLUS toolkit's test data (fixed commit, SHA-256 checked) into
+    Slicer's cache and loads the recordings as sequence browsers (:meth:`FreehandUSLogic.loadSampleData`).
+    """
+    import SampleData
+    from FreehandUSLib.sample_data import SAMPLES
+
+    icon = str(Path(__file__).resolve().parent / "Resources" / "Icons" / "FreehandUS.png")
+    for sample in SAMPLES:
+        SampleData.SampleDataLogic.registerCustomSampleDataSource(
+            category="FreehandUS",
+            sampleName=sample.name,
+            uris=[f.url for f in sample.files],
+            fileNames=[f.name for f in sample.files],
+            nodeNames=[None for _f in sample.files],
+            checksums=[f.checksum for f in sample.files],
+            loadFiles=[False for _f in sample.files],
+            thumbnailFileName=icon,
+            customDownloader=lambda source: FreehandUSLogic().loadSampleData(source.sampleName),
         )
 
 
@@ -625,6 +659,42 @@ class FreehandUSLogic(ScriptedLoadableModuleLogic):
         if imageToProbeNode is not None:
             browserNode.SetNodeReferenceID(IMAGE_TO_PROBE_REFERENCE, imageToProbeNode.GetID())
         return browserNode
+
+    def loadSampleData(self, sampleName) -> dict:
+        """Download a PLUS sample (Sample Data module) into Slicer's cache and load its recordings.
+
+        Parameters
+        ----------
+        sampleName : str
+            A ``FreehandUSLib.sample_data.SAMPLES`` name, e.g. ``"FreehandUSSpinePhantom"``.
+
+        Returns
+        -------
+        dict
+            ``{"browsers": [vtkMRMLSequenceBrowserNode, ...], "config": path of the PLUS config or None}``;
+            use the config as ``plusConfig`` / ``configPath`` of the modules.
+
+        Raises
+        ------
+        RuntimeError
+            A file could not be downloaded or failed its SHA-256 check.
+        """
+        ensureRequirements()
+        import SampleData
+        from FreehandUSLib.sample_data import sample_named
+
+        sample = sample_named(sampleName)
+        downloader = SampleData.SampleDataLogic()
+        loaded = {"browsers": [], "config": None}
+        for sampleFile in sample.files:
+            path = downloader.downloadFileIntoCache(sampleFile.url, sampleFile.name, sampleFile.checksum)
+            if not path or not Path(path).is_file():
+                raise RuntimeError(f"{sample.name}: could not download {sampleFile.url}")
+            if sampleFile.is_recording:
+                loaded["browsers"].append(self.loadSequence(path))
+            else:
+                loaded["config"] = str(path)
+        return loaded
 
     def sequenceFromBrowser(self, browserNode):
         """The tracked sequence held by a browser (frames in MF, named transforms, timestamps).

@@ -112,8 +112,8 @@ def _stub_module(name: str, **attributes) -> types.ModuleType:
     return module
 
 
-def _slicer_api(with_packaging: bool, temporary: Path):
-    """slicer-core's ``slicer`` plus the application parts the module files use."""
+def setup_slicer(with_packaging: bool, temporary: Path):
+    """slicer-core's ``slicer`` plus the application parts the module files use; module folders on sys.path."""
     import slicer
     import slicer.util
 
@@ -205,6 +205,8 @@ def _slicer_api(with_packaging: bool, temporary: Path):
         vtkMRMLMarkupsROINode=slicer.vtkMRMLMarkupsROINode,
         vtkMRMLMarkupsFiducialNode=slicer.vtkMRMLMarkupsFiducialNode,
     )
+    for module in MODULES:
+        sys.path.insert(0, str(REPO_ROOT / module))
     return slicer
 
 
@@ -215,9 +217,7 @@ def main(argv=None) -> int:
     module_name, methods = args[0], args[1:]
     temporary = Path(tempfile.mkdtemp(prefix="fresh-slicer-"))
     _hide(REPO_ROOT / "FreehandUS" / "Resources" / "requirements.txt")
-    _slicer_api(with_packaging, temporary)
-    for module in MODULES:
-        sys.path.insert(0, str(REPO_ROOT / module))
+    setup_slicer(with_packaging, temporary)
     module = importlib.import_module(module_name)
     test = getattr(module, f"{module_name}Test")()
     error = None

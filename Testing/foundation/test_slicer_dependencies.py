@@ -41,6 +41,9 @@ MODULES = ("FreehandUS", "NWireCalibration", "SensorlessTracking")
 SLICER_PROVIDES = {"numpy", "scipy", "vtk", "packaging", "slicer-core", "torch"}
 #: Calls that run the dependency check.
 CHECKS = {"ensureRequirements", "installDependencies"}
+#: Lib modules the module files may import before the check: they import only the standard
+#: library, ``packaging`` and the Lib's errors (test_check_free_lib_modules_import_nothing_else).
+CHECK_FREE = {"FreehandUSLib.dependencies": "dependencies.py", "FreehandUSLib.sample_data": "sample_data.py"}
 
 
 # ----------------------------------------------------------------------------- the Lib
@@ -175,7 +178,7 @@ def _lib_imports(function: ast.FunctionDef) -> list[tuple[int, str]]:
         else:
             continue
         found += [
-            (node.lineno, n) for n in names if n.split(".")[0].endswith("Lib") and n != "FreehandUSLib.dependencies"
+            (node.lineno, n) for n in names if n.split(".")[0].endswith("Lib") and n not in CHECK_FREE
         ]
     return found
 
@@ -261,6 +264,19 @@ def test_order_checker_finds_an_unchecked_import():
         "late:9 imports FreehandUSLib.reconstruction",
         "test_x:15 imports SensorlessTrackingLib",
     ]
+
+
+@pytest.mark.parametrize("module", sorted(CHECK_FREE))
+def test_check_free_lib_modules_import_nothing_else(module):
+    path = REPO_ROOT / "FreehandUS" / "FreehandUSLib" / CHECK_FREE[module]
+    imported = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            imported.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            imported.add("." + (node.module or "") if node.level else node.module.split(".")[0])
+    allowed = set(sys.stdlib_module_names) | {"packaging", ".errors"}
+    assert imported <= allowed, f"{module} imports {sorted(imported - allowed)}: call the check before importing it"
 
 
 # ----------------------------------------------------------------------------- completeness
