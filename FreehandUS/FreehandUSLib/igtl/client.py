@@ -43,6 +43,7 @@ from .commands import (
     command_xml,
     parse_reply_xml,
 )
+from .crc64 import crc64
 from .framing import DEFAULT_MAX_BODY_BYTES, MessageReader, SocketSource, StreamClosed, StreamStats, send_message
 from .protocol import (
     CommandMessage,
@@ -231,6 +232,8 @@ class IGTLClient:
         """Start the reader thread (connects in the background); returns self."""
         if self._thread is not None:
             return self
+        if self.check_crc:
+            crc64(b"\0")  # load the CRC kernel before data arrive (its first call takes ~0.5 s)
         self._thread = threading.Thread(target=self._run, name=f"igtl-client-{self.host}:{self.port}", daemon=True)
         self._thread.start()
         return self

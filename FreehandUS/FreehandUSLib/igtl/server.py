@@ -38,6 +38,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from .commands import parse_command_xml, reply_device_name, reply_xml, uid_from_command_device
+from .crc64 import crc64
 from .framing import MessageReader, SocketSource, StreamClosed, StreamStats, send_parts
 from .protocol import (
     CommandMessage,
@@ -349,7 +350,7 @@ class IGTLServer:
         port: int = 18944,
         *,
         keepalive_interval_s: float = 0.25,
-        client_queue_size: int = 32,
+        client_queue_size: int = 64,
         send_timeout_s: float = 5.0,
         max_header_version: int = 2,
         command_handler=None,
@@ -386,6 +387,7 @@ class IGTLServer:
         """Bind, listen and start the accept/keep-alive/command threads; returns self."""
         if self._listener is not None:
             return self
+        crc64(b"\0")  # load the CRC kernel now: its first call takes ~0.5 s, long enough to drop frames
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
