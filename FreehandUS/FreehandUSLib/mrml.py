@@ -1050,9 +1050,10 @@ def _items_at_image_times(seq_node, values, image_index_values, image_ts):
     frames = [position.get(v, -1) for v in values]
     if -1 in frames and seq_node.GetIndexType() == seq_node.NumericIndex:
         try:
-            t = np.array([float(v) for v in values], dtype=np.float64)
+            [float(v) for v in values]
         except ValueError:
             return None
+        t = _index_to_seconds(seq_node, values)
         if image_ts.size > 1 and np.min(np.diff(image_ts)) <= 2 * _ROUNDED_INDEX_TOLERANCE_S:
             return None  # image frames closer than the rounding: a rounded time is ambiguous
         after = np.clip(np.searchsorted(image_ts, t), 0, image_ts.size - 1)

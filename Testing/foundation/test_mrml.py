@@ -303,6 +303,37 @@ def test_foreign_browser_with_transforms_at_other_times_is_interpolated(mrml_sce
     np.testing.assert_array_equal(back.frames[:, 0, 0], [0, 1, 2])
 
 
+@pytest.mark.parametrize("unit, scale", [("s", 1.0), ("ms", 1000.0)])
+def test_transform_items_at_rounded_image_times_are_matched_frame_by_frame(mrml_scene, unit, scale):
+    # Images at sub-millisecond times, a ProbeToTracker read back by Slicer's metafile reader:
+    # its times rounded to 1 ms (here also in another unit), no item where tracking was lost.
+    import slicer
+
+    times = [10.0001234, 10.0334567, 10.0667891, 10.1001234]
+    image_seq = mrml_scene.AddNewNodeByClass("vtkMRMLSequenceNode", "Sweep-Image-Seq")
+    probe_seq = mrml_scene.AddNewNodeByClass("vtkMRMLSequenceNode", "Sweep-ProbeToTracker-Seq")
+    probe_seq.SetIndexUnit(unit)
+    for k, t in enumerate(times):
+        vol = slicer.vtkMRMLScalarVolumeNode()
+        vol.SetAndObserveImageData(mrml._image_data(np.full((1, 3, 4), k, np.uint8)))
+        image_seq.SetDataNodeAtValue(vol, repr(t))
+        if k == 2:
+            continue  # tracking lost
+        tnode = slicer.vtkMRMLLinearTransformNode()
+        m = np.eye(4)
+        m[:3, 3] = [float(k), 0.0, 0.0]
+        tnode.SetMatrixTransformToParent(mrml.matrix_to_vtk(m))
+        probe_seq.SetDataNodeAtValue(tnode, f"{round(t * scale, 3 if scale == 1.0 else 0):g}")
+    browser = mrml_scene.AddNewNodeByClass("vtkMRMLSequenceBrowserNode", "Sweep")
+    browser.SetAndObserveMasterSequenceNodeID(image_seq.GetID())
+    browser.AddSynchronizedSequenceNodeID(probe_seq.GetID())
+    back = mrml.browser_to_sequence(browser)
+    np.testing.assert_array_equal(back.timestamps_s, times)
+    probe = back.transforms["ProbeToTracker"]
+    np.testing.assert_array_equal(probe.valid, [True, True, False, True])
+    np.testing.assert_array_equal(probe.matrices[probe.valid, 0, 3], [0.0, 1.0, 3.0])
+
+
 def test_proxies_are_made_when_no_sequences_logic_observes(tmp_path):
     import slicer
 
