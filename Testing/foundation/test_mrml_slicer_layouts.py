@@ -305,6 +305,11 @@ def test_invalid_tracking_and_timestamps_survive_slicers_file_save(scene, tmp_pa
         result = mr.reconstruct_browser_to_volume_node(browser, options=opts)
         assert sorted(result.frames_skipped) == invalid
         assert result.frames_used == seq.n_frames - len(invalid)
+        # Slicer's reader renames a .seq.mha sequence <file base>-<Source>-Seq: our names survive.
+        names = {s.GetName() for s in _browser_sequences(browser)}
+        assert names == {"Sweep-Image_Tracker-Seq", "Sweep-ProbeToTracker-Seq"}
+        proxies = {browser.GetProxyNode(s).GetName() for s in _browser_sequences(browser)}
+        assert proxies == {"Sweep-Image_Tracker", "Sweep-ProbeToTracker"}
     finally:
         release_scene(reloaded)
 
