@@ -272,6 +272,30 @@ def test_slicerigt_transform_tree_with_recorded_tracking(scene, sweep):
     np.testing.assert_array_equal(_voxels(selected), expected.volume.voxels)
 
 
+def test_transform_tree_is_not_applied_to_another_frame_than_the_images(scene, sweep, caplog):
+    # The frames are placed in Tracker; asking for the Probe... frame's volume cannot go through
+    # a tree above Tracker: the volume is made in the asked frame, as without the tree (logged).
+    seq, image_to_probe = sweep
+    browser = _calibrated_browser(scene, seq, image_to_probe)
+    opts = _opts().replace(image_to_reference_transform="ImageToProbe")
+    plain = mr.reconstruct_browser_to_volume_node(browser, _volume_node(scene, "Plain"), options=opts)
+    parent = mrml.transform_to_node(scene, _tracker_to_ras(), name="TrackerToRAS")
+    browser.GetProxyNode(browser.GetMasterSequenceNode()).SetAndObserveTransformNodeID(parent.GetID())
+    with caplog.at_level("WARNING"):
+        result = mr.reconstruct_browser_to_volume_node(browser, _volume_node(scene, "Asked"), options=opts)
+    assert result.grid.same_as(plain.grid)
+    assert "reconstructing in Probe without them" in caplog.text
+
+
+def test_non_linear_transform_above_the_image_is_refused(scene, sweep):
+    seq, image_to_probe = sweep
+    browser = _calibrated_browser(scene, seq, image_to_probe)
+    grid = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "Warp")
+    browser.GetProxyNode(browser.GetMasterSequenceNode()).SetAndObserveTransformNodeID(grid.GetID())
+    with pytest.raises(TransformError, match="'Warp' above the image .* is not linear"):
+        mr.reconstruct_browser_to_volume_node(browser, _volume_node(scene), options=_opts())
+
+
 def _browser_sequences(browser) -> list:
     coll = vtk.vtkCollection()
     browser.GetSynchronizedSequenceNodes(coll, True)
