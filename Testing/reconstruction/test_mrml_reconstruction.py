@@ -273,8 +273,8 @@ def test_slicerigt_transform_tree_with_recorded_tracking(scene, sweep):
 
 
 def test_transform_tree_is_not_applied_to_another_frame_than_the_images(scene, sweep, caplog):
-    # The frames are placed in Tracker; asking for the Probe... frame's volume cannot go through
-    # a tree above Tracker: the volume is made in the asked frame, as without the tree (logged).
+    # The frames are placed in Tracker; a volume asked in the Probe frame cannot go through a
+    # tree above Tracker: it is made in Probe, as without the tree (and that is logged).
     seq, image_to_probe = sweep
     browser = _calibrated_browser(scene, seq, image_to_probe)
     opts = _opts().replace(image_to_reference_transform="ImageToProbe")
