@@ -801,3 +801,20 @@ def test_entity_expansion_and_external_entities_are_not_followed(tmp_path):
     path.write_text(external)
     with pytest.raises(FileFormatError, match=r"external entity"):
         read_plus_config(path)
+
+
+def test_huge_attribute_values_are_not_echoed(tmp_path):
+    # found by the fuzz suite: the element label repeated a 5000-digit To="..." attribute
+    long = "9" * 5000
+    bodies = [
+        f'<CoordinateDefinitions><Transform From="Image" To="{long}" Matrix="1 0 0"/></CoordinateDefinitions>',
+        f'<CoordinateDefinitions><Transform From="{long}" To="{long}" Matrix="1 0 0 0 0 1 0 0 0 0 1 0 0 0 0 1"/>'
+        "</CoordinateDefinitions>",
+        f'<CoordinateDefinitions><Transform From="A" To="B" Matrix="1 0 0 x{long} 0 1 0 0 0 0 1 0 0 0 0 1"/>'
+        "</CoordinateDefinitions>",
+        phantom_xml(f'<Pattern Type="{long}"><Wire Name="{long}" EndPointFront="0 0 0" EndPointBack="0 0 0"/></Pattern>'),
+    ]
+    for body in bodies:
+        with pytest.raises(ConfigError) as info:
+            read_plus_config(write_config(tmp_path, body))
+        assert len(str(info.value)) < 400 and "\n" not in str(info.value)

@@ -206,7 +206,7 @@ class _Attrs:
             try:
                 values.append(float(tok))
             except ValueError:
-                raise self.error(key, f"expected {expected} ({what}), {tok!r} is not a number") from None
+                raise self.error(key, f"expected {expected} ({what}), {_short(tok, 40)!r} is not a number") from None
         arr = np.asarray(values, dtype=np.float64)
         if finite and not np.all(np.isfinite(arr)):
             raise self.error(key, f"expected {expected} ({what}), got NaN or infinity")
@@ -356,7 +356,7 @@ def _read_coordinate_definitions(root: ET.Element, path: Path) -> CoordinateDefi
     for index, t in enumerate(elem.findall("Transform")):
         label = "CoordinateDefinitions/Transform"
         if "From" in t.attrib or "To" in t.attrib:
-            label += f' From="{t.attrib.get("From", "")}" To="{t.attrib.get("To", "")}"'
+            label += f' From="{_short(t.attrib.get("From", ""), 40)}" To="{_short(t.attrib.get("To", ""), 40)}"'
         else:
             label += f" #{index + 1}"
         a = _Attrs(t, path, label)
@@ -366,18 +366,20 @@ def _read_coordinate_definitions(root: ET.Element, path: Path) -> CoordinateDefi
             if not _FRAME_RE.match(frame):
                 raise a.error(key, "expected a coordinate frame name of letters, digits and '_'")
         if src == dst:
-            raise a.error(None, f"From and To are the same frame ({src!r})")
+            raise a.error(None, f"From and To are the same frame ({_short(src, 40)!r})")
         name = transform_name(src, dst)
         inverse = transform_name(dst, src)
         if name in transforms:
-            raise a.error(None, f"transform {name} is defined twice")
+            raise a.error(None, f"transform {_short(name)} is defined twice")
         if inverse in transforms:
-            raise a.error(None, f"{name} is defined although its inverse {inverse} is already defined")
+            raise a.error(
+                None, f"{_short(name)} is defined although its inverse {_short(inverse)} is already defined"
+            )
         matrix = a.floats("Matrix", 16, "a 4x4 matrix, row major", required=True, finite=False)
         try:
             matrix = check_matrix(matrix.reshape(4, 4), name=name)
         except TransformError as exc:
-            raise ConfigError(f"{path}: <{label}> attribute Matrix: {exc}") from exc
+            raise ConfigError(f"{path}: <{label}> attribute Matrix: {_short(str(exc), 200)}") from exc
         transforms[name] = _readonly(matrix)
         err = a.float("Error", None, "mm")
         if err is not None:
@@ -611,12 +613,13 @@ def _read_phantom(root: ET.Element, path: Path) -> PhantomDefinition | None:
             pa = _Attrs(child, path, f"PhantomDefinition/Geometry/Pattern #{n_pattern}")
             ptype = pa.string("Type", required=True)
             pid = pa.string("Id")
-            label = f'PhantomDefinition/Geometry/Pattern #{n_pattern} Type="{ptype}"'
+            label = f'PhantomDefinition/Geometry/Pattern #{n_pattern} Type="{_short(ptype, 40)}"'
         wires = [
             _read_wire(
                 w,
                 path,
-                f"{label}/Wire #{j + 1}" + (f' Name="{w.attrib["Name"]}"' if "Name" in w.attrib else ""),
+                f"{label}/Wire #{j + 1}"
+                + (f' Name="{_short(w.attrib["Name"], 40)}"' if "Name" in w.attrib else ""),
             )
             for j, w in enumerate(child.findall("Wire"))
         ]
