@@ -210,7 +210,8 @@ class NWireCalibrationParameterNode:
     detectedDots - markups that show the detected dots of the browser's current frame.
     accuracyTable, residualsTable, residualsChart - calibration outputs (errors per data set,
         per frame, and their plot).
-    liveImage - live image node updated by SlicerOpenIGTLink (e.g. Image_Image).
+    liveImage - live image node updated by SlicerOpenIGTLink (e.g. Image_Image); scalar or colour
+        (vector: RGB frames are calibrated in grey, the mean of the colours).
     liveProbeToReference - its probe pose; None: the image's parent transform named ProbeTo...
     convergenceTable, convergenceChart - live calibration convergence curve and its plot.
     """
