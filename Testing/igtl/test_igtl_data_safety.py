@@ -106,7 +106,7 @@ def test_overwrite_with_nothing_recorded_keeps_the_old_file_in_place(tmp_path):
 
 def test_prepare_output_names_every_file_in_the_way(tmp_path):
     (tmp_path / "a.igs.raw").write_bytes(b"pixels of another recording")
-    with pytest.raises(RecordingExistsError, match="a.igs.raw exists and would be replaced by a recording to a.igs.mhd"):
+    with pytest.raises(RecordingExistsError, match="a.igs.raw exists and would be replaced by a recording to a.igs"):
         prepare_output(tmp_path / "a.igs.mhd")
     os.symlink(tmp_path / "nowhere", tmp_path / "b.igs.mha")  # a dangling link is in the way too
     with pytest.raises(RecordingExistsError, match="b.igs.mha exists"):
@@ -379,6 +379,27 @@ def test_record_stops_after_the_reconnect_timeout_keeping_the_frames(tmp_path, c
     indices = [frame_index(f) for f in got.frames]
     assert np.all(np.diff(indices) % 20 == 1)
     assert any("reconnecting for up to 1 s" in r.getMessage() for r in caplog.records)
+
+
+def test_a_full_disk_stops_the_recording_keeping_its_frames(tmp_path, served, monkeypatch, capsys):
+    server, seq = served
+    real = IncrementalSequenceFile.append
+
+    def append(self, *args, **kwargs):
+        if self.n_frames >= 12:
+            raise OSError(28, "No space left on device")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(IncrementalSequenceFile, "append", append)
+    out = tmp_path / "full.igs.mhd"
+    assert main(["record", "--port", str(server.port), "--out", str(out), "--frames", "1000"]) == 1
+    captured = capsys.readouterr()
+    assert "recorded 12 frames" in captured.out
+    assert captured.err.strip() == (
+        f"freehandus record: error: cannot write {out}: No space left on device; the 12 frame(s) recorded are in {out}"
+    )
+    got = read_sequence(out)
+    assert got.n_frames == 12 and np.all(np.diff([frame_index(f) for f in got.frames]) % seq.n_frames == 1)
 
 
 # -------------------------------------------------------------------------------------------

@@ -41,7 +41,13 @@ from .protocol import (
     encode_message,
     unpack_header,
 )
-from .recorder import IncrementalSequenceFile, RecordingSummary, StreamRecorder, record_stream
+from .recorder import (
+    IncrementalSequenceFile,
+    RecordingExistsError,
+    RecordingSummary,
+    StreamRecorder,
+    record_stream,
+)
 from .replay import ReplayServer
 from .server import IGTLServer, ServerStats
 
@@ -75,6 +81,7 @@ __all__ = [
     "StreamRecorder",
     "RecordingSummary",
     "IncrementalSequenceFile",
+    "RecordingExistsError",
     "record_stream",
     "FramePairer",
     "PairedFrame",

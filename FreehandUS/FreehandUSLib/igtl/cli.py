@@ -178,8 +178,9 @@ class _StatusLine:
         from tqdm import tqdm
 
         stream = sys.stderr if stream is None else stream
+        fmt = "{n_fmt}" + ("/{total_fmt}" if total else "") + " frames {postfix}"
         self.bar = tqdm(total=total, unit="frame", file=stream, disable=not stream.isatty(), dynamic_ncols=True,
-                        bar_format="{desc}{n_fmt}" + ("/{total_fmt}" if total else "") + " frames {postfix}")  # fmt: skip
+                        bar_format=fmt)  # fmt: skip
 
     def __call__(self, status) -> None:
         if self.bar.disable:
@@ -228,7 +229,7 @@ def record_command(args) -> int:
     finally:
         status.close()
     print(json.dumps(summary.to_dict(), indent=2) if args.json else str(summary))
-    if summary.stopped.startswith("server gone"):
+    if summary.stopped.startswith(("server gone", "cannot write")):
         print(f"freehandus record: error: {summary.stopped}; the {summary.frames} frame(s) recorded are in "
               f"{summary.path or '(nothing)'}", file=sys.stderr)  # fmt: skip
         return 1

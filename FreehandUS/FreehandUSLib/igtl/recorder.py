@@ -445,7 +445,10 @@ class IncrementalSequenceFile:
                     os.remove(p)
             logger.warning("no frames recorded; nothing written to %s", self.path)
             return None
-        self._compact(self._check_metadata(metadata))
+        try:
+            self._compact(self._check_metadata(metadata))
+        except OSError as exc:  # e.g. a full disk: the appended header is valid as it is
+            logger.error("could not compact the header of %s (%s); it stays as recorded", self.working_path, exc)
         self._final = self.working_path
         if self.working_path == self.path:
             return self.path
@@ -522,7 +525,8 @@ class RecordingSummary:
     stopped : str
         Why the recording ended: ``"frames"``, ``"duration"``, ``"stopped"`` (signal or
         ``stop_event``), ``"server gone: ..."`` (no connection for ``reconnect_timeout_s``) or
-        ``"closed"`` (the client gave up); "" when the recorder was used directly.
+        ``"closed"`` (the client gave up), ``"cannot write ..."`` (a full disk...); "" when the
+        recorder was used directly.
     backup : str
         Folder the files that were in the way were moved to (``overwrite``), else "".
     """
@@ -799,8 +803,11 @@ class StreamRecorder:
         to the file's header) and ``stopped``.
         """
         if not self._closed:
-            for frame in self.pairer.flush():
-                self._write(frame)
+            try:
+                for frame in self.pairer.flush():
+                    self._write(frame)
+            except OSError as exc:  # a full disk: the frames written so far stay valid
+                logger.error("could not write the last frame(s) to %s: %s", self.path, exc)
             self._closed = True
             if self._file is not None:
                 self._final_path = self._file.close(
@@ -971,7 +978,13 @@ def record_stream(
             message = client.get(timeout_s=0.05)
             if message is None:
                 continue
-            if recorder.add(message) and progress is not None:
+            try:
+                written = recorder.add(message)
+            except OSError as exc:  # a full disk, a removed folder: keep what is on disk
+                stopped = f"cannot write {recorder.path}: {exc.strerror or exc}"
+                logger.error("%s; stopping with the %d frame(s) recorded", stopped, recorder.frames)
+                break
+            if written and progress is not None:
                 progress(recorder.frames)
     except KeyboardInterrupt as exc:
         interrupted = exc
