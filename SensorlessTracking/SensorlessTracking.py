@@ -112,27 +112,46 @@ def installDependencies(*, askConfirmation=True) -> list:
     return FreehandUS.ensureRequirements(askConfirmation=askConfirmation, requester="Sensorless Tracking")
 
 
+def torchVersionMet() -> bool:
+    """Whether the installed torch satisfies :data:`TORCH_VERSION_REQUIREMENT` (by its metadata)."""
+    from FreehandUSLib.dependencies import unmet_requirements
+
+    return not unmet_requirements([f"torch{TORCH_VERSION_REQUIREMENT}"])
+
+
 def ensureTorch(*, askConfirmation=True):
-    """The ``torch`` module, installed on first use by the PyTorch extension's PyTorchUtils.
+    """The ``torch`` module; installed or updated by the PyTorch extension's PyTorchUtils if needed.
+
+    A torch already in Slicer's Python is used when its version satisfies
+    :data:`TORCH_VERSION_REQUIREMENT`; otherwise PyTorchUtils installs one that does (a build that
+    matches the GPU driver).
 
     Raises
     ------
     RuntimeError
-        If the PyTorch extension is not installed, or the user cancelled the installation.
+        If the PyTorch extension is not installed, the user cancelled the installation, or the
+        torch it installed is still too old.
     """
+    if torchVersionMet():
+        import torch
+
+        return torch
     try:
         import PyTorchUtils
     except ImportError as exc:
         raise RuntimeError(
-            "Sensorless Tracking needs the PyTorch extension (module PyTorchUtils); "
-            "install it with the Extensions Manager and restart Slicer"
+            f"Sensorless Tracking needs PyTorch {TORCH_VERSION_REQUIREMENT} from the PyTorch extension (module "
+            "PyTorchUtils); install the extension with the Extensions Manager and restart Slicer"
         ) from exc
     torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-    if torchLogic.torchInstalled():
-        return torchLogic.torch
     torch = torchLogic.installTorch(askConfirmation, torchVersionRequirement=TORCH_VERSION_REQUIREMENT)
     if torch is None:
         raise RuntimeError("PyTorch was not installed (the installation was cancelled)")
+    if not torchVersionMet():
+        raise RuntimeError(
+            f"PyTorch {torch.__version__} is installed but Sensorless Tracking needs torch{TORCH_VERSION_REQUIREMENT}; "
+            "update it in the PyTorch Utils module and restart Slicer"
+        )
     return torch
 
 
@@ -456,11 +475,9 @@ class SensorlessTrackingLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def _ensurePackages(*, torchNeeded: bool) -> None:
-        """The extension's requirements and, for learned models, torch (a torch Slicer already has is used)."""
-        import importlib.util
-
+        """The extension's requirements and, for learned models, torch of a supported version."""
         installDependencies()
-        if torchNeeded and importlib.util.find_spec("torch") is None:
+        if torchNeeded and not torchVersionMet():
             ensureTorch()
 
     def modelFromParameterNode(self, parameterNode=None):

@@ -399,3 +399,60 @@ def test_dependencies_module_reads_versions_at_call_time(monkeypatch):
     """The harness hides packages by replacing importlib.metadata.version: the Lib must see it."""
     _fake_versions(monkeypatch, {})
     assert dependencies.unmet_requirements(["numpy>=1"])[0].installed is None
+
+
+# ----------------------------------------------------------------------------- torch (PyTorch extension)
+
+_TORCH_SCRIPT = r"""
+import importlib.metadata, json, sys, types
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import fresh_slicer_harness as harness
+harness.setup_slicer(False, Path(sys.argv[2]))
+torch_version, with_extension = sys.argv[3], sys.argv[4] == "1"
+real_version = importlib.metadata.version
+installed = {"torch": torch_version}
+importlib.metadata.version = lambda name: installed.get(name) or real_version(name)
+calls = []
+if with_extension:
+    class PyTorchUtilsLogic:
+        def installTorch(self, askConfirmation, torchVersionRequirement=None):
+            calls.append(torchVersionRequirement)
+            installed["torch"] = "2.5.1"
+            return types.SimpleNamespace(__version__="2.5.1")
+    sys.modules["PyTorchUtils"] = types.SimpleNamespace(PyTorchUtilsLogic=PyTorchUtilsLogic)
+import SensorlessTracking
+error = None
+try:
+    SensorlessTracking.SensorlessTrackingLogic._ensurePackages(torchNeeded=True)
+except RuntimeError as exc:
+    error = str(exc)
+print(json.dumps({"installTorch": calls, "error": error}))
+"""
+
+
+def _torch_check(tmp_path, torch_version: str, with_extension: bool) -> dict:
+    result = subprocess.run(
+        [sys.executable, "-c", _TORCH_SCRIPT, str(HARNESS.parent), str(tmp_path), torch_version,
+         "1" if with_extension else "0"],
+        capture_output=True, text=True, timeout=300, cwd=REPO_ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.mrml
+@pytest.mark.parametrize(
+    "torch_version, with_extension, calls, error",
+    [
+        ("2.13.0+cpu", False, [], None),  # a torch of a supported version is used as it is
+        ("1.13.1", True, [">=2.0"], None),  # too old: PyTorchUtils installs a supported one
+        ("1.13.1", False, [], "needs PyTorch >=2.0 from the PyTorch extension"),
+    ],
+    ids=["supported", "too-old-updated", "too-old-no-extension"],
+)
+def test_torch_version_is_checked_not_just_importability(tmp_path, torch_version, with_extension, calls, error):
+    pytest.importorskip("slicer")
+    result = _torch_check(tmp_path, torch_version, with_extension)
+    assert result["installTorch"] == calls
+    assert (result["error"] is None) if error is None else (error in result["error"])
