@@ -22,6 +22,7 @@ __all__ = [
     "COMPOUNDINGS",
     "HOLE_FILLING_TYPES",
     "GRID_ALIGNMENTS",
+    "PLUS_OPTIMIZATIONS",
     "HoleFillingElement",
     "ReconstructionOptions",
     "DEFAULT_MEMORY_BUDGET_BYTES",
@@ -45,6 +46,9 @@ HOLE_FILLING_TYPES = (
 #: (what produced PLUS's reference volumes); ``snap``: origin snapped down to a multiple of the
 #: spacing so that separate sweeps share one voxel lattice (newer IGSIO).
 GRID_ALIGNMENTS = ("plus", "snap")
+#: PLUS's ``Optimization`` values, and those ``emulate_plus`` reproduces.
+PLUS_OPTIMIZATIONS = ("FULL", "PARTIAL", "NONE", "GPU_ACCELERATION_OPENCL")
+EMULATED_PLUS_OPTIMIZATIONS = ("FULL", "NONE")
 
 DEFAULT_MEMORY_BUDGET_BYTES = 4 * 1024**3
 
@@ -222,6 +226,12 @@ class ReconstructionOptions:
         after 255 hits (nearest interpolation), hole-filled values truncated. Off by default:
         it is less accurate (the truncating mean is biased low by about a quarter of a grey
         level per contribution).
+    plus_optimization : {"FULL", "NONE"}
+        Which of PLUS's insertion code paths ``emulate_plus`` reproduces (PLUS's
+        ``Optimization``): ``FULL`` (PLUS's default: 14-bit fixed point, fan mask from row
+        bounds), ``NONE`` (double precision, fan mask tested pixel by pixel, nearest-neighbour
+        max/latest count 256 per hit). Ignored without ``emulate_plus``; PLUS's ``PARTIAL`` and
+        OpenCL paths are not emulated.
     engine : {"auto", "numba", "torch"}
         Pixel-insertion engine: ``numba`` (compiled CPU kernels), ``torch`` (scatter kernels on
         torch's device: the GPU when there is one), ``auto`` (torch on a CUDA GPU, else numba).
@@ -254,6 +264,7 @@ class ReconstructionOptions:
     number_of_threads: int | None = None
     output_weight: bool = True
     emulate_plus: bool = False
+    plus_optimization: str = "FULL"
     engine: str = "auto"
 
     def __post_init__(self):
@@ -355,6 +366,17 @@ class ReconstructionOptions:
             setv("number_of_threads", int(self.number_of_threads))
         setv("output_weight", bool(self.output_weight))
         setv("emulate_plus", bool(self.emulate_plus))
+        optimization = str(self.plus_optimization).upper()
+        if optimization not in PLUS_OPTIMIZATIONS:
+            raise InvalidOptionError(
+                f"plus_optimization: expected one of {', '.join(PLUS_OPTIMIZATIONS)}, got {self.plus_optimization!r}"
+            )
+        if self.emulate_plus and optimization not in EMULATED_PLUS_OPTIMIZATIONS:
+            raise InvalidOptionError(
+                f"PLUS's Optimization=\"{optimization}\" is not emulated: use --emulate-plus with a config whose "
+                "Optimization is FULL (PLUS's default) or NONE"
+            )
+        setv("plus_optimization", optimization)
 
     # -- helpers -----------------------------------------------------------------------------
     @property

@@ -130,6 +130,55 @@ def _cube_weights(kind: int, size: int, stdev: float) -> np.ndarray:
     return np.ones_like(dist2)
 
 
+def _plus_cube_weights(kind: int, size: int, stdev: float) -> np.ndarray:
+    """PLUS's own kernel (``FillHolesInVolumeElement``), value for value: float32 entries.
+
+    GAUSSIAN / GAUSSIAN_ACCUMULATION: the normalised 3D Gaussian evaluated as PLUS does (the
+    parameters in float32, the exponent in float64, the product stored as float32);
+    DISTANCE_WEIGHT_INVERSE: ``1 / distance`` in float32 (0 at the centre); NEAREST_NEIGHBOR:
+    ones. Index ``[k, j, i]`` as in :func:`_cube_weights`.
+    """
+    f32 = np.float32
+    centre = f32((size - 1) / 2.0)
+    w = np.ones((size, size, size), dtype=np.float32)
+    if kind in (0, 1):
+        sd = f32(stdev)
+        divisor = float(f32(float(sd * sd) * 2.0))
+        term = f32(math.pow(2.0 * math.pi, 1.5) * math.pow(float(sd), 3.0))
+        scale = float(f32(1.0) / term)
+        for z in range(size):
+            for y in range(size):
+                for x in range(size):
+                    ex = math.pow(x - float(centre), 2.0) / divisor
+                    ey = math.pow(y - float(centre), 2.0) / divisor
+                    ez = math.pow(z - float(centre), 2.0) / divisor
+                    w[z, y, x] = f32(scale * math.exp(-(ex + ey + ez)))
+    elif kind == 2:
+        for z in range(size):
+            for y in range(size):
+                for x in range(size):
+                    dx, dy, dz = f32(x) - centre, f32(y) - centre, f32(z) - centre
+                    d = np.sqrt(dx * dx + dy * dy + dz * dz, dtype=np.float32)
+                    w[z, y, x] = abs(f32(1.0) / d) if d != 0 else f32(0.0)
+    return w.astype(np.float64)
+
+
+def _plus_need(ratio: float, size: int) -> float:
+    """The largest known-voxel count that fails PLUS's test ``count / size**3 > float32(ratio)``.
+
+    PLUS stores the ratio as float32 and compares in float64; a cube passes when it holds more
+    known voxels than this.
+    """
+    r = float(np.float32(ratio))
+    n3 = size * size * size
+    need = int(math.floor(r * n3))
+    while need + 1 <= n3 and (need + 1) / n3 <= r:
+        need += 1
+    while need >= 0 and need / n3 > r:
+        need -= 1
+    return float(need)
+
+
 def _stick_tables(limit: int, emulate: bool) -> tuple[np.ndarray, np.ndarray]:
     """Stick weights ``(13, limit + 1)`` by direction and length, and the forward-end weights.
 
@@ -228,11 +277,13 @@ def _cube_counts(known, k, r, ring, ring_plane, tmp, counts):
 
 @njit(nogil=True, cache=True, error_model="numpy")
 def _cube_plane(k, todo, box, known, vals, den, divide, wgt, wscale, kernels, e, size, need, use_weight,
-                out, store, sums):
+                out, store, sums, emulate):
     """GAUSSIAN / GAUSSIAN_ACCUMULATION / DISTANCE_WEIGHT_INVERSE for the holes of plane k.
 
     ``todo[j, i]``: holes not filled yet (cleared where this element fills); ``box``: known
-    voxels per cube. Returns how many holes were filled.
+    voxels per cube. Returns how many holes were filled. With ``emulate`` the sums run in
+    PLUS's order (i outermost, k innermost) and GAUSSIAN_ACCUMULATION's weight is PLUS's
+    float32 product of the accumulation buffer and the (float32) kernel.
     """
     nk, nj, ni, nc = vals.shape
     r = size // 2
@@ -244,6 +295,24 @@ def _cube_plane(k, todo, box, known, vals, den, divide, wgt, wscale, kernels, e,
             sw = 0.0
             for c in range(nc):
                 sums[c] = 0.0
+            if emulate:
+                for ii in range(max(i - r, 0), min(i + r, ni - 1) + 1):
+                    for jj in range(max(j - r, 0), min(j + r, nj - 1) + 1):
+                        for kk in range(max(k - r, 0), min(k + r, nk - 1) + 1):
+                            if known[kk, jj, ii] == 0:
+                                continue
+                            w = kernels[e, kk - k + r, jj - j + r, ii - i + r]
+                            if use_weight:
+                                w = np.float64(np.float32(np.float32(wgt[kk, jj, ii]) * np.float32(w)))
+                            sw += w
+                            for c in range(nc):
+                                sums[c] += _value(vals, den, divide, kk, jj, ii, c) * w
+                if sw > 0.0:
+                    for c in range(nc):
+                        _store(out, k, j, i, c, sums[c] / sw, store)
+                    todo[j, i] = False
+                    filled += 1
+                continue
             for kk in range(max(k - r, 0), min(k + r, nk - 1) + 1):
                 for jj in range(max(j - r, 0), min(j + r, nj - 1) + 1):
                     for ii in range(max(i - r, 0), min(i + r, ni - 1) + 1):
@@ -696,7 +765,7 @@ def _fill_chunk(k0, k1, known, vals, den, divide, wgt, wscale, out, store, fille
                                        store, sums)
                 else:
                     n = _cube_plane(k, todo, box, known, vals, den, divide, wgt, wscale, kernels, e, int(sizes[e]),
-                                    float(needs[e]), kind == 1, out, store, sums)
+                                    float(needs[e]), kind == 1, out, store, sums, emulate)
             counts[e] += n
         if filled is not None:
             _mark_filled(known, k, todo, filled)
@@ -764,8 +833,12 @@ def _element_arrays(elements, emulate: bool):
         else:
             size = element.size
             sizes[n] = size
-            needs[n] = element.minimum_known_voxels_ratio * size * size * size
-            kernels[n, :size, :size, :size] = _cube_weights(kind, size, element.stdev)
+            if emulate:
+                needs[n] = _plus_need(element.minimum_known_voxels_ratio, size)
+                kernels[n, :size, :size, :size] = _plus_cube_weights(kind, size, element.stdev)
+            else:
+                needs[n] = element.minimum_known_voxels_ratio * size * size * size
+                kernels[n, :size, :size, :size] = _cube_weights(kind, size, element.stdev)
     return kinds, sizes, needs, kernels, wtabs, ftabs, limits, n_uses
 
 

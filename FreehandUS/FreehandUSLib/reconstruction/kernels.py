@@ -217,6 +217,14 @@ def _nearest_span(frames, f, y, xa, xb, s0, s1, bi, bj, bk, ai, aj, ak, acc, wei
             for c in range(nc):
                 acc[kk, jj, ii, c] += frames[f, y, x, c]
             weight[kk, jj, ii] += 1
+        elif fixed_point and (mode == MODE_MAX or mode == MODE_LATEST):
+            # PLUS (optimized nearest neighbour): the value compared with (max) or replaced by
+            # (latest) the pixel, the 16-bit accumulation buffer set to 256 on every hit.
+            for c in range(nc):
+                v = frames[f, y, x, c]
+                if mode == MODE_LATEST or v > acc[kk, jj, ii, c]:
+                    acc[kk, jj, ii, c] = v
+            weight[kk, jj, ii] = _PLUS_UNIT
         elif mode == MODE_MAX:
             if weight[kk, jj, ii] == 0.0:
                 for c in range(nc):
@@ -241,7 +249,9 @@ def _nearest_span(frames, f, y, xa, xb, s0, s1, bi, bj, bk, ai, aj, ak, acc, wei
                     acc[kk, jj, ii, c] = math.floor(v) if int_out else v
                 weight[kk, jj, ii] = min(newa, _PLUS_MAXIMUM)
             else:
-                v = 0.99609375 * frames[f, y, x, 0] + 0.00390625 * acc[kk, jj, ii, 0]
+                # Saturated weight: PLUS's recursive filter, new/256 + old*255/256 (first channel
+                # only, as PLUS does), the sum cast (truncated) to the output type.
+                v = frames[f, y, x, 0] * 0.00390625 + acc[kk, jj, ii, 0] * 0.99609375
                 acc[kk, jj, ii, 0] = math.floor(v) if int_out else v
         else:
             w = np.float64(importance[y, x])
@@ -258,6 +268,38 @@ def _nearest_span(frames, f, y, xa, xb, s0, s1, bi, bj, bk, ai, aj, ak, acc, wei
 def _fixed_mul(a, b):
     """PLUS fixed-point product: rounded to 2**-14."""
     return math.floor(a * b * FIXED_POINT_SCALE + 0.5) / FIXED_POINT_SCALE
+
+
+#: 1.5 * 2**38: adding it to a double rounds it to a multiple of 2**-14 (ties to even), PLUS's
+#: double -> fixed conversion (``fixed::from_float``).
+_FIXED_MAGIC = 412316860416.0
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _linear_mean_plus(frames, f, y, x, acc, weight, kk, jj, ii, w, int_out):
+    """PLUS's trilinear MEAN update of one voxel, in its 14-bit fixed point (``Optimization="FULL"``).
+
+    ``w`` is the pixel's fixed-point trilinear weight for this voxel (a multiple of 2**-14 in
+    (0, 1]); ``weight`` holds PLUS's 16-bit accumulation buffer (256 per unit weight, rounded
+    to an integer, saturating at 65535). With ``r = buffer / 256`` (exactly representable in
+    fixed point) and ``a = w + r``, the voxel becomes ``round((w * new + r * old) / a)``, the
+    quotient first converted to fixed point (``double(x) / y`` rounded to 2**-14, ties to even)
+    and then rounded half up to the output type; the buffer becomes ``round(256 a)``, or 65535
+    once that reaches 65535. All products are exact integers here (below 2**31, as in PLUS's
+    32-bit fixed point).
+    """
+    wi = w * FIXED_POINT_SCALE  # integer-valued: the weight in units of 2**-14
+    ri = weight[kk, jj, ii] * 64.0  # buffer / 256 in units of 2**-14
+    ai = wi + ri
+    for c in range(acc.shape[3]):
+        num = wi * frames[f, y, x, c] + ri * acc[kk, jj, ii, c]
+        q = ((num / ai) + _FIXED_MAGIC) - _FIXED_MAGIC  # fixed::divide: rounded to 2**-14
+        acc[kk, jj, ii, c] = math.floor(q + 0.5) if int_out else q
+    newa = ai * 256.0  # a *= 256, still in units of 2**-14
+    if newa < _PLUS_MAXIMUM * FIXED_POINT_SCALE:
+        weight[kk, jj, ii] = math.floor(newa / FIXED_POINT_SCALE + 0.5)
+    else:
+        weight[kk, jj, ii] = _PLUS_MAXIMUM
 
 
 @njit(nogil=True, cache=True)
@@ -399,7 +441,19 @@ def _linear_span(frames, f, y, xa, xb, s0, s1, bi, bj, bk, ai, aj, ak, acc, weig
                         first_plane = kk
                     if kk < klo or kk > khi:
                         continue
-                    if mean_like:
+                    if mode == MODE_MEAN_PLUS:
+                        _linear_mean_plus(frames, f, y, x, acc, weight, kk, jj, ii, w, int_out)
+                    elif fixed_point and not mean_like:
+                        # PLUS: a voxel whose value the pixel sets (max: only a larger value)
+                        # gets buffer round(256 w); otherwise the buffer keeps its value.
+                        a = weight[kk, jj, ii]
+                        for c in range(nc):
+                            v = frames[f, y, x, c]
+                            if mode == MODE_LATEST or v > acc[kk, jj, ii, c]:
+                                acc[kk, jj, ii, c] = v
+                                a = w * _PLUS_UNIT
+                        weight[kk, jj, ii] = math.floor(a + 0.5)
+                    elif mean_like:
                         w = w * scale
                         for c in range(nc):
                             acc[kk, jj, ii, c] += w * frames[f, y, x, c]
@@ -417,6 +471,114 @@ def _linear_span(frames, f, y, xa, xb, s0, s1, bi, bj, bk, ai, aj, ak, acc, weig
         if klo <= first_plane <= khi:
             inserted += 1
     return inserted
+
+
+#: 1.5 * 2**36 and that + 0.5: PLUS's fast floor and round (``igsioMath::Floor`` / ``Round``)
+#: add these and truncate, so the value is first rounded to a multiple of 2**-16.
+_FAST_FLOOR_SHIFT = 103079215104.0
+_FAST_ROUND_SHIFT = 103079215104.5
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _plus_fast_floor(x):
+    return int(x + _FAST_FLOOR_SHIFT) - 103079215104
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _plus_fast_round(x):
+    return int(x + _FAST_ROUND_SHIFT) - 103079215104
+
+
+@njit(nogil=True, cache=True)
+def _insert_unoptimized(frames, frame_ids, mats, ranges, mask_ids, use_reject, reject, mode, linear, int_out,
+                        acc, weight, counts):
+    """PLUS's unoptimized insertion (``Optimization="NONE"``): float64, one pixel at a time.
+
+    Each kept pixel (x, y) goes to ``p = (m0 x + m1 y) + m2`` (float64, PLUS's order); the
+    nearest voxel is PLUS's fast round of ``p``, the trilinear cell its fast floor (the fraction
+    ``p - floor`` may then be slightly negative, as in PLUS). The 16-bit accumulation buffer
+    (``weight``) follows PLUS: nearest mean as ``MODE_MEAN_PLUS``, nearest max / latest add 256
+    per hit (saturating at 65535), trilinear modes as in :func:`_linear_mean_plus` but in
+    float64. Single-threaded (PLUS's single-thread answer).
+    """
+    nk, nj, ni, nc = acc.shape
+    for n in range(frame_ids.shape[0]):
+        f = frame_ids[n]
+        rr = ranges[mask_ids[n]]
+        total = 0
+        for y in range(rr.shape[0]):
+            for x in range(rr[y, 0], rr[y, 1] + 1):
+                if rr[y, 2] <= x <= rr[y, 3]:
+                    continue
+                if use_reject and _rejected(frames, f, y, x, nc, reject):
+                    continue
+                p0 = (mats[n, 0, 0] * x + mats[n, 0, 1] * y) + mats[n, 0, 2]
+                p1 = (mats[n, 1, 0] * x + mats[n, 1, 1] * y) + mats[n, 1, 2]
+                p2 = (mats[n, 2, 0] * x + mats[n, 2, 1] * y) + mats[n, 2, 2]
+                if not linear:
+                    ii = _plus_fast_round(p0)
+                    jj = _plus_fast_round(p1)
+                    kk = _plus_fast_round(p2)
+                    if ii < 0 or ii >= ni or jj < 0 or jj >= nj or kk < 0 or kk >= nk:
+                        continue
+                    if mode == MODE_MEAN_PLUS:
+                        a = weight[kk, jj, ii]
+                        if a <= _PLUS_THRESHOLD:
+                            newa = a + _PLUS_UNIT
+                            for c in range(nc):
+                                v = (frames[f, y, x, c] * _PLUS_UNIT + acc[kk, jj, ii, c] * a) / newa
+                                acc[kk, jj, ii, c] = math.floor(v) if int_out else v
+                            weight[kk, jj, ii] = min(newa, _PLUS_MAXIMUM)
+                        else:
+                            v = 0.00390625 * frames[f, y, x, 0] + 0.99609375 * acc[kk, jj, ii, 0]
+                            acc[kk, jj, ii, 0] = math.floor(v) if int_out else v
+                    else:
+                        for c in range(nc):
+                            v = frames[f, y, x, c]
+                            if mode == MODE_LATEST or v > acc[kk, jj, ii, c]:
+                                acc[kk, jj, ii, c] = v
+                        weight[kk, jj, ii] = min(weight[kk, jj, ii] + _PLUS_UNIT, _PLUS_MAXIMUM)
+                    total += 1
+                    continue
+                i0 = _plus_fast_floor(p0)
+                j0 = _plus_fast_floor(p1)
+                k0 = _plus_fast_floor(p2)
+                fx = p0 - i0
+                fy = p1 - j0
+                fz = p2 - k0
+                i1 = i0 + (1 if fx != 0.0 else 0)
+                j1 = j0 + (1 if fy != 0.0 else 0)
+                k1 = k0 + (1 if fz != 0.0 else 0)
+                if i0 < 0 or j0 < 0 or k0 < 0 or i1 >= ni or j1 >= nj or k1 >= nk:
+                    continue
+                rx = 1.0 - fx
+                ry = 1.0 - fy
+                rz = 1.0 - fz
+                for q in range(7, -1, -1):  # PLUS's corner order (the corners are distinct voxels)
+                    wyz = (fy if (q >> 1) & 1 else ry) * (fz if q & 1 else rz)
+                    w = (fx if q >> 2 else rx) * wyz
+                    if w == 0.0:
+                        continue
+                    ii = i1 if q >> 2 else i0
+                    jj = j1 if (q >> 1) & 1 else j0
+                    kk = k1 if q & 1 else k0
+                    a = weight[kk, jj, ii]
+                    if mode == MODE_MEAN_PLUS:
+                        r = a / _PLUS_UNIT
+                        s = w + r
+                        for c in range(nc):
+                            v = (w * frames[f, y, x, c] + r * acc[kk, jj, ii, c]) / s
+                            acc[kk, jj, ii, c] = (_plus_fast_round(v) % 256) if int_out else v
+                        a = s * _PLUS_UNIT
+                    elif w >= _MIN_LINEAR_WEIGHT:
+                        for c in range(nc):
+                            v = frames[f, y, x, c]
+                            if mode == MODE_LATEST or v > acc[kk, jj, ii, c]:
+                                acc[kk, jj, ii, c] = v
+                                a = w * _PLUS_UNIT
+                    weight[kk, jj, ii] = _PLUS_MAXIMUM if a >= _PLUS_MAXIMUM else (_plus_fast_round(a) % 65536)
+                total += 1
+        counts[n] += total
 
 
 @njit(nogil=True, cache=True)
@@ -1100,6 +1262,7 @@ def insert_frames(
     executor: ThreadPoolExecutor | None = None,
     slab: int | None = None,
     fixed_point: bool = False,
+    unoptimized: bool = False,
     k_base: int = 0,
     n_k_grid: int | None = None,
     pieces: list | None = None,
@@ -1140,6 +1303,10 @@ def insert_frames(
     fixed_point : bool
         Emulate PLUS's fixed-point trilinear weights and its all-corners-inside rule (the
         matrices must then come from ``voxel_matrices(..., fixed_point=True)``).
+    unoptimized : bool
+        Emulate PLUS's unoptimized (``Optimization="NONE"``) insertion instead: float64
+        positions, PLUS's fast round/floor, its accumulation buffer (see
+        :func:`_insert_unoptimized`); single-threaded, whole grid only.
     k_base, n_k_grid : int
         The accumulators hold grid planes ``k_base .. k_base + n_k - 1`` of a grid ``n_k_grid``
         planes deep (default: the whole grid), e.g. one slab of a batch reconstruction. Pixels
@@ -1167,6 +1334,13 @@ def insert_frames(
     nkg = nk if n_k_grid is None else int(n_k_grid)
     n_threads = max(1, int(n_threads))
     emulate = bool(fixed_point) or int(mode) == MODE_MEAN_PLUS
+    if unoptimized:
+        if k_base != 0 or nkg != nk:
+            raise ValueError("insert_frames: PLUS's unoptimized insertion needs the whole grid (k_base 0)")
+        counts = np.zeros(n, dtype=np.int64)
+        _insert_unoptimized(frames, frame_ids, matrices, row_ranges, mask_ids, use_reject, reject, int(mode),
+                            bool(linear), frames.dtype == np.uint8, acc, weight, counts)
+        return counts
     if emulate or not (acc.flags.c_contiguous and weight.flags.c_contiguous):
         if k_base != 0 or nkg != nk:
             raise ValueError("insert_frames: PLUS emulation and non-contiguous buffers need the whole grid (k_base 0)")

@@ -143,6 +143,64 @@ def fan_row_ranges(
     return out
 
 
+def unoptimized_row_ranges(
+    n_rows: int,
+    n_cols: int,
+    *,
+    clip_origin_px=None,
+    clip_size_px=None,
+    fan_angles_deg=None,
+    fan_origin_px=(0.0, 0.0),
+    fan_radius_start_px: float = 0.0,
+    fan_radius_stop_px: float = 500.0,
+) -> np.ndarray:
+    """Kept pixel ranges ``(n_rows, 4)`` as PLUS's unoptimized insertion (``Optimization="NONE"``) tests them.
+
+    Pixel by pixel, in float64 and in PLUS's order: inside the clip rectangle; with a fan, with
+    ``(x, y)`` the pixel minus the apex (pixels), ``y >= 0``, ``x / y`` between the tangents of
+    the two fan angles, and ``start**2 <= x**2 + y**2 <= stop**2``. The kept pixels of a row are
+    one interval minus at most one inner interval (angles bound x linearly, the start radius
+    removes a centred segment), which is the layout :func:`fan_row_ranges` returns.
+
+    Raises
+    ------
+    ValueError
+        A row's kept pixels do not have that layout (cannot happen for a valid fan).
+    """
+    cx0, cx1, cy0, cy1 = clip_extent_px(n_rows, n_cols, clip_origin_px, clip_size_px)
+    x_idx = np.arange(n_cols, dtype=np.float64)
+    y_idx = np.arange(n_rows, dtype=np.float64)
+    keep = np.zeros((n_rows, n_cols), dtype=bool)
+    keep[max(cy0, 0) : min(cy1, n_rows - 1) + 1, max(cx0, 0) : min(cx1, n_cols - 1) + 1] = True
+    if fan_angles_deg is not None and any(a != 0.0 for a in fan_angles_deg):
+        t0, t1 = (math.tan(math.radians(a)) for a in fan_angles_deg)
+        t0, t1 = min(t0, t1), max(t0, t1)
+        x = x_idx[None, :] - float(fan_origin_px[0])
+        y = y_idx[:, None] - float(fan_origin_px[1])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = x / y
+            # NaN comparisons are False, as in C++: 0 / 0 passes the angle test.
+            outside = (y < 0) | (ratio < t0) | (ratio > t1)
+            d2 = x * x + y * y
+            outside |= (d2 < float(fan_radius_start_px) ** 2) | (d2 > float(fan_radius_stop_px) ** 2)
+        keep &= ~outside
+    out = np.empty((n_rows, 4), dtype=np.int32)
+    out[:, 0], out[:, 1], out[:, 2], out[:, 3] = 0, -1, 0, -1
+    for row in range(n_rows):
+        cols = np.flatnonzero(keep[row])
+        if cols.size == 0:
+            continue
+        xs, xe = int(cols[0]), int(cols[-1])
+        gaps = np.flatnonzero(np.diff(cols) > 1)
+        if gaps.size > 1:
+            raise ValueError(f"row {row}: the kept pixels form {gaps.size + 1} runs, at most 2 are supported")
+        if gaps.size == 1:
+            out[row] = (xs, xe, int(cols[gaps[0]]) + 1, int(cols[gaps[0] + 1]) - 1)
+        else:
+            out[row] = (xs, xe, 0, -1)
+    return out
+
+
 def row_ranges_to_mask(ranges: np.ndarray, n_cols: int) -> np.ndarray:
     """Boolean ``(n_rows, n_cols)`` mask of the pixels kept by ``ranges`` (for display/tests)."""
     ranges = np.asarray(ranges)

@@ -79,7 +79,7 @@ from .kernels import (
     voxel_matrices,
     worker_planes,
 )
-from .masks import clipped_corners_px, detect_fan_angles, fan_row_ranges
+from .masks import clipped_corners_px, detect_fan_angles, fan_row_ranges, unoptimized_row_ranges
 from .slabs import frame_plane_ranges, plan_slabs, slab_budget_bytes
 from .torch_engine import TorchAccumulators, resolve_engine
 
@@ -364,6 +364,7 @@ def options_from_plus_config(config, **overrides) -> ReconstructionOptions:
         "skip_interval": params.skip_interval,
         "number_of_threads": params.number_of_threads or None,
         "image_to_reference_transform": params.image_to_reference_name,
+        "plus_optimization": params.optimization,
     }
     if params.fan_angles_auto_detect_brightness_threshold is not None:
         kw["fan_auto_detect_brightness_threshold"] = params.fan_angles_auto_detect_brightness_threshold
@@ -471,9 +472,13 @@ def _finish_channel(acc, weight, c: int, divide: bool, dtype: np.dtype) -> np.nd
     return out
 
 
-def _coverage(weight: np.ndarray, mode: int, consume: bool) -> np.ndarray:
-    """The float32 coverage map from the weight buffer (in place when ``consume`` allows)."""
-    if mode == MODE_MEAN_PLUS:
+def _coverage(weight: np.ndarray, mode: int, consume: bool, emulate_plus: bool = False) -> np.ndarray:
+    """The float32 coverage map from the weight buffer (in place when ``consume`` allows).
+
+    With PLUS emulation the weight buffer is PLUS's 16-bit accumulation buffer (256 per unit
+    weight): the map is that divided by 256.
+    """
+    if mode == MODE_MEAN_PLUS or emulate_plus:
         out = np.empty(weight.shape, dtype=np.float32)
         for k in range(weight.shape[0]):
             out[k] = weight[k] / 256.0  # PLUS counts 256 per hit
@@ -584,7 +589,7 @@ class IncrementalReconstructor:
         self.channel_dtypes = tuple(np.dtype(d) for d in channel_dtypes) if channel_dtypes else (self.dtype,) * self.n_channels
         self.mode = MODE_CODES[opts.compounding]
         self.linear = opts.interpolation == "linear"
-        if opts.emulate_plus and self.mode == MODE_MEAN and not self.linear:
+        if opts.emulate_plus and self.mode == MODE_MEAN:
             self.mode = MODE_MEAN_PLUS
         # PLUS emulation (fixed point, saturating 16-bit weights) exists in the numba kernels only.
         self.engine = "numba" if opts.emulate_plus else resolve_engine(opts.engine)
@@ -605,17 +610,9 @@ class IncrementalReconstructor:
                 )
             mask = mask.astype(np.float32) / (255.0 if mask.dtype == np.uint8 else 1.0)
             self._importance = np.ascontiguousarray(mask, dtype=np.float32)
-        self._base_ranges = fan_row_ranges(
-            n_rows,
-            n_cols,
-            clip_origin_px=opts.clip_rectangle_origin_px,
-            clip_size_px=opts.clip_rectangle_size_px,
-            fan_angles_deg=opts.fan_angles_deg if opts.fan_enabled else None,
-            fan_origin_px=opts.fan_origin_px,
-            fan_radius_start_px=opts.fan_radius_start_px,
-            fan_radius_stop_px=opts.fan_radius_stop_px,
-            plus_floor=opts.emulate_plus,
-        )
+        # PLUS emulation has two code paths: FULL (fixed point) and NONE (unoptimized).
+        self._plus_unoptimized = opts.emulate_plus and opts.plus_optimization == "NONE"
+        self._base_ranges = self._row_ranges(opts.fan_angles_deg if opts.fan_enabled else None)
         self._corners_px = clipped_corners_px(n_rows, n_cols, opts.clip_rectangle_origin_px, opts.clip_rectangle_size_px)
         self._ranges_cache: dict = {}
         self._ranges_list: list = []
@@ -771,23 +768,28 @@ class IncrementalReconstructor:
         return fits
 
     # -- insertion ---------------------------------------------------------------------------
+    def _row_ranges(self, fan_angles_deg) -> np.ndarray:
+        """Kept pixels per row for these fan angles (``None``: no fan), by the active rule."""
+        opts = self.options
+        kw = dict(
+            clip_origin_px=opts.clip_rectangle_origin_px,
+            clip_size_px=opts.clip_rectangle_size_px,
+            fan_angles_deg=fan_angles_deg,
+            fan_origin_px=opts.fan_origin_px,
+            fan_radius_start_px=opts.fan_radius_start_px,
+            fan_radius_stop_px=opts.fan_radius_stop_px,
+        )
+        if self._plus_unoptimized:
+            return unoptimized_row_ranges(*self.image_shape, **kw)
+        return fan_row_ranges(*self.image_shape, plus_floor=opts.emulate_plus, **kw)
+
     def _row_ranges_for(self, angles) -> int:
         key = None if angles is None else (round(angles[0], 3), round(angles[1], 3))  # bounded cache
         if key not in self._ranges_cache:
-            opts = self.options
             if key is None:
                 ranges = self._base_ranges
             else:
-                ranges = fan_row_ranges(
-                    *self.image_shape,
-                    clip_origin_px=opts.clip_rectangle_origin_px,
-                    clip_size_px=opts.clip_rectangle_size_px,
-                    fan_angles_deg=key,
-                    fan_origin_px=opts.fan_origin_px,
-                    fan_radius_start_px=opts.fan_radius_start_px,
-                    fan_radius_stop_px=opts.fan_radius_stop_px,
-                    plus_floor=opts.emulate_plus,
-                )
+                ranges = self._row_ranges(key)
             self._ranges_cache[key] = len(self._ranges_list)
             self._ranges_list.append(ranges)
             self._kept_pixels.append(_kept_pixels(ranges))
@@ -891,7 +893,8 @@ class IncrementalReconstructor:
             self._allocate(self._pending_grid)  # buffers released by result(consume=True)
         used = 0
         if sel.size and self.grid is not None:
-            vox = voxel_matrices(mats[sel], self.grid.reference_to_voxel, fixed_point=opts.emulate_plus)
+            fixed = opts.emulate_plus and not self._plus_unoptimized
+            vox = voxel_matrices(mats[sel], self.grid.reference_to_voxel, fixed_point=fixed)
             if self._ranges_stack is None:
                 self._ranges_stack = np.stack(self._ranges_list)
             ranges = self._ranges_stack
@@ -936,7 +939,8 @@ class IncrementalReconstructor:
                     pixel_rejection_threshold=opts.pixel_rejection_threshold,
                     n_threads=self.n_threads,
                     executor=pool,
-                    fixed_point=opts.emulate_plus,
+                    fixed_point=fixed,
+                    unoptimized=self._plus_unoptimized,
                 )
                 if progress is not None:
                     progress(int(b), int(sel.size))
@@ -1118,6 +1122,11 @@ class IncrementalReconstructor:
         if do_fill and opts.hole_filling:
             integer = all(d == np.uint8 for d in self.channel_dtypes)
             known = weight != 0
+            if opts.emulate_plus:
+                # PLUS fills every voxel whose accumulation buffer is 0 and writes 0 where no
+                # element succeeds, also where a pixel with a tiny trilinear weight left a value.
+                for o in outs:
+                    o[~known] = 0
             for c, dt in enumerate(self.channel_dtypes):
                 if np.dtype(dt) == np.uint8:
                     store = STORE_FLOOR if opts.emulate_plus else STORE_ROUND  # PLUS casts filled values
@@ -1130,7 +1139,8 @@ class IncrementalReconstructor:
                     weight,
                     opts.hole_filling,
                     divide=divide,
-                    weight_scale=1.0 / 256.0 if self.mode == MODE_MEAN_PLUS else 1.0,  # PLUS counts 256 per hit
+                    # PLUS's GAUSSIAN_ACCUMULATION weighs by its raw accumulation buffer.
+                    weight_scale=1.0 if opts.emulate_plus else (1.0 / 256.0 if self.mode == MODE_MEAN_PLUS else 1.0),
                     store=store,
                     n_threads=self.n_threads,
                     emulate_plus=opts.emulate_plus,
@@ -1142,7 +1152,7 @@ class IncrementalReconstructor:
         if consume:
             self._acc = None
             del acc  # the sums go before the coverage map is made (lower peak)
-        coverage = _coverage(weight, self.mode, consume) if opts.output_weight else None
+        coverage = _coverage(weight, self.mode, consume, opts.emulate_plus) if opts.output_weight else None
         result = self._make_result(outs, coverage, n_known, stats, self.insertion_seconds + (time.perf_counter() - start))
         if consume:
             del weight

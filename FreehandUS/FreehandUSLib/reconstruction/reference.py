@@ -141,7 +141,7 @@ def fill_holes_reference(values, known, weight, elements, *, emulate_plus: bool 
         A copy of ``values`` with the filled holes.
     filled : (n_k, n_j, n_i) bool
     """
-    from .holefill import STICK_DIRECTIONS, _cube_weights, _stick_tables
+    from .holefill import STICK_DIRECTIONS, _cube_weights, _plus_cube_weights, _plus_need, _stick_tables
 
     vals = np.array(values, dtype=np.float64)
     known = np.asarray(known, dtype=bool)
@@ -202,6 +202,8 @@ def fill_holes_reference(values, known, weight, elements, *, emulate_plus: bool 
         elif kind == 3:
             size = element.size
             need = element.minimum_known_voxels_ratio * size * size * size
+            if emulate_plus:
+                need = _plus_need(element.minimum_known_voxels_ratio, size)
             ok = np.zeros(len(holes), dtype=bool)
             decided = np.zeros(len(holes), dtype=bool)
             for radius in range(1, size // 2 + 1):
@@ -222,19 +224,25 @@ def fill_holes_reference(values, known, weight, elements, *, emulate_plus: bool 
         else:
             size = element.size
             r = size // 2
-            kernel = _cube_weights(kind, size, element.stdev)
-            need = element.minimum_known_voxels_ratio * size * size * size
+            if emulate_plus:  # PLUS: float32 kernel and ratio, sums over dx, then dy, then dz innermost
+                kernel = _plus_cube_weights(kind, size, element.stdev)
+                need = _plus_need(element.minimum_known_voxels_ratio, size)
+                order = [(dz, dy, dx) for dx in range(-r, r + 1) for dy in range(-r, r + 1) for dz in range(-r, r + 1)]
+            else:
+                kernel = _cube_weights(kind, size, element.stdev)
+                need = element.minimum_known_voxels_ratio * size * size * size
+                order = [(dz, dy, dx) for dz in range(-r, r + 1) for dy in range(-r, r + 1) for dx in range(-r, r + 1)]
             count = np.zeros(len(holes), dtype=np.int64)
-            for dz in range(-r, r + 1):
-                for dy in range(-r, r + 1):
-                    for dx in range(-r, r + 1):
-                        p, hit = neighbour((dz, dy, dx))
-                        w = np.full(len(holes), kernel[dz + r, dy + r, dx + r])
-                        if kind == 1:
-                            w = w * (wgt[p[:, 0], p[:, 1], p[:, 2]] * 1.0)
-                        count += hit
-                        sw = sw + np.where(hit, w, 0.0)
-                        sums = sums + np.where(hit[:, None], w[:, None] * vals[p[:, 0], p[:, 1], p[:, 2]], 0.0)
+            for dz, dy, dx in order:
+                p, hit = neighbour((dz, dy, dx))
+                w = np.full(len(holes), kernel[dz + r, dy + r, dx + r])
+                if kind == 1 and emulate_plus:  # PLUS: float32(buffer * kernel)
+                    w = (wgt[p[:, 0], p[:, 1], p[:, 2]].astype(np.float32) * w.astype(np.float32)).astype(np.float64)
+                elif kind == 1:
+                    w = w * (wgt[p[:, 0], p[:, 1], p[:, 2]] * 1.0)
+                count += hit
+                sw = sw + np.where(hit, w, 0.0)
+                sums = sums + np.where(hit[:, None], w[:, None] * vals[p[:, 0], p[:, 1], p[:, 2]], 0.0)
             ok = (count > need) & (sw > 0.0)
         idx = holes[ok]
         with np.errstate(invalid="ignore", divide="ignore"):
