@@ -168,6 +168,30 @@ def test_default_output_folder_is_a_fresh_one(tmp_path, monkeypatch):
     assert read_sequence(folder / "r.igs.mhd").n_frames >= 1
 
 
+def test_a_full_disk_ends_the_server_side_recording_not_the_stream(tmp_path, monkeypatch):
+    real = IncrementalSequenceFile.append
+
+    def append(self, *args, **kwargs):
+        if self.n_frames >= 5:
+            raise OSError(28, "No space left on device")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(IncrementalSequenceFile, "append", append)
+    seq = make_stream_sequence(10, 8, 8)
+    with ReplayServer(seq, port=0, fps=200, loop=True, output_dir=tmp_path) as server:
+        client = IGTLClient("127.0.0.1", server.port).start()
+        try:
+            assert client.wait_for_state("connected", TIMEOUT)
+            assert client.command("StartRecording", OutputFilename="s.igs.mhd").ok
+            seen = client.stats().by_type.get("IMAGE", 0)
+            assert client.wait_for(lambda s: s.by_type.get("IMAGE", 0) >= seen + 40, TIMEOUT)  # still streaming
+            reply = client.command("StopRecording")
+            assert not reply.ok and "not in progress" in reply.message
+        finally:
+            client.close()
+    assert read_sequence(tmp_path / "s.igs.mhd").n_frames == 5
+
+
 def test_create_links_into_place_and_refuses_header_plus_data(tmp_path):
     seq = make_stream_sequence(3, 4, 4)
     server = ReplayServer(seq, port=0, output_dir=tmp_path)

@@ -404,7 +404,12 @@ class ReplayServer:
             if self._recording is None:
                 return
             transforms = {name: (mats[index], bool(valid[index])) for name, mats, valid in self._transforms}
-            self._recording.append(self.sequence.frames[index], timestamp_s, transforms)
+            try:
+                self._recording.append(self.sequence.frames[index], timestamp_s, transforms)
+            except (OSError, FreehandUSError) as exc:  # a full disk must not stop the stream
+                recording, self._recording = self._recording, None
+                logger.error("server-side recording to %s stopped: %s", recording.path, exc)
+                recording.close()
 
     def _safe_path(self, filename: str | None, default_suffix: str, *, new: bool = True) -> Path:
         """``filename`` in :attr:`output_dir` (its last component only).
