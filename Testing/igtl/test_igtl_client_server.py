@@ -405,12 +405,18 @@ def test_invalid_transforms_end_to_end(replay, sequence, tmp_path):
     np.testing.assert_allclose(got.timestamps_s, sequence.timestamps_s, atol=1e-9)
 
 
-def test_record_stream_without_server_raises(tmp_path):
+def test_record_stream_without_server_raises(tmp_path, caplog):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
         with pytest.raises(IGTLConnectionError, match="no OpenIGTLink server answered"):
             record_stream("127.0.0.1", port, tmp_path / "x.igs.mhd", frames=1, connect_timeout_s=0.3)
+        with caplog.at_level("WARNING", logger="FreehandUSLib.igtl.recorder"):
+            with pytest.raises(IGTLConnectionError, match="within 1.5 s"):
+                record_stream("127.0.0.1", port, tmp_path / "x.igs.mhd", frames=1, connect_timeout_s=1.5)
+        # while it waits, it says so
+        assert [r.getMessage().split(" (")[0] for r in caplog.records] == [f"no OpenIGTLink server at 127.0.0.1:{port} yet"]
+        assert not (tmp_path / "x.igs.mhd").exists()
     with pytest.raises(ValueError, match="duration_s or frames"):
         record_stream("127.0.0.1", 1, tmp_path / "x.igs.mhd")
 

@@ -918,7 +918,11 @@ def record_stream(
     interrupted = None
     stopped = ""
     try:
-        if not client.wait_for_state("connected", connect_timeout_s):
+        first_wait = min(1.0, connect_timeout_s)
+        if not client.wait_for_state("connected", first_wait) and connect_timeout_s > first_wait:
+            logger.warning("no OpenIGTLink server at %s:%d yet (%s); retrying for up to %g s", host, port,
+                           client.stats().last_disconnect_reason or client.state, connect_timeout_s)  # fmt: skip
+        if not client.wait_for_state("connected", connect_timeout_s - first_wait):
             raise IGTLConnectionError(
                 f"no OpenIGTLink server answered at {host}:{port} within {connect_timeout_s:g} s "
                 f"({client.stats().last_disconnect_reason or client.state})"
