@@ -219,13 +219,15 @@ class ReconstructionOptions:
     output_weight : bool
         Also return the accumulated weight (coverage) volume.
     emulate_plus : bool
-        Reproduce PLUS's arithmetic instead of exact arithmetic, to compare with volumes PLUS
-        made: pixel positions and trilinear weights in PLUS's 14-bit fixed point, a linear
-        pixel dropped unless all its corners are inside, ``mean`` as PLUS's running mean
-        truncated to the output type at every insertion with a 16-bit weight that saturates
-        after 255 hits (nearest interpolation), hole-filled values truncated. Off by default:
-        it is less accurate (the truncating mean is biased low by about a quarter of a grey
-        level per contribution).
+        Reproduce PLUS's (IGSIO's) arithmetic instead of exact arithmetic, to get the volume
+        PLUS makes from the same input and settings, voxel for voxel: pixel positions and
+        trilinear weights in PLUS's 14-bit fixed point (or float64 with ``plus_optimization``
+        ``NONE``), a linear pixel dropped unless all its corners are inside, ``mean`` as PLUS's
+        running mean rounded at every insertion with a 16-bit accumulation buffer that
+        saturates after 255 contributions, PLUS's hole-filling kernels and order, filled values
+        truncated. Off by default: the exact mean is the more accurate (PLUS's nearest mean is
+        biased low by the truncation at each insertion). Importance-mask compounding is not
+        emulated exactly.
     plus_optimization : {"FULL", "NONE"}
         Which of PLUS's insertion code paths ``emulate_plus`` reproduces (PLUS's
         ``Optimization``): ``FULL`` (PLUS's default: 14-bit fixed point, fan mask from row
