@@ -415,7 +415,8 @@ def test_record_stream_without_server_raises(tmp_path, caplog):
             with pytest.raises(IGTLConnectionError, match="within 1.5 s"):
                 record_stream("127.0.0.1", port, tmp_path / "x.igs.mhd", frames=1, connect_timeout_s=1.5)
         # while it waits, it says so
-        assert [r.getMessage().split(" (")[0] for r in caplog.records] == [f"no OpenIGTLink server at 127.0.0.1:{port} yet"]
+        said = [r.getMessage().split(" (")[0] for r in caplog.records]
+        assert said == [f"no OpenIGTLink server at 127.0.0.1:{port} yet"]
         assert not (tmp_path / "x.igs.mhd").exists()
     with pytest.raises(ValueError, match="duration_s or frames"):
         record_stream("127.0.0.1", 1, tmp_path / "x.igs.mhd")
