@@ -354,3 +354,57 @@ def test_loaded_recordings_never_take_a_live_device_name(scene):
     back = mrml.browser_to_sequence(first)
     np.testing.assert_array_equal(back.frames, seq.frames)
     np.testing.assert_array_equal(back.transforms["ProbeToTracker"].matrices, seq.transforms["ProbeToTracker"].matrices)
+
+
+# -- all together: a user's session ------------------------------------------------------------
+@pytest.mark.realdata
+def test_session_load_save_reopen_and_reconstruct_under_a_transform_tree(scene, tmp_path):
+    """Load a PLUS sweep as Slicer does, File > Save, File > Open, hang the image under a
+    SlicerIGT tree (ImageToProbe -> recorded ProbeToTracker -> TrackerToRAS) and reconstruct:
+    the volume is the file's own reconstruction, moved by TrackerToRAS."""
+    from FreehandUSLib.io import read_sequence
+    from FreehandUSLib.reconstruction import reconstruct_volume
+
+    path = plus_file("TestImages/SpinePhantomFreehand.igs.mha")
+    plus = read_sequence(path)
+    tseq = scene.AddNewNodeByClass("vtkMRMLSequenceNode")
+    storage = scene.AddNewNodeByClass("vtkMRMLLinearTransformSequenceStorageNode")
+    storage.SetFileName(str(path))
+    tseq.SetAndObserveStorageNodeID(storage.GetID())
+    assert storage.ReadData(tseq) == 1
+    image_seq = _time_sequence(scene, "SpinePhantomFreehand.igs-Image-Seq", "Image")
+    for i in range(plus.n_frames):
+        frame = _image_node(scene, plus.frames[i], np.eye(4), f"Image{i:04d}")
+        image_seq.SetDataNodeAtValue(frame, tseq.GetNthIndexValue(i))
+    browser = scene.AddNewNodeByClass("vtkMRMLSequenceBrowserNode", "SpinePhantomFreehand.igs")
+    browser.SetAndObserveMasterSequenceNodeID(image_seq.GetID())
+    browser.AddSynchronizedSequenceNodeID(tseq.GetID())
+    _sequences_logic(scene).UpdateProxyNodesFromSequences(browser)
+
+    saved = save_like_slicer(scene, tmp_path / "session" / "Spine.mrml")
+    reopened = reload_scene(saved, tmp_path / "cache")
+    try:
+        browser = _nodes_by_class(reopened, "vtkMRMLSequenceBrowserNode")[0]
+        image_seq = browser.GetMasterSequenceNode()
+        (probe_seq,) = [s for s in _browser_sequences(browser) if s.GetID() != image_seq.GetID()]
+        tracker_to_ras = np.eye(4)
+        tracker_to_ras[:3, 3] = [30.0, -45.0, 60.0]  # whole voxels: the two grids line up
+        to_ras = mrml.transform_to_node(reopened, tracker_to_ras, name="TrackerToRAS")
+        calibration = mrml.transform_to_node(reopened, _spine_image_to_probe(), name="ImageToProbe")
+        probe_proxy = browser.GetProxyNode(probe_seq)
+        probe_proxy.SetAndObserveTransformNodeID(to_ras.GetID())
+        calibration.SetAndObserveTransformNodeID(probe_proxy.GetID())
+        browser.GetProxyNode(image_seq).SetAndObserveTransformNodeID(calibration.GetID())
+
+        opts = ReconstructionOptions(output_spacing_mm=(3.0, 3.0, 3.0), image_to_reference_transform="ImageToTracker")
+        result = mr.reconstruct_browser_to_volume_node(browser, options=opts)
+        expected = reconstruct_volume(plus, {"ImageToProbe": _spine_image_to_probe()}, opts)
+
+        assert result.frames_used == plus.n_frames
+        np.testing.assert_allclose(
+            result.grid.origin_mm, np.add(expected.grid.origin_mm, tracker_to_ras[:3, 3]), rtol=0, atol=1e-6
+        )
+        assert result.grid.dims == expected.grid.dims
+        np.testing.assert_array_equal(result.volume.voxels, expected.volume.voxels)
+    finally:
+        release_scene(reopened)
