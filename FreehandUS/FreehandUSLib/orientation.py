@@ -21,8 +21,9 @@ def normalize_orientation(value: str, *, source: str = "") -> str:
     two = text[:2]
     if two not in ("MF", "MN", "UF", "UN") or len(text) > 3:
         where = f"{source}: " if source else ""
+        shown = value if len(str(value)) <= 40 else f"{str(value)[:37]}..."  # one short line
         raise FileFormatError(
-            f"{where}UltrasoundImageOrientation {value!r} is not one of MF, MN, UF, UN (optionally +A)"
+            f"{where}UltrasoundImageOrientation {shown!r} is not one of MF, MN, UF, UN (optionally +A)"
         )
     return two
 

@@ -990,3 +990,12 @@ def test_header_size_beyond_the_data_file(tmp_path, compressed):
     path.write_text(format_metaimage_header(header))
     with pytest.raises(FileFormatError, match=r"HeaderSize = '9999.*' lies beyond the end of d\.raw"):
         read_sequence_metafile(path)
+
+
+def test_huge_orientation_is_not_echoed(tmp_path):
+    # found by the fuzz suite: a 5000-digit UltrasoundImageOrientation was echoed whole
+    header = seq_header(UltrasoundImageOrientation="9" * 5000)
+    path = write_raw_metafile(tmp_path / "o.mha", header, ramp().tobytes())
+    with pytest.raises(FileFormatError, match=r"UltrasoundImageOrientation '9{37}\.\.\.' is not one of") as info:
+        read_sequence_metafile(path)
+    assert len(str(info.value)) < 300
