@@ -296,6 +296,24 @@ def test_thousands_of_transform_names_cost_the_same_per_frame(tmp_path, monkeypa
     assert "and 20065 more transforms" in str(summary)
 
 
+def test_the_first_64_names_are_written_in_every_frame_others_where_valid(tmp_path):
+    """As PLUS writes them (every frame lists every transform) while there are few names; past 64
+    names a transform appears only where it is valid (reads as INVALID elsewhere)."""
+    f = IncrementalSequenceFile(tmp_path / "n.igs.mhd", frame_shape=(2, 2), dtype=np.uint8)
+    frame = np.zeros((2, 2), np.uint8)
+    f.append(frame, 1.0, {f"T{k}ToTracker": (np.eye(4), True) for k in range(70)})
+    f.append(frame, 2.0, {"T1ToTracker": (np.eye(4), False), "T69ToTracker": (np.eye(4), False)})
+    f.append(frame, 3.0, {"T69ToTracker": (np.eye(4), True)})
+    f.close()
+    text = (tmp_path / "n.igs.mhd").read_text()
+    assert "Seq_Frame0001_T1ToTrackerTransformStatus = INVALID" in text
+    assert "Seq_Frame0002_T63ToTrackerTransformStatus = INVALID" in text
+    assert "Seq_Frame0001_T69ToTracker" not in text and "Seq_Frame0002_T69ToTrackerTransformStatus = OK" in text
+    got = read_sequence(tmp_path / "n.igs.mhd")
+    np.testing.assert_array_equal(got.transforms["T69ToTracker"].valid, [True, False, True])
+    np.testing.assert_array_equal(got.transforms["T1ToTracker"].valid, [True, False, False])
+
+
 def test_duration_is_honoured_with_thousands_of_names(tmp_path):
     """A server streaming an image and 55 new transform names per frame at 30 fps; record_stream
     for 2 s must end in time and keep up."""

@@ -57,6 +57,7 @@ logger = logging.getLogger(__name__)
 # Incremental file
 # -------------------------------------------------------------------------------------------
 _PAGE_BYTES = 4096  # the smallest page size: a write that stays inside one page is never torn
+_MAX_LISTED = 64  # transforms written in every frame (more are written only where valid)
 _FIELD_NAME_RE = re.compile(r"^[A-Za-z0-9_]+$")
 _LAYOUT_KEYS = frozenset(
     {
@@ -192,9 +193,10 @@ class IncrementalSequenceFile:
     flight. :meth:`close` rewrites the header once without the blank lines (``DimSize`` in its
     usual place).
 
-    A transform listed in ``transform_names`` is written in every frame (identity, INVALID when
-    the frame lacks it), as PLUS writes them; any other only in the frames where it is valid (a
-    frame without it reads as INVALID), so a stream with thousands of names stays cheap.
+    A transform listed in ``transform_names``, or among the first 64 names that occur, is
+    written in every frame from then on (identity, INVALID when the frame lacks it), as PLUS
+    writes them; any other only in the frames where it is valid (a frame without it reads as
+    INVALID), so a stream with thousands of names stays cheap.
 
     When ``path`` is not a ``.mhd`` (``.igs.mha``, ``.igs.nrrd``...), the frames are recorded
     into the ``.mhd`` beside it and converted when :meth:`close` is called (the ``.mhd``/``.raw``
@@ -252,7 +254,7 @@ class IncrementalSequenceFile:
             name = self._check_name(name)
             if name not in self.transform_names:
                 self.transform_names.append(name)
-        self._listed = frozenset(self.transform_names)
+        self._listed = set(self.transform_names)
         spacing = "1 1 1" if pixel_spacing_mm is None else " ".join(_num(v) for v in pixel_spacing_mm) + " 1"
         self._layout = [
             ("ObjectType", "Image"),
@@ -381,6 +383,10 @@ class IncrementalSequenceFile:
             if self._closed:
                 raise SequenceError(f"{self.path}: append after close")
             prefix = f"Seq_Frame{self._n_frames:04d}_"
+            for name, (_, ok) in given.items():
+                if ok and name not in listed and len(listed) < _MAX_LISTED:
+                    self.transform_names.append(name)  # written in every frame from now on
+                    listed.add(name)
             names = self.transform_names + [n for n, (_, ok) in given.items() if ok and n not in listed]
             for name in names:
                 matrix, valid = given.get(name, (None, False))
