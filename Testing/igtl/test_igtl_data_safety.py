@@ -10,6 +10,7 @@ import io
 import json
 import logging
 import os
+import socket
 import time
 
 import numpy as np
@@ -205,6 +206,39 @@ def test_create_links_into_place_and_refuses_header_plus_data(tmp_path):
         server._create("v.mhd", ".mha", lambda p: p.write_bytes(b"x"))
     assert path.read_bytes() == b"first"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v.nrrd"]  # no temporary file left
+
+
+@pytest.mark.parametrize("paced", [True, False])
+def test_a_stuck_client_costs_a_reading_client_nothing(paced):
+    """Paced broadcasts (timeout 0) never wait for the stuck client; back-pressure broadcasts
+    (the replay's fps=0) wait for it at most send_timeout_s, then it is cut loose."""
+    frame = np.zeros((320, 320), np.uint8)  # 100 kB: the stuck client's buffers fill quickly
+    with IGTLServer("127.0.0.1", 0, send_timeout_s=1.0, client_queue_size=32) as server:
+        reader = IGTLClient("127.0.0.1", server.port, queue_size=1000, queue_bytes=1 << 30).start()
+        stuck = socket.socket()
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stuck.connect(("127.0.0.1", server.port))
+        try:
+            assert server.wait_for_clients(2, TIMEOUT) and reader.wait_for_state("connected", TIMEOUT)
+            t0 = time.monotonic()
+            for i in range(300):
+                server.broadcast([ImageMessage.from_frame(frame, device_name="Image", timestamp_s=1.0 + i)],
+                                 timeout_s=0 if paced else None)  # fmt: skip
+                if paced:
+                    time.sleep(1 / 100)
+            elapsed = time.monotonic() - t0
+            assert reader.wait_for(lambda st: st.received >= 300, TIMEOUT), reader.stats()
+            deadline = time.monotonic() + TIMEOUT
+            while server.stats().clients_cut < 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            stats = server.stats()
+        finally:
+            reader.close()
+            stuck.close()
+    assert reader.stats().dropped == 0
+    assert stats.clients_cut == 1 and stats.dropped >= 1 and stats.clients_now <= 1
+    if not paced:
+        assert elapsed < 1.0 + 5.0  # waited for the stuck client once (at most send_timeout_s), not per frame
 
 
 # -------------------------------------------------------------------------------------------
