@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 
 import numpy as np
@@ -368,8 +369,6 @@ def test_duration_is_honoured_with_thousands_of_names(tmp_path):
                 i += 1
                 time.sleep(max(0.0, t0 + i / 30 - time.time()))
 
-        import threading
-
         thread = threading.Thread(target=stream, daemon=True)
         thread.start()
         try:
@@ -428,8 +427,6 @@ def test_record_stops_after_the_reconnect_timeout_keeping_the_frames(tmp_path, c
     server = ReplayServer(seq, port=0, fps=100, loop=True, timestamps="original", output_dir=tmp_path).start()
     stopper = None
     try:
-        import threading
-
         def stop_later():
             deadline = time.monotonic() + TIMEOUT
             while server.stats.frames_sent < 30 and time.monotonic() < deadline:
