@@ -495,6 +495,29 @@ def test_bad_ports_are_one_line_and_exit_2(tmp_path, capsys, argv):
     assert err.count("\n") == 1 and "--port" in err and "65535" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--connect-timeout", "inf"], "finite number of seconds"),
+        (["--reconnect-timeout", "nan"], "finite number of seconds"),
+        (["--out", "/proc/no/such/rec.igs.mhd"], "cannot create the folder /proc/no/such"),
+        (["--out", "OUTDIR/rec.txt"], "unknown file type"),
+    ],
+)
+def test_record_checks_its_arguments_before_connecting(tmp_path, capsys, extra, words):
+    extra = [a.replace("OUTDIR", str(tmp_path)) for a in extra]
+    argv = ["record", "--port", str(free_port()), "--frames", "1", "--out", str(tmp_path / "r.igs.mhd"), *extra]
+    if "timeout" in extra[0]:  # refused by argparse (usage + one error line)
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+    else:
+        assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_loopback_detection_and_the_exposure_warning(tmp_path, capsys, monkeypatch):
     assert _is_loopback("127.0.0.1") and _is_loopback("::1") and _is_loopback("localhost")
     assert not _is_loopback("0.0.0.0") and not _is_loopback("") and not _is_loopback("10.1.2.3")

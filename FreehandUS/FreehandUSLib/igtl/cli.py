@@ -24,11 +24,14 @@ import contextlib
 import ipaddress
 import json
 import logging
+import math
+import os
 import signal
 import socket
 import sys
 import threading
 import time
+from pathlib import Path
 
 from ..errors import FreehandUSError
 
@@ -208,6 +211,13 @@ def record_command(args) -> int:
             prepare_output(args.out)
     except RecordingExistsError as exc:
         raise FreehandUSError(f"{exc}; choose another --out, or --overwrite to move the old files to a backup folder")
+    folder = Path(args.out).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FreehandUSError(f"--out {args.out}: cannot create the folder {folder}: {exc.strerror or exc}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise FreehandUSError(f"--out {args.out}: the folder {folder} is not writable")
     stop = threading.Event()
     status = _StatusLine(args.frames)
     try:
@@ -240,6 +250,13 @@ def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    value = float(text)
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text}")
     return value
 
 
@@ -314,9 +331,9 @@ def add_parsers(subparsers) -> None:
     )
     p.add_argument("--duration", type=_positive_float, help="record for this many seconds")
     p.add_argument("--frames", type=_positive_int, help="record this many frames")
-    p.add_argument("--connect-timeout", type=_positive_float, default=10.0, help="seconds to wait for the server")
+    p.add_argument("--connect-timeout", type=_positive_seconds, default=10.0, help="seconds to wait for the server")
     p.add_argument(
-        "--reconnect-timeout", type=_positive_float, default=60.0,
+        "--reconnect-timeout", type=_positive_seconds, default=60.0,
         help="after a lost connection, stop (keeping what was recorded, exit 1) when the server is not back "
         "within this many seconds (default 60)",
     )  # fmt: skip
