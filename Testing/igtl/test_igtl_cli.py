@@ -37,6 +37,8 @@ def test_add_parsers_registers_serve_and_record():
         parser.parse_args(["record", "--out", "x.mhd", "--frames", "0"])
     with pytest.raises(SystemExit):
         parser.parse_args(["serve", "x.mha", "--fps", "-2"])
+    with pytest.raises(SystemExit):  # ReplayServer's ValueError was a traceback
+        parser.parse_args(["serve", "x.mha", "--fps", "inf"])
 
 
 def test_record_needs_an_end(tmp_path, capsys):
