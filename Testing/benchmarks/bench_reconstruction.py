@@ -23,8 +23,20 @@ config's STICK), on 1 thread and on all cores; the numpy reference runs on the s
 - how far PLUS's saturating MEAN (``emulate_plus``) drifts from the exact mean on the 10x
   spine data.
 
+- side by side with IGSIO's ``VolumeReconstructorTest`` (the C++ engine inside PLUS) when
+  ``$IGSIO_VOLUME_RECONSTRUCTOR`` names it (build it with ``build_igsio.sh``; without it this part
+  says so and the rest runs): both as whole processes on the same files, ours as
+  ``freehandus reconstruct --config C --emulate-plus``, on SpinePhantomFreehand repeated to 21,
+  210 and 1050 frames (``--igsio-frames``), 1 and 2 threads (``NumberOfThreads`` in a copy of the
+  config), modes NN_MEAN+STICK, LN_MAXI, NN_LATE (fan), LI_MEAN, NN_MAXI, LI_LATEST; per row the
+  median wall time of ``--igsio-repeats`` alternating runs, their ratio, each process's peak
+  resident set, and the share of non-empty voxels identical in both outputs. Writes
+  ``results/reconstruction_igsio.json`` and a markdown table beside it (``.md``). Alone:
+  ``--igsio-only`` (with ``--quick``: 21 and 210 frames, 1 thread, 3 runs).
+
 Timings are wall-clock (plus CPU seconds where noted) and depend on the machine's load
-(recorded in the JSON: 1-minute load average at each row).
+(recorded in the JSON: 1-minute load average at each row; load averages before and after the
+IGSIO section).
 """
 
 from __future__ import annotations
@@ -284,15 +296,303 @@ def peak_memory(n_frames, spacing=0.3):
     return rows
 
 
+# -- IGSIO side by side (issue 24) -----------------------------------------------------------
+# Ours (`freehandus reconstruct --emulate-plus`) and IGSIO's VolumeReconstructorTest (the engine
+# inside PLUS; build it with build_igsio.sh) as whole processes on the same files, paired.
+
+IGSIO_ENV = "IGSIO_VOLUME_RECONSTRUCTOR"
+SPINE_SEQUENCE = PLUS / "TestImages" / "SpinePhantomFreehand.igs.mha"
+SPINE_CONFIG = PLUS / "ConfigFiles" / "PlusDeviceSet_VolumeReconstructionOnly_SpinePhantom_NN_MEAN.xml"
+# The fan of ../shared/data/igsio's configs (BoneUltrasound_L14: 820x616 frames, like the spine's).
+FAN = {"FanAnglesDeg": "-28 31", "FanOriginPixel": "405 -300", "FanRadiusStartPixel": "330",
+       "FanRadiusStopPixel": "900"}
+NO_HOLES = {"FillHoles": "OFF"}
+# <VolumeReconstruction> attributes over PLUS's SpinePhantom NN_MEAN config (STICK hole filling,
+# 0.5 mm, full 820x616 clip rectangle); "LN_MAXI" is then PLUS's own LN_MAXI config.
+IGSIO_MODES = {
+    "NN_MEAN+STICK": {},
+    "LN_MAXI": {"Interpolation": "LINEAR", "CompoundingMode": "MAXIMUM", **NO_HOLES},
+    "NN_LATE (fan)": {"Interpolation": "NEAREST_NEIGHBOR", "CompoundingMode": "LATEST", **NO_HOLES, **FAN},
+    "LI_MEAN": {"Interpolation": "LINEAR", "CompoundingMode": "MEAN", **NO_HOLES},
+    "NN_MAXI": {"Interpolation": "NEAREST_NEIGHBOR", "CompoundingMode": "MAXIMUM", **NO_HOLES},
+    "LI_LATEST": {"Interpolation": "LINEAR", "CompoundingMode": "LATEST", **NO_HOLES},
+}
+IGSIO_FRAMES = (21, 210, 1050)
+IGSIO_FRAMES_QUICK = (21, 210)
+
+# Runs one command in a fresh, stdlib-only Python: its wall time around the child alone and the
+# child's peak resident set (ru_maxrss of RUSAGE_CHILDREN; this launcher's own ~10 MB is the floor).
+_MEASURE = """\
+import json, resource, subprocess, sys, time
+cmd, log, cwd = json.loads(sys.argv[1])
+with open(log, "wb") as f:
+    start = time.perf_counter()
+    rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=cwd)
+    seconds = time.perf_counter() - start
+peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+print(json.dumps({"seconds": seconds, "returncode": rc, "peak_rss_bytes": peak}))
+"""
+
+
+def igsio_executable(env=None) -> tuple[Path | None, str]:
+    """IGSIO's VolumeReconstructorTest from ``$IGSIO_VOLUME_RECONSTRUCTOR``: ``(path, "")`` or ``(None, why not)``."""
+    value = (os.environ if env is None else env).get(IGSIO_ENV, "")
+    hint = "build it with Testing/benchmarks/build_igsio.sh"
+    if not value:
+        return None, f"{IGSIO_ENV} is not set ({hint})"
+    path = Path(value).expanduser()
+    if not path.is_file() or not os.access(path, os.X_OK):
+        return None, f"{IGSIO_ENV}={value} is not an executable file ({hint})"
+    return path.resolve(), ""
+
+
+def write_mode_config(template, attributes, threads, path) -> Path:
+    """Copy the PLUS config ``template`` to ``path`` with ``<VolumeReconstruction>`` ``attributes``
+    set and ``NumberOfThreads=threads``; with ``FillHoles="OFF"`` its ``<HoleFilling>`` is dropped."""
+    import xml.etree.ElementTree as ET
+
+    tree = ET.parse(template)
+    element = tree.getroot().find("VolumeReconstruction")
+    if element is None:
+        raise ValueError(f"{template}: no <VolumeReconstruction> element")
+    for key, value in {**attributes, "NumberOfThreads": str(threads)}.items():
+        element.set(key, value)
+    if element.get("FillHoles", "OFF").upper() == "OFF":
+        for child in element.findall("HoleFilling"):
+            element.remove(child)
+    tree.write(path, encoding="utf-8", xml_declaration=False)
+    return Path(path)
+
+
+def repeated_sequence(seq, n_frames):
+    """``seq`` played again and again up to ``n_frames`` frames, in order, with all its transforms.
+
+    Timestamps (s) grow by one recording length (plus one mean frame interval) per repetition,
+    so the result is a valid, monotonic recording.
+    """
+    index = np.arange(n_frames) % seq.n_frames
+    out = seq.select(index)
+    ts = seq.timestamps_s
+    period = float(ts[-1] - ts[0]) + (float(np.mean(np.diff(ts))) if seq.n_frames > 1 else 1.0)
+    out.timestamps_s = ts[index] + (np.arange(n_frames) // seq.n_frames) * period
+    return out
+
+
+def run_measured(cmd, log, cwd) -> dict:
+    """Run ``cmd`` (a list) as a whole process from a fresh launcher: wall seconds around the
+    child, its return code and peak resident set in bytes. Output goes to ``log``."""
+    done = subprocess.run([sys.executable, "-I", "-S", "-c", _MEASURE, json.dumps([list(map(str, cmd)), str(log),
+                                                                                    str(cwd)])],
+                          capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)
+
+
+def voxel_fidelity(ours_path, igsio_path) -> dict:
+    """Agreement of two reconstructions (grey levels): over the voxels non-empty (non-zero) in
+    either, the share identical and the share within 2; ``same_grid`` False when dimensions,
+    origin (to 1e-3 mm) or spacing differ (then nothing else is compared)."""
+    from FreehandUSLib.io import read_volume
+
+    ours, theirs = read_volume(ours_path), read_volume(igsio_path)
+    same = (ours.voxels.shape == theirs.voxels.shape
+            and np.allclose(ours.origin_mm, theirs.origin_mm, atol=1e-3)
+            and np.allclose(ours.spacing_mm, theirs.spacing_mm, atol=1e-6))
+    out = {"same_grid": bool(same), "ours_shape": list(ours.voxels.shape), "igsio_shape": list(theirs.voxels.shape)}
+    if not same:
+        return out
+    a, b = ours.voxels.astype(np.int64), theirs.voxels.astype(np.int64)
+    nonempty = (a != 0) | (b != 0)
+    diff = np.abs(a - b)[nonempty]
+    n = int(nonempty.sum())
+    out.update({"nonempty_voxels": n,
+                "identical_share": float(np.mean(diff == 0)) if n else 1.0,
+                "within_2_share": float(np.mean(diff <= 2)) if n else 1.0,
+                "max_abs_difference": int(diff.max()) if n else 0})
+    return out
+
+
+def _tail(log) -> str:
+    lines = [line for line in Path(log).read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1][:200] if lines else "(no output)"
+
+
+def _commit() -> dict:
+    def git(*a):
+        done = subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    changed = git("status", "--porcelain", "--", "FreehandUS")
+    return {"commit": git("log", "-1", "--format=%h %s"),
+            "uncommitted_library_files": changed.splitlines() if changed else []}
+
+
+def side_by_side(exe, *, frame_counts, threads_list, modes, repeats, workdir) -> list:
+    """Paired whole-process timings of ours and IGSIO's on the spine recording repeated to each of
+    ``frame_counts``, per mode of :data:`IGSIO_MODES` and thread count; medians of ``repeats``
+    runs, the order alternating (ours first on even runs). Each (mode, threads) first runs once
+    untimed at the smallest frame count (JIT cache, file cache); its times are kept apart."""
+    from FreehandUSLib.io import read_sequence, write_sequence
+
+    ours_cli = Path(sys.executable).with_name("freehandus")
+    if not ours_cli.is_file():
+        raise FileNotFoundError(f"{ours_cli} not found: run with the project's .venv/bin/python")
+    workdir = Path(workdir)
+    spine = read_sequence(SPINE_SEQUENCE)
+    rows, warmed = [], set()
+    for n_frames in frame_counts:
+        seq_path = workdir / f"spine{n_frames}.igs.mha"
+        write_sequence(repeated_sequence(spine, n_frames), seq_path)
+        for mode in modes:
+            for threads in threads_list:
+                config = write_mode_config(SPINE_CONFIG, IGSIO_MODES[mode], threads, workdir / "config.xml")
+                ours_out, igsio_out = workdir / "ours.mha", workdir / "igsio.mha"
+                cmds = {
+                    "ours": [ours_cli, "reconstruct", seq_path, "--config", config, "--out", ours_out,
+                             "--emulate-plus", "--no-progress"],
+                    "igsio": [exe, f"--config-file={config}", f"--source-seq-file={seq_path}",
+                              f"--output-volume-file={igsio_out}", "--image-to-reference-transform=ImageToReference"],
+                }
+                row = {"frames": n_frames, "mode": mode, "threads": threads, "repeats": repeats,
+                       "load_before": list(load())}
+                if (mode, threads) not in warmed:
+                    warmed.add((mode, threads))
+                    for who in ("ours", "igsio"):
+                        row[f"{who}_first_run_seconds"] = run_measured(cmds[who], workdir / f"{who}.log",
+                                                                       workdir)["seconds"]
+                runs = {"ours": [], "igsio": []}
+                for r in range(repeats):
+                    for who in (("ours", "igsio") if r % 2 == 0 else ("igsio", "ours")):
+                        res = run_measured(cmds[who], workdir / f"{who}.log", workdir)
+                        if res["returncode"] != 0:
+                            row["error"] = f"{who} exited {res['returncode']}: {_tail(workdir / f'{who}.log')}"
+                            break
+                        runs[who].append(res)
+                    if "error" in row:
+                        break
+                row["load_after"] = list(load())
+                if "error" not in row:
+                    for who in ("ours", "igsio"):
+                        row[f"{who}_seconds"] = float(np.median([x["seconds"] for x in runs[who]]))
+                        row[f"{who}_seconds_all"] = [x["seconds"] for x in runs[who]]
+                        row[f"{who}_peak_rss_bytes"] = max(x["peak_rss_bytes"] for x in runs[who])
+                    row["ratio_ours_over_igsio"] = row["ours_seconds"] / row["igsio_seconds"]
+                    row["memory_ratio_ours_over_igsio"] = row["ours_peak_rss_bytes"] / row["igsio_peak_rss_bytes"]
+                    row["fidelity"] = voxel_fidelity(ours_out, igsio_out)
+                rows.append(row)
+                print(_igsio_line(row), flush=True)
+        seq_path.unlink()
+    return rows
+
+
+def _igsio_line(row) -> str:
+    head = f"{row['frames']:>5} frames  {row['mode']:<14} t={row['threads']}"
+    if "error" in row:
+        return f"{head}  FAILED: {row['error']}"
+    fid = row["fidelity"]
+    ident = f"{100 * fid['identical_share']:6.2f} %" if fid["same_grid"] else "grids differ"
+    return (f"{head}  ours {row['ours_seconds']:7.2f} s  IGSIO {row['igsio_seconds']:7.2f} s  "
+            f"ratio {row['ratio_ours_over_igsio']:5.2f}  RSS {row['ours_peak_rss_bytes'] / 1e6:6.0f} / "
+            f"{row['igsio_peak_rss_bytes'] / 1e6:6.0f} MB  identical {ident}  load {row['load_after'][0]:.1f}")
+
+
+def igsio_markdown(report) -> str:
+    """The side-by-side report as markdown: a header (commit, machine, load) and one table row per case."""
+    lines = ["# Reconstruction: ours vs IGSIO's VolumeReconstructorTest (whole processes, paired)", ""]
+    if "skipped" in report:
+        return "\n".join(lines + [f"Skipped: {report['skipped']}", ""])
+    m = report["machine"]
+    lines += [
+        f"- commit: {report['commit']['commit']}"
+        + (f" (uncommitted: {', '.join(report['commit']['uncommitted_library_files'])})"
+           if report["commit"]["uncommitted_library_files"] else ""),
+        f"- machine: {m['cpus']} CPUs, Python {m['python']}; load average (1/5/15 min) before "
+        f"{'/'.join(f'{v:.2f}' for v in m['load_start'])}, after {'/'.join(f'{v:.2f}' for v in m['load_end'])}",
+        f"- SpinePhantomFreehand repeated; ours: `freehandus reconstruct --emulate-plus`; IGSIO: {report['igsio']}",
+        f"- median of {report['repeats']} alternating runs; ratio = ours / IGSIO (> 1: ours slower); peak RSS per "
+        "process; identical / within 2: share of voxels non-empty in either output",
+        "",
+        "| frames | mode | threads | ours s | IGSIO s | ours/IGSIO | ours MB | IGSIO MB | identical | within 2 "
+        "| load |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in report["rows"]:
+        lead = f"| {row['frames']} | {row['mode']} | {row['threads']} |"
+        if "error" in row:
+            lines.append(f"{lead} failed: {row['error'].replace('|', '/')} |||||||| ")
+            continue
+        fid = row["fidelity"]
+        if fid["same_grid"]:
+            ident, within = f"{100 * fid['identical_share']:.2f} %", f"{100 * fid['within_2_share']:.2f} %"
+        else:
+            ident = within = "grids differ"
+        lines.append(
+            f"{lead} {row['ours_seconds']:.2f} | {row['igsio_seconds']:.2f} | {row['ratio_ours_over_igsio']:.2f} | "
+            f"{row['ours_peak_rss_bytes'] / 1e6:.0f} | {row['igsio_peak_rss_bytes'] / 1e6:.0f} | {ident} | {within} | "
+            f"{row['load_after'][0]:.2f} |")
+    return "\n".join(lines + [""])
+
+
+def run_igsio_side_by_side(args) -> dict:
+    """The side-by-side section: runs it (or says why not), writes JSON and markdown, returns the report."""
+    import tempfile
+
+    exe, why = igsio_executable()
+    if exe is None:
+        report = {"skipped": why}
+    elif not SPINE_SEQUENCE.is_file():
+        report = {"skipped": f"PLUS data not found: {SPINE_SEQUENCE}"}
+    else:
+        report = {"igsio": str(exe), "repeats": args.igsio_repeats, "commit": _commit(),
+                  "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load_start": list(load())}}
+        with tempfile.TemporaryDirectory(prefix="bench_igsio_") as tmp:
+            report["rows"] = side_by_side(exe, frame_counts=args.igsio_frames, threads_list=args.igsio_threads,
+                                          modes=args.igsio_modes, repeats=args.igsio_repeats, workdir=tmp)
+        report["machine"]["load_end"] = list(load())
+    if "skipped" in report:
+        print(f"IGSIO side by side skipped: {report['skipped']}", flush=True)
+    out = Path(args.igsio_out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    md = igsio_markdown(report)
+    out.with_suffix(".md").write_text(md)
+    print(md)
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+    return report
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats, 60 synthetic frames, 200^3 hole filling")
     parser.add_argument("--numpy-frames", type=int, default=21, help="frames given to the numpy reference per case")
     parser.add_argument("--out", default=str(HERE / "results" / "reconstruction.json"))
     parser.add_argument("--peak-child", help=argparse.SUPPRESS)
+    igsio = parser.add_argument_group(f"IGSIO side by side (needs ${IGSIO_ENV}, see build_igsio.sh)")
+    igsio.add_argument("--igsio-only", action="store_true", help="run only the IGSIO side-by-side section")
+    igsio.add_argument("--igsio-frames", type=int, nargs="+", metavar="N",
+                       help=f"frame counts (default {' '.join(map(str, IGSIO_FRAMES))}; "
+                            f"with --quick {' '.join(map(str, IGSIO_FRAMES_QUICK))})")
+    igsio.add_argument("--igsio-threads", type=int, nargs="+", metavar="T", help="thread counts (default 1 2; "
+                                                                                  "with --quick 1)")
+    igsio.add_argument("--igsio-repeats", type=int, help="paired runs per row, median reported (default 5; "
+                                                          "with --quick 3)")
+    igsio.add_argument("--igsio-modes", nargs="+", choices=list(IGSIO_MODES), default=list(IGSIO_MODES),
+                       metavar="MODE", help=f"modes (default all: {', '.join(IGSIO_MODES)})")
+    igsio.add_argument("--igsio-out", default=str(HERE / "results" / "reconstruction_igsio.json"),
+                       help="JSON output; the markdown table goes beside it (.md)")
     args = parser.parse_args(argv)
     if args.peak_child:
         print(json.dumps(peak_memory_child(*json.loads(args.peak_child))))
+        return 0
+    args.igsio_frames = args.igsio_frames or list(IGSIO_FRAMES_QUICK if args.quick else IGSIO_FRAMES)
+    args.igsio_threads = args.igsio_threads or ([1] if args.quick else [1, 2])
+    args.igsio_repeats = args.igsio_repeats or (3 if args.quick else 5)
+    for name in ("igsio_frames", "igsio_threads"):
+        if min(getattr(args, name)) < 1:
+            parser.error(f"--{name.replace('_', '-')}: expected positive integers, got {getattr(args, name)}")
+    if args.igsio_repeats < 1:
+        parser.error(f"--igsio-repeats: expected a positive integer, got {args.igsio_repeats}")
+    if args.igsio_only:
+        run_igsio_side_by_side(args)
         return 0
     threads_list = sorted({1, default_threads()})
     repeats = 1 if args.quick else 3
@@ -318,6 +618,7 @@ def main(argv=None) -> int:
     report["peak_memory_synthetic"] = peak_memory(synth.n_frames, 0.3)
     report["hole_filling"] = hole_filling_300(threads_list, size=200 if args.quick else 300)
     report["rows"] = rows
+    report["igsio_side_by_side"] = run_igsio_side_by_side(args)
     report["machine"]["load_end"] = list(load())
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
