@@ -297,3 +297,22 @@ def test_recorder_killed_with_sigkill_loses_nothing_committed(tmp_path):
         "folder"
     ]
     assert read_sequence(working).n_frames == got.n_frames
+
+
+def test_ctrl_c_finishes_the_recording_and_exits_130(tmp_path):
+    seq = make_stream_sequence(30, 24, 32)
+    source = write_sequence(seq, tmp_path / "source.igs.mhd", compress=False)
+    out = tmp_path / "interrupted.igs.mha"
+    with running(serve_args(source, "--port", "0", "--fps", "60", "--loop")) as (server, reader):
+        port = wait_for_port_line(reader)
+        with running(record_args(port, out, "--duration", "60")) as (rec, rec_out):
+            wait_until(lambda: frames_on_disk(tmp_path / "interrupted.igs.mhd") >= 10, what="10 frames recorded")
+            os.kill(rec.pid, signal.SIGINT)
+            assert rec.wait(TIMEOUT) == 130
+            rec_out.wait_for(lambda line: False, 1.0)
+        os.kill(server.pid, signal.SIGINT)
+        assert server.wait(TIMEOUT) == 130
+    got = read_sequence(out)  # converted: the Ctrl-C ended the recording cleanly
+    assert not (tmp_path / "interrupted.igs.mhd").exists()
+    assert f"recorded {got.n_frames} frames to {out}" in rec_out.text() and got.n_frames >= 10
+    check_against_source(seq, got, range(got.n_frames))

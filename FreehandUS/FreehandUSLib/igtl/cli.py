@@ -10,9 +10,9 @@ stand-alone.
 ``--exit-when-done``, until a non-looping replay has been sent. Listening on anything but a
 loopback address prints a warning: the server has no authentication.
 
-``record`` stops after ``--duration`` seconds or ``--frames`` frames, on Ctrl-C/SIGTERM, or when
-the server has been gone for ``--reconnect-timeout`` seconds (exit 1), always leaving a valid
-file. It never replaces a file (exit 2) unless ``--overwrite`` moves the old one to a backup
+``record`` stops after ``--duration`` seconds or ``--frames`` frames, on Ctrl-C (exit 130) or
+SIGTERM (exit 0), or when the server has been gone for ``--reconnect-timeout`` seconds (exit 1),
+always leaving a valid file and printing its summary. It never replaces a file (exit 2) unless ``--overwrite`` moves the old one to a backup
 folder. On a terminal it shows frames, rate, drops and reconnects as it goes; with stderr not a
 terminal it prints only the summary and one line per lost/regained connection.
 """
@@ -39,22 +39,28 @@ __all__ = ["add_parsers", "main", "serve_command", "record_command"]
 
 logger = logging.getLogger(__name__)
 
+_INTERRUPTED = 130  # exit status after Ctrl-C (the file is complete; SIGTERM ends with 0)
+
 
 @contextlib.contextmanager
 def _stop_on_signals(event: threading.Event):
-    """Set ``event`` on SIGTERM/SIGINT (main thread only); restore the handlers afterwards."""
+    """Set ``event`` on SIGTERM/SIGINT (main thread only); restore the handlers afterwards.
+
+    Yields a list that receives the signal numbers caught."""
+    caught: list[int] = []
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield caught
         return
     previous = {}
 
     def handler(signum, frame):
+        caught.append(signum)
         event.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         previous[sig] = signal.signal(sig, handler)
     try:
-        yield
+        yield caught
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
@@ -132,7 +138,7 @@ def serve_command(args) -> int:
         reconstruction_options=options,
     )
     stop = threading.Event()
-    with _stop_on_signals(stop):
+    with _stop_on_signals(stop) as caught:
         server.start()
         try:
             rate = (
@@ -171,7 +177,7 @@ def serve_command(args) -> int:
             f"{st['bytes_sent'] / 1e6:.1f} MB) to {st['clients_connected']} client(s); dropped {st['dropped']}"
             + (f", {st['clients_cut']} client(s) cut loose for taking no data" if st["clients_cut"] else "")
         )
-    return 0
+    return _INTERRUPTED if signal.SIGINT in caught else 0
 
 
 class _StatusLine:
@@ -221,7 +227,7 @@ def record_command(args) -> int:
     stop = threading.Event()
     status = _StatusLine(args.frames)
     try:
-        with _stop_on_signals(stop):
+        with _stop_on_signals(stop) as caught:
             summary = record_stream(
                 args.host,
                 args.port,
@@ -243,7 +249,7 @@ def record_command(args) -> int:
         print(f"freehandus record: error: {summary.stopped}; the {summary.frames} frame(s) recorded are in "
               f"{summary.path or '(nothing)'}", file=sys.stderr)  # fmt: skip
         return 1
-    return 0
+    return _INTERRUPTED if signal.SIGINT in caught else 0
 
 
 def _positive_float(text: str) -> float:
