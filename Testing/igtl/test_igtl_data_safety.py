@@ -501,7 +501,7 @@ def test_bad_ports_are_one_line_and_exit_2(tmp_path, capsys, argv):
         (["--connect-timeout", "inf"], "finite number of seconds"),
         (["--reconnect-timeout", "nan"], "finite number of seconds"),
         (["--out", "/proc/no/such/rec.igs.mhd"], "cannot create the folder /proc/no/such"),
-        (["--out", "OUTDIR/rec.txt"], "unknown file type"),
+        (["--out", "OUTDIR/new/rec.txt"], "unknown file type"),
     ],
 )
 def test_record_checks_its_arguments_before_connecting(tmp_path, capsys, extra, words):

@@ -207,11 +207,13 @@ class _StatusLine:
 
 def record_command(args) -> int:
     """Run ``freehandus record`` (see :func:`add_parsers`)."""
+    from ..io import sequence_format
     from .recorder import RecordingExistsError, prepare_output, record_stream
 
     if args.duration is None and args.frames is None:
         raise FreehandUSError("record: give --duration S or --frames N so the recording can end")
     _check_port(args.port, allow_zero=False)
+    sequence_format(args.out)  # an unknown file type is refused before anything is created
     try:
         if not args.overwrite:
             prepare_output(args.out)
