@@ -655,6 +655,91 @@ def _insert_nearest(frames, frame_ids, mats, ranges, mask_ids, importance, use_r
 
 
 @njit(nogil=True, cache=True)
+def _linear_span_fixed(frames, f, y, xa, xb, s0, s1, bi, bj, bk, ai, aj, ak, acc, weight,
+                       klo, khi, mode, use_reject, reject, int_out):
+    """:func:`_linear_span` in PLUS's fixed point, with PLUS's integer arithmetic.
+
+    Positions are integers in units of 2**-14 (``b + x a``, exact: the matrices are multiples
+    of 2**-14), the cell is ``p >> 14`` and the fraction ``p & 16383``; trilinear weights are
+    PLUS's rounded fixed-point products ``(u v + 2**13) >> 14`` taken as ``wx (wy wz)``. The
+    accumulation buffer (``weight``) and the values follow PLUS (mean: :func:`_linear_mean_plus`;
+    max / latest: only voxels with weight >= 1/8, the buffer set to ``round(256 w)`` where the
+    value is set). A pixel is dropped unless all its non-degenerate corners are in the volume.
+    Same results as :func:`_linear_span` with ``fixed_point``, fewer operations.
+    """
+    nk, nj, ni, nc = acc.shape
+    one = 16384
+    half = 8192
+    min_w = 2048  # 1/8
+    bi_q = np.int64(bi * FIXED_POINT_SCALE)
+    bj_q = np.int64(bj * FIXED_POINT_SCALE)
+    bk_q = np.int64(bk * FIXED_POINT_SCALE)
+    ai_q = np.int64(ai * FIXED_POINT_SCALE)
+    aj_q = np.int64(aj * FIXED_POINT_SCALE)
+    ak_q = np.int64(ak * FIXED_POINT_SCALE)
+    inserted = 0
+    for x in range(xa, xb + 1):
+        if s0 <= x <= s1:
+            continue
+        pk = bk_q + x * ak_q
+        k0 = pk >> 14
+        if k0 < 0 or k0 < klo - 1 or k0 > khi:
+            continue
+        pi = bi_q + x * ai_q
+        pj = bj_q + x * aj_q
+        i0 = pi >> 14
+        j0 = pj >> 14
+        fx = pi & 16383
+        fy = pj & 16383
+        fz = pk & 16383
+        if i0 < 0 or j0 < 0:
+            continue
+        if i0 + (1 if fx != 0 else 0) >= ni or j0 + (1 if fy != 0 else 0) >= nj or k0 + (1 if fz != 0 else 0) >= nk:
+            continue
+        if use_reject and _rejected(frames, f, y, x, nc, reject):
+            continue
+        first_plane = -1
+        for dk in range(2):
+            wz = fz if dk == 1 else one - fz
+            if wz == 0:
+                continue
+            kk = k0 + dk
+            for dj in range(2):
+                wy = fy if dj == 1 else one - fy
+                if wy == 0:
+                    continue
+                wyz = (wy * wz + half) >> 14
+                jj = j0 + dj
+                for di in range(2):
+                    wx = fx if di == 1 else one - fx
+                    if wx == 0:
+                        continue
+                    w = (wx * wyz + half) >> 14
+                    if w == 0:
+                        continue
+                    if mode != MODE_MEAN_PLUS and w < min_w:
+                        continue
+                    if first_plane < 0:
+                        first_plane = kk
+                    if kk < klo or kk > khi:
+                        continue
+                    ii = i0 + di
+                    if mode == MODE_MEAN_PLUS:
+                        _linear_mean_plus(frames, f, y, x, acc, weight, kk, jj, ii, w / FIXED_POINT_SCALE, int_out)
+                    else:
+                        a = weight[kk, jj, ii]
+                        for c in range(nc):
+                            v = frames[f, y, x, c]
+                            if mode == MODE_LATEST or v > acc[kk, jj, ii, c]:
+                                acc[kk, jj, ii, c] = v
+                                a = np.float64((w * 256 + half) >> 14)
+                        weight[kk, jj, ii] = a
+        if klo <= first_plane <= khi:
+            inserted += 1
+    return inserted
+
+
+@njit(nogil=True, cache=True)
 def _insert_linear(frames, frame_ids, mats, ranges, mask_ids, importance, use_reject, reject,
                    mode, int_out, fixed_point, acc, weight, counts, n_groups, group, slab, spans):
     """Trilinear insertion of ``frames[frame_ids]`` into this worker's slabs."""
@@ -669,6 +754,11 @@ def _insert_linear(frames, frame_ids, mats, ranges, mask_ids, importance, use_re
             bi = mats[n, 0, 2] + y * mats[n, 0, 1]
             bj = mats[n, 1, 2] + y * mats[n, 1, 1]
             bk = mats[n, 2, 2] + y * mats[n, 2, 1]
+            if fixed_point and mode != MODE_IMPORTANCE:
+                total += _linear_span_fixed(frames, f, y, spans[q, 1], spans[q, 2], rr[y, 2], rr[y, 3], bi, bj, bk,
+                                            mats[n, 0, 0], mats[n, 1, 0], mats[n, 2, 0], acc, weight, spans[q, 3],
+                                            spans[q, 4], mode, use_reject, reject, int_out)
+                continue
             total += _linear_span(frames, f, y, spans[q, 1], spans[q, 2], rr[y, 2], rr[y, 3], bi, bj, bk,
                                   mats[n, 0, 0], mats[n, 1, 0], mats[n, 2, 0], acc, weight, spans[q, 3],
                                   spans[q, 4], mode, importance, use_reject, reject, int_out, fixed_point)
