@@ -18,7 +18,6 @@ from collections import deque
 from collections.abc import Mapping
 
 import numpy as np
-from scipy.spatial.transform import Rotation, Slerp
 
 from .errors import TransformError
 
@@ -156,6 +155,8 @@ def interpolate_transforms(
     lower = upper - 1
     w = ((qi - tv[lower]) / (tv[upper] - tv[lower]))[:, None]
     trans = (1.0 - w) * mv[lower, :3, 3] + w * mv[upper, :3, 3]
+    from scipy.spatial.transform import Rotation, Slerp  # 0.3 s to import: only when interpolating
+
     rotations = Rotation.from_matrix(rigid_part(mv))
     rot = Slerp(tv, rotations)(qi).as_matrix()
     res = np.zeros((qi.size, 4, 4))
