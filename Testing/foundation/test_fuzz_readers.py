@@ -454,7 +454,9 @@ def mutate(data, name: str, blob: bytes, ops: list) -> bytes:
                 which = data.draw(st.integers(0, max(len(values) - 1, 0)), label="axis") if values else 0
                 factor = data.draw(st.sampled_from([2, 10, 1000, 10**6, 10**8, 2**32, 2**64]), label="factor")
                 if values:
-                    values[which] = str(int(values[which]) * factor if values[which].isdigit() else factor).encode()
+                    old = values[which]
+                    small = old.isdigit() and len(old) < 30  # int() refuses thousands of digits
+                    values[which] = str(int(old) * factor if small else factor).encode()
                 line = m.group(1) + (b" = " if m.group(1) == b"DimSize" else b": ") + b" ".join(values)
                 blob = head[: m.start()] + line + head[m.end() :] + rest
                 ops.append(f"size {which} x{factor}")
