@@ -67,7 +67,7 @@ PHANTOM_JSON_FORMAT = "freehandus-nwire-phantom"
 _JSON_VERSION = 1
 
 #: Geometric tolerances of an N pattern (mm / sine of an angle).
-_PARALLEL_SIN_TOL = 2e-3
+_PARALLEL_SIN_TOL = 3e-3  # PLUS's Lego 3.1 definitions: 0.09 mm over 40.1 mm (2.2e-3)
 _COPLANAR_TOL_MM = 0.02
 _INTERSECT_TOL_MM = 0.02
 
