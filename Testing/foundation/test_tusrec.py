@@ -457,3 +457,16 @@ def test_damaged_structures_give_format_errors(tmp_path):
                 assert "\n" not in str(exc) and len(str(exc)) < 400
                 outcomes.add("error")
     assert "error" in outcomes
+
+
+def test_corrupted_local_heap_is_a_format_error(tmp_path):
+    # issue 21: a corrupted heap raised RuntimeError ("bad local heap signature") from h5py
+    frames, tforms = scan()
+    path = write_h5(tmp_path / "heap.h5", frames=frames, tforms=tforms)
+    data = bytearray(path.read_bytes())
+    at = data.find(b"HEAP")
+    assert at > 0
+    data[at : at + 4] = b"XXXX"
+    path.write_bytes(bytes(data))
+    with pytest.raises(FileFormatError, match=r"heap\.h5: 'frames' cannot be opened \(.*bad local heap signature"):
+        read_tusrec_h5(path)
