@@ -69,6 +69,10 @@ REPORT = os.environ.get("FREEHANDUS_FUZZ_REPORT")
 SAVE = os.environ.get("FREEHANDUS_FUZZ_SAVE")
 WORKER = Path(__file__).with_name("fuzz_worker.py")
 MAX_MESSAGE_CHARS = 1000
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="the worker limits its memory with /proc and RLIMIT_AS (Linux)"
+)
+
 #: Signs of a message that echoes a numpy repr instead of a plain number.
 _NUMPY_REPR = re.compile(r"np\.(int|uint|float|bool|str)\w*\(|array\(")
 
