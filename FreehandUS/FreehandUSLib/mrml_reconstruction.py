@@ -558,10 +558,19 @@ def _in_world(sequence, placement, fixed, opts, *, name: str, image_to_probe_nod
     or the image's own geometry is) and the options reconstruct in RAS, so the output volume and
     an ROI (read in world coordinates) are in the same frame as the scene shows the frames. When
     the options ask for another frame than the one the frames are placed in, the tree cannot be
-    applied and the request is kept (logged).
+    applied and the request is kept (logged); so is a request for a transform the recording
+    holds itself when its frames have pixel geometry (e.g. a sensorless estimate).
     """
     frame = placement.geometry_frame
     target_frame = split_transform_name(opts.image_to_reference_transform)[1]
+    if frame is None and image_to_probe_node is None and opts.image_to_reference_transform in sequence.transforms:
+        # The recording places its frames itself in the asked frame (e.g. a sensorless estimate,
+        # ImageToEstimatedReference): the tree above the pixels is another placement.
+        logger.info(
+            "browser %s: reconstructing with its recorded %s; the transforms above its image are not applied",
+            name, opts.image_to_reference_transform,
+        )
+        return sequence, opts
     if frame is not None:
         if target_frame != frame:
             logger.warning(

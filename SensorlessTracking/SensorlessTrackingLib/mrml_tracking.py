@@ -33,7 +33,10 @@ attribute ``FreehandUS.SensorlessTracking.Estimate = "true"`` (:data:`ATTR_ESTIM
 estimate refills that sequence and leaves every other sequence of the browser untouched.
 
 Coordinate convention: as in :mod:`FreehandUSLib.mrml`, the Reference frame *is* Slicer's RAS
-world (PLUS millimetres, no LPS flip).
+world (PLUS millimetres, no LPS flip). When the recording's image proxy sits under transforms
+(e.g. a ``ReferenceToRAS``), the estimate's proxy and a volume reconstructed from it are placed
+under the transform of that tree that holds the Reference frame, so they show where the tracked
+frames show (``parent_transform`` in the summary).
 
 Example (3D Slicer Python console)
 ----------------------------------
@@ -295,8 +298,72 @@ def _check_field_of_view(model, spacing, shape, browser_name: str, warnings: lis
         )
 
 
-def _write_estimate_sequence(browser_node, image_seq, matrices: np.ndarray, *, name: str | None):
-    """Fill (or make) the browser's estimate sequence and its proxy; returns the sequence node."""
+def _recorded_in(browser_node, node) -> bool:
+    """Whether a transform node is the proxy of a synchronised sequence of the browser (changes per frame)."""
+    seq_node = browser_node.GetSequenceNode(node)
+    return seq_node is not None and any(s.GetID() == seq_node.GetID() for s in _browser_sequences(browser_node))
+
+
+def _world_matrix(node) -> np.ndarray:
+    m = vtk.vtkMatrix4x4()
+    node.GetMatrixTransformToWorld(m)
+    return mrml.vtk_to_matrix(m)
+
+
+def _estimate_parent(browser_node, tracked_image_to_reference):
+    """The transform node the estimate is shown under, so that it shows where the tracked frames show.
+
+    The estimate maps pixels to (Estimated)Reference mm. Slicer shows the recording's frames
+    through the transforms above the image proxy (:func:`FreehandUSLib.mrml.image_placement`):
+    e.g. frames placed in Reference (``Image_Reference``) under a ``ReferenceToRAS``. The parent
+    is the lowest transform of that tree above which nothing is recorded and whose
+    transform to world equals the Reference -> world placement of the tracked frames,
+    ``ImageToWorld @ inv(ImageToReference)``, on every tracked frame (0.05 mm, 1e-4). Without
+    tracking, the image proxy's parent when the frames are placed in Reference and nothing above
+    them is recorded. None (world) otherwise, e.g. when the image hangs under a recorded
+    ProbeToTracker whose tracker moves relative to Reference (logged).
+    """
+    try:
+        placement = mrml.image_placement(browser_node)
+    except (SequenceError, TransformError) as exc:
+        logger.warning("browser %s: the estimate stays in world: %s", browser_node.GetName(), exc)
+        return None
+    if placement is None:
+        return None
+    scene = browser_node.GetScene()
+    chain = [scene.GetNodeByID(node_id) for node_id in placement.parent_ids]
+    static_from = 0
+    for i, node in enumerate(chain):
+        if _recorded_in(browser_node, node):
+            static_from = i + 1
+    candidates = chain[static_from:]
+    if not candidates:
+        logger.warning("browser %s: every transform above the image is recorded; the estimate stays in world",
+                       browser_node.GetName())
+        return None
+    if tracked_image_to_reference is None:
+        if static_from == 0 and placement.geometry_frame == "Reference":
+            return candidates[0]
+        return None
+    ok = placement.valid & np.all(np.isfinite(tracked_image_to_reference), axis=(1, 2))
+    if not np.any(ok):
+        return None
+    reference_to_world = placement.ijk_to_world[ok] @ np.linalg.inv(tracked_image_to_reference[ok])
+    for node in candidates:
+        to_world = _world_matrix(node)
+        if np.allclose(reference_to_world[:, :3, :3], to_world[:3, :3], rtol=0, atol=1e-4) and np.allclose(
+            reference_to_world[:, :3, 3], to_world[:3, 3], rtol=0, atol=0.05
+        ):
+            return node
+    logger.warning(
+        "browser %s: no transform above the image places the Reference frame where the tracked frames show; "
+        "the estimate stays in world", browser_node.GetName()
+    )
+    return None
+
+
+def _write_estimate_sequence(browser_node, image_seq, matrices: np.ndarray, *, name: str | None, parent=None):
+    """Fill (or make) the browser's estimate sequence and its proxy (under ``parent``); returns the sequence node."""
     scene = browser_node.GetScene()
     index_values = [image_seq.GetNthIndexValue(i) for i in range(image_seq.GetNumberOfDataNodes())]
     if len(index_values) != matrices.shape[0]:
@@ -338,6 +405,7 @@ def _write_estimate_sequence(browser_node, image_seq, matrices: np.ndarray, *, n
         proxy = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", seq_node.GetName())
         browser_node.AddProxyNode(proxy, seq_node, False)
     proxy.SetAttribute(mrml.ATTR_TRANSFORM_NAME, transform_name)
+    proxy.SetAndObserveTransformNodeID(None if parent is None else parent.GetID())
     proxy.SetMatrixTransformToParent(mrml.matrix_to_vtk(matrices[min(item, matrices.shape[0] - 1)]))
     return seq_node
 
@@ -407,6 +475,8 @@ def estimate_trajectory_to_browser(
         JSON-safe summary, also stored in the output sequence's
         ``FreehandUS.SensorlessTracking.Summary`` attribute: ``browser``, ``sequence`` (the
         output sequence node name), ``sequence_id``, ``transform`` (``ImageToEstimatedReference``),
+        ``parent_transform`` (name of the transform the estimate's proxy is placed under so that
+        it shows where the tracked frames show, e.g. the image's ``ReferenceToRAS``; None: world),
         ``frames``, ``method`` (model name or ``decorrelation``), ``model`` (path or label),
         ``input_spacing_mm``, ``path_length_mm`` (of the estimated image centre), ``seconds``
         (tracking, resampling included), ``frames_per_second``, ``total_seconds`` (with MRML
@@ -485,7 +555,8 @@ def estimate_trajectory_to_browser(
     _report(progress, 2, 3)
 
     est = result.sequence.transforms["ImageToReference"].matrices
-    seq_node = _write_estimate_sequence(browser_node, image_seq, est, name=name)
+    parent = _estimate_parent(browser_node, truth)
+    seq_node = _write_estimate_sequence(browser_node, image_seq, est, name=name, parent=parent)
     metrics = None
     if truth is not None:
         ok = np.all(np.isfinite(truth), axis=(1, 2))
@@ -509,6 +580,7 @@ def estimate_trajectory_to_browser(
         "sequence": seq_node.GetName(),
         "sequence_id": seq_node.GetID(),
         "transform": ESTIMATED_TRANSFORM_NAME,
+        "parent_transform": None if parent is None else parent.GetName(),
         "frames": int(sequence.n_frames),
         "method": result.method,
         "model": model_label,
@@ -775,7 +847,10 @@ def reconstruct_estimated(browser_node, output_volume_node=None, *, progress=Non
     Calls :func:`FreehandUSLib.mrml_reconstruction.reconstruct_browser_to_volume_node` with
     ``image_to_reference_transform="ImageToEstimatedReference"``; the volume lies in the
     estimate's frame (the tracked Reference when the estimate is anchored at the tracked first
-    pose, so it overlays a reconstruction from tracking).
+    pose, so it overlays a reconstruction from tracking) and is placed under the same transform
+    as the estimate's proxy (the recording's ``ReferenceToRAS``, say), so it shows where the
+    estimate shows. The transforms above the image are not applied to the frames (the estimate
+    places them).
 
     Parameters
     ----------
@@ -833,6 +908,12 @@ def reconstruct_estimated(browser_node, output_volume_node=None, *, progress=Non
         progress=progress,
         **options,
     )
+    proxy = browser_node.GetProxyNode(seq_node)
+    parent_id = None if proxy is None else proxy.GetTransformNodeID()
+    output_volume_node.SetAndObserveTransformNodeID(parent_id)  # shown where the estimate is shown
+    coverage = options.get("coverage_volume_node")
+    if coverage is not None:
+        coverage.SetAndObserveTransformNodeID(parent_id)
     output_volume_node.SetAttribute(ATTR_RECON_TRAJECTORY, transform_name)
     output_volume_node.SetNodeReferenceID(REF_ESTIMATE_SEQUENCE, seq_node.GetID())
     return result
