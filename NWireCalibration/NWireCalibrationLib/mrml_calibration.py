@@ -291,9 +291,47 @@ def sequence_from_browser(browser_node, *, role: str = "calibration"):
     """
     _check_browser(browser_node, role)
     try:
-        return mrml.browser_to_sequence(browser_node)
+        sequence = mrml.browser_to_sequence(browser_node)
     except SequenceError as exc:
         raise SequenceError(f"{role} recording {browser_node.GetName()!r}: {exc}") from exc
+    _add_static_tree(sequence, browser_node)
+    return sequence
+
+
+def _recorded_in(browser_node, node) -> bool:
+    seq_node = browser_node.GetSequenceNode(node)
+    return seq_node is not None and any(s.GetID() == seq_node.GetID() for s in _browser_sequences(browser_node))
+
+
+def _add_static_tree(sequence, browser_node) -> None:
+    """Add the fixed transforms of the image proxy's tree above its recorded tracking to ``sequence``.
+
+    Slicer shows a recording through the transforms above its image proxy (a SlicerIGT tree
+    such as ImageToProbe -> ProbeToTracker -> TrackerToReference -> ReferenceToRAS). The
+    recorded ones are already in the sequence; the fixed ones *above the highest recorded one*
+    (e.g. a ``TrackerToReference`` the user set once) complete the tracking chain, as Slicer
+    composes them, and are added as constant transforms under their PLUS names when the
+    recording does not hold that name. The transforms below the recorded tracking (the
+    ImageToProbe being calibrated) and those of a tree with nothing recorded (display only, e.g.
+    a ``ReferenceToRAS`` above ``Image_Reference`` frames) are not used: they do not change
+    ImageToProbe.
+    """
+    proxy = browser_node.GetProxyNode(_image_sequence(browser_node))
+    chain = []
+    node = None if proxy is None else proxy.GetParentTransformNode()
+    while node is not None:
+        chain.append(node)
+        node = node.GetParentTransformNode()
+    recorded = [i for i, n in enumerate(chain) if _recorded_in(browser_node, n)]
+    if not recorded:
+        return
+    for node in chain[recorded[-1] + 1:]:
+        name = _plus_name(node)
+        if name is None or name in sequence.transforms or not node.IsLinear():
+            continue
+        matrix = matrix_of_transform_node(node, name)
+        sequence.set_transform(name, np.broadcast_to(matrix, (sequence.n_frames, 4, 4)).copy())
+        logger.info("browser %s: fixed transform %s from the image's transform tree", browser_node.GetName(), name)
 
 
 def _poses(sequence, browser_node, role: str) -> np.ndarray:
@@ -1032,13 +1070,16 @@ def probe_to_reference_of_image_node(image_node, probe_to_reference_node=None) -
     probe_to_reference_node : vtkMRMLLinearTransformNode, optional
         Default: the nearest parent transform of ``image_node`` named ``ProbeTo<Frame>``
         (name or ``FreehandUS.TransformName``), e.g. an ``Image_Image`` node placed under
-        ``ProbeToReference`` (possibly through ``ImageToProbe``).
+        ``ProbeToReference`` (possibly through ``ImageToProbe``). When ``<Frame>`` is not
+        Reference, its parents are composed while their names chain on to Reference
+        (``ProbeToTracker`` under ``TrackerToReference``); transforms above Reference (a
+        ``ReferenceToRAS``) are not applied.
 
     Returns
     -------
     (4, 4) float64
-        The node's matrix to parent; NaN when the node is marked ``FreehandUS.TransformValid =
-        false`` (untracked).
+        The ProbeToReference matrix (the given node's matrix to parent, or the composed chain);
+        NaN when a node of it is marked ``FreehandUS.TransformValid = false`` (untracked).
 
     Raises
     ------
@@ -1048,7 +1089,24 @@ def probe_to_reference_of_image_node(image_node, probe_to_reference_node=None) -
     node = _probe_transform_node(image_node, probe_to_reference_node)
     if not _transform_valid(node):
         return np.full((4, 4), np.nan)
-    return matrix_of_transform_node(node, "ProbeToReference")
+    matrix = matrix_of_transform_node(node, "ProbeToReference")
+    if probe_to_reference_node is not None:
+        return matrix
+    # A found ProbeTo<Frame> node: compose its parents up to the Reference frame (a SlicerIGT tree
+    # ProbeToTracker -> TrackerToReference -> ReferenceToRAS gives ProbeToReference; parents
+    # above Reference only place it in the scene).
+    frame = split_transform_name(_plus_name(node))[1]
+    composed, parent = matrix, node.GetParentTransformNode()
+    while frame != "Reference" and parent is not None:
+        name = _plus_name(parent)
+        if name is None or split_transform_name(name)[0] != frame:
+            break
+        if not _transform_valid(parent):
+            return np.full((4, 4), np.nan)
+        composed = matrix_of_transform_node(parent, name) @ composed
+        frame = split_transform_name(name)[1]
+        parent = parent.GetParentTransformNode()
+    return composed if frame == "Reference" else matrix
 
 
 def frame_from_image_node(image_node) -> tuple[np.ndarray, np.ndarray]:
