@@ -18,7 +18,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import sys
+from pathlib import Path
+
+from .errors import FileFormatError
 
 __all__ = [
     "ArgumentParser",
@@ -31,12 +35,17 @@ __all__ = [
     "int_at_least",
     "int_in",
     "index",
+    "seed",
+    "threads",
     "float_in",
     "spacing_mm",
     "MAX_MAGNITUDE",
     "add_progress_option",
     "progress_enabled",
     "progress_bar",
+    "no_partial_outputs",
+    "write_text_atomic",
+    "check_output_path",
 ]
 
 
@@ -144,6 +153,10 @@ def int_in(low: int, high: int):
 
 #: argparse type: a voxel or pixel index (a 32-bit signed integer).
 index = int_in(-(2**31), 2**31 - 1)
+#: argparse type: a random seed (what numpy's legacy seeding takes).
+seed = int_in(0, 2**32 - 1)
+#: argparse type: a number of worker threads.
+threads = int_in(1, 4096)
 #: argparse type: an integer >= 1.
 positive_int = int_at_least(1)
 #: argparse type: an integer >= 0 (seeds, offsets).
@@ -201,3 +214,54 @@ def progress_bar(enabled: bool, desc: str, *, total: int | None = None, unit: st
     finally:
         if state["bar"] is not None:
             state["bar"].close()
+
+
+@contextlib.contextmanager
+def no_partial_outputs(*paths):
+    """Run a command's writes: if they fail or are interrupted (Ctrl-C), remove those of
+    ``paths`` (None entries ignored) that did not exist before, so a command leaves its whole
+    set of new outputs or none of them (a ``.mhd`` header takes its ``.raw``/``.zraw`` along)."""
+    new = [Path(p) for p in paths if p is not None and not Path(p).exists()]
+    try:
+        yield
+    except BaseException:
+        for path in new:
+            companions = [path.with_suffix(".raw"), path.with_suffix(".zraw")] if path.suffix.lower() == ".mhd" else []
+            for p in [path, *companions]:
+                with contextlib.suppress(OSError):
+                    p.unlink()
+        raise
+
+
+def write_text_atomic(path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to a temporary file beside ``path`` and rename it to ``path`` when
+    complete: an interrupted write leaves no truncated file under the name asked for."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    return path
+
+
+def check_output_path(text, *, flag: str = "--out", what: str = "file") -> Path:
+    """Check an output file name before any work: not a folder, and its folder exists or can be
+    made (the nearest existing parent is a folder; the writer makes the missing ones).
+
+    Raises
+    ------
+    FileFormatError
+        Naming ``flag`` and the path.
+    """
+    path = Path(text)
+    if path.is_dir():
+        raise FileFormatError(f"{flag} {text}: is a folder; give a {what} name")
+    parent = path.resolve().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise FileFormatError(f"{flag} {text}: {parent} is a file, not a folder")
+    return path

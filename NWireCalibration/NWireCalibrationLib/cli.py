@@ -18,17 +18,19 @@ from pathlib import Path
 from FreehandUSLib.cli_support import (
     ArgumentParser,
     add_progress_option,
+    check_output_path,
     fraction,
     int_in,
     non_negative_float,
-    non_negative_int,
     positive_float,
     positive_int,
     progress_bar,
+    no_partial_outputs,
     progress_enabled,
+    seed,
     spacing_mm,
+    write_text_atomic,
 )
-from FreehandUSLib.errors import FileFormatError
 
 from .errors import NWireError
 
@@ -38,22 +40,16 @@ logger = logging.getLogger(__name__)
 
 
 def _check_output_file(flag: str, text) -> None:
-    """Refuse, before any work, an output file that is a folder or whose folder is missing."""
-    if not text:
-        return
-    path = Path(text)
-    if path.is_dir():
-        raise FileFormatError(f"{flag} {text}: is a folder; give a file name")
-    if not path.resolve().parent.is_dir():
-        raise FileFormatError(f"{flag} {text}: folder {path.parent} does not exist (create it first)")
+    """Before any work: an output file name (not a folder) whose folder exists or can be made."""
+    if text:
+        check_output_path(text, flag=flag)
 
 
 def _write_json(path, data) -> Path:
     path = Path(path)
     if path.parent and not path.parent.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    return path
+    return write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def time_offset_arg(text: str):
@@ -125,10 +121,12 @@ def cmd_calibrate(args) -> int:
                  "validation_sequence": str(args.validation) if args.validation else None,
                  "config": str(args.config) if args.config else None,
                  "time_offset_s": result.info.get("time_offset_s", 0.0)})
-    if args.out:
-        _write_json(args.out, data)
-    if args.plus_xml:
-        Path(args.plus_xml).write_text(result.plus_transform_element() + "\n", encoding="utf-8")
+    with no_partial_outputs(args.out, args.plus_xml):
+        if args.out:
+            _write_json(args.out, data)
+        if args.plus_xml:
+            Path(args.plus_xml).parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(args.plus_xml, result.plus_transform_element() + "\n")
     print(json.dumps(data, indent=2) if args.json else str(result))
     return 0
 
@@ -147,12 +145,7 @@ def simulation_output(text: str) -> Path:
     if out.is_dir() or text.endswith(("/", "\\")):
         out = out / SIMULATION_FILE_NAME
     sequence_format(out)  # unknown extension -> FileFormatError
-    parent = out.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise FileFormatError(f"--out {text}: {parent} is a file, not a folder")
-    return out
+    return check_output_path(out, what="sequence file")
 
 
 def cmd_simulate_nwire(args) -> int:
@@ -173,7 +166,11 @@ def cmd_simulate_nwire(args) -> int:
         sim = simulate_nwire(settings)
     except ValueError as exc:  # settings that do not fit together (depth, image size, phantom)
         raise NWireError(str(exc)) from exc
-    files = write_simulation(sim, out, config_path=args.config_out, truth_path=args.truth_out)
+    stem = out.name.split(".")[0]  # write_simulation's default names, given explicitly
+    config_path = Path(args.config_out) if args.config_out else out.with_name(stem + ".config.xml")
+    truth_path = Path(args.truth_out) if args.truth_out else out.with_name(stem + ".truth.json")
+    with no_partial_outputs(out, config_path, truth_path):
+        files = write_simulation(sim, out, config_path=config_path, truth_path=truth_path)
     summary = sim.summary()
     summary["files"] = {k: str(v) for k, v in files.items()}
     print(json.dumps(summary, indent=2) if args.json else
@@ -202,7 +199,7 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--phantom-pose", default="auto", choices=("known", "estimate", "auto"),
                    help="use the config's PhantomToReference (known) or estimate it (no stylus registration); "
                         "auto: known when the config has one")
-    p.add_argument("--seed", type=non_negative_int, default=0, help="RANSAC seed (default 0)")
+    p.add_argument("--seed", type=seed, default=0, help="RANSAC seed (default 0)")
     p.add_argument("--ransac-iterations", type=positive_int, default=3000, help="RANSAC iterations (default 3000)")
     p.add_argument("--ransac-threshold", type=positive_float, default=0.5, metavar="MM",
                    help="RANSAC inlier threshold in mm (default 0.5; raised to the data's noise level)")
@@ -234,7 +231,7 @@ def add_simulate_nwire(simulate_subparsers) -> None:
     p.add_argument("--dropout-fraction", type=fraction, default=0.0, help="fraction of frames missing a wire echo")
     p.add_argument("--tracker-noise-mm", type=non_negative_float, default=0.1, help="tracker position noise (mm, 1 sigma)")
     p.add_argument("--tracker-noise-deg", type=non_negative_float, default=0.1, help="tracker rotation noise (deg, 1 sigma)")
-    p.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=seed, default=0, help="random seed (default 0)")
     p.add_argument("--config-out", help="PLUS config to write (default: <out>.config.xml)")
     p.add_argument("--truth-out", help="truth JSON to write (default: <out>.truth.json)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")

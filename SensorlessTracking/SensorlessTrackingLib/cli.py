@@ -20,18 +20,21 @@ import numpy as np
 
 from FreehandUSLib.cli_support import (
     add_progress_option,
+    check_output_path,
     finite_float,
     float_in,
-    int_at_least,
+    int_in,
     non_negative_float,
-    non_negative_int,
     positive_float,
     positive_int,
     progress_enabled,
+    seed,
     spacing_mm,
+    threads,
 )
 from FreehandUSLib.errors import FileFormatError, FreehandUSError
 
+from .conventions import SWEEP_DIRECTION_HELP, SWEEP_DIRECTIONS
 from .mirror_average import MODES
 
 __all__ = ["add_parsers", "read_image_to_probe", "with_input_transforms", "drift_against_tracking", "tracked_name"]
@@ -100,14 +103,14 @@ def add_parsers(subparsers):
                         "probe; the architecture and pixel spacing then come from the checkpoint, the input size "
                         "too unless --image-size is given")
     p.add_argument("--local-only", action="store_true", help="dualtrack without the global encoder (ablation)")
-    p.add_argument("--simulated", type=non_negative_int, default=0, help="also train on this many simulated sweeps")
+    p.add_argument("--simulated", type=int_in(0, 100_000), default=0, help="also train on this many simulated sweeps")
     p.add_argument("--image-to-probe", help="calibration for files without one (.xml PLUS config, .json, .txt)")
     p.add_argument("--spacing-mm", type=spacing_mm, help="model pixel spacing in mm (default 0.3)")
     p.add_argument("--image-size", nargs="+", metavar="ROWS COLS | fit",
                    help="model input size in pixels of the model spacing, multiples of 16 (default 96 96); with "
                         "--init, a larger size lets the fine-tuned model see more of your probe's image. 'fit': "
                         "the largest size that every recording fills (at most 160 pixels a side)")
-    p.add_argument("--clip-length", type=int_at_least(2), help="frames per clip (default 16)")
+    p.add_argument("--clip-length", type=int_in(2, 4096), help="frames per clip (default 16)")
     p.add_argument("--pair-gaps", type=positive_int, nargs="+", metavar="FRAMES",
                    help="dualtrack: correlate each frame with the frames this many later (default 1; the "
                         "shipped model uses 1 2 3)")
@@ -118,7 +121,7 @@ def add_parsers(subparsers):
     p.add_argument("--global-tokens", type=int, metavar="N",
                    help="dualtrack with the global encoder: frames of the whole sweep it sees, evenly spaced "
                         "(default 16; no weights depend on it, so allowed with --init)")
-    p.add_argument("--train-clip-length", type=int_at_least(2), metavar="FRAMES",
+    p.add_argument("--train-clip-length", type=int_in(2, 4096), metavar="FRAMES",
                    help="frames per training clip (default: the model's clip length); longer clips lengthen the "
                         "horizon of the clip-level losses, the model and its inference windows stay as they are")
     p.add_argument("--cumulative-weight", type=non_negative_float, metavar="W",
@@ -126,15 +129,15 @@ def add_parsers(subparsers):
                         "over frames, e.g. out-of-plane rotations shrunk towards zero (default 0: off)")
     p.add_argument("--component-weights", type=non_negative_float, nargs=6, metavar=("TX", "TY", "TZ", "RX", "RY", "RZ"),
                    help="weights of the six parameters in the parameter and cumulative losses (default all 1)")
-    p.add_argument("--epochs", type=positive_int, default=20)
+    p.add_argument("--epochs", type=int_in(1, 1_000_000), default=20)
     p.add_argument("--clips-per-epoch", type=positive_int, default=256)
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--lr", type=positive_float, default=1e-3)
     p.add_argument("--val-fraction", type=float_in(0.0, 1.0, high_open=True), default=0.15,
                    help="share of subjects (parent folders) held out")
-    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--threads", type=positive_int, help="torch CPU threads")
+    p.add_argument("--threads", type=threads, help="torch CPU threads")
     p.add_argument("--max-minutes", type=positive_float, help="stop after the epoch that passes this time")
     add_progress_option(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -163,10 +166,13 @@ def _add_input_options(p):
     p.add_argument("--spacing", type=spacing_mm, nargs="+", metavar="MM", help="pixel spacing (one or two numbers)")
     p.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:N or mps")
     p.add_argument("--batch-size", type=positive_int, default=8)
-    p.add_argument("--threads", type=positive_int, help="torch CPU threads")
+    p.add_argument("--threads", type=threads, help="torch CPU threads")
     p.add_argument("--mirror-average", choices=MODES, default="none",
                    help="learned models: average the estimate over the left-right mirrored sweep (flip) and also the "
                         "backwards sweep (flip+reverse); cancels the model's odd biases, 2x / 4x the inference time")
+    p.add_argument("--sweep-direction", choices=SWEEP_DIRECTIONS, default=SWEEP_DIRECTIONS[0],
+                   help=SWEEP_DIRECTION_HELP + "; the images cannot show it. With tracked frames in the input, an "
+                        "estimate that moves the other way is warned about")
 
 
 def _threads(n):
@@ -420,8 +426,10 @@ def _cmd_predict(args) -> int:
     seq = read_sequence(args.sequence)
     itp = read_image_to_probe(args.image_to_probe) if args.image_to_probe else None
     result = track_sequence(seq, model, image_to_probe=itp, spacing_mm=_spacing(args), device=args.device,
-                            batch_size=args.batch_size, mirror_average=args.mirror_average)
+                            batch_size=args.batch_size, mirror_average=args.mirror_average,
+                            sweep_direction=args.sweep_direction)
     drift = drift_against_tracking(result, seq, itp)
+    out.parent.mkdir(parents=True, exist_ok=True)
     written = write_sequence(with_input_transforms(result.sequence, seq), out)
     d = {**result.to_dict(), "input": str(args.sequence), "output": str(written)}
     if isinstance(drift, str):
@@ -439,12 +447,8 @@ def _check_sequence_output(text) -> Path:
     """--out of a sequence: a known extension and an existing folder, checked before any work."""
     from FreehandUSLib.io import sequence_format
 
-    out = Path(text)
-    if out.is_dir():
-        raise FileFormatError(f"--out {text}: is a folder; give a sequence file name (.igs.mha, .seq.nrrd, ...)")
+    out = check_output_path(text, what="sequence file (.igs.mha, .seq.nrrd, ...)")
     sequence_format(out)
-    if not out.resolve().parent.is_dir():
-        raise FileFormatError(f"--out {text}: folder {out.parent} does not exist (create it first)")
     return out
 
 
@@ -487,9 +491,13 @@ def _cmd_evaluate(args) -> int:
         # one --mirror-average for all learned models; decorrelation has nothing to average out
         average = "none" if name == "decorrelation" else args.mirror_average
         result = track_sequence(seq, model, image_to_probe=itp, spacing_mm=_spacing(args), device=args.device,
-                                batch_size=args.batch_size, mirror_average=average)
+                                batch_size=args.batch_size, mirror_average=average, sweep_direction=args.sweep_direction)
         metrics = score(result.sequence.transforms["ImageToReference"].matrices)
         metrics["frames_per_second"] = result.frames_per_second
+        metrics["sweep_direction"] = args.sweep_direction
+        metrics["direction_check"] = result.info.get("direction_check")
+        metrics["frame_flags"] = result.info["frame_flags"]
+        metrics["warnings"] = result.info.get("warnings", [])
         rows[f"{name} ({result.method})" if name != result.method else name] = metrics
     if args.json:
         print(json.dumps({"sequence": str(args.sequence), "results": rows}, indent=2))
@@ -505,6 +513,16 @@ def _cmd_evaluate(args) -> int:
                 f"{m['lpe_mm']:>7.3f} {m['mean_angle_error_deg']:>7.2f} {m['out_of_plane_scale']:>9.2f} "
                 f"{m['fdr_scale_fitted_percent']:>12.1f}"
             )
+        print(f"  assumed sweep direction: {args.sweep_direction} (--sweep-direction)")
+        for name, m in rows.items():
+            if m.get("direction_check") and m["direction_check"]["agrees"] is False:
+                print(f"  warning: {name}: the estimate moves the other way out of the image plane than the tracking "
+                      f"(tracked {m['direction_check']['tracked_elevational_mm']:+.1f} mm, estimated "
+                      f"{m['direction_check']['estimated_elevational_mm']:+.1f} mm): the sweep direction is not "
+                      f"'{args.sweep_direction}'")
+            if m.get("frame_flags") and (m["frame_flags"]["empty_frames"] or m["frame_flags"]["decorrelated_frames"]):
+                print(f"  {name}: {m['frame_flags']['empty_frames']} empty and {m['frame_flags']['decorrelated_frames']} "
+                      "decorrelated frames (the images do not show the motion into them)")
         print("  oop scale: the factor on the estimated out-of-plane motion (tz, rx, ry) that best fits the tracked "
               "trajectory,\n  FDR scaled: the drift left with it. A factor far from 1 that removes most of the drift "
               "means the model\n  misjudges this probe's elevational beam width: fine-tune it on tracked sweeps of "

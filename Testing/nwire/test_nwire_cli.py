@@ -119,7 +119,7 @@ def test_simulate_checks_its_arguments_before_simulating(tmp_path, capsys, monke
     assert main(["simulate", "nwire", "--out", str(tmp_path / "file" / "x.igs.mha")]) == 2
     assert "not a folder" in capsys.readouterr().err
     assert main(["simulate", "nwire", "--out", str(tmp_path / "x.igs.mha"), "--truth-out",
-                 str(tmp_path / "no" / "t.json")]) == 2
+                 str(tmp_path / "file" / "t.json")]) == 2
     assert "--truth-out" in capsys.readouterr().err
 
 
@@ -146,3 +146,21 @@ def test_settings_that_do_not_fit_are_one_line(tmp_path, capsys):
     assert main(["simulate", "nwire", "--out", str(tmp_path / "x.igs.mha"), "--depth-mm", "10"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("freehandus simulate nwire: error: ") and err.count("\n") == 1
+
+
+def test_simulate_interrupted_while_writing_leaves_none_of_its_new_files(tmp_path, capsys, monkeypatch):
+    from FreehandUSLib.cli import main
+    from NWireCalibrationLib import simulate
+
+    real = simulate.write_simulation
+
+    def write_then_interrupt(sim, out, *, config_path=None, truth_path=None):
+        real(sim, out, config_path=config_path, truth_path=truth_path)
+        raise KeyboardInterrupt  # as if Ctrl-C came after the last file
+
+    monkeypatch.setattr(simulate, "write_simulation", write_then_interrupt)
+    (tmp_path / "keep.truth.json").write_text("{}")  # an existing file is not removed
+    assert main(["simulate", "nwire", "--out", str(tmp_path / "keep.igs.mha"), "--frames", "3", "--width", "320",
+                 "--height", "240", "--depth-mm", "50"]) == 130
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.truth.json"]
+    assert capsys.readouterr().err == "freehandus simulate nwire: interrupted\n"

@@ -141,7 +141,7 @@ def _one_line(err: str) -> str:
         (["--pixel-rejection-threshold", "nan"], "argument --pixel-rejection-threshold: must be a finite number"),
         (["--origin", "0", "0", "0", "--extent", "0", "999999999999999999999999", "0", "9", "0", "9"],
          "argument --extent: must be an integer in"),  # was an OverflowError (int64)
-        (["--threads", "0"], "argument --threads: must be an integer >= 1"),
+        (["--threads", "0"], "argument --threads: must be an integer in [1, 4096]"),
         (["--skip-interval", "-1"], "argument --skip-interval: must be an integer >= 1"),
         (["--fan-radius", "0", "1e300"], "argument --fan-radius: must be at most 1e+12"),
     ],
@@ -157,7 +157,15 @@ def test_reconstruct_bad_numbers_are_refused_by_the_parser(tmp_path, capsys, mai
     assert not out.exists()
 
 
-def test_reconstruct_out_in_a_missing_folder_is_refused_before_any_work(tmp_path, capsys, main, monkeypatch):
+def test_reconstruct_out_in_a_missing_folder_makes_it(tmp_path, capsys, main):
+    seq_path, calib = _probe_sweep(tmp_path)
+    out = tmp_path / "nodir" / "deeper" / "x.mha"
+    assert main(["reconstruct", str(seq_path), "--image-to-probe", str(calib), "--out", str(out)]) == 0  # was a
+    assert read_volume(out).voxels.max() == 90  # FileNotFoundError traceback after the whole reconstruction
+    capsys.readouterr()
+
+
+def test_reconstruct_bad_output_paths_are_refused_before_any_work(tmp_path, capsys, main, monkeypatch):
     from FreehandUSLib.reconstruction import reconstructor
 
     def no_work(*args, **kwargs):
@@ -166,12 +174,15 @@ def test_reconstruct_out_in_a_missing_folder_is_refused_before_any_work(tmp_path
     monkeypatch.setattr(reconstructor, "reconstruct_volume", no_work)
     seq_path, calib = _probe_sweep(tmp_path)
     base = ["reconstruct", str(seq_path), "--image-to-probe", str(calib)]
-    assert main([*base, "--out", str(tmp_path / "nodir" / "x.mha")]) == 2  # was a FileNotFoundError traceback
+    (tmp_path / "a_file").write_text("")
+    assert main([*base, "--out", str(tmp_path / "a_file" / "x.mha")]) == 2
     err = _one_line(capsys.readouterr().err)
-    assert "--out" in err and "nodir" in err and "does not exist" in err
+    assert "--out" in err and "a_file is a file, not a folder" in err
     assert main([*base, "--out", str(tmp_path)]) == 2
     assert "is a folder" in _one_line(capsys.readouterr().err)
-    assert main([*base, "--out", str(tmp_path / "v.mha"), "--weight-out", str(tmp_path / "no" / "w.mha")]) == 2
+    assert main([*base, "--out", str(tmp_path / "v.bmp")]) == 2
+    assert "unknown file type" in _one_line(capsys.readouterr().err)
+    assert main([*base, "--out", str(tmp_path / "v.mha"), "--weight-out", str(tmp_path / "a_file" / "w.mha")]) == 2
     assert "--weight-out" in _one_line(capsys.readouterr().err)
 
 

@@ -363,3 +363,45 @@ def test_track_predict_on_an_untracked_input_says_there_is_no_drift(tmp_path, ca
                     "--out", str(tmp_path / "e.igs.mha"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["drift"] is None and "not tracked" in info["drift_note"]
+
+
+@pytest.mark.parametrize("extra", [["--seed", "99999999999999999999999"],  # was an OverflowError in the seeding
+                                   ["--threads", "99999999999999999999999"],  # was an OverflowError in torch
+                                   ["--simulated", "99999999999999999999999"],  # simulated for ever
+                                   ["--clip-length", "1"], ["--lr", "nan"], ["--val-fraction", "1"]])
+def test_track_train_bad_numbers_are_refused_by_the_parser(tmp_path, capsys, extra):
+    with pytest.raises(SystemExit) as exc:
+        run_cli(["track", "train", "--simulated", "1", "--out", str(tmp_path / "m"), *extra])
+    assert exc.value.code == 2
+    assert f"argument {extra[0]}" in _one_line(capsys.readouterr().err)
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_reconstruction_of_the_prediction_uses_the_estimate(tmp_path, capsys):
+    """The output keeps the input's tracking (ProbeToTracker, ReferenceToTracker), yet a volume
+    made from it is the volume of the estimate alone."""
+    from FreehandUSLib import TrackedSequence
+    from FreehandUSLib.io import read_volume
+
+    sim = tiny_sweep(seed=4, n_frames=10, length_mm=2.5).sequence
+    reference_to_tracker = np.eye(4)
+    reference_to_tracker[:3, 3] = (10.0, -20.0, 30.0)
+    valid = np.ones(sim.n_frames, bool)
+    plus = TrackedSequence(frames=sim.frames, timestamps_s=sim.timestamps_s, transforms={
+        "ProbeToTracker": (reference_to_tracker @ sim.transforms["ProbeToReference"].matrices, valid),
+        "ReferenceToTracker": (np.repeat(reference_to_tracker[None], sim.n_frames, 0), valid)})
+    calib = tmp_path / "calib.json"
+    calib.write_text(json.dumps({"ImageToProbe": sim.transforms["ImageToProbe"].matrices[0].tolist()}))
+    est = tmp_path / "est.igs.mha"
+    assert run_cli(["track", "predict", str(write_sequence(plus, tmp_path / "plus.igs.mha")), "--model",
+                    "decorrelation", "--image-to-probe", str(calib), "--out", str(est)]) == 0
+    estimate = read_sequence(est)
+    alone = TrackedSequence(frames=estimate.frames, timestamps_s=estimate.timestamps_s,
+                            transforms={"ImageToReference": (estimate.transforms["ImageToReference"].matrices, valid)})
+    volumes = []
+    for path in (est, write_sequence(alone, tmp_path / "alone.igs.mha")):
+        assert run_cli(["reconstruct", str(path), "--out", str(path) + ".mha", "--spacing", "0.3"]) == 0
+        volumes.append(read_volume(str(path) + ".mha"))
+    capsys.readouterr()
+    np.testing.assert_allclose(volumes[0].origin_mm, volumes[1].origin_mm)
+    np.testing.assert_array_equal(volumes[0].voxels, volumes[1].voxels)

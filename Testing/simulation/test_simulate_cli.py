@@ -27,15 +27,21 @@ def test_simulate_sweep_checks_its_arguments_before_simulating(tmp_path, capsys,
     monkeypatch.setattr(sweep, "simulate_sweep", no_work)
     assert main(["simulate", "sweep", "--out", str(tmp_path / "x.bmp"), *SMALL]) == 2
     assert "unknown file type" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("")
     assert main(["simulate", "sweep", "--out", str(tmp_path / "x.igs.mha"), "--config-out",
-                 str(tmp_path / "no" / "c.json"), *SMALL]) == 2
+                 str(tmp_path / "a_file" / "c.json"), *SMALL]) == 2
     err = capsys.readouterr().err
-    assert "--config-out" in err and err.count("\n") == 1
+    assert "--config-out" in err and "not a folder" in err and err.count("\n") == 1
+    assert main(["simulate", "sweep", "--out", str(tmp_path / "a_file" / "x.igs.mha"), *SMALL]) == 2
+    assert "not a folder" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("extra", [["--frames", "1"], ["--rows", "0"], ["--fps", "0"], ["--fps", "nan"],
                                    ["--depth-mm", "-5"], ["--length-mm", "inf"], ["--seed", "-1"],
-                                   ["--scatterers-per-cell", "0"], ["--frequency-mhz", "nan"]])
+                                   ["--scatterers-per-cell", "0"], ["--frequency-mhz", "nan"],
+                                   ["--depth-mm", "1e-300"],  # was a ValueError traceback
+                                   ["--elevation-sigma-mm", "1e-300"],  # was a numba TypingError traceback
+                                   ["--seed", "99999999999999999999999"]])
 def test_simulate_sweep_bad_numbers_are_refused_by_the_parser(tmp_path, capsys, extra):
     with pytest.raises(SystemExit) as exc:
         main(["simulate", "sweep", "--out", str(tmp_path / "x.igs.mha"), *extra])

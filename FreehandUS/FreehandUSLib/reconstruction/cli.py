@@ -26,6 +26,7 @@ import numpy as np
 
 from ..cli_support import (
     add_progress_option,
+    check_output_path,
     finite_float,
     index,
     int_in,
@@ -35,6 +36,7 @@ from ..cli_support import (
     progress_bar,
     progress_enabled,
     spacing_mm,
+    threads,
 )
 from ..errors import ConfigError, FileFormatError
 from .config import COMPOUNDINGS, INTERPOLATIONS, HoleFillingElement, ReconstructionOptions
@@ -102,16 +104,12 @@ def _check_extent(extent):
 
 
 def _check_output(out: Path, *, flag: str = "--out") -> None:
-    """Refuse an output path whose folder is missing or is not a folder, or which is a folder,
-    before any work (``--out nodir/x.mha``)."""
+    """Before any work: an output volume name with a volume extension, whose folder exists or can
+    be made (``--out nodir/x.mha`` makes ``nodir``)."""
     from ..io import sequence_format
 
-    if out.is_dir():
-        raise FileFormatError(f"{flag} {out}: is a folder; give a volume file name (.mha, .mhd, .nrrd, .nhdr)")
+    check_output_path(out, flag=flag, what="volume file (.mha, .mhd, .nrrd, .nhdr)")
     sequence_format(out)  # unknown extension -> FileFormatError
-    parent = out.parent
-    if not parent.is_dir():
-        raise FileFormatError(f"{flag} {out}: folder {parent} does not exist (create it first)")
 
 
 def _channel_path(out: Path, name: str) -> Path:
@@ -201,6 +199,9 @@ def run_reconstruct(args) -> int:
         result = reconstruct_volume(sequence, transforms, options, progress=progress)
     written = {}
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if args.weight_out:
+            Path(args.weight_out).parent.mkdir(parents=True, exist_ok=True)
         for c, (name, volume) in enumerate(zip(result.channel_names, result.volumes)):
             path = out if c == 0 else _channel_path(out, name)
             written[name] = write_volume(volume, path)
@@ -260,7 +261,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--pixel-rejection-threshold", type=finite_float, help="skip pixels darker than this")
     p.add_argument("--skip-interval", type=positive_int, help="use every n-th frame")
     p.add_argument("--importance-mask", help="importance mask image for --compounding importance_mask")
-    p.add_argument("--threads", type=positive_int, help="worker threads (default: all cores; results do not change)")
+    p.add_argument("--threads", type=threads, help="worker threads (default: all cores; results do not change)")
     p.add_argument("--memory-budget-gib", type=positive_float, help="refuse volumes needing more memory (default 4)")
     p.add_argument("--grid-alignment", choices=("plus", "snap"), help="automatic grid: PLUS's or spacing-aligned")
     p.add_argument("--emulate-plus", action="store_true", help="reproduce PLUS's arithmetic (to compare with PLUS)")

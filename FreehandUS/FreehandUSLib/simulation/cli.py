@@ -18,15 +18,15 @@ from pathlib import Path
 
 from ..cli_support import (
     add_progress_option,
+    check_output_path,
+    float_in,
     int_in,
-    non_negative_float,
-    non_negative_int,
-    positive_float,
-    positive_int,
     progress_bar,
     progress_enabled,
+    seed,
+    write_text_atomic,
 )
-from ..errors import FileFormatError, FreehandUSError
+from ..errors import FreehandUSError
 
 __all__ = ["add_simulate_sweep", "run_simulate_sweep", "photoacoustic_path"]
 
@@ -52,12 +52,7 @@ def _output_path(text: str) -> Path:
     if out.is_dir() or text.endswith(("/", "\\")):
         out = out / "sweep.igs.mha"
     sequence_format(out)  # unknown extension -> FileFormatError before any work
-    parent = out.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if parent.exists() and not parent.is_dir():
-        raise FileFormatError(f"--out {text}: {parent} is a file, not a folder")
-    return out
+    return check_output_path(out, what="sequence file")
 
 
 def add_simulate_sweep(simulate_subparsers):
@@ -72,21 +67,21 @@ def add_simulate_sweep(simulate_subparsers):
     )
     p.add_argument("--out", required=True,
                    help="output sequence (.igs.mha, .igs.nrrd, .seq.nrrd, .h5), or a folder (gets sweep.igs.mha)")
-    p.add_argument("--seed", type=non_negative_int, default=0, help="random seed of everything not given (default 0)")
+    p.add_argument("--seed", type=seed, default=0, help="random seed of everything not given (default 0)")
     p.add_argument("--frames", type=int_in(2, 100_000), help="number of frames (default: random 150-400)")
-    p.add_argument("--length-mm", type=non_negative_float, help="path length in mm (default: random 50-250)")
+    p.add_argument("--length-mm", type=float_in(0.0, 10_000.0), help="path length in mm (default: random 50-250)")
     p.add_argument("--shape", choices=["straight", "C", "S"], help="sweep shape (default: random)")
     p.add_argument("--probe", choices=["random", "default"], default="random",
                    help="random probe parameters (default) or the fixed default probe")
     p.add_argument("--geometry", choices=["linear", "convex"], help="probe geometry")
     p.add_argument("--rows", type=int_in(8, 8192), help="image rows (default 256)")
     p.add_argument("--cols", type=int_in(8, 8192), help="image columns (default 256)")
-    p.add_argument("--depth-mm", type=positive_float, help="imaging depth in mm")
-    p.add_argument("--frequency-mhz", type=positive_float, help="centre frequency in MHz")
-    p.add_argument("--elevation-sigma-mm", type=positive_float,
+    p.add_argument("--depth-mm", type=float_in(1.0, 1000.0), help="imaging depth in mm")
+    p.add_argument("--frequency-mhz", type=float_in(0.1, 100.0), help="centre frequency in MHz")
+    p.add_argument("--elevation-sigma-mm", type=float_in(0.01, 100.0),
                    help="elevational PSF sigma in mm (= sigma of the decorrelation curve)")
-    p.add_argument("--scatterers-per-cell", type=positive_float, default=10.0, help="scatterers per resolution cell (default 10)")
-    p.add_argument("--fps", type=positive_float, default=20.0, help="frame rate for the timestamps (default 20)")
+    p.add_argument("--scatterers-per-cell", type=float_in(0.0, 1000.0, low_open=True), default=10.0, help="scatterers per resolution cell (default 10)")
+    p.add_argument("--fps", type=float_in(0.0, 10_000.0, low_open=True), default=20.0, help="frame rate for the timestamps (default 20)")
     p.add_argument("--photoacoustic", action="store_true",
                    help="also write photoacoustic frames (absorbers in vessels) to <out>_pa.<ext>")
     p.add_argument("--config-out", help="also write the full simulation config (JSON) here")
@@ -103,8 +98,8 @@ def run_simulate_sweep(args) -> int:
     from .sweep import random_sweep_config, simulate_sweep
 
     out = _output_path(args.out)
-    if args.config_out and not Path(args.config_out).resolve().parent.is_dir():
-        raise FileFormatError(f"--config-out {args.config_out}: folder {Path(args.config_out).parent} does not exist")
+    if args.config_out:
+        check_output_path(args.config_out, flag="--config-out")
     probe_overrides = {}
     for option, name in (
         ("geometry", "geometry"),
@@ -141,7 +136,10 @@ def run_simulate_sweep(args) -> int:
         raise FreehandUSError(str(exc)) from exc
 
     with progress_bar(progress_enabled(args), "simulate", total=cfg.trajectory.n_frames) as progress:
-        result = simulate_sweep(cfg, progress=progress)
+        try:
+            result = simulate_sweep(cfg, progress=progress)
+        except ValueError as exc:  # settings that do not fit together
+            raise FreehandUSError(str(exc)) from exc
     out.parent.mkdir(parents=True, exist_ok=True)
     written = {}
     try:
@@ -149,7 +147,8 @@ def run_simulate_sweep(args) -> int:
         if result.photoacoustic is not None:
             written["photoacoustic"] = write_sequence(result.photoacoustic_sequence(), photoacoustic_path(out))
         if args.config_out:
-            Path(args.config_out).write_text(json.dumps(result.config.to_dict(), indent=2))
+            Path(args.config_out).parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(args.config_out, json.dumps(result.config.to_dict(), indent=2))
             written["config"] = Path(args.config_out)
     except BaseException:  # interrupted or failed: no half set of outputs
         for path in written.values():
