@@ -28,7 +28,7 @@ from FreehandUSLib.reconstruction.kernels import (
 )
 from FreehandUSLib.reconstruction.reference import insert_frames_numpy
 
-U8, F32, U32, F64 = (np.dtype(t) for t in (np.uint8, np.float32, np.uint32, np.float64))
+U8, U16, F32, U32, F64 = (np.dtype(t) for t in (np.uint8, np.uint16, np.float32, np.uint32, np.float64))
 
 
 @pytest.mark.parametrize(
@@ -41,12 +41,16 @@ U8, F32, U32, F64 = (np.dtype(t) for t in (np.uint8, np.float32, np.uint32, np.f
         ("max", True, U8, False, (U8, F32, None)),
         ("mean", True, U8, False, (F64, F64, None)),
         ("importance_mask", False, U8, False, (F64, F64, None)),
-        ("max", False, U8, True, (F64, F64, None)),
+        # PLUS emulation: PLUS's own buffers (the output type, its 16-bit accumulation buffer)
+        ("max", False, U8, True, (U8, U16, None)),
+        ("mean", True, U8, True, (U8, U16, None)),
+        ("latest", True, F32, True, (F32, U16, None)),
+        ("importance_mask", False, U8, True, (F64, F64, None)),
     ],
 )
 def test_accumulator_types(mode, linear, frames, emulate, expected):
     assert accumulator_types(MODE_CODES[mode], linear, frames, emulate_plus=emulate) == expected
-    assert accumulator_types(MODE_MEAN_PLUS, False, U8) == (F64, F64, None)
+    assert accumulator_types(MODE_MEAN_PLUS, False, U8) == (U8, U16, None)
     assert SUM_LIMIT_UINT8 * 255 == 2**32 - 1  # the documented bound fills uint32 exactly
 
 

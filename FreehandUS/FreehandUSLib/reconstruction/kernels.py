@@ -29,8 +29,9 @@ nearest max / latest   the frames' type (the value  uint32                      
 linear max / latest    the frames' type             float32 (sum of weights;      values exact; weights
                                                     coverage map only)            to float32 precision
 linear mean,           float64                      float64                       float64 sums, as before
-importance mask,
-PLUS emulation
+importance mask
+PLUS emulation         the frames' type (PLUS's      uint16 (PLUS's accumulation   as PLUS (saturating)
+                       running value)               buffer)
 =====================  ===========================  ============================  ==========================
 
 The bound for uint8 sums is ``(2**32 - 1) // 255 = 16,843,009`` contributions (255 times that
@@ -121,6 +122,9 @@ def accumulator_types(mode: int, linear: bool, frame_dtype, *, emulate_plus: boo
     """
     frame_dtype = np.dtype(frame_dtype)
     f64 = np.dtype(np.float64)
+    if (emulate_plus or mode == MODE_MEAN_PLUS) and mode != MODE_IMPORTANCE:
+        # PLUS's own buffers: the output type for the values, its 16-bit accumulation buffer.
+        return frame_dtype, np.dtype(np.uint16), None
     if emulate_plus or mode in (MODE_IMPORTANCE, MODE_MEAN_PLUS):
         return f64, f64, None
     if mode == MODE_MEAN:
@@ -634,6 +638,67 @@ def _frame_spans(mats, n, rr, nk, linear, n_groups, group, slab, spans):
 
 
 @njit(nogil=True, cache=True)
+def _nearest_span_fixed(frames, f, y, xa, xb, s0, s1, bi, bj, bk, ai, aj, ak, acc, weight,
+                        klo, khi, mode, use_reject, reject, int_out):
+    """:func:`_nearest_span` in PLUS's fixed point, with PLUS's integer arithmetic.
+
+    The voxel is ``(p + 2**13) >> 14`` of the integer position ``p = b + x a`` in units of
+    2**-14 (PLUS's fixed-point round). Mean: PLUS's running mean ``(256 new + buffer old) //
+    (buffer + 256)`` in integers (uint8 frames), the 16-bit buffer 256 more per hit until it
+    passes 65279, then ``new/256 + old*255/256`` truncated (first channel, as PLUS); max /
+    latest: the value compared / replaced, the buffer set to 256. Same results as
+    :func:`_nearest_span` with ``fixed_point``.
+    """
+    nk, nj, ni, nc = acc.shape
+    half = 8192
+    bi_q = np.int64(bi * FIXED_POINT_SCALE) + half
+    bj_q = np.int64(bj * FIXED_POINT_SCALE) + half
+    bk_q = np.int64(bk * FIXED_POINT_SCALE) + half
+    ai_q = np.int64(ai * FIXED_POINT_SCALE)
+    aj_q = np.int64(aj * FIXED_POINT_SCALE)
+    ak_q = np.int64(ak * FIXED_POINT_SCALE)
+    inserted = 0
+    for x in range(xa, xb + 1):
+        if s0 <= x <= s1:
+            continue
+        kk = (bk_q + x * ak_q) >> 14
+        if kk < klo or kk > khi:
+            continue
+        ii = (bi_q + x * ai_q) >> 14
+        if ii < 0 or ii >= ni:
+            continue
+        jj = (bj_q + x * aj_q) >> 14
+        if jj < 0 or jj >= nj:
+            continue
+        if use_reject and _rejected(frames, f, y, x, nc, reject):
+            continue
+        if mode == MODE_MEAN_PLUS:
+            a = weight[kk, jj, ii]
+            if a <= _PLUS_THRESHOLD:
+                newa = a + _PLUS_UNIT
+                if int_out:
+                    ia = np.int64(a)
+                    inew = np.int64(newa)
+                    for c in range(nc):
+                        acc[kk, jj, ii, c] = (np.int64(frames[f, y, x, c]) * 256 + np.int64(acc[kk, jj, ii, c]) * ia) // inew
+                else:
+                    for c in range(nc):
+                        acc[kk, jj, ii, c] = (frames[f, y, x, c] * _PLUS_UNIT + acc[kk, jj, ii, c] * a) / newa
+                weight[kk, jj, ii] = min(newa, _PLUS_MAXIMUM)
+            else:
+                v = frames[f, y, x, 0] * 0.00390625 + acc[kk, jj, ii, 0] * 0.99609375
+                acc[kk, jj, ii, 0] = math.floor(v) if int_out else v
+        else:
+            for c in range(nc):
+                v = frames[f, y, x, c]
+                if mode == MODE_LATEST or v > acc[kk, jj, ii, c]:
+                    acc[kk, jj, ii, c] = v
+            weight[kk, jj, ii] = _PLUS_UNIT
+        inserted += 1
+    return inserted
+
+
+@njit(nogil=True, cache=True)
 def _insert_nearest(frames, frame_ids, mats, ranges, mask_ids, importance, use_reject, reject,
                     mode, int_out, fixed_point, acc, weight, counts, n_groups, group, slab, spans):
     """Nearest-neighbour insertion of ``frames[frame_ids]`` into this worker's slabs."""
@@ -648,6 +713,11 @@ def _insert_nearest(frames, frame_ids, mats, ranges, mask_ids, importance, use_r
             bi = mats[n, 0, 2] + y * mats[n, 0, 1]
             bj = mats[n, 1, 2] + y * mats[n, 1, 1]
             bk = mats[n, 2, 2] + y * mats[n, 2, 1]
+            if fixed_point and mode != MODE_IMPORTANCE:
+                total += _nearest_span_fixed(frames, f, y, spans[q, 1], spans[q, 2], rr[y, 2], rr[y, 3], bi, bj, bk,
+                                             mats[n, 0, 0], mats[n, 1, 0], mats[n, 2, 0], acc, weight, spans[q, 3],
+                                             spans[q, 4], mode, use_reject, reject, int_out)
+                continue
             total += _nearest_span(frames, f, y, spans[q, 1], spans[q, 2], rr[y, 2], rr[y, 3], bi, bj, bk,
                                    mats[n, 0, 0], mats[n, 1, 0], mats[n, 2, 0], acc, weight, spans[q, 3],
                                    spans[q, 4], mode, importance, use_reject, reject, int_out, fixed_point)
