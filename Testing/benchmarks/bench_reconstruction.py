@@ -423,7 +423,7 @@ def _commit() -> dict:
 
     changed = git("status", "--porcelain", "--", "FreehandUS")
     return {"commit": git("log", "-1", "--format=%h %s"),
-            "uncommitted_library_files": changed.splitlines() if changed else []}
+            "uncommitted_library_files": [line.strip() for line in changed.splitlines()] if changed else []}
 
 
 def side_by_side(exe, *, frame_counts, threads_list, modes, repeats, workdir) -> list:
@@ -501,10 +501,14 @@ def igsio_markdown(report) -> str:
     if "skipped" in report:
         return "\n".join(lines + [f"Skipped: {report['skipped']}", ""])
     m = report["machine"]
+
+    def commit(c):
+        files = c["uncommitted_library_files"]
+        return c["commit"] + (f" (uncommitted: {', '.join(files)})" if files else "")
+
+    start, end = commit(report["commit"]), commit(report.get("commit_at_end", report["commit"]))
     lines += [
-        f"- commit: {report['commit']['commit']}"
-        + (f" (uncommitted: {', '.join(report['commit']['uncommitted_library_files'])})"
-           if report["commit"]["uncommitted_library_files"] else ""),
+        f"- commit: {start}" + ("" if end == start else f"; at the end: {end}"),
         f"- machine: {m['cpus']} CPUs, Python {m['python']}; load average (1/5/15 min) before "
         f"{'/'.join(f'{v:.2f}' for v in m['load_start'])}, after {'/'.join(f'{v:.2f}' for v in m['load_end'])}",
         f"- SpinePhantomFreehand repeated; ours: `freehandus reconstruct --emulate-plus`; IGSIO: {report['igsio']}",
@@ -548,6 +552,7 @@ def run_igsio_side_by_side(args) -> dict:
             report["rows"] = side_by_side(exe, frame_counts=args.igsio_frames, threads_list=args.igsio_threads,
                                           modes=args.igsio_modes, repeats=args.igsio_repeats, workdir=tmp)
         report["machine"]["load_end"] = list(load())
+        report["commit_at_end"] = _commit()  # the working tree may change during a long run
     if "skipped" in report:
         print(f"IGSIO side by side skipped: {report['skipped']}", flush=True)
     out = Path(args.igsio_out)
