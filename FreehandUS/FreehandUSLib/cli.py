@@ -10,6 +10,7 @@ Numbers are checked by argparse with the types of :mod:`.cli_support`.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -106,7 +107,50 @@ def _cmd_demo(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+#: The commands the other parts register, and where: ``module, function`` (imported only when
+#: needed, so that e.g. ``freehandus reconstruct`` does not import torch, opencv or the
+#: OpenIGTLink code). ``simulate`` is assembled from two parts (see :func:`_add_simulate`).
+_REGISTRARS = {
+    "reconstruct": ("FreehandUSLib.reconstruction.cli", "add_parser"),
+    "detect": ("NWireCalibrationLib.cli", "add_parsers"),
+    "calibrate": ("NWireCalibrationLib.cli", "add_parsers"),
+    "simulate": None,
+    "track": ("SensorlessTrackingLib.cli", "add_parsers"),
+    "serve": ("FreehandUSLib.igtl.cli", "add_parsers"),
+    "record": ("FreehandUSLib.igtl.cli", "add_parsers"),
+    "calibrate-live": ("FreehandUSLib.igtl.live_calibration", "add_live_calibration_parser"),
+}
+
+
+def _add_simulate(sub) -> None:
+    from NWireCalibrationLib.cli import add_simulate_nwire
+
+    from .simulation.cli import add_simulate_sweep
+
+    simulate = sub.add_parser("simulate", help="generate tracked acquisitions with known truth")
+    simulate_sub = simulate.add_subparsers(dest="what", required=True, metavar="WHAT")
+    add_simulate_nwire(simulate_sub)
+    add_simulate_sweep(simulate_sub)
+
+
+def _requested_command(argv) -> str | None:
+    """The command word of ``argv`` (its first argument that is not an option), if any."""
+    for word in sys.argv[1:] if argv is None else argv:
+        if not str(word).startswith("-"):
+            return str(word)
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``freehandus`` parser.
+
+    Parameters
+    ----------
+    command : str, optional
+        Register only this command's parser when it is one of the other parts' commands (a
+        command runs without importing the code of the others); default, or for an unknown
+        word: every command (``--help`` lists them all).
+    """
     parser = ArgumentParser(
         prog="freehandus",
         description="Freehand 3D ultrasound: calibration, reconstruction, sensorless tracking, streams.",
@@ -142,26 +186,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_progress_option(p)
     p.set_defaults(func=_cmd_demo)
 
-    # Subcommands of the other parts register themselves (their modules import only argparse
-    # at this point, so `freehandus --help` stays fast and works without torch).
-    from NWireCalibrationLib.cli import add_parsers as add_calibration_parsers
-    from NWireCalibrationLib.cli import add_simulate_nwire
-    from SensorlessTrackingLib.cli import add_parsers as add_tracking_parsers
-
-    from .igtl.cli import add_parsers as add_stream_parsers
-    from .igtl.live_calibration import add_live_calibration_parser
-    from .reconstruction.cli import add_parser as add_reconstruct_parser
-    from .simulation.cli import add_simulate_sweep
-
-    add_reconstruct_parser(sub)
-    add_calibration_parsers(sub)
-    simulate = sub.add_parser("simulate", help="generate tracked acquisitions with known truth")
-    simulate_sub = simulate.add_subparsers(dest="what", required=True, metavar="WHAT")
-    add_simulate_nwire(simulate_sub)
-    add_simulate_sweep(simulate_sub)
-    add_tracking_parsers(sub)
-    add_stream_parsers(sub)
-    add_live_calibration_parser(sub)
+    # The other parts' commands, each registered by its own module (in this order for --help).
+    wanted = [command] if command in _REGISTRARS else list(_REGISTRARS)
+    done = set()
+    for name in wanted:
+        registrar = _REGISTRARS[name]
+        if registrar is None:
+            _add_simulate(sub)
+            continue
+        if registrar in done:  # one function registers several commands
+            continue
+        done.add(registrar)
+        module_name, function = registrar
+        getattr(importlib.import_module(module_name), function)(sub)
     return parser
 
 
@@ -191,7 +228,7 @@ def main(argv=None) -> int:
     interrupted (Ctrl-C). Outputs are written to temporary names and renamed when complete, so
     an interrupted command leaves no truncated file under the name asked for.
     """
-    parser = build_parser()
+    parser = build_parser(_requested_command(argv))
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,

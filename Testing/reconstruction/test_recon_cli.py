@@ -21,8 +21,8 @@ def main(monkeypatch):
     """``freehandus`` main with the reconstruct subcommand (whether or not cli.py wires it yet)."""
     original = main_cli.build_parser
 
-    def build():
-        parser = original()
+    def build(*args, **kwargs):
+        parser = original(*args, **kwargs)
         sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         if "reconstruct" not in sub.choices:
             add_parser(sub)
