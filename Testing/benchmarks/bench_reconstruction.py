@@ -426,16 +426,13 @@ def _commit() -> dict:
             "uncommitted_library_files": [line.strip() for line in changed.splitlines()] if changed else []}
 
 
-def side_by_side(exe, *, frame_counts, threads_list, modes, repeats, workdir) -> list:
+def side_by_side(exe, ours_cli, *, frame_counts, threads_list, modes, repeats, workdir) -> list:
     """Paired whole-process timings of ours and IGSIO's on the spine recording repeated to each of
     ``frame_counts``, per mode of :data:`IGSIO_MODES` and thread count; medians of ``repeats``
     runs, the order alternating (ours first on even runs). Each (mode, threads) first runs once
     untimed at the smallest frame count (JIT cache, file cache); its times are kept apart."""
     from FreehandUSLib.io import read_sequence, write_sequence
 
-    ours_cli = Path(sys.executable).with_name("freehandus")
-    if not ours_cli.is_file():
-        raise FileNotFoundError(f"{ours_cli} not found: run with the project's .venv/bin/python")
     workdir = Path(workdir)
     spine = read_sequence(SPINE_SEQUENCE)
     rows, warmed = [], set()
@@ -541,16 +538,20 @@ def run_igsio_side_by_side(args) -> dict:
     import tempfile
 
     exe, why = igsio_executable()
+    ours_cli = Path(sys.executable).with_name("freehandus")  # the project's entry point beside its python
     if exe is None:
         report = {"skipped": why}
+    elif not ours_cli.is_file():
+        report = {"skipped": f"{ours_cli} not found: run the benchmark with the project's .venv/bin/python"}
     elif not SPINE_SEQUENCE.is_file():
         report = {"skipped": f"PLUS data not found: {SPINE_SEQUENCE}"}
     else:
         report = {"igsio": str(exe), "repeats": args.igsio_repeats, "commit": _commit(),
                   "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load_start": list(load())}}
         with tempfile.TemporaryDirectory(prefix="bench_igsio_") as tmp:
-            report["rows"] = side_by_side(exe, frame_counts=args.igsio_frames, threads_list=args.igsio_threads,
-                                          modes=args.igsio_modes, repeats=args.igsio_repeats, workdir=tmp)
+            report["rows"] = side_by_side(exe, ours_cli, frame_counts=args.igsio_frames,
+                                          threads_list=args.igsio_threads, modes=args.igsio_modes,
+                                          repeats=args.igsio_repeats, workdir=tmp)
         report["machine"]["load_end"] = list(load())
         report["commit_at_end"] = _commit()  # the working tree may change during a long run
     if "skipped" in report:

@@ -48,7 +48,8 @@ def test_mode_config_reads_back_as_that_mode(tmp_path, mode):
     # the calibration and Phantom->Reference of the template are kept
     assert config.coordinate_definitions.repository_fixed() is not None
     if mode == "LN_MAXI":  # the same settings as PLUS's own LN_MAXI config
-        plus = read_plus_config(plus_file("ConfigFiles/PlusDeviceSet_VolumeReconstructionOnly_SpinePhantom_LN_MAXI.xml"))
+        ln_maxi = plus_file("ConfigFiles/PlusDeviceSet_VolumeReconstructionOnly_SpinePhantom_LN_MAXI.xml")
+        plus = read_plus_config(ln_maxi)
         assert options_from_plus_config(plus, number_of_threads=2) == opts
 
 
@@ -122,6 +123,12 @@ def test_without_the_executable_the_section_says_why_and_writes_it(tmp_path, mon
     assert json.loads((tmp_path / "out" / "igsio.json").read_text()) == report
     assert "Skipped: " + report["skipped"] in (tmp_path / "out" / "igsio.md").read_text()
     assert "IGSIO side by side skipped" in capsys.readouterr().out
+
+    # an IGSIO build but no freehandus beside the running python
+    monkeypatch.setenv(bench.IGSIO_ENV, str(not_exe))
+    monkeypatch.setattr(bench.sys, "executable", str(tmp_path / "bin" / "python"))
+    report = bench.run_igsio_side_by_side(args)
+    assert report["skipped"].startswith(f"{tmp_path / 'bin' / 'freehandus'} not found")
 
 
 def test_markdown_table_has_one_row_per_case_with_the_ratio():
