@@ -214,6 +214,8 @@ def _image_size_arg(args, spacing_mm: float) -> tuple[int, int]:
         size = ()
     if len(size) != 2:
         raise FreehandUSError(f"--image-size takes ROWS COLS (two integers) or 'fit', got {' '.join(values)}")
+    if any(v < 16 or v % 16 for v in size):
+        raise FreehandUSError(f"--image-size: ROWS and COLS must be multiples of 16 (>= 16), got {size[0]} {size[1]}")
     return size
 
 

@@ -253,3 +253,16 @@ def test_reconstruct_progress_only_on_request_or_a_terminal(tmp_path, capsys, ma
     assert main(argv + ([flag] if flag else [])) == 0
     err = capsys.readouterr().err
     assert ("reconstruct:" in err and "\r" in err) == shown, err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--extent", "5", "1", "0", "1", "0", "1"], "--extent: i1 = 1 is below i0 = 5"),
+    (["--fan-radius", "10", "5"], "--fan-radius: expected 0 <= start < stop"),
+    (["--image-to-reference-transform", "nonsense"], "--image-to-reference-transform: expected a name"),
+])
+def test_reconstruct_messages_name_the_flags(tmp_path, capsys, main, extra, message):
+    seq_path, calib = _probe_sweep(tmp_path)
+    assert main(["reconstruct", str(seq_path), "--image-to-probe", str(calib), "--out", str(tmp_path / "v.mha"),
+                 *extra]) == 2
+    err = _one_line(capsys.readouterr().err)
+    assert message in err and "_px" not in err and "output_extent" not in err

@@ -157,6 +157,9 @@ def test_track_train_fits_the_input_to_the_recordings(tmp_path, capsys):
     for bad in (["48"], ["48", "x"], ["fit", "48"]):
         assert run_cli(["track", "train", *map(str, paths), "--out", str(tmp_path / "b"), "--image-size", *bad, *small]) == 2
         assert "ROWS COLS (two integers) or 'fit'" in capsys.readouterr().err
+    for bad in (["40", "48"], ["0", "0"]):  # the flag named, not ModelConfig.image_size
+        assert run_cli(["track", "train", *map(str, paths), "--out", str(tmp_path / "b"), "--image-size", *bad, *small]) == 2
+        assert "--image-size: ROWS and COLS must be multiples of 16" in capsys.readouterr().err
     assert not (tmp_path / "s").exists() and not (tmp_path / "b").exists()
 
 

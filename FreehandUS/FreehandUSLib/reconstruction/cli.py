@@ -120,6 +120,31 @@ def _channel_path(out: Path, name: str) -> Path:
     return out.with_name(text + f"_{name}")
 
 
+#: The flag of each :class:`ReconstructionOptions` field set on the command line (for messages).
+FLAG_OF_OPTION = {
+    "output_spacing_mm": "--spacing", "output_origin_mm": "--origin", "output_extent": "--extent",
+    "interpolation": "--interpolation", "compounding": "--compounding", "clip_rectangle_origin_px": "--clip-origin",
+    "clip_rectangle_size_px": "--clip-size", "fan_angles_deg": "--fan-angles", "fan_origin_px": "--fan-origin",
+    "fan_radius_start_px": "--fan-radius", "fan_radius_stop_px": "--fan-radius",
+    "fan_angles_auto_detect": "--fan-auto-detect", "pixel_rejection_threshold": "--pixel-rejection-threshold",
+    "skip_interval": "--skip-interval", "image_to_reference_transform": "--image-to-reference-transform",
+    "importance_mask_file": "--importance-mask", "number_of_threads": "--threads",
+    "memory_budget_bytes": "--memory-budget-gib", "grid_alignment": "--grid-alignment",
+    "emulate_plus": "--emulate-plus", "engine": "--engine", "fill_holes": "--fill-holes",
+}
+
+
+def _with_flag_name(exc: ConfigError, overrides: dict) -> ConfigError:
+    """``exc`` with the option field names of values given on the command line replaced by their
+    flags (``output_extent: ...`` -> ``--extent: ...``); names of values from the PLUS config stay."""
+    text = str(exc)
+    for field in sorted(FLAG_OF_OPTION, key=len, reverse=True):
+        if overrides.get(field) is not None:
+            text = text.replace(field, FLAG_OF_OPTION[field])
+    text = text.replace("--fan-radius/--fan-radius", "--fan-radius")
+    return exc if text == str(exc) else type(exc)(text)
+
+
 def _budget_bytes(gib: float) -> int:
     """--memory-budget-gib -> bytes (refuses budgets beyond what any machine has: 1 EiB)."""
     if gib > 2.0**30:
@@ -193,7 +218,10 @@ def run_reconstruct(args) -> int:
         overrides["fill_holes"] = args.fill_holes
         if args.fill_holes and not options.hole_filling:
             overrides["hole_filling"] = DEFAULT_HOLE_FILLING
-    options = options.replace(**overrides)
+    try:
+        options = options.replace(**overrides)
+    except ConfigError as exc:  # name the flag that gave the value, not the option's field
+        raise _with_flag_name(exc, overrides) from exc
     sequence = read_sequence(args.sequence)
     with progress_bar(progress_enabled(args), "reconstruct", total=sequence.n_frames) as progress:
         result = reconstruct_volume(sequence, transforms, options, progress=progress)
