@@ -41,6 +41,7 @@ Example (3D Slicer Python console)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -50,7 +51,7 @@ import numpy as np
 import vtk
 from vtk.util import numpy_support
 
-from . import mrml
+from . import jobs, mrml
 from .errors import FreehandUSError, SequenceError, TransformError
 from .reconstruction import (
     IncrementalReconstructor,
@@ -603,6 +604,7 @@ def reconstruct_browser_to_volume_node(
     config=None,
     options: ReconstructionOptions | None = None,
     progress=None,
+    cancel=None,
     **overrides,
 ) -> ReconstructionResult:
     """Reconstruct the recording held by a sequence browser into a volume node.
@@ -635,6 +637,10 @@ def reconstruct_browser_to_volume_node(
         Starting options (instead of the defaults / the config's).
     progress : callable(done, total), optional
         Called after each batch of inserted frames (raise in it to cancel).
+    cancel : FreehandUSLib.jobs.CancelToken, optional
+        Checked at every progress step (every batch of frames): once set, the call stops with
+        :class:`~FreehandUSLib.jobs.Cancelled` and the nodes it added (a new output volume)
+        are removed; given output nodes are written only at the end, so they stay as they were.
     **overrides
         Option fields, e.g. ``output_spacing_mm=0.5``, ``interpolation="linear"``,
         ``compounding="max"``, ``fill_holes=True``, ``fan_angles_deg=(-30, 30)``,
@@ -660,6 +666,15 @@ def reconstruct_browser_to_volume_node(
     VolumeTooLargeError
         The grid exceeds the memory budget (the message suggests a spacing that fits).
     """
+    if cancel is not None:
+        cancel.check()
+        scene = None if browser_node is None else browser_node.GetScene()
+        with jobs.scene_rollback(scene) if scene is not None else contextlib.nullcontext():
+            return reconstruct_browser_to_volume_node(
+                browser_node, output_volume_node, image_to_probe_node=image_to_probe_node, roi_node=roi_node,
+                coverage_volume_node=coverage_volume_node, config=config, options=options,
+                progress=jobs.cancellable_progress(progress, cancel), **overrides,
+            )
     if browser_node is None:
         raise ReconstructionError(
             "no sequence browser given: select the tracked recording (a vtkMRMLSequenceBrowserNode)"

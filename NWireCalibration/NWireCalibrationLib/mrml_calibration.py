@@ -76,7 +76,7 @@ import numpy as np
 import vtk
 from vtk.util import numpy_support
 
-from FreehandUSLib import mrml
+from FreehandUSLib import jobs, mrml
 from FreehandUSLib.errors import FreehandUSError, SequenceError, TransformError
 from FreehandUSLib.io.plus_config import read_plus_config
 from FreehandUSLib.transforms import split_transform_name
@@ -385,7 +385,7 @@ def _spacing_hint(browser_node, sequence, setup: CalibrationSetup, pixel_spacing
 
 
 def detect_browser(browser_node, setup: CalibrationSetup, *, detector: str = "hessian", pixel_spacing_mm=None,
-                   markups_node=None, progress=None) -> DetectionResult:
+                   markups_node=None, progress=None, cancel=None) -> DetectionResult:
     """Detect the phantom's dots in every frame of a recording.
 
     Parameters
@@ -401,6 +401,9 @@ def detect_browser(browser_node, setup: CalibrationSetup, *, detector: str = "he
     markups_node : vtkMRMLMarkupsFiducialNode, optional
         Becomes the overlay of the dots that follows the browser (:func:`dots_to_markups`).
     progress : callable(done, total), optional
+    cancel : FreehandUSLib.jobs.CancelToken, optional
+        Checked after every frame: once set, the call stops with
+        :class:`~FreehandUSLib.jobs.Cancelled` before the overlay is written.
 
     Returns
     -------
@@ -415,6 +418,9 @@ def detect_browser(browser_node, setup: CalibrationSetup, *, detector: str = "he
         No pixel spacing hint (given, in the setup, in the recording, or from the frames'
         IJKToRAS), or ``markups_node`` is not a markups fiducial node.
     """
+    if cancel is not None:
+        cancel.check()
+        progress = jobs.cancellable_progress(progress, cancel)
     if markups_node is not None:
         _check_markups(markups_node)
     setup = _with_registration(setup)
@@ -625,7 +631,7 @@ def calibrate_browsers(calibration_browser, validation_browser, setup: Calibrati
                        phantom_to_reference_node=None, solver: str = "ransac-lm", phantom_pose: str = "auto",
                        detector: str = "hessian", pixel_spacing_mm=None, accuracy_table_node=None,
                        residuals_table_node=None, plot_chart_node=None, calibration_detection=None,
-                       validation_detection=None, progress=None, **solver_options) -> BrowserCalibration:
+                       validation_detection=None, progress=None, cancel=None, **solver_options) -> BrowserCalibration:
     """Calibrate from recordings in sequence browsers and write the result into MRML nodes.
 
     Same computation as :func:`~.pipeline.calibrate` on the browsers' sequences (same
@@ -662,6 +668,10 @@ def calibrate_browsers(calibration_browser, validation_browser, setup: Calibrati
         Reuse detections (e.g. from :func:`detect_browser`) instead of detecting again.
     progress : callable(done, total), optional
         Over the frames of both recordings (detection).
+    cancel : FreehandUSLib.jobs.CancelToken, optional
+        Checked after every detected frame: once set, the call stops with
+        :class:`~FreehandUSLib.jobs.Cancelled` and writes nothing (the output nodes are
+        written after detection and solving; nodes it added are removed).
     **solver_options
         ``ransac_iterations``, ``ransac_threshold_mm``, ``seed``... (:func:`~.pipeline.calibrate_from_points`).
 
@@ -682,6 +692,18 @@ def calibrate_browsers(calibration_browser, validation_browser, setup: Calibrati
     DetectionError
         No pixel spacing hint.
     """
+    if cancel is not None:
+        cancel.check()
+        _check_browser(calibration_browser, "calibration")
+        with jobs.scene_rollback(calibration_browser.GetScene()):
+            return calibrate_browsers(
+                calibration_browser, validation_browser, setup, image_to_probe_node=image_to_probe_node,
+                phantom_to_reference_node=phantom_to_reference_node, solver=solver, phantom_pose=phantom_pose,
+                detector=detector, pixel_spacing_mm=pixel_spacing_mm, accuracy_table_node=accuracy_table_node,
+                residuals_table_node=residuals_table_node, plot_chart_node=plot_chart_node,
+                calibration_detection=calibration_detection, validation_detection=validation_detection,
+                progress=jobs.cancellable_progress(progress, cancel), **solver_options,
+            )
     t0 = time.perf_counter()
     setup = _with_registration(setup, phantom_to_reference_node)
     cal_seq = sequence_from_browser(calibration_browser, role="calibration")

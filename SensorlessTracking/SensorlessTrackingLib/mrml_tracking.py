@@ -59,7 +59,7 @@ from pathlib import Path
 import numpy as np
 import vtk
 
-from FreehandUSLib import mrml, mrml_reconstruction
+from FreehandUSLib import jobs, mrml, mrml_reconstruction
 from FreehandUSLib.errors import FreehandUSError, SequenceError, TransformError
 from FreehandUSLib.reconstruction.errors import InvalidOptionError
 from FreehandUSLib.sequence import TrackedSequence
@@ -77,6 +77,7 @@ __all__ = [
     "trajectory_plot",
     "reconstruct_estimated",
     "train_from_browsers",
+    "start_training_job",
     "summary_text",
     "ESTIMATED_TRANSFORM_NAME",
     "ATTR_ESTIMATE",
@@ -434,6 +435,7 @@ def estimate_trajectory_to_browser(
     batch_size: int = 8,
     mirror_average: str = "none",
     progress=None,
+    cancel=None,
 ) -> dict:
     """Estimate the probe trajectory of a recording and add it to the recording's browser.
 
@@ -468,6 +470,11 @@ def estimate_trajectory_to_browser(
         baseline runs without it (with a warning when it was asked for).
     progress : callable(done, total), optional
         Called after reading (1 of 3), tracking (2) and writing (3).
+    cancel : FreehandUSLib.jobs.CancelToken, optional
+        Checked before every layer a learned model runs (forward pre-hooks) and between the
+        steps: once set, the call stops with :class:`~FreehandUSLib.jobs.Cancelled` and the
+        browser is left as it was (the estimate is written only at the end). The decorrelation
+        baseline is checked only between the steps.
 
     Returns
     -------
@@ -499,6 +506,10 @@ def estimate_trajectory_to_browser(
         Missing or unreadable model file, or a model for another input size (the frames would
         cover less than half of its field of view).
     """
+    done_progress = progress  # the last report comes after writing: it must not cancel
+    if cancel is not None:
+        cancel.check()
+        progress = jobs.cancellable_progress(progress, cancel)
     started = time.perf_counter()
     bname = _check_browser(browser_node)
     _report(progress, 0, 3)
@@ -534,6 +545,10 @@ def estimate_trajectory_to_browser(
         warnings.append("mirror averaging is for learned models; the decorrelation baseline ran without it")
         mirror_average = "none"
     truth = _tracked_image_to_reference(sequence, image_to_probe)
+    hooks = []
+    if cancel is not None and learned:
+        # Every layer checks (a cheap flag test): the fast CPU path calls the model's parts, not its forward.
+        hooks = [m.register_forward_pre_hook(lambda _module, _inputs: cancel.check()) for m in tracker.modules()]
     try:
         result = track_sequence(
             sequence,
@@ -550,6 +565,9 @@ def estimate_trajectory_to_browser(
         if learned:
             raise
         raise SequenceError(f"browser {bname!r}: speckle decorrelation cannot track these frames: {exc}") from exc
+    finally:
+        for hook in hooks:
+            hook.remove()
     if "warning" in result.info:
         warnings.append(str(result.info["warning"]))
     _report(progress, 2, 3)
@@ -599,7 +617,7 @@ def estimate_trajectory_to_browser(
     for text in warnings:
         logger.warning("browser %s: %s", bname, text)
     logger.info("estimated trajectory of %s: %s", bname, summary_text(summary).replace("\n", "; "))
-    _report(progress, 3, 3)
+    _report(done_progress, 3, 3)
     return summary
 
 
@@ -841,7 +859,7 @@ def trajectory_plot(source, scene=None, *, table_node=None, chart_node=None):
 # --------------------------------------------------------------------------------------------
 
 
-def reconstruct_estimated(browser_node, output_volume_node=None, *, progress=None, **options):
+def reconstruct_estimated(browser_node, output_volume_node=None, *, progress=None, cancel=None, **options):
     """Reconstruct a volume from the frames placed by the estimated trajectory.
 
     Calls :func:`FreehandUSLib.mrml_reconstruction.reconstruct_browser_to_volume_node` with
@@ -859,6 +877,9 @@ def reconstruct_estimated(browser_node, output_volume_node=None, *, progress=Non
     output_volume_node : vtkMRMLScalarVolumeNode, optional
         Default: a new ``<browser>EstimatedReconstruction`` node.
     progress : callable(done, total), optional
+    cancel : FreehandUSLib.jobs.CancelToken, optional
+        As for :func:`FreehandUSLib.mrml_reconstruction.reconstruct_browser_to_volume_node`
+        (the new output node is removed when cancelled).
     **options
         Passed on: ``roi_node``, ``coverage_volume_node``, ``config``, ``options`` and
         :class:`~FreehandUSLib.reconstruction.ReconstructionOptions` fields
@@ -882,6 +903,12 @@ def reconstruct_estimated(browser_node, output_volume_node=None, *, progress=Non
         From the reconstruction.
     """
     bname = _check_browser(browser_node)
+    if cancel is not None:
+        cancel.check()
+        with jobs.scene_rollback(browser_node.GetScene()):
+            return reconstruct_estimated(
+                browser_node, output_volume_node, progress=jobs.cancellable_progress(progress, cancel), **options
+            )
     seq_node = find_estimate_sequence(browser_node)
     if seq_node is None:
         raise SequenceError(
@@ -1063,7 +1090,79 @@ def train_from_browsers(
     ValueError
         ``epochs`` < 1, an ``image_size`` that is not two multiples of 16 or ``"fit"``.
     """
-    from .train import TrainConfig, train
+    from .train_job import train_epochs
+
+    cfg, sweeps, out_dir = _training_plan(
+        browser_nodes, out_dir, epochs=epochs, model_config=model_config, init_model=init_model,
+        image_size=image_size, config=config, clips_per_epoch=clips_per_epoch, batch_size=batch_size,
+        val_fraction=val_fraction, lr=lr, seed=seed, device=device, num_threads=num_threads,
+        image_to_probe=image_to_probe,
+    )
+    if progress is None:
+        return train_epochs(cfg, sweeps, out_dir)
+    return train_epochs(cfg, sweeps, out_dir, progress=lambda done, total, _record: progress(done, total))
+
+
+def start_training_job(browser_nodes, out_dir, *, job_dir=None, python=None, **options):
+    """Train on tracked browsers in a separate process; returns the running job at once.
+
+    The sweeps are prepared here from the browsers (as :func:`train_from_browsers` does, with
+    the same options and checks, so a bad input fails at once with the same message), written
+    with the configuration to ``job_dir`` (:func:`~SensorlessTrackingLib.train_job.write_job`)
+    and trained by ``python -m SensorlessTrackingLib.train_job`` with this Python (Slicer's
+    ``PythonSlicer`` in Slicer), so Slicer stays usable.
+
+    Parameters
+    ----------
+    browser_nodes, out_dir
+        As for :func:`train_from_browsers`.
+    job_dir : str or Path, optional
+        Folder for the job files (default: a new temporary folder; ``job.job_dir``).
+    python : str, optional
+        The Python to run (default: this one).
+    **options
+        The keyword options of :func:`train_from_browsers` except ``progress``.
+
+    Returns
+    -------
+    FreehandUSLib.jobs.ProcessJob
+        ``poll()`` gives the JSON events (``progress`` after every epoch with ``done``,
+        ``total``, ``train_loss``, ``val_loss``; then ``done`` with ``checkpoint``, or
+        ``error`` with ``message``); ``cancel()`` kills the process (finished epochs stay in
+        ``out_dir`` and a later run resumes them).
+
+    Raises
+    ------
+    The errors of :func:`train_from_browsers` about its inputs (before any process starts).
+    """
+    import tempfile
+
+    from FreehandUSLib.jobs import ProcessJob
+
+    from .train_job import write_job
+
+    if "progress" in options:
+        raise TypeError("start_training_job: progress comes from the job's events (job.poll()), not a callback")
+    cfg, sweeps, out_dir = _training_plan(browser_nodes, out_dir, **options)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    job_dir = Path(job_dir) if job_dir is not None else Path(tempfile.mkdtemp(prefix="freehandus-train-"))
+    spec = write_job(job_dir, cfg, sweeps, out_dir)
+    # In Slicer the modules' folders are on sys.path only: give them to the child.
+    package_roots = {str(Path(__file__).resolve().parents[1]), str(Path(mrml.__file__).resolve().parents[1])}
+    job = ProcessJob.python_module(
+        "SensorlessTrackingLib.train_job", str(spec), python=python, pythonpath=sorted(package_roots)
+    )
+    job.job_dir = job_dir
+    job.out_dir = out_dir
+    logger.info("training job %d started (%s -> %s)", job.pid, spec, out_dir)
+    return job
+
+
+def _training_plan(browser_nodes, out_dir, *, epochs=None, model_config=None, init_model=None, image_size=None,
+                   config=None, clips_per_epoch=None, batch_size=None, val_fraction=None, lr=None, seed=None,
+                   device=None, num_threads=None, image_to_probe=None):
+    """(TrainConfig, prepared sweeps, out_dir) of :func:`train_from_browsers`, every input checked."""
+    from .train import TrainConfig
 
     if browser_nodes is None:
         raise SequenceError("training: no sequence browsers given (select the tracked recordings to train on)")
@@ -1115,22 +1214,7 @@ def train_from_browsers(
         "training %s on %d browsers (%s), %d epochs -> %s",
         cfg.model.name, len(sweeps), ", ".join(s.name for s in sweeps), cfg.epochs, out_dir,
     )  # fmt: skip
-    if progress is None:
-        return train(cfg, out_dir, sweeps=sweeps, progress=False)
-    # One epoch per call: train() stops after the epoch in which max_minutes passed (0 = the
-    # first) and the next call resumes from last.pt with the same schedule.
-    started = time.perf_counter()
-    path = None
-    for _ in range(int(cfg.epochs)):
-        path = train(replace(cfg, max_minutes=0.0), out_dir, sweeps=sweeps, progress=False)
-        done = _epochs_done(out_dir)
-        progress(min(done, cfg.epochs), cfg.epochs)
-        if done >= cfg.epochs:
-            break
-        if cfg.max_minutes is not None and time.perf_counter() - started > 60.0 * cfg.max_minutes:
-            logger.warning("stopping after epoch %d: the time limit of %.1f min is reached", done - 1, cfg.max_minutes)
-            break
-    return path
+    return cfg, sweeps, out_dir
 
 
 def _fitted_image_size(browser_nodes, spacing_mm: float, image_to_probe) -> tuple[int, int]:
@@ -1144,11 +1228,3 @@ def _fitted_image_size(browser_nodes, spacing_mm: float, image_to_probe) -> tupl
         names.append(bname)
         fields.append(field_of_view_mm(sequence.frames.shape[1:3], pixel_spacing_of(truth, valid)))
     return fitting_image_size(fields, spacing_mm, names=names)
-
-
-def _epochs_done(out_dir: Path) -> int:
-    history = out_dir / "history.json"
-    try:
-        return len(json.loads(history.read_text()))
-    except (OSError, ValueError) as exc:
-        raise FreehandUSError(f"{history}: training wrote no readable history ({exc})") from exc
