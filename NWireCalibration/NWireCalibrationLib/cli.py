@@ -33,6 +33,7 @@ from FreehandUSLib.cli_support import (
 )
 
 from .errors import NWireError
+from .sim_choices import OVERLAYS, PROBES
 
 __all__ = ["add_parsers", "add_simulate_nwire", "cmd_detect", "cmd_calibrate", "cmd_simulate_nwire", "time_offset_arg"]
 
@@ -161,7 +162,8 @@ def cmd_simulate_nwire(args) -> int:
             phantom=args.phantom, probe=args.probe, depth_mm=args.depth_mm, n_frames=args.frames,
             image_size_px=(args.width, args.height), outlier_fraction=args.outlier_fraction,
             dropout_fraction=args.dropout_fraction, tracker_noise_mm=args.tracker_noise_mm,
-            tracker_noise_deg=args.tracker_noise_deg, seed=args.seed,
+            tracker_noise_deg=args.tracker_noise_deg, seed=args.seed, partial_fraction=args.partial_fraction,
+            gain=args.gain, overlays=tuple(dict.fromkeys(args.overlay or ())),
         )
         sim = simulate_nwire(settings)
     except ValueError as exc:  # settings that do not fit together (depth, image size, phantom)
@@ -222,13 +224,18 @@ def add_simulate_nwire(simulate_subparsers) -> None:
     p.add_argument("--out", required=True,
                    help=f"output sequence (.igs.mha / .igs.nrrd), or a folder (gets {SIMULATION_FILE_NAME})")
     p.add_argument("--phantom", default="fCal-2.0", help="phantom name or file (default fCal-2.0)")
-    p.add_argument("--probe", default="linear", choices=("linear", "convex"))
+    p.add_argument("--probe", default="linear", choices=PROBES, help="probe type (default linear)")
     p.add_argument("--depth-mm", type=positive_float, default=80.0, help="imaging depth in mm (default 80)")
     p.add_argument("--frames", type=int_in(1, 100_000), default=100, help="number of frames (default 100)")
     p.add_argument("--width", type=int_in(16, 8192), default=820, help="image width in pixels (default 820)")
     p.add_argument("--height", type=int_in(16, 8192), default=616, help="image height in pixels (default 616)")
     p.add_argument("--outlier-fraction", type=fraction, default=0.0, help="fraction of frames with a wrong pose")
     p.add_argument("--dropout-fraction", type=fraction, default=0.0, help="fraction of frames missing a wire echo")
+    p.add_argument("--partial-fraction", type=fraction, default=0.0,
+                   help="fraction of frames with some wires outside the field of view")
+    p.add_argument("--gain", type=positive_float, default=1.0, help="overall grey-level gain (default 1)")
+    p.add_argument("--overlay", action="append", choices=OVERLAYS,
+                   help="frame-grabbed screen content to add (repeatable): " + ", ".join(OVERLAYS))
     p.add_argument("--tracker-noise-mm", type=non_negative_float, default=0.1, help="tracker position noise (mm, 1 sigma)")
     p.add_argument("--tracker-noise-deg", type=non_negative_float, default=0.1, help="tracker rotation noise (deg, 1 sigma)")
     p.add_argument("--seed", type=seed, default=0, help="random seed (default 0)")

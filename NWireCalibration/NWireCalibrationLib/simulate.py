@@ -6,12 +6,21 @@ nominal pose (tilts, in-plane rotations, sweeps along the wires), and renders ea
 - **Geometry**: the true ImageToProbe (an image-plane pose on the probe marker times the pixel
   spacing, slightly anisotropic), a true PhantomToReference, and per-frame ProbeToReference; the
   dots are the exact intersections of the wires with the image plane.
-- **Probe**: ``"linear"`` (rectangular field of view, beams along +y) or ``"convex"`` (sector
-  from an apex behind the transducer arc, beams along the radius), depth 5-12 cm (any).
+- **Phantom**: any :class:`NWirePhantom` (every PLUS phantom is built in);
+  :func:`settings_for_phantom` picks a depth and field-of-view width that show it whole.
+- **Probe**: ``"linear"`` (rectangular field of view, beams along +y), ``"convex"`` (sector
+  from an apex behind the transducer arc, beams along the radius) or ``"trus"`` (a transrectal
+  transverse array: a convex sector with a small radius and a wide opening), any depth.
 - **Image**: correlated Rayleigh speckle; wire echoes with a Gaussian point-spread function whose
   lateral width grows away from the focal depth (and along the beam for convex probes);
   reverberation tails below each wire; long specular reflections of the phantom's walls and
-  bottom; echo dropouts (a wire missing in a frame).
+  bottom; echo dropouts (a wire missing in a frame); an overall gain (saturating).
+- **Frame grabbing** (``overlays``): what a video grabber records from a scanner's screen:
+  burned-in text and a depth scale, caliper crosses on the image, a grey-level bar, and
+  letterboxing (the image inside a grey screen with a frame line).
+- **Visibility**: ``partial_fraction`` of the frames show only part of the phantom (some wires
+  outside the field of view: their truth is NaN and the frame is not ``visible``);
+  ``tilt_deg`` sets how oblique the image plane gets.
 - **Tracking**: Gaussian pose noise, and a fraction of outlier poses (several mm / degrees off).
 
 Everything is driven by :class:`SimulationSettings` and a seed (deterministic).
@@ -33,8 +42,10 @@ from FreehandUSLib import TrackedSequence
 
 from .correspondences import wire_plane_intersections
 from .phantom import NWirePhantom, load_phantom
+from .sim_choices import OVERLAYS, PROBES
 
-__all__ = ["SimulationSettings", "SimulatedAcquisition", "simulate_nwire", "write_simulation"]
+__all__ = ["SimulationSettings", "SimulatedAcquisition", "simulate_nwire", "settings_for_phantom", "write_simulation",
+           "PROBES", "OVERLAYS"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +59,7 @@ class SimulationSettings:
     phantom : str or NWirePhantom
         Built-in name, file, or phantom object.
     probe : str
-        ``"linear"`` or ``"convex"``.
+        ``"linear"``, ``"convex"`` or ``"trus"``.
     depth_mm : float
         Imaging depth (from the transducer face).
     n_frames : int
@@ -57,6 +68,8 @@ class SimulationSettings:
         Field-of-view width of the linear probe.
     convex_radius_mm, convex_fov_deg : float
         Radius of the convex transducer's arc and the sector's opening angle.
+    trus_radius_mm, trus_fov_deg : float
+        The same for the ``"trus"`` probe (a transverse transrectal array).
     tilt_deg : float
         Standard deviation of the random probe rotations about the nominal pose (pose diversity).
     sweep_fraction : float
@@ -73,6 +86,12 @@ class SimulationSettings:
         Add specular reflections of the phantom's bottom and side walls.
     dropout_fraction : float
         Fraction of frames where one wire gives no echo.
+    partial_fraction : float
+        Fraction of frames where some wires are outside the field of view (partial visibility).
+    gain : float
+        Overall gain applied to the rendered grey levels before clipping to 0-255 (1 = none).
+    overlays : tuple of str
+        Frame-grabbed screen content, any of :data:`OVERLAYS`.
     tracker_noise_mm, tracker_noise_deg : float
         Gaussian noise of the recorded probe poses (1 sigma per axis).
     outlier_fraction : float
@@ -95,6 +114,8 @@ class SimulationSettings:
     linear_width_mm: float = 40.0
     convex_radius_mm: float = 60.0
     convex_fov_deg: float = 70.0
+    trus_radius_mm: float = 10.0
+    trus_fov_deg: float = 140.0
     tilt_deg: float = 10.0
     sweep_fraction: float = 0.5
     echo_level: float = 200.0
@@ -105,6 +126,9 @@ class SimulationSettings:
     reverberation: bool = True
     walls: bool = True
     dropout_fraction: float = 0.0
+    partial_fraction: float = 0.0
+    gain: float = 1.0
+    overlays: tuple = ()
     tracker_noise_mm: float = 0.1
     tracker_noise_deg: float = 0.1
     outlier_fraction: float = 0.0
@@ -115,8 +139,14 @@ class SimulationSettings:
     seed: int = 0
 
     def __post_init__(self):
-        if self.probe not in ("linear", "convex"):
-            raise ValueError(f"probe: expected 'linear' or 'convex', got {self.probe!r}")
+        if self.probe not in PROBES:
+            raise ValueError(f"probe: expected one of {', '.join(PROBES)}, got {self.probe!r}")
+        object.__setattr__(self, "overlays", tuple(self.overlays))
+        unknown = [o for o in self.overlays if o not in OVERLAYS]
+        if unknown:
+            raise ValueError(f"overlays: expected any of {', '.join(OVERLAYS)}, got {unknown!r}")
+        if not (self.gain > 0 and np.isfinite(self.gain)):
+            raise ValueError(f"gain: expected a positive number, got {self.gain!r}")
         if not 10.0 <= self.depth_mm <= 300.0:
             raise ValueError(f"depth_mm: expected 10-300 mm, got {self.depth_mm!r}")
         if self.n_frames < 1:
@@ -124,7 +154,7 @@ class SimulationSettings:
         w, h = self.image_size_px
         if w < 64 or h < 64:
             raise ValueError(f"image_size_px: expected at least 64 x 64 pixels, got {self.image_size_px!r}")
-        for name in ("dropout_fraction", "outlier_fraction", "sweep_fraction"):
+        for name in ("dropout_fraction", "outlier_fraction", "sweep_fraction", "partial_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}: expected a fraction in [0, 1], got {getattr(self, name)!r}")
 
@@ -147,13 +177,15 @@ class SimulatedAcquisition:
     true_points_px : (n, n_wires, 2) float64
         Exact dot positions (x, y), MF pixels.
     visible : (n,) bool
-        Every wire's echo is in the image (no dropout).
+        Every wire's echo is in the image (no dropout, no wire outside the field of view).
     outlier : (n,) bool
         The recorded pose is an outlier.
     pixel_spacing_mm : (sx, sy)
     settings : SimulationSettings
     fov_mask : (rows, cols) bool
         Pixels inside the probe's field of view.
+    partial : (n,) bool
+        Frames where some wires are outside the field of view (their ``true_points_px`` are NaN).
     """
 
     sequence: TrackedSequence
@@ -167,6 +199,7 @@ class SimulatedAcquisition:
     pixel_spacing_mm: tuple
     settings: SimulationSettings
     fov_mask: np.ndarray = None
+    partial: np.ndarray = None
 
     def fov_points_px(self, grid: int = 15) -> np.ndarray:
         """Points of a ``grid x grid`` lattice over the image that fall in the field of view, (n, 2) px."""
@@ -183,11 +216,13 @@ class SimulatedAcquisition:
     def summary(self) -> dict:
         s = asdict(self.settings)
         s["phantom"] = self.phantom.name
+        s["overlays"] = list(s["overlays"])
         return {
             "phantom": self.phantom.name,
             "frames": int(self.visible.size),
             "frames_visible": int(self.visible.sum()),
             "frames_outlier": int(self.outlier.sum()),
+            "frames_partial": int(0 if self.partial is None else self.partial.sum()),
             "pixel_spacing_mm": [float(v) for v in self.pixel_spacing_mm],
             "ImageToProbe": self.image_to_probe.tolist(),
             "PhantomToReference": self.phantom_to_reference.tolist(),
@@ -247,7 +282,10 @@ class _Probe:
 
 
 def _make_probe(st: SimulationSettings) -> _Probe:
-    w, h = st.image_size_px
+    full_w, full_h = st.image_size_px
+    # Letterboxing: the scanner's image sits inside a larger grabbed screen.
+    lx, ly = (int(0.08 * full_w), int(0.10 * full_h)) if "letterbox" in st.overlays else (0, 0)
+    w, h = full_w - 2 * lx, full_h - 2 * ly
     margin_px = max(4, int(0.02 * h))
     if st.probe == "linear":
         sy = st.depth_mm / (h - 2 * margin_px)
@@ -257,17 +295,22 @@ def _make_probe(st: SimulationSettings) -> _Probe:
             raise ValueError(
                 f"image_size_px {st.image_size_px}: a {st.linear_width_mm:g} mm wide field of view at "
                 f"{sx:.3f} mm/px needs {width_px:.0f} px; use a wider image")
-        probe = _Probe("linear", w, h, sx, sy, (w - 1) / 2.0, float(margin_px), st.depth_mm,
+        probe = _Probe("linear", full_w, full_h, sx, sy, (full_w - 1) / 2.0, float(ly + margin_px), st.depth_mm,
                        half_width_mm=st.linear_width_mm / 2.0)
     else:
-        half = np.radians(st.convex_fov_deg) / 2.0
-        r0, r1 = st.convex_radius_mm, st.convex_radius_mm + st.depth_mm
+        radius, fov = ((st.convex_radius_mm, st.convex_fov_deg) if st.probe == "convex"
+                       else (st.trus_radius_mm, st.trus_fov_deg))
+        half = np.radians(fov) / 2.0
+        r0, r1 = radius, radius + st.depth_mm
         height_mm = r1 - r0 * np.cos(half)
         width_mm = 2.0 * r1 * np.sin(half)
         sy = max(height_mm / (h - 2 * margin_px), width_mm / (w - 2 * margin_px) / st.anisotropy)
         sx = sy * st.anisotropy
-        probe = _Probe("convex", w, h, sx, sy, (w - 1) / 2.0, float(margin_px), st.depth_mm, radius=r0, half_fov=half)
-    yy, xx = np.mgrid[0:h, 0:w]
+        # The TRUS sector is wide: its arc's ends rise above the arc's middle, keep them in the image.
+        top = (r0 - r0 * np.cos(half)) / sy if st.probe == "trus" else 0.0
+        probe = _Probe("convex", full_w, full_h, sx, sy, (full_w - 1) / 2.0, float(ly + margin_px + top), st.depth_mm,
+                       radius=r0, half_fov=half)
+    yy, xx = np.mgrid[0:full_h, 0:full_w]
     u, v = probe.plane_mm(xx, yy)
     probe.mask = probe.inside(u, v, 0.0)
     return probe
@@ -302,7 +345,13 @@ def _nominal_plane_pose(phantom: NWirePhantom, centre_depth_mm: float):
     return rot, centre, d
 
 
-def _pose_is_good(probe, phantom, plane_to_phantom, margin_mm):
+def _pose_is_good(probe, phantom, plane_to_phantom, margin_mm, blocked=None, partial=False):
+    """Whether the image plane ``plane_to_phantom`` shows the phantom; returns (ok, dots (w, 2) mm).
+
+    Every wire crosses the plane within its length. ``partial=False``: all dots inside the field of
+    view (``margin_mm`` from its edges) and off the ``blocked`` pixels (screen overlays).
+    ``partial=True``: at least 3 dots inside, at least one clearly outside (NaN rows).
+    """
     origin = plane_to_phantom[:3, 3]
     normal = plane_to_phantom[:3, 2]
     pts = wire_plane_intersections(origin[None], normal[None], phantom)[0]
@@ -314,9 +363,20 @@ def _pose_is_good(probe, phantom, plane_to_phantom, margin_mm):
     if np.any(t < 0.03) or np.any(t > 0.97):
         return False, None
     local = (pts - origin) @ plane_to_phantom[:3, :3]
-    if not np.all(probe.inside(local[:, 0], local[:, 1], margin_mm)):
+    inside = probe.inside(local[:, 0], local[:, 1], margin_mm)
+    if blocked is not None:
+        x, y = probe.pixels(local[:, 0], local[:, 1])
+        xi = np.clip(np.round(x).astype(int), 0, blocked.shape[1] - 1)
+        yi = np.clip(np.round(y).astype(int), 0, blocked.shape[0] - 1)
+        inside &= ~blocked[yi, xi]
+    if not partial:
+        return (True, local[:, :2]) if np.all(inside) else (False, None)
+    outside = ~probe.inside(local[:, 0], local[:, 1], -3.0 * margin_mm)
+    if inside.sum() < 3 or not outside.any() or not np.all(inside | outside):
         return False, None
-    return True, local[:, :2]
+    dots = local[:, :2].copy()
+    dots[~inside] = np.nan
+    return True, dots
 
 
 # --------------------------------------------------------------------------------------------
@@ -381,7 +441,7 @@ def _render(rng, st: SimulationSettings, probe: _Probe, phantom: NWirePhantom, p
     img *= np.linspace(1.0, 0.75, h, dtype=np.float32)[:, None]
     echoes = np.zeros((h, w), np.float32)
     for k, (u, v) in enumerate(dots_mm):
-        if k == drop_wire:
+        if k == drop_wire or not (np.isfinite(u) and np.isfinite(v)):
             continue
         rng_depth = v if probe.kind == "linear" else np.hypot(u, v + probe.radius) - probe.radius
         sig_lat_mm = st.psf_lateral_mm * (1.0 + 1.2 * abs(rng_depth - focus) / max(focus, 1.0))
@@ -400,6 +460,7 @@ def _render(rng, st: SimulationSettings, probe: _Probe, phantom: NWirePhantom, p
     img += echoes * (0.8 + 0.2 * _speckle(rng, (h, w), 1.0, 1.0))
     if st.walls:
         _add_walls(img, st, probe, phantom, plane_to_phantom)
+    img *= np.float32(st.gain)
     img[~probe.mask] = 0
     return np.clip(img, 0, 255).astype(np.uint8)
 
@@ -426,6 +487,123 @@ def _add_walls(img, st, probe, phantom, plane_to_phantom):
             continue
         base, direction = line
         _draw_wall(img, probe, base - diag * direction, base + diag * direction, 0.6 * st.echo_level, thickness)
+
+
+# --------------------------------------------------------------------------------------------
+# Frame-grabbed screen content
+# --------------------------------------------------------------------------------------------
+
+
+def _screen_layer(st: SimulationSettings, probe: _Probe):
+    """The static screen content of a frame grabber (text, depth scale, grey bar, letterbox).
+
+    Returns (layer uint8 (h, w), drawn bool (h, w)): grey levels and where they replace the image.
+    """
+    h, w = probe.height, probe.width
+    layer = np.zeros((h, w), np.uint8)
+    drawn = np.zeros((h, w), np.uint8)
+    if "letterbox" in st.overlays:
+        inner = np.zeros((h, w), np.uint8)
+        lx, ly = int(0.08 * w), int(0.10 * h)
+        inner[ly:h - ly, lx:w - lx] = 1
+        layer[inner == 0] = 45  # the scanner's grey user interface around the image
+        drawn[inner == 0] = 1
+        cv2.rectangle(layer, (lx - 1, ly - 1), (w - lx, h - ly), 120, 1)
+        cv2.rectangle(drawn, (lx - 1, ly - 1), (w - lx, h - ly), 1, 1)
+    scale = max(0.3, 0.4 * h / 308.0)
+    if "text" in st.overlays:
+        lines = [(f"{st.probe.upper()} {st.depth_mm / 10:.1f}cm G{round(50 * st.gain)}%", (4, 0)),
+                 ("MI 0.9 TIs 0.4", (-1, 0)), ("FR 21Hz", (-1, 1))]
+        for text, (col, row) in lines:
+            (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+            x = col if col >= 0 else w - tw - 4
+            y = 4 + (row + 1) * (th + base + 2)
+            for img, value in ((layer, 230), (drawn, 1)):
+                cv2.putText(img, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, value, 1, cv2.LINE_AA)
+        # Depth scale: a tick every 10 mm (a longer one every 50 mm) left of the field of view.
+        cols = np.flatnonzero(probe.mask.any(axis=0))
+        x0 = max(2, int(cols[0]) - 10) if cols.size else 2
+        for depth in np.arange(0.0, st.depth_mm + 1e-6, 10.0):
+            y = int(round(probe.pixels(0.0, depth)[1]))
+            length = 6 if depth % 50 == 0 else 3
+            for img, value in ((layer, 200), (drawn, 1)):
+                cv2.line(img, (x0 - length, y), (x0, y), value, 1)
+    if "colour-bar" in st.overlays:
+        x1 = w - 6 - (int(0.08 * w) if "letterbox" in st.overlays else 0)
+        x0, y0, y1 = x1 - max(6, w // 60), int(0.2 * h), int(0.6 * h)
+        layer[y0:y1, x0:x1] = np.linspace(255, 0, y1 - y0, dtype=np.float32).astype(np.uint8)[:, None]
+        drawn[y0:y1, x0:x1] = 1
+        for img, value in ((layer, 180), (drawn, 1)):
+            cv2.rectangle(img, (x0 - 1, y0 - 1), (x1, y1), value, 1)
+    return layer, drawn.astype(bool)
+
+
+def _grab(img, rng, st: SimulationSettings, probe: _Probe, layer, drawn, dots_mm):
+    """Put the screen content over a rendered frame; calipers at random places away from the dots."""
+    out = np.where(drawn, layer, img)
+    if "calipers" in st.overlays:
+        arm = max(3, int(round(1.5 / probe.sx)))
+        finite = dots_mm[np.all(np.isfinite(dots_mm), axis=1)]
+        placed = 0
+        for _ in range(200):
+            u = rng.uniform(-0.5, 0.5) * probe.width * probe.sx
+            v = rng.uniform(0.1, 0.9) * st.depth_mm
+            if not probe.inside(u, v, 3.0) or (finite.size and np.min(np.hypot(*(finite - [u, v]).T)) < 4.0):
+                continue
+            x, y = (int(round(c)) for c in probe.pixels(u, v))
+            cv2.line(out, (x - arm, y), (x + arm, y), 255, 1)
+            cv2.line(out, (x, y - arm), (x, y + arm), 255, 1)
+            placed += 1
+            if placed == 2:
+                break
+        scale = max(0.3, 0.4 * probe.height / 308.0)
+        cv2.putText(out, f"D1 {rng.uniform(5, 40):.1f}mm", (4, probe.height - 6), cv2.FONT_HERSHEY_SIMPLEX, scale,
+                    230, 1, cv2.LINE_AA)
+    return out
+
+
+def settings_for_phantom(phantom, probe: str = "linear", *, margin_mm: float = 12.0, **overrides) -> SimulationSettings:
+    """Simulation settings whose field of view shows the whole ``phantom`` with room to tilt.
+
+    The depth covers the phantom's pattern stack (its layer offsets) plus ``margin_mm`` above and
+    below; a linear probe is made wide enough for the widest pattern plus ``margin_mm`` each
+    side; a convex/TRUS probe gets the depth at which its sector is wide enough.
+
+    Parameters
+    ----------
+    phantom : str, Path or NWirePhantom
+    probe : str
+        One of :data:`PROBES`.
+    margin_mm : float
+        Room around the phantom, mm.
+    **overrides
+        Other :class:`SimulationSettings` fields (``depth_mm`` given here wins).
+    """
+    ph = load_phantom(phantom)
+    rot, _, d = _nominal_plane_pose(ph, 0.0)
+    lateral = rot[:, 0]
+    side = np.concatenate([[p.wires[0].front_mm, p.wires[2].front_mm] for p in ph.patterns])
+    width = float(np.ptp(side @ lateral))
+    span = float(np.ptp(ph.layer_offsets_mm))
+    depth = span + 2.0 * margin_mm + 10.0
+    base = SimulationSettings(phantom=ph, probe=probe)
+    extra = {}
+    if probe == "linear":
+        extra["linear_width_mm"] = max(40.0, width + 2.0 * margin_mm)
+        # A wide field of view on a small image needs a coarser spacing, i.e. a larger depth.
+        w_px, h_px = overrides.get("image_size_px", base.image_size_px)
+        m = 2 * max(4, int(0.02 * h_px)) + 2
+        anisotropy = overrides.get("anisotropy", base.anisotropy)
+        depth = max(depth, 1.05 * extra["linear_width_mm"] * (h_px - m) / ((w_px - m) * anisotropy))
+    else:
+        radius, fov = ((base.convex_radius_mm, base.convex_fov_deg) if probe == "convex"
+                       else (base.trus_radius_mm, base.trus_fov_deg))
+        half = np.radians(fov) / 2.0
+        # Depth where the sector's chord at the phantom's first pattern is wide enough.
+        need = (width / 2.0 + margin_mm) / np.sin(half) - radius
+        depth = max(depth, need + span + margin_mm)
+    extra["depth_mm"] = float(np.ceil(depth / 5.0) * 5.0)
+    return SimulationSettings(**{**asdict(base), "phantom": ph, **extra, **overrides})
 
 
 # --------------------------------------------------------------------------------------------
@@ -490,16 +668,25 @@ def simulate_nwire(settings: SimulationSettings | None = None, **overrides) -> S
     plane_poses = np.zeros((n, 4, 4))
     dots_plane = np.zeros((n, phantom.n_wires, 2))
     margin = 1.5
+    layer, drawn = _screen_layer(st, probe)
+    blocked = cv2.dilate(drawn.astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool) if drawn.any() else None
+    # Half-width of the field of view at the phantom's centre depth (partial frames shift by about it).
+    half_view = probe.half_width_mm if probe.kind == "linear" else (probe.radius + v_c) * np.sin(probe.half_fov)
+    want_partial = rng.uniform(size=n) < st.partial_fraction if st.partial_fraction > 0 else np.zeros(n, bool)
+    partial = np.zeros(n, bool)
     for f in range(n):
-        for attempt in range(500):
+        for attempt in range(700):
+            part = bool(want_partial[f]) and attempt < 400
             tilt = st.tilt_deg * (1.0 if attempt < 300 else 0.5)
             rot = Rotation.from_rotvec(np.radians(tilt) * rng.standard_normal(3)).as_matrix() @ rot0
-            shift = (st.sweep_fraction * wire_len * (rng.uniform() - 0.5)) * wire_dir + rot @ np.array(
-                [rng.normal(0, 1.5), rng.normal(0, 1.5), 0.0])
+            along = st.sweep_fraction * wire_len * (rng.uniform() - 0.5)
+            du = rng.choice([-1.0, 1.0]) * rng.uniform(0.5, 1.2) * half_view if part else rng.normal(0, 1.5)
+            shift = along * wire_dir + rot @ np.array([du, rng.normal(0, 1.5), 0.0])
             t = centre + shift - rot @ np.array([0.0, v_c, 0.0])
             pose = _rigid(rot, t)
-            ok, local = _pose_is_good(probe, phantom, pose, margin)
+            ok, local = _pose_is_good(probe, phantom, pose, margin, blocked, partial=part)
             if ok:
+                partial[f] = part
                 break
         else:
             raise ValueError(
@@ -525,8 +712,11 @@ def simulate_nwire(settings: SimulationSettings | None = None, **overrides) -> S
                          st.outlier_mm * dirv / np.linalg.norm(dirv))
             recorded[f] = recorded[f] @ err
     frames = np.zeros((n, probe.height, probe.width), np.uint8)
+    screen_rng = np.random.default_rng([st.seed, 7])  # its own stream: overlays change nothing else
     for f in range(n):
         frames[f] = _render(rng, st, probe, phantom, plane_poses[f], dots_plane[f], int(drop_wire[f]))
+        if st.overlays:
+            frames[f] = _grab(frames[f], screen_rng, st, probe, layer, drawn, dots_plane[f])
 
     probe_to_tracker = reference_to_tracker @ recorded
     timestamps = np.arange(n, dtype=np.float64) / 10.0
@@ -538,7 +728,7 @@ def simulate_nwire(settings: SimulationSettings | None = None, **overrides) -> S
         metadata={"UltrasoundImageType": "BRIGHTNESS"},
     )
     return SimulatedAcquisition(seq, phantom, image_to_probe, phantom_to_reference, poses_true, true_points,
-                                ~dropout, outlier, (probe.sx, probe.sy), st, probe.mask)
+                                ~dropout & ~partial, outlier, (probe.sx, probe.sy), st, probe.mask, partial)
 
 
 # --------------------------------------------------------------------------------------------
