@@ -86,7 +86,7 @@ class _BlobDetector:
     def detect(self, image) -> FrameDetection:
         pts, strength = self.candidates(image)
         lab = label_dots(pts, strength, self.phantom, self._spacing, settings=self.labeling)
-        return FrameDetection(lab.ok, lab.points_px, pts, lab.reason)
+        return FrameDetection(lab.ok, lab.points_px, pts, lab.reason, lab.reason_code)
 
 
 @dataclass

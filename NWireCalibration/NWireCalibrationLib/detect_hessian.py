@@ -596,7 +596,7 @@ class HessianDetector:
         pts, vals, tophat, (ox, oy) = self.candidates(image)
         lab = label_dots(pts, vals, self.phantom, self._spacing, settings=self.labeling)
         if not lab.ok:
-            return FrameDetection(False, lab.points_px, pts, lab.reason)
+            return FrameDetection(False, lab.points_px, pts, lab.reason, lab.reason_code)
         refined = self.refine(image, lab.points_px)
         limit = self.labeling.max_wire_distance_mm
         # Check again on the sub-pixel centres when the coarse check was close to the limit
@@ -606,7 +606,8 @@ class HessianDetector:
             res = pose_residual_mm(refined, self.phantom)
             if not res <= limit:  # the check again, on the sub-pixel centres
                 return FrameDetection(False, np.full_like(refined, np.nan), pts,
-                                      f"refined dots fail the 3D consistency check ({res:.2f} mm > {limit:g} mm)")
+                                      f"refined dots fail the 3D consistency check ({res:.2f} mm > {limit:g} mm)",
+                                      "3d-check-refined")
         return FrameDetection(True, refined, pts, "")
 
     def refine(self, image: np.ndarray, points_px: np.ndarray) -> np.ndarray:

@@ -33,7 +33,24 @@ import numpy as np
 
 from .phantom import NWirePhantom
 
-__all__ = ["LabelingSettings", "LabelingResult", "label_dots", "order_pattern_dots", "pose_residual_mm"]
+__all__ = ["LabelingSettings", "LabelingResult", "label_dots", "order_pattern_dots", "pose_residual_mm",
+           "REJECTION_REASONS"]
+
+#: Why a frame is rejected: stable codes (JSON, counts) and what each means. ``reason`` texts
+#: add the specifics (which pattern and wires, which numbers).
+REJECTION_REASONS = {
+    "no-image": "the frame has no image",
+    "too-few-dots": "fewer dot candidates than wires",
+    "no-n-triple": "no three collinear dots match any N-wire (side spacing, diagonal position)",
+    "too-few-lines": "fewer collinear dot triples than N-wire patterns",
+    "pattern-missing": "one pattern's wires are not found (no collinear triple with its spacing and diagonal)",
+    "parallel-prior": "a pattern's line is not parallel to the others",
+    "layer-spacing-prior": "a pattern's line is not at the phantom's layer spacing from the others",
+    "obliquity-prior": "a pattern's side-wire distance disagrees with the others' (one common tilt)",
+    "shared-dots-prior": "the only lines for a pattern reuse dots of the others",
+    "3d-check": "no labelled set fits one image-plane pose (dot-wire distance too large)",
+    "3d-check-refined": "the sub-pixel dots fail the 3D check",
+}
 
 
 @dataclass(frozen=True)
@@ -118,9 +135,11 @@ class LabelingResult:
     score : float
         Total strength of the chosen dots (0 when not ok).
     reason : str
-        Why labeling failed ("" when ok).
+        Why labeling failed ("" when ok): the code's meaning with the specifics.
     wire_distance_mm : float
         The 3D check's largest dot-wire distance of the chosen set (NaN when not computed).
+    reason_code : str
+        Key of :data:`REJECTION_REASONS` ("" when ok).
     """
 
     ok: bool
@@ -130,6 +149,7 @@ class LabelingResult:
     score: float = 0.0
     reason: str = ""
     wire_distance_mm: float = float("nan")
+    reason_code: str = ""
 
 
 def order_pattern_dots(points_px) -> np.ndarray:
@@ -138,9 +158,32 @@ def order_pattern_dots(points_px) -> np.ndarray:
     return p[np.argsort(-p[:, 0], kind="stable")]
 
 
-def _failed(phantom, reason, n_lines=0) -> LabelingResult:
+def _failed(phantom, code, reason, n_lines=0) -> LabelingResult:
+    if code not in REJECTION_REASONS:
+        raise KeyError(f"unknown rejection reason code {code!r}")
     return LabelingResult(False, np.full((phantom.n_wires, 2), np.nan), np.full(phantom.n_wires, -1), n_lines, 0.0,
-                          reason)
+                          reason, reason_code=code)
+
+
+def _pattern_label(phantom: NWirePhantom, k: int) -> str:
+    return f"pattern {k + 1} ({', '.join(phantom.patterns[k].names)})"
+
+
+def _line_fits(alpha, length, phantom: NWirePhantom, k: int, s: LabelingSettings) -> np.ndarray:
+    """Which candidate lines (diagonal position ``alpha``, side distance ``length`` mm) can be pattern ``k``."""
+    lo_a = phantom.patterns[k].alpha_range[0] - s.alpha_margin
+    hi_a = phantom.patterns[k].alpha_range[1] + s.alpha_margin
+    d = phantom.side_spacings_mm[k]
+    tol = s.distance_tolerance_mm
+    return ((alpha >= lo_a) & (alpha <= hi_a) & (length >= s.scale_range[0] * d - tol)
+            & (length <= s.scale_range[1] * d + tol))
+
+
+def _missing_text(phantom: NWirePhantom, patterns, s: LabelingSettings) -> str:
+    return "; ".join(
+        f"{_pattern_label(phantom, k)} not found: no collinear dot triple with its side-wire spacing "
+        f"({phantom.side_spacings_mm[k]:.1f} mm x {s.scale_range[0]:g}-{s.scale_range[1]:g}) and diagonal position"
+        for k in patterns)
 
 
 def _candidate_lines(q, strength, phantom, s: LabelingSettings):
@@ -231,27 +274,32 @@ def label_dots(candidates_px, strength, phantom: NWirePhantom, pixel_spacing_mm,
         raise ValueError(f"strength: expected {cand.shape[0]} values (one per candidate), got {st.shape[0]}")
     need = phantom.n_wires
     if cand.shape[0] < need:
-        return _failed(phantom, f"{cand.shape[0]} dot candidates, {need} needed")
+        return _failed(phantom, "too-few-dots", f"{cand.shape[0]} dot candidates, {need} needed")
     sp = np.broadcast_to(np.asarray(pixel_spacing_mm, dtype=np.float64), (2,))
     q = cand * sp
     st = st / max(st.max(), 1e-12)
     lines = _candidate_lines(q, st, phantom, s)
     if lines is None:
-        return _failed(phantom, "no collinear dot triple matches an N-wire")
+        return _failed(phantom, "no-n-triple", "no collinear dot triple matches an N-wire")
     n_lines = lines["a"].size
     K = phantom.n_patterns
     if n_lines < K:
-        return _failed(phantom, f"{n_lines} candidate lines, {K} needed", n_lines)
+        missing = [k for k in range(K) if not _line_fits(lines["alpha"], lines["length"], phantom, k, s).any()]
+        if missing:
+            return _failed(phantom, "pattern-missing", _missing_text(phantom, missing, s) + f" ({n_lines} candidate "
+                                                       f"lines, {K} needed)", n_lines)
+        return _failed(phantom, "too-few-lines", f"{n_lines} candidate lines, {K} needed", n_lines)
 
     cands = None
     if s.main_slope_window:
         keep = _main_slope_mask(lines["slope"], s.parallel_eps)
         if keep.sum() < n_lines:
-            cands = _search(lines, phantom, s, np.flatnonzero(keep))
+            cands, _ = _search(lines, phantom, s, np.flatnonzero(keep))
     if not cands:
-        cands = _search(lines, phantom, s, np.arange(n_lines))
+        cands, failure = _search(lines, phantom, s, np.arange(n_lines))
     if not cands:
-        return _failed(phantom, f"no consistent set of {K} parallel lines among {n_lines} candidate lines", n_lines)
+        code, detail = failure
+        return _failed(phantom, code, f"{detail} ({n_lines} candidate lines)", n_lines)
     dots = np.stack([lines["a"], lines["b"], lines["c"]], axis=1)
     best = None
     smallest_residual = np.inf
@@ -269,8 +317,9 @@ def label_dots(candidates_px, strength, phantom: NWirePhantom, pixel_spacing_mm,
         best = (np.asarray(idx), score, res)
         break
     if best is None:
-        return _failed(phantom, f"no candidate set passed the 3D consistency check (best dot-wire distance "
-                                f"{smallest_residual:.2f} mm > {s.max_wire_distance_mm:g} mm)", n_lines)
+        return _failed(phantom, "3d-check", f"no candidate set passed the 3D consistency check (best dot-wire "
+                                            f"distance {smallest_residual:.2f} mm > {s.max_wire_distance_mm:g} mm)",
+                       n_lines)
     indices, score, res = best
     return LabelingResult(True, cand[indices].copy(), indices, n_lines, score, "", res)
 
@@ -379,15 +428,17 @@ def _initial_plane_pose(pts, phantom):
         r = u @ vt
     return np.concatenate([Rotation.from_matrix(r).as_rotvec(), coef[2], [sx, sy]])
 
+
 def _search(lines, phantom: NWirePhantom, s: LabelingSettings, subset: np.ndarray):
     """Beam search over patterns (top to bottom) for the best consistent set of lines.
 
-    Returns a list of (line indices in pattern order, score), best first; None or [] when
-    nothing is consistent.
+    Returns (candidates, failure): candidates a list of (line indices in pattern order, score),
+    best first (empty when nothing is consistent); failure ``(code, text)`` saying which pattern
+    and which prior stopped the search (None when candidates were found).
     """
     K = phantom.n_patterns
     if subset.size < K:
-        return None
+        return [], ("too-few-lines", f"{subset.size} candidate lines, {K} needed")
     d_side = phantom.side_spacings_mm
     offsets = phantom.layer_offsets_mm
     tol = s.distance_tolerance_mm
@@ -404,45 +455,59 @@ def _search(lines, phantom: NWirePhantom, s: LabelingSettings, subset: np.ndarra
         bits = np.left_shift(np.uint64(1), dots.astype(np.uint64)).sum(axis=1, dtype=np.uint64)
 
     def fits(k):
-        lo_a = phantom.patterns[k].alpha_range[0] - s.alpha_margin
-        hi_a = phantom.patterns[k].alpha_range[1] + s.alpha_margin
-        return ((alpha >= lo_a) & (alpha <= hi_a) & (length >= slo * d_side[k] - tol)
-                & (length <= shi * d_side[k] + tol))
+        return _line_fits(alpha, length, phantom, k, s)
+
+    def missing(k):
+        return [], ("pattern-missing", _missing_text(phantom, [k], s))
 
     # Beam: rows of chosen line indices (into subset), with running score.
+
     beam = np.flatnonzero(fits(0))[:, None]
     if beam.size == 0:
-        return None
+        return missing(0)
     beam_score = score[beam[:, 0]]
     beam_bits = bits[beam[:, 0]] if use_bits else None
     for k in range(1, K):
         cand = np.flatnonzero(fits(k))
         if cand.size == 0:
-            return None
+            return missing(k)
         first = beam[:, 0]
         n0 = normal[first]  # (b, 2)
         gap = np.einsum("bck,bk->bc", centre[cand][None, :, :] - centre[first][:, None, :], n0)  # (b, c)
         dh = offsets[k] - offsets[0]
-        ok = np.abs(slope[cand][None, :] - slope[first][:, None]) <= s.parallel_eps
+        parallel = np.abs(slope[cand][None, :] - slope[first][:, None]) <= s.parallel_eps
         if k == 1:
-            ok &= (gap >= slo * dh - tol) & (gap <= shi * dh + tol)
+            spaced = (gap >= slo * dh - tol) & (gap <= shi * dh + tol)
         else:
             g1 = np.einsum("bk,bk->b", centre[beam[:, 1]] - centre[first], n0)
             c1 = g1 / (offsets[1] - offsets[0])
-            ok &= np.abs(gap - c1[:, None] * dh) <= tol
-            ok &= gap > np.einsum("bk,bk->b", centre[beam[:, -1]] - centre[first], n0)[:, None]
+            spaced = np.abs(gap - c1[:, None] * dh) <= tol
+            spaced &= gap > np.einsum("bk,bk->b", centre[beam[:, -1]] - centre[first], n0)[:, None]
         # Side distances: one common obliquity factor for all patterns.
         c2 = np.stack([length[beam[:, j]] / d_side[j] for j in range(k)], axis=1).mean(axis=1)
-        ok &= np.abs(length[cand][None, :] / d_side[k] - c2[:, None]) * d_side[k] <= 1.5 * tol
+        oblique = np.abs(length[cand][None, :] / d_side[k] - c2[:, None]) * d_side[k] <= 1.5 * tol
         # Disjoint dots.
         if use_bits:
-            ok &= (beam_bits[:, None] & bits[cand][None, :]) == 0
+            disjoint = (beam_bits[:, None] & bits[cand][None, :]) == 0
         else:
             used = dots[beam].reshape(beam.shape[0], -1)  # (b, 3k)
-            ok &= ~(dots[cand][None, :, :, None] == used[:, None, None, :]).any(axis=(2, 3))
+            disjoint = ~(dots[cand][None, :, :, None] == used[:, None, None, :]).any(axis=(2, 3))
+        ok = parallel & spaced & oblique & disjoint
         bi, ci = np.nonzero(ok)
         if bi.size == 0:
-            return None
+            # Which prior removed the last candidates, taken in the order a user reads them:
+            # lines made of other patterns' dots first, then parallelism, layer spacing, tilt.
+            failed, left = "shared-dots-prior", disjoint
+            for code, mask in (("parallel-prior", parallel), ("layer-spacing-prior", spaced),
+                               ("obliquity-prior", oblique)):
+                if not left.any():
+                    break
+                failed, left = code, left & mask
+            what = {"parallel-prior": f"is parallel to pattern 1 (slope within {s.parallel_eps:g})",
+                    "layer-spacing-prior": f"lies at the layer spacing ({dh:.1f} mm) from pattern 1",
+                    "obliquity-prior": "has a side-wire distance consistent with the patterns above (one tilt)",
+                    "shared-dots-prior": "uses dots not already taken by the patterns above"}[failed]
+            return [], (failed, f"{_pattern_label(phantom, k)}: none of its {cand.size} candidate lines {what}")
         new_score = beam_score[bi] + score[cand[ci]]
         order = np.argsort(-new_score)[: s.beam_width]
         beam = np.concatenate([beam[bi[order]], cand[ci[order]][:, None]], axis=1)
@@ -450,4 +515,4 @@ def _search(lines, phantom: NWirePhantom, s: LabelingSettings, subset: np.ndarra
         if use_bits:
             beam_bits = beam_bits[bi[order]] | bits[cand[ci[order]]]
     order = np.argsort(-beam_score)
-    return [([int(subset[i]) for i in beam[j]], float(beam_score[j])) for j in order]
+    return [([int(subset[i]) for i in beam[j]], float(beam_score[j])) for j in order], None

@@ -210,12 +210,17 @@ def probe_to_reference(sequence, *, probe: str = "Probe", reference: str = "Refe
 
 
 def detect_frames(frames, detector, *, progress=None):
-    """Run ``detector`` on ``(n, rows, cols)`` frames; returns (points (n, w, 2), ok, n_candidates, reasons)."""
+    """Run ``detector`` on ``(n, rows, cols)`` frames.
+
+    Returns (points (n, w, 2), ok, n_candidates, reasons, reason_codes): the failure text and
+    its :data:`~.labeling.REJECTION_REASONS` code per frame ("" where ok).
+    """
     n = len(frames)
     pts = None
     ok = np.zeros(n, dtype=bool)
     ncand = np.zeros(n, dtype=int)
     reasons = [""] * n
+    codes = [""] * n
     for i in range(n):
         det = detector.detect(frames[i])
         if pts is None:
@@ -224,11 +229,12 @@ def detect_frames(frames, detector, *, progress=None):
         ok[i] = det.ok
         ncand[i] = len(det.candidates_px)
         reasons[i] = det.reason
+        codes[i] = det.reason_code
         if progress is not None:
             progress(i + 1, n)
     if pts is None:
         pts = np.zeros((0, detector.phantom.n_wires, 2))
-    return pts, ok, ncand, reasons
+    return pts, ok, ncand, reasons, codes
 
 
 def detect_sequence(sequence, setup: CalibrationSetup, *, detector: str = "hessian", pixel_spacing_mm=None,
@@ -255,15 +261,16 @@ def detect_sequence(sequence, setup: CalibrationSetup, *, detector: str = "hessi
     det = make_detector(detector, setup.phantom, spacing, clip_rectangle_px=setup.clip_rectangle_px,
                         segmentation=setup.segmentation, hessian=hessian, labeling=labeling)
     t0 = time.perf_counter()
-    pts, ok, ncand, reasons = detect_frames(sequence.frames, det, progress=progress)
+    pts, ok, ncand, reasons, codes = detect_frames(sequence.frames, det, progress=progress)
     no_image = ~np.asarray(sequence.image_ok, dtype=bool)
     ok &= ~no_image
     pts[no_image] = np.nan
     for i in np.flatnonzero(no_image):
         reasons[i] = "frame has no image"
+        codes[i] = "no-image"
     seconds = time.perf_counter() - t0
     result = DetectionResult(detector, setup.phantom.name, setup.phantom.wire_names, pts, ok, ncand, reasons,
-                             tuple(float(v) for v in spacing), seconds)
+                             tuple(float(v) for v in spacing), seconds, codes)
     logger.info("%s", result)
     return result
 
@@ -493,6 +500,10 @@ def calibrate(calibration, validation=None, setup: CalibrationSetup | None = Non
     info = dict(result.info)
     info.update({"detector": detector, "detection_seconds": det_c.seconds + (det_v.seconds if det_v else 0.0),
                  "failed_calibration_frames": [int(i) for i in np.flatnonzero(~det_c.ok)],
+                 "rejected_frames": {"calibration": det_c.rejected_frames(),
+                                     "validation": det_v.rejected_frames() if det_v is not None else []},
+                 "rejected_by_reason": {"calibration": det_c.rejection_counts(),
+                                        "validation": det_v.rejection_counts() if det_v is not None else {}},
                  "time_offset_s": float(offset), "time_offset_mode": "auto" if time_offset == "auto" else "given"})
     warnings = list(result.warnings)
     if estimate is not None:

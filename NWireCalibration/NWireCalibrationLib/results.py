@@ -25,6 +25,7 @@ __all__ = [
     "DataSetMetrics",
     "CalibrationResult",
     "plus_transform_element",
+    "format_rejections",
 ]
 
 
@@ -48,6 +49,21 @@ def _clean(value):
     return value
 
 
+def format_rejections(rejected: list, counts: dict, indent: str = "  ", *, max_frames: int = 20) -> str:
+    """Text of rejected frames: the counts by reason, then one line per frame (at most ``max_frames``).
+
+    ``rejected``: ``[{"index", "reason_code", "reason"}]``; ``counts``: code -> frames.
+    """
+    if not rejected:
+        return f"{indent}no frame rejected"
+    lines = [f"{indent}rejected {len(rejected)} frames: " + ", ".join(f"{n} {code}" for code, n in counts.items())]
+    for r in rejected[:max_frames]:
+        lines.append(f"{indent}  frame {r['index']}: {r['reason_code']}" + (f": {r['reason']}" if r.get("reason") else ""))
+    if len(rejected) > max_frames:
+        lines.append(f"{indent}  ... {len(rejected) - max_frames} more (every frame's reason is in the JSON)")
+    return "\n".join(lines)
+
+
 @dataclass(frozen=True, eq=False)
 class FrameDetection:
     """Dots of one image.
@@ -62,12 +78,15 @@ class FrameDetection:
         All dot candidates before geometric filtering.
     reason : str
         Why the frame failed ("" when ok).
+    reason_code : str
+        The failure's key in :data:`~.labeling.REJECTION_REASONS` ("" when ok).
     """
 
     ok: bool
     points_px: np.ndarray
     candidates_px: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
     reason: str = ""
+    reason_code: str = ""
 
 
 @dataclass(frozen=True, eq=False)
@@ -90,6 +109,9 @@ class DetectionResult:
         The spacing hint the detector used.
     seconds : float
         Wall time of detection.
+    reason_codes : list of str, optional
+        Failure code per frame (:data:`~.labeling.REJECTION_REASONS`, "" where ok); a failed
+        frame without one counts as ``"unstated"``.
     """
 
     detector: str
@@ -101,6 +123,7 @@ class DetectionResult:
     reasons: list
     pixel_spacing_mm: tuple
     seconds: float
+    reason_codes: list = None
 
     @property
     def n_frames(self) -> int:
@@ -114,13 +137,35 @@ class DetectionResult:
     def frames_per_second(self) -> float:
         return self.n_frames / self.seconds if self.seconds > 0 else float("inf")
 
+    def reason_code(self, i: int) -> str:
+        """Failure code of frame ``i`` ("" when detected, ``"unstated"`` when the detector gave none)."""
+        if self.ok[i]:
+            return ""
+        code = self.reason_codes[i] if self.reason_codes is not None else ""
+        return code or "unstated"
+
+    def rejected_frames(self) -> list[dict]:
+        """``[{"index", "reason_code", "reason"}]`` for every frame that was not detected."""
+        return [{"index": int(i), "reason_code": self.reason_code(i), "reason": self.reasons[i]}
+                for i in np.flatnonzero(~self.ok)]
+
+    def rejection_counts(self) -> dict:
+        """Rejected frames per reason code, most frequent first."""
+        counts: dict = {}
+        for i in np.flatnonzero(~self.ok):
+            code = self.reason_code(i)
+            counts[code] = counts.get(code, 0) + 1
+        return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
     def to_dict(self) -> dict:
         frames = []
         for i in range(self.n_frames):
             entry = {"index": i, "ok": bool(self.ok[i]),
                      "points": _clean(self.points_px[i]) if self.ok[i] else []}
-            if not self.ok[i] and self.reasons[i]:
-                entry["reason"] = self.reasons[i]
+            if not self.ok[i]:
+                entry["reason_code"] = self.reason_code(i)
+                if self.reasons[i]:
+                    entry["reason"] = self.reasons[i]
             frames.append(entry)
         return {
             "detector": self.detector,
@@ -129,6 +174,7 @@ class DetectionResult:
             "pixel_spacing_mm": _clean(list(self.pixel_spacing_mm)),
             "frames_total": self.n_frames,
             "frames_detected": self.frames_detected,
+            "rejected_by_reason": self.rejection_counts(),
             "seconds": float(self.seconds),
             "frames_per_second": _clean(self.frames_per_second),
             "frames": frames,
@@ -139,8 +185,7 @@ class DetectionResult:
         text = (f"{self.detector} detector, phantom {self.phantom_name}: {self.frames_detected}/{self.n_frames} "
                 f"frames detected in {self.seconds:.2f} s ({self.frames_per_second:.1f} frames/s)")
         if failed:
-            shown = ", ".join(str(i) for i in failed[:20]) + (" ..." if len(failed) > 20 else "")
-            text += f"\n  failed frames: {shown}"
+            text += "\n" + format_rejections(self.rejected_frames(), self.rejection_counts(), "  ")
         return text
 
 
@@ -278,6 +323,12 @@ class CalibrationResult:
         ]
         if self.validation is not None:
             lines.append(f"  validation:  {self.validation}")
+        rejected = self.info.get("rejected_frames") or {}
+        counts = self.info.get("rejected_by_reason") or {}
+        for name in ("calibration", "validation"):
+            if rejected.get(name):
+                lines.append(f"  {name} recording:")
+                lines.append(format_rejections(rejected[name], counts.get(name, {}), "    ", max_frames=10))
         if "time_offset_s" in self.info:
             detail = self.info.get("time_offset") or {}
             lines.append(f"  time offset {1000 * float(self.info['time_offset_s']):+.1f} ms "

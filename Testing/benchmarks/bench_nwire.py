@@ -22,6 +22,12 @@ Parts:
   and RANSAC+LM with the phantom pose estimated, plus the gap between estimated- and known-pose
   solutions.
 - **Keyframes**: frames consumed until convergence and the convergence curve.
+- **Every phantom** (issue 23; ``--only-phantoms`` runs just this): each built-in phantom (every
+  PLUS phantom) simulated with linear, convex and TRUS probes, frame-grabbed screens (burned-in
+  text, calipers, a grey-level bar, letterboxing) and partial/oblique views (quick: 4 cases of
+  20 frames at 410x308 px; full: 9 cases of 60 frames at 820x616 px, with gains and depths):
+  detection recall (whole-pattern frames detected with every dot within 5 px), precision,
+  dots within 1 px of the truth, wrong labels, and the rejected frames' reasons.
 
 Other engineers share the machine's cores: the load average is recorded with the timings.
 """
@@ -291,6 +297,102 @@ def bench_simulation(quick: bool, n_frames: int) -> dict:
     return {"cases": rows, "image_size_px": list(size)}
 
 
+def frame_scores(points_px, truth_px, whole, *, tolerance_px: float = 5.0) -> dict:
+    """Detection scores of one simulated case against the truth.
+
+    Parameters
+    ----------
+    points_px : (n, w, 2) detected dots (NaN rows where a frame was rejected), MF pixels.
+    truth_px : (n, w, 2) simulated dots (NaN for wires outside the field of view), MF pixels.
+    whole : (n,) bool, frames where the whole pattern is visible (every wire echoes in the image).
+
+    Returns
+    -------
+    dict: ``recall`` (whole frames detected correctly / whole frames), ``precision`` (correct
+    frames / detected frames: a detection on a partial frame, or with a dot more than
+    ``tolerance_px`` from its wire's truth, is wrong), ``dots_within_1px`` (of the dots of the
+    detected whole frames), ``wrong_labels`` (detected dots nearer another wire's true dot than
+    ``tolerance_px``), and the counts.
+    """
+    det = np.all(np.isfinite(points_px), axis=(1, 2))
+    d = np.linalg.norm(points_px - truth_px, axis=2)  # (n, w), NaN where either is missing
+    correct = det & whole & np.all(d <= tolerance_px, axis=1)
+    other = np.linalg.norm(points_px[:, :, None, :] - truth_px[:, None, :, :], axis=3)  # (n, w, w)
+    w = points_px.shape[1]
+    other[:, np.arange(w), np.arange(w)] = np.inf
+    wrong = int(np.sum(det[:, None] & np.any(np.nan_to_num(other, nan=np.inf) <= tolerance_px, axis=2)
+                       & ~(np.nan_to_num(d, nan=np.inf) <= tolerance_px)))
+    dots = d[det & whole]
+    return {"frames": int(det.size), "frames_whole": int(whole.sum()), "frames_detected": int(det.sum()),
+            "frames_correct": int(correct.sum()),
+            "recall": _f(correct.sum() / whole.sum(), 4) if whole.any() else None,
+            "precision": _f(correct.sum() / det.sum(), 4) if det.any() else None,
+            "dots_within_1px": _f(np.mean(dots <= 1.0), 4) if dots.size else None,
+            "wrong_labels": wrong}
+
+
+def _phantom_cases(quick: bool):
+    """(label, probe, overrides) per case of the per-phantom table."""
+    grab = ("text", "calipers", "colour-bar")
+    cases = [("linear", "linear", {}),
+             ("convex, screen text+calipers+bar", "convex", {"overlays": grab}),
+             ("TRUS, letterbox+text", "trus", {"overlays": ("letterbox", "text")}),
+             ("linear, 30 % partial, oblique", "linear", {"partial_fraction": 0.3, "tilt_deg": 18.0})]
+    if not quick:
+        cases += [("linear, gain 0.6", "linear", {"gain": 0.6}),
+                  ("linear, gain 1.6 (saturating)", "linear", {"gain": 1.6}),
+                  ("linear, +20 mm depth", "linear", {"depth_extra_mm": 20.0}),
+                  ("convex, +30 mm depth, all overlays", "convex",
+                   {"depth_extra_mm": 30.0, "overlays": grab + ("letterbox",)}),
+                  ("TRUS, 30 % partial, calipers", "trus", {"partial_fraction": 0.3, "overlays": ("calipers",)})]
+    return cases
+
+
+def bench_phantoms(quick: bool, n_frames: int, phantoms=None) -> dict:
+    """Every built-in phantom under several probes, screen overlays and partial/oblique views (issue 23).
+
+    Each case simulates ``n_frames`` frames with :func:`settings_for_phantom` (a depth and width
+    that show the phantom) and runs the default (Hessian) detector with the phantom and a rounded
+    spacing hint; :func:`frame_scores` scores it against the truth.
+    """
+    from NWireCalibrationLib.phantom import builtin_phantom_names
+    from NWireCalibrationLib.pipeline import detect_sequence
+    from NWireCalibrationLib.simulate import settings_for_phantom, simulate_nwire
+    from nwire_synthetic import setup_for
+
+    size = (410, 308) if quick else (820, 616)
+    rows = []
+    load = _load()
+    t_all = time.perf_counter()
+    for name in phantoms or builtin_phantom_names():
+        for k, (label, probe, over) in enumerate(_phantom_cases(quick)):
+            over = dict(over)
+            extra = over.pop("depth_extra_mm", 0.0)
+            st = settings_for_phantom(name, probe, n_frames=n_frames, image_size_px=size, seed=100 + k, **over)
+            if extra:
+                st = settings_for_phantom(name, probe, n_frames=n_frames, image_size_px=size, seed=100 + k,
+                                          depth_mm=st.depth_mm + extra, **over)
+            row = {"phantom": name, "case": label, "probe": probe, "depth_mm": st.depth_mm}
+            try:
+                sim = simulate_nwire(st)
+            except ValueError as exc:
+                row["error"] = str(exc)
+                rows.append(row)
+                continue
+            det = detect_sequence(sim.sequence, setup_for(sim))
+            row.update(frame_scores(det.points_px, sim.true_points_px, sim.visible))
+            row["rejected_by_reason"] = det.rejection_counts()
+            row["rejected_whole_frames_by_reason"] = {}
+            for i in np.flatnonzero(~det.ok & sim.visible):
+                code = det.reason_code(i)
+                row["rejected_whole_frames_by_reason"][code] = row["rejected_whole_frames_by_reason"].get(code, 0) + 1
+            row["frames_per_second"] = _f(det.frames_per_second, 1)
+            rows.append(row)
+        print(f"  phantom {name} done", file=sys.stderr, flush=True)
+    return {"cases": rows, "image_size_px": list(size), "frames_per_case": n_frames, "load_before": load,
+            "load_after": _load(), "seconds": _f(time.perf_counter() - t_all, 1)}
+
+
 def bench_keyframes(quick: bool) -> dict:
     from NWireCalibrationLib.keyframes import select_keyframes
     from NWireCalibrationLib.metrics import target_errors_mm
@@ -351,24 +453,42 @@ def _print_tables(report: dict) -> None:
               f"{plus['full_calibration_validation_trimmed95_mm']} mm (best 95 %), "
               f"{plus.get('full_calibration_validation_mean_all_mm')} mm (all)")
         print("  CRE (random halves): " + ", ".join(f"{k} {v['cre_mean_mm']} mm" for k, v in plus["cre_random_halves"].items()))
-    sim = report["simulation"]["cases"]
-    print("\nSimulation (10 % outlier poses, 5 % dropouts); target error = mean over the field of view vs truth")
-    print(f"  {'probe':7s} {'depth':>5s} {'recog':>6s} {'false':>6s} {'LM':>6s} {'R+LM':>6s} {'R+LM est':>8s} "
-          f"{'est-known':>9s} {'fps':>6s}")
-    for r in sim:
-        h = r["hessian"]
-        print(f"  {r['probe']:7s} {r['depth_mm']:>5.0f} {100 * h['recognition']:>5.1f}% {100 * h['false_rate']:>5.2f}% "
-              f"{r['target_error_mm_lm_known']:>6.3f} {r['target_error_mm_ransac_lm_known']:>6.3f} "
-              f"{r['target_error_mm_ransac_lm_estimate']:>8.3f} {r['estimate_vs_known_mm']:>9.3f} "
-              f"{h['frames_per_second']:>6.1f}")
-    base = [k for k in ("plus", "agcfd", "tacd") if k in sim[0]]
-    if base:
-        print("  baselines recognition: " + "; ".join(
-            f"{r['probe']} {r['depth_mm']:.0f}: " + ", ".join(f"{b} {100 * r[b]['recognition']:.0f}%" for b in base)
-            for r in sim))
-    kf = report["keyframes"]
-    print(f"\nKeyframes: converged={kf['converged']} after {kf['frames_consumed']}/{kf['frames_offered']} frames "
-          f"({kf['keyframes']} keyframes), target error {kf['target_error_mm']} mm")
+    if report.get("simulation"):
+        sim = report["simulation"]["cases"]
+        print("\nSimulation (10 % outlier poses, 5 % dropouts); target error = mean over the field of view vs truth")
+        print(f"  {'probe':7s} {'depth':>5s} {'recog':>6s} {'false':>6s} {'LM':>6s} {'R+LM':>6s} {'R+LM est':>8s} "
+              f"{'est-known':>9s} {'fps':>6s}")
+        for r in sim:
+            h = r["hessian"]
+            print(f"  {r['probe']:7s} {r['depth_mm']:>5.0f} {100 * h['recognition']:>5.1f}% {100 * h['false_rate']:>5.2f}% "
+                  f"{r['target_error_mm_lm_known']:>6.3f} {r['target_error_mm_ransac_lm_known']:>6.3f} "
+                  f"{r['target_error_mm_ransac_lm_estimate']:>8.3f} {r['estimate_vs_known_mm']:>9.3f} "
+                  f"{h['frames_per_second']:>6.1f}")
+        base = [k for k in ("plus", "agcfd", "tacd") if k in sim[0]]
+        if base:
+            print("  baselines recognition: " + "; ".join(
+                f"{r['probe']} {r['depth_mm']:.0f}: " + ", ".join(f"{b} {100 * r[b]['recognition']:.0f}%" for b in base)
+                for r in sim))
+    ph = report.get("phantoms")
+    if ph:
+        print(f"\nEvery phantom (hessian detector, {ph['frames_per_case']} frames per case, "
+              f"{ph['image_size_px'][0]}x{ph['image_size_px'][1]} px, load {ph['load_before']} -> {ph['load_after']})")
+        print(f"  {'phantom':18s} {'case':36s} {'depth':>5s} {'whole':>5s} {'recall':>7s} {'precis':>7s} "
+              f"{'<=1px':>7s} {'wrong':>5s}")
+        for r in ph["cases"]:
+            if "error" in r:
+                print(f"  {r['phantom']:18s} {r['case']:36s} not simulated: {r['error']}")
+                continue
+
+            def pct(v):
+                return f"{100 * v:6.1f}%" if v is not None else "    n/a"
+
+            print(f"  {r['phantom']:18s} {r['case']:36s} {r['depth_mm']:>5.0f} {r['frames_whole']:>5d} "
+                  f"{pct(r['recall'])} {pct(r['precision'])} {pct(r['dots_within_1px'])} {r['wrong_labels']:>5d}")
+    kf = report.get("keyframes")
+    if kf:
+        print(f"\nKeyframes: converged={kf['converged']} after {kf['frames_consumed']}/{kf['frames_offered']} "
+              f"frames ({kf['keyframes']} keyframes), target error {kf['target_error_mm']} mm")
 
 
 def main(argv=None) -> dict:
@@ -377,15 +497,20 @@ def main(argv=None) -> dict:
     p.add_argument("--frames", type=int, default=None, help="simulated frames per case (default 150, quick 60)")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--no-plus", action="store_true", help="skip the PLUS data part")
+    p.add_argument("--only-phantoms", action="store_true", help="run only the every-phantom table")
+    p.add_argument("--phantom-frames", type=int, default=None,
+                   help="simulated frames per phantom case (default 60, quick 20)")
     args = p.parse_args(argv)
     n_frames = args.frames or (60 if args.quick else 150)
     report = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_start": _load(),
                           "python": sys.version.split()[0], "opencv": cv2.__version__},
               "quick": bool(args.quick)}
     t0 = time.perf_counter()
-    report["plus"] = None if args.no_plus else bench_plus(args.quick)
-    report["simulation"] = bench_simulation(args.quick, n_frames)
-    report["keyframes"] = bench_keyframes(args.quick)
+    if not args.only_phantoms:
+        report["plus"] = None if args.no_plus else bench_plus(args.quick)
+        report["simulation"] = bench_simulation(args.quick, n_frames)
+        report["keyframes"] = bench_keyframes(args.quick)
+    report["phantoms"] = bench_phantoms(args.quick, args.phantom_frames or (20 if args.quick else 60))
     report["machine"]["load_end"] = _load()
     report["seconds"] = round(time.perf_counter() - t0, 1)
     out = Path(args.out)
@@ -398,11 +523,35 @@ def main(argv=None) -> dict:
 
 def test_bench_nwire_quick(tmp_path):
     """Quick run: every part produces numbers (correctness only, no timing assertions)."""
-    report = main(["--quick", "--frames", "30", "--no-plus", "--out", str(tmp_path / "nwire.json")])
+    report = main(["--quick", "--frames", "30", "--no-plus", "--phantom-frames", "4", "--out", str(tmp_path / "nwire.json")])
     cases = report["simulation"]["cases"]
     assert len(cases) == 4 and all(c["hessian"]["recognition"] > 0.9 for c in cases)
     assert all(c["target_error_mm_ransac_lm_known"] < 1.0 for c in cases)
     assert (tmp_path / "nwire.json").is_file()
+    from NWireCalibrationLib.phantom import builtin_phantom_names
+
+    rows = report["phantoms"]["cases"]
+    assert {r["phantom"] for r in rows} == set(builtin_phantom_names())
+    assert not [r for r in rows if "error" in r]  # every phantom simulated in every case
+    assert all(r["frames_detected"] >= r["frames_correct"] for r in rows)
+
+
+def test_frame_scores_counts_swaps_misses_and_partial_frames():
+    import pytest
+
+    truth = np.array([[[10.0, 10], [20, 10], [30, 10]]] * 4)
+    truth[3, 0] = np.nan  # a partial frame: wire 1 outside the field of view
+    whole = np.array([True, True, True, False])
+    det = truth.copy()
+    det[0] += 0.5  # within 1 px
+    det[1] = det[1][[1, 0, 2]]  # wires 1 and 2 swapped: two wrong labels
+    det[2] = np.nan  # missed
+    det[3] = [[40.0, 10], [20, 10], [30, 10]]  # a detection on a partial frame is wrong
+    s = frame_scores(det, truth, whole)
+    assert (s["frames_whole"], s["frames_detected"], s["frames_correct"]) == (3, 3, 1)
+    assert s["recall"] == pytest.approx(1 / 3, abs=1e-4) and s["precision"] == pytest.approx(1 / 3, abs=1e-4)
+    assert s["wrong_labels"] == 2
+    assert s["dots_within_1px"] == pytest.approx(4 / 6, abs=1e-4)  # frames 0 (3 of 3) and 1 (wire 3 only)
 
 
 if __name__ == "__main__":
