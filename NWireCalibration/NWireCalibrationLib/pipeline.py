@@ -510,4 +510,6 @@ def calibrate(calibration, validation=None, setup: CalibrationSetup | None = Non
         info["time_offset"] = estimate.to_dict()
         if estimate.at_search_edge:
             warnings.append(f"time offset not applied: {estimate.reason}")
+        elif not estimate.estimable:
+            warnings.append(f"time offset: {estimate.reason}")
     return replace(result, seconds=time.perf_counter() - t0, info=info, warnings=warnings)

@@ -41,6 +41,7 @@ __all__ = [
     "parse_time_offset",
     "probe_to_reference_at",
     "estimate_time_offset",
+    "speed_variation_mm_s",
 ]
 
 logger = logging.getLogger(__name__)
@@ -162,6 +163,13 @@ class TimeOffsetEstimate:
         Paired z-score of the per-frame held-out improvement (> 2: significant).
     frames_used : int
     search_s : float
+        Half-width of the last searched range, seconds (wider than asked when widened).
+    estimable : bool
+        False when the recording cannot tell offsets apart (too little speed variation).
+    speed_variation_mm_s : float
+        The recording's :func:`speed_variation_mm_s` (NaN when not measured).
+    searched_s : tuple of float
+        Half-widths searched, in order (more than one when the search widened).
     """
 
     offset_s: float
@@ -175,6 +183,9 @@ class TimeOffsetEstimate:
     cv_z: float
     frames_used: int
     search_s: float
+    estimable: bool = True
+    speed_variation_mm_s: float = float("nan")
+    searched_s: tuple = ()
 
     @property
     def at_search_edge(self) -> bool:
@@ -194,6 +205,8 @@ class TimeOffsetEstimate:
 
         return {"offset_s": num(self.offset_s), "estimated_s": num(self.estimated_s), "applied": bool(self.applied),
                 "reason": self.reason, "search_s": num(self.search_s), "frames_used": int(self.frames_used),
+                "estimable": bool(self.estimable), "speed_variation_mm_s": num(self.speed_variation_mm_s, 3),
+                "searched_s": [num(v) for v in self.searched_s],
                 "cv_zero_mm": num(self.cv_zero_mm, 4), "cv_estimate_mm": num(self.cv_estimate_mm, 4),
                 "cv_improvement": num(self.cv_improvement, 4), "cv_z": num(self.cv_z, 2),
                 "offsets_s": [num(v) for v in self.offsets_s], "costs_mm": [num(v, 4) for v in self.costs_mm]}
@@ -204,14 +217,56 @@ class TimeOffsetEstimate:
                 f"held-out error {self.cv_zero_mm:.3f} -> {self.cv_estimate_mm:.3f} mm): {self.reason}")
 
 
-def _not_estimated(reason: str, search_s: float) -> TimeOffsetEstimate:
+def _not_estimated(reason: str, search_s: float, *, estimable: bool = True, speed_variation=float("nan"),
+                   searched=()) -> TimeOffsetEstimate:
     return TimeOffsetEstimate(0.0, float("nan"), False, reason, np.zeros(0), np.zeros(0), float("nan"), float("nan"),
-                              float("nan"), 0, search_s)
+                              float("nan"), 0, search_s, estimable=estimable,
+                              speed_variation_mm_s=float(speed_variation), searched_s=tuple(searched))
+
+
+#: Points fixed to the probe (Probe frame, mm) whose velocities measure the motion: the marker's
+#: origin and 50 mm along each axis (about where the image is).
+_PROBE_POINTS_MM = np.array([[0.0, 0, 0], [50.0, 0, 0], [0, 50.0, 0], [0, 0, 50.0]])
+
+
+def speed_variation_mm_s(poses, timestamps_s, used=None) -> float:
+    """How much the probe's velocity varies over a recording (mm/s).
+
+    A time offset ``d`` displaces each frame's pose by about ``v(t) d``; the part of ``v`` that is
+    the same in every frame shifts all frames alike and is absorbed by the spatial calibration,
+    so only the velocity's variation makes ``d`` observable. Returned: the RMS deviation of the
+    velocities of :data:`_PROBE_POINTS_MM` (the probe's origin and points 50 mm along its axes)
+    from their mean velocity, over consecutive ``used`` frames.
+
+    Parameters
+    ----------
+    poses : (n, 4, 4) float
+        ProbeToReference (NaN where untracked).
+    timestamps_s : (n,) float, increasing
+    used : (n,) bool, optional
+        Frames to include (default: every tracked frame).
+    """
+    poses = np.asarray(poses, dtype=np.float64)
+    t = np.asarray(timestamps_s, dtype=np.float64)
+    ok = np.all(np.isfinite(poses), axis=(1, 2))
+    if used is not None:
+        ok &= np.asarray(used, dtype=bool)
+    idx = np.flatnonzero(ok)
+    if idx.size < 3:
+        return 0.0
+    pts = np.einsum("fij,pj->fpi", poses[idx, :3, :3], _PROBE_POINTS_MM) + poses[idx, None, :3, 3]
+    pair = np.diff(idx) == 1  # velocities between consecutive frames only
+    if pair.sum() < 2:
+        return 0.0
+    v = np.diff(pts, axis=0)[pair] / np.diff(t[idx])[pair][:, None, None]  # (m, points, 3) mm/s
+    dev = v - v.mean(axis=0)
+    return float(np.sqrt(np.mean(np.sum(dev ** 2, axis=2))))
 
 
 def estimate_time_offset(points_px, sequence, phantom: NWirePhantom, *, phantom_to_reference=None,
                          search_s: float = 0.1, step_s: float = 0.01, folds: int = 5, min_improvement: float = 0.02,
-                         min_z: float = 2.0, probe: str = "Probe", reference: str = "Reference") -> TimeOffsetEstimate:
+                         min_z: float = 2.0, max_search_s: float = 0.4, min_speed_variation_mm_s: float = 1.0,
+                         probe: str = "Probe", reference: str = "Reference") -> TimeOffsetEstimate:
     """Estimate the video-to-tracker time offset from a calibration recording.
 
     For each candidate offset the tracking is resampled at ``t + offset``
@@ -221,13 +276,21 @@ def estimate_time_offset(points_px, sequence, phantom: NWirePhantom, *, phantom_
     its best point. Every offset is scored on the same frames: those tracked over the whole
     search range.
 
-    The estimate is applied only when (a) it lies inside the search range (a minimum at the
-    edge means a bigger offset or broken timestamps: the user should look), and (b) a blocked
-    cross-validation confirms it: the calibration frames are split into ``folds`` contiguous
-    blocks, each block is predicted by a calibration fitted to the others, and the held-out
-    error with the offset must be at least ``min_improvement`` (relative) below the error
-    without it, with a paired per-frame z-score of at least ``min_z``. Otherwise 0 is returned
-    with the reason; the spatial calibration then runs as before.
+    The search range adapts: when the residual is smallest at its edge, the range is doubled
+    (up to ``max_search_s``) and searched again. A minimum still at the edge of the widest range
+    means broken timestamps or a latency beyond ``max_search_s``: the estimate is not applied.
+
+    The offset is observable only when the probe's speed varies (:func:`speed_variation_mm_s`);
+    below ``min_speed_variation_mm_s`` the recording cannot tell offsets apart and the result
+    says "cannot estimate the offset" (``estimable`` false, ``estimated_s`` NaN) instead of
+    returning whichever boundary of the range the flat residual happens to prefer.
+
+    The estimate is applied only when (a) it lies inside the (widened) search range, and (b) a
+    blocked cross-validation confirms it: the calibration frames are split into ``folds``
+    contiguous blocks, each block is predicted by a calibration fitted to the others, and the
+    held-out error with the offset must be at least ``min_improvement`` (relative) below the
+    error without it, with a paired per-frame z-score of at least ``min_z``. Otherwise 0 is
+    returned with the reason; the spatial calibration then runs as before.
 
     Parameters
     ----------
@@ -240,8 +303,7 @@ def estimate_time_offset(points_px, sequence, phantom: NWirePhantom, *, phantom_
         Known phantom registration. Without it the phantom pose is estimated by LM (joint)
         and held fixed during a search, alternately (at most 3 rounds).
     search_s : float
-        Half-width of the searched range, seconds (default 0.1 s: larger latencies are rare
-        with PLUS devices and would show as a minimum at the edge).
+        Half-width of the first searched range, seconds (default 0.1 s).
     step_s : float
         Grid step, seconds.
     folds : int
@@ -250,6 +312,14 @@ def estimate_time_offset(points_px, sequence, phantom: NWirePhantom, *, phantom_
         Thresholds of the cross-validation check (2 % and z = 2 by default: on PLUS's fCal 2.0
         recording robust LM losses and other sub-pixel dot centres move the blocked CV error by
         0.2-1.3 %, the time offset lowers it by about 11 % with z = 6.7).
+    max_search_s : float
+        Widest half-range the search may widen to, seconds (``search_s`` to disable widening;
+        at most ``MAX_TIME_OFFSET_S``).
+    min_speed_variation_mm_s : float
+        Least velocity variation (mm/s, :func:`speed_variation_mm_s`) for the offset to be
+        estimated: at 1 mm/s even a 100 ms offset moves the frames by only 0.1 mm RMS relative
+        to each other, below what the dots resolve (PLUS's fCal 2.0 calibration recording:
+        5.7 mm/s, where a 46 ms offset is found with z = 6.7).
     probe, reference : str
 
     Returns
@@ -260,7 +330,7 @@ def estimate_time_offset(points_px, sequence, phantom: NWirePhantom, *, phantom_
     ------
     ValueError
         Non-positive ``search_s``/``step_s``, ``step_s > search_s``, ``folds < 2``,
-        ``search_s`` above ``MAX_TIME_OFFSET_S``.
+        ``search_s`` or ``max_search_s`` above ``MAX_TIME_OFFSET_S``, ``max_search_s < search_s``.
     CalibrationError
         Missing or non-increasing timestamps.
     """
@@ -268,12 +338,17 @@ def estimate_time_offset(points_px, sequence, phantom: NWirePhantom, *, phantom_
         raise ValueError(f"search_s: expected seconds in (0, {MAX_TIME_OFFSET_S:g}], got {search_s!r}")
     if not (step_s > 0 and step_s <= search_s):
         raise ValueError(f"step_s: expected seconds in (0, search_s={search_s:g}], got {step_s!r}")
+    if not (search_s <= max_search_s <= MAX_TIME_OFFSET_S):
+        raise ValueError(f"max_search_s: expected seconds in [search_s={search_s:g}, {MAX_TIME_OFFSET_S:g}], "
+                         f"got {max_search_s!r}")
+    if not min_speed_variation_mm_s >= 0:
+        raise ValueError(f"min_speed_variation_mm_s: expected mm/s >= 0, got {min_speed_variation_mm_s!r}")
     if int(folds) < 2:
         raise ValueError(f"folds: expected at least 2 cross-validation blocks, got {folds!r}")
     pts = np.asarray(points_px, dtype=np.float64)
     if pts.ndim != 3 or pts.shape[0] != sequence.n_frames or pts.shape[1:] != (phantom.n_wires, 2):
         raise ValueError(f"points_px: expected ({sequence.n_frames}, {phantom.n_wires}, 2), got {pts.shape}")
-    _check_timestamps(sequence)
+    timestamps = _check_timestamps(sequence)
 
     def poses_at(dt):
         return probe_to_reference_at(sequence, dt, probe=probe, reference=reference)
@@ -281,12 +356,47 @@ def estimate_time_offset(points_px, sequence, phantom: NWirePhantom, *, phantom_
     def tracked(poses):
         return np.all(np.isfinite(poses), axis=(1, 2))
 
-    common = (np.all(np.isfinite(pts), axis=(1, 2)) & tracked(poses_at(-search_s)) & tracked(poses_at(search_s))
-              & tracked(poses_at(0.0)))
+    detected = np.all(np.isfinite(pts), axis=(1, 2))
+    poses0 = poses_at(0.0)
+    motion = speed_variation_mm_s(poses0, timestamps, detected)
+    if motion < min_speed_variation_mm_s:
+        return _not_estimated(
+            f"cannot estimate the offset: the probe's velocity hardly varies over the detected frames "
+            f"({motion:.2g} mm/s RMS, needs {min_speed_variation_mm_s:g}), so every offset fits alike; move the "
+            f"probe back and forth while recording, or give the offset in seconds", search_s, estimable=False,
+            speed_variation=motion)
+
+    searched = []
+    while True:
+        searched.append(float(search_s))
+        result = _search_offset(pts, detected, phantom, phantom_to_reference, poses_at, tracked, search_s, step_s,
+                                folds, min_improvement, min_z, motion, tuple(searched))
+        if isinstance(result, TimeOffsetEstimate):
+            return result
+        best, grid, costs, n_common = result  # the residual is smallest at the edge of the range
+        if search_s < max_search_s:
+            logger.info("time offset: minimum at the edge of +-%g s (%+.0f ms); widening the search", search_s,
+                        1000 * best)
+            search_s = min(2.0 * search_s, max_search_s)
+            continue
+        widened = f" (widened from +-{searched[0]:g} s)" if len(searched) > 1 else ""
+        return TimeOffsetEstimate(
+            0.0, best, False,
+            f"the calibration residual is smallest at the edge of the +-{search_s:g} s search range{widened} "
+            f"({best * 1000:+.0f} ms): check the recording's timestamps or give the offset in seconds",
+            grid, costs, float("nan"), float("nan"), float("nan"), n_common, search_s,
+            speed_variation_mm_s=motion, searched_s=tuple(searched))
+
+
+def _search_offset(pts, detected, phantom, phantom_to_reference, poses_at, tracked, search_s, step_s, folds,
+                   min_improvement, min_z, motion, searched):
+    """One search over +-``search_s``: a TimeOffsetEstimate, or (best, grid, costs, n) when the best is at the edge."""
+    common = detected & tracked(poses_at(-search_s)) & tracked(poses_at(search_s)) & tracked(poses_at(0.0))
     n_common = int(common.sum())
     if n_common < 2 * MIN_CALIBRATION_FRAMES:
         return _not_estimated(f"only {n_common} detected frames are tracked over the +-{search_s:g} s search range "
-                              f"(need {2 * MIN_CALIBRATION_FRAMES})", search_s)
+                              f"(need {2 * MIN_CALIBRATION_FRAMES})", search_s, speed_variation=motion,
+                              searched=searched)
     p = np.where(common[:, None, None], pts, np.nan)
     estimate_pose = phantom_to_reference is None
     y = None if estimate_pose else np.asarray(phantom_to_reference, dtype=np.float64)
@@ -315,10 +425,12 @@ def estimate_time_offset(points_px, sequence, phantom: NWirePhantom, *, phantom_
             try:
                 y = calibrate_lm(p, poses_at(best), phantom, estimate_phantom_pose=True).phantom_to_reference
             except CalibrationError as exc:
-                return _not_estimated(f"the phantom pose could not be estimated ({exc})", search_s)
+                return _not_estimated(f"the phantom pose could not be estimated ({exc})", search_s,
+                                      speed_variation=motion, searched=searched)
         costs = np.array([cost(dt) for dt in grid])
         if not np.any(np.isfinite(costs)):
-            return _not_estimated("the calibration failed at every searched offset", search_s)
+            return _not_estimated("the calibration failed at every searched offset", search_s,
+                                  speed_variation=motion, searched=searched)
         k = int(np.nanargmin(costs))
         best, best_cost = float(grid[k]), float(costs[k])
         lo, hi = max(-search_s, best - step_s), min(search_s, best + step_s)
@@ -328,11 +440,7 @@ def estimate_time_offset(points_px, sequence, phantom: NWirePhantom, *, phantom_
         if abs(best - previous) < step_s / 4:
             break
     if abs(best) >= search_s - step_s / 2:
-        return TimeOffsetEstimate(
-            0.0, best, False,
-            f"the calibration residual is smallest at the edge of the +-{search_s:g} s search range "
-            f"({best * 1000:+.0f} ms): check the recording's timestamps or give the offset in seconds",
-            grid, costs, float("nan"), float("nan"), float("nan"), n_common, search_s)
+        return best, grid, costs, n_common
 
     idx = np.flatnonzero(common)
     per_frame = {0.0: [], best: []}
@@ -360,7 +468,9 @@ def estimate_time_offset(points_px, sequence, phantom: NWirePhantom, *, phantom_
         reason = (f"no significant offset: held-out error changes by {100 * gain:.1f} % (z = {z:.1f}; needs "
                   f">= {100 * min_improvement:g} % and z >= {min_z:g})")
         applied = False
+    if len(searched) > 1:
+        reason += f" (search widened from +-{searched[0]:g} s to +-{search_s:g} s)"
     est = TimeOffsetEstimate(best if applied else 0.0, best, applied, reason, grid, costs, float(cv0), float(cv1), z,
-                             n_common, search_s)
+                             n_common, search_s, speed_variation_mm_s=motion, searched_s=searched)
     logger.info("%s", est)
     return est

@@ -12,8 +12,14 @@ from FreehandUSLib import TrackedSequence
 from NWireCalibrationLib.cli import build_standalone_parser
 from NWireCalibrationLib.errors import CalibrationError
 from NWireCalibrationLib.metrics import target_errors_mm
-from NWireCalibrationLib.pipeline import calibrate, calibrate_from_points, detect_sequence
-from NWireCalibrationLib.temporal import estimate_time_offset, parse_time_offset, probe_to_reference_at
+from NWireCalibrationLib.pipeline import CalibrationSetup, calibrate, calibrate_from_points, detect_sequence
+from NWireCalibrationLib.results import DetectionResult
+from NWireCalibrationLib.temporal import (
+    estimate_time_offset,
+    parse_time_offset,
+    probe_to_reference_at,
+    speed_variation_mm_s,
+)
 from nwire_synthetic import exact_geometry, plus_fcal2, setup_for, small_simulation
 
 FRAME_RATE_HZ = 15.0
@@ -95,10 +101,87 @@ def test_no_offset_is_not_applied():
 
 def test_offset_beyond_search_range_is_flagged_not_applied():
     sim, seq, dots, _ = tracked_sweep(0.15)
-    est = estimate_time_offset(dots, seq, sim.phantom, phantom_to_reference=sim.phantom_to_reference, search_s=0.1)
+    est = estimate_time_offset(dots, seq, sim.phantom, phantom_to_reference=sim.phantom_to_reference, search_s=0.1,
+                               max_search_s=0.1)  # no widening
     assert not est.applied and est.offset_s == 0.0
-    assert est.at_search_edge
+    assert est.at_search_edge and est.searched_s == (0.1,)
     assert "edge of the +-0.1 s search range" in est.reason
+
+
+@pytest.mark.parametrize(("offset_s", "searched"), [(0.15, (0.1, 0.2)), (-0.3, (0.1, 0.2, 0.4))])
+def test_search_widens_when_the_minimum_is_at_its_edge(offset_s, searched):
+    sim, seq, dots, _ = tracked_sweep(offset_s)
+    est = estimate_time_offset(dots, seq, sim.phantom, phantom_to_reference=sim.phantom_to_reference)
+    assert est.applied, est.reason
+    assert est.offset_s == pytest.approx(offset_s, abs=0.004)
+    assert est.searched_s == searched and est.search_s == searched[-1] and not est.at_search_edge
+    assert f"widened from +-0.1 s to +-{searched[-1]:g} s" in est.reason
+    assert est.to_dict()["searched_s"] == list(searched)
+
+
+def test_widening_is_bounded():
+    sim, seq, dots, _ = tracked_sweep(0.6)
+    est = estimate_time_offset(dots, seq, sim.phantom, phantom_to_reference=sim.phantom_to_reference,
+                               max_search_s=0.25)
+    assert not est.applied and est.offset_s == 0.0 and est.at_search_edge
+    assert est.searched_s == (0.1, 0.2, 0.25)
+    assert "edge of the +-0.25 s search range (widened from +-0.1 s)" in est.reason
+
+
+@lru_cache(maxsize=4)
+def constant_velocity_sweep(speed_mm_s: float, offset_s: float = 0.05, n_frames: int = 90):
+    """The probe slides at a constant velocity (no rotation); its tracking is recorded ``offset_s`` late."""
+    sim, _, poses = exact_geometry("fCal-2.0")
+    t = np.arange(n_frames) / FRAME_RATE_HZ
+    direction = np.array([0.6, 0.0, 0.8])
+
+    def at(times):
+        m = np.tile(poses[0], (times.size, 1, 1))
+        m[:, :3, 3] += speed_mm_s * times[:, None] * direction
+        return m
+
+    truth = at(t)
+    dots = _dots(np.linalg.inv(sim.phantom_to_reference) @ truth @ sim.image_to_probe, sim.phantom)
+    dots += np.random.default_rng(1).normal(0.0, 0.15, dots.shape)
+    seq = TrackedSequence(np.zeros((n_frames, 2, 2), np.uint8), timestamps_s=t,
+                          transforms={"ProbeToReference": (at(t - offset_s), np.ones(n_frames, bool))})
+    return sim, seq, dots
+
+
+@pytest.mark.parametrize("speed_mm_s", [0.0, 4.0])
+def test_degenerate_motion_cannot_estimate_the_offset(speed_mm_s):
+    """A still probe, or one sliding at a constant velocity: every offset fits alike."""
+    sim, seq, dots = constant_velocity_sweep(speed_mm_s)
+    est = estimate_time_offset(dots, seq, sim.phantom, phantom_to_reference=sim.phantom_to_reference)
+    assert not est.estimable and not est.applied and est.offset_s == 0.0
+    assert np.isnan(est.estimated_s) and not est.at_search_edge
+    assert est.reason.startswith("cannot estimate the offset") and "move the probe back and forth" in est.reason
+    assert est.speed_variation_mm_s < 1e-6
+    d = est.to_dict()
+    assert d["estimable"] is False and d["estimated_s"] is None
+
+
+def test_speed_variation_of_a_known_motion():
+    t = np.arange(400) / 100.0
+    poses = np.tile(np.eye(4), (t.size, 1, 1))
+    poses[:, 0, 3] = 5.0 * np.sin(2 * np.pi * 0.5 * t)  # amplitude 5 mm at 0.5 Hz: velocity RMS 5 pi / sqrt 2
+    assert speed_variation_mm_s(poses, t) == pytest.approx(5 * np.pi / np.sqrt(2), rel=0.01)
+    poses[:, 1, 3] = 3.0 * t  # a constant velocity added changes nothing
+    assert speed_variation_mm_s(poses, t) == pytest.approx(5 * np.pi / np.sqrt(2), rel=0.01)
+    assert speed_variation_mm_s(poses[:2], t[:2]) == 0.0  # too short to say
+    skip = np.ones(t.size, bool)
+    skip[1::2] = False  # no two consecutive frames: no velocity
+    assert speed_variation_mm_s(poses, t, skip) == 0.0
+
+
+def test_calibrate_warns_when_the_offset_cannot_be_estimated():
+    sim, seq, dots = constant_velocity_sweep(0.0)
+    setup = CalibrationSetup(sim.phantom, sim.phantom_to_reference, sim.pixel_spacing_mm)
+    det = DetectionResult("given", sim.phantom.name, sim.phantom.wire_names, dots, np.ones(seq.n_frames, bool),
+                          np.full(seq.n_frames, 9), [""] * seq.n_frames, sim.pixel_spacing_mm, 0.0)
+    r = calibrate(seq, None, setup, solver="lsq", calibration_detection=det)
+    assert r.info["time_offset_s"] == 0.0 and r.info["time_offset"]["estimable"] is False
+    assert any(w.startswith("time offset: cannot estimate the offset") for w in r.warnings)
 
 
 def test_random_poses_keep_recorded_tracking():
@@ -164,6 +247,9 @@ def test_calibrate_rejects_bad_time_offset():
     ({"step_s": 0.5}, "step_s: expected seconds in"),
     ({"step_s": -0.01}, "step_s: expected seconds in"),
     ({"folds": 1}, "folds: expected at least 2"),
+    ({"max_search_s": 0.05}, "max_search_s: expected seconds in"),
+    ({"max_search_s": 1.5}, "max_search_s: expected seconds in"),
+    ({"min_speed_variation_mm_s": -1.0}, "min_speed_variation_mm_s"),
 ])
 def test_estimate_time_offset_rejects_bad_settings(kwargs, message):
     sim, seq, dots, _ = tracked_sweep(0.0)
