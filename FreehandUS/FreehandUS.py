@@ -251,6 +251,66 @@ def summaryText(info: dict) -> str:
     return "\n".join(lines)
 
 
+class CancellableWork:
+    """A progress bar and a Cancel button around one long Logic call made on the GUI thread.
+
+    Used by the three modules' Widgets (issue 22: long work does not freeze Slicer and can be
+    cancelled)::
+
+        with slicer.util.tryWithErrorDisplay(message, waitCursor=True):
+            with CancellableWork(self.ui.progressBar, self.ui.cancelButton, _("Reconstruction")) as work:
+                self.logic.reconstructFromSequence(..., progress=work.progress, cancel=work.token)
+
+    ``work.progress`` sets the bar, lets Qt handle events (the panel and its Cancel button stay
+    responsive; the Lib reports every batch of frames) and checks the token, which the Cancel
+    button sets. Nodes added to the scene inside the block are removed when it raises
+    (``FreehandUSLib.jobs.scene_rollback``), so a cancel leaves the scene as it was; the
+    ``Cancelled`` exception ends here with a status message instead of an error box. The rules
+    live in ``FreehandUSLib.jobs`` (tested headless); this class is only the Qt side.
+    """
+
+    def __init__(self, progressBar, cancelButton, what: str, statusLabel=None):
+        ensureRequirements()  # the work needs the Lib: install what it lacks first (as the Logic does)
+        from FreehandUSLib import jobs
+
+        self._jobs = jobs
+        self.progressBar = progressBar
+        self.cancelButton = cancelButton
+        self.statusLabel = statusLabel
+        self.token = jobs.CancelToken(what)
+        self.progress = jobs.cancellable_progress(self._report, self.token, tick=slicer.app.processEvents)
+        self._rollback = None
+        self._slot = lambda *args: self.token.cancel()  # one object: connected, then disconnected
+
+    def _report(self, done, total) -> None:
+        self.progressBar.maximum = max(int(total), 1)
+        self.progressBar.value = int(done)
+
+    def __enter__(self) -> "CancellableWork":
+        self.progressBar.value = 0
+        self.progressBar.show()
+        self.cancelButton.enabled = True
+        self.cancelButton.show()
+        self.cancelButton.clicked.connect(self._slot)
+        self._rollback = self._jobs.scene_rollback(slicer.mrmlScene)
+        self._rollback.__enter__()
+        return self
+
+    def __exit__(self, excType, exc, tb) -> bool:
+        try:
+            self._rollback.__exit__(excType, exc, tb)
+        finally:
+            self.cancelButton.clicked.disconnect(self._slot)
+            self.cancelButton.hide()
+            self.progressBar.hide()
+        if isinstance(exc, self._jobs.Cancelled):
+            if self.statusLabel is not None:
+                self.statusLabel.text = str(exc)
+            slicer.util.showStatusMessage(str(exc), 5000)
+            return True
+        return False
+
+
 def _browserNameFromPath(path: Path) -> str:
     """``SpinePhantomFreehand.igs.mha`` -> ``SpinePhantomFreehand``."""
     name = path.name[: -len(path.suffix)] if path.suffix else path.name
@@ -394,6 +454,7 @@ class FreehandUSWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.reconstructButton.connect("clicked(bool)", self.onReconstructButton)
         self.ui.liveButton.connect("toggled(bool)", self.onLiveButton)
         self.ui.reconstructionProgressBar.hide()
+        self.ui.cancelReconstructionButton.hide()
 
         self._liveTimer = qt.QTimer()
         self._liveTimer.connect("timeout()", self.onLiveTimer)
@@ -507,18 +568,14 @@ class FreehandUSWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 "vtkMRMLScalarVolumeNode", slicer.mrmlScene.GenerateUniqueName(f"{baseName}Coverage")
             )
 
-    def _onProgress(self, done, total) -> None:
-        self.ui.reconstructionProgressBar.maximum = max(int(total), 1)
-        self.ui.reconstructionProgressBar.value = int(done)
-        slicer.app.processEvents()
-
     def onReconstructButton(self) -> None:
         parameters = self._parameterNode
         self.ui.reconstructionStatusLabel.text = ""
-        self.ui.reconstructionProgressBar.value = 0
-        self.ui.reconstructionProgressBar.show()
-        try:
-            with slicer.util.tryWithErrorDisplay(_("Volume reconstruction failed."), waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(_("Volume reconstruction failed."), waitCursor=True):
+            with CancellableWork(
+                self.ui.reconstructionProgressBar, self.ui.cancelReconstructionButton, _("Reconstruction"),
+                self.ui.reconstructionStatusLabel,
+            ) as work:  # fmt: skip
                 self._ensureOutputNodes(parameters.inputBrowser.GetName())
                 result = self.logic.reconstructFromSequence(
                     parameters.inputBrowser,
@@ -527,15 +584,14 @@ class FreehandUSWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     roiNode=parameters.roi,
                     coverageVolumeNode=parameters.coverageVolume,
                     plusConfig=parameters.plusConfigPath if _isSet(parameters.plusConfigPath) else None,
-                    progress=self._onProgress,
+                    progress=work.progress,
+                    cancel=work.token,
                     **self.logic.optionsFromParameterNode(parameters),
                 )
                 self.ui.reconstructionStatusLabel.text = str(result)
                 self.logic.showReconstruction(
                     parameters.outputVolume, parameters.coverageVolume if parameters.showCoverage else None
                 )
-        finally:
-            self.ui.reconstructionProgressBar.hide()
 
     def onLiveButton(self, checked) -> None:
         if not checked:
@@ -824,6 +880,7 @@ class FreehandUSLogic(ScriptedLoadableModuleLogic):
         coverageVolumeNode=None,
         plusConfig=None,
         progress=None,
+        cancel=None,
         **options,
     ):
         """Reconstruct the recording held by ``browserNode`` into ``outputVolumeNode``.
@@ -843,6 +900,9 @@ class FreehandUSLogic(ScriptedLoadableModuleLogic):
         plusConfig : str or pathlib.Path, optional
             PLUS device-set config: default options and fixed transforms (ImageToProbe).
         progress : callable(done, total), optional
+        cancel : FreehandUSLib.jobs.CancelToken, optional
+            Set it (e.g. from a Cancel button) to stop within a second; raises
+            ``FreehandUSLib.jobs.Cancelled`` and leaves the scene as it was.
         **options
             ``FreehandUSLib.reconstruction.ReconstructionOptions`` fields, e.g.
             ``output_spacing_mm=0.5, interpolation="linear", compounding="max",
@@ -866,6 +926,7 @@ class FreehandUSLogic(ScriptedLoadableModuleLogic):
             coverage_volume_node=coverageVolumeNode,
             config=plusConfig,
             progress=progress,
+            cancel=cancel,
             **options,
         )
 

@@ -280,6 +280,7 @@ class NWireCalibrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.copyPlusTransformButton.connect("clicked(bool)", self.onCopyPlusTransformButton)
         self.ui.liveButton.connect("toggled(bool)", self.onLiveButton)
         self.ui.calibrationProgressBar.hide()
+        self.ui.cancelCalibrationButton.hide()
 
         self._liveTimer = qt.QTimer()
         self._liveTimer.setInterval(500)
@@ -386,38 +387,40 @@ class NWireCalibrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 f"{role.capitalize()}:\n{FreehandUS.summaryText(info)}" for role, info in summaries.items()
             )
 
-    def _onProgress(self, done, total) -> None:
-        self.ui.calibrationProgressBar.maximum = max(int(total), 1)
-        self.ui.calibrationProgressBar.value = int(done)
-        slicer.app.processEvents()
+    def _work(self, what: str, statusLabel):
+        """Progress bar + Cancel button around a detection or calibration (FreehandUS.CancellableWork)."""
+        import FreehandUS
+
+        return FreehandUS.CancellableWork(
+            self.ui.calibrationProgressBar, self.ui.cancelCalibrationButton, what, statusLabel
+        )
 
     def _newNode(self, className: str, name: str):
         return slicer.mrmlScene.AddNewNodeByClass(className, slicer.mrmlScene.GenerateUniqueName(name))
 
     def onDetectButton(self) -> None:
         parameters = self._parameterNode
-        self.ui.calibrationProgressBar.show()
-        try:
-            with slicer.util.tryWithErrorDisplay(_("Dot detection failed."), waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(_("Dot detection failed."), waitCursor=True):
+            with self._work(_("Dot detection"), self.ui.detectionStatusLabel) as work:
                 if not parameters.detectedDots:
                     parameters.detectedDots = self._newNode("vtkMRMLMarkupsFiducialNode", "DetectedDots")
                 detection = self.logic.detect(
                     parameters.calibrationBrowser,
                     markupsNode=parameters.detectedDots,
-                    progress=self._onProgress,
+                    progress=work.progress,
+                    cancel=work.token,
                     **self.logic.setupOptionsFromParameterNode(parameters),
                 )
                 self.ui.detectionStatusLabel.text = str(detection)
                 self.logic.showDetection(parameters.calibrationBrowser)
-        finally:
-            self.ui.calibrationProgressBar.hide()
 
     def onCalibrateButton(self) -> None:
         parameters = self._parameterNode
         self.ui.calibrationResultLabel.text = ""
-        self.ui.calibrationProgressBar.show()
         try:
-            with slicer.util.tryWithErrorDisplay(_("Calibration failed."), waitCursor=True):
+            with slicer.util.tryWithErrorDisplay(_("Calibration failed."), waitCursor=True), self._work(
+                _("Calibration"), self.ui.calibrationResultLabel
+            ) as work:
                 if not parameters.imageToProbe:
                     parameters.imageToProbe = self._newNode("vtkMRMLLinearTransformNode", "ImageToProbe")
                 if not parameters.accuracyTable:
@@ -436,13 +439,13 @@ class NWireCalibrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     accuracyTableNode=parameters.accuracyTable,
                     residualsTableNode=parameters.residualsTable,
                     plotChartNode=parameters.residualsChart,
-                    progress=self._onProgress,
+                    progress=work.progress,
+                    cancel=work.token,
                     **self.logic.setupOptionsFromParameterNode(parameters),
                 )
                 self.ui.calibrationResultLabel.text = str(result)
                 self.logic.showResidualPlot(parameters.residualsChart)
         finally:
-            self.ui.calibrationProgressBar.hide()
             self._updateButtons()
 
     def onShowResidualsButton(self) -> None:
@@ -579,7 +582,7 @@ class NWireCalibrationLogic(ScriptedLoadableModuleLogic):
         return make_setup(_pathOrNone(configPath), phantom=phantom or None, pixel_spacing_mm=pixelSpacingMm or None)
 
     def detect(self, browserNode, *, configPath=None, phantom=None, detector="hessian", pixelSpacingMm=None,
-               markupsNode=None, progress=None):
+               markupsNode=None, progress=None, cancel=None):
         """Detect the phantom's dots in every frame of a recording.
 
         Parameters
@@ -592,6 +595,8 @@ class NWireCalibrationLogic(ScriptedLoadableModuleLogic):
         markupsNode : vtkMRMLMarkupsFiducialNode, optional
             Shows the dots of the browser's selected frame (it follows the browser).
         progress : callable(done, total), optional
+        cancel : FreehandUSLib.jobs.CancelToken, optional
+            Set it to stop after the current frame (``FreehandUSLib.jobs.Cancelled``).
 
         Returns
         -------
@@ -602,13 +607,13 @@ class NWireCalibrationLogic(ScriptedLoadableModuleLogic):
         from NWireCalibrationLib.mrml_calibration import detect_browser
 
         self.lastDetection = detect_browser(browserNode, setup, detector=detector, markups_node=markupsNode,
-                                            progress=progress)
+                                            progress=progress, cancel=cancel)
         return self.lastDetection
 
     def calibrate(self, calibrationBrowserNode, validationBrowserNode, imageToProbeNode, *, configPath=None,
                   phantom=None, phantomToReferenceNode=None, solver="ransac-lm", phantomPose="auto",
                   detector="hessian", pixelSpacingMm=None, accuracyTableNode=None, residualsTableNode=None,
-                  plotChartNode=None, progress=None, **solverOptions):
+                  plotChartNode=None, progress=None, cancel=None, **solverOptions):
         """Calibrate from recordings and write ImageToProbe into ``imageToProbeNode``.
 
         Parameters
@@ -632,6 +637,8 @@ class NWireCalibrationLogic(ScriptedLoadableModuleLogic):
         plotChartNode : vtkMRMLPlotChartNode, optional
             Filled; None: new nodes (see :attr:`lastCalibration`).
         progress : callable(done, total), optional
+        cancel : FreehandUSLib.jobs.CancelToken, optional
+            Set it to stop within a second; nothing is written (``FreehandUSLib.jobs.Cancelled``).
         **solverOptions
             ``ransac_iterations``, ``ransac_threshold_mm``, ``seed``...
 
@@ -656,6 +663,7 @@ class NWireCalibrationLogic(ScriptedLoadableModuleLogic):
             residuals_table_node=residualsTableNode,
             plot_chart_node=plotChartNode,
             progress=progress,
+            cancel=cancel,
             **solverOptions,
         )
         return self.lastCalibration.result

@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
+import qt
 import slicer
 import vtk
 from slicer.i18n import tr as _
@@ -269,11 +270,21 @@ class SensorlessTrackingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self.ui.reconstructButton.connect("clicked(bool)", self.onReconstructButton)
         self.ui.trainButton.connect("clicked(bool)", self.onTrainButton)
         self.ui.estimateProgressBar.hide()
+        self.ui.cancelEstimateButton.hide()
         self.ui.trainProgressBar.hide()
+        self.ui.cancelTrainButton.hide()
+        self.ui.cancelTrainButton.connect("clicked(bool)", self.onCancelTrainButton)
+        self._trainJob = None
+        self._trainTimer = qt.QTimer()
+        self._trainTimer.setInterval(200)
+        self._trainTimer.connect("timeout()", self.onTrainTimer)
 
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
+        self._trainTimer.stop()
+        if self._trainJob is not None:
+            self._trainJob.cancel()  # no training process outlives the application
         self.removeObservers()
 
     def enter(self) -> None:
@@ -333,18 +344,15 @@ class SensorlessTrackingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         )
         self.ui.showPlotButton.enabled = hasInput
         self.ui.reconstructButton.enabled = hasInput
-        self.ui.trainButton.enabled = bool(parameters and _isSet(parameters.trainOutputDirectory))
+        self.ui.trainButton.enabled = bool(parameters and _isSet(parameters.trainOutputDirectory)) and (
+            self._trainJob is None
+        )
 
-    def _onEstimateProgress(self, done, total) -> None:
-        self.ui.estimateProgressBar.maximum = max(int(total), 1)
-        self.ui.estimateProgressBar.value = int(done)
-        slicer.app.processEvents()
+    def _work(self, what: str, statusLabel):
+        """Progress bar + Cancel button around an estimate or reconstruction (FreehandUS.CancellableWork)."""
+        import FreehandUS
 
-    def _onTrainProgress(self, done, total) -> None:
-        self.ui.trainProgressBar.maximum = max(int(total), 1)
-        self.ui.trainProgressBar.value = int(done)
-        self.ui.trainStatusLabel.text = _("Epoch {done} of {total} done").format(done=done, total=total)
-        slicer.app.processEvents()
+        return FreehandUS.CancellableWork(self.ui.estimateProgressBar, self.ui.cancelEstimateButton, what, statusLabel)
 
     def onInputInfoButton(self) -> None:
         import FreehandUS
@@ -360,10 +368,8 @@ class SensorlessTrackingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
     def onEstimateButton(self) -> None:
         parameters = self._parameterNode
         self.ui.resultsLabel.text = ""
-        self.ui.estimateProgressBar.value = 0
-        self.ui.estimateProgressBar.show()
-        try:
-            with slicer.util.tryWithErrorDisplay(_("Trajectory estimation failed."), waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(_("Trajectory estimation failed."), waitCursor=True):
+            with self._work(_("Trajectory estimation"), self.ui.resultsLabel) as work:
                 summary = self.logic.estimateTrajectory(
                     parameters.inputBrowser,
                     model=self.logic.modelFromParameterNode(parameters),
@@ -372,12 +378,11 @@ class SensorlessTrackingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
                     device=parameters.device.value,
                     batchSize=parameters.batchSize,
                     mirrorAverage="flip+reverse" if parameters.mirrorAverage else "none",
-                    progress=self._onEstimateProgress,
+                    progress=work.progress,
+                    cancel=work.token,
                 )
                 self.ui.resultsLabel.text = self.logic.summaryText(summary)
                 self.logic.trajectoryPlot(parameters.inputBrowser)
-        finally:
-            self.ui.estimateProgressBar.hide()
 
     def onShowPlotButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to plot the trajectory."), waitCursor=True):
@@ -387,18 +392,23 @@ class SensorlessTrackingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         parameters = self._parameterNode
         message = _("Reconstruction from the estimated trajectory failed.")
         with slicer.util.tryWithErrorDisplay(message, waitCursor=True):
-            if not parameters.outputVolume:
-                parameters.outputVolume = slicer.mrmlScene.AddNewNodeByClass(
-                    "vtkMRMLScalarVolumeNode",
-                    slicer.mrmlScene.GenerateUniqueName(f"{parameters.inputBrowser.GetName()}EstimatedReconstruction"),
+            with self._work(_("Reconstruction"), self.ui.reconstructionStatusLabel) as work:
+                if not parameters.outputVolume:
+                    parameters.outputVolume = slicer.mrmlScene.AddNewNodeByClass(
+                        "vtkMRMLScalarVolumeNode",
+                        slicer.mrmlScene.GenerateUniqueName(
+                            f"{parameters.inputBrowser.GetName()}EstimatedReconstruction"
+                        ),
+                    )
+                result = self.logic.reconstructEstimated(
+                    parameters.inputBrowser,
+                    parameters.outputVolume,
+                    output_spacing_mm=parameters.reconstructionSpacingMm,
+                    progress=work.progress,
+                    cancel=work.token,
                 )
-            result = self.logic.reconstructEstimated(
-                parameters.inputBrowser,
-                parameters.outputVolume,
-                output_spacing_mm=parameters.reconstructionSpacingMm,
-            )
-            self.ui.reconstructionStatusLabel.text = str(result)
-            slicer.util.setSliceViewerLayers(background=parameters.outputVolume, fit=True)
+                self.ui.reconstructionStatusLabel.text = str(result)
+                slicer.util.setSliceViewerLayers(background=parameters.outputVolume, fit=True)
 
     def onTrainButton(self) -> None:
         parameters = self._parameterNode
@@ -406,29 +416,70 @@ class SensorlessTrackingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         # read from the selector when the button is pressed.
         browsers = list(self.ui.trainingBrowsersSelector.checkedNodes())
         self.ui.trainStatusLabel.text = ""
-        self.ui.trainProgressBar.value = 0
-        self.ui.trainProgressBar.show()
-        try:
-            with slicer.util.tryWithErrorDisplay(_("Training failed."), waitCursor=True):
-                initModel = None
-                if parameters.trainFineTune and parameters.modelChoice != ModelChoice.DECORRELATION:
-                    initModel = self.logic.modelFromParameterNode(parameters) or "default"
-                path = self.logic.trainFromBrowsers(
-                    browsers,
-                    parameters.trainOutputDirectory,
-                    epochs=parameters.trainEpochs,
-                    initModel=initModel,
-                    image_size="fit" if parameters.trainFitImage else None,
-                    device=parameters.device.value,
-                    progress=self._onTrainProgress,
+        with slicer.util.tryWithErrorDisplay(_("Training failed to start."), waitCursor=True):
+            initModel = None
+            if parameters.trainFineTune and parameters.modelChoice != ModelChoice.DECORRELATION:
+                initModel = self.logic.modelFromParameterNode(parameters) or "default"
+            # Trains in a separate process: Slicer stays usable; the timer shows its progress.
+            self._trainJob = self.logic.startTraining(
+                browsers,
+                parameters.trainOutputDirectory,
+                epochs=parameters.trainEpochs,
+                initModel=initModel,
+                image_size="fit" if parameters.trainFitImage else None,
+                device=parameters.device.value,
+            )
+            self.ui.trainProgressBar.maximum = max(int(parameters.trainEpochs), 1)
+            self.ui.trainProgressBar.value = 0
+            self.ui.trainProgressBar.show()
+            self.ui.cancelTrainButton.show()
+            self.ui.trainStatusLabel.text = _("Training in process {pid}...").format(pid=self._trainJob.pid)
+            self._trainTimer.start()
+            self._updateButtons()
+
+    def onTrainTimer(self) -> None:
+        """Show the training process's events; finish when it ends."""
+        job = self._trainJob
+        if job is None:
+            self._trainTimer.stop()
+            return
+        for event in job.poll():
+            kind = event.get("event")
+            if kind == "progress":
+                self.ui.trainProgressBar.maximum = max(int(event["total"]), 1)
+                self.ui.trainProgressBar.value = int(event["done"])
+                self.ui.trainStatusLabel.text = _("Epoch {done} of {total} done (loss {loss})").format(
+                    done=event["done"], total=event["total"], loss=event.get("train_loss")
                 )
+            elif kind == "done":
+                parameters = self._parameterNode
                 parameters.modelChoice = ModelChoice.FILE
-                parameters.modelPath = path
+                parameters.modelPath = Path(event["checkpoint"])
                 self.ui.trainStatusLabel.text = _("Model written to {path}; it is now the selected model.").format(
-                    path=path
+                    path=event["checkpoint"]
                 )
-        finally:
-            self.ui.trainProgressBar.hide()
+            elif kind == "error":
+                self.ui.trainStatusLabel.text = _("Training failed: {message}").format(message=event["message"])
+                slicer.util.errorDisplay(_("Training failed: {message}").format(message=event["message"]))
+        if not job.running:
+            if job.returncode not in (0, 2) and not job.cancelled:
+                self.ui.trainStatusLabel.text = job.error_text()
+            self._finishTraining()
+
+    def onCancelTrainButton(self) -> None:
+        if self._trainJob is not None:
+            self._trainJob.cancel()
+            self.ui.trainStatusLabel.text = _(
+                "Training cancelled; the finished epochs stay in the output folder (a new run there resumes them)."
+            )
+            self._finishTraining()
+
+    def _finishTraining(self) -> None:
+        self._trainTimer.stop()
+        self._trainJob = None
+        self.ui.trainProgressBar.hide()
+        self.ui.cancelTrainButton.hide()
+        self._updateButtons()
 
 
 #
@@ -510,6 +561,7 @@ class SensorlessTrackingLogic(ScriptedLoadableModuleLogic):
         batchSize=8,
         mirrorAverage="none",
         progress=None,
+        cancel=None,
     ) -> dict:
         """Estimate the trajectory of the recording held by ``browserNode`` and add it to the browser.
 
@@ -529,6 +581,8 @@ class SensorlessTrackingLogic(ScriptedLoadableModuleLogic):
         mirrorAverage : {"none", "flip", "flip+reverse"}
             Learned models: average over the mirrored (and backwards) sweep, 2x (4x) the time.
         progress : callable(done, total), optional
+        cancel : FreehandUSLib.jobs.CancelToken, optional
+            Set it to stop within a second; the browser is left as it was.
 
         Returns
         -------
@@ -554,6 +608,7 @@ class SensorlessTrackingLogic(ScriptedLoadableModuleLogic):
             batch_size=batchSize,
             mirror_average=mirrorAverage,
             progress=progress,
+            cancel=cancel,
         )
 
     def summaryText(self, summary: dict) -> str:
@@ -580,7 +635,7 @@ class SensorlessTrackingLogic(ScriptedLoadableModuleLogic):
             slicer.modules.plots.logic().ShowChartInLayout(chartNode)
         return chartNode
 
-    def reconstructEstimated(self, browserNode, outputVolumeNode=None, *, progress=None, **options):
+    def reconstructEstimated(self, browserNode, outputVolumeNode=None, *, progress=None, cancel=None, **options):
         """Reconstruct a volume from the frames placed by the estimated trajectory.
 
         Parameters
@@ -590,6 +645,8 @@ class SensorlessTrackingLogic(ScriptedLoadableModuleLogic):
         outputVolumeNode : vtkMRMLScalarVolumeNode, optional
             Default: a new ``<browser>EstimatedReconstruction`` node.
         progress : callable(done, total), optional
+        cancel : FreehandUSLib.jobs.CancelToken, optional
+            Set it to stop within a second; a new output node is removed.
         **options
             ``roi_node``, ``coverage_volume_node`` and reconstruction options, e.g.
             ``output_spacing_mm=0.5, interpolation="linear", fill_holes=True``.
@@ -601,7 +658,9 @@ class SensorlessTrackingLogic(ScriptedLoadableModuleLogic):
         installDependencies()
         from SensorlessTrackingLib import mrml_tracking
 
-        return mrml_tracking.reconstruct_estimated(browserNode, outputVolumeNode, progress=progress, **options)
+        return mrml_tracking.reconstruct_estimated(
+            browserNode, outputVolumeNode, progress=progress, cancel=cancel, **options
+        )
 
     def trainFromBrowsers(self, browserNodes, outputDirectory, *, epochs=20, initModel=None, progress=None, **options):
         """Train a model on tracked recordings (sequence browsers); returns the checkpoint path.
@@ -635,6 +694,26 @@ class SensorlessTrackingLogic(ScriptedLoadableModuleLogic):
 
         return mrml_tracking.train_from_browsers(
             browserNodes, outputDirectory, epochs=epochs, init_model=initModel, progress=progress, **options
+        )
+
+    def startTraining(self, browserNodes, outputDirectory, *, epochs=20, initModel=None, **options):
+        """Start training in a separate process (Slicer's Python) and return at once.
+
+        Same inputs as :meth:`trainFromBrowsers` (checked here, before the process starts).
+
+        Returns
+        -------
+        FreehandUSLib.jobs.ProcessJob
+            ``job.poll()`` returns the new JSON events (``progress`` with ``done``/``total``
+            epochs and losses, then ``done`` with ``checkpoint`` or ``error`` with ``message``);
+            ``job.cancel()`` kills the process by PID (finished epochs stay in
+            ``outputDirectory``).
+        """
+        self._ensurePackages(torchNeeded=True)
+        from SensorlessTrackingLib import mrml_tracking
+
+        return mrml_tracking.start_training_job(
+            browserNodes, outputDirectory, epochs=epochs, init_model=initModel, **options
         )
 
 
