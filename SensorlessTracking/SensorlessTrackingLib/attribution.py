@@ -87,6 +87,7 @@ def drift_attribution(true_image_to_reference, est_image_to_reference, image_sha
     t = np.asarray(true_image_to_reference, dtype=np.float64)
     e = np.asarray(est_image_to_reference, dtype=np.float64)
     full = tracking_metrics(t, e, image_shape)
+    t, e = _right_handed(t, e, image_shape)
     spacing = _spacing(t)
     centre = ((image_shape[1] - 1) / 2.0, (image_shape[0] - 1) / 2.0)
     to_pixel = mm_to_pixel(spacing, centre)
@@ -111,6 +112,18 @@ def drift_attribution(true_image_to_reference, est_image_to_reference, image_sha
     return out
 
 
+def _right_handed(t: np.ndarray, e: np.ndarray, image_shape) -> tuple[np.ndarray, np.ndarray]:
+    """Truth and estimate of a mirrored calibration (det < 0) expressed for the left-right
+    mirrored pixels (:func:`~.conventions.column_mirror`), whose image-mm frames are rigid; the
+    image centre stays where it is, so the drift of the centre is unchanged."""
+    if np.linalg.det(t[0, :3, :3]) >= 0:
+        return t, e
+    from .conventions import column_mirror
+
+    m = column_mirror(image_shape[1])
+    return t @ m, e @ m
+
+
 def fit_out_of_plane_scale(true_image_to_reference, est_image_to_reference, image_shape) -> tuple[float, float]:
     """The one factor on the estimate's out-of-plane steps that minimises its final drift.
 
@@ -123,6 +136,7 @@ def fit_out_of_plane_scale(true_image_to_reference, est_image_to_reference, imag
         frame-to-frame step (image-mm frame), and the final drift / path length (%) it leaves.
     """
     t, e = checked_trajectories(true_image_to_reference, est_image_to_reference)
+    t, e = _right_handed(t, e, image_shape)
     spacing = _spacing(t)
     centre = ((image_shape[1] - 1) / 2.0, (image_shape[0] - 1) / 2.0)
     poses_t = image_mm_poses(t, spacing, centre)

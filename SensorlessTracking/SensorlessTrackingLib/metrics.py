@@ -162,8 +162,12 @@ def tracking_metrics(true_image_to_reference, est_image_to_reference, image_shap
 
 
 def _unscaled(image_to_reference: np.ndarray) -> np.ndarray:
-    """Divide each column of the 3x3 block by its length (removes the pixel spacing)."""
+    """Divide each column of the 3x3 block by its length (removes the pixel spacing); a mirrored
+    frame (det < 0, a mirrored calibration) also has its x column negated, so that its rotation
+    is a rotation and not the nearest rotation to a mirror (the same for truth and estimate, so
+    the angles between them are unchanged)."""
     m = image_to_reference.copy()
     norms = np.linalg.norm(m[:, :3, :3], axis=1, keepdims=True)
     m[:, :3, :3] /= np.where(norms > 0, norms, 1.0)
+    m[:, :3, 0] *= np.where(np.linalg.det(m[:, :3, :3]) < 0, -1.0, 1.0)[:, None]
     return m

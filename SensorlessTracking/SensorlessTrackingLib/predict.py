@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,16 @@ import numpy as np
 from FreehandUSLib.errors import FreehandUSError, SequenceError
 from FreehandUSLib.sequence import TrackedSequence
 
+from .confidence import decorrelated_frames
+from .conventions import (
+    SWEEP_DIRECTIONS,
+    check_sweep_direction,
+    column_mirror,
+    elevational_direction_check,
+    image_handedness,
+    opposite_direction,
+    reverse_direction,
+)
 from .decorrelation import DecorrelationConfig, estimate_frame_to_frame
 from .mirror_average import check_mode, predict_poses_averaged
 from .pose import frame_to_frame_to_relative, mm_to_pixel, params_to_matrices, rigid
@@ -40,9 +50,19 @@ __all__ = [
     "track_sequence",
     "trajectory_from_frame_to_frame",
     "input_spacing",
+    "TRAJECTORY_SOURCE_KEY",
+    "ESTIMATED_TRAJECTORY_PREFIX",
+    "FLAG_FIELD",
 ]
 
 log = logging.getLogger(__name__)
+
+#: Metadata key of a ``track predict`` output that says where its ImageToReference comes from.
+TRAJECTORY_SOURCE_KEY = "TrajectorySource"
+#: Start of the :data:`TRAJECTORY_SOURCE_KEY` value of an estimated trajectory.
+ESTIMATED_TRAJECTORY_PREFIX = "sensorless estimate"
+#: Per-frame field of a ``track predict`` output: :data:`.confidence.FLAG_OK`, ``empty`` or ``decorrelated``.
+FLAG_FIELD = "SensorlessFlag"
 
 #: Name of the shipped model inside ``SensorlessTracking/Resources/Models``.
 DEFAULT_MODEL_NAME = "sensorless_dualtrack.pt"
@@ -306,6 +326,10 @@ def input_spacing(sequence: TrackedSequence, *, image_to_probe=None, spacing_mm=
     )
 
 
+_DIRECTION_WORDS = {"toward": "the image plane moved out of the screen, toward the viewer",
+                    "away": "the image plane moved into the screen, away from the viewer"}
+
+
 @dataclass(frozen=True, eq=False)
 class TrackingResult:
     """An estimated trajectory.
@@ -342,10 +366,28 @@ class TrackingResult:
         }
 
     def __str__(self) -> str:
-        return (
+        lines = [
             f"{self.method}: {self.sequence.n_frames} frames tracked in {self.seconds:.2f} s "
-            f"({self.frames_per_second:.0f} frames/s)"
-        )
+            f"({self.frames_per_second:.0f} frames/s), estimated (not tracked)"
+        ]
+        direction = self.info.get("sweep_direction")
+        if direction is not None:
+            lines.append(f"  assumed sweep direction: {direction} ({_DIRECTION_WORDS[direction]}; the images cannot "
+                         "show it: set it if the probe went the other way)")
+        if self.info.get("image_frame") == "mirrored":
+            lines.append("  mirrored calibration (det < 0): estimated on the left-right mirrored frames and mapped back")
+        check = self.info.get("direction_check")
+        if check is not None and check["agrees"] is not None:
+            lines.append(f"  direction check against the tracked frames {check['first_frame']}-{check['last_frame']}: "
+                         f"{'agrees' if check['agrees'] else 'DISAGREES'} (tracked "
+                         f"{check['tracked_elevational_mm']:+.1f} mm, estimated {check['estimated_elevational_mm']:+.1f} mm "
+                         "out of the plane)")
+        flags = self.info.get("frame_flags")
+        if flags is not None:
+            lines.append(f"  unreliable frames: {flags['empty_frames']} empty, {flags['decorrelated_frames']} decorrelated "
+                         f"(per frame: the {FLAG_FIELD} field of the output)")
+        lines += [f"  warning: {w}" for w in self.info.get("warnings", [])]
+        return "\n".join(lines)
 
 
 def track_sequence(
@@ -358,6 +400,7 @@ def track_sequence(
     batch_size: int = 8,
     decorrelation: DecorrelationConfig | None = None,
     mirror_average: str = "none",
+    sweep_direction: str = "toward",
 ) -> TrackingResult:
     """Estimate the trajectory of ``sequence`` (see the module docstring).
 
@@ -371,29 +414,56 @@ def track_sequence(
     decorrelation : settings of the decorrelation method
     mirror_average : learned models only: "none", "flip" or "flip+reverse", average the estimate
         over the sweep's mirror images (:mod:`.mirror_average`; 2x / 4x the inference time)
+    sweep_direction : "toward" (default, the training convention) or "away": which way the
+        image plane moved, seen on the screen with row 0 at the top and column 0 on the left
+        (:mod:`.conventions`); images cannot show it. For the decorrelation method it replaces
+        ``decorrelation.direction``.
+
+    A mirrored calibration (``det < 0``) is handled by estimating on the left-right mirrored
+    frames and mapping the estimate back (:mod:`.conventions`). The result's ``info`` holds
+    ``sweep_direction``, ``image_frame`` ("right-handed" or "mirrored"), the per-frame flags
+    (:func:`.confidence.decorrelated_frames`, also the ``SensorlessFlag`` frame field of the
+    output sequence) and, when part of the input is tracked, ``direction_check``
+    (:func:`.conventions.elevational_direction_check`; a warning in ``info["warnings"]`` when
+    the estimate moves the other way than the tracking). The output sequence's metadata say the
+    trajectory is estimated (``TrajectorySource``).
 
     Raises
     ------
     SequenceError
         Fewer than 2 frames, several channels, unknown pixel spacing.
+    TransformError
+        A calibration whose handedness is inconsistent (see :func:`.conventions.image_handedness`).
     ModelFileError
         Missing or unfit model file.
     """
     check_mode(mirror_average)
+    check_sweep_direction(sweep_direction)
     if sequence.n_frames < 2:
         raise SequenceError(f"tracking needs at least 2 frames, got {sequence.n_frames}")
     if sequence.frames.ndim != 3:
         raise SequenceError(f"tracking needs one-channel frames, got shape {sequence.frames.shape}")
     spacing, itr, itp = input_spacing(sequence, image_to_probe=image_to_probe, spacing_mm=spacing_mm)
     rows, cols = sequence.n_rows, sequence.n_cols
+    tracked = None if itr is None else np.all(np.isfinite(itr), axis=(1, 2))
+    handedness = image_handedness(itr, tracked, itp)
     start = time.perf_counter()
-    info = {"input_spacing_mm": list(spacing)}
+    info = {"input_spacing_mm": list(spacing), "sweep_direction": sweep_direction,
+            "image_frame": "right-handed" if handedness > 0 else "mirrored"}
+    # estimation runs in a right-handed image frame: a mirrored calibration's frames are mirrored
+    # left-right (with the calibration), and "toward" in the stored frame is "away" in that one
+    frames_in = sequence.frames if handedness > 0 else np.ascontiguousarray(sequence.frames[:, :, ::-1])
+    mirror = np.eye(4) if handedness > 0 else column_mirror(cols)
+    internal_direction = sweep_direction if handedness > 0 else opposite_direction(sweep_direction)
+    if handedness < 0:
+        log.info("mirrored calibration (det < 0): estimating on the left-right mirrored frames, mapped back")
     if isinstance(model, str) and model == "decorrelation":
         if mirror_average != "none":
             raise ValueError(
                 "mirror averaging is for learned models; the decorrelation method has no learned bias to average out"
             )
-        params = estimate_frame_to_frame(sequence.frames, spacing, decorrelation)
+        cfg_dec = replace(decorrelation or DecorrelationConfig(), direction=-1)  # "toward", as the models
+        params = estimate_frame_to_frame(frames_in, spacing, cfg_dec)
         method = "decorrelation"
     else:
         from .data import _as_uint8, resample_frames
@@ -409,7 +479,7 @@ def track_sequence(
                 spacing[0], spacing[1], coarse, cfg.pixel_spacing_mm,
             )
             info["warning"] = f"input spacing {max(spacing):.3f} mm is coarser than the model's {cfg.pixel_spacing_mm} mm"
-        frames = resample_frames(_as_uint8(sequence.frames), spacing, cfg.pixel_spacing_mm, cfg.image_size)
+        frames = resample_frames(_as_uint8(frames_in), spacing, cfg.pixel_spacing_mm, cfg.image_size)
         params = predict_poses_averaged(
             frames, model, mode=mirror_average, device=device, batch_size=batch_size
         )
@@ -417,23 +487,52 @@ def track_sequence(
         if mirror_average != "none":
             method += f" ({mirror_average} averaged)"
             info["mirror_average"] = mirror_average
+    if internal_direction != SWEEP_DIRECTIONS[0]:  # the models' and decorrelation's own convention: "toward"
+        params = reverse_direction(params)
     first = None
     if itr is not None and np.all(np.isfinite(itr[0])):
-        first = itr[0]
-    est = trajectory_from_frame_to_frame(params, spacing, (rows, cols), first)
+        first = itr[0] @ mirror
+    # the estimate of the internal (right-handed) pixels, mapped back to the stored pixels
+    est = trajectory_from_frame_to_frame(params, spacing, (rows, cols), first) @ mirror
     seconds = time.perf_counter() - start
     n = sequence.n_frames
+    flags = decorrelated_frames(frames_in)
+    info["frame_flags"] = flags.to_dict()
+    warnings = []
+    if flags.unreliable.any():
+        warnings.append(str(flags))
+    if tracked is not None:
+        check = elevational_direction_check(itr, tracked, est, (rows, cols))
+        if check is not None:
+            info["direction_check"] = check
+            if check["agrees"] is False:
+                warnings.append(
+                    f"the tracked frames {check['first_frame']}-{check['last_frame']} moved "
+                    f"{check['tracked_elevational_mm']:+.1f} mm out of the image plane and the estimate "
+                    f"{check['estimated_elevational_mm']:+.1f} mm: the sweep went the other way than the assumed "
+                    f"'{sweep_direction}'; estimate again with sweep direction '{opposite_direction(sweep_direction)}'"
+                )
+    for w in warnings:
+        log.warning("%s", w)
+    if warnings:
+        info["warnings"] = warnings
     valid = np.ones(n, dtype=bool)
     transforms = {"ImageToReference": (est, valid)}
     if itp is not None:
         transforms["ImageToProbe"] = (np.broadcast_to(itp, (n, 4, 4)).copy(), valid.copy())
         transforms["ProbeToReference"] = (est @ np.linalg.inv(itp), valid.copy())
+    metadata = dict(sequence.metadata)
+    metadata[TRAJECTORY_SOURCE_KEY] = (
+        f"{ESTIMATED_TRAJECTORY_PREFIX} ({method}, sweep direction {sweep_direction}): ImageToReference is estimated "
+        "from the images, not tracked"
+    )
     out = TrackedSequence(
         frames=sequence.frames,
         timestamps_s=sequence.timestamps_s.copy(),
         transforms=transforms,
         image_ok=sequence.image_ok.copy(),
         pixel_spacing_mm=spacing,
-        metadata=dict(sequence.metadata),
+        frame_fields={FLAG_FIELD: flags.flags.tolist()},
+        metadata=metadata,
     )
     return TrackingResult(out, params, method, seconds, itr, info)
