@@ -24,8 +24,9 @@ Parts:
 - **Keyframes**: frames consumed until convergence and the convergence curve.
 - **Every phantom** (issue 23; ``--only-phantoms`` runs just this): each built-in phantom (every
   PLUS phantom) simulated with linear, convex and TRUS probes, frame-grabbed screens (burned-in
-  text, calipers, a grey-level bar, letterboxing) and partial/oblique views (quick: 4 cases of
-  20 frames at 410x308 px; full: 9 cases of 60 frames at 820x616 px, with gains and depths):
+  text, calipers, a grey-level bar, letterboxing) and partial/oblique views. Quick by default
+  (5 cases of 20 frames at 410x308 px, also under ``--quick``); ``--phantoms-full``: 9 cases of
+  60 frames at 820x616 px, with gains and depths:
   detection recall (whole-pattern frames detected with every dot within 5 px), precision,
   dots within 1 px of the truth, wrong labels, and the rejected frames' reasons.
 
@@ -337,11 +338,11 @@ def _phantom_cases(quick: bool):
     cases = [("linear", "linear", {}),
              ("convex, screen text+calipers+bar", "convex", {"overlays": grab}),
              ("TRUS, letterbox+text", "trus", {"overlays": ("letterbox", "text")}),
-             ("linear, 30 % partial, oblique", "linear", {"partial_fraction": 0.3, "tilt_deg": 18.0})]
+             ("linear, 30 % partial, oblique", "linear", {"partial_fraction": 0.3, "tilt_deg": 18.0}),
+             ("linear, +20 mm depth", "linear", {"depth_extra_mm": 20.0})]
     if not quick:
         cases += [("linear, gain 0.6", "linear", {"gain": 0.6}),
                   ("linear, gain 1.6 (saturating)", "linear", {"gain": 1.6}),
-                  ("linear, +20 mm depth", "linear", {"depth_extra_mm": 20.0}),
                   ("convex, +30 mm depth, all overlays", "convex",
                    {"depth_extra_mm": 30.0, "overlays": grab + ("letterbox",)}),
                   ("TRUS, 30 % partial, calipers", "trus", {"partial_fraction": 0.3, "overlays": ("calipers",)})]
@@ -499,7 +500,9 @@ def main(argv=None) -> dict:
     p.add_argument("--no-plus", action="store_true", help="skip the PLUS data part")
     p.add_argument("--only-phantoms", action="store_true", help="run only the every-phantom table")
     p.add_argument("--phantom-frames", type=int, default=None,
-                   help="simulated frames per phantom case (default 60, quick 20)")
+                   help="simulated frames per phantom case (default 20, --phantoms-full 60)")
+    p.add_argument("--phantoms-full", action="store_true",
+                   help="every-phantom table with all cases at 820x616 px (slow)")
     args = p.parse_args(argv)
     n_frames = args.frames or (60 if args.quick else 150)
     report = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_start": _load(),
@@ -510,7 +513,8 @@ def main(argv=None) -> dict:
         report["plus"] = None if args.no_plus else bench_plus(args.quick)
         report["simulation"] = bench_simulation(args.quick, n_frames)
         report["keyframes"] = bench_keyframes(args.quick)
-    report["phantoms"] = bench_phantoms(args.quick, args.phantom_frames or (20 if args.quick else 60))
+    full = args.phantoms_full and not args.quick
+    report["phantoms"] = bench_phantoms(not full, args.phantom_frames or (60 if full else 20))
     report["machine"]["load_end"] = _load()
     report["seconds"] = round(time.perf_counter() - t0, 1)
     out = Path(args.out)
