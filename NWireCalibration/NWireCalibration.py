@@ -214,6 +214,8 @@ class NWireCalibrationParameterNode:
         (vector: RGB frames are calibrated in grey, the mean of the colours).
     liveProbeToReference - its probe pose; None: the image's parent transform named ProbeTo...
     convergenceTable, convergenceChart - live calibration convergence curve and its plot.
+    plusServer - host:port of the PlusServer that receives the calibration ("": the scene's
+        first OpenIGTLink connector's server, else 127.0.0.1:18944).
     """
 
     calibrationBrowser: vtkMRMLSequenceBrowserNode
@@ -234,6 +236,7 @@ class NWireCalibrationParameterNode:
     liveProbeToReference: vtkMRMLLinearTransformNode
     convergenceTable: vtkMRMLTableNode
     convergenceChart: vtkMRMLPlotChartNode
+    plusServer: str = ""
 
 
 #
@@ -278,6 +281,7 @@ class NWireCalibrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.calibrateButton.connect("clicked(bool)", self.onCalibrateButton)
         self.ui.showResidualsButton.connect("clicked(bool)", self.onShowResidualsButton)
         self.ui.copyPlusTransformButton.connect("clicked(bool)", self.onCopyPlusTransformButton)
+        self.ui.pushToPlusServerButton.connect("clicked(bool)", self.onPushToPlusServerButton)
         self.ui.liveButton.connect("toggled(bool)", self.onLiveButton)
         self.ui.calibrationProgressBar.hide()
         self.ui.cancelCalibrationButton.hide()
@@ -364,6 +368,7 @@ class NWireCalibrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.copyPlusTransformButton.enabled = bool(
             parameters and parameters.imageToProbe and self.logic.plusTransformElement(parameters.imageToProbe)
         )
+        self.ui.pushToPlusServerButton.enabled = self.ui.copyPlusTransformButton.enabled
         table = parameters.accuracyTable if parameters else None
         if table is not self._shownTable:
             self.ui.accuracyTableView.setMRMLTableNode(table)
@@ -457,6 +462,13 @@ class NWireCalibrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             element = self.logic.plusTransformElement(self._parameterNode.imageToProbe)
             qt.QApplication.clipboard().setText(element)
             slicer.util.showStatusMessage(_("PLUS <Transform> element copied to the clipboard"), 3000)
+
+    def onPushToPlusServerButton(self) -> None:
+        parameters = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("Failed to send the calibration to PlusServer."), waitCursor=True):
+            result = self.logic.pushCalibrationToPlusServer(parameters.imageToProbe, server=parameters.plusServer)
+            self.ui.calibrationResultLabel.text = str(result)
+            slicer.util.showStatusMessage(str(result), 5000)
 
     def onLiveButton(self, checked) -> None:
         if not checked:
@@ -667,6 +679,40 @@ class NWireCalibrationLogic(ScriptedLoadableModuleLogic):
             **solverOptions,
         )
         return self.lastCalibration.result
+
+    def pushCalibrationToPlusServer(self, imageToProbeNode, *, server="", connectorNode=None, saveConfig=True,
+                                    configFilename=None, timeoutS=5.0):
+        """Send a calibration to a running PlusServer (``UpdateTransform``, then ``SaveConfig``).
+
+        Parameters
+        ----------
+        imageToProbeNode : vtkMRMLLinearTransformNode
+            A calibration made by :meth:`calibrate` or live calibration.
+        server : str
+            ``"host:port"``; "" (default): the server of ``connectorNode``, else of the scene's
+            first OpenIGTLink connector (``vtkMRMLIGTLConnectorNode``), else ``127.0.0.1:18944``.
+        connectorNode : vtkMRMLIGTLConnectorNode, optional
+        saveConfig : bool
+            Also ask PlusServer to write its configuration with the new transform.
+        configFilename : str, optional
+            Where the server writes it (default: its own configuration file).
+        timeoutS : float
+
+        Returns
+        -------
+        NWireCalibrationLib.plus_remote.PushResult
+            The server's replies; ``str()`` says what was done.
+        """
+        installDependencies()
+        from NWireCalibrationLib import mrml_calibration, plus_remote
+
+        if not server and connectorNode is None:
+            connectorNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLIGTLConnectorNode")
+        host, port = plus_remote.parse_server(server, connector_node=connectorNode)
+        return mrml_calibration.push_calibration_node(
+            imageToProbeNode, host=host, port=port, save_config=saveConfig, config_filename=configFilename,
+            timeout_s=timeoutS,
+        )
 
     def plusTransformElement(self, imageToProbeNode) -> str:
         """The PLUS ``<Transform From="Image" To="Probe" .../>`` element of a calibration ("" if none)."""

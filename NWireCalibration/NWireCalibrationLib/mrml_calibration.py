@@ -105,6 +105,7 @@ __all__ = [
     "frame_from_image_node",
     "probe_to_reference_of_image_node",
     "LiveCalibration",
+    "push_calibration_node",
     "ATTR_ERROR_MM",
     "ATTR_DATE",
     "ATTR_SOLVER",
@@ -1010,6 +1011,52 @@ def plot_table(table_node, x_column: str, y_columns, *, chart_node=None, title: 
     chart_node.SetXAxisTitle(x_column)
     chart_node.SetYAxisTitle(y_title)
     return chart_node
+
+
+# --------------------------------------------------------------------------------------------
+# PlusServer
+# --------------------------------------------------------------------------------------------
+
+
+def push_calibration_node(image_to_probe_node, *, host: str = "127.0.0.1", port: int = 18944,
+                          save_config: bool = True, config_filename=None, timeout_s: float = 5.0):
+    """Send the calibration held by a transform node to a running PlusServer.
+
+    :func:`~.plus_remote.push_calibration` with the node's matrix to parent (pixels -> Probe
+    mm), its PLUS name (``FreehandUS.TransformName`` or node name, default ``ImageToProbe``),
+    and the error and date the calibration wrote (``NWireCalibration.ErrorMm``, ``.Date``).
+
+    Returns
+    -------
+    PushResult
+
+    Raises
+    ------
+    TransformError
+        Not a linear transform node, or a singular matrix.
+    CalibrationError
+        The node holds no calibration (none of the ``NWireCalibration.*`` attributes: pushing
+        an identity by mistake would break the server's image placement).
+    PlusRemoteError
+        The server cannot be reached or refuses (see :func:`~.plus_remote.push_calibration`).
+    """
+    from .plus_remote import push_calibration
+
+    name = None if image_to_probe_node is None else (_plus_name(image_to_probe_node) or "ImageToProbe")
+    matrix = matrix_of_transform_node(image_to_probe_node, name or "ImageToProbe")
+    if image_to_probe_node.GetAttribute(ATTR_RESULT) is None and image_to_probe_node.GetAttribute(ATTR_DATE) is None:
+        raise CalibrationError(
+            f"transform {image_to_probe_node.GetName()!r} holds no N-wire calibration (calibrate first, or select "
+            "the calibration's transform)"
+        )
+    error = image_to_probe_node.GetAttribute(ATTR_ERROR_MM)
+    try:
+        error_mm = float(error) if error not in (None, "") else None
+    except ValueError:
+        error_mm = None
+    return push_calibration(matrix, host=host, port=port, transform_name=name, error_mm=error_mm,
+                            date=image_to_probe_node.GetAttribute(ATTR_DATE), save_config=save_config,
+                            config_filename=config_filename, timeout_s=timeout_s)
 
 
 # --------------------------------------------------------------------------------------------

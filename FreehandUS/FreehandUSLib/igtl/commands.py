@@ -31,6 +31,7 @@ __all__ = [
     "command_device_name",
     "reply_device_name",
     "uid_from_command_device",
+    "update_transform_attributes",
     "COMMAND_PREFIX",
     "REPLY_PREFIX",
 ]
@@ -164,3 +165,51 @@ def uid_from_command_device(device_name: str) -> int | None:
     """The uid of ``CMD_<uid>``, None when the suffix is not a number."""
     match = _UID_RE.match(device_name)
     return int(match.group(1)) if match else None
+
+
+def update_transform_attributes(name: str, matrix, *, error_mm=None, date: str | None = None,
+                                persistent: bool = True) -> dict:
+    """The attributes of PLUS's ``UpdateTransform`` command for a 4x4 matrix.
+
+    PlusServer reads ``TransformName`` (``"ImageToProbe"``), ``TransformValue`` (16 numbers,
+    row by row, separated by spaces), ``TransformPersistent`` (``TRUE``: written into the
+    configuration by a later ``SaveConfig``), ``TransformError`` (mm) and ``TransformDate``.
+
+    Parameters
+    ----------
+    name : str
+        ``<From>To<To>``, a transform of the server's repository.
+    matrix : (4, 4) array_like of finite numbers
+        Written with full float precision (``repr``).
+    error_mm : float, optional
+    date : str, optional
+        As PLUS writes it (``"2026.12.07 15:04:05"``).
+    persistent : bool
+
+    Raises
+    ------
+    ProtocolError
+        A name that is not an identifier, or a matrix that is not 4x4 finite numbers.
+    """
+    import math
+
+    if not re.match(r"^[A-Za-z][A-Za-z0-9]*To[A-Z][A-Za-z0-9]*$", name or ""):
+        raise ProtocolError(f"UpdateTransform: transform name {name!r} is not of the form <From>To<To>")
+    try:
+        rows = [[float(v) for v in row] for row in matrix]
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(f"UpdateTransform {name}: the matrix is not numbers ({exc})") from exc
+    values = [v for row in rows for v in row]
+    if len(rows) != 4 or any(len(row) != 4 for row in rows) or not all(math.isfinite(v) for v in values):
+        raise ProtocolError(f"UpdateTransform {name}: expected a 4x4 matrix of finite numbers")
+    attributes = {
+        "TransformName": name,
+        "TransformValue": " ".join(repr(v) for v in values),
+        "TransformPersistent": "TRUE" if persistent else "FALSE",
+    }
+    if error_mm is not None and math.isfinite(float(error_mm)):
+        attributes["TransformError"] = repr(float(error_mm))
+    if date:
+        attributes["TransformDate"] = str(date)
+    return attributes
+
