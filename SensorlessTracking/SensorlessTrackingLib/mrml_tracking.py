@@ -101,6 +101,8 @@ ATTR_ESTIMATE_SUMMARY = "FreehandUS.SensorlessTracking.Summary"
 ATTR_ESTIMATE_MODEL = "FreehandUS.SensorlessTracking.Model"
 #: On a volume made by :func:`reconstruct_estimated`: the transform it was reconstructed with.
 ATTR_RECON_TRAJECTORY = "FreehandUS.SensorlessTracking.Trajectory"
+#: Attribute of a volume reconstructed from an estimate: says the trajectory is estimated.
+ATTR_RECON_SOURCE = "FreehandUS.SensorlessTracking.TrajectorySource"
 #: Node reference from the estimate sequence to its trajectory table.
 REF_TRAJECTORY_TABLE = "FreehandUS.SensorlessTracking.TrajectoryTable"
 #: Node reference from the estimate sequence to its trajectory plot chart.
@@ -436,6 +438,7 @@ def estimate_trajectory_to_browser(
     mirror_average: str = "none",
     progress=None,
     cancel=None,
+    sweep_direction: str = "toward",
 ) -> dict:
     """Estimate the probe trajectory of a recording and add it to the recording's browser.
 
@@ -468,6 +471,11 @@ def estimate_trajectory_to_browser(
         Learned models: average the estimate over the mirrored (and backwards) sweep
         (:mod:`~SensorlessTrackingLib.mirror_average`, 2x / 4x the time). The decorrelation
         baseline runs without it (with a warning when it was asked for).
+    sweep_direction : {"toward", "away"}
+        Which way the image plane moved, seen on the screen with the probe face at the top
+        (:mod:`~SensorlessTrackingLib.conventions`; the images cannot show it): ``"toward"``
+        (the viewer, the training convention) or ``"away"``. With tracked frames, an estimate
+        that moves the other way adds a warning.
     progress : callable(done, total), optional
         Called after reading (1 of 3), tracking (2) and writing (3).
     cancel : FreehandUSLib.jobs.CancelToken, optional
@@ -495,7 +503,11 @@ def estimate_trajectory_to_browser(
         ``out_of_plane_scale`` and ``fdr_scale_fitted_percent`` from
         :func:`~SensorlessTrackingLib.attribution.fit_out_of_plane_scale`), ``warnings``
         (list of str: spacing mismatch, coarse pixels, partial field of view, invalid
-        tracking...).
+        tracking, a sweep direction the tracking contradicts, empty or decorrelated frames...),
+        ``sweep_direction``, ``direction_check`` (None without tracking, else
+        :func:`~SensorlessTrackingLib.conventions.elevational_direction_check`), ``image_frame``
+        (``"mirrored"`` for a det < 0 calibration), ``frame_flags``
+        (:meth:`~SensorlessTrackingLib.confidence.FrameFlags.to_dict`) and ``estimated`` (True).
 
     Raises
     ------
@@ -558,6 +570,7 @@ def estimate_trajectory_to_browser(
             device=device,
             batch_size=batch_size,
             mirror_average=mirror_average,
+            sweep_direction=sweep_direction,
         )
     except SequenceError as exc:
         raise SequenceError(f"browser {bname!r}: {exc}") from exc
@@ -570,6 +583,7 @@ def estimate_trajectory_to_browser(
             hook.remove()
     if "warning" in result.info:
         warnings.append(str(result.info["warning"]))
+    warnings += result.info.get("warnings", [])
     _report(progress, 2, 3)
 
     est = result.sequence.transforms["ImageToReference"].matrices
@@ -611,6 +625,11 @@ def estimate_trajectory_to_browser(
         "tracked": truth is not None,
         "metrics": metrics,
         "warnings": warnings,
+        "sweep_direction": sweep_direction,
+        "direction_check": result.info.get("direction_check"),
+        "image_frame": result.info.get("image_frame"),
+        "frame_flags": result.info.get("frame_flags"),
+        "estimated": True,
     }
     seq_node.SetAttribute(ATTR_ESTIMATE_SUMMARY, json.dumps(summary))
     seq_node.SetAttribute(ATTR_ESTIMATE_MODEL, model_label)
@@ -633,6 +652,9 @@ def summary_text(summary: dict) -> str:
         f"({summary['frames_per_second']:.0f} frames/s)",
         f"estimated path {summary['path_length_mm']:.1f} mm -> {summary['sequence']}",
     ]
+    if summary.get("sweep_direction"):
+        lines.append(f"assumed sweep direction: {summary['sweep_direction']} (as seen on the screen, probe face at the "
+                     "top; the images cannot show it)")
     m = summary.get("metrics")
     if m:
         lines.append(
@@ -942,6 +964,8 @@ def reconstruct_estimated(browser_node, output_volume_node=None, *, progress=Non
     if coverage is not None:
         coverage.SetAndObserveTransformNodeID(parent_id)
     output_volume_node.SetAttribute(ATTR_RECON_TRAJECTORY, transform_name)
+    output_volume_node.SetAttribute(ATTR_RECON_SOURCE, "sensorless estimate: the frames are placed by an estimated "
+                                    "trajectory, not by tracking")
     output_volume_node.SetNodeReferenceID(REF_ESTIMATE_SEQUENCE, seq_node.GetID())
     return result
 

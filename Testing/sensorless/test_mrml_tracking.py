@@ -499,3 +499,20 @@ def test_the_summary_names_a_misjudged_elevational_scale():
     assert "x 1.05 would fit best" in near and "misjudges" not in near
     physics = mt.summary_text({**base, "method": "decorrelation", "metrics": {**metrics, "out_of_plane_scale": 1.3}})
     assert "misjudges" in physics and "fine-tune" not in physics
+
+
+def test_estimate_reports_direction_flags_and_reconstruction_says_estimated(scene, sweep):
+    """Issue 25: the assumed sweep direction, its check against the tracking, the per-frame flags;
+    the volume reconstructed from the estimate says it is estimated."""
+    browser = _browser(scene, sweep)
+    summary = mt.estimate_trajectory_to_browser(browser, model="decorrelation", sweep_direction="toward")
+    assert summary["sweep_direction"] == "toward" and summary["estimated"] is True
+    assert summary["direction_check"]["agrees"] is True
+    assert summary["frame_flags"]["empty_frames"] == 0 and summary["image_frame"] == "right-handed"
+    assert "assumed sweep direction: toward" in mt.summary_text(summary)
+    wrong = mt.estimate_trajectory_to_browser(browser, model="decorrelation", sweep_direction="away")
+    assert wrong["direction_check"]["agrees"] is False
+    assert any("sweep direction 'toward'" in w for w in wrong["warnings"])
+    mt.reconstruct_estimated(browser, output_spacing_mm=0.4)
+    volume = scene.GetNodesByName("SweepEstimatedReconstruction").GetItemAsObject(0)
+    assert volume.GetAttribute(mt.ATTR_RECON_SOURCE).startswith("sensorless estimate")

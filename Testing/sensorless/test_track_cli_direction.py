@@ -74,3 +74,22 @@ def test_mirrored_calibration_file(sweep_file, tmp_path, capsys):
     a = read_sequence(tmp_path / "a.igs.mha").transforms["ProbeToReference"].matrices
     b = read_sequence(tmp_path / "b.igs.mha").transforms["ProbeToReference"].matrices
     np.testing.assert_allclose(b, a, atol=1e-4)
+
+
+@pytest.mark.parametrize("suffix", [".mha", ".nrrd"])
+def test_reconstruction_from_an_estimate_says_so(sweep_file, tmp_path, capsys, suffix):
+    from FreehandUSLib.io import read_volume
+
+    path, _ = sweep_file
+    est = tmp_path / "est.igs.mha"
+    assert run_cli(["track", "predict", str(path), "--model", "decorrelation", "--out", str(est)]) == 0
+    capsys.readouterr()
+    vol = tmp_path / f"vol{suffix}"
+    assert run_cli(["reconstruct", str(est), "--out", str(vol), "--spacing", "0.5"]) == 0
+    assert "trajectory: sensorless estimate (decorrelation" in capsys.readouterr().out
+    assert read_volume(vol).metadata["TrajectorySource"].startswith("sensorless estimate")
+    # a tracked recording's volume carries no such note
+    tracked = tmp_path / f"tracked{suffix}"
+    assert run_cli(["reconstruct", str(path), "--out", str(tracked), "--spacing", "0.5"]) == 0
+    assert "sensorless" not in capsys.readouterr().out
+    assert "TrajectorySource" not in read_volume(tracked).metadata

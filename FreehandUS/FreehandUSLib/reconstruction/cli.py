@@ -225,6 +225,12 @@ def run_reconstruct(args) -> int:
     sequence = read_sequence(args.sequence)
     with progress_bar(progress_enabled(args), "reconstruct", total=sequence.n_frames) as progress:
         result = reconstruct_volume(sequence, transforms, options, progress=progress)
+    # a sequence whose trajectory was estimated (``track predict`` writes TrajectorySource) makes a
+    # volume that says so, in its header and on the command line
+    source = sequence.metadata.get("TrajectorySource")
+    if source:
+        for volume in result.volumes:
+            volume.metadata["TrajectorySource"] = source
     written = {}
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -245,9 +251,12 @@ def run_reconstruct(args) -> int:
     if args.json:
         info = result.to_dict()
         info["files"] = written
+        info["trajectory_source"] = source
         print(json.dumps(info, indent=2))
     else:
         print(str(result))
+        if source:
+            print(f"  trajectory: {source} (the volume's TrajectorySource field says so too)")
         for name, path in written.items():
             print(f"  wrote {name}: {path}")
     return 0
