@@ -934,6 +934,10 @@ def run_demo(out_dir, *, quick: bool = False, settings: DemoSettings | None = No
     vol_dir = out / "volumes"
     vol_dir.mkdir(parents=True, exist_ok=True)
     options = _fan_options(sweep.probe, settings.voxel_mm)
+    with _stage(timings, "reconstruction kernels (compile or load)"):
+        # The compiled kernels are made (or loaded from numba's cache) on first use: do that on
+        # two frames first, so that the reported rate is the insertion's own.
+        reconstruct_volume(rec_us[:2], None, options, extra_channels={"PA": rec_pa.frames[:2]}, channel_names=["US"])
     with _stage(timings, "reconstruction (tracked)"):
         with bars.bar("reconstruct US + PA (tracked)", rec_us.n_frames) as update:
             recon = reconstruct_volume(rec_us, None, options, extra_channels={"PA": rec_pa.frames},
