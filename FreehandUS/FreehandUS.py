@@ -1074,6 +1074,8 @@ class FreehandUSTest(ScriptedLoadableModuleTest):
         self.test_reconstructFromSequence()
         self.setUp()
         self.test_liveReconstruction()
+        self.setUp()
+        self.test_cancelReconstruction()
 
     def _assertSameSequence(self, actual, expected):
         self.assertEqual(actual.n_frames, expected.n_frames)
@@ -1086,6 +1088,37 @@ class FreehandUSTest(ScriptedLoadableModuleTest):
                 expected.transforms[transformName].matrices,
                 atol=1e-6,
             )
+
+    def test_cancelReconstruction(self):
+        self.delayDisplay("Logic.reconstructFromSequence cancelled from another thread: stops, no new node")
+        import threading
+
+        from FreehandUSLib.jobs import Cancelled, CancelToken
+        from FreehandUSLib.mrml import sequence_to_browser, transform_to_node
+
+        sequence = makeTestSequence(nFrames=96, seed=3)
+        browserNode = sequence_to_browser(slicer.mrmlScene, sequence, browser_name="ToCancel")
+        calibrationNode = transform_to_node(slicer.mrmlScene, np.diag([0.3, 0.3, 1.0, 1.0]), name="ImageToProbe")
+        before = {slicer.mrmlScene.GetNthNode(i).GetID() for i in range(slicer.mrmlScene.GetNumberOfNodes())}
+        token = CancelToken("reconstruction")
+        reports = []
+
+        def progress(done, total):  # the Cancel button of the panel, pressed during the first batch
+            reports.append(done)
+            if len(reports) == 1:
+                canceller = threading.Thread(target=token.cancel)
+                canceller.start()
+                canceller.join()
+
+        with self.assertRaises(Cancelled):
+            FreehandUSLogic().reconstructFromSequence(
+                browserNode, imageToProbeNode=calibrationNode, output_spacing_mm=1.0, progress=progress,
+                cancel=token,
+            )  # fmt: skip
+        after = {slicer.mrmlScene.GetNthNode(i).GetID() for i in range(slicer.mrmlScene.GetNumberOfNodes())}
+        self.assertEqual(after, before)  # the new <browser>Reconstruction node was removed
+        self.assertEqual(len(reports), 1)
+        self.delayDisplay("Test passed")
 
     def test_sequenceFromBrowser(self):
         self.delayDisplay("Synthetic sequence -> browser -> Logic.sequenceFromBrowser")
