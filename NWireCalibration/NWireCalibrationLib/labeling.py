@@ -479,9 +479,17 @@ def _search(lines, phantom: NWirePhantom, s: LabelingSettings, subset: np.ndarra
         if k == 1:
             spaced = (gap >= slo * dh - tol) & (gap <= shi * dh + tol)
         else:
-            g1 = np.einsum("bk,bk->b", centre[beam[:, 1]] - centre[first], n0)
-            c1 = g1 / (offsets[1] - offsets[0])
-            spaced = np.abs(gap - c1[:, None] * dh) <= tol
+            # Image gap per mm of layer offset: least squares over every chosen line below the
+            # first (with one of them, the gap of the second line over its offset). Extrapolating
+            # from the first gap alone multiplies its error by dh / (offsets[1] - offsets[0]),
+            # too much for stacks spanning several times their first step (Lego 3.1 6N: 92 / 10 mm).
+            g = np.stack([np.einsum("bk,bk->b", centre[beam[:, j]] - centre[first], n0) for j in range(1, k)], axis=1)
+            dhs = offsets[1:k] - offsets[0]
+            c1 = g @ dhs / (dhs @ dhs)
+            # The tolerance holds for extrapolating by up to 2x (fCal's third layer from its
+            # second); beyond that it grows with the extrapolation, as the prediction's error does.
+            reach = abs(dh) / np.sqrt(dhs @ dhs)
+            spaced = np.abs(gap - c1[:, None] * dh) <= tol * max(1.0, reach / 2.0)
             spaced &= gap > np.einsum("bk,bk->b", centre[beam[:, -1]] - centre[first], n0)[:, None]
         # Side distances: one common obliquity factor for all patterns.
         c2 = np.stack([length[beam[:, j]] / d_side[j] for j in range(k)], axis=1).mean(axis=1)
