@@ -4,13 +4,15 @@ Every subcommand (those of NWireCalibrationLib and SensorlessTrackingLib too) ch
 here, at the argparse edge: a NaN, an infinity, or a zero or negative value where it makes no
 sense is refused before any file is read, with one line naming the flag::
 
-    freehandus reconstruct: error: argument --spacing: must be a finite number > 0, got 'nan'
+    freehandus reconstruct: error: argument --memory-budget-gib: must be a finite number, got 'nan' (see ...)
 
 :class:`ArgumentParser` prints every parse error as that one line and exits 2 (argparse's default
 also prints the usage). :func:`progress_bar` shows a tqdm bar on stderr only on a terminal unless
 ``--progress`` asks for it, so logs of scripted runs hold no ``\\r`` updates.
+:func:`check_output_path` checks an output name before any work, :func:`no_partial_outputs` and
+:func:`write_text_atomic` keep an interrupted command from leaving half of its outputs.
 
-This module imports only the standard library (``freehandus --help`` stays fast).
+This module imports only the standard library and :mod:`.errors` (``freehandus --help`` stays fast).
 """
 
 from __future__ import annotations
