@@ -594,10 +594,26 @@ class HessianDetector:
     def detect(self, image: np.ndarray) -> FrameDetection:
         """Detect and label the phantom's dots in one image (MF)."""
         pts, vals, tophat, (ox, oy) = self.candidates(image)
-        lab = label_dots(pts, vals, self.phantom, self._spacing, settings=self.labeling)
-        if not lab.ok:
-            return FrameDetection(False, lab.points_px, pts, lab.reason, lab.reason_code)
-        refined = self.refine(image, lab.points_px)
+        h, w = image.shape[:2]
+        b = self._border_px
+        keep = np.ones(len(pts), bool)
+        for attempt in range(3):
+            lab = label_dots(pts[keep], vals[keep], self.phantom, self._spacing, settings=self.labeling)
+            if not lab.ok:
+                return FrameDetection(False, lab.points_px, pts, lab.reason, lab.reason_code)
+            refined = self.refine(image, lab.points_px)
+            # The candidates' border rule, applied to the sub-pixel centres: an echo whose centre
+            # ends up on the image border (a screen mark cut by the frame) is not a wire's; drop
+            # it and label again.
+            edge = ((refined[:, 0] < b) | (refined[:, 0] > w - 1 - b) | (refined[:, 1] < b)
+                    | (refined[:, 1] > h - 1 - b))
+            if not edge.any():
+                break
+            keep[np.flatnonzero(keep)[lab.indices[edge]]] = False
+        else:
+            names = ", ".join(self.phantom.wire_names[i] for i in np.flatnonzero(edge))
+            return FrameDetection(False, np.full_like(refined, np.nan), pts,
+                                  f"the dots of {names} lie on the image border after refinement", "dot-at-border")
         limit = self.labeling.max_wire_distance_mm
         # Check again on the sub-pixel centres when the coarse check was close to the limit
         # (refinement moves dots by about one processing pixel).

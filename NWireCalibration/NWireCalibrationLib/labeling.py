@@ -50,6 +50,7 @@ REJECTION_REASONS = {
     "shared-dots-prior": "the only lines for a pattern reuse dots of the others",
     "3d-check": "no labelled set fits one image-plane pose (dot-wire distance too large)",
     "3d-check-refined": "the sub-pixel dots fail the 3D check",
+    "dot-at-border": "labelled dots stay on the image border after refinement (screen marks cut by the frame)",
 }
 
 

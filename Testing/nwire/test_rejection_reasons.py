@@ -133,3 +133,20 @@ def test_calibrate_cli_reports_rejections_per_frame_and_by_reason(tmp_path, caps
     assert "validation recording:" in text and "rejected" in text
     first = info["rejected_frames"]["validation"][0]
     assert f"frame {first['index']}: {first['reason_code']}" in text
+
+
+def test_screen_marks_cut_by_the_frame_border_are_not_taken_for_wires():
+    """iCal double-N, convex sector as wide as the frame, a depth scale at its left edge: the ticks
+    cut by the border once completed the pattern (7 wrong labels in 20 frames)."""
+    from NWireCalibrationLib.simulate import settings_for_phantom
+
+    sim = simulate_nwire(settings_for_phantom("iCal-1.0", "convex", n_frames=20, image_size_px=(410, 308), seed=101,
+                                              overlays=("text", "calipers", "colour-bar")))
+    det = detect_sequence(sim.sequence, setup_for(sim))
+    d = np.linalg.norm(det.points_px[:, :, None, :] - sim.true_points_px[:, None, :, :], axis=3)  # (f, det, truth)
+    own = np.diagonal(d, axis1=1, axis2=2)
+    np.einsum("fii->fi", d)[:] = np.inf
+    wrong = det.ok[:, None] & (d.min(axis=2) <= 5.0) & ~(own <= 5.0)
+    assert wrong.sum() == 0
+    assert det.ok.sum() >= 17
+    assert all(det.reason_code(i) in REJECTION_REASONS for i in np.flatnonzero(~det.ok))
