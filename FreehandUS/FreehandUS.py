@@ -15,6 +15,7 @@ from all three modules. During development, add the three module folders of the 
 import enum
 import importlib
 import logging
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -458,17 +459,60 @@ class FreehandUSWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self._liveTimer = qt.QTimer()
         self._liveTimer.connect("timeout()", self.onLiveTimer)
+        self._warmJob = None
+        self._warmTimer = qt.QTimer()
+        self._warmTimer.setInterval(500)
+        self._warmTimer.connect("timeout()", self.onWarmTimer)
 
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
         """Called when the application closes and the module widget is destroyed."""
         self._stopLive()
+        self._warmTimer.stop()
+        if self._warmJob is not None:
+            self._warmJob.cancel()
         self.removeObservers()
 
     def enter(self) -> None:
         """Called each time the user opens this module."""
         self.initializeParameterNode()
+        if not FreehandUSWidget._kernelsWarmUpStarted:  # once per Slicer session
+            FreehandUSWidget._kernelsWarmUpStarted = True
+            self._warmJob = self.logic.startKernelWarmUp()
+            if self._warmJob is not None:
+                self._warmTimer.start()
+
+    #: Whether this Slicer session started the kernels' warm-up (FreehandUSLib.warm_kernels).
+    _kernelsWarmUpStarted = False
+
+    def onWarmTimer(self) -> None:
+        """Reap the kernels' warm-up process when it ends (it runs beside Slicer, see FreehandUSLib.warm_kernels)."""
+        job = self._warmJob
+        if job is None or not job.running:
+            if job is not None:
+                for event in job.poll():
+                    if event.get("event") == "error":
+                        logging.warning("FreehandUS: compiling the reconstruction kernels failed: %s", event["message"])
+            self._warmTimer.stop()
+            self._warmJob = None
+
+    def _waitForKernels(self, work) -> None:
+        """While the warm-up compiles the kernels, show its progress (Cancel works) instead of compiling here too."""
+        job = self._warmJob
+        if job is None or not job.running:
+            return
+        self.ui.reconstructionStatusLabel.text = _("Compiling the reconstruction kernels (once after installing)...")
+        while job.running:
+            for event in job.poll():
+                if event.get("event") == "progress":
+                    work.progress(event["done"], event["total"])
+            work.progress(self.ui.reconstructionProgressBar.value, self.ui.reconstructionProgressBar.maximum)
+            try:
+                job.process.wait(0.1)
+            except subprocess.TimeoutExpired:
+                pass
+        self.ui.reconstructionStatusLabel.text = ""
 
     def exit(self) -> None:
         """Called each time the user opens a different module (live reconstruction goes on)."""
@@ -576,6 +620,7 @@ class FreehandUSWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.reconstructionProgressBar, self.ui.cancelReconstructionButton, _("Reconstruction"),
                 self.ui.reconstructionStatusLabel,
             ) as work:  # fmt: skip
+                self._waitForKernels(work)
                 self._ensureOutputNodes(parameters.inputBrowser.GetName())
                 result = self.logic.reconstructFromSequence(
                     parameters.inputBrowser,
@@ -929,6 +974,27 @@ class FreehandUSLogic(ScriptedLoadableModuleLogic):
             cancel=cancel,
             **options,
         )
+
+    def startKernelWarmUp(self):
+        """Compile the reconstruction kernels in a separate process (``FreehandUSLib.warm_kernels``).
+
+        numba compiles them on their first run after an installation; done here, beside Slicer,
+        the first reconstruction finds them in numba's cache instead of blocking the GUI while
+        they compile. Nothing is installed: when the packages are not there yet (the first
+        reconstruction installs them) this returns None.
+
+        Returns
+        -------
+        FreehandUSLib.jobs.ProcessJob or None
+            ``poll()`` gives ``progress`` events over the option variants, then ``done``.
+        """
+        from FreehandUSLib.dependencies import read_requirements, unmet_requirements
+
+        if unmet_requirements(read_requirements(REQUIREMENTS_FILE)):
+            return None
+        from FreehandUSLib.jobs import ProcessJob
+
+        return ProcessJob.python_module("FreehandUSLib.warm_kernels", pythonpath=[Path(__file__).resolve().parent])
 
     def showReconstruction(self, outputVolumeNode, coverageVolumeNode=None) -> None:
         """Show the volume in the slice views, the coverage map (if given) over it in colour."""

@@ -43,7 +43,11 @@ SLICER_PROVIDES = {"numpy", "scipy", "vtk", "packaging", "slicer-core", "torch"}
 CHECKS = {"ensureRequirements", "installDependencies"}
 #: Lib modules the module files may import before the check: they import only the standard
 #: library, ``packaging`` and the Lib's errors (test_check_free_lib_modules_import_nothing_else).
-CHECK_FREE = {"FreehandUSLib.dependencies": "dependencies.py", "FreehandUSLib.sample_data": "sample_data.py"}
+CHECK_FREE = {
+    "FreehandUSLib.dependencies": "dependencies.py",
+    "FreehandUSLib.jobs": "jobs.py",
+    "FreehandUSLib.sample_data": "sample_data.py",
+}
 
 
 # ----------------------------------------------------------------------------- the Lib
