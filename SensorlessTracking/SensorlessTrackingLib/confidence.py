@@ -129,7 +129,11 @@ def decorrelated_frames(
     n, rows, cols = f.shape
     k = max(1, int(np.ceil(max(rows, cols) / max_side_px)))
     r2, c2 = (rows // k) * k, (cols // k) * k
-    small = f[:, :r2, :c2].astype(np.float32).reshape(n, r2 // k, k, c2 // k, k).mean(axis=(2, 4)).reshape(n, -1)
+    # block means, a few frames at a time (a long recording as float32 at once could be gigabytes)
+    small = np.concatenate([
+        f[i : i + 64, :r2, :c2].astype(np.float32).reshape(-1, r2 // k, k, c2 // k, k).mean(axis=(2, 4))
+        for i in range(0, n, 64)
+    ]).reshape(n, -1)
     std = small.std(axis=1)
     empty = std < empty_fraction * float(np.median(std))
     corr = _correlation(small[:-1], small[1:]).astype(np.float64)

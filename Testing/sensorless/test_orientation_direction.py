@@ -213,3 +213,14 @@ def test_flag_arguments_are_checked():
         decorrelated_frames(np.zeros((1, 8, 8)))
     with pytest.raises(ValueError, match="empty_fraction"):
         decorrelated_frames(np.zeros((4, 8, 8)), empty_fraction=1.5)
+
+
+def test_flags_on_a_long_stack_and_on_noise():
+    """Frames beyond the first block of 64 are flagged too; pure noise (nothing to decorrelate:
+    neighbours no more alike than far frames) flags nothing as decorrelated."""
+    f = np.random.default_rng(0).integers(20, 255, (130, 40, 50), dtype=np.uint8)
+    f[100] = 0
+    flags = decorrelated_frames(f)
+    assert np.flatnonzero(flags.flags == FLAG_EMPTY).tolist() == [100]
+    assert np.flatnonzero(flags.flags == FLAG_DECORRELATED).tolist() == [101]  # after the empty frame only
+    assert np.isnan(flags.threshold)
