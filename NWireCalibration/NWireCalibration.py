@@ -153,7 +153,16 @@ class Phantom(enum.Enum):
     FCAL_1_0 = "fCal-1.0"
     FCAL_1_2 = "fCal-1.2"
     FCAL_2_0 = "fCal-2.0"
+    FCAL_2_0_AURORA = "fCal-2.0-Aurora"
+    FCAL_2_1 = "fCal-2.1"
+    FCAL_3_0 = "fCal-3.0"
+    FCAL_L_1_4 = "fCal-L-1.4"
+    LEGO_3_1 = "Lego-3.1"
+    LEGO_3_1_DEEP = "Lego-3.1-deep"
+    LEGO_3_1_6N = "Lego-3.1-6N"
+    LEGO_3_1_3N_WIDE = "Lego-3.1-3N-wide"
     ICAL_1_0 = "iCal-1.0"
+    ICAL_1_1 = "iCal-1.1"
     LIU_2025 = "Liu2025-multilayer"
 
     def label(self) -> str:
