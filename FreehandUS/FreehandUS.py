@@ -431,6 +431,7 @@ class FreehandUSWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
+        self._warmJob = None
         self._liveTimer = None
         self._liveShown = False
 

@@ -249,6 +249,7 @@ class SensorlessTrackingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
+        self._trainJob = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
