@@ -28,6 +28,7 @@ import numpy as np
 
 from FreehandUSLib.errors import SequenceError, TransformError
 
+from .conventions import column_mirror, image_handedness
 from .pose import absolute_to_frame_to_frame, matrices_to_params, mirror_x, mirror_z, mm_to_pixel, rigid, translate
 
 __all__ = [
@@ -256,10 +257,15 @@ def prepare_sweep(
     model_spacing_mm, image_size : the model's input geometry
     margin_px : extra canvas on every side (room for crop jitter)
 
+    A mirrored ``image_to_reference`` (det < 0) is prepared as its right-handed equivalent:
+    frames mirrored left-right, calibration mirrored with them (:mod:`.conventions`).
+
     Raises
     ------
     SequenceError
         Fewer than 2 valid frames, or frames that are not one-channel (n, rows, cols).
+    TransformError
+        Frames of both handednesses.
     """
     f = np.asarray(frames)
     if f.ndim == 4 and f.shape[-1] == 1:
@@ -277,6 +283,11 @@ def prepare_sweep(
     f = _as_uint8(f[valid])
     m = m[valid]
     rows, cols = f.shape[1:]
+    if image_handedness(m) < 0:
+        # a mirrored calibration (det < 0): train in the right-handed frame the estimation uses
+        # (:mod:`.conventions`): the frames mirrored left-right with the calibration
+        f = np.ascontiguousarray(f[:, :, ::-1])
+        m = m @ column_mirror(cols)
     spacing = pixel_spacing_of(m, np.ones(len(m), dtype=bool))
     canvas = (image_size[0] + 2 * margin_px, image_size[1] + 2 * margin_px)
     out = resample_frames(f, spacing, model_spacing_mm, canvas)

@@ -224,3 +224,20 @@ def test_flags_on_a_long_stack_and_on_noise():
     assert np.flatnonzero(flags.flags == FLAG_EMPTY).tolist() == [100]
     assert np.flatnonzero(flags.flags == FLAG_DECORRELATED).tolist() == [101]  # after the empty frame only
     assert np.isnan(flags.threshold)
+
+
+def test_training_data_of_a_mirrored_calibration_is_the_right_handed_sweep(sweep):
+    """track train: a det < 0 recording is prepared exactly as the same sweep with det > 0 (no
+    improper poses, which rigid() would turn into wrong rotations)."""
+    from SensorlessTrackingLib.data import prepare_sweep
+
+    kw = dict(model_spacing_mm=0.4, image_size=(32, 32), global_size=16)
+    a = prepare_sweep(sweep.frames, sweep.transforms["ImageToReference"].matrices, **kw)
+    mir = mirrored(sweep)
+    b = prepare_sweep(mir.frames, mir.transforms["ImageToReference"].matrices, **kw)
+    np.testing.assert_array_equal(b.frames, a.frames)
+    np.testing.assert_allclose(b.poses, a.poses, atol=1e-9)
+    mixed = sweep.transforms["ImageToReference"].matrices.copy()
+    mixed[5:] = mixed[5:] @ column_mirror(sweep.n_cols)
+    with pytest.raises(TransformError, match="on some frames and not on others"):
+        prepare_sweep(sweep.frames, mixed, **kw)
