@@ -48,6 +48,7 @@ __all__ = [
     "scene_rollback",
     "ProcessJob",
     "JobError",
+    "run_in_thread",
     "wait_for_event",
 ]
 
@@ -121,6 +122,46 @@ def cancellable_progress(progress=None, cancel: CancelToken | None = None, *, ti
             cancel.check()
 
     return report
+
+
+def run_in_thread(fn, *, cancel: CancelToken, heartbeat=None, poll_s: float = 0.1, grace_s: float = 0.5):
+    """Run ``fn()`` on a worker thread while this thread checks ``cancel`` every ``poll_s`` seconds.
+
+    For a long computation that has no progress hook of its own (a model run, the speckle
+    decorrelation): this thread stays free to call ``heartbeat()`` (e.g. a progress callback
+    that lets Slicer's event loop run, so the Cancel button can be pressed) and stops with
+    :class:`Cancelled` within ``poll_s`` of the cancel. ``fn`` must not touch MRML (it runs on
+    another thread). A cancelled ``fn`` that does not check the token itself runs on to its end
+    on its (daemon) thread and its result is dropped; one that checks it (e.g. a model with the
+    token in its layer hooks) is given ``grace_s`` seconds to stop before this returns.
+
+    Returns
+    -------
+    What ``fn()`` returned; its exception is raised here.
+    """
+    outcome = {}
+
+    def target():
+        try:
+            outcome["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001  (handed to the caller's thread)
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=target, name="freehandus-work", daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            cancel.check()
+            if heartbeat is not None:
+                heartbeat()
+            worker.join(poll_s)
+        cancel.check()
+    except Cancelled:
+        worker.join(grace_s)
+        raise
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def _node_ids(scene) -> set:

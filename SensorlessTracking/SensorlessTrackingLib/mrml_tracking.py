@@ -479,10 +479,12 @@ def estimate_trajectory_to_browser(
     progress : callable(done, total), optional
         Called after reading (1 of 3), tracking (2) and writing (3).
     cancel : FreehandUSLib.jobs.CancelToken, optional
-        Checked before every layer a learned model runs (forward pre-hooks) and between the
-        steps: once set, the call stops with :class:`~FreehandUSLib.jobs.Cancelled` and the
-        browser is left as it was (the estimate is written only at the end). The decorrelation
-        baseline is checked only between the steps.
+        The tracking then runs on a worker thread while this thread reports progress (1 of 3)
+        every 0.1 s and checks the token: once set, the call stops with
+        :class:`~FreehandUSLib.jobs.Cancelled` within 0.1 s and the browser is left as it was
+        (the estimate is written only at the end). A learned model also stops itself before its
+        next layer (forward pre-hooks); the decorrelation baseline runs on to its end in the
+        background and its result is dropped.
 
     Returns
     -------
@@ -561,8 +563,8 @@ def estimate_trajectory_to_browser(
     if cancel is not None and learned:
         # Every layer checks (a cheap flag test): the fast CPU path calls the model's parts, not its forward.
         hooks = [m.register_forward_pre_hook(lambda _module, _inputs: cancel.check()) for m in tracker.modules()]
-    try:
-        result = track_sequence(
+    def run():
+        return track_sequence(
             sequence,
             tracker,
             image_to_probe=image_to_probe,
@@ -572,6 +574,12 @@ def estimate_trajectory_to_browser(
             mirror_average=mirror_average,
             sweep_direction=sweep_direction,
         )
+
+    try:
+        if cancel is None:
+            result = run()
+        else:  # on a worker thread: this one keeps reporting (Slicer's events) and checking
+            result = jobs.run_in_thread(run, cancel=cancel, heartbeat=lambda: _report(progress, 1, 3))
     except SequenceError as exc:
         raise SequenceError(f"browser {bname!r}: {exc}") from exc
     except ValueError as exc:

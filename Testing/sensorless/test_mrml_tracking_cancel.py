@@ -106,3 +106,18 @@ def test_cancel_inside_the_model_run(scene):
     assert calls[:5] == [False] * 5 and len(calls) <= 6  # at most the layer already started ran after the cancel
     assert _node_ids(scene) == before and mt.find_estimate_sequence(browser) is None
     assert all(not m._forward_pre_hooks for m in model.modules())  # the estimate's hooks were removed
+
+
+def test_cancel_stops_a_decorrelation_estimate(scene):
+    """The baseline has no hook: the call still returns within the poll and writes nothing."""
+    browser = mrml.sequence_to_browser(scene, tiny_sweep(seed=4, n_frames=24, length_mm=4.0).sequence,
+                                       browser_name="Sweep")
+    before = _node_ids(scene)
+    token = CancelToken("estimation")
+    reporter = CancelOnFirstReport(token, after=3)  # 0/3, 1/3 after reading, then the first heartbeat
+    _assert_cancelled_fast(
+        lambda: mt.estimate_trajectory_to_browser(browser, model="decorrelation", progress=reporter, cancel=token),
+        reporter,
+    )
+    assert reporter.calls == 3
+    assert _node_ids(scene) == before and mt.find_estimate_sequence(browser) is None
