@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 import cv2
 import numpy as np
 
+from .conventions import column_mirror, image_handedness
 from .pose import absolute_to_frame_to_frame, image_mm_poses, matrices_to_params
 
 __all__ = [
@@ -261,6 +262,9 @@ def calibrate_decorrelation(
         frames = np.asarray(frames)
         rows, cols = frames.shape[1:3]
         itr = np.asarray(image_to_reference, dtype=np.float64)
+        if image_handedness(itr) < 0:  # a mirrored calibration: its right-handed equivalent (:mod:`.conventions`)
+            frames = np.ascontiguousarray(frames[:, :, ::-1])
+            itr = itr @ column_mirror(cols)
         truth = matrices_to_params(absolute_to_frame_to_frame(image_mm_poses(itr, spacing, ((cols - 1) / 2, (rows - 1) / 2))))
         data.append((frames, itr, tuple(spacing), truth))
     if not data:

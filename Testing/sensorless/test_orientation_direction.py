@@ -241,3 +241,12 @@ def test_training_data_of_a_mirrored_calibration_is_the_right_handed_sweep(sweep
     mixed[5:] = mixed[5:] @ column_mirror(sweep.n_cols)
     with pytest.raises(TransformError, match="on some frames and not on others"):
         prepare_sweep(sweep.frames, mixed, **kw)
+
+
+def test_decorrelation_calibration_of_a_mirrored_sweep(sweep):
+    from SensorlessTrackingLib.decorrelation import calibrate_decorrelation
+
+    mir = mirrored(sweep)
+    a = calibrate_decorrelation([(sweep.frames, sweep.transforms["ImageToReference"].matrices, sweep.pixel_spacing_mm)])
+    b = calibrate_decorrelation([(mir.frames, mir.transforms["ImageToReference"].matrices, mir.pixel_spacing_mm)])
+    assert b.to_dict() == a.to_dict()
