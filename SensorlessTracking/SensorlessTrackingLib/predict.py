@@ -339,6 +339,8 @@ class TrackingResult:
     sequence : the input frames with the estimated ``ImageToReference`` (plus ``ImageToProbe``
         and ``ProbeToReference`` when the calibration is known)
     frame_to_frame : (n - 1, 6) estimated frame-to-frame parameters (mm, deg), centred image-mm
+        frame of the estimation (right-handed: for a mirrored calibration, the frame of the
+        left-right mirrored image; :mod:`.conventions`), for the assumed sweep direction
     method : model name or "decorrelation"
     seconds : inference wall time (resampling included)
     true_image_to_reference : (n, 4, 4) the input's tracked ImageToReference, or None
