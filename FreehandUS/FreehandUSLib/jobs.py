@@ -48,6 +48,7 @@ __all__ = [
     "scene_rollback",
     "ProcessJob",
     "JobError",
+    "ProgressRelay",
     "run_in_thread",
     "wait_for_event",
 ]
@@ -122,6 +123,30 @@ def cancellable_progress(progress=None, cancel: CancelToken | None = None, *, ti
             cancel.check()
 
     return report
+
+
+class ProgressRelay:
+    """Progress reported on a worker thread, passed on by the calling thread (:func:`run_in_thread`).
+
+    ``report`` is the worker's ``progress(done, total)``: it keeps the latest values and checks
+    the token (so a worker with a progress hook stops at its next report). ``beat`` is the
+    calling thread's heartbeat: it calls ``progress`` with the latest values (``(0, 1)`` before
+    the first), so the panel's bar moves and its events run on the GUI thread only.
+    """
+
+    def __init__(self, progress=None, cancel: CancelToken | None = None):
+        self.progress = progress
+        self.cancel = cancel
+        self._latest = (0, 1)
+
+    def report(self, done, total) -> None:
+        self._latest = (done, total)
+        if self.cancel is not None:
+            self.cancel.check()
+
+    def beat(self) -> None:
+        if self.progress is not None:
+            self.progress(*self._latest)
 
 
 def run_in_thread(fn, *, cancel: CancelToken, heartbeat=None, poll_s: float = 0.1, grace_s: float = 0.5):

@@ -666,15 +666,19 @@ def reconstruct_browser_to_volume_node(
     VolumeTooLargeError
         The grid exceeds the memory budget (the message suggests a spacing that fits).
     """
-    if cancel is not None:
-        cancel.check()
-        scene = None if browser_node is None else browser_node.GetScene()
-        with jobs.scene_rollback(scene) if scene is not None else contextlib.nullcontext():
-            return reconstruct_browser_to_volume_node(
-                browser_node, output_volume_node, image_to_probe_node=image_to_probe_node, roi_node=roi_node,
-                coverage_volume_node=coverage_volume_node, config=config, options=options,
-                progress=jobs.cancellable_progress(progress, cancel), **overrides,
-            )
+    args = (browser_node, output_volume_node, image_to_probe_node, roi_node, coverage_volume_node, config, options,
+            progress, cancel, overrides)
+    if cancel is None:
+        return _reconstruct_browser(*args)
+    cancel.check()
+    scene = None if browser_node is None else browser_node.GetScene()
+    with jobs.scene_rollback(scene) if scene is not None else contextlib.nullcontext():
+        return _reconstruct_browser(*args)
+
+
+def _reconstruct_browser(browser_node, output_volume_node, image_to_probe_node, roi_node, coverage_volume_node, config,
+                         options, progress, cancel, overrides) -> ReconstructionResult:
+    """The work of :func:`reconstruct_browser_to_volume_node` (with ``cancel``: the computation on a worker thread)."""
     if browser_node is None:
         raise ReconstructionError(
             "no sequence browser given: select the tracked recording (a vtkMRMLSequenceBrowserNode)"
@@ -712,7 +716,14 @@ def reconstruct_browser_to_volume_node(
             sequence, opts = _in_world(
                 sequence, placement, fixed, opts, name=name, image_to_probe_node=image_to_probe_node
             )
-        result = reconstruct_volume(sequence, fixed or None, opts, progress=progress)
+        if cancel is None:
+            result = reconstruct_volume(sequence, fixed or None, opts, progress=progress)
+        else:  # on a worker thread: this one passes its progress on (Slicer's events run) and checks
+            relay = jobs.ProgressRelay(progress, cancel)
+            result = jobs.run_in_thread(
+                lambda: reconstruct_volume(sequence, fixed or None, opts, progress=relay.report),
+                cancel=cancel, heartbeat=relay.beat,
+            )
     except TransformError as exc:
         raise TransformError(
             f"browser {name!r}: {exc} In Slicer: select the ImageToProbe calibration transform, or set "

@@ -75,3 +75,21 @@ def test_a_process_job_that_prints_no_json_is_logged_and_ends(caplog):
     assert job.poll() == [] and not job.running
     job.cancel()  # a finished job: nothing to do
     assert not job.cancelled
+
+
+def test_progress_relay_passes_the_workers_latest_report_on_the_callers_thread():
+    from FreehandUSLib.jobs import ProgressRelay
+
+    seen = []
+    token = CancelToken()
+    relay = ProgressRelay(lambda d, t: seen.append((d, t, threading.current_thread().name)), token)
+    relay.beat()
+    worker = threading.Thread(target=lambda: (relay.report(3, 10), relay.report(5, 10)), name="worker")
+    worker.start()
+    worker.join()
+    relay.beat()
+    main = threading.current_thread().name
+    assert seen == [(0, 1, main), (5, 10, main)]
+    token.cancel()
+    with pytest.raises(Cancelled):
+        relay.report(6, 10)  # the worker's next report stops it
