@@ -670,9 +670,10 @@ def calibrate_browsers(calibration_browser, validation_browser, setup: Calibrati
     progress : callable(done, total), optional
         Over the frames of both recordings (detection).
     cancel : FreehandUSLib.jobs.CancelToken, optional
-        Checked after every detected frame: once set, the call stops with
-        :class:`~FreehandUSLib.jobs.Cancelled` and writes nothing (the output nodes are
-        written after detection and solving; nodes it added are removed).
+        Checked after every detected frame and every 0.1 s while the solver runs (on a worker
+        thread; this thread keeps reporting progress): once set, the call stops with
+        :class:`~FreehandUSLib.jobs.Cancelled` and writes nothing (the output nodes are written
+        after detection and solving).
     **solver_options
         ``ransac_iterations``, ``ransac_threshold_mm``, ``seed``... (:func:`~.pipeline.calibrate_from_points`).
 
@@ -693,18 +694,9 @@ def calibrate_browsers(calibration_browser, validation_browser, setup: Calibrati
     DetectionError
         No pixel spacing hint.
     """
-    if cancel is not None:
+    if cancel is not None:  # every check comes before the first node is written
         cancel.check()
-        _check_browser(calibration_browser, "calibration")
-        with jobs.scene_rollback(calibration_browser.GetScene()):
-            return calibrate_browsers(
-                calibration_browser, validation_browser, setup, image_to_probe_node=image_to_probe_node,
-                phantom_to_reference_node=phantom_to_reference_node, solver=solver, phantom_pose=phantom_pose,
-                detector=detector, pixel_spacing_mm=pixel_spacing_mm, accuracy_table_node=accuracy_table_node,
-                residuals_table_node=residuals_table_node, plot_chart_node=plot_chart_node,
-                calibration_detection=calibration_detection, validation_detection=validation_detection,
-                progress=jobs.cancellable_progress(progress, cancel), **solver_options,
-            )
+        progress = jobs.cancellable_progress(progress, cancel)
     t0 = time.perf_counter()
     setup = _with_registration(setup, phantom_to_reference_node)
     cal_seq = sequence_from_browser(calibration_browser, role="calibration")
@@ -742,9 +734,15 @@ def calibrate_browsers(calibration_browser, validation_browser, setup: Calibrati
     if det_v is not None:
         _check_detection(det_v, val_seq, validation_browser, "validation")
 
-    result = calibrate(cal_seq, val_seq, setup, solver=solver, phantom_pose=phantom_pose, detector=det_c.detector,
-                       pixel_spacing_mm=pixel_spacing_mm, calibration_detection=det_c, validation_detection=det_v,
-                       **solver_options)
+    def solve():
+        return calibrate(cal_seq, val_seq, setup, solver=solver, phantom_pose=phantom_pose, detector=det_c.detector,
+                         pixel_spacing_mm=pixel_spacing_mm, calibration_detection=det_c, validation_detection=det_v,
+                         **solver_options)
+
+    if cancel is None:
+        result = solve()
+    else:  # the solver has no progress of its own: on a worker thread, this one keeps reporting and checking
+        result = jobs.run_in_thread(solve, cancel=cancel, heartbeat=lambda: progress(n_total, n_total))
     info = dict(result.info)
     info["calibration_browser"] = calibration_browser.GetName()
     if validation_browser is not None:

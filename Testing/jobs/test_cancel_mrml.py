@@ -127,3 +127,22 @@ def test_cancellable_progress_forwards_ticks_and_checks():
     with pytest.raises(Cancelled, match="work was cancelled"):
         report(2, 3)
     assert seen == [(1, 3), (2, 3)] and len(ticks) == 2
+
+
+def test_cancel_while_the_solver_runs(scene):
+    """Detection reused, so the only long step is the solver: it is cancelled within the poll."""
+    from NWireCalibrationLib import mrml_calibration as mc
+    from nwire_synthetic import setup_for, small_simulation
+
+    sim = small_simulation("linear", 50.0, n_frames=30)
+    browser = mrml.sequence_to_browser(scene, sim.sequence, browser_name="Calibration")
+    detection = mc.detect_browser(browser, setup_for(sim))
+    before = _node_ids(scene)
+    token = CancelToken("calibration")
+    reporter = CancelOnFirstReport(token)  # the first report is the solver's first heartbeat
+    _assert_cancelled_fast(
+        lambda: mc.calibrate_browsers(browser, None, setup_for(sim), solver="ransac-lm", ransac_iterations=5000,
+                                      calibration_detection=detection, progress=reporter, cancel=token),
+        reporter,
+    )
+    assert reporter.calls == 1 and _node_ids(scene) == before
