@@ -50,6 +50,7 @@ Example (3D Slicer Python console)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -889,6 +890,37 @@ def trajectory_plot(source, scene=None, *, table_node=None, chart_node=None):
 # --------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _roi_in_frame_of(roi_node, frame_node):
+    """Have ``roi_node`` read (in world) as in ``frame_node``'s frame for the block; restored after.
+
+    The estimate's volume is made in its own frame and then hung under ``frame_node`` (e.g.
+    ReferenceToRAS); an ROI the user placed around the frames *as shown* is in world. For the
+    block, the ROI hangs under a temporary transform ``inv(FrameToWorld) @ ROIParentToWorld``,
+    so its world box is the same box in the frame; its own parent is put back afterwards and the
+    temporary node removed. Nothing happens without an ROI or a frame node, or when the ROI's
+    parent transform is not linear (logged).
+    """
+    if roi_node is None or frame_node is None or roi_node.GetScene() is None:
+        yield
+        return
+    old_parent = roi_node.GetParentTransformNode()
+    if old_parent is not None and not old_parent.IsTransformToWorldLinear():
+        logger.warning("ROI %s: its transform is not linear; read in world as it is", roi_node.GetName())
+        yield
+        return
+    roi_to_world = np.eye(4) if old_parent is None else _world_matrix(old_parent)
+    scene = roi_node.GetScene()
+    temporary = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", scene.GenerateUniqueName("ROIInEstimateFrame"))
+    temporary.SetMatrixTransformToParent(mrml.matrix_to_vtk(np.linalg.inv(_world_matrix(frame_node)) @ roi_to_world))
+    roi_node.SetAndObserveTransformNodeID(temporary.GetID())
+    try:
+        yield
+    finally:
+        roi_node.SetAndObserveTransformNodeID(None if old_parent is None else old_parent.GetID())
+        scene.RemoveNode(temporary)
+
+
 def reconstruct_estimated(browser_node, output_volume_node=None, *, progress=None, cancel=None, **options):
     """Reconstruct a volume from the frames placed by the estimated trajectory.
 
@@ -898,7 +930,8 @@ def reconstruct_estimated(browser_node, output_volume_node=None, *, progress=Non
     pose, so it overlays a reconstruction from tracking) and is placed under the same transform
     as the estimate's proxy (the recording's ``ReferenceToRAS``, say), so it shows where the
     estimate shows. The transforms above the image are not applied to the frames (the estimate
-    places them).
+    places them); an ``roi_node`` is read where it is shown (world) and taken into the
+    estimate's frame.
 
     Parameters
     ----------
@@ -933,12 +966,16 @@ def reconstruct_estimated(browser_node, output_volume_node=None, *, progress=Non
         From the reconstruction.
     """
     bname = _check_browser(browser_node)
+    stack = contextlib.ExitStack()
     if cancel is not None:
         cancel.check()
-        with jobs.scene_rollback(browser_node.GetScene()):
-            return reconstruct_estimated(
-                browser_node, output_volume_node, progress=jobs.cancellable_progress(progress, cancel), **options
-            )
+        stack.enter_context(jobs.scene_rollback(browser_node.GetScene()))
+    with stack:
+        return _reconstruct_estimated(browser_node, output_volume_node, bname, progress, cancel, options)
+
+
+def _reconstruct_estimated(browser_node, output_volume_node, bname: str, progress, cancel, options):
+    """The work of :func:`reconstruct_estimated` (inside the scene rollback when cancellable)."""
     seq_node = find_estimate_sequence(browser_node)
     if seq_node is None:
         raise SequenceError(
@@ -958,15 +995,18 @@ def reconstruct_estimated(browser_node, output_volume_node=None, *, progress=Non
         output_volume_node = scene.AddNewNodeByClass(
             "vtkMRMLScalarVolumeNode", scene.GenerateUniqueName(f"{bname}EstimatedReconstruction")
         )
-    result = mrml_reconstruction.reconstruct_browser_to_volume_node(
-        browser_node,
-        output_volume_node,
-        image_to_reference_transform=transform_name,
-        progress=progress,
-        **options,
-    )
     proxy = browser_node.GetProxyNode(seq_node)
     parent_id = None if proxy is None else proxy.GetTransformNodeID()
+    roi_node = options.get("roi_node")
+    with _roi_in_frame_of(roi_node, None if proxy is None else proxy.GetParentTransformNode()):
+        result = mrml_reconstruction.reconstruct_browser_to_volume_node(
+            browser_node,
+            output_volume_node,
+            image_to_reference_transform=transform_name,
+            progress=progress,
+            cancel=cancel,
+            **options,
+        )
     output_volume_node.SetAndObserveTransformNodeID(parent_id)  # shown where the estimate is shown
     coverage = options.get("coverage_volume_node")
     if coverage is not None:

@@ -115,3 +115,29 @@ def test_reconstructing_the_estimate_of_pixel_frames_under_a_tree_uses_the_estim
         volumes.append(volume)
     np.testing.assert_array_equal(_voxels(volumes[1]), _voxels(volumes[0]))
     np.testing.assert_allclose(_ijk_to_world(volumes[1]), _ijk_to_world(volumes[0]), rtol=0, atol=1e-9)
+
+
+def test_an_roi_placed_around_the_shown_frames_crops_the_estimates_volume(scene, sweep):
+    """The ROI is drawn where the frames show (world); the estimate's volume is made in Reference."""
+    browser = mrml.sequence_to_browser(scene, sweep, browser_name="Sweep")
+    reference_to_ras = mrml.transform_to_node(scene, REFERENCE_TO_RAS, name="ReferenceToRAS")
+    image = _image_proxy(browser)
+    image.SetAndObserveTransformNodeID(reference_to_ras.GetID())
+    browser.SetSelectedItemNumber(0)
+    mt.estimate_trajectory_to_browser(browser, model="decorrelation")
+    centre_world = (_ijk_to_world(image) @ [31.5, 31.5, 0, 1])[:3]
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "Box")
+    roi.SetCenterWorld(*centre_world)
+    roi.SetSize(4.0, 4.0, 4.0)
+    before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+
+    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Cropped")
+    mt.reconstruct_estimated(browser, volume, output_spacing_mm=0.4, roi_node=roi)
+    dims = np.array(volume.GetImageData().GetDimensions())
+    assert np.all(dims * 0.4 <= 4.0 + 0.8)  # the ROI's size, not the sweep's
+    ijk = np.linalg.inv(_ijk_to_world(volume)) @ [*centre_world, 1]
+    assert all(-0.5 <= ijk[a] <= dims[a] - 0.5 for a in range(3))  # around the shown centre
+    assert roi.GetParentTransformNode() is None  # put back
+    after = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+    added = [scene.GetNodeByID(i) for i in after - before]
+    assert not [n for n in added if n.IsA("vtkMRMLTransformNode")]  # the temporary transform is gone
