@@ -312,7 +312,7 @@ def _add_static_tree(sequence, browser_node) -> None:
     recorded ones are already in the sequence; the fixed ones *above the highest recorded one*
     (e.g. a ``TrackerToReference`` the user set once) complete the tracking chain, as Slicer
     composes them, and are added as constant transforms under their PLUS names when the
-    recording does not hold that name. The transforms below the recorded tracking (the
+    recording does not link those two frames itself. The transforms below the recorded tracking (the
     ImageToProbe being calibrated) and those of a tree with nothing recorded (display only, e.g.
     a ``ReferenceToRAS`` above ``Image_Reference`` frames) are not used: they do not change
     ImageToProbe.
@@ -330,6 +330,12 @@ def _add_static_tree(sequence, browser_node) -> None:
         name = _plus_name(node)
         if name is None or name in sequence.transforms or not node.IsLinear():
             continue
+        try:
+            sequence.repository().get(name)
+        except TransformError:
+            pass
+        else:
+            continue  # the recording links these frames itself: it wins over a fixed transform
         matrix = matrix_of_transform_node(node, name)
         sequence.set_transform(name, np.broadcast_to(matrix, (sequence.n_frames, 4, 4)).copy())
         logger.info("browser %s: fixed transform %s from the image's transform tree", browser_node.GetName(), name)

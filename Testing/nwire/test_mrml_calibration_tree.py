@@ -112,3 +112,17 @@ def test_live_probe_pose_through_the_tree(scene, sim):
     direct.SetAndObserveTransformNodeID(reference_to_ras.GetID())
     image.SetAndObserveTransformNodeID(direct.GetID())
     np.testing.assert_allclose(mc.probe_to_reference_of_image_node(image), pose, rtol=0, atol=1e-12)
+
+
+def test_recorded_tracking_wins_over_a_fixed_transform_between_the_same_frames(scene, sim):
+    """ProbeToTracker and ReferenceToTracker recorded; a stale fixed TrackerToReference above them is ignored."""
+    expected = _calibrate(mrml.sequence_to_browser(scene, sim.sequence, browser_name="Plain"), sim)
+    browser = mrml.sequence_to_browser(scene, sim.sequence, browser_name="Tree")
+    stale = mrml.transform_to_node(scene, TRACKER_TO_REFERENCE, name="TrackerToReference")
+    probe = [browser.GetProxyNode(s) for s in mc._browser_sequences(browser)
+             if (s.GetAttribute(mrml.ATTR_TRANSFORM_NAME) or s.GetName()).endswith("ProbeToTracker")
+             or "ProbeToTracker" in s.GetName()]
+    assert len(probe) == 1
+    probe[0].SetAndObserveTransformNodeID(stale.GetID())
+    mc.image_proxy_node(browser).SetAndObserveTransformNodeID(probe[0].GetID())
+    np.testing.assert_allclose(_calibrate(browser, sim), expected, rtol=0, atol=1e-12)
