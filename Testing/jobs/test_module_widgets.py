@@ -130,6 +130,38 @@ print(json.dumps(out))
 """
 
 
+_WAIT_FOR_KERNELS = _PRELUDE + r"""
+import FreehandUS
+from FreehandUSLib.jobs import ProcessJob
+
+WARM = 'import json, time\nfor i in (1, 2, 3):\n    print(json.dumps({"event": "progress", "done": i, "total": 3}), flush=True)\n    time.sleep(0.2)\n'
+w = FreehandUS.FreehandUSWidget.__new__(FreehandUS.FreehandUSWidget)
+w.ui = types.SimpleNamespace(reconstructionProgressBar=Widget(), cancelReconstructionButton=Widget(),
+                             reconstructionStatusLabel=Widget())
+w._warmJob = ProcessJob([sys.executable, "-c", WARM])
+seen = []
+with FreehandUS.CancellableWork(w.ui.reconstructionProgressBar, w.ui.cancelReconstructionButton, "Reconstruction",
+                                w.ui.reconstructionStatusLabel) as work:
+    original = work.progress
+    work.progress = lambda d, t: (seen.append((d, t)), original(d, t))
+    w._waitForKernels(work)
+out["waited_until_done"] = not w._warmJob.running
+out["reported"] = sorted({d for d, t in seen if t == 3})
+
+w._warmJob = ProcessJob([sys.executable, "-c", 'import time; time.sleep(60)'])
+started = time.monotonic()
+with FreehandUS.CancellableWork(w.ui.reconstructionProgressBar, w.ui.cancelReconstructionButton, "Reconstruction",
+                                w.ui.reconstructionStatusLabel) as work:
+    w.ui.cancelReconstructionButton.clicked.emit()   # Cancel while waiting for the kernels
+    w._waitForKernels(work)
+    out["after_wait_ran"] = True
+out["cancel_s"] = time.monotonic() - started
+out["label"] = w.ui.reconstructionStatusLabel.text
+w._warmJob.cancel()
+print(json.dumps(out))
+"""
+
+
 def _run(script: str, tmp_path) -> dict:
     pytest.importorskip("slicer")
     run = subprocess.run([sys.executable, "-c", script, str(HARNESS_DIR), str(tmp_path)], capture_output=True,
@@ -157,3 +189,10 @@ def test_training_panel_follows_the_process_and_cancels_it(tmp_path):
     assert out["bar"] == [2, 2, False]
     assert out["cancel_s"] < 1.0 and out["cancelled"] == [True, True, True]
     assert "Training cancelled" in out["cancel_status"]
+
+
+def test_reconstruct_waits_for_the_kernels_warm_up_and_cancel_works_meanwhile(tmp_path):
+    out = _run(_WAIT_FOR_KERNELS, tmp_path)
+    assert out["waited_until_done"] and out["reported"] == [1, 2, 3]
+    assert "after_wait_ran" not in out and out["cancel_s"] < 1.0
+    assert out["label"] == "Reconstruction was cancelled; nothing was written"
