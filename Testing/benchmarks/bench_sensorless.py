@@ -34,6 +34,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -394,6 +395,127 @@ def _print_table(result) -> None:
             )
 
 
+def _independent_sim_module():
+    """Testing/sensorless/independent_sim.py (a test module, not a package: loaded by path)."""
+    import importlib.util
+
+    path = REPO / "Testing" / "sensorless" / "independent_sim.py"
+    spec = importlib.util.spec_from_file_location("independent_sim", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["independent_sim"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_independent(n_per_probe: int = 2, n_frames: int = 80, models_dir: Path | None = None, threads: int = 1) -> dict:
+    """The shipped model, pairwise checkpoints (``*.pt`` in ``models_dir`` whose model is
+    ``pairwise``) and the uncalibrated decorrelation baseline on sweeps of the **independent**
+    simulator (``Testing/sensorless/independent_sim.py``: other scatterers, PSF, tissue,
+    attenuation/TGC, linear and convex probes, pauses and direction changes; never trained on).
+    Each sweep is estimated with its true ``sweep_direction`` (a user states it). Writes
+    ``results/sensorless_independent.json`` and prints a table: median / mean final drift (% of
+    path), mean angle error, out-of-plane scale (the factor on tz, rx, ry that fits best), per
+    probe and overall, with the load average of the machine."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    log = logging.getLogger("bench_sensorless")
+    import torch
+
+    from SensorlessTrackingLib.attribution import fit_out_of_plane_scale
+    from SensorlessTrackingLib.metrics import tracking_metrics
+    from SensorlessTrackingLib.predict import default_model_path, load_model, track_sequence
+
+    torch.set_num_threads(threads)
+    isim = _independent_sim_module()
+    methods = {}
+    if default_model_path().is_file():
+        methods["shipped"] = load_model(default_model_path())
+    if models_dir is not None and models_dir.is_dir():
+        for p in sorted(models_dir.glob("*.pt")):
+            model = load_model(p)
+            if model.config.name == "pairwise":
+                methods[p.stem] = model
+    methods["decorrelation (uncalibrated)"] = "decorrelation"
+    load_before = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    sweeps = isim.benchmark_sweeps(n_per_probe, n_frames=n_frames)
+    sim_seconds = time.perf_counter() - t0
+    log.info("independent simulator: %d sweeps in %.0f s", len(sweeps), sim_seconds)
+    rows = {m: {} for m in methods}
+    for sname, sw in sweeps:
+        seq = sw.sequence
+        truth = seq.transforms["ImageToReference"].matrices
+        shape = (seq.n_rows, seq.n_cols)
+        for mname, model in methods.items():
+            res = track_sequence(seq, model, sweep_direction=sw.direction)
+            est = res.sequence.transforms["ImageToReference"].matrices
+            m = tracking_metrics(truth, est, shape).to_dict()
+            m["out_of_plane_scale"], m["fdr_scale_fitted_percent"] = fit_out_of_plane_scale(truth, est, shape)
+            m["frames_per_second"] = res.frames_per_second
+            m["probe"] = sw.probe.name
+            m["direction"] = sw.direction
+            m["flagged_frames"] = len(res.info["frame_flags"]["flagged_frame_indices"])
+            m["direction_check_agrees"] = res.info["direction_check"]["agrees"]
+            rows[mname][sname] = m
+            log.info("%s %s: FDR %.1f %% of %.0f mm, angle %.1f deg, oop scale %.2f", sname, mname,
+                     m["fdr_path_percent"], m["path_length_mm"], m["mean_angle_error_deg"], m["out_of_plane_scale"])
+    summary = {}
+    probes = [p.name for p in isim.PROBES]
+    for mname, per in rows.items():
+        summary[mname] = {}
+        for group in probes + ["all"]:
+            sel = [r for r in per.values() if group == "all" or r["probe"] == group]
+            summary[mname][group] = {
+                "sweeps": len(sel),
+                "median_fdr_path_percent": float(np.median([r["fdr_path_percent"] for r in sel])),
+                "mean_fdr_path_percent": float(np.mean([r["fdr_path_percent"] for r in sel])),
+                "mean_angle_error_deg": float(np.mean([r["mean_angle_error_deg"] for r in sel])),
+                "median_out_of_plane_scale": float(np.median([r["out_of_plane_scale"] for r in sel])),
+                "direction_check_agrees": int(sum(r["direction_check_agrees"] is True for r in sel)),
+                "flagged_frames": int(sum(r["flagged_frames"] for r in sel)),
+            }
+    result = {
+        "simulator": "Testing/sensorless/independent_sim.py",
+        "probes": {p.name: asdict(p) for p in isim.PROBES},
+        "sweeps_per_probe": n_per_probe,
+        "frames_per_sweep": n_frames,
+        "summary": summary,
+        "per_sweep": rows,
+        "simulation_seconds": sim_seconds,
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg()[0],
+        "cpu_count": os.cpu_count(),
+        "torch_threads": threads,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "sensorless_independent.json").write_text(json.dumps(result, indent=2))
+    print(f"\nIndependent simulator ({n_per_probe} sweeps x {len(probes)} probes, {n_frames} frames each; load average "
+          f"{load_before:.1f} -> {result['load_average_after']:.1f} on {os.cpu_count()} CPUs)")
+    head = (f"{'method':<30} {'probe':<7} {'n':>2} {'median FDR %':>12} {'mean FDR %':>10} {'angle deg':>9} "
+            f"{'oop scale':>9} {'dir. agrees':>11} {'flagged':>7}")
+    print(head)
+    print("-" * len(head))
+    for mname, groups in summary.items():
+        for group, s in groups.items():
+            print(f"{mname[:30]:<30} {group:<7} {s['sweeps']:>2} {s['median_fdr_path_percent']:>12.1f} "
+                  f"{s['mean_fdr_path_percent']:>10.1f} {s['mean_angle_error_deg']:>9.1f} "
+                  f"{s['median_out_of_plane_scale']:>9.2f} {s['direction_check_agrees']:>11} {s['flagged_frames']:>7}")
+    print("FDR: final drift / path length; angle: mean orientation error; oop scale: the factor on the estimated "
+          "out-of-plane motion that fits best (<1: the method moves too far out of the plane); dir. agrees: sweeps "
+          "whose estimate moves out of the plane the way the tracking does (sweep direction given); flagged: frames "
+          "flagged empty or decorrelated")
+    return result
+
+
+def test_sensorless_independent_benchmark():
+    """``make benchmark``: the independent-simulator section (SENSORLESS_INDEPENDENT_SWEEPS per probe, default 2);
+    every method gives finite drift, and with the true sweep direction every estimate moves the right way."""
+    n = int(os.environ.get("SENSORLESS_INDEPENDENT_SWEEPS", "2"))
+    result = run_independent(n, 80, RESULTS / "sensorless_models")
+    for name, groups in result["summary"].items():
+        assert np.isfinite(groups["all"]["median_fdr_path_percent"]), name
+        assert groups["all"]["direction_check_agrees"] == groups["all"]["sweeps"], name
+
+
 def test_sensorless_benchmark():
     """``make benchmark``: the full run; asserts only that every method produced finite numbers."""
     result = run(int(os.environ.get("SENSORLESS_BENCH_SWEEPS", "20")), RESULTS / "sensorless_models", RESULTS / "sensorless_sweeps")
@@ -407,6 +529,12 @@ if __name__ == "__main__":
     ap.add_argument("--models", type=Path, default=RESULTS / "sensorless_models", help="folder of extra checkpoints")
     ap.add_argument("--cache", type=Path, default=RESULTS / "sensorless_sweeps", help="cache of simulated sweeps")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--independent", type=int, metavar="N", help="only the independent-simulator section, N sweeps "
+                    "per probe (quick version: 2)")
+    ap.add_argument("--independent-frames", type=int, default=80, help="frames per independent-simulator sweep")
     a = ap.parse_args()
+    if a.independent:
+        run_independent(a.independent, a.independent_frames, a.models, a.threads)
+        sys.exit(0)
     run(a.sweeps, a.models, a.cache, a.threads)
     sys.exit(0)
