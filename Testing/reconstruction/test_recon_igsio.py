@@ -101,3 +101,6 @@ def test_plus_optimization_is_read_and_checked():
         ReconstructionOptions(plus_optimization="PARTIAL", emulate_plus=True)
     with pytest.raises(InvalidOptionError, match="plus_optimization"):
         ReconstructionOptions(plus_optimization="FAST")
+    # A config with a value PLUS does not know reconstructs as PLUS does: FULL.
+    odd = dataclasses.replace(config.require_volume_reconstruction(), optimization="FAST")
+    assert options_from_plus_config(odd).plus_optimization == "FULL"

@@ -54,7 +54,7 @@ from ..errors import TransformError
 from ..sequence import TrackedSequence
 from ..transforms import TransformRepository, split_transform_name
 from ..volume import Volume
-from .config import HoleFillingElement, ReconstructionOptions
+from .config import PLUS_OPTIMIZATIONS, HoleFillingElement, ReconstructionOptions
 from .errors import InvalidOptionError, NoUsableFramesError, ReconstructionError, VolumeTooLargeError
 from .geometry import (
     OutputGrid,
@@ -311,6 +311,16 @@ _PLUS_INTERPOLATION = {"NEAREST_NEIGHBOR": "nearest", "LINEAR": "linear"}
 _PLUS_COMPOUNDING = {"MEAN": "mean", "MAXIMUM": "max", "LATEST": "latest", "IMPORTANCE_MASK": "importance_mask"}
 
 
+def _plus_optimization(value) -> str:
+    """PLUS's ``Optimization`` attribute; an unknown value is PLUS's default FULL (with a warning)."""
+    text = str(value or "FULL").upper()
+    if text not in PLUS_OPTIMIZATIONS:
+        log.warning("Optimization=%r is not one of PLUS's (%s): using FULL, PLUS's default", text[:40],
+                    ", ".join(PLUS_OPTIMIZATIONS))
+        return "FULL"
+    return text
+
+
 def options_from_plus_config(config, **overrides) -> ReconstructionOptions:
     """Reconstruction options from a PLUS ``<VolumeReconstruction>`` element.
 
@@ -364,7 +374,7 @@ def options_from_plus_config(config, **overrides) -> ReconstructionOptions:
         "skip_interval": params.skip_interval,
         "number_of_threads": params.number_of_threads or None,
         "image_to_reference_transform": params.image_to_reference_name,
-        "plus_optimization": params.optimization,
+        "plus_optimization": _plus_optimization(params.optimization),
     }
     if params.fan_angles_auto_detect_brightness_threshold is not None:
         kw["fan_auto_detect_brightness_threshold"] = params.fan_angles_auto_detect_brightness_threshold
