@@ -149,7 +149,7 @@ class ProgressRelay:
             self.progress(*self._latest)
 
 
-def run_in_thread(fn, *, cancel: CancelToken, heartbeat=None, poll_s: float = 0.1, grace_s: float = 0.5):
+def run_in_thread(fn, *, cancel: CancelToken, heartbeat=None, poll_s: float = 0.1, grace_s: float = 0.2):
     """Run ``fn()`` on a worker thread while this thread checks ``cancel`` every ``poll_s`` seconds.
 
     For a long computation that has no progress hook of its own (a model run, the speckle
