@@ -22,16 +22,21 @@ never mirrored: the models rely on the probe face being at row 0.
 Sweep direction
 ---------------
 Speckle decorrelation shows how far a frame is from the previous one out of the image plane,
-not on which side. The direction is an assumption, given relative to the stored image as seen
-on the screen (row 0 at the top, column 0 on the left):
+not on which side. The direction is an assumption, given relative to the image normal ``z``
+of the right-handed frame the estimation works in:
 
-- ``"toward"``: the image plane moves toward the viewer, out of the screen (``-z``); the
-  convention of the training sweeps (the FreehandUS simulator's sweeps all move along ``-z``)
-  and of the decorrelation method's default (``direction=-1``), so the default;
-- ``"away"``: the image plane moves away from the viewer, into the screen (``+z``).
+- ``"toward"``: the image plane moves along ``-z``; the convention of the training sweeps (the
+  FreehandUS simulator's sweeps all move along ``-z``) and of the decorrelation method's
+  default (``direction=-1``), so the default;
+- ``"away"``: the image plane moves along ``+z``.
 
-In space, ``away`` is along ``column axis x row axis`` of the calibration, whatever its
-handedness. Changing the direction mirrors the estimated motion across the image plane:
+For a right-handed calibration (PLUS) and for uncalibrated frames, ``z = column axis x row
+axis``: seen on the screen (row 0 at the top, column 0 on the left) ``toward`` is out of the
+screen, toward the viewer, and ``away`` into it. For a mirrored calibration ``z`` is the normal
+of the image mirrored back, ``-(column axis x row axis)``, which is the calibration's own third
+column when it is orthogonal: the direction is a property of the sweep in space, so a mirrored
+calibration gives the same estimate as its unmirrored equivalent with the same direction.
+Changing the direction mirrors the estimated motion across the image plane:
 ``(tx, ty, tz, rx, ry, rz) -> (tx, ty, -tz, -rx, -ry, rz)`` (:func:`reverse_direction`, the
 conjugation by :func:`~.pose.mirror_z`). :func:`elevational_direction_check` compares the
 assumption with a tracked part of the sweep, when there is one.
@@ -60,9 +65,10 @@ SWEEP_DIRECTIONS = ("toward", "away")
 
 #: One-line explanation of the directions (command-line help, result text).
 SWEEP_DIRECTION_HELP = (
-    "the way the probe moved out of the image plane, seen on the scanner's screen (probe face at the top): "
+    "the way the probe moved out of the image plane, seen on the screen with the probe face at the top: "
     "'toward' = the image plane moved out of the screen, toward you (the default: the training convention); "
-    "'away' = into the screen, away from you"
+    "'away' = into the screen, away from you (with a mirrored calibration, det < 0: as seen in the image "
+    "mirrored back)"
 )
 
 #: Signs of the 6 frame-to-frame parameters under a mirror across the image plane.
@@ -151,7 +157,8 @@ def reverse_direction(params) -> np.ndarray:
 
 def elevational_displacement_mm(image_to_reference, image_shape, first: int, last: int) -> float:
     """Out-of-plane displacement (mm) of the image centre from frame ``first`` to ``last``,
-    along frame ``first``'s ``away`` direction (column axis x row axis, normalised).
+    along frame ``first``'s ``away`` direction: ``z`` of the right-handed image frame (column
+    axis x row axis, negated for a mirrored frame), normalised.
 
     Parameters
     ----------
@@ -161,7 +168,7 @@ def elevational_displacement_mm(image_to_reference, image_shape, first: int, las
     m = np.asarray(image_to_reference, dtype=np.float64)
     rows, cols = image_shape
     centre = np.array([(cols - 1) / 2.0, (rows - 1) / 2.0, 0.0, 1.0])
-    normal = np.cross(m[first, :3, 0], m[first, :3, 1])
+    normal = np.cross(m[first, :3, 0], m[first, :3, 1]) * np.sign(np.linalg.det(m[first, :3, :3]))
     normal /= np.linalg.norm(normal)
     return float(normal @ ((m[last] @ centre)[:3] - (m[first] @ centre)[:3]))
 

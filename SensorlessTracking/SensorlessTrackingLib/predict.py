@@ -417,8 +417,9 @@ def track_sequence(
     mirror_average : learned models only: "none", "flip" or "flip+reverse", average the estimate
         over the sweep's mirror images (:mod:`.mirror_average`; 2x / 4x the inference time)
     sweep_direction : "toward" (default, the training convention) or "away": which way the
-        image plane moved, seen on the screen with row 0 at the top and column 0 on the left
-        (:mod:`.conventions`); images cannot show it. For the decorrelation method it replaces
+        image plane moved along its normal, seen on the screen with row 0 at the top and column
+        0 on the left (for a mirrored calibration: in the image mirrored back;
+        :mod:`.conventions`); images cannot show it. For the decorrelation method it replaces
         ``decorrelation.direction``.
 
     A mirrored calibration (``det < 0``) is handled by estimating on the left-right mirrored
@@ -453,10 +454,9 @@ def track_sequence(
     info = {"input_spacing_mm": list(spacing), "sweep_direction": sweep_direction,
             "image_frame": "right-handed" if handedness > 0 else "mirrored"}
     # estimation runs in a right-handed image frame: a mirrored calibration's frames are mirrored
-    # left-right (with the calibration), and "toward" in the stored frame is "away" in that one
+    # left-right (with the calibration); the sweep direction is defined in that frame
     frames_in = sequence.frames if handedness > 0 else np.ascontiguousarray(sequence.frames[:, :, ::-1])
     mirror = np.eye(4) if handedness > 0 else column_mirror(cols)
-    internal_direction = sweep_direction if handedness > 0 else opposite_direction(sweep_direction)
     if handedness < 0:
         log.info("mirrored calibration (det < 0): estimating on the left-right mirrored frames, mapped back")
     if isinstance(model, str) and model == "decorrelation":
@@ -489,7 +489,7 @@ def track_sequence(
         if mirror_average != "none":
             method += f" ({mirror_average} averaged)"
             info["mirror_average"] = mirror_average
-    if internal_direction != SWEEP_DIRECTIONS[0]:  # the models' and decorrelation's own convention: "toward"
+    if sweep_direction != SWEEP_DIRECTIONS[0]:  # the models' and decorrelation's own convention: "toward"
         params = reverse_direction(params)
     first = None
     if itr is not None and np.all(np.isfinite(itr[0])):

@@ -76,13 +76,11 @@ def test_simulated_sweep_is_mirrored_consistently(sweep):
 
 @pytest.mark.parametrize("name,make", _methods(), ids=[n for n, _ in _methods()])
 def test_mirrored_calibration_gives_the_same_trajectory(sweep, name, make):
-    """det > 0 and det < 0 (columns and calibration mirrored) place every pixel the same way.
-
-    Seen on the screen, the mirrored frames move the other way out of the plane (their normal
-    column x row is flipped), so the same physical sweep is 'toward' in one and 'away' in the other."""
+    """det > 0 and det < 0 (columns and calibration mirrored) place every pixel the same way, with
+    the same (default) sweep direction: the direction is one of the sweep in space."""
     model = make()
-    a = track_sequence(sweep, model, sweep_direction="toward")
-    b = track_sequence(mirrored(sweep), model, sweep_direction="away")
+    a = track_sequence(sweep, model)
+    b = track_sequence(mirrored(sweep), model)
     ea = a.sequence.transforms["ImageToReference"].matrices
     eb = b.sequence.transforms["ImageToReference"].matrices
     m = column_mirror(sweep.n_cols)
@@ -92,6 +90,7 @@ def test_mirrored_calibration_gives_the_same_trajectory(sweep, name, make):
     np.testing.assert_allclose(b.sequence.transforms["ProbeToReference"].matrices,
                                a.sequence.transforms["ProbeToReference"].matrices, atol=1e-9)
     assert b.info["image_frame"] == "mirrored" and a.info["image_frame"] == "right-handed"
+    assert b.info["direction_check"] == pytest.approx(a.info["direction_check"])
     # the orientation error against the mirrored truth equals the one against the original truth
     shape = (sweep.n_rows, sweep.n_cols)
     ta = tracking_metrics(sweep.transforms["ImageToReference"].matrices, ea, shape)
@@ -108,7 +107,7 @@ def test_mirror_consistency_holds_with_the_calibration_alone(sweep):
     plain = replace(sweep, transforms={})
     flipped = replace(plain, frames=np.ascontiguousarray(sweep.frames[:, :, ::-1]))
     a = track_sequence(plain, "decorrelation", image_to_probe=itp)
-    b = track_sequence(flipped, "decorrelation", image_to_probe=itp @ m, sweep_direction="away")
+    b = track_sequence(flipped, "decorrelation", image_to_probe=itp @ m)
     np.testing.assert_allclose(b.sequence.transforms["ProbeToReference"].matrices,
                                a.sequence.transforms["ProbeToReference"].matrices, atol=1e-9)
 

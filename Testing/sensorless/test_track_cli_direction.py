@@ -54,7 +54,7 @@ def test_bad_direction_is_refused(sweep_file, tmp_path, capsys):
 
 def test_mirrored_calibration_file(sweep_file, tmp_path, capsys):
     """An untracked mirrored recording + a det < 0 ImageToProbe file: the same ProbeToReference
-    as the unmirrored one (the same sweep, 'away' as seen in the mirrored image)."""
+    as the unmirrored one, with the same (default) sweep direction."""
     _, seq = sweep_file
     itp = seq.transforms["ImageToProbe"].matrices[0]
     m = column_mirror(seq.n_cols)
@@ -68,8 +68,7 @@ def test_mirrored_calibration_file(sweep_file, tmp_path, capsys):
     assert run_cli(["track", "predict", str(p_plain), "--model", "decorrelation", "--image-to-probe",
                     str(tmp_path / "itp.json"), "--out", str(tmp_path / "a.igs.mha")]) == 0
     assert run_cli(["track", "predict", str(p_flip), "--model", "decorrelation", "--image-to-probe",
-                    str(tmp_path / "itp_mirrored.json"), "--sweep-direction", "away",
-                    "--out", str(tmp_path / "b.igs.mha")]) == 0
+                    str(tmp_path / "itp_mirrored.json"), "--out", str(tmp_path / "b.igs.mha")]) == 0
     assert "mirrored calibration (det < 0)" in capsys.readouterr().out
     a = read_sequence(tmp_path / "a.igs.mha").transforms["ProbeToReference"].matrices
     b = read_sequence(tmp_path / "b.igs.mha").transforms["ProbeToReference"].matrices
