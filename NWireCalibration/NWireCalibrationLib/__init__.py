@@ -9,6 +9,8 @@ Modules (import what you need; nothing heavy is imported here):
 - :mod:`.detect_hessian` -- the paper's detector (top-hat, scale-space Hessian, N-wire prior)
 - :mod:`.detect_baselines` -- AGC-FD, TACD and PLUS-style detectors
 - :mod:`.labeling` -- N-wire geometric filtering, PLUS wire order
+- :mod:`.sequence_labeling` -- the sequence stage: frames recovered from neighbours and tracked motion,
+  labels that jump refused
 - :mod:`.correspondences` -- 3D positions of the dots (alpha, plane intersections)
 - :mod:`.solvers` -- PLUS linear least squares, Levenberg-Marquardt, RANSAC + LM
 - :mod:`.metrics` -- PLUS 3D/2D errors, detection rates, CRE

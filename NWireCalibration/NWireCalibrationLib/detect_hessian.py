@@ -540,8 +540,16 @@ class HessianDetector:
         """Integer factor between the image and the processing grid."""
         return self._factor
 
-    def candidates(self, image: np.ndarray):
+    def candidates(self, image: np.ndarray, *, all_peaks: bool = False):
         """Dot candidates of one image.
+
+        Parameters
+        ----------
+        image : (rows, cols) or (rows, cols, channels) array, MF
+        all_peaks : bool
+            Every local maximum of the response above the threshold, without the prominence
+            filter and the ``max_candidates`` cap (the sequence stage searches these near a
+            predicted dot: a wire's echo next to a brighter one fails the prominence filter).
 
         Returns
         -------
@@ -576,14 +584,14 @@ class HessianDetector:
         peaks = (resp >= cv2.dilate(resp, np.ones((3, 3), np.uint8))) & (resp > self.settings.threshold_ratio * vmax)
         ys, xs = np.nonzero(peaks)
         vals = resp[ys, xs]
-        if self.settings.min_prominence > 0 and vals.size:
+        if self.settings.min_prominence > 0 and vals.size and not all_peaks:
             ry = ys[:, None] + self._ring_dy[None, :]
             rx = xs[:, None] + self._ring_dx[None, :]
             inside = (ry >= 0) & (ry < resp.shape[0]) & (rx >= 0) & (rx < resp.shape[1])
             ring = np.where(inside, resp[np.clip(ry, 0, resp.shape[0] - 1), np.clip(rx, 0, resp.shape[1] - 1)], 0)
             keep = vals >= self.settings.min_prominence * ring.max(axis=1)
             ys, xs, vals = ys[keep], xs[keep], vals[keep]
-        order = np.argsort(-vals)[: self.settings.max_candidates]
+        order = np.argsort(-vals)[: None if all_peaks else self.settings.max_candidates]
         xs, ys, vals = xs[order], ys[order], vals[order]
         pts = np.stack([(xs + 0.5) * f - 0.5 + ox, (ys + 0.5) * f - 0.5 + oy], axis=1).astype(np.float64)
         h, w = image.shape[:2]
@@ -625,6 +633,24 @@ class HessianDetector:
                                       f"refined dots fail the 3D consistency check ({res:.2f} mm > {limit:g} mm)",
                                       "3d-check-refined")
         return FrameDetection(True, refined, pts, "")
+
+    def verify(self, image: np.ndarray, points_px: np.ndarray):
+        """Refine dots labelled elsewhere (the sequence stage) and apply the border rule.
+
+        Returns
+        -------
+        (refined (n_wires, 2) float64 or None, reason code, reason text)
+            None with ``"dot-at-border"`` when a refined centre lies on the image border.
+        """
+        refined = self.refine(image, np.asarray(points_px, dtype=np.float64))
+        h, w = image.shape[:2]
+        b = self._border_px
+        edge = ((refined[:, 0] < b) | (refined[:, 0] > w - 1 - b) | (refined[:, 1] < b) | (refined[:, 1] > h - 1 - b)
+                | ~np.all(np.isfinite(refined), axis=1))
+        if edge.any():
+            names = ", ".join(self.phantom.wire_names[i] for i in np.flatnonzero(edge))
+            return None, "dot-at-border", f"the dots of {names} lie on the image border after refinement"
+        return refined, "", ""
 
     def refine(self, image: np.ndarray, points_px: np.ndarray) -> np.ndarray:
         """Sub-pixel centres of labeled dots on the full-resolution image.

@@ -51,6 +51,8 @@ REJECTION_REASONS = {
     "3d-check": "no labelled set fits one image-plane pose (dot-wire distance too large)",
     "3d-check-refined": "the sub-pixel dots fail the 3D check",
     "dot-at-border": "labelled dots stay on the image border after refinement (screen marks cut by the frame)",
+    "motion-inconsistent": "the labelled dots lie far from where the tracked motion and the neighbouring frames put "
+                           "them (a wrong label; the sequence stage could not label the frame either)",
 }
 
 

@@ -24,6 +24,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from FreehandUSLib.errors import TransformError
+
 from .detect_baselines import AgcfdDetector, PlusStyleDetector, TacdDetector, plus_labeling_settings
 from .detect_hessian import HessianDetector, HessianSettings
 from .errors import CalibrationError, DetectionError
@@ -31,6 +33,7 @@ from .labeling import LabelingSettings
 from .metrics import pose_diversity_deg, reprojection_errors_2d, reprojection_errors_3d, trimmed_statistics
 from .phantom import NWirePhantom, load_phantom, phantom_from_plus
 from .results import CalibrationResult, DataSetMetrics, DetectionResult
+from .sequence_labeling import SequenceSettings, label_sequence
 from .solvers import (
     MIN_CALIBRATION_FRAMES,
     WEIGHTINGS,
@@ -212,8 +215,9 @@ def probe_to_reference(sequence, *, probe: str = "Probe", reference: str = "Refe
 def detect_frames(frames, detector, *, progress=None):
     """Run ``detector`` on ``(n, rows, cols)`` frames.
 
-    Returns (points (n, w, 2), ok, n_candidates, reasons, reason_codes): the failure text and
-    its :data:`~.labeling.REJECTION_REASONS` code per frame ("" where ok).
+    Returns (points (n, w, 2), ok, n_candidates, reasons, reason_codes, candidates): the failure
+    text and its :data:`~.labeling.REJECTION_REASONS` code per frame ("" where ok), and every
+    frame's dot candidates ((m, 2) pixels).
     """
     n = len(frames)
     pts = None
@@ -221,6 +225,7 @@ def detect_frames(frames, detector, *, progress=None):
     ncand = np.zeros(n, dtype=int)
     reasons = [""] * n
     codes = [""] * n
+    cands = [np.zeros((0, 2))] * n
     for i in range(n):
         det = detector.detect(frames[i])
         if pts is None:
@@ -230,15 +235,17 @@ def detect_frames(frames, detector, *, progress=None):
         ncand[i] = len(det.candidates_px)
         reasons[i] = det.reason
         codes[i] = det.reason_code
+        cands[i] = np.asarray(det.candidates_px, dtype=np.float64).reshape(-1, 2)
         if progress is not None:
             progress(i + 1, n)
     if pts is None:
         pts = np.zeros((0, detector.phantom.n_wires, 2))
-    return pts, ok, ncand, reasons, codes
+    return pts, ok, ncand, reasons, codes, cands
 
 
 def detect_sequence(sequence, setup: CalibrationSetup, *, detector: str = "hessian", pixel_spacing_mm=None,
                     hessian: HessianSettings | None = None, labeling: LabelingSettings | None = None,
+                    sequence_stage: bool | None = None, sequence_settings: SequenceSettings | None = None,
                     progress=None) -> DetectionResult:
     """Detect the phantom's dots in every frame of a tracked sequence.
 
@@ -251,28 +258,63 @@ def detect_sequence(sequence, setup: CalibrationSetup, *, detector: str = "hessi
         ``"hessian"`` (the paper), ``"plus"``, ``"agcfd"`` or ``"tacd"``.
     pixel_spacing_mm : float or (sx, sy), optional
         Overrides the setup's hint.
+    sequence_stage : bool, optional
+        After every frame is labelled alone, refuse labels that jump from their neighbours and
+        recover failed frames from the neighbours and the tracked motion
+        (:mod:`.sequence_labeling`). Default: on for the Hessian detector, off for the baselines
+        (which reproduce their published single-frame methods).
+    sequence_settings : SequenceSettings, optional
     progress : callable(done, total), optional
 
     Returns
     -------
     DetectionResult
+        ``stages`` says which stage labelled each frame, ``sequence`` what the sequence stage did.
     """
     spacing = _spacing_for(sequence, setup, pixel_spacing_mm)
     det = make_detector(detector, setup.phantom, spacing, clip_rectangle_px=setup.clip_rectangle_px,
                         segmentation=setup.segmentation, hessian=hessian, labeling=labeling)
     t0 = time.perf_counter()
-    pts, ok, ncand, reasons, codes = detect_frames(sequence.frames, det, progress=progress)
+    pts, ok, ncand, reasons, codes, cands = detect_frames(sequence.frames, det, progress=progress)
     no_image = ~np.asarray(sequence.image_ok, dtype=bool)
     ok &= ~no_image
     pts[no_image] = np.nan
     for i in np.flatnonzero(no_image):
         reasons[i] = "frame has no image"
         codes[i] = "no-image"
+        cands[i] = np.zeros((0, 2))
+    stages = ["single-frame" if v else "" for v in ok]
+    summary = None
+    if sequence_stage if sequence_stage is not None else detector.lower() == "hessian":
+        out = _sequence_stage(sequence, setup, det, pts, ok, cands, reasons, codes, spacing, sequence_settings)
+        pts, ok, stages, reasons, codes, summary = (out.points_px, out.ok, out.stages, out.reasons, out.reason_codes,
+                                                    out.summary)
     seconds = time.perf_counter() - t0
     result = DetectionResult(detector, setup.phantom.name, setup.phantom.wire_names, pts, ok, ncand, reasons,
-                             tuple(float(v) for v in spacing), seconds, codes)
+                             tuple(float(v) for v in spacing), seconds, codes, stages, summary)
     logger.info("%s", result)
     return result
+
+
+def _sequence_stage(sequence, setup, det, pts, ok, cands, reasons, codes, spacing, settings):
+    """Run :func:`~.sequence_labeling.label_sequence` with the sequence's tracking (when it has any)."""
+    try:
+        poses = probe_to_reference(sequence)
+    except TransformError as exc:  # not tracked (or no Probe-to-Reference chain): image space only
+        logger.info("sequence stage without tracking: %s", exc)
+        poses = None
+    verify = search = None
+    if hasattr(det, "verify"):
+        def verify(i, points):
+            return det.verify(sequence.frames[i], points)
+    if isinstance(det, HessianDetector):
+        def search(i):
+            points, strengths, *_ = det.candidates(sequence.frames[i], all_peaks=True)
+            return points, strengths
+    return label_sequence(pts, ok, cands, setup.phantom, spacing, reasons=reasons, reason_codes=codes,
+                          probe_to_reference=poses, phantom_to_reference=setup.phantom_to_reference, verify=verify,
+                          search=search, settings=settings,
+                          image_size_px=None if len(sequence.frames) == 0 else sequence.frames[0].shape[1::-1])
 
 
 def _data_set_metrics(points_px, poses, image_to_probe, phantom_to_reference, phantom, used=None) -> DataSetMetrics:
@@ -504,8 +546,17 @@ def calibrate(calibration, validation=None, setup: CalibrationSetup | None = Non
                                      "validation": det_v.rejected_frames() if det_v is not None else []},
                  "rejected_by_reason": {"calibration": det_c.rejection_counts(),
                                         "validation": det_v.rejection_counts() if det_v is not None else {}},
+                 "detected_by_stage": {"calibration": det_c.stage_counts(),
+                                       "validation": det_v.stage_counts() if det_v is not None else {}},
+                 "refused_by_sequence": {"calibration": det_c.refused_frames(),
+                                         "validation": det_v.refused_frames() if det_v is not None else []},
                  "time_offset_s": float(offset), "time_offset_mode": "auto" if time_offset == "auto" else "given"})
     warnings = list(result.warnings)
+    if det_v is not None and det_v.frames_detected < det_v.n_frames:
+        dropped = det_v.n_frames - det_v.frames_detected
+        warnings.append(f"{dropped} of {det_v.n_frames} validation frames dropped (not detected: "
+                        + ", ".join(f"{n} {code}" for code, n in det_v.rejection_counts().items())
+                        + "); the validation errors are over the other frames")
     if estimate is not None:
         info["time_offset"] = estimate.to_dict()
         if estimate.at_search_edge:

@@ -26,6 +26,7 @@ __all__ = [
     "CalibrationResult",
     "plus_transform_element",
     "format_rejections",
+    "format_stages",
 ]
 
 
@@ -47,6 +48,14 @@ def _clean(value):
     if hasattr(value, "to_dict"):
         return value.to_dict()
     return value
+
+
+def format_stages(counts: dict, refused: list) -> str:
+    """One line: detected frames per stage and the labellings the sequence stage refused."""
+    text = "detected by stage: " + ", ".join(f"{n} {stage}" for stage, n in counts.items())
+    if refused:
+        text += f"; {len(refused)} single-frame labellings refused as motion-inconsistent"
+    return text
 
 
 def format_rejections(rejected: list, counts: dict, indent: str = "  ", *, max_frames: int = 20) -> str:
@@ -112,6 +121,12 @@ class DetectionResult:
     reason_codes : list of str, optional
         Failure code per frame (:data:`~.labeling.REJECTION_REASONS`, "" where ok); a failed
         frame without one counts as ``"unstated"``.
+    stages : list of str, optional
+        Per frame, which stage labelled it (:data:`~.sequence_labeling.STAGES`: ``"single-frame"``,
+        ``"tracked"``, ``"neighbours"``; "" where rejected); absent: every detected frame alone.
+    sequence : dict, optional
+        What the sequence stage did (:class:`~.sequence_labeling.SequenceOutcome` ``summary``):
+        the recovered frames per stage, the refused labellings, its tolerances.
     """
 
     detector: str
@@ -124,6 +139,8 @@ class DetectionResult:
     pixel_spacing_mm: tuple
     seconds: float
     reason_codes: list = None
+    stages: list = None
+    sequence: dict = None
 
     @property
     def n_frames(self) -> int:
@@ -149,6 +166,20 @@ class DetectionResult:
         return [{"index": int(i), "reason_code": self.reason_code(i), "reason": self.reasons[i]}
                 for i in np.flatnonzero(~self.ok)]
 
+    def stage_counts(self) -> dict:
+        """Detected frames per stage (:data:`~.sequence_labeling.STAGES`), every stage listed."""
+        from .sequence_labeling import STAGES
+
+        counts = dict.fromkeys(STAGES, 0)
+        for i in np.flatnonzero(self.ok):
+            stage = (self.stages[i] if self.stages is not None else "") or "single-frame"
+            counts[stage] = counts.get(stage, 0) + 1
+        return counts
+
+    def refused_frames(self) -> list:
+        """Frames whose single-frame labelling the sequence stage refused (a wrong label)."""
+        return list((self.sequence or {}).get("refused", []))
+
     def rejection_counts(self) -> dict:
         """Rejected frames per reason code, most frequent first."""
         counts: dict = {}
@@ -162,6 +193,8 @@ class DetectionResult:
         for i in range(self.n_frames):
             entry = {"index": i, "ok": bool(self.ok[i]),
                      "points": _clean(self.points_px[i]) if self.ok[i] else []}
+            if self.ok[i] and self.stages is not None:
+                entry["stage"] = self.stages[i] or "single-frame"
             if not self.ok[i]:
                 entry["reason_code"] = self.reason_code(i)
                 if self.reasons[i]:
@@ -175,6 +208,9 @@ class DetectionResult:
             "frames_total": self.n_frames,
             "frames_detected": self.frames_detected,
             "rejected_by_reason": self.rejection_counts(),
+            "detected_by_stage": self.stage_counts(),
+            "refused_by_sequence": self.refused_frames(),
+            "sequence": _clean(self.sequence) if self.sequence is not None else None,
             "seconds": float(self.seconds),
             "frames_per_second": _clean(self.frames_per_second),
             "frames": frames,
@@ -184,6 +220,7 @@ class DetectionResult:
         failed = [i for i in range(self.n_frames) if not self.ok[i]]
         text = (f"{self.detector} detector, phantom {self.phantom_name}: {self.frames_detected}/{self.n_frames} "
                 f"frames detected in {self.seconds:.2f} s ({self.frames_per_second:.1f} frames/s)")
+        text += "\n  " + format_stages(self.stage_counts(), self.refused_frames())
         if failed:
             text += "\n" + format_rejections(self.rejected_frames(), self.rejection_counts(), "  ")
         return text
@@ -325,9 +362,14 @@ class CalibrationResult:
             lines.append(f"  validation:  {self.validation}")
         rejected = self.info.get("rejected_frames") or {}
         counts = self.info.get("rejected_by_reason") or {}
+        stages = self.info.get("detected_by_stage") or {}
+        refused = self.info.get("refused_by_sequence") or {}
         for name in ("calibration", "validation"):
-            if rejected.get(name):
+            if rejected.get(name) or stages.get(name):
                 lines.append(f"  {name} recording:")
+            if stages.get(name):
+                lines.append("    " + format_stages(stages[name], refused.get(name, [])))
+            if rejected.get(name):
                 lines.append(format_rejections(rejected[name], counts.get(name, {}), "    ", max_frames=10))
         if "time_offset_s" in self.info:
             detail = self.info.get("time_offset") or {}

@@ -1,0 +1,187 @@
+"""The sequence stage: near-misses recovered from the neighbours and the tracked motion, labels that
+jump refused, dropped validation frames reported (issue 23, items 3 and 5)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from NWireCalibrationLib.metrics import detection_rates
+from NWireCalibrationLib.pipeline import calibrate, detect_sequence
+from NWireCalibrationLib.sequence_labeling import SequenceSettings, label_sequence, predicted_dots_px
+from NWireCalibrationLib.simulate import settings_for_phantom, simulate_nwire
+from nwire_synthetic import exact_geometry, setup_for, small_simulation
+from testdata import plus_file
+
+
+def _inputs(phantom="fCal-2.0"):
+    """Exact dots, poses and candidates (the true dots plus distractors 10 mm from every dot)."""
+    sim, pts, poses = exact_geometry(phantom)
+    spacing = float(np.mean(sim.pixel_spacing_mm))
+    far = 10.0 / spacing
+    cands = [np.concatenate([p, p + [far, 0.0], p - [0.0, far]]) for p in pts]
+    return sim, pts.copy(), poses, spacing, cands
+
+
+def _run(pts, ok, cands, sim, spacing, poses=None, **kw):
+    n = len(ok)
+    reasons = ["" if v else "pattern 2 not found" for v in ok]
+    codes = ["" if v else "pattern-missing" for v in ok]
+    return label_sequence(pts, ok, cands, sim.phantom, spacing, reasons=reasons, reason_codes=codes,
+                          probe_to_reference=poses, phantom_to_reference=None if poses is None else
+                          sim.phantom_to_reference, **kw) if n else None
+
+
+def test_predicted_dots_are_the_wire_crossings():
+    sim, pts, poses, _, _ = _inputs()
+    image_to_probe = sim.image_to_probe
+    pred = predicted_dots_px(poses, image_to_probe, sim.phantom_to_reference, sim.phantom)
+    assert np.nanmax(np.abs(pred - pts)) < 1e-6
+    poses = poses.copy()
+    poses[3] = np.nan
+    assert np.isnan(predicted_dots_px(poses, image_to_probe, sim.phantom_to_reference, sim.phantom)[3]).all()
+
+
+def test_tracked_prediction_recovers_failed_frames():
+    sim, truth, poses, spacing, cands = _inputs()
+    pts = truth.copy()
+    ok = np.ones(len(pts), bool)
+    ok[[5, 12]] = False
+    pts[~ok] = np.nan
+    out = _run(pts, ok, cands, sim, spacing, poses)
+    assert out.ok.all()
+    assert out.stages[5] == out.stages[12] == "tracked" and out.stages[0] == "single-frame"
+    assert out.summary["recovered"]["tracked"] == [5, 12] and out.summary["tracked_model"]["used"]
+    assert np.abs(out.points_px - truth).max() < 1e-9
+    assert out.reasons[5] == "" and out.reason_codes[5] == ""
+    off = _run(pts, ok, cands, sim, spacing, poses, settings=SequenceSettings(enabled=False))
+    assert not off.ok[5] and off.reason_codes[5] == "pattern-missing"
+
+
+def test_a_label_that_jumps_is_refused_and_relabelled():
+    sim, truth, poses, spacing, cands = _inputs()
+    pts = truth.copy()
+    pts[7, 0] += [10.0 / spacing, 0.0]  # wire 1 took the distractor 10 mm to its right
+    ok = np.ones(len(pts), bool)
+    out = _run(pts, ok, cands, sim, spacing, poses)
+    assert out.summary["refused"] == [7]
+    assert out.ok[7] and out.stages[7] == "tracked"
+    assert np.abs(out.points_px[7] - truth[7]).max() < 1e-9
+    # Without the right dot among the candidates it stays refused, with the reason.
+    cands7 = list(cands)
+    cands7[7] = cands[7][len(truth[7]):]
+    out = _run(pts, ok, cands7, sim, spacing, poses)
+    assert not out.ok[7] and out.reason_codes[7] == "motion-inconsistent"
+    assert "from where the tracked motion puts it" in out.reasons[7] and "sequence: no dot candidate" in out.reasons[7]
+
+
+def test_untracked_neighbours_recover_and_refuse_in_image_space():
+    sim, exact, _, spacing, _ = _inputs()
+    # A slow sweep in the image plane: 0.3 mm per frame sideways, a slight up-and-down.
+    i = np.arange(len(exact))[:, None, None]
+    truth = exact[0] + np.concatenate([0.3 * i, 0.4 * np.sin(i / 5.0)], axis=2) / spacing
+    far = 10.0 / spacing
+    cands = [np.concatenate([p, p + [far, 0.0], p - [0.0, far]]) for p in truth]
+    pts = truth.copy()
+    ok = np.ones(len(pts), bool)
+    ok[5] = False
+    pts[5] = np.nan
+    pts[20, 2] -= [0.0, 10.0 / spacing]  # a jump in one frame only
+    out = _run(pts, ok, cands, sim, spacing)
+    assert out.summary["tracked_model"] == {"used": False, "reason": "the recording is not tracked"}
+    assert out.summary["refused"] == [20]
+    assert sorted(out.summary["recovered"]["neighbours"]) == [5, 20]
+    assert out.ok.all() and np.abs(out.points_px - truth).max() < 1e-9
+
+
+def test_a_missing_or_weak_dot_is_not_invented():
+    sim, truth, poses, spacing, cands = _inputs()
+    pts = truth.copy()
+    ok = np.ones(len(pts), bool)
+    ok[9] = False
+    pts[9] = np.nan
+    cands = list(cands)
+    cands[9] = np.delete(cands[9], 3, axis=0)  # wire 4's echo is not in the image
+    out = _run(pts, ok, cands, sim, spacing, poses)
+    assert not out.ok[9] and out.reason_codes[9] == "pattern-missing"
+    assert out.reasons[9].startswith("pattern 2 not found; sequence: no dot candidate of")
+    assert sim.phantom.wire_names[3] in out.reasons[9]
+
+    def search(i):  # every peak, wire 1's a faint one
+        strength = np.ones(len(cands[i]))
+        strength[0] = 0.01
+        return cands[i], strength
+
+    cands = [np.concatenate([p, p + [10.0 / spacing, 0.0]]) for p in truth]
+    out = _run(pts, ok, cands, sim, spacing, poses, search=search)
+    assert not out.ok[9] and "only a weak peak for " + sim.phantom.wire_names[0] in out.reasons[9]
+
+
+def test_screen_scale_ticks_no_longer_labelled_on_ical_trus():
+    """iCal-1.0 TRUS with letterboxing and burned-in text/depth scale: 5 wrong labels alone, none now."""
+    st = settings_for_phantom("iCal-1.0", "trus", n_frames=20, image_size_px=(410, 308), seed=102,
+                              overlays=("letterbox", "text"))
+    sim = simulate_nwire(st)
+    setup = setup_for(sim)
+    alone = detect_sequence(sim.sequence, setup, sequence_stage=False)
+    det = detect_sequence(sim.sequence, setup)
+    r_alone = detection_rates(alone.points_px, sim.true_points_px)
+    r = detection_rates(det.points_px, sim.true_points_px)
+    assert r_alone.dots_wrong > 0
+    assert r.dots_wrong == 0 and r.frames_false == 0 and det.frames_detected >= 19
+    assert det.refused_frames() and det.stage_counts()["tracked"] > 0
+    d = json.loads(json.dumps(det.to_dict()))
+    assert d["detected_by_stage"] == det.stage_counts() and d["refused_by_sequence"] == det.refused_frames()
+    assert {f["stage"] for f in d["frames"] if f["ok"]} <= {"single-frame", "tracked", "neighbours"}
+    assert "detected by stage:" in str(det) and "refused as motion-inconsistent" in str(det)
+
+
+def test_validation_frames_dropped_are_reported():
+    cal = small_simulation("linear", 50.0, n_frames=30, seed=1)
+    val = small_simulation("linear", 50.0, n_frames=12, seed=2)
+    setup = setup_for(cal)
+    dv = detect_sequence(val.sequence, setup)
+    ok = dv.ok.copy()
+    ok[[3, 8]] = False
+    pts = dv.points_px.copy()
+    pts[~ok] = np.nan
+    codes = list(dv.reason_codes)
+    reasons = list(dv.reasons)
+    for i in (3, 8):
+        codes[i], reasons[i] = "3d-check", "no candidate set passed the 3D consistency check"
+    dv = replace(dv, ok=ok, points_px=pts, reason_codes=codes, reasons=reasons)
+    r = calibrate(cal.sequence, val.sequence, setup, validation_detection=dv, ransac_iterations=200, time_offset=0.0)
+    assert r.validation.frames_segmented == 10
+    assert [f["index"] for f in r.info["rejected_frames"]["validation"]] == [3, 8]
+    assert r.info["rejected_frames"]["validation"][0]["reason_code"] == "3d-check"
+    assert any("2 of 12 validation frames dropped (not detected: 2 3d-check)" in w for w in r.warnings)
+    assert r.info["detected_by_stage"]["validation"]["single-frame"] + r.info["detected_by_stage"]["validation"][
+        "tracked"] + r.info["detected_by_stage"]["validation"]["neighbours"] == 10
+    text = str(r)
+    assert "validation recording:" in text and "frame 3: 3d-check" in text and "detected by stage:" in text
+
+
+@pytest.mark.realdata
+def test_ustc_frame_grabber_ical_recovered_from_neighbours():
+    """PLUS's frame-grabbed iCal recording (untracked labelling, 2 N-wires): 194/200 alone, all with the sequence."""
+    import xml.etree.ElementTree as ET
+
+    from FreehandUSLib.io import read_sequence
+    from NWireCalibrationLib.pipeline import load_setup
+
+    setup = load_setup(plus_file("ConfigFiles/PlusDeviceSet_iCal_CalibrationOnly_FrameGrabber.xml"))
+    seq = read_sequence(plus_file("TestImages/USTC_FrameGrabber_ProbeRotationData.igs.mha"))
+    det = detect_sequence(seq, setup)
+    ref = np.full(det.points_px.shape, np.nan)
+    root = ET.parse(plus_file("TestImages/USTC_FrameGrabber_ProbeRotationData_Segmentation_baseline.xml")).getroot()
+    for case in root.iter("TestCase"):
+        out = case.find("Output")
+        if out.get("SegmentationSuccess") == "1":
+            ref[int(case.find("Input").get("ImageSeqFrameIndex"))] = np.array(
+                out.get("SegmentationPoints").split(), float).reshape(-1, 2)
+    rates = detection_rates(det.points_px, ref)
+    assert det.frames_detected >= 199 and rates.dot_match_rate >= 0.995 and rates.dots_wrong == 0
+    assert det.stage_counts()["neighbours"] >= 5
