@@ -362,6 +362,8 @@ class FreehandUSParameterNode:
     interpolation - how a pixel is spread into voxels.
     compounding - how overlapping frames are combined.
     fillHoles - fill voxels no frame reached from their neighbours.
+    plusArithmetic - reproduce PLUS's arithmetic (the volume PLUS makes, voxel for voxel) instead
+        of the exact default (``emulate_plus``).
     plusConfigPath - PLUS device-set config: ImageToProbe and hole-filling kernels for the
         reconstruction; "Use config settings" copies its <VolumeReconstruction> into the panel.
     clipEnabled, clipOriginXPx, clipOriginYPx, clipWidthPx, clipHeightPx - PLUS clip rectangle,
@@ -386,6 +388,7 @@ class FreehandUSParameterNode:
     interpolation: Interpolation = Interpolation.NEAREST
     compounding: Compounding = Compounding.MEAN
     fillHoles: bool = False
+    plusArithmetic: bool = False
     plusConfigPath: Path
     clipEnabled: bool = False
     clipOriginXPx: Annotated[int, WithinRange(0, 100000)] = 0
@@ -853,6 +856,7 @@ class FreehandUSLogic(ScriptedLoadableModuleLogic):
             "interpolation": p.interpolation.value,
             "compounding": p.compounding.value,
             "fill_holes": bool(p.fillHoles),
+            "emulate_plus": bool(p.plusArithmetic),
         }
         if p.clipEnabled:
             options["clip_rectangle_origin_px"] = (int(p.clipOriginXPx), int(p.clipOriginYPx))
@@ -1251,6 +1255,18 @@ class FreehandUSTest(ScriptedLoadableModuleTest):
         parameters.compounding = Compounding.MAX
         options = logic.optionsFromParameterNode(parameters)
         self.assertEqual((options["output_spacing_mm"], options["compounding"]), (1.0, "max"))
+        self.assertFalse(options["emulate_plus"])  # exact arithmetic unless asked
+        # "PLUS arithmetic" gives PLUS's volume (here: its mean, truncated at every insertion)
+        parameters.compounding = Compounding.MEAN
+        parameters.plusArithmetic = True
+        options = logic.optionsFromParameterNode(parameters)
+        self.assertTrue(options["emulate_plus"])
+        logic.reconstructFromSequence(browserNode, outputNode, imageToProbeNode=calibrationNode, **options)
+        plus = reconstruct_volume(sequence, imageToProbe, ReconstructionOptions(**options))
+        np.testing.assert_array_equal(slicer.util.arrayFromVolume(outputNode), plus.volume.voxels)
+        exact = reconstruct_volume(sequence, imageToProbe, ReconstructionOptions(**{**options, "emulate_plus": False}))
+        self.assertFalse(np.array_equal(plus.volume.voxels, exact.volume.voxels))
+        parameters.plusArithmetic = False
         with self.assertRaises(ReconstructionError):
             logic.reconstructFromSequence(None, outputNode)
         self.delayDisplay("Test passed")

@@ -618,6 +618,7 @@ def test_reconstruction_choices_and_defaults_follow_the_lib():
     assert compoundings[panel["compounding"].split(".")[1]] == defaults.compounding
     assert float(panel["outputSpacingMm"]) == pytest.approx(min(np.atleast_1d(defaults.output_spacing_mm)))
     assert ast.literal_eval(panel["fillHoles"]) == defaults.fill_holes
+    assert ast.literal_eval(panel["plusArithmetic"]) == defaults.emulate_plus
 
 
 def test_torch_comes_from_the_pytorch_extension():

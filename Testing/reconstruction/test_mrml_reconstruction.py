@@ -147,6 +147,23 @@ def test_browser_reconstruction_equals_reconstruct_volume(scene, sweep, interpol
     assert out.GetDisplayNode() is not None
 
 
+@pytest.mark.parametrize("interpolation", ["nearest", "linear"])
+def test_plus_arithmetic_reaches_the_reconstruction(scene, sweep, interpolation):
+    """The panel's "PLUS arithmetic" (emulate_plus) gives PLUS's mean, not the exact one."""
+    seq, image_to_probe = sweep
+    browser = _calibrated_browser(scene, seq, image_to_probe)
+    out = _volume_node(scene)
+    mr.reconstruct_browser_to_volume_node(
+        browser, out, output_spacing_mm=SPACING, interpolation=interpolation, compounding="mean", emulate_plus=True,
+        image_to_reference_transform="ImageToTracker",
+    )  # fmt: skip
+    plus = reconstruct_volume(seq, {"ImageToProbe": image_to_probe}, _opts(interpolation=interpolation, emulate_plus=True))
+    exact = reconstruct_volume(seq, {"ImageToProbe": image_to_probe}, _opts(interpolation=interpolation))
+    np.testing.assert_array_equal(_voxels(out), plus.volume.voxels)
+    assert not np.array_equal(plus.volume.voxels, exact.volume.voxels)
+    assert json.loads(out.GetAttribute(mr.ATTR_RECON_OPTIONS))["emulate_plus"] is True
+
+
 def test_image_to_probe_node_places_an_uncalibrated_recording(scene, sweep):
     seq, image_to_probe = sweep
     browser = mrml.sequence_to_browser(scene, seq, browser_name="Raw")  # pixel geometry only
