@@ -16,11 +16,14 @@ neighbours'. After every frame has been labelled alone (:mod:`.labeling`), this 
 3. labels each frame that failed alone (or was refused) from the tracked prediction: every
    wire takes the dot candidate nearest its predicted position, within a radius derived from
    how well the prediction does on the accepted frames; the sub-pixel centres then pass the
-   detector's border rule and the 3D consistency check (:func:`~.labeling.pose_residual_mm`)
-   as single frames do ("tracked" stage);
-4. labels what is still missing from the accepted frames within ``max_gap_frames`` before and
-   after it in image space (linear interpolation between both sides, or extrapolation of one
-   side's motion), with the same candidate matching and checks ("neighbours" stage).
+   detector's border rule and must stay within that radius of the prediction, which is the 3D
+   check with the tracked pose ("tracked" stage; the single-frame check
+   :func:`~.labeling.pose_residual_mm` fits a pose to the frame's own dots, which amplifies
+   their noise at coarse spacings and refuses correct sets there);
+4. labels what is still missing, in frames without a tracked prediction, from the accepted
+   frames within ``max_gap_frames`` before and after it in image space (linear interpolation
+   between both sides, or extrapolation of one side's motion), with the same candidate
+   matching, the border rule and the single-frame 3D check ("neighbours" stage).
 
 Every radius and tolerance is in pixels of the frame, derived from the accepted frames'
 prediction errors, with floors in mm converted by the pixel spacing hint; nothing is tuned on
@@ -300,13 +303,23 @@ def label_sequence(points_px, ok, candidates, phantom: NWirePhantom, pixel_spaci
         return searched[i]
     tried = {}  # frame -> why each sequence prediction could not label it
 
-    def accept(i, guess, stage):
+    def accept(i, guess, stage, predicted_px=None, radius_px=None):
         refined, code, text = verify(i, guess)
         if refined is None:
             return text or code
-        res = pose_residual_mm(refined, phantom)
-        if not res <= limit:
-            return f"its dots fail the 3D check ({res:.2f} mm > {limit:g} mm)"
+        if predicted_px is not None:
+            # The tracked prediction is the 3D check here, with the tracked pose instead of a
+            # pose fitted to the frame's own dots (which amplifies the dots' noise at coarse
+            # spacings and near-perpendicular views): every refined dot stays near it.
+            off = np.linalg.norm(refined - predicted_px, axis=1)
+            if not np.all(off <= radius_px):
+                w = int(np.nanargmax(off))
+                return (f"the refined dot of {phantom.wire_names[w]} lies {off[w]:.1f} px from the prediction "
+                        f"(radius {radius_px:.1f} px)")
+        else:
+            res = pose_residual_mm(refined, phantom)
+            if not res <= limit:
+                return f"its dots fail the 3D check ({res:.2f} mm > {limit:g} mm)"
         pts[i] = refined
         ok[i] = True
         stages[i] = stage
@@ -369,7 +382,7 @@ def label_sequence(points_px, ok, candidates, phantom: NWirePhantom, pixel_spaci
             if guess is None:
                 tried.setdefault(i, []).append(_no_match_text(phantom, missing, weak, radius, "the tracked prediction"))
                 continue
-            why = accept(i, guess, "tracked")
+            why = accept(i, guess, "tracked", guess_at, radius)
             if why:
                 tried.setdefault(i, []).append(f"the tracked prediction's dots: {why}")
     else:
