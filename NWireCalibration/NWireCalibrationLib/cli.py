@@ -78,6 +78,9 @@ def _add_common(p):
     p.add_argument("--pixel-spacing", type=spacing_mm, metavar="MM",
                    help="approximate mm per pixel (overrides ApproximateSpacingMmPerPixel)")
     p.add_argument("--no-clip", action="store_true", help="ignore the config's clip rectangle")
+    p.add_argument("--no-sequence-stage", action="store_true",
+                   help="label every frame alone: no recovery of failed frames from their neighbours and the "
+                        "tracked motion, no refusal of labels that jump (default: on for the hessian detector)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     add_progress_option(p)
 
@@ -92,7 +95,8 @@ def cmd_detect(args) -> int:
     setup = _setup_from_args(args)
     seq = read_sequence(args.sequence)
     with progress_bar(progress_enabled(args), "detect") as progress:
-        result = detect_sequence(seq, setup, detector=args.detector, progress=progress)
+        result = detect_sequence(seq, setup, detector=args.detector, progress=progress,
+                                 sequence_stage=False if args.no_sequence_stage else None)
     data = result.to_dict()
     data["sequence"] = str(args.sequence)
     if args.out:
@@ -116,7 +120,8 @@ def cmd_calibrate(args) -> int:
         result = calibrate(cal, val, setup, solver=args.solver, phantom_pose=args.phantom_pose,
                            detector=args.detector, progress=progress, seed=args.seed,
                            ransac_iterations=args.ransac_iterations, ransac_threshold_mm=args.ransac_threshold,
-                           time_offset=args.time_offset)
+                           time_offset=args.time_offset,
+                           sequence_stage=False if args.no_sequence_stage else None)
     data = result.to_dict()
     data.update({"calibration_sequence": str(args.calibration),
                  "validation_sequence": str(args.validation) if args.validation else None,

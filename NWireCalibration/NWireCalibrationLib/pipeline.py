@@ -467,7 +467,7 @@ def calibrate(calibration, validation=None, setup: CalibrationSetup | None = Non
               phantom_pose: str = "auto", detector: str = "hessian", pixel_spacing_mm=None,
               calibration_detection: DetectionResult | None = None,
               validation_detection: DetectionResult | None = None, time_offset=DEFAULT_TIME_OFFSET, progress=None,
-              **solver_options) -> CalibrationResult:
+              sequence_stage: bool | None = None, **solver_options) -> CalibrationResult:
     """Detect dots in a calibration (and validation) recording and calibrate.
 
     Parameters
@@ -483,6 +483,8 @@ def calibrate(calibration, validation=None, setup: CalibrationSetup | None = Non
         See :func:`detect_sequence`.
     calibration_detection, validation_detection : DetectionResult, optional
         Reuse detections instead of detecting again.
+    sequence_stage : bool, optional
+        See :func:`detect_sequence` (both recordings get the same stage).
     time_offset : "auto" or float
         Video-to-tracker time offset, seconds: the pose of a frame taken at ``t`` is the tracking
         interpolated at ``t + time_offset`` (both recordings). ``"auto"`` (default) estimates it
@@ -511,12 +513,14 @@ def calibrate(calibration, validation=None, setup: CalibrationSetup | None = Non
             progress(done[0] + i, n_total)
 
     det_c = calibration_detection or detect_sequence(calibration, setup, detector=detector,
-                                                     pixel_spacing_mm=pixel_spacing_mm, progress=sub_progress)
+                                                     pixel_spacing_mm=pixel_spacing_mm, progress=sub_progress,
+                                                     sequence_stage=sequence_stage)
     done[0] = len(calibration.frames)
     det_v = None
     if validation is not None:
         det_v = validation_detection or detect_sequence(validation, setup, detector=detector,
-                                                        pixel_spacing_mm=pixel_spacing_mm, progress=sub_progress)
+                                                        pixel_spacing_mm=pixel_spacing_mm, progress=sub_progress,
+                                                        sequence_stage=sequence_stage)
     if det_c.frames_detected == 0:
         raise CalibrationError(
             f"no calibration frame shows the whole phantom ({setup.phantom.name}, {setup.phantom.n_wires} wires); "

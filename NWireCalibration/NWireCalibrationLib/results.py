@@ -210,7 +210,7 @@ class DetectionResult:
             "rejected_by_reason": self.rejection_counts(),
             "detected_by_stage": self.stage_counts(),
             "refused_by_sequence": self.refused_frames(),
-            "sequence": _clean(self.sequence) if self.sequence is not None else None,
+            "sequence_stage": _clean(self.sequence) if self.sequence is not None else None,
             "seconds": float(self.seconds),
             "frames_per_second": _clean(self.frames_per_second),
             "frames": frames,

@@ -200,3 +200,37 @@ def test_tracked_recovery_is_checked_against_the_tracked_pose():
     assert pose_residual_mm(det.points_px[16], sim.phantom) > LabelingSettings().max_wire_distance_mm
     assert np.abs(det.points_px[16] - sim.true_points_px[16]).max() < 1.5
     assert detection_rates(det.points_px, sim.true_points_px).dots_wrong == 0
+
+
+def test_cli_reports_stages_and_can_label_frames_alone(tmp_path, capsys):
+    from FreehandUSLib.io import write_sequence
+    from NWireCalibrationLib.cli import build_standalone_parser
+
+    st = settings_for_phantom("iCal-1.0", "trus", n_frames=20, image_size_px=(410, 308), seed=102,
+                              overlays=("letterbox", "text"))
+    sim = simulate_nwire(st)
+    write_sequence(sim.sequence, tmp_path / "cal.igs.mha")
+    (tmp_path / "cal.config.xml").write_text(sim.config_xml())
+
+    def run(*argv):
+        args = build_standalone_parser().parse_args([*argv, str(tmp_path / "cal.igs.mha"), "--config",
+                                                     str(tmp_path / "cal.config.xml")])
+        assert args.func(args) == 0
+        return capsys.readouterr().out
+
+    text = run("detect", "--out", str(tmp_path / "seq.json"))
+    data = json.loads((tmp_path / "seq.json").read_text())
+    assert data["detected_by_stage"]["tracked"] > 0 and data["refused_by_sequence"]
+    assert data["sequence_stage"]["tracked_model"]["used"] and data["sequence"].endswith("cal.igs.mha")
+    assert "detected by stage:" in text and "refused as motion-inconsistent" in text
+    run("detect", "--no-sequence-stage", "--out", str(tmp_path / "alone.json"))
+    alone = json.loads((tmp_path / "alone.json").read_text())
+    assert alone["detected_by_stage"]["tracked"] == alone["detected_by_stage"]["neighbours"] == 0
+    assert alone["refused_by_sequence"] == [] and alone["sequence_stage"] is None
+    text = run("calibrate", "--validation", str(tmp_path / "cal.igs.mha"), "--out", str(tmp_path / "r.json"),
+               "--solver", "lsq", "--time-offset", "0")
+    info = json.loads((tmp_path / "r.json").read_text())["info"]
+    assert info["detected_by_stage"]["calibration"] == info["detected_by_stage"]["validation"] == data[
+        "detected_by_stage"]
+    assert info["refused_by_sequence"]["validation"] == data["refused_by_sequence"]
+    assert text.count("detected by stage:") == 2
