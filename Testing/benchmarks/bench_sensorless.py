@@ -409,7 +409,8 @@ def _independent_sim_module():
 
 def run_independent(n_per_probe: int = 2, n_frames: int = 80, models_dir: Path | None = None, threads: int = 1) -> dict:
     """The shipped model, pairwise checkpoints (``*.pt`` in ``models_dir`` whose model is
-    ``pairwise``) and the uncalibrated decorrelation baseline on sweeps of the **independent**
+    ``pairwise``) and the decorrelation baseline (uncalibrated, and calibrated per probe on one
+    more tracked sweep of it) on sweeps of the **independent**
     simulator (``Testing/sensorless/independent_sim.py``: other scatterers, PSF, tissue,
     attenuation/TGC, linear and convex probes, pauses and direction changes; never trained on).
     Each sweep is estimated with its true ``sweep_direction`` (a user states it). Writes
@@ -438,6 +439,16 @@ def run_independent(n_per_probe: int = 2, n_frames: int = 80, models_dir: Path |
     load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     sweeps = isim.benchmark_sweeps(n_per_probe, n_frames=n_frames)
+    # decorrelation calibrated per probe on one more tracked sweep of it (another seed), as a user with a tracker would
+    from SensorlessTrackingLib.decorrelation import calibrate_decorrelation
+
+    calibrated = {}
+    for j, probe in enumerate(isim.PROBES):
+        cal = isim.simulate(probe, 5_000_000 + 1000 * j + 500, n_frames=n_frames, length_mm=60.0).sequence
+        calibrated[probe.name] = calibrate_decorrelation(
+            [(cal.frames, cal.transforms["ImageToReference"].matrices, cal.pixel_spacing_mm)])
+        log.info("decorrelation calibrated on one %s sweep: %s", probe.name, calibrated[probe.name])
+    methods["decorrelation (calibrated, 1 sweep)"] = "decorrelation"
     sim_seconds = time.perf_counter() - t0
     log.info("independent simulator: %d sweeps in %.0f s", len(sweeps), sim_seconds)
     rows = {m: {} for m in methods}
@@ -446,7 +457,8 @@ def run_independent(n_per_probe: int = 2, n_frames: int = 80, models_dir: Path |
         truth = seq.transforms["ImageToReference"].matrices
         shape = (seq.n_rows, seq.n_cols)
         for mname, model in methods.items():
-            res = track_sequence(seq, model, sweep_direction=sw.direction)
+            cfg = calibrated[sw.probe.name] if mname.startswith("decorrelation (calibrated") else None
+            res = track_sequence(seq, model, sweep_direction=sw.direction, decorrelation=cfg)
             est = res.sequence.transforms["ImageToReference"].matrices
             m = tracking_metrics(truth, est, shape).to_dict()
             m["out_of_plane_scale"], m["fdr_scale_fitted_percent"] = fit_out_of_plane_scale(truth, est, shape)
@@ -480,6 +492,7 @@ def run_independent(n_per_probe: int = 2, n_frames: int = 80, models_dir: Path |
         "frames_per_sweep": n_frames,
         "summary": summary,
         "per_sweep": rows,
+        "decorrelation_calibrations": {k: v.to_dict() for k, v in calibrated.items()},
         "simulation_seconds": sim_seconds,
         "load_average_before": load_before,
         "load_average_after": os.getloadavg()[0],
@@ -490,13 +503,13 @@ def run_independent(n_per_probe: int = 2, n_frames: int = 80, models_dir: Path |
     (RESULTS / "sensorless_independent.json").write_text(json.dumps(result, indent=2))
     print(f"\nIndependent simulator ({n_per_probe} sweeps x {len(probes)} probes, {n_frames} frames each; load average "
           f"{load_before:.1f} -> {result['load_average_after']:.1f} on {os.cpu_count()} CPUs)")
-    head = (f"{'method':<30} {'probe':<7} {'n':>2} {'median FDR %':>12} {'mean FDR %':>10} {'angle deg':>9} "
+    head = (f"{'method':<36} {'probe':<7} {'n':>2} {'median FDR %':>12} {'mean FDR %':>10} {'angle deg':>9} "
             f"{'oop scale':>9} {'dir. agrees':>11} {'flagged':>7}")
     print(head)
     print("-" * len(head))
     for mname, groups in summary.items():
         for group, s in groups.items():
-            print(f"{mname[:30]:<30} {group:<7} {s['sweeps']:>2} {s['median_fdr_path_percent']:>12.1f} "
+            print(f"{mname[:36]:<36} {group:<7} {s['sweeps']:>2} {s['median_fdr_path_percent']:>12.1f} "
                   f"{s['mean_fdr_path_percent']:>10.1f} {s['mean_angle_error_deg']:>9.1f} "
                   f"{s['median_out_of_plane_scale']:>9.2f} {s['direction_check_agrees']:>11} {s['flagged_frames']:>7}")
     print("FDR: final drift / path length; angle: mean orientation error; oop scale: the factor on the estimated "
