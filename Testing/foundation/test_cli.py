@@ -180,3 +180,43 @@ def test_demo_progress_bars_stay_out_of_logs(capsys, enabled, shown):
         for i in range(1, 51):
             update(i)
     assert ("step" in capsys.readouterr().err) == shown
+
+
+def _all_subcommand_parsers():
+    import argparse
+
+    from FreehandUSLib.cli import build_parser
+
+    def walk(parser, words):
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs:
+            yield " ".join(words), parser
+        for sub in subs:
+            for name, child in sub.choices.items():
+                yield from walk(child, [*words, name])
+
+    return list(walk(build_parser(), []))
+
+
+#: Checked by their own tests (Testing/igtl), with the streaming package's argparse types.
+STREAMING_COMMANDS = {"serve", "record", "calibrate-live"}
+
+
+def test_every_number_option_is_checked_at_the_parser():
+    """As a class: no option of any subcommand takes a bare float (NaN and infinities would pass),
+    and every typed option refuses NaN and infinity with argparse's one-line error."""
+    import argparse
+
+    checked = 0
+    for name, parser in _all_subcommand_parsers():
+        if name in STREAMING_COMMANDS:
+            continue
+        for action in parser._actions:
+            if action.type is None or action.type in (int, str):
+                continue
+            assert action.type is not float, f"freehandus {name} {action.option_strings}: a bare float"
+            for text in ("nan", "inf", "-inf"):
+                with pytest.raises((argparse.ArgumentTypeError, ValueError)):
+                    action.type(text)
+            checked += 1
+    assert checked > 60  # the options of reconstruct, simulate, calibrate, track ...
