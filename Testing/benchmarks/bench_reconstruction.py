@@ -593,12 +593,15 @@ def main(argv=None) -> int:
     if args.peak_child:
         print(json.dumps(peak_memory_child(*json.loads(args.peak_child))))
         return 0
-    args.igsio_frames = args.igsio_frames or list(IGSIO_FRAMES_QUICK if args.quick else IGSIO_FRAMES)
-    args.igsio_threads = args.igsio_threads or ([1] if args.quick else [1, 2])
-    args.igsio_repeats = args.igsio_repeats or (3 if args.quick else 5)
+    if args.igsio_frames is None:
+        args.igsio_frames = list(IGSIO_FRAMES_QUICK if args.quick else IGSIO_FRAMES)
+    if args.igsio_threads is None:
+        args.igsio_threads = [1] if args.quick else [1, 2]
+    if args.igsio_repeats is None:
+        args.igsio_repeats = 3 if args.quick else 5
     for name in ("igsio_frames", "igsio_threads"):
         if min(getattr(args, name)) < 1:
-            parser.error(f"--{name.replace('_', '-')}: expected positive integers, got {getattr(args, name)}")
+            parser.error(f"--{name.replace('_', '-')}: expected a positive integer each, got {getattr(args, name)}")
     if args.igsio_repeats < 1:
         parser.error(f"--igsio-repeats: expected a positive integer, got {args.igsio_repeats}")
     if args.igsio_only:

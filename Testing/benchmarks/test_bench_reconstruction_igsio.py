@@ -146,3 +146,12 @@ def test_markdown_table_has_one_row_per_case_with_the_ratio():
     assert "- commit: abc123 msg\n" in md and "before 1.00/1.00/1.00, after 2.00/2.00/2.00" in md
     report["commit_at_end"] = {"commit": "def456 next", "uncommitted_library_files": ["M kernels.py"]}
     assert "- commit: abc123 msg; at the end: def456 next (uncommitted: M kernels.py)\n" in bench.igsio_markdown(report)
+
+
+@pytest.mark.parametrize("flags", [["--igsio-repeats", "0"], ["--igsio-frames", "21", "0"], ["--igsio-threads", "-1"]])
+def test_non_positive_counts_are_one_clear_error(flags, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--igsio-only", "--igsio-out", str(tmp_path / "x.json"), *flags])
+    assert exc.value.code == 2
+    assert "expected a positive integer" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
