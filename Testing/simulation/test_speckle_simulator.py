@@ -306,8 +306,9 @@ def test_cli_simulate_sweep_writes_a_tracked_sequence(tmp_path, capsys):
 def test_cli_simulate_sweep_bad_input(tmp_path, capsys):
     assert freehandus(["simulate", "sweep", "--out", str(tmp_path / "s.txt")]) == 2
     assert "unknown file type" in capsys.readouterr().err
-    assert freehandus(["simulate", "sweep", "--out", str(tmp_path / "s.igs.mha"), "--frames", "1"]) == 2
-    assert "n_frames" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # refused by argparse, before any work
+        freehandus(["simulate", "sweep", "--out", str(tmp_path / "s.igs.mha"), "--frames", "1"])
+    assert exc.value.code == 2 and "argument --frames" in capsys.readouterr().err
     with pytest.raises(FileFormatError):
         from FreehandUSLib.io import sequence_format
 
