@@ -301,7 +301,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=threads, help="worker threads (default: all cores; results do not change)")
     p.add_argument("--memory-budget-gib", type=positive_float, help="refuse volumes needing more memory (default 4)")
     p.add_argument("--grid-alignment", choices=("plus", "snap"), help="automatic grid: PLUS's or spacing-aligned")
-    p.add_argument("--emulate-plus", action="store_true", help="reproduce PLUS's arithmetic (to compare with PLUS)")
+    p.add_argument("--emulate-plus", action="store_true", help="reproduce PLUS's arithmetic: the volume PLUS makes with the same settings, voxel for voxel "
+                   "(Optimization FULL or NONE from the config). Default: exact arithmetic (each mean rounded once "
+                   "when stored), more accurate, a few grey levels from PLUS's volume in many voxels")
     p.add_argument("--engine", choices=("auto", "numba", "torch"),
                    help="insertion engine (default auto: torch on a CUDA GPU, else the numba CPU kernels)")
     add_progress_option(p)

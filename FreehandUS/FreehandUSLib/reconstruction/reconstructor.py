@@ -1488,7 +1488,8 @@ def reconstruct_volume(
             if opts.output_extent is not None and usable.size:
                 raise ReconstructionError(
                     f"the ROI ({grid}) misses every frame: none of the {usable.size} usable frames "
-                    "puts a pixel into it; check output_origin_mm/output_extent and the Reference frame"
+                    "puts a pixel into it; check the ROI (--origin/--extent on the command line, output_origin_mm/"
+                    "output_extent in Python) and the Reference frame"
                 )
             reasons = dict(Counter(recon.frames_skipped.values()))
             raise NoUsableFramesError(
