@@ -233,6 +233,31 @@ def _no_match_text(phantom, missing, weak, radius, what):
     return f"only a weak peak for {', '.join(phantom.wire_names[w] for w in weak)} near {what}"
 
 
+def _pattern_names(phantom: NWirePhantom, k: int) -> str:
+    return f"pattern {k + 1} ({', '.join(phantom.patterns[k].names)})"
+
+
+def _not_collinear(points_px, phantom: NWirePhantom, spacing_mm):
+    """First pattern whose middle dot is off the line of its side dots (labelling's collinearity test), else None.
+
+    The three crossings of an N-wire pattern are collinear; dots taken from noise peaks are not.
+    """
+    from .labeling import LabelingSettings
+
+    s = LabelingSettings()
+    q = np.asarray(points_px, dtype=np.float64) * spacing_mm
+    for k in range(phantom.n_patterns):
+        a, b, c = q[3 * k: 3 * k + 3]
+        ac = c - a
+        length = float(np.linalg.norm(ac))
+        if length <= 0:
+            return k
+        perp = abs(ac[0] * (b - a)[1] - ac[1] * (b - a)[0]) / length  # mm
+        if not (perp < s.collinearity_eps * length and perp < s.collinearity_max_mm):
+            return k
+    return None
+
+
 def _radius(pred_px, base_px: float, s: SequenceSettings) -> float:
     d = np.linalg.norm(pred_px[:, None, :] - pred_px[None, :, :], axis=2)
     d[np.eye(len(pred_px), dtype=bool)] = np.inf
@@ -283,7 +308,8 @@ def label_sequence(points_px, ok, candidates, phantom: NWirePhantom, pixel_spaci
     reasons = list(reasons)
     codes = list(reason_codes)
     stages = ["single-frame" if v else "" for v in ok]
-    mm_to_px = 1.0 / float(np.mean(np.broadcast_to(np.asarray(pixel_spacing_mm, dtype=np.float64), (2,))))
+    spacing_mm = np.broadcast_to(np.asarray(pixel_spacing_mm, dtype=np.float64), (2,))
+    mm_to_px = 1.0 / float(np.mean(spacing_mm))
     floor_px = s.min_radius_mm * mm_to_px
     summary = {"tracked_model": {"used": False}, "recovered": {"tracked": [], "neighbours": []}, "refused": []}
     if not s.enabled or n == 0:
@@ -307,6 +333,9 @@ def label_sequence(points_px, ok, candidates, phantom: NWirePhantom, pixel_spaci
         refined, code, text = verify(i, guess)
         if refined is None:
             return text or code
+        bent = _not_collinear(refined, phantom, spacing_mm)
+        if bent is not None:
+            return f"the dots of {_pattern_names(phantom, bent)} are not on one line"
         if predicted_px is not None:
             # The tracked prediction is the 3D check here, with the tracked pose instead of a
             # pose fitted to the frame's own dots (which amplifies the dots' noise at coarse
@@ -356,15 +385,28 @@ def label_sequence(points_px, ok, candidates, phantom: NWirePhantom, pixel_spaci
         base_px = max(floor_px, s.radius_factor * _p95(loo, floor_px))
         summary["tracked_model"] = {"used": True, "frames": int(inl.sum()), "error_p95_px": round(scale_raw, 2),
                                     "jump_tolerance_px": round(jump_px, 2), "radius_px": round(base_px, 2)}
+        # A wrong label leaves the other wires where the tracked motion puts them: a third of the
+        # wires (at least two) within the model's scatter confirm the frame's pose, and the frame
+        # is refused. Otherwise the tracked pose itself may be wrong (a tracking glitch moves
+        # every dot): the labelling is kept unless strong single-frame candidates at the
+        # predicted positions label the frame anew.
+        agree_px = max(floor_px, s.radius_factor * scale_raw)
+        dist = np.linalg.norm(resid, axis=2)
+        suspect = {}
         for i in np.flatnonzero(ok & (raw > jump_px)):
-            w = int(np.nanargmax(np.linalg.norm(resid[i], axis=1)))
+            w = int(np.nanargmax(dist[i]))
+            confirmed = int(np.sum(dist[i] <= agree_px)) >= max(2, -(-phantom.n_wires // 3))
+            if not confirmed:
+                suspect[int(i)] = (pts[i].copy(), w)
             pts[i] = np.nan
             ok[i] = False
             stages[i] = ""
             codes[i] = "motion-inconsistent"
             reasons[i] = (f"wire {phantom.wire_names[w]}'s dot lies {raw[i]:.1f} px from where the tracked motion "
                           f"puts it (tolerance {jump_px:.1f} px)")
-            summary["refused"].append(int(i))
+            if confirmed:
+                summary["refused"].append(int(i))
+        summary["tracked_model"]["pattern_agreement_px"] = round(agree_px, 2)
         good = inl & ok
         for i in np.flatnonzero(~ok & np.all(np.isfinite(pred), axis=(1, 2))):
             guess_at, corrected = _corrected(pred, resid, good, i, s.max_gap_frames)
@@ -378,13 +420,32 @@ def label_sequence(points_px, ok, candidates, phantom: NWirePhantom, pixel_spaci
                         "outside the image")
                     continue
             radius = _radius(guess_at, base_px if corrected else max(base_px, s.radius_factor * scale_raw), s)
-            guess, missing, weak = _match(guess_at, *search_in(i), radius, s.min_strength_ratio)
+            if i in suspect:
+                # The pose is in doubt: only strong single-frame candidates may relabel the frame.
+                found = _match(guess_at, candidates[i], None, radius, s.min_strength_ratio)
+            else:
+                found = _match(guess_at, *search_in(i), radius, s.min_strength_ratio)
+            guess, missing, weak = found
             if guess is None:
                 tried.setdefault(i, []).append(_no_match_text(phantom, missing, weak, radius, "the tracked prediction"))
                 continue
             why = accept(i, guess, "tracked", guess_at, radius)
             if why:
                 tried.setdefault(i, []).append(f"the tracked prediction's dots: {why}")
+        for i, (kept, w) in suspect.items():
+            if ok[i]:  # relabelled from the prediction: the single-frame labelling was wrong
+                summary["refused"].append(i)
+                continue
+            pts[i] = kept
+            ok[i] = True
+            stages[i] = "single-frame"
+            reasons[i] = ""
+            codes[i] = ""
+            tried.pop(i, None)
+            summary.setdefault("pose_suspect", []).append(i)
+        if suspect:
+            logger.info("frames whose tracked pose disagrees with every pattern (kept as labelled alone): %s",
+                        summary.get("pose_suspect", []))
     else:
         # Without tracking: refuse labellings far from the interpolation of both adjacent frames.
         both = np.zeros(n, dtype=bool)

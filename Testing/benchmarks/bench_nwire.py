@@ -28,7 +28,10 @@ Parts:
   (5 cases of 20 frames at 410x308 px, also under ``--quick``); ``--phantoms-full``: 9 cases of
   60 frames at 820x616 px, with gains and depths:
   detection recall (whole-pattern frames detected with every dot within 5 px), precision,
-  dots within 1 px of the truth, wrong labels, and the rejected frames' reasons.
+  dots within 1 px of the truth, wrong labels, and the rejected frames' reasons; the frames the
+  sequence stage recovered (from the tracked prediction / the neighbours) and refused, and the
+  recall and wrong labels of single-frame labelling alone (``--no-sequence-stage`` semantics)
+  for comparison.
 
 Other engineers share the machine's cores: the load average is recorded with the timings.
 """
@@ -380,8 +383,14 @@ def bench_phantoms(quick: bool, n_frames: int, phantoms=None) -> dict:
                 row["error"] = str(exc)
                 rows.append(row)
                 continue
-            det = detect_sequence(sim.sequence, setup_for(sim))
+            setup = setup_for(sim)
+            alone = frame_scores(detect_sequence(sim.sequence, setup, sequence_stage=False).points_px,
+                                 sim.true_points_px, sim.visible)
+            det = detect_sequence(sim.sequence, setup)
             row.update(frame_scores(det.points_px, sim.true_points_px, sim.visible))
+            row["single_frame"] = {k: alone[k] for k in ("recall", "precision", "wrong_labels", "frames_detected")}
+            row["detected_by_stage"] = det.stage_counts()
+            row["refused_by_sequence"] = len(det.refused_frames())
             row["rejected_by_reason"] = det.rejection_counts()
             row["rejected_whole_frames_by_reason"] = {}
             for i in np.flatnonzero(~det.ok & sim.visible):
@@ -475,7 +484,7 @@ def _print_tables(report: dict) -> None:
         print(f"\nEvery phantom (hessian detector, {ph['frames_per_case']} frames per case, "
               f"{ph['image_size_px'][0]}x{ph['image_size_px'][1]} px, load {ph['load_before']} -> {ph['load_after']})")
         print(f"  {'phantom':18s} {'case':36s} {'depth':>5s} {'whole':>5s} {'recall':>7s} {'precis':>7s} "
-              f"{'<=1px':>7s} {'wrong':>5s}")
+              f"{'<=1px':>7s} {'wrong':>5s} {'trk':>3s} {'nbr':>3s} {'ref':>3s} | {'alone':>7s} {'wrong':>5s}")
         for r in ph["cases"]:
             if "error" in r:
                 print(f"  {r['phantom']:18s} {r['case']:36s} not simulated: {r['error']}")
@@ -484,8 +493,18 @@ def _print_tables(report: dict) -> None:
             def pct(v):
                 return f"{100 * v:6.1f}%" if v is not None else "    n/a"
 
+            st, one = r.get("detected_by_stage", {}), r.get("single_frame", {})
             print(f"  {r['phantom']:18s} {r['case']:36s} {r['depth_mm']:>5.0f} {r['frames_whole']:>5d} "
-                  f"{pct(r['recall'])} {pct(r['precision'])} {pct(r['dots_within_1px'])} {r['wrong_labels']:>5d}")
+                  f"{pct(r['recall'])} {pct(r['precision'])} {pct(r['dots_within_1px'])} {r['wrong_labels']:>5d} "
+                  f"{st.get('tracked', 0):>3d} {st.get('neighbours', 0):>3d} {r.get('refused_by_sequence', 0):>3d} | "
+                  f"{pct(one.get('recall'))} {one.get('wrong_labels', 0):>5d}")
+        rows = [r for r in ph["cases"] if "error" not in r]
+        if rows:
+            print(f"  totals: wrong labels {sum(r['wrong_labels'] for r in rows)} (alone "
+                  f"{sum(r['single_frame']['wrong_labels'] for r in rows)}); cases below 99 % recall "
+                  f"{sum(1 for r in rows if (r['recall'] or 0) < 0.99)} (alone "
+                  f"{sum(1 for r in rows if (r['single_frame']['recall'] or 0) < 0.99)}) of {len(rows)}; "
+                  f"trk/nbr: frames recovered from the tracked prediction / the neighbours, ref: labels refused")
     kf = report.get("keyframes")
     if kf:
         print(f"\nKeyframes: converged={kf['converged']} after {kf['frames_consumed']}/{kf['frames_offered']} "
@@ -538,6 +557,8 @@ def test_bench_nwire_quick(tmp_path):
     assert {r["phantom"] for r in rows} == set(builtin_phantom_names())
     assert not [r for r in rows if "error" in r]  # every phantom simulated in every case
     assert all(r["frames_detected"] >= r["frames_correct"] for r in rows)
+    assert all(sum(r["detected_by_stage"].values()) == r["frames_detected"] for r in rows)
+    assert all(r["single_frame"]["frames_detected"] <= r["frames"] for r in rows)
 
 
 def test_frame_scores_counts_swaps_misses_and_partial_frames():
