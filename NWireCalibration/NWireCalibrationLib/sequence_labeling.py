@@ -11,12 +11,18 @@ neighbours'. After every frame has been labelled alone (:mod:`.labeling`), this 
    error and the tracking lag);
 2. refuses an accepted labelling whose dots lie far from that prediction (``motion-inconsistent``:
    a wrong label, e.g. a burned-in scale tick taken for a wire, is several mm off while correct
-   labels stay within the model's own scatter); without tracking, a labelling far from the
-   interpolation of the frames just before and after it is refused the same way;
+   labels stay within the model's own scatter) when a third of its wires (at least two) agree
+   with the prediction, confirming the tracked pose. When hardly any wire agrees, the pose is
+   suspect (a tracking glitch moves every dot): the frame keeps its single-frame labels unless
+   strong single-frame candidates at the predicted positions relabel it (``pose_suspect`` in
+   the summary). Without tracking, a labelling far from the interpolation of the frames just
+   before and after it is refused;
 3. labels each frame that failed alone (or was refused) from the tracked prediction: every
-   wire takes the dot candidate nearest its predicted position, within a radius derived from
-   how well the prediction does on the accepted frames; the sub-pixel centres then pass the
-   detector's border rule and must stay within that radius of the prediction, which is the 3D
+   wire takes the strongest response peak within a radius of its predicted position derived
+   from how well the prediction does on the accepted frames; the sub-pixel centres then pass
+   the detector's border rule, the labelling's collinearity test per pattern, a strength test
+   (no dot weaker than ``min_strength_ratio`` of the frame's median), and must stay within
+   that radius of the prediction, which is the 3D
    check with the tracked pose ("tracked" stage; the single-frame check
    :func:`~.labeling.pose_residual_mm` fits a pose to the frame's own dots, which amplifies
    their noise at coarse spacings and refuses correct sets there);
