@@ -41,7 +41,7 @@ from .pose import (
     relative_to_absolute,
 )
 
-__all__ = ["GROUPS", "SCALE_RANGE", "drift_attribution", "fit_out_of_plane_scale"]
+__all__ = ["GROUPS", "SCALE_RANGE", "drift_attribution", "fit_out_of_plane_scale", "out_of_plane_problem"]
 
 _MIN_RMS_STEP_MM = 1e-9
 
@@ -135,6 +135,22 @@ def fit_out_of_plane_scale(true_image_to_reference, est_image_to_reference, imag
         The factor in :data:`SCALE_RANGE` that multiplies tz, rx and ry of every estimated
         frame-to-frame step (image-mm frame), and the final drift / path length (%) it leaves.
     """
+    return _best_scale(*out_of_plane_problem(true_image_to_reference, est_image_to_reference, image_shape))
+
+
+def out_of_plane_problem(true_image_to_reference, est_image_to_reference, image_shape):
+    """What a scale fit needs: the estimate's frame-to-frame parameters and the true poses in the
+    centred image-mm frame (right-handed: a mirrored calibration's mirrored back), and the path.
+
+    Parameters and errors as :func:`drift_attribution`.
+
+    Returns
+    -------
+    p_est : (n - 1, 6) float64 estimated frame-to-frame parameters (mm, deg), anchored at the
+        true first frame
+    poses_t : (n, 4, 4) float64 true image-mm poses (mm)
+    path_mm : length of the true path of the image centre, mm
+    """
     t, e = checked_trajectories(true_image_to_reference, est_image_to_reference)
     t, e = _right_handed(t, e, image_shape)
     spacing = _spacing(t)
@@ -143,7 +159,7 @@ def fit_out_of_plane_scale(true_image_to_reference, est_image_to_reference, imag
     poses_e = image_mm_poses(t[0] @ np.linalg.inv(e[0]) @ e, spacing, centre)
     # The image-mm origin is the image centre: its path is the metrics' path length.
     path_mm = float(np.linalg.norm(np.diff(poses_t[:, :3, 3], axis=0), axis=1).sum())
-    return _best_scale(matrices_to_params(absolute_to_frame_to_frame(poses_e)), poses_t, path_mm)
+    return matrices_to_params(absolute_to_frame_to_frame(poses_e)), poses_t, path_mm
 
 
 def _best_scale(p_est: np.ndarray, poses_t: np.ndarray, path_mm: float) -> tuple[float, float]:

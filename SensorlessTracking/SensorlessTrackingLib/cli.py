@@ -1,4 +1,4 @@
-"""``freehandus track train|predict|evaluate``: sensorless tracking from the command line.
+"""``freehandus track train|adapt|predict|evaluate``: sensorless tracking from the command line.
 
 Registered by the main command line as::
 
@@ -150,6 +150,22 @@ def add_parsers(subparsers):
     _add_input_options(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("adapt", help="adapt a model to your probe from a few tracked sweeps of it (the last is held "
+                                     "back to check the result)")
+    p.add_argument("sweeps", nargs="+", help="tracked sequences of the probe (2 or more; 3-6 recommended)")
+    p.add_argument("--out", required=True, help="the adapted model file (.pt), for track predict --model")
+    p.add_argument("--base", default="default", help="model to adapt: 'default' (the shipped model) or a checkpoint")
+    p.add_argument("--fine-tune", action="store_true",
+                   help="also fine-tune the network (slower; kept only when it lowers the held-back sweep's drift)")
+    p.add_argument("--max-minutes", type=positive_float, default=15.0, help="fine-tuning time limit (default 15)")
+    p.add_argument("--epochs", type=int_in(1, 1000), default=6, help="fine-tuning epochs at most (default 6)")
+    p.add_argument("--lr", type=positive_float, default=1e-4, help="fine-tuning learning rate (default 1e-4)")
+    p.add_argument("--image-to-probe", help="calibration for files without one (.xml PLUS config, .json, .txt)")
+    p.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:N or mps")
+    p.add_argument("--threads", type=threads, help="torch CPU threads")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=_cmd_adapt)
 
     p = sub.add_parser("evaluate", help="drift metrics of estimated trajectories against the tracked one")
     p.add_argument("sequence", help="tracked sequence (the truth: its ImageToReference)")
@@ -452,6 +468,32 @@ def _check_sequence_output(text) -> Path:
     out = check_output_path(text, what="sequence file (.igs.mha, .seq.nrrd, ...)")
     sequence_format(out)
     return out
+
+
+def _cmd_adapt(args) -> int:
+    from FreehandUSLib.io import read_sequence
+
+    if len(args.sweeps) < 2:
+        raise FreehandUSError(f"track adapt needs at least 2 tracked sweeps of the probe (one is held back to check "
+                              f"the result), got {len(args.sweeps)}")
+    out = check_output_path(args.out, what="model file (.pt)")
+    _torch_device(args.device)
+    _threads(args.threads)
+    from .adapt import AdaptConfig, adapt_model
+    from .predict import default_model_path, read_checkpoint
+
+    read_checkpoint(default_model_path() if args.base == "default" else args.base)  # a bad model before reading sweeps
+    itp = read_image_to_probe(args.image_to_probe) if args.image_to_probe else None
+    try:
+        cfg = AdaptConfig(fine_tune=args.fine_tune, max_minutes=args.max_minutes, epochs=args.epochs, lr=args.lr,
+                          device=args.device)
+    except ValueError as exc:
+        raise FreehandUSError(str(exc)) from exc
+    sequences = [(str(p), read_sequence(p)) for p in args.sweeps]
+    result = adapt_model(sequences, out, base=args.base, image_to_probe=itp, config=cfg,
+                         progress=lambda message: print(message, file=sys.stderr))
+    print(json.dumps(result.to_dict(), indent=2) if args.json else str(result))
+    return 0
 
 
 def _cmd_evaluate(args) -> int:

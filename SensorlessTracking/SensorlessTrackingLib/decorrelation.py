@@ -251,7 +251,8 @@ def calibrate_decorrelation(
 
     The estimated elevational translations scale with ``sigma_mm``, so the best sigma is the
     least-squares ratio between the true and the unit-sigma estimates of ``|tz|``; the direction
-    is the sign of the true mean ``tz``.
+    is the sign of the true mean ``tz`` over all sweeps. The rotation mode is chosen on each
+    sweep's final drift with its own direction, so sweeps in both directions can be mixed.
     """
     from .metrics import tracking_metrics
     from .predict import trajectory_from_frame_to_frame
@@ -270,6 +271,9 @@ def calibrate_decorrelation(
     if not data:
         raise ValueError("calibrate_decorrelation: no sequences given")
     direction = 1 if sum(float(t[:, 2].sum()) for *_, t in data) >= 0 else -1
+    # each sweep is scored in its own direction (a user states it when estimating), so sweeps in
+    # both directions calibrate one curve
+    directions = [1 if float(t[:, 2].sum()) >= 0 else -1 for *_, t in data]
     modes = ("none", "lateral", "both") if choose_rotations else (cfg.out_of_plane_rotations,)
     best = None
     for mode in modes:
@@ -281,9 +285,9 @@ def calibrate_decorrelation(
             continue
         sigma = num / den
         drifts = []
-        for (frames, itr, spacing, _), e in zip(data, estimates):
+        for (frames, itr, spacing, _), e, sign in zip(data, estimates, directions):
             e = e.copy()
-            e[:, 2:5] *= direction * sigma  # tz and the tilts come from the signed distances
+            e[:, 2:5] *= sign * sigma  # tz and the tilts come from the signed distances
             est = trajectory_from_frame_to_frame(e, spacing, frames.shape[1:3], itr[0])
             drifts.append(tracking_metrics(itr, est, frames.shape[1:3]).fdr_path_percent)
         score = float(np.nanmedian(drifts))

@@ -124,7 +124,9 @@ def read_checkpoint(path) -> dict:
 def load_model(path, device="cpu"):
     """Load a checkpoint written by :func:`~.train.train` (strict); the model is in eval mode.
 
-    The returned ``torch.nn.Module`` has ``.config`` (:class:`~.models.ModelConfig`).
+    The returned ``torch.nn.Module`` has ``.config`` (:class:`~.models.ModelConfig`) and
+    ``.out_of_plane_scale`` (1.0, or the factor of a per-probe adaptation, :mod:`.adapt`, which
+    :func:`track_sequence` applies).
 
     Raises
     ------
@@ -147,7 +149,14 @@ def load_model(path, device="cpu"):
     except RuntimeError as exc:
         raise ModelFileError(f"{path}: weights do not fit a {config.name} model: {str(exc).splitlines()[0]}") from exc
     model.eval()
-    return model.to(torch.device(device))
+    model = model.to(torch.device(device))
+    # a per-probe adaptation (:mod:`.adapt`): the factor on the estimated out-of-plane motion
+    adaptation = ckpt.get("adaptation")
+    scale = adaptation.get("out_of_plane_scale", 1.0) if isinstance(adaptation, dict) else 1.0
+    if not (isinstance(scale, (int, float)) and np.isfinite(scale) and scale > 0):
+        raise ModelFileError(f"{path}: bad adaptation out_of_plane_scale {scale!r} (a positive number)")
+    model.out_of_plane_scale = float(scale)
+    return model
 
 
 def _check_frames(frames, size) -> np.ndarray:
@@ -486,6 +495,13 @@ def track_sequence(
             frames, model, mode=mirror_average, device=device, batch_size=batch_size
         )
         method = cfg.name if cfg.name != "dualtrack" or cfg.use_global else "dualtrack-local"
+        scale = float(getattr(model, "out_of_plane_scale", 1.0))
+        if scale != 1.0:  # a model adapted to the probe (:mod:`.adapt`)
+            from .adapt import apply_out_of_plane_scale
+
+            params = apply_out_of_plane_scale(params, scale)
+            method += f" (adapted, out-of-plane scale {scale:.3f})"
+            info["out_of_plane_scale"] = scale
         if mirror_average != "none":
             method += f" ({mirror_average} averaged)"
             info["mirror_average"] = mirror_average

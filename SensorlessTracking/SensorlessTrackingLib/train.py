@@ -64,6 +64,7 @@ class TrainConfig:
     sequences : tracked sequence files (any format FreehandUS reads)
     image_to_probe : optional 4x4 calibration used for files that lack one
     val_fraction : share of groups (subjects: a file's parent folder) held out
+    val_group : the group held out for validation (overrides ``val_fraction``; None: drawn)
     epochs, clips_per_epoch, batch_size, lr, weight_decay : optimisation
     val_clips : fixed validation clips per epoch
     augment, loss : augmentations and loss weights
@@ -86,6 +87,7 @@ class TrainConfig:
     sequences: tuple[str, ...] = ()
     image_to_probe: tuple | None = None
     val_fraction: float = 0.15
+    val_group: str | None = None
     epochs: int = 20
     clips_per_epoch: int = 256
     batch_size: int = 8
@@ -249,7 +251,13 @@ def train(cfg: TrainConfig, out_dir, *, sweeps=None, progress: bool = True) -> P
         itp = None if cfg.image_to_probe is None else np.asarray(cfg.image_to_probe, dtype=np.float64)
         sweeps = [load_sweep(p, cfg.model, image_to_probe=itp, margin_px=cfg.augment.crop_jitter_px) for p in cfg.sequences]
     sweeps = list(sweeps)
-    train_sweeps, val_sweeps = split_by_group(sweeps, cfg.val_fraction, cfg.seed)
+    if cfg.val_group is not None:
+        train_sweeps = [s for s in sweeps if s.group != cfg.val_group]
+        val_sweeps = [s for s in sweeps if s.group == cfg.val_group]
+        if not val_sweeps:
+            raise TrainingError(f"no sweep of the validation group {cfg.val_group!r}")
+    else:
+        train_sweeps, val_sweeps = split_by_group(sweeps, cfg.val_fraction, cfg.seed)
     if not train_sweeps:
         raise TrainingError("the validation split left no training sweeps; lower val_fraction or add sequences")
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"

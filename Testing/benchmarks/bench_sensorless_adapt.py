@@ -1,0 +1,164 @@
+"""Per-probe adaptation on the independent test simulator: shipped vs adapted vs calibrated decorrelation.
+
+For each probe of ``Testing/sensorless/independent_sim.py`` (never trained on), ``--adapt N``
+tracked adaptation sweeps (seeds ``5_000_000 + 1000 * probe + 700 + k``, directions alternating;
+the last is held back by the adaptation) and ``--test M`` other sweeps of the probe (the
+independent benchmark's seeds ``... + k``). Methods on the test sweeps, each with the sweep's
+true direction:
+
+- ``shipped``: the shipped model as it is;
+- ``scale-adapted``: :func:`SensorlessTrackingLib.adapt.adapt_model` (out-of-plane scale only);
+- ``fine-tuned`` (``--fine-tune``): the same with ``fine_tune=True`` (``--max-minutes``);
+- ``decorrelation (calibrated)``: :func:`~SensorlessTrackingLib.decorrelation.calibrate_decorrelation`
+  on the same adaptation sweeps.
+
+Writes ``results/sensorless_adapt.json`` and prints a table (median / mean final drift % of
+path, mean angle error, adaptation seconds).
+
+    .venv/bin/python Testing/benchmarks/bench_sensorless_adapt.py --adapt 4 --test 4 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _isim():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("independent_sim", REPO / "Testing" / "sensorless" / "independent_sim.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["independent_sim"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _sweeps(isim, probe, seeds, n_frames, cache: Path):
+    """(name, TrackedSequence, direction) of each seed, simulated once into ``cache``."""
+    from FreehandUSLib.io import read_sequence, write_sequence
+
+    out = []
+    for k, seed in enumerate(seeds):
+        length = float(np.random.default_rng(seed).uniform(40.0, 80.0))
+        direction = "toward" if k % 2 == 0 else "away"
+        name = f"{probe.name}-{seed}-{direction}"
+        path = cache / f"{name}-{n_frames}.igs.mha"
+        if path.is_file():
+            seq = read_sequence(path)
+        else:
+            seq = isim.simulate(probe, seed, n_frames=n_frames, length_mm=length, direction=direction).sequence
+            cache.mkdir(parents=True, exist_ok=True)
+            write_sequence(seq, path)
+        out.append((name, seq, direction))
+    return out
+
+
+def run(n_adapt=4, n_test=4, n_frames=80, probes=None, fine_tune=False, max_minutes=5.0, epochs=4, threads=1,
+        cache: Path = RESULTS / "sensorless_adapt_sweeps") -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    log = logging.getLogger("bench_sensorless_adapt")
+    import torch
+
+    from SensorlessTrackingLib.adapt import AdaptConfig, adapt_model
+    from SensorlessTrackingLib.decorrelation import calibrate_decorrelation
+    from SensorlessTrackingLib.metrics import tracking_metrics
+    from SensorlessTrackingLib.predict import default_model_path, load_model, track_sequence
+
+    torch.set_num_threads(threads)
+    isim = _isim()
+    shipped = load_model(default_model_path())
+    load_before = os.getloadavg()[0]
+    rows, adaptations = {}, {}
+    for j, probe in enumerate(isim.PROBES):
+        if probes and probe.name not in probes:
+            continue
+        base = 5_000_000 + 1000 * j
+        t0 = time.perf_counter()
+        adapt_sw = _sweeps(isim, probe, [base + 700 + k for k in range(n_adapt)], n_frames, cache)
+        test_sw = _sweeps(isim, probe, [base + k for k in range(n_test)], n_frames, cache)
+        log.info("%s: %d + %d sweeps simulated in %.0f s", probe.name, n_adapt, n_test, time.perf_counter() - t0)
+        methods = {"shipped": shipped}
+        info = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            variants = [("scale-adapted", False)] + ([("fine-tuned", True)] if fine_tune else [])
+            for name, tune in variants:
+                t0 = time.perf_counter()
+                res = adapt_model([(n, s) for n, s, _ in adapt_sw], Path(tmp) / f"{name}.pt",
+                                  config=AdaptConfig(fine_tune=tune, max_minutes=max_minutes, epochs=epochs))
+                info[name] = {**res.to_dict(), "seconds": time.perf_counter() - t0}
+                log.info("%s %s:\n%s", probe.name, name, res)
+                methods[name] = load_model(res.checkpoint)
+        t0 = time.perf_counter()
+        dec = calibrate_decorrelation([(s.frames, s.transforms["ImageToReference"].matrices, s.pixel_spacing_mm)
+                                       for _, s, _ in adapt_sw])
+        info["decorrelation (calibrated)"] = {**dec.to_dict(), "seconds": time.perf_counter() - t0}
+        methods["decorrelation (calibrated)"] = "decorrelation"
+        adaptations[probe.name] = info
+        for sname, seq, direction in test_sw:
+            truth = seq.transforms["ImageToReference"].matrices
+            for mname, model in methods.items():
+                r = track_sequence(seq, model, sweep_direction=direction,
+                                   decorrelation=dec if mname.startswith("decorrelation") else None)
+                m = tracking_metrics(truth, r.sequence.transforms["ImageToReference"].matrices, (seq.n_rows, seq.n_cols))
+                rows.setdefault(mname, {})[sname] = {"probe": probe.name, **m.to_dict()}
+                log.info("%s %s: FDR %.1f %%, angle %.1f deg", sname, mname, m.fdr_path_percent,
+                         m.mean_angle_error_deg)
+    summary = {}
+    for mname, per in rows.items():
+        for group in sorted({r["probe"] for r in per.values()}) + ["all"]:
+            sel = [r for r in per.values() if group == "all" or r["probe"] == group]
+            summary.setdefault(mname, {})[group] = {
+                "sweeps": len(sel),
+                "median_fdr_path_percent": float(np.median([r["fdr_path_percent"] for r in sel])),
+                "mean_fdr_path_percent": float(np.mean([r["fdr_path_percent"] for r in sel])),
+                "mean_angle_error_deg": float(np.mean([r["mean_angle_error_deg"] for r in sel])),
+            }
+    result = {"simulator": "Testing/sensorless/independent_sim.py", "adaptation_sweeps": n_adapt,
+              "test_sweeps": n_test, "frames_per_sweep": n_frames, "fine_tune": fine_tune,
+              "max_minutes": max_minutes, "epochs": epochs, "summary": summary, "adaptations": adaptations,
+              "per_sweep": rows, "load_average_before": load_before, "load_average_after": os.getloadavg()[0],
+              "cpu_count": os.cpu_count(), "torch_threads": threads}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "sensorless_adapt.json").write_text(json.dumps(result, indent=2))
+    print(f"\nPer-probe adaptation on the independent simulator: {n_adapt} adaptation sweeps (1 held back), {n_test} "
+          f"test sweeps per probe, {n_frames} frames; load {load_before:.1f} -> {result['load_average_after']:.1f} "
+          f"on {os.cpu_count()} CPUs")
+    head = f"{'method':<28} {'probe':<7} {'n':>2} {'median FDR %':>12} {'mean FDR %':>10} {'angle deg':>9}"
+    print(head + "\n" + "-" * len(head))
+    for mname, groups in summary.items():
+        for group, s in groups.items():
+            print(f"{mname:<28} {group:<7} {s['sweeps']:>2} {s['median_fdr_path_percent']:>12.1f} "
+                  f"{s['mean_fdr_path_percent']:>10.1f} {s['mean_angle_error_deg']:>9.1f}")
+    for pname, info in adaptations.items():
+        for mname, d in info.items():
+            scale = d.get("out_of_plane_scale", d.get("sigma_mm"))
+            print(f"  {pname} {mname}: {'scale' if 'out_of_plane_scale' in d else 'sigma mm'} {scale:.3f}, "
+                  f"{d['seconds']:.0f} s" + (f", fine-tuned kept: {d['fine_tuned']}" if "fine_tuned" in d else ""))
+    return result
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--adapt", type=int, default=4, help="adaptation sweeps per probe (the last held back)")
+    ap.add_argument("--test", type=int, default=4, help="test sweeps per probe")
+    ap.add_argument("--frames", type=int, default=80)
+    ap.add_argument("--probes", nargs="*", help="probe names (default: all three)")
+    ap.add_argument("--fine-tune", action="store_true")
+    ap.add_argument("--max-minutes", type=float, default=5.0)
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cache", type=Path, default=RESULTS / "sensorless_adapt_sweeps", help="simulated sweeps, kept")
+    a = ap.parse_args()
+    run(a.adapt, a.test, a.frames, a.probes, a.fine_tune, a.max_minutes, a.epochs, a.threads, a.cache)
