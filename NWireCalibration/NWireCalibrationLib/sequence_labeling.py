@@ -314,6 +314,7 @@ def label_sequence(points_px, ok, candidates, phantom: NWirePhantom, pixel_spaci
     reasons = list(reasons)
     codes = list(reason_codes)
     stages = ["single-frame" if v else "" for v in ok]
+    has_image = np.array([c != "no-image" for c in codes], dtype=bool)  # frames without an image stay rejected
     spacing_mm = np.broadcast_to(np.asarray(pixel_spacing_mm, dtype=np.float64), (2,))
     mm_to_px = 1.0 / float(np.mean(spacing_mm))
     floor_px = s.min_radius_mm * mm_to_px
@@ -414,7 +415,7 @@ def label_sequence(points_px, ok, candidates, phantom: NWirePhantom, pixel_spaci
                 summary["refused"].append(int(i))
         summary["tracked_model"]["pattern_agreement_px"] = round(agree_px, 2)
         good = inl & ok
-        for i in np.flatnonzero(~ok & np.all(np.isfinite(pred), axis=(1, 2))):
+        for i in np.flatnonzero(~ok & has_image & np.all(np.isfinite(pred), axis=(1, 2))):
             guess_at, corrected = _corrected(pred, resid, good, i, s.max_gap_frames)
             predicted[i] = True
             if image_size_px is not None:
@@ -493,7 +494,7 @@ def label_sequence(points_px, ok, candidates, phantom: NWirePhantom, pixel_spaci
             errs["extrapolated"].append(np.linalg.norm(pts[i] - (2 * pts[i - 1] - pts[i - 2]), axis=1).max())
     base = {k: max(floor_px, s.radius_factor * _p95(v, floor_px)) for k, v in errs.items()}
     summary["radius_px"] = {k: round(v, 2) for k, v in base.items()}
-    for i in np.flatnonzero(~ok & ~predicted):
+    for i in np.flatnonzero(~ok & ~predicted & has_image):
         before = _neighbours(ok, i, s.max_gap_frames, -1)
         after = _neighbours(ok, i, s.max_gap_frames, +1)
         if before and after:

@@ -256,3 +256,16 @@ def test_tracking_glitches_in_a_simulated_recording_keep_their_frames():
     assert sim.outlier.sum() >= 3 and det.ok[sim.outlier & sim.visible].all()
     assert r.recognition_rate == 1.0 and r.dots_wrong == 0 and r.frames_false == 0
     assert set(np.flatnonzero(sim.outlier & sim.visible)) <= set(det.sequence["pose_suspect"])
+
+
+def test_a_frame_without_an_image_is_not_recovered():
+    sim, truth, poses, spacing, cands = _inputs()
+    pts = truth.copy()
+    ok = np.ones(len(pts), bool)
+    ok[4] = False
+    pts[4] = np.nan
+    codes = ["" if v else "no-image" for v in ok]
+    reasons = ["" if v else "frame has no image" for v in ok]
+    out = label_sequence(pts, ok, cands, sim.phantom, spacing, reasons=reasons, reason_codes=codes,
+                         probe_to_reference=poses, phantom_to_reference=sim.phantom_to_reference)
+    assert not out.ok[4] and out.reason_codes[4] == "no-image" and out.reasons[4] == "frame has no image"
