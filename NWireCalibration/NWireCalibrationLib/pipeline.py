@@ -314,6 +314,7 @@ def _sequence_stage(sequence, setup, det, pts, ok, cands, reasons, codes, spacin
     return label_sequence(pts, ok, cands, setup.phantom, spacing, reasons=reasons, reason_codes=codes,
                           probe_to_reference=poses, phantom_to_reference=setup.phantom_to_reference, verify=verify,
                           search=search, settings=settings,
+                          max_wire_distance_mm=getattr(getattr(det, "labeling", None), "max_wire_distance_mm", None),
                           image_size_px=None if len(sequence.frames) == 0 else sequence.frames[0].shape[1::-1])
 
 

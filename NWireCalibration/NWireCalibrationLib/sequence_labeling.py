@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import CalibrationError
-from .labeling import pose_residual_mm
+from .labeling import LabelingSettings, pose_residual_mm
 from .phantom import NWirePhantom
 from .solvers import MIN_CALIBRATION_FRAMES, calibrate_ransac_lm
 
@@ -248,8 +248,6 @@ def _not_collinear(points_px, phantom: NWirePhantom, spacing_mm):
 
     The three crossings of an N-wire pattern are collinear; dots taken from noise peaks are not.
     """
-    from .labeling import LabelingSettings
-
     s = LabelingSettings()
     q = np.asarray(points_px, dtype=np.float64) * spacing_mm
     for k in range(phantom.n_patterns):
@@ -272,7 +270,8 @@ def _radius(pred_px, base_px: float, s: SequenceSettings) -> float:
 
 def label_sequence(points_px, ok, candidates, phantom: NWirePhantom, pixel_spacing_mm, *, reasons, reason_codes,
                    probe_to_reference=None, phantom_to_reference=None, verify=None, search=None,
-                   image_size_px=None, settings: SequenceSettings | None = None) -> SequenceOutcome:
+                   image_size_px=None, max_wire_distance_mm=None,
+                   settings: SequenceSettings | None = None) -> SequenceOutcome:
     """Refuse labels that jump and label failed frames from the sequence (see the module docstring).
 
     Parameters
@@ -294,13 +293,15 @@ def label_sequence(points_px, ok, candidates, phantom: NWirePhantom, pixel_spaci
     phantom_to_reference : (4, 4) float, optional
         The phantom registration (estimated when absent and the phantom has >= 3 N-wires).
     verify : callable(frame index, (n_wires, 2) points) -> (points or None, code, text), optional
-        Sub-pixel refinement and the single-frame checks of the detector; ``None`` accepts the
-        candidates as they are after :func:`~.labeling.pose_residual_mm`.
+        Sub-pixel refinement and the detector's border rule; ``None`` takes the candidates as
+        they are (the checks below apply either way).
     search : callable(frame index) -> ((m, 2) points px, (m,) strengths), optional
         The candidates searched near a frame's predicted dots (e.g. every response peak, without
         the single-frame filters); default: ``candidates`` with equal strengths.
     image_size_px : (cols, rows), optional
         A frame whose tracked prediction puts a wire outside the image is not searched.
+    max_wire_distance_mm : float, optional
+        The single-frame 3D check's limit for the image-space stage (default: the labeling's).
     settings : SequenceSettings, optional
 
     Returns
@@ -309,8 +310,14 @@ def label_sequence(points_px, ok, candidates, phantom: NWirePhantom, pixel_spaci
     """
     s = settings or SequenceSettings()
     pts = np.array(points_px, dtype=np.float64, copy=True)
-    ok = np.array(ok, dtype=bool, copy=True)
+    ok = np.array(ok, dtype=bool, copy=True).reshape(-1)
     n = ok.size
+    if pts.shape != (n, phantom.n_wires, 2):
+        raise ValueError(f"points_px: expected shape ({n}, {phantom.n_wires}, 2) (one row per frame of ok and wire "
+                         f"of {phantom.name}), got {pts.shape}")
+    for name, value in (("candidates", candidates), ("reasons", reasons), ("reason_codes", reason_codes)):
+        if len(value) != n:
+            raise ValueError(f"{name}: expected {n} entries (one per frame), got {len(value)}")
     reasons = list(reasons)
     codes = list(reason_codes)
     stages = ["single-frame" if v else "" for v in ok]
@@ -322,12 +329,11 @@ def label_sequence(points_px, ok, candidates, phantom: NWirePhantom, pixel_spaci
     if not s.enabled or n == 0:
         summary["enabled"] = False
         return SequenceOutcome(pts, ok, stages, reasons, codes, summary)
+    summary["enabled"] = True
     if verify is None:
         def verify(i, p):
             return p, "", ""
-    from .labeling import LabelingSettings
-
-    limit = LabelingSettings().max_wire_distance_mm
+    limit = LabelingSettings().max_wire_distance_mm if max_wire_distance_mm is None else float(max_wire_distance_mm)
     searched = {}
 
     def search_in(i):

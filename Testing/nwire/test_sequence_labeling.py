@@ -269,3 +269,14 @@ def test_a_frame_without_an_image_is_not_recovered():
     out = label_sequence(pts, ok, cands, sim.phantom, spacing, reasons=reasons, reason_codes=codes,
                          probe_to_reference=poses, phantom_to_reference=sim.phantom_to_reference)
     assert not out.ok[4] and out.reason_codes[4] == "no-image" and out.reasons[4] == "frame has no image"
+
+
+def test_inputs_of_the_wrong_length_are_refused():
+    sim, truth, poses, spacing, cands = _inputs()
+    ok = np.ones(len(truth), bool)
+    with pytest.raises(ValueError, match="candidates: expected 40 entries"):
+        label_sequence(truth, ok, cands[:-1], sim.phantom, spacing, reasons=[""] * 40, reason_codes=[""] * 40)
+    with pytest.raises(ValueError, match="points_px: expected shape"):
+        label_sequence(truth[:, :6], ok, cands, sim.phantom, spacing, reasons=[""] * 40, reason_codes=[""] * 40)
+    with pytest.raises(ValueError, match="max_gap_frames"):
+        SequenceSettings(max_gap_frames=0)
