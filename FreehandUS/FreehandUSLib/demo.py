@@ -905,8 +905,13 @@ def run_demo(out_dir, *, quick: bool = False, settings: DemoSettings | None = No
     # 3. stream + record
     seq_dir = out / "sequences"
     with _stage(timings, "streaming"):
-        for stale in (seq_dir / "sweep_us.seq.nrrd", seq_dir / "sweep_pa.seq.nrrd"):
-            stale.unlink(missing_ok=True)
+        from .igtl.recorder import recording_files
+
+        # The demo's own outputs of an earlier run, including the working files a run that was
+        # stopped mid-recording left (the recorder never replaces a file by itself).
+        for output in (seq_dir / "sweep_us.seq.nrrd", seq_dir / "sweep_pa.seq.nrrd"):
+            for stale in recording_files(output):
+                stale.unlink(missing_ok=True)
         rec_us, info_us = _stream_one(sweep.us, seq_dir / "sweep_us.seq.nrrd", image_name="Image",
                                       image_to_probe=sweep.image_to_probe_est, progress=bars,
                                       desc="stream + record US", timeout_s=stream_timeout_s)

@@ -36,6 +36,11 @@ CAL_THRESHOLD_MM = 0.5
 def demo(tmp_path_factory):
     """Run ``freehandus demo --quick`` once; yields (out_dir, exit code, stdout, summary dict)."""
     out = tmp_path_factory.mktemp("demo") / "results"
+    # What an earlier demo run stopped mid-recording leaves: the recorder's working files. The
+    # demo replaces its own outputs (the recorder alone never replaces a file).
+    (out / "sequences").mkdir(parents=True)
+    (out / "sequences" / "sweep_us.seq.mhd").write_text("ObjectType = Image\n")
+    (out / "sequences" / "sweep_us.seq.raw").write_bytes(b"\0" * 16)
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         code = main(["demo", "--quick", "--out", str(out), "--no-browser-check"])
