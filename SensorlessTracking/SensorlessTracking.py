@@ -193,6 +193,18 @@ class ModelChoice(enum.Enum):
         }[self.name]
 
 
+class SweepDirection(enum.Enum):
+    """Which way the probe moved out of the image plane (SensorlessTrackingLib.conventions)."""
+
+    TOWARD = "toward"
+    AWAY = "away"
+
+    def label(self) -> str:
+        return {"TOWARD": _("Toward me (out of the screen; default)"), "AWAY": _("Away from me (into the screen)")}[
+            self.name
+        ]
+
+
 @parameterNodeWrapper
 class SensorlessTrackingParameterNode:
     """
@@ -203,6 +215,7 @@ class SensorlessTrackingParameterNode:
     imageToProbe - ImageToProbe calibration (optional): pixel spacing, and the tracked pose of
         recordings whose frames are not placed.
     spacingMm - pixel spacing (mm) of recordings that give none; 0 = from the recording.
+    sweepDirection - which way the probe moved out of the image plane (the images cannot show it).
     modelChoice - shipped model, a model file, or the decorrelation baseline.
     modelPath - trained trajectory model (PyTorch checkpoint), used with modelChoice FILE.
     device - where the model runs.
@@ -218,11 +231,14 @@ class SensorlessTrackingParameterNode:
         trainFitImage.
     trainFitImage - train on the largest input (multiples of 16 model pixels, at most 160) that
         every checked recording fills, rather than the model's input size.
+    adaptFineTune - "Adapt to this probe" also fine-tunes the network (else the out-of-plane
+        scale alone).
     """
 
     inputBrowser: vtkMRMLSequenceBrowserNode
     imageToProbe: vtkMRMLLinearTransformNode
     spacingMm: Annotated[float, WithinRange(0.0, 10.0)] = 0.0
+    sweepDirection: SweepDirection = SweepDirection.TOWARD
     modelChoice: ModelChoice = ModelChoice.DEFAULT
     modelPath: Path
     device: Device = Device.AUTO
@@ -234,6 +250,7 @@ class SensorlessTrackingParameterNode:
     trainEpochs: Annotated[int, WithinRange(1, 1000)] = 20
     trainFineTune: bool = True
     trainFitImage: bool = False
+    adaptFineTune: bool = False
 
 
 def _isSet(path: Path) -> bool:
@@ -276,6 +293,7 @@ class SensorlessTrackingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self.ui.showPlotButton.connect("clicked(bool)", self.onShowPlotButton)
         self.ui.reconstructButton.connect("clicked(bool)", self.onReconstructButton)
         self.ui.trainButton.connect("clicked(bool)", self.onTrainButton)
+        self.ui.adaptButton.connect("clicked(bool)", self.onAdaptButton)
         self.ui.estimateProgressBar.hide()
         self.ui.cancelEstimateButton.hide()
         self.ui.trainProgressBar.hide()
@@ -354,6 +372,7 @@ class SensorlessTrackingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self.ui.trainButton.enabled = bool(parameters and _isSet(parameters.trainOutputDirectory)) and (
             self._trainJob is None
         )
+        self.ui.adaptButton.enabled = self.ui.trainButton.enabled
 
     def _work(self, what: str, statusLabel):
         """Progress bar + Cancel button around an estimate or reconstruction (FreehandUS.CancellableWork)."""
@@ -385,6 +404,7 @@ class SensorlessTrackingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
                     device=parameters.device.value,
                     batchSize=parameters.batchSize,
                     mirrorAverage="flip+reverse" if parameters.mirrorAverage else "none",
+                    sweepDirection=parameters.sweepDirection.value,
                     progress=work.progress,
                     cancel=work.token,
                 )
@@ -444,6 +464,28 @@ class SensorlessTrackingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             self._trainTimer.start()
             self._updateButtons()
 
+    def onAdaptButton(self) -> None:
+        parameters = self._parameterNode
+        browsers = list(self.ui.trainingBrowsersSelector.checkedNodes())
+        self.ui.trainStatusLabel.text = ""
+        with slicer.util.tryWithErrorDisplay(_("Adaptation failed to start."), waitCursor=True):
+            base = self.logic.modelFromParameterNode(parameters)
+            # Adapts in a separate process, shown by the training timer (same events).
+            self._trainJob = self.logic.startAdaptation(
+                browsers,
+                Path(parameters.trainOutputDirectory) / "adapted_probe.pt",
+                base=base if base not in (None, "decorrelation") else "default",
+                fineTune=parameters.adaptFineTune,
+                device=parameters.device.value,
+            )
+            self.ui.trainProgressBar.maximum = 3 if parameters.adaptFineTune else 1
+            self.ui.trainProgressBar.value = 0
+            self.ui.trainProgressBar.show()
+            self.ui.cancelTrainButton.show()
+            self.ui.trainStatusLabel.text = _("Adapting in process {pid}...").format(pid=self._trainJob.pid)
+            self._trainTimer.start()
+            self._updateButtons()
+
     def onTrainTimer(self) -> None:
         """Show the training process's events; finish when it ends."""
         job = self._trainJob
@@ -455,16 +497,19 @@ class SensorlessTrackingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             if kind == "progress":
                 self.ui.trainProgressBar.maximum = max(int(event["total"]), 1)
                 self.ui.trainProgressBar.value = int(event["done"])
-                self.ui.trainStatusLabel.text = _("Epoch {done} of {total} done (loss {loss})").format(
-                    done=event["done"], total=event["total"], loss=event.get("train_loss")
-                )
+                if "message" in event:  # an adaptation step
+                    self.ui.trainStatusLabel.text = event["message"]
+                else:
+                    self.ui.trainStatusLabel.text = _("Epoch {done} of {total} done (loss {loss})").format(
+                        done=event["done"], total=event["total"], loss=event.get("train_loss")
+                    )
             elif kind == "done":
                 parameters = self._parameterNode
                 parameters.modelChoice = ModelChoice.FILE
                 parameters.modelPath = Path(event["checkpoint"])
                 self.ui.trainStatusLabel.text = _("Model written to {path}; it is now the selected model.").format(
                     path=event["checkpoint"]
-                )
+                ) + ("\n" + event["summary"] if event.get("summary") else "")
             elif kind == "error":
                 self.ui.trainStatusLabel.text = _("Training failed: {message}").format(message=event["message"])
                 slicer.util.errorDisplay(_("Training failed: {message}").format(message=event["message"]))
@@ -567,6 +612,7 @@ class SensorlessTrackingLogic(ScriptedLoadableModuleLogic):
         device="cpu",
         batchSize=8,
         mirrorAverage="none",
+        sweepDirection="toward",
         progress=None,
         cancel=None,
     ) -> dict:
@@ -587,6 +633,8 @@ class SensorlessTrackingLogic(ScriptedLoadableModuleLogic):
         batchSize : int
         mirrorAverage : {"none", "flip", "flip+reverse"}
             Learned models: average over the mirrored (and backwards) sweep, 2x (4x) the time.
+        sweepDirection : {"toward", "away"}
+            Which way the probe moved out of the image plane (``SensorlessTrackingLib.conventions``).
         progress : callable(done, total), optional
         cancel : FreehandUSLib.jobs.CancelToken, optional
             Set it to stop within a second; the browser is left as it was.
@@ -614,6 +662,7 @@ class SensorlessTrackingLogic(ScriptedLoadableModuleLogic):
             device=device,
             batch_size=batchSize,
             mirror_average=mirrorAverage,
+            sweep_direction=sweepDirection,
             progress=progress,
             cancel=cancel,
         )
@@ -721,6 +770,37 @@ class SensorlessTrackingLogic(ScriptedLoadableModuleLogic):
 
         return mrml_tracking.start_training_job(
             browserNodes, outputDirectory, epochs=epochs, init_model=initModel, **options
+        )
+
+    def startAdaptation(self, browserNodes, outputPath, *, base="default", fineTune=False, device="cpu",
+                        imageToProbe=None):
+        """Adapt a model to the probe of tracked recordings, in a separate process; returns at once.
+
+        Parameters
+        ----------
+        browserNodes : list of vtkMRMLSequenceBrowserNode
+            At least 2 tracked recordings of the probe (the last is held back to check the result).
+        outputPath : str or pathlib.Path
+            The adapted model file (``.pt``); use it as ``model=`` of :meth:`estimateTrajectory`.
+        base : "default" or a checkpoint path
+            The model to adapt.
+        fineTune : bool
+            Also fine-tune the network (else the out-of-plane scale alone).
+        device : {"cpu", "cuda", "auto"}
+        imageToProbe : (4, 4) array, optional
+            Calibration of recordings with ProbeToReference only.
+
+        Returns
+        -------
+        FreehandUSLib.jobs.ProcessJob
+            ``SensorlessTrackingLib.mrml_tracking.start_adaptation_job``: ``poll()`` gives
+            ``progress`` (``message``) and then ``done`` (``checkpoint``, ``summary``) or ``error``.
+        """
+        self._ensurePackages(torchNeeded=True)
+        from SensorlessTrackingLib import mrml_tracking
+
+        return mrml_tracking.start_adaptation_job(
+            browserNodes, outputPath, base=base, fine_tune=fineTune, device=device, image_to_probe=imageToProbe
         )
 
 

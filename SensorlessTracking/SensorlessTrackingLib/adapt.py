@@ -22,11 +22,18 @@ One sweep (the last) is held back: the scale is fitted on the others and judged 
 then fitted again on all sweeps for the output. Each sweep is estimated with the direction its
 tracking moved (:func:`.conventions.elevational_displacement_mm`), so sweeps in both directions
 can be mixed.
+
+The module also runs as a separate process for the Sensorless Tracking panel (``python -m
+SensorlessTrackingLib.adapt JOB.json``, :func:`write_job`, :func:`main`), streaming JSON lines as
+:mod:`.train_job` does: ``{"event": "progress", "done": 1, "total": 3, "message": "..."}``, then
+``{"event": "done", "checkpoint": "...", "summary": "..."}`` or ``{"event": "error", "message": "..."}``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -50,6 +57,8 @@ __all__ = [
     "apply_out_of_plane_scale",
     "adapt_model",
     "tracked_direction",
+    "write_job",
+    "main",
 ]
 
 log = logging.getLogger(__name__)
@@ -73,7 +82,7 @@ class AdaptConfig:
     epochs, lr, clips_per_epoch, batch_size : fine-tuning optimisation (few epochs and a low
         learning rate: a regulariser against forgetting what the base model learnt)
     seed : seeds the fine-tuning
-    device : torch device of estimation and fine-tuning
+    device : torch device of estimation and fine-tuning ("auto": CUDA when available)
     """
 
     fine_tune: bool = False
@@ -302,9 +311,10 @@ def adapt_model(sequences, out_path, *, base="default", image_to_probe=None, con
     import torch
 
     from .predict import default_model_path, load_model, read_checkpoint
-    from .train import _plain
+    from .train import _plain, select_device
 
     cfg = config or AdaptConfig()
+    device = str(select_device(cfg.device))  # "auto": CUDA when available
     sequences = list(sequences)
     if len(sequences) < 2:
         raise AdaptationError(f"adaptation needs at least 2 tracked sweeps of the probe (one is held back to check "
@@ -314,10 +324,10 @@ def adapt_model(sequences, out_path, *, base="default", image_to_probe=None, con
     sweeps = _tracked(sequences, image_to_probe)
     base_path = default_model_path() if str(base) == "default" else Path(base)
     ckpt = read_checkpoint(base_path)
-    model = load_model(base_path, cfg.device)
+    model = load_model(base_path, device)
     base_scale = float(getattr(model, "out_of_plane_scale", 1.0))
     report(f"estimating {len(sweeps)} sweeps with {base}")
-    estimates, k_others, k_all = _scale_fit(model, sweeps, image_to_probe, cfg.device)
+    estimates, k_others, k_all = _scale_fit(model, sweeps, image_to_probe, device)
     held = sweeps[-1]
     validation = {"name": held["name"], "fdr_base_percent": _fdr(held, estimates[-1], 1.0),
                   "scale_from_others": base_scale * k_others, "fdr_scaled_percent": _fdr(held, estimates[-1], k_others)}
@@ -326,10 +336,10 @@ def adapt_model(sequences, out_path, *, base="default", image_to_probe=None, con
         report(f"fine-tuning for at most {cfg.epochs} epochs / {cfg.max_minutes:g} min")
         with tempfile.TemporaryDirectory(prefix="freehandus-adapt-") as work:
             best = _fine_tune(base_path, model.config, sweeps, cfg, Path(work))
-            tuned = load_model(best, cfg.device)
+            tuned = load_model(best, device)
             tuned_ckpt = read_checkpoint(best)
         report("fitting the scale of the fine-tuned weights")
-        t_estimates, t_others, t_all = _scale_fit(tuned, sweeps, image_to_probe, cfg.device)
+        t_estimates, t_others, t_all = _scale_fit(tuned, sweeps, image_to_probe, device)
         validation["fdr_fine_tuned_percent"] = _fdr(held, t_estimates[-1], t_others)
         validation["fine_tuned_scale_from_others"] = t_others
         if validation["fdr_fine_tuned_percent"] < validation["fdr_scaled_percent"]:
@@ -349,3 +359,77 @@ def adapt_model(sequences, out_path, *, base="default", image_to_probe=None, con
     tmp.replace(out_path)
     return AdaptationResult(out_path, str(base), float(scale), fine_tuned, _plain(validation), _plain(per_sweep),
                             time.perf_counter() - started)
+
+
+def write_job(job_dir, sequences, out_path, *, base="default", config: AdaptConfig | None = None) -> Path:
+    """Write an adaptation job for :func:`main`; returns its ``job.json``.
+
+    Parameters
+    ----------
+    job_dir : folder for ``job.json`` and the sweeps (``sweep<i>.seq.nrrd``; created)
+    sequences : list of ``(name, TrackedSequence)`` with their tracked ``ImageToReference``
+    out_path : the adapted checkpoint the job writes
+    base, config : as for :func:`adapt_model`
+    """
+    from FreehandUSLib.io import write_sequence
+
+    job_dir = Path(job_dir)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    sweeps = []
+    for i, (name, seq) in enumerate(sequences):
+        written = write_sequence(seq, job_dir / f"sweep{i}.seq.nrrd")
+        sweeps.append({"name": str(name), "file": Path(written).name})
+    spec = {"sweeps": sweeps, "out": str(Path(out_path).resolve()), "base": str(base),
+            "config": asdict(config or AdaptConfig())}
+    path = job_dir / "job.json"
+    path.write_text(json.dumps(spec, indent=1))
+    return path
+
+
+def _emit(**event) -> None:
+    sys.stdout.write(json.dumps(event) + "\n")
+    sys.stdout.flush()
+
+
+def main(argv=None) -> int:
+    """``python -m SensorlessTrackingLib.adapt JOB.json``: adapt, one JSON line per event
+    (see the module docstring); exit status 0, 2 (bad job or input) or 1 (anything else)."""
+    import os
+
+    from FreehandUSLib.io import read_sequence
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    if len(argv) != 1:
+        _emit(event="error", message="usage: python -m SensorlessTrackingLib.adapt JOB.json")
+        return 2
+    steps = {"n": 0}
+    try:
+        path = Path(argv[0])
+        try:
+            spec = json.loads(path.read_text())
+            cfg = AdaptConfig(**spec["config"])
+            sequences = [(s["name"], read_sequence(path.parent / s["file"])) for s in spec["sweeps"]]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise FreehandUSError(f"adaptation job {path}: cannot be read ({type(exc).__name__}: {exc})") from exc
+        total = 3 if cfg.fine_tune else 1
+        _emit(event="started", pid=os.getpid(), total=total)
+
+        def report(message):
+            steps["n"] += 1
+            _emit(event="progress", done=min(steps["n"] - 1, total), total=total, message=message)
+
+        result = adapt_model(sequences, spec["out"], base=spec["base"], config=cfg, progress=report)
+    except FreehandUSError as exc:
+        _emit(event="error", message=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return 2
+    except Exception as exc:  # noqa: BLE001  (reported to the panel as one line, traceback on stderr)
+        log.exception("adaptation failed")
+        _emit(event="error", message=f"{type(exc).__name__}: {exc}")
+        return 1
+    _emit(event="done", checkpoint=str(result.checkpoint), summary=str(result), result=result.to_dict())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -79,6 +79,7 @@ __all__ = [
     "reconstruct_estimated",
     "train_from_browsers",
     "start_training_job",
+    "start_adaptation_job",
     "summary_text",
     "ESTIMATED_TRANSFORM_NAME",
     "ATTR_ESTIMATE",
@@ -1227,6 +1228,73 @@ def start_training_job(browser_nodes, out_dir, *, job_dir=None, python=None, **o
     job.job_dir = job_dir
     job.out_dir = out_dir
     logger.info("training job %d started (%s -> %s)", job.pid, spec, out_dir)
+    return job
+
+
+def start_adaptation_job(browser_nodes, out_path, *, base="default", fine_tune=False, max_minutes=15.0,
+                         image_to_probe=None, device="cpu", job_dir=None, python=None):
+    """Adapt a model to the probe of tracked browsers in a separate process; returns the running job.
+
+    The tracked sweeps are read from the browsers here (frames without valid tracking or image
+    left out; a browser without tracking fails at once, naming it), written with the settings to
+    ``job_dir`` (:func:`~SensorlessTrackingLib.adapt.write_job`) and adapted by ``python -m
+    SensorlessTrackingLib.adapt`` (:func:`~SensorlessTrackingLib.adapt.adapt_model`: the
+    out-of-plane scale, and with ``fine_tune`` the weights), so Slicer stays usable.
+
+    Parameters
+    ----------
+    browser_nodes : iterable of vtkMRMLSequenceBrowserNode
+        At least 2 tracked recordings of the probe; the last is held back to check the result.
+    out_path : str or Path
+        The adapted model file (``.pt``) the job writes.
+    base : "default" (the shipped model) or a checkpoint path
+    fine_tune, max_minutes, device : :class:`~SensorlessTrackingLib.adapt.AdaptConfig` settings
+    image_to_probe : (4, 4) calibration for recordings with ProbeToReference only
+    job_dir, python : as for :func:`start_training_job`
+
+    Returns
+    -------
+    FreehandUSLib.jobs.ProcessJob
+        ``poll()`` gives ``progress`` events (``done``, ``total``, ``message``), then ``done``
+        (``checkpoint``, ``summary``) or ``error`` (``message``).
+
+    Raises
+    ------
+    SequenceError
+        Fewer than 2 browsers, a browser without images or with fewer than 2 tracked frames.
+    TransformError
+        A browser without tracking.
+    """
+    import tempfile
+
+    from FreehandUSLib.jobs import ProcessJob
+
+    from .adapt import AdaptConfig, write_job
+
+    if browser_nodes is None:
+        browser_nodes = []
+    browser_nodes = [browser_nodes] if hasattr(browser_nodes, "IsA") else list(browser_nodes)
+    if len(browser_nodes) < 2:
+        raise SequenceError(f"adaptation needs at least 2 tracked recordings of the probe (one is held back to check "
+                            f"the result); {len(browser_nodes)} selected")
+    cfg = AdaptConfig(fine_tune=bool(fine_tune), max_minutes=float(max_minutes), device=device)
+    sequences = []
+    for b in browser_nodes:
+        bname, sequence, truth, valid = _training_recording(b, image_to_probe)
+        if not valid.all():
+            logger.warning("%s: %d frames without valid tracking or image left out of the adaptation", bname,
+                           int((~valid).sum()))
+        sweep = TrackedSequence(frames=sequence.frames[valid], timestamps_s=sequence.timestamps_s[valid],
+                                transforms={}, image_ok=np.ones(int(valid.sum()), dtype=bool))
+        sweep.set_transform("ImageToReference", truth[valid])
+        sequences.append((bname, sweep))
+    job_dir = Path(job_dir) if job_dir is not None else Path(tempfile.mkdtemp(prefix="freehandus-adapt-"))
+    spec = write_job(job_dir, sequences, out_path, base=base, config=cfg)
+    package_roots = {str(Path(__file__).resolve().parents[1]), str(Path(mrml.__file__).resolve().parents[1])}
+    job = ProcessJob.python_module("SensorlessTrackingLib.adapt", str(spec), python=python,
+                                   pythonpath=sorted(package_roots))
+    job.job_dir = job_dir
+    logger.info("adaptation job %d started (%s -> %s)", job.pid, spec, out_path)
     return job
 
 
