@@ -198,10 +198,6 @@ def _all_subcommand_parsers():
     return list(walk(build_parser(), []))
 
 
-#: Checked by their own tests (Testing/igtl), with the streaming package's argparse types.
-STREAMING_COMMANDS = {"serve", "record", "calibrate-live"}
-
-
 def test_every_number_option_is_checked_at_the_parser():
     """As a class: no option of any subcommand takes a bare float (NaN and infinities would pass),
     and every typed option refuses NaN and infinity with argparse's one-line error."""
@@ -209,8 +205,6 @@ def test_every_number_option_is_checked_at_the_parser():
 
     checked = 0
     for name, parser in _all_subcommand_parsers():
-        if name in STREAMING_COMMANDS:
-            continue
         for action in parser._actions:
             if action.type is None or action.type in (int, str):
                 continue
@@ -219,4 +213,100 @@ def test_every_number_option_is_checked_at_the_parser():
                 with pytest.raises((argparse.ArgumentTypeError, ValueError)):
                     action.type(text)
             checked += 1
-    assert checked > 60  # the options of reconstruct, simulate, calibrate, track ...
+    assert checked > 60  # the options of reconstruct, simulate, calibrate, track, serve, record ...
+
+
+def test_every_port_option_is_a_tcp_port():
+    """As a class: every --port takes 1..65535 (0, any free port, only where the command listens)."""
+    import argparse
+
+    ports = {}
+    for name, parser in _all_subcommand_parsers():
+        for action in parser._actions:
+            if "--port" in action.option_strings:
+                for text in ("65536", "99999", "-1", "nan", "1.5"):
+                    with pytest.raises(argparse.ArgumentTypeError):
+                        action.type(text)
+                assert action.type("65535") == 65535
+                ports[name] = action.type
+    assert {"serve", "record", "calibrate-live"} <= set(ports)
+    assert ports["serve"]("0") == 0
+    with pytest.raises(argparse.ArgumentTypeError):
+        ports["record"]("0")
+
+
+@pytest.fixture
+def no_streaming(monkeypatch):
+    """Make connecting or serving fail loudly: a refused argument must come before either."""
+    from FreehandUSLib.igtl.client import IGTLClient
+    from FreehandUSLib.igtl.replay import ReplayServer
+
+    def never(self, *args, **kwargs):
+        raise AssertionError("connected or served before the arguments were checked")
+
+    monkeypatch.setattr(IGTLClient, "start", never)
+    monkeypatch.setattr(ReplayServer, "start", never)
+
+
+#: Values the streaming commands used to accept (a NaN or infinite wait, a port over 65535 that
+#: calibrate-live waited 10 s on) or that ran into an error after starting; each is refused by the
+#: parser: one line naming the option, exit 2, nothing connected or created.
+STREAMING_BAD_VALUES = [
+    ["serve", "SEQ", "--duration", "inf"],
+    ["serve", "SEQ", "--duration", "nan"],
+    ["serve", "SEQ", "--duration", "0"],
+    ["serve", "SEQ", "--port", "99999"],
+    ["serve", "SEQ", "--fps", "nan"],
+    ["serve", "SEQ", "--fps", "1e-12"],  # one frame every 1e12 s: beyond any wait the OS allows
+    ["record", "--out", "OUT", "--frames", "1", "--duration", "inf"],
+    ["record", "--out", "OUT", "--frames", "1", "--duration", "nan"],
+    ["record", "--out", "OUT", "--frames", "1", "--connect-timeout", "inf"],
+    ["record", "--out", "OUT", "--frames", "1", "--connect-timeout", "1e12"],  # overflowed the wait
+    ["record", "--out", "OUT", "--frames", "1", "--reconnect-timeout", "nan"],
+    ["record", "--out", "OUT", "--frames", "0"],
+    ["record", "--out", "OUT", "--frames", "1", "--port", "70000"],
+    ["calibrate-live", "--timeout", "inf"],
+    ["calibrate-live", "--timeout", "nan"],
+    ["calibrate-live", "--connect-timeout", "inf"],
+    ["calibrate-live", "--connect-timeout", "nan"],
+    ["calibrate-live", "--connect-timeout", "1e12"],
+    ["calibrate-live", "--pixel-spacing", "inf"],
+    ["calibrate-live", "--pixel-spacing", "nan"],
+    ["calibrate-live", "--pixel-spacing", "1e-300"],
+    ["calibrate-live", "--convergence-mm", "inf"],
+    ["calibrate-live", "--convergence-mm", "nan"],
+    ["calibrate-live", "--port", "99999"],
+    ["calibrate-live", "--port", "0"],
+    ["calibrate-live", "--max-frames", "0"],
+    ["calibrate-live", "--min-keyframes", "-5"],
+]
+
+
+@pytest.mark.parametrize("argv", STREAMING_BAD_VALUES, ids=" ".join)
+def test_streaming_commands_refuse_bad_numbers_before_connecting(tmp_path, capsys, no_streaming, argv):
+    seq = write_sequence(make_synthetic_sequence(n_frames=2), tmp_path / "s.igs.mha")
+    argv = [str(seq) if a == "SEQ" else str(tmp_path / "rec.igs.mhd") if a == "OUT" else a for a in argv]
+    before = set(tmp_path.iterdir())
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = _one_line(capsys.readouterr().err)
+    flag, value = argv[-2:]
+    assert err.startswith(f"freehandus {argv[0]}: error: argument {flag}: ") and repr(value) in err
+    assert set(tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--min-keyframes", "5"], "min_keyframes: expected >= 10, got 5"),
+        (["--min-keyframes", "400"], "--min-keyframes 400: at most 300 keyframes are kept"),
+        (["--out", "DIR"], "is a folder; give a file name"),
+        (["--plus-xml", "DIR"], "is a folder; give a file name"),
+    ],
+)
+def test_calibrate_live_checks_settings_and_outputs_before_connecting(tmp_path, capsys, no_streaming, extra, words):
+    extra = [str(tmp_path) if a == "DIR" else a for a in extra]
+    assert main(["calibrate-live", "--phantom", "fCal-2.0", "--pixel-spacing", "0.2", *extra]) == 2
+    err = _one_line(capsys.readouterr().err)
+    assert err.startswith("freehandus calibrate-live: error: ") and words in err

@@ -41,6 +41,39 @@ def test_add_parsers_registers_serve_and_record():
         parser.parse_args(["serve", "x.mha", "--fps", "inf"])
 
 
+@pytest.mark.parametrize("argv", [["serve", "x.mha", "--port", "99999"],
+                                  ["record", "--out", "o.mhd", "--duration", "inf"]])  # fmt: skip
+def test_stand_alone_parse_errors_are_one_line_and_exit_2(capsys, argv):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"freehandus-igtl {argv[0]}: error: argument {argv[-2]}: ")
+
+
+def test_record_status_line_follows_the_progress_option():
+    import io
+
+    from FreehandUSLib.cli_support import progress_enabled
+    from FreehandUSLib.igtl.cli import _StatusLine
+    from FreehandUSLib.igtl.recorder import RecordingStatus
+
+    parser = argparse.ArgumentParser(prog="freehandus")
+    add_parsers(parser.add_subparsers(dest="command"))
+    record = ["record", "--out", "o.igs.mhd", "--frames", "3"]
+    assert parser.parse_args(record).progress is None
+    assert progress_enabled(parser.parse_args([*record, "--progress"]))
+    assert not progress_enabled(parser.parse_args([*record, "--json"]))
+    status = RecordingStatus(frames=2, elapsed_s=0.2, fps=10.0, dropped=0, missing_frames=0, state="connected",
+                             reconnecting_s=0.0)  # fmt: skip
+    for enabled in (True, False):
+        stream = io.StringIO()  # not a terminal: only the option decides
+        line = _StatusLine(3, stream, enabled=enabled)
+        line(status)
+        line.close()
+        assert ("2/3 frames, 10.0 fps, dropped 0" in stream.getvalue()) == enabled
+
+
 def test_record_needs_an_end(tmp_path, capsys):
     assert main(["record", "--out", str(tmp_path / "r.igs.mhd")]) == 2
     assert "--duration S or --frames N" in capsys.readouterr().err

@@ -128,8 +128,42 @@ def test_calibrate_live_command_writes_the_result(session, config, tmp_path, cap
     assert target_error(sim, np.array(data["ImageToProbe"])) < 0.5
     assert len(data["curve"]) >= 3 and data["curve"][-1]["change_mm"] <= 0.05
     assert 'From="Image" To="Probe"' in xml.read_text(encoding="utf-8")
+    assert args.progress is None and "keyframes" not in capsys.readouterr().err  # not a terminal: quiet
     with pytest.raises(SystemExit):
         parser.parse_args(["calibrate-live", "--max-frames", "0"])
+
+
+def test_calibrate_live_shows_progress_when_asked(session, config, capsys):
+    _, seq = session
+    parser = argparse.ArgumentParser(prog="freehandus")
+    add_live_calibration_parser(parser.add_subparsers(dest="command", required=True))
+    with ReplayServer(seq, port=0, fps=0) as server:
+        args = parser.parse_args(["calibrate-live", "--port", str(server.port), "--config", str(config),
+                                  "--max-frames", str(N_FRAMES), "--timeout", "60", "--progress"])  # fmt: skip
+        assert args.func(args) == 0
+    captured = capsys.readouterr()
+    assert "converged" in captured.out
+    assert f"/{N_FRAMES} frames" in captured.err and "keyframes, change" in captured.err
+    assert "converged" in captured.err and "\r" in captured.err
+
+
+def test_calibration_status_line_is_drawn_only_when_enabled():
+    import io
+
+    from FreehandUSLib.igtl.live_calibration import _CalibrationStatus
+
+    status = {"frames": 42, "keyframes": 12, "last_change_mm": 0.1234, "converged": False}
+    for enabled in (True, False):
+        stream = io.StringIO()
+        line = _CalibrationStatus(100, enabled=enabled, stream=stream)
+        line(status)
+        line({**status, "frames": 43, "last_change_mm": None})
+        line.close()
+        text = stream.getvalue()
+        if enabled:  # the first call (a new keyframe count) is drawn at once
+            assert "42/100 frames, 12 keyframes, change 0.123 mm" in text
+        else:
+            assert text == ""
 
 
 def test_stream_without_probe_to_reference_skips_every_frame_and_says_why(session, config):

@@ -13,8 +13,13 @@ loopback address prints a warning: the server has no authentication.
 ``record`` stops after ``--duration`` seconds or ``--frames`` frames, on Ctrl-C (exit 130) or
 SIGTERM (exit 0), or when the server has been gone for ``--reconnect-timeout`` seconds (exit 1),
 always leaving a valid file and printing its summary. It never replaces a file (exit 2) unless ``--overwrite`` moves the old one to a backup
-folder. On a terminal it shows frames, rate, drops and reconnects as it goes; with stderr not a
-terminal it prints only the summary and one line per lost/regained connection.
+folder. On a terminal it shows frames, rate, drops and reconnects as it goes (``--progress`` /
+``--no-progress`` decide otherwise; ``--json`` alone turns it off); with stderr not a terminal it
+prints only the summary and one line per lost/regained connection.
+
+Every number is checked by argparse with the types of :mod:`..cli_support` (ports in 0/1 to
+65535, finite times and rates, bounded waits), so a bad value is one line on stderr and exit 2
+before any file is read or any connection is made.
 """
 
 from __future__ import annotations
@@ -24,7 +29,6 @@ import contextlib
 import ipaddress
 import json
 import logging
-import math
 import os
 import signal
 import socket
@@ -33,6 +37,16 @@ import threading
 import time
 from pathlib import Path
 
+from ..cli_support import (
+    ArgumentParser,
+    add_progress_option,
+    float_in,
+    int_in,
+    non_negative_float,
+    positive_float,
+    positive_int,
+    progress_enabled,
+)
 from ..errors import FreehandUSError
 
 __all__ = ["add_parsers", "main", "serve_command", "record_command"]
@@ -72,12 +86,6 @@ def _names(text: str | None) -> list[str] | None:
     return [n.strip() for n in text.split(",") if n.strip()]
 
 
-def _check_port(port: int, *, allow_zero: bool) -> None:
-    low = 0 if allow_zero else 1
-    if not low <= port <= 65535:
-        raise FreehandUSError(f"--port {port}: expected {low} to 65535" + (" (0: any free port)" if allow_zero else ""))
-
-
 def _is_loopback(host: str) -> bool:
     """True when every address ``host`` names is a loopback address (127.x, ::1)."""
     if not host:
@@ -104,7 +112,6 @@ def serve_command(args) -> int:
     from ..io import read_sequence
     from .replay import ReplayServer
 
-    _check_port(args.port, allow_zero=True)
     seq = read_sequence(args.sequence)
     fixed = {}
     options = None
@@ -183,12 +190,14 @@ def serve_command(args) -> int:
 class _StatusLine:
     """``record``'s live status on a terminal (tqdm); nothing when stderr is not a terminal."""
 
-    def __init__(self, total, stream=None):
+    def __init__(self, total, stream=None, *, enabled: bool | None = None):
         from tqdm import tqdm
 
         stream = sys.stderr if stream is None else stream
-        fmt = "{n_fmt}" + ("/{total_fmt}" if total else "") + " frames {postfix}"
-        self.bar = tqdm(total=total, unit="frame", file=stream, disable=not stream.isatty(), dynamic_ncols=True,
+        if enabled is None:
+            enabled = stream.isatty()
+        fmt = "{n_fmt}" + ("/{total_fmt}" if total else "") + " frames{postfix}"  # postfix: ", ..."
+        self.bar = tqdm(total=total, unit="frame", file=stream, disable=not enabled, dynamic_ncols=True,
                         bar_format=fmt)  # fmt: skip
 
     def __call__(self, status) -> None:
@@ -212,7 +221,6 @@ def record_command(args) -> int:
 
     if args.duration is None and args.frames is None:
         raise FreehandUSError("record: give --duration S or --frames N so the recording can end")
-    _check_port(args.port, allow_zero=False)
     sequence_format(args.out)  # an unknown file type is refused before anything is created
     try:
         if not args.overwrite:
@@ -227,7 +235,7 @@ def record_command(args) -> int:
     if not os.access(folder, os.W_OK | os.X_OK):
         raise FreehandUSError(f"--out {args.out}: the folder {folder} is not writable")
     stop = threading.Event()
-    status = _StatusLine(args.frames)
+    status = _StatusLine(args.frames, enabled=progress_enabled(args))
     try:
         with _stop_on_signals(stop) as caught:
             summary = record_stream(
@@ -254,31 +262,25 @@ def record_command(args) -> int:
     return _INTERRUPTED if signal.SIGINT in caught else 0
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
+#: argparse type: a TCP port to listen on (0: any free port).
+listen_port = int_in(0, 65535)
+#: argparse type: a TCP port to connect to.
+connect_port = int_in(1, 65535)
+#: Longest wait for a server, seconds (about 11.6 days): a longer one is a typing mistake, and the
+#: operating system's limit on one wait is 49.7 days on Windows (``threading.TIMEOUT_MAX``).
+MAX_WAIT_S = 1e6
+#: argparse type: a wait for a server in seconds, in (0, :data:`MAX_WAIT_S`].
+wait_seconds = float_in(0.0, MAX_WAIT_S, low_open=True)
+#: Slowest paced replay, frames per second: one frame every 1000 s (a slower rate would make the
+#: replay thread wait longer than the operating system allows).
+MIN_FPS = 1e-3
 
 
-def _positive_seconds(text: str) -> float:
-    value = float(text)
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+def replay_fps(text: str) -> float:
+    """argparse type: frames per second, 0 (as fast as clients read) or >= :data:`MIN_FPS`."""
+    value = non_negative_float(text)
+    if 0 < value < MIN_FPS:
+        raise argparse.ArgumentTypeError(f"must be 0 or at least {MIN_FPS:g} frames per second, got {text!r}")
     return value
 
 
@@ -296,9 +298,9 @@ def add_parsers(subparsers) -> None:
         help="interface to listen on (default 127.0.0.1, this machine only; others are warned about: "
         "no authentication)",
     )  # fmt: skip
-    p.add_argument("--port", type=int, default=18944, help="TCP port (default 18944; 0 = any free port)")
+    p.add_argument("--port", type=listen_port, default=18944, help="TCP port (default 18944; 0 = any free port)")
     p.add_argument(
-        "--fps", type=_non_negative_float, default=None,
+        "--fps", type=replay_fps, default=None,
         help="frames per second (default: follow the file's timestamps; 0 = as fast as clients read)",
     )  # fmt: skip
     p.add_argument("--loop", action="store_true", help="start again after the last frame")
@@ -318,7 +320,7 @@ def add_parsers(subparsers) -> None:
         help="folder for the files remote StartRecording/ReconstructVolume commands write (never replacing one; "
         "default: a new folder freehandus-serve-<date>-<time>-<pid> here)",
     )
-    p.add_argument("--duration", type=_positive_float, help="stop serving after this many seconds")
+    p.add_argument("--duration", type=positive_float, help="stop serving after this many seconds")
     p.add_argument("--exit-when-done", action="store_true", help="exit once a non-looping replay was sent")
     p.add_argument("--no-wait", action="store_true", help="start streaming before any client connects")
     p.add_argument("--json", action="store_true", help="print the final statistics as JSON")
@@ -331,17 +333,18 @@ def add_parsers(subparsers) -> None:
         "file, incrementally (a crash loses at most the frame in flight).",
     )
     p.add_argument("--host", default="127.0.0.1", help="server host (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=18944, help="server port (default 18944)")
+    p.add_argument("--port", type=connect_port, default=18944, help="server port (default 18944)")
     p.add_argument(
         "--out",
         required=True,
         help="output sequence (.igs.mhd written incrementally; others converted at the end); never replaced",
     )
-    p.add_argument("--duration", type=_positive_float, help="record for this many seconds")
-    p.add_argument("--frames", type=_positive_int, help="record this many frames")
-    p.add_argument("--connect-timeout", type=_positive_seconds, default=10.0, help="seconds to wait for the server")
+    p.add_argument("--duration", type=positive_float, help="record for this many seconds")
+    p.add_argument("--frames", type=positive_int, help="record this many frames")
+    p.add_argument("--connect-timeout", type=wait_seconds, default=10.0,
+                   help=f"seconds to wait for the server (default 10, at most {MAX_WAIT_S:g})")  # fmt: skip
     p.add_argument(
-        "--reconnect-timeout", type=_positive_seconds, default=60.0,
+        "--reconnect-timeout", type=wait_seconds, default=60.0,
         help="after a lost connection, stop (keeping what was recorded, exit 1) when the server is not back "
         "within this many seconds (default 60)",
     )  # fmt: skip
@@ -353,12 +356,13 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--image-device", help="IMAGE device to record (default: the first one seen)")
     p.add_argument("--transforms", help="comma-separated transform names to record (default: all)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    add_progress_option(p)
     p.set_defaults(func=record_command)
 
 
 def main(argv=None) -> int:
     """Stand-alone entry point: ``python -m FreehandUSLib.igtl.cli serve|record ...``."""
-    parser = argparse.ArgumentParser(prog="freehandus-igtl", description="OpenIGTLink replay server and recorder")
+    parser = ArgumentParser(prog="freehandus-igtl", description="OpenIGTLink replay server and recorder")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_parsers(sub)

@@ -20,7 +20,9 @@
 :func:`live_calibrate` wires it all for one call, bounded by ``max_frames`` and ``timeout_s``,
 and returns a :class:`LiveCalibrationResult` (ImageToProbe, convergence curve, keyframe errors,
 frame counters). ``freehandus calibrate-live`` (registered by
-:func:`add_live_calibration_parser`) is its command line.
+:func:`add_live_calibration_parser`) is its command line: it checks its numbers and output names
+before connecting, and shows frames, keyframes and the last calibration change on a terminal
+(``--progress`` / ``--no-progress`` decide otherwise).
 
 NWireCalibrationLib is imported when a sink is made, not when this module is imported, so the
 streaming part of FreehandUSLib works without the N-Wire Calibration module.
@@ -39,6 +41,7 @@ import dataclasses
 import json
 import logging
 import math
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -47,6 +50,15 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from ..cli_support import (
+    add_progress_option,
+    check_output_path,
+    positive_float,
+    positive_int,
+    progress_enabled,
+    spacing_mm,
+    write_text_atomic,
+)
 from ..errors import FreehandUSError, TransformError
 from ..transforms import TransformRepository, split_transform_name
 from .pairing import FramePairer, PairedFrame
@@ -628,10 +640,47 @@ def live_calibrate(
 # -------------------------------------------------------------------------------------------
 # Command line: freehandus calibrate-live
 # -------------------------------------------------------------------------------------------
+class _CalibrationStatus:
+    """``calibrate-live``'s progress on stderr (tqdm): frames read of ``--max-frames``, keyframes
+    kept, the last calibration change (mm); a no-op when not ``enabled``."""
+
+    def __init__(self, total: int, *, enabled: bool, stream=None):
+        self.bar = None
+        self._shown = None  # (keyframes, converged) last drawn: a change is drawn at once
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="frame", file=sys.stderr if stream is None else stream, leave=False,
+                            dynamic_ncols=True, bar_format="{n_fmt}/{total_fmt} frames{postfix}")  # fmt: skip
+
+    def __call__(self, status: dict) -> None:
+        if self.bar is None:
+            return
+        change = status["last_change_mm"]
+        text = f"{status['keyframes']} keyframes, change " + ("-" if change is None else f"{change:.3f} mm")
+        if status["converged"]:
+            text += ", converged"
+        self.bar.set_postfix_str(text, refresh=False)
+        state = (status["keyframes"], status["converged"])
+        if state != self._shown:  # a new keyframe or convergence, not held back by tqdm's rate limit
+            self._shown = state
+            self.bar.n = status["frames"]
+            self.bar.refresh()
+        else:
+            self.bar.update(status["frames"] - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def calibrate_live_command(args) -> int:
     """Run ``freehandus calibrate-live`` (see :func:`add_live_calibration_parser`)."""
     from .cli import _stop_on_signals
 
+    # Outputs checked before connecting: a calibration must not be lost to a bad name at the end.
+    out = None if args.out is None else check_output_path(args.out, flag="--out")
+    plus_xml = None if args.plus_xml is None else check_output_path(args.plus_xml, flag="--plus-xml")
     keyframes = _nwire().keyframes
     overrides = {}
     if args.convergence_mm is not None:
@@ -641,30 +690,42 @@ def calibrate_live_command(args) -> int:
     try:
         settings = dataclasses.replace(keyframes.KeyframeSettings(), **overrides)
     except ValueError as exc:
-        raise FreehandUSError(f"calibrate-live: {exc}") from exc
+        raise FreehandUSError(str(exc)) from exc
+    if settings.min_keyframes > settings.max_keyframes:
+        raise FreehandUSError(f"--min-keyframes {settings.min_keyframes}: at most {settings.max_keyframes} keyframes "
+                              "are kept, so the calibration could never converge")  # fmt: skip
     stop = threading.Event()
-    with _stop_on_signals(stop):
-        result = live_calibrate(
-            args.host, args.port, config=args.config, phantom=args.phantom, pixel_spacing_mm=args.pixel_spacing,
-            detector=args.detector, phantom_pose=args.phantom_pose, settings=settings, max_frames=args.max_frames,
-            timeout_s=args.timeout, connect_timeout_s=args.connect_timeout, image_device=args.image_device,
-            stop_event=stop,
-        )  # fmt: skip
+    status = _CalibrationStatus(args.max_frames, enabled=progress_enabled(args))
+    try:
+        with _stop_on_signals(stop):
+            result = live_calibrate(
+                args.host, args.port, config=args.config, phantom=args.phantom, pixel_spacing_mm=args.pixel_spacing,
+                detector=args.detector, phantom_pose=args.phantom_pose, settings=settings,
+                max_frames=args.max_frames, timeout_s=args.timeout, connect_timeout_s=args.connect_timeout,
+                image_device=args.image_device, stop_event=stop, progress=status,
+            )  # fmt: skip
+    finally:
+        status.close()
     data = result.to_dict()
     data.update({"host": args.host, "port": args.port, "config": str(args.config) if args.config else None})
-    if args.out:
-        out = Path(args.out)
+    if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    if args.plus_xml:
-        Path(args.plus_xml).write_text(result.plus_transform_element() + "\n", encoding="utf-8")
+        write_text_atomic(out, json.dumps(data, indent=2) + "\n")
+    if plus_xml is not None:
+        plus_xml.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(plus_xml, result.plus_transform_element() + "\n")
     print(json.dumps(data, indent=2) if args.json else str(result))
     return 0
 
 
 def add_live_calibration_parser(subparsers) -> None:
-    """Register ``calibrate-live`` on an ``argparse`` subparsers object (``func`` set)."""
-    from .cli import _positive_float, _positive_int
+    """Register ``calibrate-live`` on an ``argparse`` subparsers object (``func`` set).
+
+    Every number is checked here with the types of :mod:`..cli_support` (one line on stderr and
+    exit 2 before any connection): the port in 1 to 65535, finite positive times and distances,
+    the pixel spacing in 0.001 to 1000 mm, the waits for the server bounded (``MAX_WAIT_S``).
+    """
+    from .cli import MAX_WAIT_S, connect_port, wait_seconds
 
     p = subparsers.add_parser(
         "calibrate-live",
@@ -674,28 +735,29 @@ def add_live_calibration_parser(subparsers) -> None:
         "ReferenceToTracker) and recalibrate until ImageToProbe converges; report the convergence curve.",
     )
     p.add_argument("--host", default="127.0.0.1", help="server host (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=18944, help="server port (default 18944)")
+    p.add_argument("--port", type=connect_port, default=18944, help="server port (default 18944)")
     p.add_argument("--config", help="PLUS device-set configuration (phantom, PhantomToReference, spacing hint)")
     p.add_argument("--phantom", help="phantom: built-in name (fCal-2.0...), .json or PLUS .xml; overrides the config's")
     p.add_argument("--detector", default="hessian", choices=("hessian", "plus", "agcfd", "tacd"),
                    help="dot detector (default hessian: Liu et al. 2025)")  # fmt: skip
-    p.add_argument("--pixel-spacing", type=_positive_float, metavar="MM",
+    p.add_argument("--pixel-spacing", type=spacing_mm, metavar="MM",
                    help="approximate mm per pixel (overrides ApproximateSpacingMmPerPixel)")  # fmt: skip
     p.add_argument("--phantom-pose", default="auto", choices=PHANTOM_POSES,
                    help="use the config's PhantomToReference (known) or estimate it; auto: known when the config "
                         "has one")  # fmt: skip
-    p.add_argument("--max-frames", type=_positive_int, default=DEFAULT_MAX_FRAMES,
+    p.add_argument("--max-frames", type=positive_int, default=DEFAULT_MAX_FRAMES,
                    help=f"stop after this many frames (default {DEFAULT_MAX_FRAMES})")  # fmt: skip
-    p.add_argument("--timeout", type=_positive_float, default=DEFAULT_TIMEOUT_S, metavar="S",
+    p.add_argument("--timeout", type=positive_float, default=DEFAULT_TIMEOUT_S, metavar="S",
                    help=f"stop after this many seconds (default {DEFAULT_TIMEOUT_S:g})")  # fmt: skip
-    p.add_argument("--connect-timeout", type=_positive_float, default=10.0, metavar="S",
-                   help="seconds to wait for the server (default 10)")  # fmt: skip
+    p.add_argument("--connect-timeout", type=wait_seconds, default=10.0, metavar="S",
+                   help=f"seconds to wait for the server (default 10, at most {MAX_WAIT_S:g})")  # fmt: skip
     p.add_argument("--image-device", help="IMAGE device to use (default: the first one seen)")
-    p.add_argument("--convergence-mm", type=_positive_float,
+    p.add_argument("--convergence-mm", type=positive_float,
                    help="largest calibration change counted as settled (default: KeyframeSettings)")  # fmt: skip
-    p.add_argument("--min-keyframes", type=_positive_int, help="keyframes needed before convergence (>= 10)")
+    p.add_argument("--min-keyframes", type=positive_int, help="keyframes needed before convergence (>= 10)")
     p.add_argument("--out", help="output JSON (ImageToProbe, convergence curve, errors, frame counters)")
     p.add_argument("--plus-xml", metavar="FILE",
                    help="also write the PLUS <Transform From=\"Image\" To=\"Probe\"> element")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    add_progress_option(p)
     p.set_defaults(func=calibrate_live_command)
