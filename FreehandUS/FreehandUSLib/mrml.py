@@ -67,7 +67,10 @@ matched frame by frame too (a frame without an item is invalid); a sequence reco
 own clock (the Sequences recorder) is interpolated at the image times. That reader keeps the
 matrix of a frame PLUS marked ``TransformStatus = INVALID`` and drops the status: when a
 transform sequence was read from a PLUS file by ``vtkMRMLLinearTransformSequenceStorageNode``,
-the status is read back from that file.
+the status is read back from that file, and the index values of its INVALID frames are kept
+on the sequence node (``FreehandUS.InvalidItems``, a scene attribute): Slicer's ``.seq.mha``
+writer, at File > Save, writes those frames with ``TransformStatus = OK``, and the attribute
+keeps them invalid once the scene is opened again.
 """
 
 from __future__ import annotations
@@ -113,6 +116,7 @@ __all__ = [
     "ATTR_FIELD_PREFIX",
     "ATTR_METADATA_PREFIX",
     "ATTR_SEQUENCES_SOURCE",
+    "ATTR_INVALID_ITEMS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -135,6 +139,10 @@ ATTR_PIXEL_SPACING = "FreehandUS.PixelSpacing"
 ATTR_FIELD_PREFIX = "FreehandUS.Field."
 #: Prefix of metadata attributes on the image sequence / volume node.
 ATTR_METADATA_PREFIX = "FreehandUS.Metadata."
+#: On a transform sequence read from a PLUS file by Slicer's reader: the index values (space
+#: separated) of the items PLUS marked ``TransformStatus = INVALID``, which that reader drops and
+#: Slicer's ``.seq.mha`` writer writes as ``OK``; kept in the scene file.
+ATTR_INVALID_ITEMS = "FreehandUS.InvalidItems"
 #: Slicer's own attribute (sequence readers, SlicerIGSIO, ``.seq.mha`` writer): the PLUS name of
 #: what a sequence holds (``"ProbeToTracker"``, ``"Image"``).
 ATTR_SEQUENCES_SOURCE = "Sequences.Source"
@@ -977,8 +985,13 @@ def _read_transform_sequence(seq_node, image_index_values, image_ts, *, what: st
         valid[k] = _text_bool(node.GetAttribute(ATTR_TRANSFORM_VALID), default=True)
         values.append(seq_node.GetNthIndexValue(k))
     status = _metafile_transform_status(seq_node)
-    if status:
-        valid &= np.array([status.get(v, True) for v in values], dtype=bool)
+    invalid_items = set((seq_node.GetAttribute(ATTR_INVALID_ITEMS) or "").split())
+    lost = {v for v, ok in status.items() if not ok} - invalid_items
+    if lost:  # keep PLUS's INVALID through Slicer's File > Save (its writer writes OK)
+        invalid_items |= lost
+        seq_node.SetAttribute(ATTR_INVALID_ITEMS, " ".join(sorted(invalid_items, key=_index_sort_key)))
+    if status or invalid_items:
+        valid &= np.array([status.get(v, True) and v not in invalid_items for v in values], dtype=bool)
     n = len(image_index_values)
     if values == list(image_index_values):
         return mats, valid
@@ -1000,6 +1013,13 @@ def _read_transform_sequence(seq_node, image_index_values, image_ts, *, what: st
         )
     t = _index_to_seconds(seq_node, values)
     return interpolate_transforms(t, mats, valid, image_ts)
+
+
+def _index_sort_key(value: str):
+    try:
+        return (0, float(value), value)
+    except ValueError:
+        return (1, 0.0, value)
 
 
 def _metafile_transform_status(seq_node) -> dict[str, bool]:
