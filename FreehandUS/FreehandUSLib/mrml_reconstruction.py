@@ -541,6 +541,14 @@ def _without_image_geometry(sequence: TrackedSequence) -> TrackedSequence:
     )
 
 
+def _tree_start_frame(scene, placement) -> str | None:
+    """The frame the image proxy's parent transform maps from, when its name says it
+    (``ReferenceToRAS``, ``<recording>-ProbeToTracker``: ``"Reference"``, ``"Probe"``), else None."""
+    node = scene.GetNodeByID(placement.parent_ids[0]) if scene is not None and placement.parent_ids else None
+    name = mrml._plus_transform_name(None if node is None else node.GetName())
+    return None if name is None else split_transform_name(name)[0]
+
+
 def _in_world(sequence, placement, fixed, opts, *, name: str, image_to_probe_node):
     """(sequence, options) that reconstruct a recording in world (RAS) where Slicer shows its frames.
 
@@ -553,7 +561,10 @@ def _in_world(sequence, placement, fixed, opts, *, name: str, image_to_probe_nod
       frames or, with an ImageToProbe node, from it and the recorded tracking;
     - frames with pixel geometry under a SlicerIGT tree (ImageToProbe -> ProbeToTracker ->
       TrackerToRAS): ImageToRAS = the tree @ IJKToRAS; with an ImageToProbe node that is not in
-      the tree, the tree starts at the Probe frame: ImageToRAS = tree @ ImageToProbe.
+      the tree, the tree starts at the frame its lowest transform is named from when the
+      recording knows that frame (``ReferenceToRAS``: ImageToRAS = tree @ ImageToReference from
+      ImageToProbe and the recorded tracking, invalid where the tracking is), else at the Probe
+      frame: ImageToRAS = tree @ ImageToProbe.
 
     The result holds a per-frame ``ImageToRAS`` (invalid where a recorded transform of the tree
     or the image's own geometry is) and the options reconstruct in RAS, so the output volume and
@@ -583,7 +594,12 @@ def _in_world(sequence, placement, fixed, opts, *, name: str, image_to_probe_nod
         image_to_frame = sequence.repository(fixed).get(f"ImageTo{frame}")
         image_to_world = placement.parent_to_world @ image_to_frame
     elif image_to_probe_node is not None and image_to_probe_node.GetID() not in placement.parent_ids:
-        image_to_world = placement.parent_to_world @ fixed["ImageToProbe"]
+        start = _tree_start_frame(image_to_probe_node.GetScene(), placement)
+        known = {part for n in (*sequence.transform_names, *fixed) for part in split_transform_name(n)}
+        if start is None or start == "Probe" or start not in known:
+            image_to_world = placement.parent_to_world @ fixed["ImageToProbe"]
+        else:  # e.g. the image hung under ReferenceToRAS: the tree starts at Reference
+            image_to_world = placement.parent_to_world @ sequence.repository(fixed).get(f"ImageTo{start}")
     else:
         image_to_world = placement.ijk_to_world
     valid = placement.valid & np.all(np.isfinite(image_to_world), axis=(1, 2))
