@@ -325,7 +325,10 @@ def _estimate_parent(browser_node, tracked_image_to_reference):
     transform to world equals the Reference -> world placement of the tracked frames,
     ``ImageToWorld @ inv(ImageToReference)``, on every tracked frame (0.05 mm, 1e-4). Without
     tracking, the image proxy's parent when the frames are placed in Reference and nothing above
-    them is recorded. None (world) otherwise, e.g. when the image hangs under a recorded
+    them is recorded. Frames with pixel geometry whose lowest transform above is named from
+    Reference (``ReferenceToRAS``, nothing recorded above): that transform, the frame
+    :func:`FreehandUSLib.mrml_reconstruction.reconstruct_browser_to_volume_node` reconstructs
+    them in. None (world) otherwise, e.g. when the image hangs under a recorded
     ProbeToTracker whose tracker moves relative to Reference (logged).
     """
     try:
@@ -346,6 +349,12 @@ def _estimate_parent(browser_node, tracked_image_to_reference):
         logger.warning("browser %s: every transform above the image is recorded; the estimate stays in world",
                        browser_node.GetName())
         return None
+    if placement.geometry_frame is None and static_from == 0 and (
+        mrml_reconstruction._tree_start_frame(scene, placement) == "Reference"
+    ):
+        # Pixel frames hung under e.g. ReferenceToRAS: reconstruction places them in Reference
+        # through ImageToProbe and the tracking, then through that tree; the estimate likewise.
+        return candidates[0]
     if tracked_image_to_reference is None:
         if static_from == 0 and placement.geometry_frame == "Reference":
             return candidates[0]
