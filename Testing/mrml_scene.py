@@ -9,7 +9,8 @@ DataIOManager with a cache directory (needed to read ``.seq.mrb`` files back).
 The logics are kept alive on the scene object; call :func:`release_scene` when done.
 :func:`save_like_slicer` writes a scene the way Slicer's File > Save does by default (each
 node's default storage node, e.g. ``.seq.mha`` for a transform sequence), and
-:func:`reload_scene` opens it again in a new scene.
+:func:`reload_scene` opens it again in a new scene. :func:`load_plus_like_slicer` adds a PLUS
+``.igs.mha`` recording the way Slicer's readers lay it out.
 Only imports ``slicer`` when called, so test modules can import this file without slicer-core.
 """
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-__all__ = ["make_scene", "release_scene", "save_like_slicer", "reload_scene"]
+__all__ = ["make_scene", "release_scene", "save_like_slicer", "reload_scene", "load_plus_like_slicer"]
 
 _KEEP = "freehandus_test_objects"
 
@@ -130,3 +131,75 @@ def reload_scene(path, cache_dir=None):
         release_scene(scene)
         raise OSError(f"could not read {path}")
     return scene
+
+
+def load_plus_like_slicer(scene, path):
+    """Add the PLUS sequence metafile ``path`` to ``scene`` as Slicer's readers lay it out; return the browser.
+
+    The first transform of the file is read by Slicer's own ``vtkMRMLLinearTransformSequenceStorageNode``
+    (``<base>-<Name>-Seq``, PLUS name in ``Sequences.Source``, times with 3 decimals, every
+    matrix kept and ``TransformStatus`` dropped; the storage node stays attached, as after File >
+    Add Data). slicer-core does not wrap the reader's call that makes one sequence per transform
+    nor SlicerIGSIO's image importer, so the other transforms and the image sequence
+    (``<base>-Image-Seq``, source ``Image``, one single-slice volume per frame with the file's
+    pixel geometry: IJKToRAS = the identity for ``ElementSpacing = 1 1 1``) are added node by
+    node with the same names, attributes and index values. The browser ``<base>`` has the image
+    sequence as master and proxies made by the Sequences logic.
+    """
+    import numpy as np
+    import vtk
+    from vtk.util import numpy_support
+
+    from FreehandUSLib import mrml
+    from FreehandUSLib.io import read_sequence
+
+    path = Path(path)
+    base = path.name[: -len(".mha")] if path.name.lower().endswith(".mha") else path.stem
+    recording = read_sequence(path)
+    first = scene.AddNewNodeByClass("vtkMRMLSequenceNode")
+    storage = scene.AddNewNodeByClass("vtkMRMLLinearTransformSequenceStorageNode")
+    storage.SetFileName(str(path))
+    first.SetAndObserveStorageNodeID(storage.GetID())
+    if storage.ReadData(first) != 1:
+        raise OSError(f"Slicer's transform sequence reader could not read {path}")
+    values = [first.GetNthIndexValue(i) for i in range(first.GetNumberOfDataNodes())]
+
+    def time_sequence(name, source):
+        seq = scene.AddNewNodeByClass("vtkMRMLSequenceNode", f"{base}-{name}-Seq")
+        seq.SetIndexName("time")
+        seq.SetIndexUnit("s")
+        seq.SetAttribute("Sequences.Source", source)
+        return seq
+
+    image_seq = time_sequence("Image", "Image")
+    spacing = recording.pixel_spacing_mm if recording.pixel_spacing_mm is not None else (1.0, 1.0)
+    ijk_to_ras = np.diag([float(spacing[0]), float(spacing[1]), 1.0, 1.0])
+    for i, value in enumerate(values):
+        node = scene.CreateNodeByClass("vtkMRMLScalarVolumeNode")
+        node.UnRegister(None)
+        node.SetName(f"Image_{i:04d}")
+        image = vtk.vtkImageData()
+        frame = np.ascontiguousarray(recording.frames[i])
+        image.SetDimensions(frame.shape[1], frame.shape[0], 1)
+        image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(frame.ravel(), deep=True))
+        node.SetAndObserveImageData(image)
+        node.SetIJKToRASMatrix(mrml.matrix_to_vtk(ijk_to_ras))
+        image_seq.SetDataNodeAtValue(node, value)
+    browser = scene.AddNewNodeByClass("vtkMRMLSequenceBrowserNode", base)
+    browser.SetAndObserveMasterSequenceNodeID(image_seq.GetID())
+    browser.AddSynchronizedSequenceNodeID(first.GetID())
+    read_by_slicer = first.GetAttribute("Sequences.Source")
+    for name, ft in recording.transforms.items():
+        if name == read_by_slicer:
+            continue
+        seq = time_sequence(name, name)
+        for i, value in enumerate(values):
+            node = scene.CreateNodeByClass("vtkMRMLLinearTransformNode")
+            node.UnRegister(None)
+            node.SetName(f"{name}Transform_{i:04d}")
+            matrix = ft.matrices[i] if np.all(np.isfinite(ft.matrices[i])) else np.eye(4)
+            node.SetMatrixTransformToParent(mrml.matrix_to_vtk(matrix))
+            seq.SetDataNodeAtValue(node, value)
+        browser.AddSynchronizedSequenceNodeID(seq.GetID())
+    getattr(scene, _KEEP)["logics"]["Sequences"].UpdateProxyNodesFromSequences(browser)
+    return browser
