@@ -4,8 +4,12 @@ One flow, as a user does it with the three modules:
 
 1. File > Add Data of PLUS ``.igs.mha`` recordings (the fCal 2.0 calibration and validation
    sweeps and the spine sweep, one frame of which lost its tracking), laid out as Slicer's
-   readers lay them out (:func:`mrml_scene.load_plus_like_slicer`);
-2. File > Save with Slicer's default writers, File > Open of the saved scene;
+   readers lay them out (:func:`mrml_scene.load_plus_like_slicer`), each looked at once in the
+   FreehandUS panel (``browser_to_sequence``, what its Logic's ``sequenceFromBrowser`` calls);
+2. File > Save with Slicer's default writers, File > Open of the saved scene. Slicer's
+   ``.seq.mha`` writer writes the lost frame ``TransformStatus = OK``; it stays invalid because
+   the first read kept PLUS's status in the scene (``FreehandUS.InvalidItems``). A scene saved
+   before any module read the recording loses it: nothing of ours runs at File > Add Data;
 3. N-Wire calibration of the reloaded fCal browsers (``NWireCalibrationLib.mrml_calibration``,
    what the module's Logic calls): the same ImageToProbe as the command line's Lib call on the
    files themselves;
@@ -14,6 +18,8 @@ One flow, as a user does it with the three modules:
    ReferenceToRAS, and the frame with lost tracking not used;
 5. a sensorless trajectory estimate of the reloaded spine browser (speckle decorrelation):
    its transforms are placed under the same parent as the images.
+
+A second test runs steps 1, 2, 4 and 5 on a small synthetic sweep, without the PLUS data.
 """
 
 from __future__ import annotations
@@ -23,7 +29,6 @@ import pytest
 
 pytest.importorskip("slicer", reason="slicer-core (real MRML classes) is not installed")
 
-import vtk  # noqa: E402  (slicer-core pins it)
 from FreehandUSLib import mrml  # noqa: E402
 from FreehandUSLib import mrml_reconstruction as mr  # noqa: E402
 from FreehandUSLib.io import read_sequence, write_sequence  # noqa: E402
@@ -100,7 +105,7 @@ def _parent(node):
 
 
 @pytest.fixture
-def session(tmp_path):
+def session():
     scenes = []
     yield scenes
     for s in scenes:
