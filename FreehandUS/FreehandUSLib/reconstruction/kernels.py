@@ -197,6 +197,26 @@ def _rejected(frames, f, y, x, nc, reject):
     return s < reject * nc
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _nearest_mean_plus(frames, f, y, x, acc, weight, kk, jj, ii, int_out):
+    """PLUS's nearest-neighbour MEAN update of one voxel (optimized and unoptimized paths alike).
+
+    Below saturation, the running mean ``(256 new + buffer old) / (buffer + 256)`` truncated to
+    the output type and the 16-bit buffer 256 more; once the buffer passes 65279, PLUS's
+    recursive filter new/256 + old*255/256, truncated, on the first channel only (as PLUS).
+    """
+    a = weight[kk, jj, ii]
+    if a <= _PLUS_THRESHOLD:
+        newa = a + _PLUS_UNIT
+        for c in range(acc.shape[3]):
+            v = (frames[f, y, x, c] * _PLUS_UNIT + acc[kk, jj, ii, c] * a) / newa
+            acc[kk, jj, ii, c] = math.floor(v) if int_out else v
+        weight[kk, jj, ii] = min(newa, _PLUS_MAXIMUM)
+    else:
+        v = frames[f, y, x, 0] * 0.00390625 + acc[kk, jj, ii, 0] * 0.99609375
+        acc[kk, jj, ii, 0] = math.floor(v) if int_out else v
+
+
 @njit(nogil=True, cache=True)
 def _nearest_span(frames, f, y, xa, xb, s0, s1, bi, bj, bk, ai, aj, ak, acc, weight,
                   klo, khi, mode, importance, use_reject, reject, int_out, fixed_point):
@@ -244,19 +264,7 @@ def _nearest_span(frames, f, y, xa, xb, s0, s1, bi, bj, bk, ai, aj, ak, acc, wei
                 acc[kk, jj, ii, c] = frames[f, y, x, c]
             weight[kk, jj, ii] += 1
         elif mode == MODE_MEAN_PLUS:
-            # PLUS: running mean truncated to the output type, 16-bit saturating weight.
-            a = weight[kk, jj, ii]
-            if a <= _PLUS_THRESHOLD:
-                newa = a + _PLUS_UNIT
-                for c in range(nc):
-                    v = (frames[f, y, x, c] * _PLUS_UNIT + acc[kk, jj, ii, c] * a) / newa
-                    acc[kk, jj, ii, c] = math.floor(v) if int_out else v
-                weight[kk, jj, ii] = min(newa, _PLUS_MAXIMUM)
-            else:
-                # Saturated weight: PLUS's recursive filter, new/256 + old*255/256 (first channel
-                # only, as PLUS does), the sum cast (truncated) to the output type.
-                v = frames[f, y, x, 0] * 0.00390625 + acc[kk, jj, ii, 0] * 0.99609375
-                acc[kk, jj, ii, 0] = math.floor(v) if int_out else v
+            _nearest_mean_plus(frames, f, y, x, acc, weight, kk, jj, ii, int_out)
         else:
             w = np.float64(importance[y, x])
             if w <= 0.0:
@@ -526,16 +534,7 @@ def _insert_unoptimized(frames, frame_ids, mats, ranges, mask_ids, use_reject, r
                     if ii < 0 or ii >= ni or jj < 0 or jj >= nj or kk < 0 or kk >= nk:
                         continue
                     if mode == MODE_MEAN_PLUS:
-                        a = weight[kk, jj, ii]
-                        if a <= _PLUS_THRESHOLD:
-                            newa = a + _PLUS_UNIT
-                            for c in range(nc):
-                                v = (frames[f, y, x, c] * _PLUS_UNIT + acc[kk, jj, ii, c] * a) / newa
-                                acc[kk, jj, ii, c] = math.floor(v) if int_out else v
-                            weight[kk, jj, ii] = min(newa, _PLUS_MAXIMUM)
-                        else:
-                            v = 0.00390625 * frames[f, y, x, 0] + 0.99609375 * acc[kk, jj, ii, 0]
-                            acc[kk, jj, ii, 0] = math.floor(v) if int_out else v
+                        _nearest_mean_plus(frames, f, y, x, acc, weight, kk, jj, ii, int_out)
                     else:
                         for c in range(nc):
                             v = frames[f, y, x, c]
