@@ -311,9 +311,21 @@ def _sequence_stage(sequence, setup, det, pts, ok, cands, reasons, codes, spacin
         def search(i):
             points, strengths, *_ = det.candidates(sequence.frames[i], all_peaks=True)
             return points, strengths
+    half = max(1, int(round(0.5 / float(np.mean(spacing)))))  # 0.5 mm around a point
+
+    def imaged(i, points):
+        """Any non-zero pixel within 0.5 mm of each point (outside a sector the screen is empty)."""
+        frame = np.asarray(sequence.frames[i])
+        h, w = frame.shape[:2]
+        out = np.zeros(len(points), dtype=bool)
+        for k, (x, y) in enumerate(np.round(points).astype(int)):
+            if 0 <= x < w and 0 <= y < h:
+                out[k] = bool(np.any(frame[max(0, y - half): y + half + 1, max(0, x - half): x + half + 1]))
+        return out
+
     return label_sequence(pts, ok, cands, setup.phantom, spacing, reasons=reasons, reason_codes=codes,
                           probe_to_reference=poses, phantom_to_reference=setup.phantom_to_reference, verify=verify,
-                          search=search, settings=settings,
+                          search=search, settings=settings, imaged=imaged,
                           max_wire_distance_mm=getattr(getattr(det, "labeling", None), "max_wire_distance_mm", None),
                           image_size_px=None if len(sequence.frames) == 0 else sequence.frames[0].shape[1::-1])
 

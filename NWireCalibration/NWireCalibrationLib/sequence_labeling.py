@@ -15,8 +15,9 @@ neighbours'. After every frame has been labelled alone (:mod:`.labeling`), this 
    with the prediction, confirming the tracked pose. When hardly any wire agrees, the pose is
    suspect (a tracking glitch moves every dot): the frame keeps its single-frame labels unless
    strong single-frame candidates at the predicted positions relabel it (``pose_suspect`` in
-   the summary). Without tracking, a labelling far from the interpolation of the frames just
-   before and after it is refused;
+   the summary; but a labelling that no wire confirms is refused where the tracking puts a wire
+   outside the image or its imaged area). Without tracking, a labelling far from the interpolation of the frames
+   just before and after it is refused;
 3. labels each frame that failed alone (or was refused) from the tracked prediction: every
    wire takes the strongest response peak within a radius of its predicted position derived
    from how well the prediction does on the accepted frames; the sub-pixel centres then pass
@@ -270,7 +271,7 @@ def _radius(pred_px, base_px: float, s: SequenceSettings) -> float:
 
 def label_sequence(points_px, ok, candidates, phantom: NWirePhantom, pixel_spacing_mm, *, reasons, reason_codes,
                    probe_to_reference=None, phantom_to_reference=None, verify=None, search=None,
-                   image_size_px=None, max_wire_distance_mm=None,
+                   image_size_px=None, imaged=None, max_wire_distance_mm=None,
                    settings: SequenceSettings | None = None) -> SequenceOutcome:
     """Refuse labels that jump and label failed frames from the sequence (see the module docstring).
 
@@ -300,6 +301,8 @@ def label_sequence(points_px, ok, candidates, phantom: NWirePhantom, pixel_spaci
         the single-frame filters); default: ``candidates`` with equal strengths.
     image_size_px : (cols, rows), optional
         A frame whose tracked prediction puts a wire outside the image is not searched.
+    imaged : callable(frame index, (n_wires, 2) points px) -> (n_wires,) bool, optional
+        Whether each point lies in the imaged area (not on the empty screen around a sector).
     max_wire_distance_mm : float, optional
         The single-frame 3D check's limit for the image-space stage (default: the labeling's).
     settings : SequenceSettings, optional
@@ -409,6 +412,14 @@ def label_sequence(points_px, ok, candidates, phantom: NWirePhantom, pixel_spaci
         for i in np.flatnonzero(ok & (raw > jump_px)):
             w = int(np.nanargmax(dist[i]))
             confirmed = int(np.sum(dist[i] <= agree_px)) >= max(2, -(-phantom.n_wires // 3))
+            # Nothing agrees and the tracking puts wires outside the image: the labelling cannot
+            # be a whole pattern there (a partial view labelled with other echoes), refuse it.
+            outside = image_size_px is not None and bool(np.any(
+                (pred[i, :, 0] < 0) | (pred[i, :, 0] > image_size_px[0] - 1) | (pred[i, :, 1] < 0)
+                | (pred[i, :, 1] > image_size_px[1] - 1)))
+            if not outside and imaged is not None:
+                outside = not bool(np.all(imaged(int(i), pred[i])))
+            confirmed = confirmed or outside
             if not confirmed:
                 suspect[int(i)] = (pts[i].copy(), w)
             pts[i] = np.nan

@@ -280,3 +280,23 @@ def test_inputs_of_the_wrong_length_are_refused():
         label_sequence(truth[:, :6], ok, cands, sim.phantom, spacing, reasons=[""] * 40, reason_codes=[""] * 40)
     with pytest.raises(ValueError, match="max_gap_frames"):
         SequenceSettings(max_gap_frames=0)
+
+
+def test_a_labelling_no_wire_confirms_is_refused_where_tracking_puts_a_wire_off_the_imaged_area():
+    """A partial view labelled with other echoes looks like a tracking glitch (every dot off), but the
+    tracking puts a wire where nothing is imaged: refused (a glitch elsewhere keeps its frame)."""
+    sim, truth, poses, spacing, cands = _inputs()
+    pts = truth.copy()
+    pts[7] += [4.0 / spacing, 3.0 / spacing]  # every dot 5 mm off: other echoes
+    cands = list(cands)
+    cands[7] = pts[7].copy()  # the wires' own echoes are not in the image
+    ok = np.ones(len(truth), bool)
+    kept = _run(pts, ok, cands, sim, spacing, poses)
+    assert kept.ok[7] and kept.summary["pose_suspect"] == [7]
+
+    def imaged(i, points):
+        return np.arange(len(points)) != 0 if i == 7 else np.ones(len(points), bool)
+
+    out = _run(pts, ok, cands, sim, spacing, poses, imaged=imaged)
+    assert out.summary["refused"] == [7] and "pose_suspect" not in out.summary
+    assert not out.ok[7] and out.reason_codes[7] == "motion-inconsistent"
