@@ -12,7 +12,8 @@ true direction:
 - ``decorrelation (calibrated)``: :func:`~SensorlessTrackingLib.decorrelation.calibrate_decorrelation`
   on the same adaptation sweeps.
 
-Writes ``results/sensorless_adapt.json`` and prints a table (median / mean final drift % of
+Writes ``results/sensorless_adapt.json`` (``sensorless_adapt_fine_tune.json`` with
+``--fine-tune``) and prints a table (median / mean final drift % of
 path, mean angle error, adaptation seconds).
 
     .venv/bin/python Testing/benchmarks/bench_sensorless_adapt.py --adapt 4 --test 4 --threads 1
@@ -66,7 +67,7 @@ def _sweeps(isim, probe, seeds, n_frames, cache: Path):
 
 
 def run(n_adapt=4, n_test=4, n_frames=80, probes=None, fine_tune=False, max_minutes=5.0, epochs=4, threads=1,
-        cache: Path = RESULTS / "sensorless_adapt_sweeps") -> dict:
+        cache: Path = RESULTS / "sensorless_adapt_sweeps", lr=1e-4) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     log = logging.getLogger("bench_sensorless_adapt")
     import torch
@@ -96,7 +97,7 @@ def run(n_adapt=4, n_test=4, n_frames=80, probes=None, fine_tune=False, max_minu
             for name, tune in variants:
                 t0 = time.perf_counter()
                 res = adapt_model([(n, s) for n, s, _ in adapt_sw], Path(tmp) / f"{name}.pt",
-                                  config=AdaptConfig(fine_tune=tune, max_minutes=max_minutes, epochs=epochs))
+                                  config=AdaptConfig(fine_tune=tune, max_minutes=max_minutes, epochs=epochs, lr=lr))
                 info[name] = {**res.to_dict(), "seconds": time.perf_counter() - t0}
                 log.info("%s %s:\n%s", probe.name, name, res)
                 methods[name] = load_model(res.checkpoint)
@@ -127,11 +128,11 @@ def run(n_adapt=4, n_test=4, n_frames=80, probes=None, fine_tune=False, max_minu
             }
     result = {"simulator": "Testing/sensorless/independent_sim.py", "adaptation_sweeps": n_adapt,
               "test_sweeps": n_test, "frames_per_sweep": n_frames, "fine_tune": fine_tune,
-              "max_minutes": max_minutes, "epochs": epochs, "summary": summary, "adaptations": adaptations,
+              "max_minutes": max_minutes, "epochs": epochs, "lr": lr, "summary": summary, "adaptations": adaptations,
               "per_sweep": rows, "load_average_before": load_before, "load_average_after": os.getloadavg()[0],
               "cpu_count": os.cpu_count(), "torch_threads": threads}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "sensorless_adapt.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / f"sensorless_adapt{'_fine_tune' if fine_tune else ''}.json").write_text(json.dumps(result, indent=2))
     print(f"\nPer-probe adaptation on the independent simulator: {n_adapt} adaptation sweeps (1 held back), {n_test} "
           f"test sweeps per probe, {n_frames} frames; load {load_before:.1f} -> {result['load_average_after']:.1f} "
           f"on {os.cpu_count()} CPUs")
@@ -158,7 +159,8 @@ if __name__ == "__main__":
     ap.add_argument("--fine-tune", action="store_true")
     ap.add_argument("--max-minutes", type=float, default=5.0)
     ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cache", type=Path, default=RESULTS / "sensorless_adapt_sweeps", help="simulated sweeps, kept")
     a = ap.parse_args()
-    run(a.adapt, a.test, a.frames, a.probes, a.fine_tune, a.max_minutes, a.epochs, a.threads, a.cache)
+    run(a.adapt, a.test, a.frames, a.probes, a.fine_tune, a.max_minutes, a.epochs, a.threads, a.cache, a.lr)
