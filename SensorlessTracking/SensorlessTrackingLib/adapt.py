@@ -136,8 +136,8 @@ class AdaptationResult:
     def __str__(self) -> str:
         v = self.validation
         lines = [
-            f"adapted {self.base} on {len(self.sweeps) - 1} tracked sweeps (+1 held back) in {self.seconds:.0f} s: "
-            f"{self.checkpoint}",
+            f"adapted {self.base} to the probe of {len(self.sweeps)} tracked sweeps in {self.seconds:.0f} s (checked on "
+            f"the last, held back, then fitted on all): {self.checkpoint}",
             f"  out-of-plane scale {self.out_of_plane_scale:.3f} (the factor on the estimated out-of-plane motion)"
             + ("; weights fine-tuned" if self.fine_tuned else ""),
             f"  held-back sweep {v['name']}: final drift {v['fdr_base_percent']:.1f} % of path with the base model, "
