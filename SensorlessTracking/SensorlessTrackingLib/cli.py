@@ -90,8 +90,8 @@ def read_image_to_probe(path) -> np.ndarray:
 
 
 def add_parsers(subparsers):
-    """Add ``track`` (with ``train``, ``predict``, ``evaluate``) to the top-level sub-parsers."""
-    track = subparsers.add_parser("track", help="sensorless tracking: train, predict, evaluate")
+    """Add ``track`` (with ``train``, ``adapt``, ``predict``, ``evaluate``) to the top-level sub-parsers."""
+    track = subparsers.add_parser("track", help="sensorless tracking: train, adapt, predict, evaluate")
     sub = track.add_subparsers(dest="track_command", required=True, metavar="TRACK_COMMAND")
 
     p = sub.add_parser("train", help="train a tracking model on tracked sequences (or simulated sweeps)")
