@@ -175,10 +175,12 @@ def run_in_thread(fn, *, cancel: CancelToken, heartbeat=None, poll_s: float = 0.
     worker = threading.Thread(target=target, name="freehandus-work", daemon=True)
     worker.start()
     try:
-        while worker.is_alive():
+        while True:  # at least one check and heartbeat, however fast fn is
             cancel.check()
             if heartbeat is not None:
                 heartbeat()
+            if not worker.is_alive():
+                break
             worker.join(poll_s)
         cancel.check()
     except Cancelled:

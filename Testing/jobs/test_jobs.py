@@ -93,3 +93,20 @@ def test_progress_relay_passes_the_workers_latest_report_on_the_callers_thread()
     token.cancel()
     with pytest.raises(Cancelled):
         relay.report(6, 10)  # the worker's next report stops it
+
+
+def test_run_in_thread_beats_once_even_when_the_work_is_instant():
+    """A cancel pressed at the first heartbeat counts even if fn finished first (nothing is kept)."""
+    token = CancelToken("instant")
+    beats = []
+
+    def beat():
+        beats.append(1)
+        token.cancel()
+
+    for _ in range(20):  # the worker usually ends before the first look at it
+        beats.clear()
+        token = CancelToken("instant")
+        with pytest.raises(Cancelled):
+            run_in_thread(lambda: 1, cancel=token, heartbeat=beat)
+        assert beats == [1]
