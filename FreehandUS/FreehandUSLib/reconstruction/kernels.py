@@ -241,14 +241,6 @@ def _nearest_span(frames, f, y, xa, xb, s0, s1, bi, bj, bk, ai, aj, ak, acc, wei
             for c in range(nc):
                 acc[kk, jj, ii, c] += frames[f, y, x, c]
             weight[kk, jj, ii] += 1
-        elif fixed_point and (mode == MODE_MAX or mode == MODE_LATEST):
-            # PLUS (optimized nearest neighbour): the value compared with (max) or replaced by
-            # (latest) the pixel, the 16-bit accumulation buffer set to 256 on every hit.
-            for c in range(nc):
-                v = frames[f, y, x, c]
-                if mode == MODE_LATEST or v > acc[kk, jj, ii, c]:
-                    acc[kk, jj, ii, c] = v
-            weight[kk, jj, ii] = _PLUS_UNIT
         elif mode == MODE_MAX:
             if weight[kk, jj, ii] == 0.0:
                 for c in range(nc):
@@ -455,16 +447,6 @@ def _linear_span(frames, f, y, xa, xb, s0, s1, bi, bj, bk, ai, aj, ak, acc, weig
                         continue
                     if mode == MODE_MEAN_PLUS:
                         _linear_mean_plus(frames, f, y, x, acc, weight, kk, jj, ii, w, int_out)
-                    elif fixed_point and not mean_like:
-                        # PLUS: a voxel whose value the pixel sets (max: only a larger value)
-                        # gets buffer round(256 w); otherwise the buffer keeps its value.
-                        a = weight[kk, jj, ii]
-                        for c in range(nc):
-                            v = frames[f, y, x, c]
-                            if mode == MODE_LATEST or v > acc[kk, jj, ii, c]:
-                                acc[kk, jj, ii, c] = v
-                                a = w * _PLUS_UNIT
-                        weight[kk, jj, ii] = math.floor(a + 0.5)
                     elif mean_like:
                         w = w * scale
                         for c in range(nc):
@@ -642,11 +624,8 @@ def _nearest_span_fixed(frames, f, y, xa, xb, s0, s1, bi, bj, bk, ai, aj, ak, ac
     """:func:`_nearest_span` in PLUS's fixed point, with PLUS's integer arithmetic.
 
     The voxel is ``(p + 2**13) >> 14`` of the integer position ``p = b + x a`` in units of
-    2**-14 (PLUS's fixed-point round). Mean: PLUS's running mean ``(256 new + buffer old) //
-    (buffer + 256)`` in integers (uint8 frames), the 16-bit buffer 256 more per hit until it
-    passes 65279, then ``new/256 + old*255/256`` truncated (first channel, as PLUS); max /
-    latest: the value compared / replaced, the buffer set to 256. Same results as
-    :func:`_nearest_span` with ``fixed_point``.
+    2**-14 (PLUS's fixed-point round). Mean: :func:`_nearest_mean_plus`; max / latest: the
+    value compared / replaced, the buffer set to 256 (PLUS's optimized nearest neighbour).
     """
     nk, nj, ni, nc = acc.shape
     half = 8192
@@ -672,21 +651,7 @@ def _nearest_span_fixed(frames, f, y, xa, xb, s0, s1, bi, bj, bk, ai, aj, ak, ac
         if use_reject and _rejected(frames, f, y, x, nc, reject):
             continue
         if mode == MODE_MEAN_PLUS:
-            a = weight[kk, jj, ii]
-            if a <= _PLUS_THRESHOLD:
-                newa = a + _PLUS_UNIT
-                if int_out:
-                    ia = np.int64(a)
-                    inew = np.int64(newa)
-                    for c in range(nc):
-                        acc[kk, jj, ii, c] = (np.int64(frames[f, y, x, c]) * 256 + np.int64(acc[kk, jj, ii, c]) * ia) // inew
-                else:
-                    for c in range(nc):
-                        acc[kk, jj, ii, c] = (frames[f, y, x, c] * _PLUS_UNIT + acc[kk, jj, ii, c] * a) / newa
-                weight[kk, jj, ii] = min(newa, _PLUS_MAXIMUM)
-            else:
-                v = frames[f, y, x, 0] * 0.00390625 + acc[kk, jj, ii, 0] * 0.99609375
-                acc[kk, jj, ii, 0] = math.floor(v) if int_out else v
+            _nearest_mean_plus(frames, f, y, x, acc, weight, kk, jj, ii, int_out)
         else:
             for c in range(nc):
                 v = frames[f, y, x, c]
@@ -734,7 +699,7 @@ def _linear_span_fixed(frames, f, y, xa, xb, s0, s1, bi, bj, bk, ai, aj, ak, acc
     accumulation buffer (``weight``) and the values follow PLUS (mean: :func:`_linear_mean_plus`;
     max / latest: only voxels with weight >= 1/8, the buffer set to ``round(256 w)`` where the
     value is set). A pixel is dropped unless all its non-degenerate corners are in the volume.
-    Same results as :func:`_linear_span` with ``fixed_point``, fewer operations.
+    The emulated path for mean / max / latest (importance-mask keeps :func:`_linear_span`).
     """
     nk, nj, ni, nc = acc.shape
     one = 16384
