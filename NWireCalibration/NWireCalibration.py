@@ -59,8 +59,9 @@ and its registration (PhantomToReference), or a built-in phantom; without a regi
 phantom pose is estimated together with the calibration (no stylus needed).</p>
 <p><b>Detect</b> finds the wire dots in every frame and overlays them on the image (they follow the
 sequence browser). <b>Calibrate</b> writes ImageToProbe into the selected transform with its
-errors, shows the accuracy table (PLUS 3D/2D reprojection errors) and a residual plot per frame;
-the PLUS <code>&lt;Transform From="Image" To="Probe" .../&gt;</code> element can be copied into a
+errors, shows the accuracy table (PLUS 3D/2D reprojection errors), a residual plot per frame and
+why frames did not count (frames detected per stage, labellings refused by the sequence stage, a
+table of rejected and dropped frames with the missing wire or failed prior of each); the PLUS <code>&lt;Transform From="Image" To="Probe" .../&gt;</code> element can be copied into a
 PLUS device-set configuration, or <b>Send to PlusServer</b> puts it into a running PlusServer
 (UpdateTransform and SaveConfig remote commands). Cancel stops detection or calibration and
 leaves the scene as it was. <b>Live</b> calibrates from a PlusServer stream as frames arrive,
@@ -221,6 +222,8 @@ class NWireCalibrationParameterNode:
     detectedDots - markups that show the detected dots of the browser's current frame.
     accuracyTable, residualsTable, residualsChart - calibration outputs (errors per data set,
         per frame, and their plot).
+    rejectionsTable - the frames that did not count and why (reason per frame); its
+        NWireCalibration.DetectionReport attribute holds the per-stage counts shown above it.
     liveImage - live image node updated by SlicerOpenIGTLink (e.g. Image_Image); scalar or colour
         (vector: RGB frames are calibrated in grey, the mean of the colours).
     liveProbeToReference - its probe pose; None: the image's parent transform named ProbeTo...
@@ -243,6 +246,7 @@ class NWireCalibrationParameterNode:
     accuracyTable: vtkMRMLTableNode
     residualsTable: vtkMRMLTableNode
     residualsChart: vtkMRMLPlotChartNode
+    rejectionsTable: vtkMRMLTableNode
     liveImage: vtkMRMLScalarVolumeNode
     liveProbeToReference: vtkMRMLLinearTransformNode
     convergenceTable: vtkMRMLTableNode
@@ -272,6 +276,7 @@ class NWireCalibrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._liveTimer = None
         self._liveChartShown = False
         self._shownTable = None
+        self._shownRejections = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -384,6 +389,11 @@ class NWireCalibrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if table is not self._shownTable:
             self.ui.accuracyTableView.setMRMLTableNode(table)
             self._shownTable = table
+        rejections = parameters.rejectionsTable if parameters else None
+        if rejections is not self._shownRejections:
+            self.ui.rejectionsTableView.setMRMLTableNode(rejections)
+            self._shownRejections = rejections
+        self.ui.detectionReportLabel.text = self.logic.detectionReport(rejections) if self.logic else ""
         self.ui.liveButton.enabled = live or bool(parameters and parameters.liveImage and hasPhantom)
         if self.ui.liveButton.checked != live:
             wasBlocked = self.ui.liveButton.blockSignals(True)
@@ -445,6 +455,8 @@ class NWireCalibrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     parameters.residualsTable = self._newNode("vtkMRMLTableNode", "CalibrationResiduals")
                 if not parameters.residualsChart:
                     parameters.residualsChart = self._newNode("vtkMRMLPlotChartNode", "CalibrationResidualsPlot")
+                if not parameters.rejectionsTable:
+                    parameters.rejectionsTable = self._newNode("vtkMRMLTableNode", "CalibrationRejections")
                 result = self.logic.calibrate(
                     parameters.calibrationBrowser,
                     parameters.validationBrowser,
@@ -455,6 +467,7 @@ class NWireCalibrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     accuracyTableNode=parameters.accuracyTable,
                     residualsTableNode=parameters.residualsTable,
                     plotChartNode=parameters.residualsChart,
+                    rejectionsTableNode=parameters.rejectionsTable,
                     progress=work.progress,
                     cancel=work.token,
                     **self.logic.setupOptionsFromParameterNode(parameters),
@@ -636,7 +649,7 @@ class NWireCalibrationLogic(ScriptedLoadableModuleLogic):
     def calibrate(self, calibrationBrowserNode, validationBrowserNode, imageToProbeNode, *, configPath=None,
                   phantom=None, phantomToReferenceNode=None, solver="ransac-lm", phantomPose="auto",
                   detector="hessian", pixelSpacingMm=None, accuracyTableNode=None, residualsTableNode=None,
-                  plotChartNode=None, progress=None, cancel=None, **solverOptions):
+                  plotChartNode=None, rejectionsTableNode=None, progress=None, cancel=None, **solverOptions):
         """Calibrate from recordings and write ImageToProbe into ``imageToProbeNode``.
 
         Parameters
@@ -659,6 +672,9 @@ class NWireCalibrationLogic(ScriptedLoadableModuleLogic):
         accuracyTableNode, residualsTableNode : vtkMRMLTableNode, optional
         plotChartNode : vtkMRMLPlotChartNode, optional
             Filled; None: new nodes (see :attr:`lastCalibration`).
+        rejectionsTableNode : vtkMRMLTableNode, optional
+            Receives the frames that did not count and why, and the per-stage counts (see
+            :meth:`detectionReport`); None: a new node.
         progress : callable(done, total), optional
         cancel : FreehandUSLib.jobs.CancelToken, optional
             Set it to stop within a second; nothing is written (``FreehandUSLib.jobs.Cancelled``).
@@ -685,11 +701,21 @@ class NWireCalibrationLogic(ScriptedLoadableModuleLogic):
             accuracy_table_node=accuracyTableNode,
             residuals_table_node=residualsTableNode,
             plot_chart_node=plotChartNode,
+            rejections_table_node=rejectionsTableNode,
             progress=progress,
             cancel=cancel,
             **solverOptions,
         )
         return self.lastCalibration.result
+
+    def detectionReport(self, rejectionsTableNode) -> str:
+        """Why frames did not count (per-stage counts, refused, rejected by reason), as stored on the table.
+
+        "" for no table or one that no calibration has filled.
+        """
+        from NWireCalibrationLib.mrml_calibration import ATTR_DETECTION_REPORT
+
+        return (rejectionsTableNode.GetAttribute(ATTR_DETECTION_REPORT) or "") if rejectionsTableNode else ""
 
     def pushCalibrationToPlusServer(self, imageToProbeNode, *, server="", connectorNode=None, saveConfig=True,
                                     configFilename=None, timeoutS=5.0):
@@ -904,6 +930,9 @@ class NWireCalibrationTest(ScriptedLoadableModuleTest):
         self.assertIn('<Transform From="Image" To="Probe"', logic.plusTransformElement(imageToProbeNode))
         self.assertEqual(logic.lastCalibration.accuracy_table_node.GetNumberOfRows(), 2)
         self.assertEqual(logic.lastCalibration.residuals_table_node.GetNumberOfRows(), 30)
+        report = logic.detectionReport(logic.lastCalibration.rejections_table_node)
+        self.assertIn("Calibration recording: 30 of 30 frames detected", report)
+        self.assertEqual(logic.lastCalibration.rejections_table_node.GetNumberOfRows(), 0)
         logic.showResidualPlot(logic.lastCalibration.plot_chart_node)
         self.delayDisplay("Test passed")
 

@@ -9,13 +9,14 @@ what the headless tests exercise with the real MRML classes of the ``slicer-core
   ``markups_node`` they become an overlay that follows the browser (see below);
 - :func:`calibrate_browsers` -- calibration (and validation) recordings in, ImageToProbe written
   into a linear transform node with its provenance, the accuracy table, the per-frame residuals
-  table and a residual plot out (:class:`BrowserCalibration`);
+  table, a residual plot and the report of the frames that did not count (the rejections table
+  and :func:`detection_report_text`) out (:class:`BrowserCalibration`);
 - :class:`LiveCalibration` -- observes a live image node (as SlicerOpenIGTLink updates it),
   detects the dots of every new frame, feeds them with the probe pose to a
   :class:`~.keyframes.KeyframeCalibrator` and writes every new calibration and the convergence
   curve into MRML nodes;
 - helpers: :func:`sequence_from_browser`, :func:`dots_to_markups`, :func:`write_image_to_probe`,
-  :func:`fill_table`, :func:`plot_table`, :func:`image_proxy_node`, :func:`frame_from_image_node`,
+  :func:`rejection_columns`, :func:`write_detection_report`, :func:`fill_table`, :func:`plot_table`, :func:`image_proxy_node`, :func:`frame_from_image_node`,
   :func:`probe_to_reference_of_image_node`, :func:`matrix_of_transform_node`.
 
 It reaches ``slicer`` only through :mod:`FreehandUSLib.mrml` (the one module that imports it)
@@ -51,8 +52,18 @@ calibration), ``NWireCalibration.Date``, ``.Solver``, ``.PhantomPose``, ``.Phant
 ``.Mode`` (``batch``/``live``), ``.Source`` (browser or image node names), ``.Config``,
 ``.PlusTransform`` (the ``<Transform From="Image" To="Probe" .../>`` element to paste into a
 PLUS device-set configuration), ``.Result`` (JSON of
-:meth:`~.results.CalibrationResult.to_dict`); ``FreehandUS.TransformName = ImageToProbe``;
-node references to the browsers and the output tables (``REF_*``).
+:meth:`~.results.CalibrationResult.to_dict`), ``.DetectionReport`` (why frames did not count:
+:func:`detection_report_text`, also on the rejections table); ``FreehandUS.TransformName =
+ImageToProbe``; node references to the browsers and the output tables (``REF_*``).
+
+Frames that did not count
+-------------------------
+The rejections table has one row per frame that the detection rejected (calibration) or dropped
+(validation), with the stable reason code (:data:`~.labeling.REJECTION_REASONS`) and the text
+saying which wire is missing or which prior failed, and one row per frame whose single-frame
+labelling the sequence stage refused before another stage labelled it. The report text above it
+gives the per-stage counts: frames labelled alone, recovered from the tracked motion or the
+neighbouring frames, refused by the sequence stage, rejected by reason.
 
 Example (3D Slicer Python console)
 ----------------------------------
@@ -99,6 +110,9 @@ __all__ = [
     "write_image_to_probe",
     "accuracy_columns",
     "residual_columns",
+    "rejection_columns",
+    "detection_report_text",
+    "write_detection_report",
     "fill_table",
     "plot_table",
     "matrix_of_transform_node",
@@ -117,6 +131,7 @@ __all__ = [
     "ATTR_PLUS_TRANSFORM",
     "ATTR_RESULT",
     "ATTR_DETECTION",
+    "ATTR_DETECTION_REPORT",
     "ATTR_ROLE",
     "ROLE_DOTS",
     "REF_CALIBRATION_BROWSER",
@@ -124,6 +139,7 @@ __all__ = [
     "REF_LIVE_IMAGE",
     "REF_ACCURACY_TABLE",
     "REF_RESIDUALS_TABLE",
+    "REF_REJECTIONS_TABLE",
     "REF_CONVERGENCE_TABLE",
     "COL_DATA_SET",
     "COL_FRAMES",
@@ -138,6 +154,12 @@ __all__ = [
     "COL_VAL_ERROR3D",
     "COL_CAL_ERROR2D",
     "COL_VAL_ERROR2D",
+    "COL_STATUS",
+    "COL_REASON_CODE",
+    "COL_REASON",
+    "STATUS_REJECTED",
+    "STATUS_DROPPED",
+    "STATUS_RELABELLED",
     "COL_KEYFRAMES",
     "COL_CHANGE",
     "COL_RESIDUAL",
@@ -167,6 +189,9 @@ ATTR_PLUS_TRANSFORM = _PREFIX + "PlusTransform"
 ATTR_RESULT = _PREFIX + "Result"
 #: On the dots markups node and its sequence: JSON summary of the detection.
 ATTR_DETECTION = _PREFIX + "Detection"
+#: On the ImageToProbe node and the rejections table: why frames did not count
+#: (:func:`detection_report_text`).
+ATTR_DETECTION_REPORT = _PREFIX + "DetectionReport"
 #: On the dots sequence (``ROLE_DOTS``), to find it again in the browser.
 ATTR_ROLE = _PREFIX + "Role"
 ROLE_DOTS = "DetectedDots"
@@ -176,6 +201,7 @@ REF_VALIDATION_BROWSER = _PREFIX + "ValidationBrowser"
 REF_LIVE_IMAGE = _PREFIX + "LiveImage"
 REF_ACCURACY_TABLE = _PREFIX + "AccuracyTable"
 REF_RESIDUALS_TABLE = _PREFIX + "ResidualsTable"
+REF_REJECTIONS_TABLE = _PREFIX + "RejectionsTable"
 REF_CONVERGENCE_TABLE = _PREFIX + "ConvergenceTable"
 
 # Accuracy table: one row per data set (calibration, validation).
@@ -193,6 +219,17 @@ COL_CAL_ERROR3D = "Calibration 3D error (mm)"
 COL_VAL_ERROR3D = "Validation 3D error (mm)"
 COL_CAL_ERROR2D = "Calibration 2D error (px)"
 COL_VAL_ERROR2D = "Validation 2D error (px)"
+# Rejections table: one row per frame that did not count (COL_DATA_SET, COL_FRAME and these).
+COL_STATUS = "Status"
+COL_REASON_CODE = "Reason code"
+COL_REASON = "Reason"
+#: A calibration frame not detected.
+STATUS_REJECTED = "rejected"
+#: A validation frame not detected (the validation errors are over the other frames).
+STATUS_DROPPED = "dropped"
+#: A frame whose single-frame labelling the sequence stage refused (``motion-inconsistent``) and
+#: that the tracked or neighbours stage then labelled: it counts, with the new labels.
+STATUS_RELABELLED = "refused, relabelled"
 # Convergence table (live): one row per recalibration.
 COL_KEYFRAMES = "Keyframes"
 COL_CHANGE = "Change (mm)"
@@ -616,6 +653,11 @@ class BrowserCalibration:
         One row per frame index: :func:`residual_columns`.
     plot_chart_node : vtkMRMLPlotChartNode
         3D error per frame (calibration, validation).
+    rejections_table_node : vtkMRMLTableNode
+        One row per frame that did not count: :func:`rejection_columns`.
+    detection_report : str
+        Why frames did not count (:func:`detection_report_text`): detected frames per stage,
+        labellings the sequence stage refused, rejected / dropped frames by reason.
     """
 
     result: CalibrationResult
@@ -625,6 +667,8 @@ class BrowserCalibration:
     accuracy_table_node: object
     residuals_table_node: object
     plot_chart_node: object
+    rejections_table_node: object = None
+    detection_report: str = ""
 
     @property
     def image_to_probe(self) -> np.ndarray:
@@ -637,7 +681,8 @@ class BrowserCalibration:
 def calibrate_browsers(calibration_browser, validation_browser, setup: CalibrationSetup, *, image_to_probe_node=None,
                        phantom_to_reference_node=None, solver: str = "ransac-lm", phantom_pose: str = "auto",
                        detector: str = "hessian", pixel_spacing_mm=None, accuracy_table_node=None,
-                       residuals_table_node=None, plot_chart_node=None, calibration_detection=None,
+                       residuals_table_node=None, plot_chart_node=None, rejections_table_node=None,
+                       calibration_detection=None,
                        validation_detection=None, progress=None, cancel=None, **solver_options) -> BrowserCalibration:
     """Calibrate from recordings in sequence browsers and write the result into MRML nodes.
 
@@ -671,6 +716,9 @@ def calibrate_browsers(calibration_browser, validation_browser, setup: Calibrati
         Filled (see :func:`accuracy_columns`, :func:`residual_columns`); default: new nodes.
     plot_chart_node : vtkMRMLPlotChartNode, optional
         Residual plot (3D error per frame); default: a new node.
+    rejections_table_node : vtkMRMLTableNode, optional
+        The frames that did not count and why (:func:`write_detection_report`); default: a new
+        node.
     calibration_detection, validation_detection : DetectionResult, optional
         Reuse detections (e.g. from :func:`detect_browser`) instead of detecting again.
     progress : callable(done, total), optional
@@ -714,6 +762,7 @@ def calibrate_browsers(calibration_browser, validation_browser, setup: Calibrati
     _check_output_transform(image_to_probe_node, phantom_to_reference_node)
     for what, node, cls in (("accuracy table", accuracy_table_node, _TABLE_CLASS),
                             ("residuals table", residuals_table_node, _TABLE_CLASS),
+                            ("rejections table", rejections_table_node, _TABLE_CLASS),
                             ("residual plot", plot_chart_node, _CHART_CLASS)):
         if node is not None and not node.IsA(cls):  # checked before the (long) detection
             raise CalibrationError(f"{what}: expected a {cls}, got {node.GetClassName()}")
@@ -774,9 +823,13 @@ def calibrate_browsers(calibration_browser, validation_browser, setup: Calibrati
                                  y_title="3D error (mm)", lines=False)
     image_to_probe_node.SetNodeReferenceID(REF_ACCURACY_TABLE, accuracy_table_node.GetID())
     image_to_probe_node.SetNodeReferenceID(REF_RESIDUALS_TABLE, residuals_table_node.GetID())
+    rejections_table_node = _table_node(scene, rejections_table_node, f"{base}_CalibrationRejections")
+    report = write_detection_report(rejections_table_node, det_c, det_v)
+    image_to_probe_node.SetAttribute(ATTR_DETECTION_REPORT, report)
+    image_to_probe_node.SetNodeReferenceID(REF_REJECTIONS_TABLE, rejections_table_node.GetID())
     logger.info("calibrated %s into %s:\n%s", ", ".join(sources), image_to_probe_node.GetName(), result)
     return BrowserCalibration(result, det_c, det_v, image_to_probe_node, accuracy_table_node, residuals_table_node,
-                              plot_chart_node)
+                              plot_chart_node, rejections_table_node, report)
 
 
 def _check_output_transform(image_to_probe_node, phantom_to_reference_node) -> None:
@@ -921,6 +974,127 @@ def residual_columns(result: CalibrationResult, setup: CalibrationSetup, calibra
     return columns
 
 
+_STAGE_WORDS = {"single-frame": "alone", "tracked": "from the tracked motion",
+                "neighbours": "from the neighbouring frames"}
+
+
+def _detection_sets(calibration_detection, validation_detection):
+    sets = [("calibration", calibration_detection)]
+    if validation_detection is not None:
+        sets.append(("validation", validation_detection))
+    for name, det in sets:
+        if not isinstance(det, DetectionResult):
+            raise DetectionError(f"{name} detection: expected a DetectionResult, got {type(det).__name__}")
+    return sets
+
+
+def _reason_meaning(code: str) -> str:
+    from .labeling import REJECTION_REASONS
+
+    return REJECTION_REASONS.get(code, "the detector gave no reason")
+
+
+def rejection_columns(calibration_detection: DetectionResult, validation_detection: DetectionResult | None = None
+                      ) -> list:
+    """The rejections table: ``[(name, values, unit), ...]``, one row per frame that did not count.
+
+    Rows, calibration frames first, by frame index: every frame that was not detected
+    (:data:`STATUS_REJECTED` in the calibration recording, :data:`STATUS_DROPPED` in the
+    validation recording) with its reason code (:data:`~.labeling.REJECTION_REASONS`, ``"unstated"``
+    when the detector gave none) and text, and every frame whose single-frame labelling the
+    sequence stage refused and another stage then labelled (:data:`STATUS_RELABELLED`, code
+    ``motion-inconsistent``). Columns: data set, frame index (0-based, as in the browser),
+    status, reason code, reason.
+    """
+    rows = []
+    for name, det in _detection_sets(calibration_detection, validation_detection):
+        status = STATUS_REJECTED if name == "calibration" else STATUS_DROPPED
+        refused = set(det.refused_frames())
+        for i in range(det.n_frames):
+            if not det.ok[i]:
+                rows.append((name, i, status, det.reason_code(i), det.reasons[i] or _reason_meaning(det.reason_code(i))))
+            elif i in refused:
+                stage = (det.stages[i] if det.stages is not None else "") or "single-frame"
+                rows.append((name, i, STATUS_RELABELLED, "motion-inconsistent",
+                             f"its single-frame labelling lay far from where the tracked motion and the neighbouring "
+                             f"frames put the dots; labelled {_STAGE_WORDS.get(stage, stage)} instead"))
+    return [
+        (COL_DATA_SET, np.array([r[0] for r in rows], dtype=str), ""),
+        (COL_FRAME, [r[1] for r in rows], ""),
+        (COL_STATUS, np.array([r[2] for r in rows], dtype=str), ""),
+        (COL_REASON_CODE, np.array([r[3] for r in rows], dtype=str), ""),
+        (COL_REASON, np.array([r[4] for r in rows], dtype=str), ""),
+    ]
+
+
+def detection_report_text(calibration_detection: DetectionResult,
+                          validation_detection: DetectionResult | None = None) -> str:
+    """Why frames did not count, per recording: detected frames per stage, refused, rejected by reason.
+
+    One paragraph per recording, e.g. ``"Calibration recording: 28 of 30 frames detected (25
+    alone, 2 from the tracked motion, 1 from the neighbouring frames). The sequence stage refused
+    1 single-frame labelling as motion-inconsistent (frame 12). 2 frames rejected: 1
+    pattern-missing, 1 3d-check."``, then what each reason code present means. The frames and
+    their reasons are in :func:`rejection_columns`.
+    """
+    paragraphs = []
+    codes = []
+    for name, det in _detection_sets(calibration_detection, validation_detection):
+        counts = det.stage_counts()
+        stages = ", ".join(f"{n} {_STAGE_WORDS.get(stage, stage)}" for stage, n in counts.items() if n)
+        text = f"{name.capitalize()} recording: {det.frames_detected} of {det.n_frames} frames detected"
+        text += f" ({stages})." if stages else "."
+        summary = det.sequence or {}
+        if det.sequence is None or not summary.get("enabled", True):
+            text += " The sequence stage did not run (every frame labelled alone)."
+        else:
+            model = summary.get("tracked_model") or {}
+            if not model.get("used") and model.get("reason"):
+                text += f" No tracked prediction: {model['reason']}."
+            refused = det.refused_frames()
+            if refused:
+                shown = ", ".join(str(i) for i in refused[:10]) + (", ..." if len(refused) > 10 else "")
+                text += (f" The sequence stage refused {len(refused)} single-frame labelling"
+                         f"{'s' if len(refused) != 1 else ''} as motion-inconsistent "
+                         f"(frame{'s' if len(refused) != 1 else ''} {shown}).")
+        rejected = det.rejection_counts()
+        n_rejected = det.n_frames - det.frames_detected
+        if n_rejected:
+            verb = "rejected" if name == "calibration" else "dropped"
+            text += (f" {n_rejected} frame{'s' if n_rejected != 1 else ''} {verb}: "
+                     + ", ".join(f"{n} {code}" for code, n in rejected.items()) + ".")
+            if name == "validation":
+                text += " The validation errors are over the other frames."
+            codes.extend(c for c in rejected if c not in codes)
+        else:
+            text += " No frame " + ("rejected." if name == "calibration" else "dropped.")
+        paragraphs.append(text)
+    if any(det.refused_frames() for _, det in _detection_sets(calibration_detection, validation_detection)):
+        if "motion-inconsistent" not in codes:
+            codes.append("motion-inconsistent")
+    if codes:
+        paragraphs.append("Reasons: " + "; ".join(f"{code}: {_reason_meaning(code)}" for code in codes) + ".")
+    return "\n".join(paragraphs)
+
+
+def write_detection_report(table_node, calibration_detection: DetectionResult,
+                           validation_detection: DetectionResult | None = None) -> str:
+    """Fill the rejections table (:func:`rejection_columns`) and store the report text on it.
+
+    The text (:func:`detection_report_text`) goes into the table's
+    :data:`ATTR_DETECTION_REPORT` attribute, so a saved scene keeps both.
+
+    Returns
+    -------
+    str
+        The report text.
+    """
+    text = detection_report_text(calibration_detection, validation_detection)
+    fill_table(table_node, rejection_columns(calibration_detection, validation_detection))
+    table_node.SetAttribute(ATTR_DETECTION_REPORT, text)
+    return text
+
+
 def _table_node(scene, node, name: str):
     if node is None:
         return scene.AddNewNodeByClass(_TABLE_CLASS, scene.GenerateUniqueName(name))
@@ -936,8 +1110,8 @@ def fill_table(table_node, columns) -> None:
     ----------
     table_node : vtkMRMLTableNode
     columns : list of (name, values, unit)
-        Equal-length columns; values of str -> string column, of int -> int column, else
-        double (NaN kept).
+        Equal-length columns; values of str (or a numpy str array, even empty) -> string
+        column, of int -> int column, else double (NaN kept).
     """
     if table_node is None or not table_node.IsA(_TABLE_CLASS):
         got = "None" if table_node is None else table_node.GetClassName()
@@ -949,8 +1123,9 @@ def fill_table(table_node, columns) -> None:
     try:
         table_node.RemoveAllColumns()
         for name, values, unit in columns:
+            is_text = isinstance(values, np.ndarray) and values.dtype.kind in "US"  # also when empty
             values = list(values)
-            if values and all(isinstance(v, str) for v in values):
+            if is_text or (values and all(isinstance(v, str) for v in values)):
                 array = vtk.vtkStringArray()
                 for v in values:
                     array.InsertNextValue(v)
