@@ -118,6 +118,8 @@ FreehandUS follows the coordinate conventions and file formats of the PLUS toolk
         )
         # The PLUS sample recordings in the Sample Data module, once Slicer has started.
         slicer.app.connect("startupCompleted()", registerSampleData)
+        # PLUS's INVALID tracking of recordings Slicer's own reader loads, kept from then on.
+        slicer.app.connect("startupCompleted()", observeLoadedRecordings)
 
 
 #
@@ -148,6 +150,20 @@ def registerSampleData():
             thumbnailFileName=icon,
             customDownloader=lambda source: FreehandUSLogic().loadSampleData(source.sampleName),
         )
+
+
+def observeLoadedRecordings():
+    """Keep PLUS's INVALID tracking of every recording Slicer's reader loads into the scene.
+
+    Called when Slicer has started (and when the panel opens, for a module loaded later): a
+    ``FreehandUSLib.plus_status_observer`` on ``slicer.mrmlScene`` (one per scene) marks the
+    frames a PLUS file lists as ``TransformStatus = INVALID`` as soon as File > Add Data (or
+    File > Open) has read it, so they stay invalid through File > Save even when no FreehandUS
+    module was opened before. It imports only what Slicer bundles: no dependency check needed.
+    """
+    from FreehandUSLib.plus_status_observer import observe
+
+    observe(slicer.mrmlScene)
 
 
 #
@@ -448,6 +464,7 @@ class FreehandUSWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget.setMRMLScene(slicer.mrmlScene)
 
         self.logic = FreehandUSLogic()
+        observeLoadedRecordings()  # already done at start-up unless the module was loaded later
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)

@@ -70,7 +70,11 @@ transform sequence was read from a PLUS file by ``vtkMRMLLinearTransformSequence
 the status is read back from that file, and the index values of its INVALID frames are kept
 on the sequence node (``FreehandUS.InvalidItems``, a scene attribute): Slicer's ``.seq.mha``
 writer, at File > Save, writes those frames with ``TransformStatus = OK``, and the attribute
-keeps them invalid once the scene is opened again.
+keeps them invalid once the scene is opened again. The status is read
+(:func:`mark_plus_invalid_items`) the first time :func:`browser_to_sequence` reads the
+sequence and, in 3D Slicer, as soon as Slicer's reader has read the file: the Freehand US
+module installs a :class:`~FreehandUSLib.plus_status_observer.PlusStatusObserver` on the scene
+at start-up, so a scene saved before any module looked at the recording keeps them too.
 """
 
 from __future__ import annotations
@@ -117,6 +121,7 @@ __all__ = [
     "ATTR_METADATA_PREFIX",
     "ATTR_SEQUENCES_SOURCE",
     "ATTR_INVALID_ITEMS",
+    "mark_plus_invalid_items",
 ]
 
 logger = logging.getLogger(__name__)
@@ -984,14 +989,9 @@ def _read_transform_sequence(seq_node, image_index_values, image_ts, *, what: st
         mats[k] = vtk_to_matrix(m)
         valid[k] = _text_bool(node.GetAttribute(ATTR_TRANSFORM_VALID), default=True)
         values.append(seq_node.GetNthIndexValue(k))
-    status = _metafile_transform_status(seq_node)
-    invalid_items = set((seq_node.GetAttribute(ATTR_INVALID_ITEMS) or "").split())
-    lost = {v for v, ok in status.items() if not ok} - invalid_items
-    if lost:  # keep PLUS's INVALID through Slicer's File > Save (its writer writes OK)
-        invalid_items |= lost
-        seq_node.SetAttribute(ATTR_INVALID_ITEMS, " ".join(sorted(invalid_items, key=_index_sort_key)))
-    if status or invalid_items:
-        valid &= np.array([status.get(v, True) and v not in invalid_items for v in values], dtype=bool)
+    invalid_items = set(mark_plus_invalid_items(seq_node))
+    if invalid_items:
+        valid &= np.array([v not in invalid_items for v in values], dtype=bool)
     n = len(image_index_values)
     if values == list(image_index_values):
         return mats, valid
@@ -1013,6 +1013,45 @@ def _read_transform_sequence(seq_node, image_index_values, image_ts, *, what: st
         )
     t = _index_to_seconds(seq_node, values)
     return interpolate_transforms(t, mats, valid, image_ts)
+
+
+def mark_plus_invalid_items(seq_node) -> list[str]:
+    """Keep on a transform sequence the items its PLUS file marks ``TransformStatus = INVALID``.
+
+    Slicer's ``vtkMRMLLinearTransformSequenceStorageNode`` reads every matrix of a PLUS
+    sequence metafile and drops ``Seq_Frame<i>_<Name>TransformStatus``; its ``.seq.mha`` writer
+    (File > Save) then writes those frames ``OK``. While the sequence's storage node still
+    points to the PLUS file, the status is read back from that file's header and the index
+    values of its INVALID items are added to the ``FreehandUS.InvalidItems`` attribute (saved
+    in the scene file), where :func:`browser_to_sequence` finds them after any save and
+    reload. Items already listed stay listed; nothing is ever removed.
+
+    Called by :func:`browser_to_sequence` and, as soon as Slicer's reader has read a file, by
+    :class:`~FreehandUSLib.plus_status_observer.PlusStatusObserver`.
+
+    Parameters
+    ----------
+    seq_node : vtkMRMLSequenceNode
+
+    Returns
+    -------
+    list of str
+        Every index value the attribute now lists (seconds, as the sequence writes them),
+        sorted by time; empty when there are none.
+    """
+    invalid_items = set((seq_node.GetAttribute(ATTR_INVALID_ITEMS) or "").split())
+    status = _metafile_transform_status(seq_node)
+    lost = {v for v, ok in status.items() if not ok} - invalid_items
+    if lost:
+        invalid_items |= lost
+        seq_node.SetAttribute(ATTR_INVALID_ITEMS, " ".join(sorted(invalid_items, key=_index_sort_key)))
+        logger.info(
+            "sequence %s: %d items marked TransformStatus = INVALID in %s kept as invalid",
+            seq_node.GetName(),
+            len(lost),
+            seq_node.GetStorageNode().GetFileName(),
+        )
+    return sorted(invalid_items, key=_index_sort_key)
 
 
 def _index_sort_key(value: str):
