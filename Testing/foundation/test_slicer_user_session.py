@@ -9,7 +9,8 @@ One flow, as a user does it with the three modules:
 2. File > Save with Slicer's default writers, File > Open of the saved scene. Slicer's
    ``.seq.mha`` writer writes the lost frame ``TransformStatus = OK``; it stays invalid because
    the first read kept PLUS's status in the scene (``FreehandUS.InvalidItems``). A scene saved
-   before any module read the recording loses it: nothing of ours runs at File > Add Data;
+   before any module read the recording keeps it too, through the observer the Freehand US
+   module installs at start-up (test_plus_status_observer.py);
 3. N-Wire calibration of the reloaded fCal browsers (``NWireCalibrationLib.mrml_calibration``,
    what the module's Logic calls): the same ImageToProbe as the command line's Lib call on the
    files themselves;
