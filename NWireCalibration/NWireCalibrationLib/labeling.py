@@ -20,21 +20,36 @@ The geometric prior (Liu et al. 2025, "N-wire structural prior") accepts only se
    (:func:`pose_residual_mm`).
 
 Among the accepted sets the one with the largest total dot strength wins. Distances are
-measured in mm using an approximate pixel spacing, so the defaults carry across depths; the
-scale factors are bounded by ``scale_range`` to tolerate a spacing hint that is off by some
-tens of percent.
+measured in mm using an approximate pixel spacing; the scale factors are bounded by
+``scale_range`` to tolerate a spacing hint that is off by some tens of percent.
+
+Where the tolerances come from
+------------------------------
+Nothing here is tuned on one phantom or one image size. The absolute tolerances (distances,
+collinearity, the 3D check) absorb the error of a dot centre, which has two parts: one that does
+not shrink with the pixel (the echo's centre is biased by the beam width and the wire's
+thickness, and a real phantom's wires sit a few tenths of a mm off its drawing: the ``_mm``
+floors, physical) and one that grows with the pixel (sub-pixel localisation and quantisation:
+the ``_px`` terms, times the image's pixel spacing; statistical, a few times the detector's
+sub-pixel error; none for the 3D check, see ``max_wire_distance_px``). Each tolerance is the
+larger of the two, and at most
+``geometry_fraction`` of the phantom's smallest separation (:func:`min_separation_mm`: a dot of
+the neighbouring wire or layer is at least that far, so a tolerance below a fraction of it
+cannot take one for the other). :meth:`LabelingSettings.resolved` computes them for a phantom
+and a pixel spacing; :func:`label_dots` does so itself. The relative tolerances
+(``collinearity_eps``, ``parallel_eps``, ``alpha_margin``, ``scale_range``) are scale-free.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from .phantom import NWirePhantom
 
 __all__ = ["LabelingSettings", "LabelingResult", "label_dots", "order_pattern_dots", "pose_residual_mm",
-           "REJECTION_REASONS"]
+           "min_separation_mm", "REJECTION_REASONS"]
 
 #: Why a frame is rejected: stable codes (JSON, counts) and what each means. ``reason`` texts
 #: add the specifics (which pattern and wires, which numbers).
@@ -56,34 +71,65 @@ REJECTION_REASONS = {
 }
 
 
+def min_separation_mm(phantom: NWirePhantom) -> float:
+    """The smallest distance between two different wires' crossings that the labeling tells apart, mm.
+
+    The smaller of the smallest step between the phantom's layers (a line of the neighbouring
+    pattern) and half its smallest side-wire spacing (the diagonal's crossing can lie anywhere
+    between the side wires; half the spacing is where it is equally far from both), both in a cut
+    perpendicular to the wires. The labeling tolerances stay below a fraction of it
+    (:attr:`LabelingSettings.geometry_fraction`).
+    """
+    half_side = 0.5 * float(np.min(phantom.side_spacings_mm))
+    layers = np.unique(np.round(np.asarray(phantom.layer_offsets_mm, dtype=np.float64), 6))
+    steps = np.diff(layers)
+    steps = steps[steps > 0]
+    return min(half_side, float(steps.min())) if steps.size else half_side
+
+
 @dataclass(frozen=True)
 class LabelingSettings:
-    """Tolerances of the N-wire geometric filter (defaults: the paper's, in physical units).
+    """Tolerances of the N-wire geometric filter.
+
+    The relative ones are the paper's (scale-free); the absolute ones are derived for each
+    phantom and pixel spacing (module docstring, :meth:`resolved`): ``max(<name>_mm,
+    <name>_px * pixel spacing)``, at most ``geometry_fraction`` times the phantom's
+    :func:`min_separation_mm`.
 
     Attributes
     ----------
     collinearity_eps : float
-        Middle dot distance from line AC relative to ``|AC|`` (paper 0.05).
+        Middle dot distance from line AC relative to ``|AC|`` (paper 0.05; scale-free).
     parallel_eps : float
         Largest slope difference between pattern lines (paper 0.05; slopes measured along the
-        main direction).
+        main direction; scale-free).
     distance_tolerance_mm : float
-        Allowed deviation of line spacings and side distances from the common-scale prediction
-        (paper: 10 px, about 0.8 mm at 0.078 mm/px).
+        Allowed deviation of line spacings and side distances from the common-scale prediction:
+        the physical floor (a dot centre's bias from the echo's shape and the phantom's build
+        tolerance, which do not shrink with the pixel). 0.8 mm is the paper's 10 px at the
+        0.078 mm/px of its images, where the pixel term is below it.
+    distance_tolerance_px : float
+        ... and the part that grows with the pixel: this many pixels (statistical: the
+        deviation of a distance between two sub-pixel dot centres, about 0.5 px per dot, times
+        about 5; a coarse image's correct sets deviate by 2-3 px).
     alpha_margin : float
-        Slack on the diagonal's alpha range.
+        Slack on the diagonal's alpha range (scale-free: the error of ``|AB|/|AC|``).
     scale_range : (float, float)
         Allowed ratio between image distances (mm, using the spacing hint) and phantom
         distances. 1 when the image plane is perpendicular to the wires; larger when tilted.
+        Physical choices: a spacing hint off by up to 20 % (0.8) and a tilt of the image plane
+        from the wires' normal up to 66 deg (2.5 = 1 / cos 66 deg).
     max_line_angle_deg : float
         Lines steeper than this (from the image x axis) are rejected (PLUS: 70 deg).
-    collinearity_max_mm : float
+    collinearity_max_mm, collinearity_max_px : float
         Absolute cap on the middle dot's distance from line AC (the three crossings are exactly
-        collinear; this only has to absorb localisation noise).
+        collinear; this only has to absorb localisation noise): physical floor and pixel term,
+        as for the distances (the perpendicular error of the middle of three noisy dots is about
+        that of a distance between two).
     max_triples : int
-        Cap on candidate lines kept (the strongest), bounds the search.
+        Cap on candidate lines kept (the strongest), bounds the search (computation).
     beam_width : int
-        Partial assignments kept per pattern in the search.
+        Partial assignments kept per pattern in the search (computation).
     main_slope_window : bool
         Search first among the lines within ``parallel_eps`` of the main slope (the paper's
         sliding-window step) and fall back to all lines. Off by default: when false lines (from
@@ -93,32 +139,72 @@ class LabelingSettings:
     max_wire_distance_mm : float
         3D consistency check (:func:`pose_residual_mm`): after fitting one image-plane pose and
         pixel spacing, every dot must lie within this distance of its wire. A set containing a
-        dot of another echo fails by about that dot's displacement. Correct sets stay below
-        0.2 mm in simulations and 0.45 mm on PLUS's fCal 2.0 recordings. 0 disables.
+        dot of another echo fails by about that dot's displacement. The physical floor: correct
+        sets stay below 0.2 mm in simulations and 0.45 mm on PLUS's fCal 2.0 recordings (a real
+        phantom's wires are a few tenths of a mm off its drawing). 0 disables.
+    max_wire_distance_px : float
+        ... and a pixel term, 0 by default: a middle dot moved along its line is consistent with
+        another point of the diagonal wire, and such a wrong set's distance is a physical length
+        (0.7-1.8 mm for a speckle peak some pixels off on fCal 2.0 at 0.8 mm/px), not a number of
+        pixels, so a limit that grows with the pixel lets it through. At coarse spacings the
+        check refuses some correct sets instead; the sequence stage labels those from the
+        tracked prediction, which does not use it.
+    geometry_fraction : float
+        The absolute tolerances stay below this fraction of :func:`min_separation_mm` (a
+        wrong wire or layer is at least 0.8 times that separation away in the image; a quarter
+        leaves room for the noise of both dots).
     verify_top : int
-        Best-scoring complete sets tried against the 3D check before giving up.
+        Best-scoring complete sets tried against the 3D check before giving up (computation).
     """
 
     collinearity_eps: float = 0.05
     parallel_eps: float = 0.05
     distance_tolerance_mm: float = 0.8
+    distance_tolerance_px: float = 4.0
     alpha_margin: float = 0.08
     scale_range: tuple = (0.8, 2.5)
     max_line_angle_deg: float = 70.0
     collinearity_max_mm: float = 1.0
+    collinearity_max_px: float = 4.0
     max_triples: int = 2000
     beam_width: int = 400
     main_slope_window: bool = False
     max_wire_distance_mm: float = 0.6
+    max_wire_distance_px: float = 0.0
+    geometry_fraction: float = 0.25
     verify_top: int = 30
 
     def __post_init__(self):
-        for name in ("collinearity_eps", "parallel_eps", "distance_tolerance_mm"):
+        for name in ("collinearity_eps", "parallel_eps", "distance_tolerance_mm", "geometry_fraction"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: expected a positive number, got {getattr(self, name)!r}")
+        for name in ("distance_tolerance_px", "collinearity_max_px", "max_wire_distance_px", "max_wire_distance_mm"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name}: expected a number >= 0, got {getattr(self, name)!r}")
         lo, hi = self.scale_range
         if not 0 < lo < hi:
             raise ValueError(f"scale_range: expected 0 < low < high, got {self.scale_range!r}")
+
+    def resolved(self, phantom: NWirePhantom, pixel_spacing_mm) -> LabelingSettings:
+        """These settings with the absolute tolerances (mm) derived for a phantom and a pixel spacing.
+
+        Each of ``distance_tolerance_mm``, ``collinearity_max_mm`` and ``max_wire_distance_mm``
+        (unless 0: disabled) becomes ``min(geometry_fraction * min_separation_mm(phantom),
+        max(<name>_mm, <name>_px * spacing))``, spacing the mean of ``pixel_spacing_mm`` (mm/px).
+        Resolving resolved settings again (same phantom and spacing) changes nothing.
+        """
+        sp = float(np.mean(np.broadcast_to(np.asarray(pixel_spacing_mm, dtype=np.float64), (2,))))
+        if not sp > 0:
+            raise ValueError(f"pixel_spacing_mm: expected a positive spacing (mm/px), got {pixel_spacing_mm!r}")
+        cap = self.geometry_fraction * min_separation_mm(phantom)
+
+        def derive(mm, px):
+            return min(cap, max(mm, px * sp))
+
+        return replace(self, distance_tolerance_mm=derive(self.distance_tolerance_mm, self.distance_tolerance_px),
+                       collinearity_max_mm=derive(self.collinearity_max_mm, self.collinearity_max_px),
+                       max_wire_distance_mm=(derive(self.max_wire_distance_mm, self.max_wire_distance_px)
+                                             if self.max_wire_distance_mm > 0 else 0.0))
 
 
 @dataclass(frozen=True, eq=False)
@@ -265,6 +351,8 @@ def label_dots(candidates_px, strength, phantom: NWirePhantom, pixel_spacing_mm,
     pixel_spacing_mm : float or (sx, sy)
         Approximate mm per pixel (a hint; errors of ~20 % are tolerated by ``scale_range``).
     settings : LabelingSettings, optional
+        Its absolute tolerances are derived for ``phantom`` and ``pixel_spacing_mm``
+        (:meth:`LabelingSettings.resolved`).
 
     Returns
     -------
@@ -279,6 +367,7 @@ def label_dots(candidates_px, strength, phantom: NWirePhantom, pixel_spacing_mm,
     if cand.shape[0] < need:
         return _failed(phantom, "too-few-dots", f"{cand.shape[0]} dot candidates, {need} needed")
     sp = np.broadcast_to(np.asarray(pixel_spacing_mm, dtype=np.float64), (2,))
+    s = s.resolved(phantom, sp)
     q = cand * sp
     st = st / max(st.max(), 1e-12)
     lines = _candidate_lines(q, st, phantom, s)

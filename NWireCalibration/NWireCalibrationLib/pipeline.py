@@ -178,25 +178,41 @@ def make_detector(name: str, phantom: NWirePhantom, pixel_spacing_mm, *, clip_re
     ----------
     name : str
         One of :data:`DETECTORS`.
+    labeling : LabelingSettings, optional
+        Its absolute tolerances are derived for ``phantom`` and ``pixel_spacing_mm``
+        (:meth:`~.labeling.LabelingSettings.resolved`) before the detector gets them.
     """
     key = name.lower()
+    if key not in DETECTORS:
+        raise ValueError(f"detector: expected one of {', '.join(DETECTORS)}, got {name!r}")
+
+    def resolved(settings: LabelingSettings) -> LabelingSettings:
+        # The tolerances derived for this phantom and spacing, so that the detector's own checks
+        # (the 3D check on the sub-pixel dots) use the same numbers as the labeling. A bad
+        # spacing is left to the detector, which names it.
+        try:
+            sp = np.asarray(pixel_spacing_mm, dtype=np.float64)
+        except (TypeError, ValueError):
+            return settings
+        if sp.size not in (1, 2) or not np.all(np.isfinite(sp) & (sp > 0)):
+            return settings
+        return settings.resolved(phantom, sp)
+
     if key == "hessian":
         return HessianDetector(phantom, pixel_spacing_mm, settings=hessian or HessianSettings(),
-                               labeling=labeling or LabelingSettings(), clip_rectangle_px=clip_rectangle_px)
+                               labeling=resolved(labeling or LabelingSettings()), clip_rectangle_px=clip_rectangle_px)
     if key == "plus":
         return PlusStyleDetector(phantom, pixel_spacing_mm, clip_rectangle_px=clip_rectangle_px,
-                                 labeling=labeling or plus_labeling_settings(segmentation),
+                                 labeling=resolved(labeling or plus_labeling_settings(segmentation)),
                                  **({} if segmentation is None else {
                                      "opening_circle_radius_mm": segmentation.morphological_opening_circle_radius_mm,
                                      "opening_bar_size_mm": segmentation.morphological_opening_bar_size_mm,
                                      "threshold_image_percent": segmentation.threshold_image_percent}))
     if key == "agcfd":
         return AgcfdDetector(phantom, pixel_spacing_mm, clip_rectangle_px=clip_rectangle_px,
-                             labeling=labeling or LabelingSettings())
-    if key == "tacd":
-        return TacdDetector(phantom, pixel_spacing_mm, clip_rectangle_px=clip_rectangle_px,
-                            labeling=labeling or LabelingSettings())
-    raise ValueError(f"detector: expected one of {', '.join(DETECTORS)}, got {name!r}")
+                             labeling=resolved(labeling or LabelingSettings()))
+    return TacdDetector(phantom, pixel_spacing_mm, clip_rectangle_px=clip_rectangle_px,
+                        labeling=resolved(labeling or LabelingSettings()))
 
 
 def probe_to_reference(sequence, *, probe: str = "Probe", reference: str = "Reference") -> np.ndarray:
@@ -311,7 +327,9 @@ def _sequence_stage(sequence, setup, det, pts, ok, cands, reasons, codes, spacin
         def search(i):
             points, strengths, *_ = det.candidates(sequence.frames[i], all_peaks=True)
             return points, strengths
-    half = max(1, int(round(0.5 / float(np.mean(spacing)))))  # 0.5 mm around a point
+    # 0.5 mm around a point (at least one pixel): a physical length, about a wire echo's extent,
+    # so a dot on the sector's edge still finds its own echo's pixels.
+    half = max(1, int(round(0.5 / float(np.mean(spacing)))))
 
     def imaged(i, points):
         """Any non-zero pixel within 0.5 mm of each point (outside a sector the screen is empty)."""
@@ -326,7 +344,7 @@ def _sequence_stage(sequence, setup, det, pts, ok, cands, reasons, codes, spacin
     return label_sequence(pts, ok, cands, setup.phantom, spacing, reasons=reasons, reason_codes=codes,
                           probe_to_reference=poses, phantom_to_reference=setup.phantom_to_reference, verify=verify,
                           search=search, settings=settings, imaged=imaged,
-                          max_wire_distance_mm=getattr(getattr(det, "labeling", None), "max_wire_distance_mm", None),
+                          labeling=getattr(det, "labeling", None),
                           image_size_px=None if len(sequence.frames) == 0 else sequence.frames[0].shape[1::-1])
 
 

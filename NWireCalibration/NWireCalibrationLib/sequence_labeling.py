@@ -33,8 +33,12 @@ neighbours'. After every frame has been labelled alone (:mod:`.labeling`), this 
    matching, the border rule and the single-frame 3D check ("neighbours" stage).
 
 Every radius and tolerance is in pixels of the frame, derived from the accepted frames'
-prediction errors, with floors in mm converted by the pixel spacing hint; nothing is tuned on
-one recording. A frame that stays rejected keeps its single-frame reason, with why the
+prediction errors (robust statistics: 95th percentiles, medians). Their floors are the larger of
+a physical length in mm (converted by the pixel spacing hint) and a few pixels (sub-pixel
+localisation and the pixel grid of the candidates), and the jump floor stays below half the
+phantom's smallest wire separation (:func:`~.labeling.min_separation_mm`), so a wrong label one
+wire over is refused on small phantoms too; the search radius stays below a fraction of the
+frame's smallest predicted dot distance. Nothing is tuned on one recording. A frame that stays rejected keeps its single-frame reason, with why the
 sequence could not label it appended.
 """
 
@@ -46,7 +50,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import CalibrationError
-from .labeling import LabelingSettings, pose_residual_mm
+from .labeling import LabelingSettings, min_separation_mm, pose_residual_mm
 from .phantom import NWirePhantom
 from .solvers import MIN_CALIBRATION_FRAMES, calibrate_ransac_lm
 
@@ -70,18 +74,28 @@ class SequenceSettings:
     max_gap_frames : int
         Neighbours used for a prediction lie at most this many frames away.
     min_radius_mm : float
-        Floor of the search radius around a predicted dot (the localisation noise of a dot).
+        Floor of the search radius around a predicted dot: the localisation error of a dot that
+        does not shrink with the pixel (physical: the echo's size) ...
+    min_radius_px : float
+        ... or this many pixels, whichever is larger (a candidate peak on the pixel grid lies up
+        to 0.71 px from the true centre; one pixel leaves room for the prediction's noise, and no
+        more, so a strong peak next to a faint echo is not taken for it).
     radius_factor : float
         The radius is this many times the 95th percentile of the prediction's error on the
         accepted frames (when that is above the floor).
     max_radius_fraction : float
         The radius stays below this fraction of the smallest distance between two predicted
-        dots of the frame, so a dot cannot be taken for its neighbour wire's.
+        dots of the frame, so a dot cannot be taken for its neighbour wire's (geometric: below
+        one half, with room for the noise of both dots).
     jump_factor : float
         An accepted labelling is refused when a dot lies farther from the prediction than this
-        many times the 95th percentile of the accepted frames' errors ...
+        many times the 95th percentile of the accepted frames' errors (statistical) ...
     min_jump_mm : float
-        ... and farther than this (a wrong label is a wire spacing or a screen mark away).
+        ... and farther than this (a wrong label is a wire spacing or a screen mark away; a
+        physical length, the error of a correct dot never reaches it) ...
+    min_jump_fraction : float
+        ... which is at most this fraction of the phantom's smallest wire separation
+        (:func:`~.labeling.min_separation_mm`; geometric: a label one wire over is that far).
     min_strength_ratio : float
         A recovered dot's detector response is at least this fraction of the median of the
         frame's recovered dots (a noise peak where an echo is missing is refused).
@@ -94,10 +108,12 @@ class SequenceSettings:
     enabled: bool = True
     max_gap_frames: int = 3
     min_radius_mm: float = 1.0
+    min_radius_px: float = 1.0
     radius_factor: float = 2.0
     max_radius_fraction: float = 0.4
     jump_factor: float = 3.0
     min_jump_mm: float = 2.0
+    min_jump_fraction: float = 0.5
     min_strength_ratio: float = 0.2
     model_iterations: int = 300
     seed: int = 0
@@ -105,7 +121,8 @@ class SequenceSettings:
     def __post_init__(self):
         if int(self.max_gap_frames) < 1:
             raise ValueError(f"max_gap_frames: expected >= 1, got {self.max_gap_frames!r}")
-        for name in ("min_radius_mm", "radius_factor", "max_radius_fraction", "jump_factor", "min_jump_mm"):
+        for name in ("min_radius_mm", "min_radius_px", "radius_factor", "max_radius_fraction", "jump_factor",
+                     "min_jump_mm", "min_jump_fraction"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: expected a positive number, got {getattr(self, name)!r}")
 
@@ -244,12 +261,12 @@ def _pattern_names(phantom: NWirePhantom, k: int) -> str:
     return f"pattern {k + 1} ({', '.join(phantom.patterns[k].names)})"
 
 
-def _not_collinear(points_px, phantom: NWirePhantom, spacing_mm):
+def _not_collinear(points_px, phantom: NWirePhantom, spacing_mm, s: LabelingSettings):
     """First pattern whose middle dot is off the line of its side dots (labelling's collinearity test), else None.
 
     The three crossings of an N-wire pattern are collinear; dots taken from noise peaks are not.
+    ``s``: the labeling settings resolved for the phantom and spacing.
     """
-    s = LabelingSettings()
     q = np.asarray(points_px, dtype=np.float64) * spacing_mm
     for k in range(phantom.n_patterns):
         a, b, c = q[3 * k: 3 * k + 3]
@@ -271,7 +288,7 @@ def _radius(pred_px, base_px: float, s: SequenceSettings) -> float:
 
 def label_sequence(points_px, ok, candidates, phantom: NWirePhantom, pixel_spacing_mm, *, reasons, reason_codes,
                    probe_to_reference=None, phantom_to_reference=None, verify=None, search=None,
-                   image_size_px=None, imaged=None, max_wire_distance_mm=None,
+                   image_size_px=None, imaged=None, max_wire_distance_mm=None, labeling=None,
                    settings: SequenceSettings | None = None) -> SequenceOutcome:
     """Refuse labels that jump and label failed frames from the sequence (see the module docstring).
 
@@ -304,7 +321,12 @@ def label_sequence(points_px, ok, candidates, phantom: NWirePhantom, pixel_spaci
     imaged : callable(frame index, (n_wires, 2) points px) -> (n_wires,) bool, optional
         Whether each point lies in the imaged area (not on the empty screen around a sector).
     max_wire_distance_mm : float, optional
-        The single-frame 3D check's limit for the image-space stage (default: the labeling's).
+        The single-frame 3D check's limit for the image-space stage (default: the labeling's,
+        derived for the phantom and spacing).
+    labeling : LabelingSettings, optional
+        The single-frame labeling's settings (default :class:`~.labeling.LabelingSettings`),
+        resolved for the phantom and spacing (:meth:`~.labeling.LabelingSettings.resolved`):
+        their collinearity test and 3D check apply to the recovered frames.
     settings : SequenceSettings, optional
 
     Returns
@@ -327,7 +349,8 @@ def label_sequence(points_px, ok, candidates, phantom: NWirePhantom, pixel_spaci
     has_image = np.array([c != "no-image" for c in codes], dtype=bool)  # frames without an image stay rejected
     spacing_mm = np.broadcast_to(np.asarray(pixel_spacing_mm, dtype=np.float64), (2,))
     mm_to_px = 1.0 / float(np.mean(spacing_mm))
-    floor_px = s.min_radius_mm * mm_to_px
+    floor_px = max(s.min_radius_mm * mm_to_px, s.min_radius_px)
+    min_jump_px = min(s.min_jump_mm, s.min_jump_fraction * min_separation_mm(phantom)) * mm_to_px
     summary = {"tracked_model": {"used": False}, "recovered": {"tracked": [], "neighbours": []}, "refused": []}
     if not s.enabled or n == 0:
         summary["enabled"] = False
@@ -336,7 +359,8 @@ def label_sequence(points_px, ok, candidates, phantom: NWirePhantom, pixel_spaci
     if verify is None:
         def verify(i, p):
             return p, "", ""
-    limit = LabelingSettings().max_wire_distance_mm if max_wire_distance_mm is None else float(max_wire_distance_mm)
+    lab = (labeling or LabelingSettings()).resolved(phantom, spacing_mm)
+    limit = lab.max_wire_distance_mm if max_wire_distance_mm is None else float(max_wire_distance_mm)
     searched = {}
 
     def search_in(i):
@@ -349,7 +373,7 @@ def label_sequence(points_px, ok, candidates, phantom: NWirePhantom, pixel_spaci
         refined, code, text = verify(i, guess)
         if refined is None:
             return text or code
-        bent = _not_collinear(refined, phantom, spacing_mm)
+        bent = _not_collinear(refined, phantom, spacing_mm, lab)
         if bent is not None:
             return f"the dots of {_pattern_names(phantom, bent)} are not on one line"
         if predicted_px is not None:
@@ -362,7 +386,7 @@ def label_sequence(points_px, ok, candidates, phantom: NWirePhantom, pixel_spaci
                 return (f"the refined dot of {phantom.wire_names[w]} lies {off[w]:.1f} px from the prediction "
                         f"(radius {radius_px:.1f} px)")
         else:
-            res = pose_residual_mm(refined, phantom)
+            res = pose_residual_mm(refined, phantom) if limit > 0 else 0.0
             if not res <= limit:
                 return f"its dots fail the 3D check ({res:.2f} mm > {limit:g} mm)"
         pts[i] = refined
@@ -397,7 +421,7 @@ def label_sequence(points_px, ok, candidates, phantom: NWirePhantom, pixel_spaci
             if corrected:
                 loo.append(float(np.linalg.norm(pts[i] - p, axis=1).max()))
         scale_raw = _p95(raw[inl], floor_px)
-        jump_px = max(s.jump_factor * scale_raw, s.min_jump_mm * mm_to_px)
+        jump_px = max(s.jump_factor * scale_raw, min_jump_px)
         base_px = max(floor_px, s.radius_factor * _p95(loo, floor_px))
         summary["tracked_model"] = {"used": True, "frames": int(inl.sum()), "error_p95_px": round(scale_raw, 2),
                                     "jump_tolerance_px": round(jump_px, 2), "radius_px": round(base_px, 2)}
@@ -481,7 +505,7 @@ def label_sequence(points_px, ok, candidates, phantom: NWirePhantom, pixel_spaci
         # scale robust to a few, 2.5 medians (about the 95th percentile of well-behaved errors).
         finite = interp[np.isfinite(interp)]
         scale = min(_p95(finite, floor_px), 2.5 * float(np.median(finite))) if finite.size else floor_px
-        jump_px = max(s.jump_factor * scale, s.min_jump_mm * mm_to_px)
+        jump_px = max(s.jump_factor * scale, min_jump_px)
         summary["image_jump_tolerance_px"] = round(jump_px, 2)
         padded = np.nan_to_num(np.concatenate([[0.0], interp, [0.0]]), nan=0.0)
         # Only the frame that jumps most: its neighbours' interpolations include it and deviate by half.
