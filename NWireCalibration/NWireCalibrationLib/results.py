@@ -58,14 +58,18 @@ def format_stages(counts: dict, refused: list) -> str:
     return text
 
 
-def format_rejections(rejected: list, counts: dict, indent: str = "  ", *, max_frames: int = 20) -> str:
+def format_rejections(rejected: list, counts: dict, indent: str = "  ", *, max_frames: int = 20,
+                      verb: str = "rejected") -> str:
     """Text of rejected frames: the counts by reason, then one line per frame (at most ``max_frames``).
 
-    ``rejected``: ``[{"index", "reason_code", "reason"}]``; ``counts``: code -> frames.
+    ``rejected``: ``[{"index", "reason_code", "reason"}]``; ``counts``: code -> frames; ``verb``:
+    what happened to them (``"dropped"`` for validation frames, which only leave the validation
+    errors).
     """
     if not rejected:
-        return f"{indent}no frame rejected"
-    lines = [f"{indent}rejected {len(rejected)} frames: " + ", ".join(f"{n} {code}" for code, n in counts.items())]
+        return f"{indent}no frame {verb}"
+    lines = [f"{indent}{verb} {len(rejected)} frame{'s' if len(rejected) != 1 else ''}: "
+             + ", ".join(f"{n} {code}" for code, n in counts.items())]
     for r in rejected[:max_frames]:
         lines.append(f"{indent}  frame {r['index']}: {r['reason_code']}" + (f": {r['reason']}" if r.get("reason") else ""))
     if len(rejected) > max_frames:
@@ -370,7 +374,8 @@ class CalibrationResult:
             if stages.get(name):
                 lines.append("    " + format_stages(stages[name], refused.get(name, [])))
             if rejected.get(name):
-                lines.append(format_rejections(rejected[name], counts.get(name, {}), "    ", max_frames=10))
+                lines.append(format_rejections(rejected[name], counts.get(name, {}), "    ", max_frames=10,
+                                               verb="rejected" if name == "calibration" else "dropped"))
         if "time_offset_s" in self.info:
             detail = self.info.get("time_offset") or {}
             lines.append(f"  time offset {1000 * float(self.info['time_offset_s']):+.1f} ms "

@@ -100,6 +100,10 @@ def test_rejected_and_dropped_frames_are_reported_with_reasons_and_stage_counts(
     assert "3 frames rejected: " in report
     for code in set(codes):
         assert f"{code}: {REJECTION_REASONS[code]}" in report
+    # The result's text (the CLI's and the panel's result label) says the same.
+    text = str(out.result)
+    assert "    rejected 3 frames: " in text and "    dropped 1 frame: 1 " + codes[rows["validation", 5]] in text
+    assert "frame 5: " + codes[rows["validation", 5]] in text.split("validation recording:")[1]
 
 
 def test_refused_and_recovered_frames_are_counted_per_stage(scene):
