@@ -477,6 +477,8 @@ class FreehandUSWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.liveButton.connect("toggled(bool)", self.onLiveButton)
         self.ui.reconstructionProgressBar.hide()
         self.ui.cancelReconstructionButton.hide()
+        self.ui.recordingProgressBar.hide()
+        self.ui.cancelRecordingButton.hide()
 
         self._liveTimer = qt.QTimer()
         self._liveTimer.connect("timeout()", self.onLiveTimer)
@@ -598,23 +600,34 @@ class FreehandUSWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.liveButton.blockSignals(wasBlocked)
         self.ui.liveButton.text = _("Stop live reconstruction") if live else _("Live")
 
+    def _recordingWork(self, what: str) -> CancellableWork:
+        """Progress bar + Cancel button of the recording section (load, info, save)."""
+        return CancellableWork(self.ui.recordingProgressBar, self.ui.cancelRecordingButton, what, self.ui.infoLabel)
+
     def onLoadButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to load the tracked sequence."), waitCursor=True):
-            parameters = self._parameterNode
-            parameters.inputBrowser = self.logic.loadSequence(
-                parameters.sequencePath, parameters.imageToProbe
-            )
+            with self._recordingWork(_("Loading")) as work:
+                parameters = self._parameterNode
+                parameters.inputBrowser = self.logic.loadSequence(
+                    parameters.sequencePath, parameters.imageToProbe, progress=work.progress, cancel=work.token
+                )
 
     def onInfoButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to read the tracked sequence."), waitCursor=True):
-            info = self.logic.sequenceSummary(self._parameterNode.inputBrowser)
-            self.ui.infoLabel.text = summaryText(info)
+            with self._recordingWork(_("Reading the recording")) as work:
+                info = self.logic.sequenceSummary(
+                    self._parameterNode.inputBrowser, progress=work.progress, cancel=work.token
+                )
+                self.ui.infoLabel.text = summaryText(info)
 
     def onSaveButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to save the tracked sequence."), waitCursor=True):
-            parameters = self._parameterNode
-            written = self.logic.saveSequence(parameters.inputBrowser, parameters.outputSequencePath)
-            slicer.util.showStatusMessage(_("Saved {path}").format(path=written), 3000)
+            with self._recordingWork(_("Saving")) as work:
+                parameters = self._parameterNode
+                written = self.logic.saveSequence(
+                    parameters.inputBrowser, parameters.outputSequencePath, progress=work.progress, cancel=work.token
+                )
+                slicer.util.showStatusMessage(_("Saved {path}").format(path=written), 3000)
 
     def onLoadConfigButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to read the PLUS configuration."), waitCursor=True):
@@ -743,7 +756,7 @@ class FreehandUSLogic(ScriptedLoadableModuleLogic):
     def getParameterNode(self) -> FreehandUSParameterNode:
         return FreehandUSParameterNode(super().getParameterNode())
 
-    def loadSequence(self, path, imageToProbeNode=None, *, name=None):
+    def loadSequence(self, path, imageToProbeNode=None, *, name=None, progress=None, cancel=None):
         """Read a tracked sequence file into a new sequence browser.
 
         Parameters
@@ -756,6 +769,10 @@ class FreehandUSLogic(ScriptedLoadableModuleLogic):
             image with it and the browser references this node.
         name : str, optional
             Name of the browser node (default: the file name without its extensions).
+        progress : callable(done, total), optional
+            Reading the file, then making the nodes.
+        cancel : FreehandUSLib.jobs.CancelToken, optional
+            Stops the load within a fraction of a second; no node stays in the scene.
 
         Returns
         -------
@@ -764,18 +781,18 @@ class FreehandUSLogic(ScriptedLoadableModuleLogic):
         """
         path = Path(path)
         ensureRequirements()
-        from FreehandUSLib.io import read_sequence
-        from FreehandUSLib.mrml import sequence_to_browser
+        from FreehandUSLib.mrml import load_sequence_file
 
         imageToProbe = None
         if imageToProbeNode is not None:
             imageToProbe = np.array(slicer.util.arrayFromTransformMatrix(imageToProbeNode))
-        sequence = read_sequence(path)
-        browserNode = sequence_to_browser(
+        browserNode = load_sequence_file(
             slicer.mrmlScene,
-            sequence,
+            path,
             image_to_probe=imageToProbe,
             browser_name=name or _browserNameFromPath(path),
+            progress=progress,
+            cancel=cancel,
         )
         browserNode.SetAttribute(SOURCE_FILE_ATTRIBUTE, str(path))
         if imageToProbeNode is not None:
@@ -818,12 +835,14 @@ class FreehandUSLogic(ScriptedLoadableModuleLogic):
                 loaded["config"] = str(path)
         return loaded
 
-    def sequenceFromBrowser(self, browserNode):
+    def sequenceFromBrowser(self, browserNode, *, progress=None, cancel=None):
         """The tracked sequence held by a browser (frames in MF, named transforms, timestamps).
 
         Parameters
         ----------
         browserNode : vtkMRMLSequenceBrowserNode
+        progress : callable(done, total), optional
+        cancel : FreehandUSLib.jobs.CancelToken, optional
 
         Returns
         -------
@@ -834,30 +853,35 @@ class FreehandUSLogic(ScriptedLoadableModuleLogic):
         ensureRequirements()
         from FreehandUSLib.mrml import browser_to_sequence
 
-        return browser_to_sequence(browserNode)
+        return browser_to_sequence(browserNode, progress=progress, cancel=cancel)
 
-    def saveSequence(self, browserNode, path) -> Path:
+    def saveSequence(self, browserNode, path, *, progress=None, cancel=None) -> Path:
         """Write the recording held by ``browserNode`` to ``path`` (format from the file name).
+
+        ``progress``/``cancel`` as for :meth:`loadSequence`: a cancelled save writes no file
+        and leaves an existing ``path`` as it was.
 
         Returns
         -------
         pathlib.Path
             The file written; also stored in the browser's ``FreehandUS.SavedFile`` attribute.
         """
+        if browserNode is None:
+            raise ValueError("saveSequence: browserNode is None; select a sequence browser")
         path = Path(path)
         ensureRequirements()
-        from FreehandUSLib.io import write_sequence
+        from FreehandUSLib.mrml import save_browser_sequence
 
-        written = Path(write_sequence(self.sequenceFromBrowser(browserNode), path))
+        written = save_browser_sequence(browserNode, path, progress=progress, cancel=cancel)
         browserNode.SetAttribute(SAVED_FILE_ATTRIBUTE, str(written))
         return written
 
-    def sequenceSummary(self, browserNode) -> dict:
+    def sequenceSummary(self, browserNode, *, progress=None, cancel=None) -> dict:
         """What ``freehandus info --json`` reports for the recording held by ``browserNode``."""
         ensureRequirements()
         from FreehandUSLib.cli import sequence_info
 
-        sequence = self.sequenceFromBrowser(browserNode)
+        sequence = self.sequenceFromBrowser(browserNode, progress=progress, cancel=cancel)
         return sequence_info(sequence, path=browserNode.GetAttribute(SOURCE_FILE_ATTRIBUTE))
 
     # -- volume reconstruction ---------------------------------------------------------------

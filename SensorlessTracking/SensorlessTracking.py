@@ -385,6 +385,13 @@ class SensorlessTrackingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
 
         return FreehandUS.CancellableWork(self.ui.estimateProgressBar, self.ui.cancelEstimateButton, what, statusLabel)
 
+    def _preparation(self, what: str):
+        """The training bar + Cancel button around preparing sweeps before a training/adaptation process."""
+        import FreehandUS
+
+        return FreehandUS.CancellableWork(self.ui.trainProgressBar, self.ui.cancelTrainButton, what,
+                                          self.ui.trainStatusLabel)
+
     def onInputInfoButton(self) -> None:
         import FreehandUS
 
@@ -453,14 +460,22 @@ class SensorlessTrackingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             if parameters.trainFineTune and parameters.modelChoice != ModelChoice.DECORRELATION:
                 initModel = self.logic.modelFromParameterNode(parameters) or "default"
             # Trains in a separate process: Slicer stays usable; the timer shows its progress.
-            self._trainJob = self.logic.startTraining(
-                browsers,
-                parameters.trainOutputDirectory,
-                epochs=parameters.trainEpochs,
-                initModel=initModel,
-                image_size="fit" if parameters.trainFitImage else None,
-                device=parameters.device.value,
-            )
+            # The sweeps are prepared here first, with the same bar and Cancel button.
+            job = None
+            with self._preparation(_("Preparing the training sweeps")) as work:
+                job = self.logic.startTraining(
+                    browsers,
+                    parameters.trainOutputDirectory,
+                    epochs=parameters.trainEpochs,
+                    initModel=initModel,
+                    image_size="fit" if parameters.trainFitImage else None,
+                    device=parameters.device.value,
+                    prepareProgress=work.progress,
+                    cancel=work.token,
+                )
+            if job is None:  # cancelled while preparing
+                return
+            self._trainJob = job
             self.ui.trainProgressBar.maximum = max(int(parameters.trainEpochs), 1)
             self.ui.trainProgressBar.value = 0
             self.ui.trainProgressBar.show()
@@ -476,13 +491,20 @@ class SensorlessTrackingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         with slicer.util.tryWithErrorDisplay(_("Adaptation failed to start."), waitCursor=True):
             base = self.logic.modelFromParameterNode(parameters)
             # Adapts in a separate process, shown by the training timer (same events).
-            self._trainJob = self.logic.startAdaptation(
-                browsers,
-                Path(parameters.trainOutputDirectory) / "adapted_probe.pt",
-                base=base if base not in (None, "decorrelation") else "default",
-                fineTune=parameters.adaptFineTune,
-                device=parameters.device.value,
-            )
+            job = None
+            with self._preparation(_("Reading the recordings")) as work:
+                job = self.logic.startAdaptation(
+                    browsers,
+                    Path(parameters.trainOutputDirectory) / "adapted_probe.pt",
+                    base=base if base not in (None, "decorrelation") else "default",
+                    fineTune=parameters.adaptFineTune,
+                    device=parameters.device.value,
+                    prepareProgress=work.progress,
+                    cancel=work.token,
+                )
+            if job is None:  # cancelled while reading
+                return
+            self._trainJob = job
             self.ui.trainProgressBar.maximum = 3 if parameters.adaptFineTune else 1
             self.ui.trainProgressBar.value = 0
             self.ui.trainProgressBar.show()
@@ -757,10 +779,14 @@ class SensorlessTrackingLogic(ScriptedLoadableModuleLogic):
             browserNodes, outputDirectory, epochs=epochs, init_model=initModel, progress=progress, **options
         )
 
-    def startTraining(self, browserNodes, outputDirectory, *, epochs=20, initModel=None, **options):
+    def startTraining(self, browserNodes, outputDirectory, *, epochs=20, initModel=None, prepareProgress=None,
+                      cancel=None, **options):
         """Start training in a separate process (Slicer's Python) and return at once.
 
         Same inputs as :meth:`trainFromBrowsers` (checked here, before the process starts).
+        The sweeps are read and resampled here first: ``prepareProgress(done, total)`` shows it
+        and ``cancel`` (a ``FreehandUSLib.jobs.CancelToken``) stops it within a second, before
+        any process starts.
 
         Returns
         -------
@@ -774,11 +800,12 @@ class SensorlessTrackingLogic(ScriptedLoadableModuleLogic):
         from SensorlessTrackingLib import mrml_tracking
 
         return mrml_tracking.start_training_job(
-            browserNodes, outputDirectory, epochs=epochs, init_model=initModel, **options
-        )
+            browserNodes, outputDirectory, epochs=epochs, init_model=initModel, prepare_progress=prepareProgress,
+            cancel=cancel, **options,
+        )  # fmt: skip
 
     def startAdaptation(self, browserNodes, outputPath, *, base="default", fineTune=False, device="cpu",
-                        imageToProbe=None):
+                        imageToProbe=None, prepareProgress=None, cancel=None):
         """Adapt a model to the probe of tracked recordings, in a separate process; returns at once.
 
         Parameters
@@ -794,6 +821,8 @@ class SensorlessTrackingLogic(ScriptedLoadableModuleLogic):
         device : {"cpu", "cuda", "auto"}
         imageToProbe : (4, 4) array, optional
             Calibration of recordings with ProbeToReference only.
+        prepareProgress, cancel : optional
+            As for :meth:`startTraining` (reading the recordings before the process starts).
 
         Returns
         -------
@@ -805,8 +834,9 @@ class SensorlessTrackingLogic(ScriptedLoadableModuleLogic):
         from SensorlessTrackingLib import mrml_tracking
 
         return mrml_tracking.start_adaptation_job(
-            browserNodes, outputPath, base=base, fine_tune=fineTune, device=device, image_to_probe=imageToProbe
-        )
+            browserNodes, outputPath, base=base, fine_tune=fineTune, device=device, image_to_probe=imageToProbe,
+            prepare_progress=prepareProgress, cancel=cancel,
+        )  # fmt: skip
 
 
 #

@@ -13,6 +13,10 @@ rules, and the tests run them headless.
 - :func:`scene_rollback` -- a context manager: when the work inside raises (Cancelled or an
   error), every node added to the MRML scene meanwhile is removed again, so no half-made
   output stays.
+- :func:`step_progress` -- the ``progress`` of one step of a longer job, scaled into the
+  job's whole bar; :func:`write_cancellable` -- a file writer without a progress hook of its
+  own run on a worker thread into a private folder, its files put in place only when not
+  cancelled (a cancelled save leaves no file and the old file untouched).
 - :class:`ProcessJob` -- a command run as a separate process (training: ``python -m
   SensorlessTrackingLib.train_job``) whose standard output is JSON lines (``{"event":
   "progress", "done": 3, "total": 10}``...); a reader thread queues them, :meth:`ProcessJob.poll`
@@ -33,11 +37,14 @@ import json
 import logging
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 from .errors import FreehandUSError
 
@@ -50,6 +57,8 @@ __all__ = [
     "JobError",
     "ProgressRelay",
     "run_in_thread",
+    "step_progress",
+    "write_cancellable",
     "wait_for_event",
 ]
 
@@ -189,6 +198,97 @@ def run_in_thread(fn, *, cancel: CancelToken, heartbeat=None, poll_s: float = 0.
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"]
+
+
+#: The bar's length of :func:`step_progress` (per mille of the whole job).
+STEP_TOTAL = 1000
+
+
+def step_progress(progress, start: float, stop: float):
+    """``progress(done, total)`` of one step, reported as the ``[start, stop]`` part of a whole job.
+
+    Parameters
+    ----------
+    progress : callable(done, total) or None
+        The whole job's callback (e.g. :func:`cancellable_progress`, which also checks the token).
+    start, stop : float
+        Fractions of the job (0 <= start <= stop <= 1) the step covers.
+
+    Returns
+    -------
+    callable(done, total) or None
+        Calls ``progress(d, STEP_TOTAL)`` with ``d`` the step's position in per mille of the
+        job; None when ``progress`` is None.
+    """
+    if progress is None:
+        return None
+    if not 0.0 <= start <= stop <= 1.0:
+        raise ValueError(f"step_progress: need 0 <= start <= stop <= 1, got {start}, {stop}")
+
+    def report(done, total):
+        fraction = min(max(done / total, 0.0), 1.0) if total else 1.0
+        progress(int(round(STEP_TOTAL * (start + (stop - start) * fraction))), STEP_TOTAL)
+
+    return report
+
+
+def write_cancellable(write, path, *, cancel: CancelToken, heartbeat=None, poll_s: float = 0.1):
+    """Run ``write(target)`` on a worker thread; its files replace those at ``path`` unless cancelled.
+
+    For a file writer that has no progress hook (a recording's compressed metafile can take
+    several seconds): ``write`` writes into a new private folder beside ``path`` (so a header
+    and its data file, ``.mhd`` + ``.raw``, are written together), and only once it has ended,
+    and the work was not cancelled, are its files moved next to ``path`` (``os.replace``, file
+    by file). Meanwhile this thread checks ``cancel`` and calls ``heartbeat`` every ``poll_s``
+    seconds (:func:`run_in_thread`). When cancelled, nothing is moved: ``path`` keeps its old
+    content (or stays absent), and the worker removes the private folder when it ends. A cancel
+    that comes while the files are being moved is too late: the call then returns normally.
+
+    Parameters
+    ----------
+    write : callable(Path) -> Path or None
+        Writes the file named like ``path`` in the folder it is given; must not touch MRML.
+    path : str or Path
+        The file to write.
+    cancel : CancelToken
+
+    Returns
+    -------
+    Path
+        ``path``.
+
+    Raises
+    ------
+    Cancelled
+        When cancelled before the files were moved.
+    """
+    path = os.path.abspath(os.fspath(path))
+    folder = os.path.dirname(path)
+    lock = threading.Lock()
+    state = {"published": False}
+
+    def work():
+        private = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".part", dir=folder)
+        try:
+            write(Path(private) / os.path.basename(path))
+            with lock:
+                if cancel.cancelled:
+                    return None
+                for name in sorted(os.listdir(private), key=lambda n: n == os.path.basename(path)):
+                    os.replace(os.path.join(private, name), os.path.join(folder, name))  # the header last
+                state["published"] = True
+            return path
+        finally:
+            shutil.rmtree(private, ignore_errors=True)
+
+    try:
+        run_in_thread(work, cancel=cancel, heartbeat=heartbeat, poll_s=poll_s)
+    except Cancelled:
+        with lock:
+            if not state["published"]:
+                raise
+        logger.info("%s: cancelled after it was written; kept", path)
+    return Path(path)
 
 
 def _node_ids(scene) -> set:

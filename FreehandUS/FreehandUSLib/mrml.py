@@ -95,6 +95,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without Slicer/s
         "(pip install slicer-core); the rest of FreehandUSLib works without it"
     ) from exc
 
+from . import jobs
 from .errors import FileFormatError, SequenceError, TransformError
 from .sequence import TrackedSequence
 from .transforms import check_matrix, interpolate_transforms, split_transform_name
@@ -103,6 +104,8 @@ from .volume import Volume
 __all__ = [
     "sequence_to_browser",
     "browser_to_sequence",
+    "load_sequence_file",
+    "save_browser_sequence",
     "image_placement",
     "ImagePlacement",
     "volume_to_node",
@@ -160,6 +163,9 @@ _VTK_TO_NUMPY_OK = (np.uint8, np.float32)
 #: Slicer's sequence metafile reader keeps 3 decimals of each time (s); a transform time this
 #: close to an image time is that image's time rounded.
 _ROUNDED_INDEX_TOLERANCE_S = 0.5e-3 + 1e-9
+#: Frames (or transform items) between two progress reports (and cancel checks): well under
+#: 0.1 s of copying even for large frames.
+_REPORT_EVERY = 16
 
 
 # -- matrices -------------------------------------------------------------------------------
@@ -315,6 +321,8 @@ def sequence_to_browser(
     image_name: str = "Image",
     reference_frame: str = "Reference",
     browser_name: str | None = None,
+    progress=None,
+    cancel=None,
 ):
     """Put a tracked sequence into the scene as sequences + a browser, like a PLUS recording.
 
@@ -337,6 +345,12 @@ def sequence_to_browser(
         The recording's name (e.g. the file name without extensions), default ``"Recording"``;
         made unique in the scene. It names the browser and is the ``<base>`` of the sequence
         (``<base>-<Source>-Seq``) and proxy (``<base>-<Source>``) names.
+    progress : callable(done, total), optional
+        Called every few frames (frames and transform items copied into the sequences).
+    cancel : FreehandUSLib.jobs.CancelToken, optional
+        Checked at every report: raises :class:`~FreehandUSLib.jobs.Cancelled` within a
+        fraction of a second of a cancel. Whenever this function raises (cancelled or an
+        error), the nodes it added are removed again: the scene is left as it was.
 
     Returns
     -------
@@ -379,6 +393,19 @@ def sequence_to_browser(
     geometry_name, image_to_ref, geom_valid = _image_geometry(
         sequence, image_to_probe=image_to_probe, fixed=fixed, reference_frame=reference_frame
     )
+    report = _reporter(progress, cancel)
+    with jobs.scene_rollback(scene):
+        return _make_browser(
+            scene, sequence, geometry_name, image_to_ref, geom_valid, image_name=image_name,
+            reference_frame=reference_frame, browser_name=browser_name, report=report,
+        )  # fmt: skip
+
+
+def _make_browser(scene, sequence, geometry_name, image_to_ref, geom_valid, *, image_name, reference_frame,
+                  browser_name, report):
+    """The nodes of :func:`sequence_to_browser` (inputs checked), reporting to ``report``."""
+    n = sequence.n_frames
+    ts = sequence.timestamps_s
     index_values = [repr(float(t)) for t in ts]
     image_source = f"{image_name}_{reference_frame}" if geometry_name != _PIXEL_GEOMETRY else image_name
     base = _recording_base_name(scene, browser_name)
@@ -395,7 +422,16 @@ def sequence_to_browser(
     vector = frames.ndim == 4
     frame_node = _scratch_node(scene, "vtkMRMLVectorVolumeNode" if vector else "vtkMRMLScalarVolumeNode")
     frame_node.SetName(f"{base}-{image_source}")
+    good_items = {
+        name: np.flatnonzero(ft.valid & np.all(np.isfinite(ft.matrices), axis=(1, 2)))
+        for name, ft in sequence.transforms.items()
+    }
+    total = n + sum(g.size for g in good_items.values())
+    done = 0
     for i in range(n):
+        if report is not None and i % _REPORT_EVERY == 0:
+            report(done, total)
+        done += 1
         # No copy here: SetDataNodeAtValue deep-copies the node while `frames` is alive.
         frame_node.SetAndObserveImageData(_image_data(frames[i][np.newaxis], deep=False))
         frame_node.SetIJKToRASMatrix(matrix_to_vtk(image_to_ref[i]))
@@ -407,7 +443,7 @@ def sequence_to_browser(
 
     transform_seqs = []
     for name, ft in sequence.transforms.items():
-        good = np.flatnonzero(ft.valid & np.all(np.isfinite(ft.matrices), axis=(1, 2)))
+        good = good_items[name]
         if good.size == 0:
             logger.warning("sequence_to_browser: %s is invalid on every frame; no sequence made for it", name)
             continue
@@ -415,7 +451,10 @@ def sequence_to_browser(
         tseq.SetAttribute(ATTR_TRANSFORM_NAME, name)
         tnode = _scratch_node(scene, "vtkMRMLLinearTransformNode")
         tnode.SetName(f"{base}-{name}")
-        for i in good:  # an invalid frame has no item (PLUS/Slicer: TransformStatus = INVALID)
+        for k, i in enumerate(good):  # an invalid frame has no item (PLUS/Slicer: TransformStatus = INVALID)
+            if report is not None and k % _REPORT_EVERY == 0:
+                report(done, total)
+            done += 1
             tnode.SetMatrixTransformToParent(matrix_to_vtk(ft.matrices[i]))
             tseq.SetDataNodeAtValue(tnode, index_values[i])
         transform_seqs.append(tseq)
@@ -443,7 +482,7 @@ def sequence_to_browser(
     return browser
 
 
-def browser_to_sequence(browser_node) -> TrackedSequence:
+def browser_to_sequence(browser_node, *, progress=None, cancel=None) -> TrackedSequence:
     """Read a sequence browser back into a :class:`TrackedSequence`.
 
     Works on browsers made by :func:`sequence_to_browser` (exact round trip of frames,
@@ -467,6 +506,12 @@ def browser_to_sequence(browser_node) -> TrackedSequence:
       sequence name part), unless a transform sequence of that name exists; invalid where the
       frame's ``FreehandUS.TransformValid`` says so.
 
+    ``progress(done, total)`` is called every few frames and transform items (optional);
+    ``cancel`` (a :class:`~FreehandUSLib.jobs.CancelToken`, optional) is checked at each
+    report, so a long recording stops within a fraction of a second of a cancel. Reading
+    changes nothing in the scene but the ``FreehandUS.InvalidItems`` record of
+    :func:`mark_plus_invalid_items`.
+
     Raises
     ------
     TypeError
@@ -474,6 +519,8 @@ def browser_to_sequence(browser_node) -> TrackedSequence:
     SequenceError
         No volume sequence, no frames, frames of different shapes or 3D frames, or transform
         sequences that cannot be matched to the image items.
+    Cancelled
+        When ``cancel`` was cancelled.
     """
     if browser_node is None or not browser_node.IsA(_BROWSER_CLASS):
         got = "None" if browser_node is None else browser_node.GetClassName()
@@ -487,8 +534,13 @@ def browser_to_sequence(browser_node) -> TrackedSequence:
 
     index_values = [image_seq.GetNthIndexValue(i) for i in range(n)]
     timestamps = _index_to_seconds(image_seq, index_values)
+    report = _reporter(progress, cancel)
+    transform_seqs = [s for s in sequences if s is not image_seq]
+    total = n + sum(s.GetNumberOfDataNodes() for s in transform_seqs)
     frames, ijk_to_ras, geom_valid, image_ok, fields = [], [], [], [], {}
     for i in range(n):
+        if report is not None and i % _REPORT_EVERY == 0:
+            report(i, total)
         node = image_seq.GetNthDataNode(i)
         what = f"browser {bname!r}, {image_seq.GetName()!r} item {i}"
         if node is None or not node.IsA("vtkMRMLVolumeNode"):
@@ -516,15 +568,15 @@ def browser_to_sequence(browser_node) -> TrackedSequence:
         stack = stack.astype(np.float32)
 
     transforms = {}
-    for seq_node in sequences:
-        if seq_node is image_seq:
-            continue
+    done = n
+    for seq_node in transform_seqs:
         name = _transform_sequence_name(browser_node, seq_node)
-        if name is None:
-            continue
-        transforms[name] = _read_transform_sequence(
-            seq_node, index_values, timestamps, what=f"browser {bname!r}"
-        )
+        if name is not None:
+            step = None if report is None else (lambda k, m, start=done: report(start + k, total))
+            transforms[name] = _read_transform_sequence(
+                seq_node, index_values, timestamps, what=f"browser {bname!r}", report=step
+            )
+        done += seq_node.GetNumberOfDataNodes()
 
     geometry = _geometry_name_of(image_seq)
     if geometry is not None and geometry not in transforms:
@@ -545,6 +597,109 @@ def browser_to_sequence(browser_node) -> TrackedSequence:
         frame_fields=fields,
         metadata=metadata,
     )
+
+
+def load_sequence_file(
+    scene,
+    path,
+    *,
+    image_to_probe=None,
+    browser_name: str | None = None,
+    progress=None,
+    cancel=None,
+):
+    """Read a tracked sequence file into the scene as a sequence browser (:func:`sequence_to_browser`).
+
+    Parameters
+    ----------
+    scene : vtkMRMLScene
+    path : str or Path
+        ``.igs.mha``/``.igs.mhd`` (PLUS), ``.igs.nrrd``/``.seq.nrrd`` or ``.h5`` (TUS-REC);
+        frames flipped to MF on read (:func:`FreehandUSLib.io.read_sequence`).
+    image_to_probe, browser_name
+        As for :func:`sequence_to_browser`.
+    progress : callable(done, total), optional
+        The whole load: reading the file is the first half (no steps of its own: the bar
+        stays at its start while the file is read), making the nodes the second.
+    cancel : FreehandUSLib.jobs.CancelToken, optional
+        The file is then read on a worker thread while this thread checks the token and calls
+        ``progress`` every 0.1 s; a cancel stops the load within a fraction of a second and no
+        node stays in the scene.
+
+    Returns
+    -------
+    vtkMRMLSequenceBrowserNode
+
+    Raises
+    ------
+    FileFormatError, SequenceError, TransformError
+        As :func:`~FreehandUSLib.io.read_sequence` and :func:`sequence_to_browser`.
+    Cancelled
+        When cancelled (nothing added to the scene).
+    """
+    from .io import read_sequence
+
+    reading = jobs.step_progress(progress, 0.0, 0.5)
+    if cancel is None:
+        if reading is not None:
+            reading(0, 1)
+        sequence = read_sequence(path)
+    else:
+        relay = jobs.ProgressRelay(reading, cancel)
+        sequence = jobs.run_in_thread(lambda: read_sequence(path), cancel=cancel, heartbeat=relay.beat)
+    return sequence_to_browser(
+        scene,
+        sequence,
+        image_to_probe=image_to_probe,
+        browser_name=browser_name,
+        progress=jobs.step_progress(progress, 0.5, 1.0),
+        cancel=cancel,
+    )
+
+
+def save_browser_sequence(browser_node, path, *, progress=None, cancel=None) -> Path:
+    """Write the recording held by a browser to a file; the format follows the file name.
+
+    Parameters
+    ----------
+    browser_node : vtkMRMLSequenceBrowserNode
+        Read by :func:`browser_to_sequence`.
+    path : str or Path
+        ``.igs.mha``/``.igs.mhd``/``.seq.mha`` (PLUS metafile), ``.igs.nrrd``/``.seq.nrrd``
+        or ``.h5`` (:func:`FreehandUSLib.io.write_sequence`).
+    progress : callable(done, total), optional
+        The whole save: reading the browser is the first half, writing the file the second
+        (no steps of its own).
+    cancel : FreehandUSLib.jobs.CancelToken, optional
+        Checked while the browser is read; the file is then written on a worker thread into a
+        private folder beside ``path`` and put in place only when not cancelled
+        (:func:`~FreehandUSLib.jobs.write_cancellable`): a cancel leaves no new file and an
+        existing ``path`` as it was.
+
+    Returns
+    -------
+    Path
+        The file written.
+
+    Raises
+    ------
+    FileFormatError
+        A file name whose format is not known (before anything is read), or a write error.
+    Cancelled
+        When cancelled (nothing written).
+    """
+    from .io import sequence_format, write_sequence
+
+    sequence_format(path)  # an unknown extension fails before the browser is read
+    sequence = browser_to_sequence(browser_node, progress=jobs.step_progress(progress, 0.0, 0.5), cancel=cancel)
+    writing = jobs.step_progress(progress, 0.5, 1.0)
+    if cancel is None:
+        if writing is not None:
+            writing(0, 1)
+        return Path(write_sequence(sequence, path))
+    relay = jobs.ProgressRelay(writing, cancel)
+    return jobs.write_cancellable(lambda target: write_sequence(sequence, target), path, cancel=cancel,
+                                  heartbeat=relay.beat)
 
 
 @dataclass(frozen=True, eq=False)
@@ -976,13 +1131,15 @@ def _transform_sequence_name(browser, seq_node) -> str | None:
     return None
 
 
-def _read_transform_sequence(seq_node, image_index_values, image_ts, *, what: str):
+def _read_transform_sequence(seq_node, image_index_values, image_ts, *, what: str, report=None):
     """``(n_image, 4, 4)`` matrices and ``(n_image,)`` validity of a transform sequence at the image items."""
     m_count = seq_node.GetNumberOfDataNodes()
     mats = np.empty((m_count, 4, 4))
     valid = np.empty(m_count, dtype=bool)
     values = []
     for k in range(m_count):
+        if report is not None and k % _REPORT_EVERY == 0:
+            report(k, m_count)
         node = seq_node.GetNthDataNode(k)
         m = vtk.vtkMatrix4x4()
         node.GetMatrixTransformToParent(m)
@@ -1052,6 +1209,14 @@ def mark_plus_invalid_items(seq_node) -> list[str]:
             seq_node.GetStorageNode().GetFileName(),
         )
     return sorted(invalid_items, key=_index_sort_key)
+
+
+def _reporter(progress, cancel):
+    """``progress`` that also checks ``cancel`` (checked once now); None when both are None."""
+    if cancel is None:
+        return progress
+    cancel.check()
+    return jobs.cancellable_progress(progress, cancel)
 
 
 def _index_sort_key(value: str):

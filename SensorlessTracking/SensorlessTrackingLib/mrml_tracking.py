@@ -196,12 +196,12 @@ def _estimate_names(browser_node) -> set[str]:
     return names
 
 
-def _read_browser(browser_node, *, purpose: str) -> TrackedSequence:
+def _read_browser(browser_node, *, purpose: str, progress=None, cancel=None) -> TrackedSequence:
     """The browser's frames and transforms, without earlier estimates; >= 2 one-channel frames."""
     name = _check_browser(browser_node)
     _image_sequence(browser_node)  # names the browser when it holds no images
     try:
-        sequence = mrml.browser_to_sequence(browser_node)
+        sequence = mrml.browser_to_sequence(browser_node, progress=progress, cancel=cancel)
     except SequenceError as exc:
         raise SequenceError(f"cannot {purpose}: {exc}") from exc  # names the browser
     estimates = _estimate_names(browser_node)
@@ -1033,10 +1033,10 @@ def _reconstruct_estimated(browser_node, output_volume_node, bname: str, progres
 # --------------------------------------------------------------------------------------------
 
 
-def _training_recording(browser_node, image_to_probe):
+def _training_recording(browser_node, image_to_probe, *, progress=None, cancel=None):
     """(name, sequence, tracked ImageToReference (n, 4, 4), valid (n,)) of a training browser."""
     bname = _check_browser(browser_node, "training recording")
-    sequence = _read_browser(browser_node, purpose="train")
+    sequence = _read_browser(browser_node, purpose="train", progress=progress, cancel=cancel)
     truth = _tracked_image_to_reference(sequence, image_to_probe)
     if truth is None:
         raise TransformError(
@@ -1052,22 +1052,40 @@ def _training_recording(browser_node, image_to_probe):
     return bname, sequence, truth, valid
 
 
-def _training_sweep(browser_node, model_config, *, image_to_probe, margin_px: int):
-    """A PreparedSweep from a tracked browser (its own split group)."""
+def _training_sweep(browser_node, model_config, *, image_to_probe, margin_px: int, progress=None, cancel=None):
+    """A PreparedSweep from a tracked browser (its own split group).
+
+    ``progress``: reading the browser is its first half, resampling the frames the second (on a
+    worker thread when ``cancel`` is given: this thread reports and checks every 0.1 s).
+    """
     from .data import prepare_sweep
 
-    bname, sequence, truth, valid = _training_recording(browser_node, image_to_probe)
-    return prepare_sweep(
-        sequence.frames,
-        truth,
-        valid,
-        model_spacing_mm=model_config.pixel_spacing_mm,
-        image_size=model_config.image_size,
-        global_size=model_config.global_size,
-        margin_px=margin_px,
-        name=bname,
-        group=bname,
+    bname, sequence, truth, valid = _training_recording(
+        browser_node, image_to_probe, progress=jobs.step_progress(progress, 0.0, 0.5), cancel=cancel
     )
+
+    def prepare():
+        return prepare_sweep(
+            sequence.frames,
+            truth,
+            valid,
+            model_spacing_mm=model_config.pixel_spacing_mm,
+            image_size=model_config.image_size,
+            global_size=model_config.global_size,
+            margin_px=margin_px,
+            name=bname,
+            group=bname,
+        )
+
+    if cancel is None:
+        return prepare()
+    relay = jobs.ProgressRelay(jobs.step_progress(progress, 0.5, 1.0), cancel)
+    return jobs.run_in_thread(prepare, cancel=cancel, heartbeat=relay.beat)
+
+
+def _per_browser(progress, index: int, count: int):
+    """The part of ``progress`` (the whole preparation) that browser ``index`` of ``count`` covers."""
+    return jobs.step_progress(progress, index / count, (index + 1) / count)
 
 
 def _geometry(model_config) -> tuple:
@@ -1185,7 +1203,8 @@ def train_from_browsers(
     return train_epochs(cfg, sweeps, out_dir, progress=lambda done, total, _record: progress(done, total))
 
 
-def start_training_job(browser_nodes, out_dir, *, job_dir=None, python=None, **options):
+def start_training_job(browser_nodes, out_dir, *, job_dir=None, python=None, prepare_progress=None, cancel=None,
+                       **options):
     """Train on tracked browsers in a separate process; returns the running job at once.
 
     The sweeps are prepared here from the browsers (as :func:`train_from_browsers` does, with
@@ -1202,6 +1221,13 @@ def start_training_job(browser_nodes, out_dir, *, job_dir=None, python=None, **o
         Folder for the job files (default: a new temporary folder; ``job.job_dir``).
     python : str, optional
         The Python to run (default: this one).
+    prepare_progress : callable(done, total), optional
+        Progress of reading and resampling the browsers here, before the process starts
+        (one share per browser; the training's own progress comes from ``job.poll()``).
+    cancel : FreehandUSLib.jobs.CancelToken, optional
+        Checked while the sweeps are prepared (reading every few frames, the resampling on a
+        worker thread): a cancel stops within a fraction of a second, before any file is
+        written or process started; the scene is not changed by the preparation.
     **options
         The keyword options of :func:`train_from_browsers` except ``progress``.
 
@@ -1215,7 +1241,8 @@ def start_training_job(browser_nodes, out_dir, *, job_dir=None, python=None, **o
 
     Raises
     ------
-    The errors of :func:`train_from_browsers` about its inputs (before any process starts).
+    The errors of :func:`train_from_browsers` about its inputs (before any process starts);
+    :class:`~FreehandUSLib.jobs.Cancelled` when cancelled.
     """
     import tempfile
 
@@ -1225,7 +1252,9 @@ def start_training_job(browser_nodes, out_dir, *, job_dir=None, python=None, **o
 
     if "progress" in options:
         raise TypeError("start_training_job: progress comes from the job's events (job.poll()), not a callback")
-    cfg, sweeps, out_dir = _training_plan(browser_nodes, out_dir, **options)
+    cfg, sweeps, out_dir = _training_plan(browser_nodes, out_dir, progress=prepare_progress, cancel=cancel, **options)
+    if cancel is not None:
+        cancel.check()
     out_dir.mkdir(parents=True, exist_ok=True)
     job_dir = Path(job_dir) if job_dir is not None else Path(tempfile.mkdtemp(prefix="freehandus-train-"))
     spec = write_job(job_dir, cfg, sweeps, out_dir)
@@ -1241,7 +1270,8 @@ def start_training_job(browser_nodes, out_dir, *, job_dir=None, python=None, **o
 
 
 def start_adaptation_job(browser_nodes, out_path, *, base="default", fine_tune=False, max_minutes=15.0,
-                         image_to_probe=None, device="cpu", job_dir=None, python=None):
+                         image_to_probe=None, device="cpu", job_dir=None, python=None, prepare_progress=None,
+                         cancel=None):
     """Adapt a model to the probe of tracked browsers in a separate process; returns the running job.
 
     The tracked sweeps are read from the browsers here (frames without valid tracking or image
@@ -1259,7 +1289,8 @@ def start_adaptation_job(browser_nodes, out_path, *, base="default", fine_tune=F
     base : "default" (the shipped model) or a checkpoint path
     fine_tune, max_minutes, device : :class:`~SensorlessTrackingLib.adapt.AdaptConfig` settings
     image_to_probe : (4, 4) calibration for recordings with ProbeToReference only
-    job_dir, python : as for :func:`start_training_job`
+    job_dir, python, prepare_progress, cancel : as for :func:`start_training_job` (reading the
+        browsers here is what ``prepare_progress`` shows and ``cancel`` stops)
 
     Returns
     -------
@@ -1288,8 +1319,10 @@ def start_adaptation_job(browser_nodes, out_path, *, base="default", fine_tune=F
                             f"the result); {len(browser_nodes)} selected")
     cfg = AdaptConfig(fine_tune=bool(fine_tune), max_minutes=float(max_minutes), device=device)
     sequences = []
-    for b in browser_nodes:
-        bname, sequence, truth, valid = _training_recording(b, image_to_probe)
+    for index, b in enumerate(browser_nodes):
+        bname, sequence, truth, valid = _training_recording(
+            b, image_to_probe, progress=_per_browser(prepare_progress, index, len(browser_nodes)), cancel=cancel
+        )
         if not valid.all():
             logger.warning("%s: %d frames without valid tracking or image left out of the adaptation", bname,
                            int((~valid).sum()))
@@ -1297,6 +1330,8 @@ def start_adaptation_job(browser_nodes, out_path, *, base="default", fine_tune=F
                                 transforms={}, image_ok=np.ones(int(valid.sum()), dtype=bool))
         sweep.set_transform("ImageToReference", truth[valid])
         sequences.append((bname, sweep))
+    if cancel is not None:
+        cancel.check()
     job_dir = Path(job_dir) if job_dir is not None else Path(tempfile.mkdtemp(prefix="freehandus-adapt-"))
     spec = write_job(job_dir, sequences, out_path, base=base, config=cfg)
     package_roots = {str(Path(__file__).resolve().parents[1]), str(Path(mrml.__file__).resolve().parents[1])}
@@ -1309,8 +1344,12 @@ def start_adaptation_job(browser_nodes, out_path, *, base="default", fine_tune=F
 
 def _training_plan(browser_nodes, out_dir, *, epochs=None, model_config=None, init_model=None, image_size=None,
                    config=None, clips_per_epoch=None, batch_size=None, val_fraction=None, lr=None, seed=None,
-                   device=None, num_threads=None, image_to_probe=None):
-    """(TrainConfig, prepared sweeps, out_dir) of :func:`train_from_browsers`, every input checked."""
+                   device=None, num_threads=None, image_to_probe=None, progress=None, cancel=None):
+    """(TrainConfig, prepared sweeps, out_dir) of :func:`train_from_browsers`, every input checked.
+
+    ``progress``/``cancel``: of the sweeps' preparation (one share per browser; with
+    ``image_size="fit"`` the browsers are read once more before, checking ``cancel``).
+    """
     from .train import TrainConfig
 
     if browser_nodes is None:
@@ -1334,7 +1373,7 @@ def _training_plan(browser_nodes, out_dir, *, epochs=None, model_config=None, in
     if image_size is not None:
         base = model_config if model_config is not None else cfg.model
         if isinstance(image_size, str) and image_size == "fit":
-            image_size = _fitted_image_size(browser_nodes, base.pixel_spacing_mm, image_to_probe)
+            image_size = _fitted_image_size(browser_nodes, base.pixel_spacing_mm, image_to_probe, cancel=cancel)
         elif isinstance(image_size, str):
             raise ValueError(f"image_size must be (rows, cols) or 'fit', got {image_size!r}")
         model_config = replace(base, image_size=tuple(int(v) for v in image_size))
@@ -1354,8 +1393,11 @@ def _training_plan(browser_nodes, out_dir, *, epochs=None, model_config=None, in
     if int(cfg.epochs) < 1:
         raise ValueError(f"epochs must be at least 1, got {cfg.epochs}")
     sweeps = [
-        _training_sweep(b, cfg.model, image_to_probe=image_to_probe, margin_px=cfg.augment.crop_jitter_px)
-        for b in browser_nodes
+        _training_sweep(
+            b, cfg.model, image_to_probe=image_to_probe, margin_px=cfg.augment.crop_jitter_px,
+            progress=_per_browser(progress, index, len(browser_nodes)), cancel=cancel,
+        )  # fmt: skip
+        for index, b in enumerate(browser_nodes)
     ]
     out_dir = Path(out_dir)
     _check_resume(out_dir, cfg.model)
@@ -1366,14 +1408,14 @@ def _training_plan(browser_nodes, out_dir, *, epochs=None, model_config=None, in
     return cfg, sweeps, out_dir
 
 
-def _fitted_image_size(browser_nodes, spacing_mm: float, image_to_probe) -> tuple[int, int]:
+def _fitted_image_size(browser_nodes, spacing_mm: float, image_to_probe, *, cancel=None) -> tuple[int, int]:
     """The largest model input (pixels of ``spacing_mm``) that every training recording fills."""
     from .data import pixel_spacing_of
     from .input_size import field_of_view_mm, fitting_image_size
 
     names, fields = [], []
     for b in browser_nodes:  # one recording in memory at a time
-        bname, sequence, truth, valid = _training_recording(b, image_to_probe)
+        bname, sequence, truth, valid = _training_recording(b, image_to_probe, cancel=cancel)
         names.append(bname)
         fields.append(field_of_view_mm(sequence.frames.shape[1:3], pixel_spacing_of(truth, valid)))
     return fitting_image_size(fields, spacing_mm, names=names)
