@@ -180,7 +180,12 @@ _IMAGE_STATUS_FIELDS = ("ImageStatus", "Status")
 
 _MAX_LINE_BYTES = 1 << 20  # a header line longer than this is not a header line
 _CHUNK_BYTES = 1 << 20  # compressed bytes read at a time
-_FIRST_ALLOCATION_BYTES = 64 << 20  # output allocated for compressed data before it grows
+_FIRST_ALLOCATION_BYTES = 64 << 20  # output allocated for compressed data before it grows, at least
+# ... and up to this many times the compressed bytes: ultrasound frames deflate 2-10x, so a real
+# recording is read into one allocation (growing an array fills its new part with zeros, which
+# was a fifth of reading 1050 frames), while a header that promises more than its compressed
+# data hold still costs at most this factor of the file before the data run out.
+_FIRST_ALLOCATION_RATIO = 32
 _MAX_CHANNELS = 1024  # ElementNumberOfChannels above this is not an image
 _SIZE_FIELD_WIDTH = 20  # reserved characters for the patched CompressedDataSize value
 _DEFAULT_COMPRESSION_LEVEL = 6  # zlib's default, what PLUS uses
@@ -612,8 +617,9 @@ def _read_slabs(layout: _Layout, shape: tuple[int, ...], dtype, *, on_slab=None)
     element type when ``dtype`` differs. ``on_slab(i, out[i])`` runs after each slab. The data
     size is checked against the file before anything is allocated; uncompressed data are read
     into an array allocated once, compressed data into one that grows (doubling) as the data
-    arrive, so a header that promises more than its compressed data hold costs no more memory
-    than the data do.
+    arrive (the first allocation sized from the compressed bytes, see
+    ``_FIRST_ALLOCATION_RATIO``), so a header that promises more than its compressed data hold
+    costs no more memory than a constant factor of the data.
     """
     n = shape[0]
     slab_elems = math.prod(shape[1:])
@@ -626,7 +632,8 @@ def _read_slabs(layout: _Layout, shape: tuple[int, ...], dtype, *, on_slab=None)
     with open(layout.data_path, "rb") as f:
         source = source_cls(layout, f, expected)
         if layout.compressed:
-            capacity = min(n, max(1, _FIRST_ALLOCATION_BYTES // max(out_slab_bytes, 1)))
+            first = max(_FIRST_ALLOCATION_BYTES, _FIRST_ALLOCATION_RATIO * source.left)
+            capacity = min(n, max(1, first // max(out_slab_bytes, 1)))
         else:
             capacity = n
         check_memory(capacity * out_slab_bytes, layout.path, f"the pixel data ({layout.describe()})")
