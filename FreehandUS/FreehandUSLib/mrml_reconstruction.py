@@ -718,8 +718,11 @@ def _reconstruct_browser(browser_node, output_volume_node, image_to_probe_node, 
         opts = roi_node_options(roi_node, opts)
     opts = opts.replace(output_weight=coverage_volume_node is not None)
 
+    # Reading a long recording takes seconds: the bar stays at its start (it counts inserted
+    # frames) while the reads report, so Slicer's events run and a cancel is seen.
+    reading = None if progress is None else (lambda _done, _total: progress(0, 1))
     try:
-        sequence = mrml.browser_to_sequence(browser_node)
+        sequence = mrml.browser_to_sequence(browser_node, progress=reading, cancel=cancel)
     except SequenceError as exc:
         raise SequenceError(f"cannot reconstruct from browser {name!r}: {exc}") from exc
     fixed = dict(plus_config.coordinate_definitions.repository_fixed()) if plus_config is not None else {}

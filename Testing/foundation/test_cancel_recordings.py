@@ -349,3 +349,27 @@ def test_adaptation_reading_cancelled_starts_nothing(scene, tmp_path):
         reporter,
     )  # fmt: skip
     assert not (tmp_path / "job").exists() and not (tmp_path / "adapted.pt").exists()
+
+
+def test_reconstruction_cancelled_while_the_browser_is_read(scene, monkeypatch):
+    """Reading the recording (before any frame is inserted) reports and is cancelled too."""
+    from FreehandUSLib import mrml_reconstruction as mr
+
+    started = []
+    real = mr.reconstruct_volume
+    monkeypatch.setattr(mr, "reconstruct_volume", lambda *a, **k: started.append(1) or real(*a, **k))
+
+    seq, image_to_probe = _sweep()
+    browser = mrml.sequence_to_browser(scene, seq, image_to_probe=image_to_probe, reference_frame="Tracker",
+                                       browser_name="Sweep")  # fmt: skip
+    before = _browser_state(scene)
+    token = CancelToken("reconstruction")
+    reporter = CancelWhen(token, lambda done, total: len(reporter.reports) == 3)
+    _assert_stops_fast(
+        lambda: mr.reconstruct_browser_to_volume_node(browser, image_to_reference_transform="ImageToTracker",
+                                                      output_spacing_mm=1.0, progress=reporter, cancel=token),
+        reporter,
+    )  # fmt: skip
+    assert _browser_state(scene) == before
+    assert reporter.reports == [(0, 1)] * 3  # the bar at its start ...
+    assert started == []  # ... while reading: the reconstruction never started
