@@ -35,9 +35,11 @@ sub-pixel error; none for the 3D check, see ``max_wire_distance_px``). Each tole
 larger of the two, and at most
 ``geometry_fraction`` of the phantom's smallest separation (:func:`min_separation_mm`: a dot of
 the neighbouring wire or layer is at least that far, so a tolerance below a fraction of it
-cannot take one for the other). :meth:`LabelingSettings.resolved` computes them for a phantom
-and a pixel spacing; :func:`label_dots` does so itself. The relative tolerances
-(``collinearity_eps``, ``parallel_eps``, ``alpha_margin``, ``scale_range``) are scale-free.
+cannot take one for the other). The relative tolerances (``collinearity_eps``, ``parallel_eps``:
+the paper's 0.05) get the same pixel term over the shortest line a pattern can make, which on a
+coarse image is only a few tens of pixels long; ``alpha_margin`` and ``scale_range`` are
+scale-free. :meth:`LabelingSettings.resolved` computes all of them for a phantom and a pixel
+spacing; :func:`label_dots` does so itself.
 """
 
 from __future__ import annotations
@@ -99,10 +101,18 @@ class LabelingSettings:
     Attributes
     ----------
     collinearity_eps : float
-        Middle dot distance from line AC relative to ``|AC|`` (paper 0.05; scale-free).
+        Middle dot distance from line AC relative to ``|AC|`` (paper 0.05) ...
+    collinearity_eps_px : float
+        ... at least this many pixels over the shortest line a pattern makes
+        (``scale_range[0]`` times the smallest side-wire spacing): on a coarse image a short
+        line is a few tens of pixels, and a fraction of a pixel of noise on each dot bends it by
+        more than 5 % (statistical: about three times the perpendicular error of 0.5 px dots).
     parallel_eps : float
         Largest slope difference between pattern lines (paper 0.05; slopes measured along the
-        main direction; scale-free).
+        main direction) ...
+    parallel_eps_px : float
+        ... at least the slope of this many pixels over the shortest line (statistical: two
+        lines' slopes, each from end dots 0.5 px off, differ by about 1 px over the line).
     distance_tolerance_mm : float
         Allowed deviation of line spacings and side distances from the common-scale prediction:
         the physical floor (a dot centre's bias from the echo's shape and the phantom's build
@@ -158,7 +168,9 @@ class LabelingSettings:
     """
 
     collinearity_eps: float = 0.05
+    collinearity_eps_px: float = 1.5
     parallel_eps: float = 0.05
+    parallel_eps_px: float = 2.0
     distance_tolerance_mm: float = 0.8
     distance_tolerance_px: float = 4.0
     alpha_margin: float = 0.08
@@ -178,7 +190,8 @@ class LabelingSettings:
         for name in ("collinearity_eps", "parallel_eps", "distance_tolerance_mm", "geometry_fraction"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: expected a positive number, got {getattr(self, name)!r}")
-        for name in ("distance_tolerance_px", "collinearity_max_px", "max_wire_distance_px", "max_wire_distance_mm"):
+        for name in ("distance_tolerance_px", "collinearity_max_px", "max_wire_distance_px", "max_wire_distance_mm",
+                     "collinearity_eps_px", "parallel_eps_px"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name}: expected a number >= 0, got {getattr(self, name)!r}")
         lo, hi = self.scale_range
@@ -186,22 +199,29 @@ class LabelingSettings:
             raise ValueError(f"scale_range: expected 0 < low < high, got {self.scale_range!r}")
 
     def resolved(self, phantom: NWirePhantom, pixel_spacing_mm) -> LabelingSettings:
-        """These settings with the absolute tolerances (mm) derived for a phantom and a pixel spacing.
+        """These settings with the tolerances derived for a phantom and a pixel spacing.
 
         Each of ``distance_tolerance_mm``, ``collinearity_max_mm`` and ``max_wire_distance_mm``
         (unless 0: disabled) becomes ``min(geometry_fraction * min_separation_mm(phantom),
-        max(<name>_mm, <name>_px * spacing))``, spacing the mean of ``pixel_spacing_mm`` (mm/px).
-        Resolving resolved settings again (same phantom and spacing) changes nothing.
+        max(<name>_mm, <name>_px * spacing))``; ``collinearity_eps`` and ``parallel_eps`` become
+        ``max(<name>, <name>_px * spacing / shortest)``, ``shortest = scale_range[0] * min(side
+        spacings)`` (mm); spacing is the mean of ``pixel_spacing_mm`` (mm/px). Resolving resolved
+        settings again (same phantom and spacing) changes nothing.
         """
         sp = float(np.mean(np.broadcast_to(np.asarray(pixel_spacing_mm, dtype=np.float64), (2,))))
         if not sp > 0:
             raise ValueError(f"pixel_spacing_mm: expected a positive spacing (mm/px), got {pixel_spacing_mm!r}")
         cap = self.geometry_fraction * min_separation_mm(phantom)
+        # The shortest line a pattern can make in the image (mm): its side-wire spacing at the
+        # smallest scale. A few pixels of noise at its ends tilt it and bend it most.
+        shortest_mm = self.scale_range[0] * float(np.min(phantom.side_spacings_mm))
 
         def derive(mm, px):
             return min(cap, max(mm, px * sp))
 
-        return replace(self, distance_tolerance_mm=derive(self.distance_tolerance_mm, self.distance_tolerance_px),
+        return replace(self, collinearity_eps=max(self.collinearity_eps, self.collinearity_eps_px * sp / shortest_mm),
+                       parallel_eps=max(self.parallel_eps, self.parallel_eps_px * sp / shortest_mm),
+                       distance_tolerance_mm=derive(self.distance_tolerance_mm, self.distance_tolerance_px),
                        collinearity_max_mm=derive(self.collinearity_max_mm, self.collinearity_max_px),
                        max_wire_distance_mm=(derive(self.max_wire_distance_mm, self.max_wire_distance_px)
                                              if self.max_wire_distance_mm > 0 else 0.0))
