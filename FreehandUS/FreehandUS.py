@@ -107,7 +107,9 @@ and fCal N-wire recordings (with their PLUS configs) and loads them as sequence 
 <p>Runs on 3D Slicer 5.10 and later (their bundled Python 3.12). The Python packages it needs
 beyond Slicer's own (numba, OpenCV, pynrrd, h5py; listed with version bounds in the extension's
 <code>Resources/requirements.txt</code>) are installed on first use, after asking.</p>
-<p>See the <a href="https://github.com/freehandus/SlicerFreehandUS#readme">FreehandUS documentation</a>.</p>
+<p>Documentation: the extension's README and user guide, at the
+<a href="https://github.com/freehandus/SlicerFreehandUS#readme">FreehandUS repository</a> once it is
+published there (an assumed address, not yet confirmed).</p>
 """
         )
         self.parent.acknowledgementText = _(
