@@ -37,7 +37,8 @@ from FreehandUSLib.errors import FileFormatError, FreehandUSError
 from .conventions import SWEEP_DIRECTION_HELP, SWEEP_DIRECTIONS
 from .mirror_average import MODES
 
-__all__ = ["add_parsers", "read_image_to_probe", "with_input_transforms", "drift_against_tracking", "tracked_name"]
+__all__ = ["add_parsers", "read_image_to_probe", "with_input_transforms", "drift_against_tracking", "band_check",
+           "tracked_name"]
 
 log = logging.getLogger(__name__)
 
@@ -428,6 +429,18 @@ def drift_against_tracking(result, sequence, image_to_probe=None):
     return tracking_metrics(truth, estimate, (sequence.n_rows, sequence.n_cols))
 
 
+def tracking_drift_per_frame(true_image_to_reference, est_image_to_reference, image_shape) -> np.ndarray:
+    """(n,) distance (mm) of each frame's estimated image centre from the tracked one, the estimate
+    anchored at the tracked first frame (as :func:`.metrics.tracking_metrics`)."""
+    from .metrics import checked_trajectories
+
+    t, e = checked_trajectories(true_image_to_reference, est_image_to_reference)
+    e = t[0] @ np.linalg.inv(e[0]) @ e
+    rows, cols = image_shape
+    centre = np.array([(cols - 1) / 2.0, (rows - 1) / 2.0, 0.0, 1.0])
+    return np.linalg.norm((t @ centre)[:, :3] - (e @ centre)[:, :3], axis=1)
+
+
 def _cmd_predict(args) -> int:
     from FreehandUSLib.io import read_sequence, write_sequence
 
@@ -450,15 +463,30 @@ def _cmd_predict(args) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     written = write_sequence(with_input_transforms(result.sequence, seq), out)
     d = {**result.to_dict(), "input": str(args.sequence), "output": str(written)}
+    band = band_check(result, drift)
     if isinstance(drift, str):
         d["drift"], d["drift_note"] = None, drift
     else:
         d["drift"] = drift.to_dict()
+        d["drift_inside_band"] = None if band is None else band["inside"]
     if args.json:
         print(json.dumps(d, indent=2))
     else:
-        print(f"{result}\n  drift against the tracking: {drift}\n  wrote {written}")
+        inside = "" if band is None else f"\n  {band['text']}"
+        print(f"{result}\n  drift against the tracking: {drift}{inside}\n  wrote {written}")
     return 0
+
+
+def band_check(result, drift) -> dict | None:
+    """Whether the tracked final drift lies inside the estimate's 95 % drift band: ``inside``
+    (bool) and a sentence; None without tracking metrics or uncertainty."""
+    if isinstance(drift, str) or result.uncertainty is None:
+        return None
+    band = result.uncertainty.final_drift_band_mm
+    inside = bool(drift.final_drift_mm <= band)
+    return {"inside": inside,
+            "text": f"the tracked final drift {drift.final_drift_mm:.1f} mm is {'inside' if inside else 'OUTSIDE'} the "
+                    f"estimate's 95 % band of {band:.1f} mm"}
 
 
 def _check_sequence_output(text) -> Path:
@@ -541,6 +569,12 @@ def _cmd_evaluate(args) -> int:
         metrics["sweep_direction"] = args.sweep_direction
         metrics["direction_check"] = result.info.get("direction_check")
         metrics["frame_flags"] = result.info["frame_flags"]
+        unc = result.uncertainty
+        metrics["final_drift_band_mm"] = unc.final_drift_band_mm
+        metrics["drift_inside_band"] = bool(metrics["final_drift_mm"] <= unc.final_drift_band_mm)
+        metrics["frames_inside_band"] = float(np.mean(
+            tracking_drift_per_frame(truth, result.sequence.transforms["ImageToReference"].matrices, shape)
+            <= unc.drift_band_mm + 1e-9))
         metrics["warnings"] = result.info.get("warnings", [])
         rows[f"{name} ({result.method})" if name != result.method else name] = metrics
     if args.json:
@@ -564,6 +598,10 @@ def _cmd_evaluate(args) -> int:
                       f"(tracked {m['direction_check']['tracked_elevational_mm']:+.1f} mm, estimated "
                       f"{m['direction_check']['estimated_elevational_mm']:+.1f} mm): the sweep direction is not "
                       f"'{args.sweep_direction}'")
+            if m.get("final_drift_band_mm") is not None:
+                print(f"  {name}: final drift {m['final_drift_mm']:.1f} mm is {'inside' if m['drift_inside_band'] else 'OUTSIDE'} "
+                      f"the estimate's 95 % band of {m['final_drift_band_mm']:.1f} mm; "
+                      f"{100 * m['frames_inside_band']:.0f} % of the frames lie inside their band")
             if m.get("frame_flags") and (m["frame_flags"]["empty_frames"] or m["frame_flags"]["decorrelated_frames"]):
                 print(f"  {name}: {m['frame_flags']['empty_frames']} empty and {m['frame_flags']['decorrelated_frames']} "
                       "decorrelated frames (the images do not show the motion into them)")

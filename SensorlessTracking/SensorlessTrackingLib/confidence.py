@@ -1,4 +1,7 @@
-"""Frames where the images cannot tell the motion: empty frames and complete decorrelation.
+"""How far a sensorless estimate can be trusted: flagged frames and per-frame uncertainty.
+
+Flags
+-----
 
 Sensorless tracking reads the motion between two frames from what they share. Two kinds of
 frame share nothing with their neighbour, and the estimate of the motion into them is a guess:
@@ -15,6 +18,38 @@ pattern), the *typical* level the median correlation of neighbours, and a pair i
 its correlation lies below ``floor + decorrelated_fraction * (typical - floor)``.
 :func:`decorrelated_frames` returns one flag per frame; :func:`~.predict.track_sequence`
 reports them with every estimate.
+
+Uncertainty
+-----------
+:func:`frame_uncertainty` gives every frame-to-frame step a standard deviation per parameter and
+the sweep a **drift band**: how far (mm) the image centre of each frame may be from where the
+estimate puts it. The form was chosen by measurement (``Testing/benchmarks/bench_sensorless.py
+--uncertainty``, results in ``Testing/benchmarks/results/sensorless_uncertainty.json``) among
+cheap candidates that need no retraining: the size of the step itself, test-time augmentation
+spreads (left-right flip, backwards sweep, both, a 3-pixel shift, a gamma change, inference
+windows offset by 5 frames), the model's disagreement with its own estimate on every second
+frame (multi-gap consistency), and its disagreement with speckle decorrelation. Each was fitted
+on the training simulator and scored on 30 sweeps of the independent test simulator (never
+fitted on). None ranks the steps' errors well: Spearman correlation of sigma with the error of
+a step out of the plane 0.05 (step size) to 0.15 (flip + reverse, 3 extra passes of the
+model), all within 0.91-0.93 of the true steps inside +-2 sigma. For the drift band, what the
+user reads, the step size did as well as any (97 % of the frames inside the 95 % band, 100 %
+of the last frames; Spearman 0.47 between band and drift in % of the path over the sweeps,
+0.16-0.44 for the others) at no cost, where the others cost 0.25 to 3 extra passes. So the
+uncertainty of a step is ``sigma_k = sqrt(floor_k**2 + (per_step_k * step_k)**2)`` for each
+parameter ``k`` (``tx, ty, tz`` mm, ``rx, ry, rz`` degrees of the centred image-mm frame of
+:mod:`.pose`): larger for fast motion, where the estimate is least sure.
+
+A step into a flagged frame (empty or decorrelated) is unknown: its sigma is at least
+:attr:`UncertaintyCalibration.unknown_step` (the 99th percentile of the true steps of the
+training sweeps). Errors of a sweep do not cancel (they are mostly a wrong elevational scale,
+the same sign all along), so the band adds the steps' translation sigmas linearly:
+``drift_band_mm[i] = band_factor * sum_{j <= i} |sigma_t,j|``, with ``band_factor`` set so
+that 95 % of the frames of the calibration sweeps lie inside.
+
+The constants (:data:`LEARNED_CALIBRATION`, :data:`DECORRELATION_CALIBRATION`) were fitted by
+maximum likelihood on sweeps of the **training** simulator (held-out seeds, never on the
+independent one); the benchmark reports how well they hold on the independent simulator.
 """
 
 from __future__ import annotations
@@ -23,7 +58,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["FLAG_OK", "FLAG_EMPTY", "FLAG_DECORRELATED", "FrameFlags", "decorrelated_frames"]
+__all__ = [
+    "FLAG_OK",
+    "FLAG_EMPTY",
+    "FLAG_DECORRELATED",
+    "FrameFlags",
+    "decorrelated_frames",
+    "UncertaintyCalibration",
+    "LEARNED_CALIBRATION",
+    "DECORRELATION_CALIBRATION",
+    "FrameUncertainty",
+    "frame_uncertainty",
+]
 
 #: Per-frame flag values (the ``SensorlessFlag`` frame field of ``track predict`` outputs).
 FLAG_OK = "ok"
@@ -152,3 +198,164 @@ def decorrelated_frames(
     after_empty[1:] = empty[:-1] & ~empty[1:]
     flags[after_empty & (flags == FLAG_OK)] = FLAG_DECORRELATED
     return FrameFlags(flags.astype(str), corr, floor, typical, threshold)
+
+
+@dataclass(frozen=True, eq=False)
+class UncertaintyCalibration:
+    """Constants of :func:`frame_uncertainty` (see the module docstring).
+
+    Attributes
+    ----------
+    floor : (6,) sigma of a step that does not move (tx, ty, tz mm; rx, ry, rz deg)
+    per_step : (6,) sigma per unit of the estimated step, per parameter (no unit)
+    unknown_step : (6,) smallest sigma of a step into a flagged frame (mm, deg)
+    band_factor : drift band = this times the running sum of the steps' translation sigmas
+        (covers 95 % of the calibration frames)
+    source : what the constants were fitted on
+    """
+
+    floor: tuple
+    per_step: tuple
+    unknown_step: tuple
+    band_factor: float
+    source: str
+
+    def __post_init__(self):
+        for name in ("floor", "per_step", "unknown_step"):
+            v = np.asarray(getattr(self, name), dtype=np.float64)
+            if v.shape != (6,) or not np.all(np.isfinite(v)) or np.any(v < 0):
+                raise ValueError(f"UncertaintyCalibration.{name} must be 6 finite values >= 0, got {getattr(self, name)!r}")
+        if not (np.isfinite(self.band_factor) and self.band_factor > 0):
+            raise ValueError(f"UncertaintyCalibration.band_factor must be > 0, got {self.band_factor!r}")
+
+    def to_dict(self) -> dict:
+        return {"floor": list(map(float, self.floor)), "per_step": list(map(float, self.per_step)),
+                "unknown_step": list(map(float, self.unknown_step)), "band_factor": float(self.band_factor),
+                "source": self.source}
+
+
+#: Fitted for the shipped model by ``Testing/benchmarks/bench_sensorless.py --uncertainty`` (its
+#: ``constants.learned``): maximum likelihood on 14 held-out sweeps of the training simulator
+#: (seeds 900500-900513, 120-200 frames); ``unknown_step`` is the 99th percentile of their true
+#: steps, ``band_factor`` the 95th percentile of drift / summed sigmas over their frames.
+LEARNED_CALIBRATION = UncertaintyCalibration(
+    floor=(0.0202, 0.0198, 0.1674, 0.1592, 0.1634, 0.0577),
+    per_step=(0.1744, 0.1279, 0.1930, 1.3635, 0.3311, 0.2076),
+    unknown_step=(0.3524, 0.2000, 1.1236, 0.6211, 1.6757, 0.5616),
+    band_factor=1.637,
+    source="shipped model, fitted on 14 training simulator sweeps (seeds 900500-900513), not on the independent one",
+)
+
+#: The same fit for the speckle decorrelation method's estimates (``constants.decorrelation``).
+DECORRELATION_CALIBRATION = UncertaintyCalibration(
+    floor=(0.0320, 0.0427, 0.2863, 0.2152, 0.2672, 0.0546),
+    per_step=(0.3116, 0.0, 0.2931, 0.3000, 0.8036, 0.2963),
+    unknown_step=(0.3524, 0.2000, 1.1236, 0.6211, 1.6757, 0.5616),
+    band_factor=1.380,
+    source="decorrelation method, fitted on 14 training simulator sweeps (seeds 900500-900513), not on the "
+           "independent one",
+)
+
+
+@dataclass(frozen=True, eq=False)
+class FrameUncertainty:
+    """Per-frame uncertainty of an estimated trajectory (see the module docstring).
+
+    Attributes
+    ----------
+    step_sigma : (n, 6) float64, sigma of the step *into* frame ``i`` (frame ``i - 1`` -> ``i``;
+        row 0 is zero), tx, ty, tz in mm and rx, ry, rz in degrees, centred image-mm frame
+    drift_band_mm : (n,) float64, frame ``i``'s image centre lies within this distance (mm) of
+        its estimated position in about 95 % of cases (0 at frame 0, the anchor)
+    calibration : the constants used
+    """
+
+    step_sigma: np.ndarray
+    drift_band_mm: np.ndarray
+    calibration: UncertaintyCalibration
+    path_length_mm: float = float("nan")
+
+    @property
+    def elevational_sigma_mm(self) -> np.ndarray:
+        """(n,) sigma of the step out of the image plane (tz), mm."""
+        return self.step_sigma[:, 2]
+
+    @property
+    def out_of_plane_sigma_deg(self) -> np.ndarray:
+        """(n,) sigma of the tilt out of the image plane, ``sqrt(sigma_rx**2 + sigma_ry**2)``, degrees."""
+        return np.hypot(self.step_sigma[:, 3], self.step_sigma[:, 4])
+
+    @property
+    def final_drift_band_mm(self) -> float:
+        return float(self.drift_band_mm[-1])
+
+    def to_dict(self, *, per_frame: bool = True) -> dict:
+        n = self.drift_band_mm.size
+        d = {
+            "method": "step size (calibrated on the training simulator)",
+            "median_elevational_sigma_mm": float(np.median(self.elevational_sigma_mm[1:])) if n > 1 else 0.0,
+            "median_out_of_plane_sigma_deg": float(np.median(self.out_of_plane_sigma_deg[1:])) if n > 1 else 0.0,
+            "final_drift_band_mm": self.final_drift_band_mm,
+            "final_drift_band_percent_of_path": (100.0 * self.final_drift_band_mm / self.path_length_mm
+                                                 if self.path_length_mm > 0 else None),
+            "band_coverage": 0.95,
+            "calibration": self.calibration.to_dict(),
+        }
+        if per_frame:
+            d["elevational_sigma_mm"] = np.round(self.elevational_sigma_mm, 5).tolist()
+            d["out_of_plane_sigma_deg"] = np.round(self.out_of_plane_sigma_deg, 5).tolist()
+            d["drift_band_mm"] = np.round(self.drift_band_mm, 4).tolist()
+        return d
+
+    def __str__(self) -> str:
+        d = self.to_dict(per_frame=False)
+        pct = d["final_drift_band_percent_of_path"]
+        of_path = f" = {pct:.0f} % of the estimated {self.path_length_mm:.0f} mm path" if pct is not None else ""
+        return (f"uncertainty: the last frame lies within {self.final_drift_band_mm:.1f} mm of its estimated place "
+                f"(95 % band{of_path}); per step sigma {d['median_elevational_sigma_mm']:.2f} mm out of the plane, "
+                f"{d['median_out_of_plane_sigma_deg']:.2f} deg tilt (median)")
+
+
+def frame_uncertainty(frame_to_frame, flags=None, *, calibration: UncertaintyCalibration = LEARNED_CALIBRATION,
+                      path_length_mm: float | None = None) -> FrameUncertainty:
+    """Per-frame uncertainty of an estimated trajectory (see the module docstring).
+
+    Parameters
+    ----------
+    frame_to_frame : (n - 1, 6) estimated frame-to-frame parameters (tx, ty, tz mm; rx, ry, rz
+        deg), centred image-mm frame, pair ``i`` = frame ``i + 1`` -> ``i``
+    flags : optional :class:`FrameFlags` (or (n,) bool, True = unreliable) of the same sweep:
+        steps into flagged frames get at least ``calibration.unknown_step``
+    calibration : the constants (:data:`LEARNED_CALIBRATION` for learned models,
+        :data:`DECORRELATION_CALIBRATION` for the decorrelation method)
+    path_length_mm : optional estimated path length of the image centre, for the band in %
+
+    Returns
+    -------
+    FrameUncertainty
+
+    Raises
+    ------
+    ValueError
+        ``frame_to_frame`` not (m >= 1, 6) finite, or flags of another length.
+    """
+    p = np.asarray(frame_to_frame, dtype=np.float64)
+    if p.ndim != 2 or p.shape[1] != 6 or p.shape[0] < 1:
+        raise ValueError(f"frame_to_frame must be (n_frames - 1 >= 1, 6), got shape {p.shape}")
+    if not np.all(np.isfinite(p)):
+        raise ValueError("frame_to_frame must be finite")
+    n = p.shape[0] + 1
+    floor = np.asarray(calibration.floor, dtype=np.float64)
+    per_step = np.asarray(calibration.per_step, dtype=np.float64)
+    sigma = np.zeros((n, 6))
+    sigma[1:] = np.sqrt(floor**2 + (per_step * p) ** 2)
+    if flags is not None:
+        bad = np.asarray(flags.unreliable if isinstance(flags, FrameFlags) else flags, dtype=bool)
+        if bad.shape != (n,):
+            raise ValueError(f"flags must have one entry per frame ({n}), got shape {bad.shape}")
+        bad = bad.copy()
+        bad[0] = False  # frame 0 is the anchor: no step into it
+        sigma[bad] = np.maximum(sigma[bad], np.asarray(calibration.unknown_step, dtype=np.float64))
+    band = calibration.band_factor * np.cumsum(np.linalg.norm(sigma[:, :3], axis=1))
+    return FrameUncertainty(sigma, band, calibration,
+                            float("nan") if path_length_mm is None else float(path_length_mm))

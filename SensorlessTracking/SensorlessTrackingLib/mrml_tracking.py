@@ -9,7 +9,8 @@ the headless tests exercise with the real MRML classes of the ``slicer-core`` wh
   also holds the tracked ImageToReference, the summary holds the accuracy of the estimate
   (:func:`~SensorlessTrackingLib.metrics.tracking_metrics`);
 - :func:`trajectory_table` / :func:`trajectory_plot` — the image-centre positions of the
-  estimated (and tracked) trajectory per frame as a table node and a plot chart;
+  estimated (and tracked) trajectory per frame as a table node and a plot chart; the table
+  also holds the per-frame uncertainty (:func:`estimate_uncertainty`: step sigmas, 95 % drift band);
 - :func:`reconstruct_estimated` — volume reconstruction from the estimated trajectory (through
   :func:`FreehandUSLib.mrml_reconstruction.reconstruct_browser_to_volume_node`);
 - :func:`train_from_browsers` — train a model on tracked browsers (through
@@ -81,7 +82,9 @@ __all__ = [
     "start_training_job",
     "start_adaptation_job",
     "summary_text",
+    "estimate_uncertainty",
     "ESTIMATED_TRANSFORM_NAME",
+    "ATTR_ESTIMATE_UNCERTAINTY",
     "ATTR_ESTIMATE",
     "ATTR_ESTIMATE_SUMMARY",
     "ATTR_ESTIMATE_MODEL",
@@ -99,6 +102,9 @@ ESTIMATED_TRANSFORM_NAME = "ImageToEstimatedReference"
 ATTR_ESTIMATE = "FreehandUS.SensorlessTracking.Estimate"
 #: On the estimate sequence: JSON of the summary returned by the estimate.
 ATTR_ESTIMATE_SUMMARY = "FreehandUS.SensorlessTracking.Summary"
+#: On the estimate sequence: JSON of the per-frame uncertainty
+#: (:meth:`~SensorlessTrackingLib.confidence.FrameUncertainty.to_dict`: sigmas per frame, 95 % drift band).
+ATTR_ESTIMATE_UNCERTAINTY = "FreehandUS.SensorlessTracking.Uncertainty"
 #: On the estimate sequence: the model (file path, ``"default"`` or ``"decorrelation"``).
 ATTR_ESTIMATE_MODEL = "FreehandUS.SensorlessTracking.Model"
 #: On a volume made by :func:`reconstruct_estimated`: the transform it was reconstructed with.
@@ -520,7 +526,12 @@ def estimate_trajectory_to_browser(
         ``sweep_direction``, ``direction_check`` (None without tracking, else
         :func:`~SensorlessTrackingLib.conventions.elevational_direction_check`), ``image_frame``
         (``"mirrored"`` for a det < 0 calibration), ``frame_flags``
-        (:meth:`~SensorlessTrackingLib.confidence.FrameFlags.to_dict`) and ``estimated`` (True).
+        (:meth:`~SensorlessTrackingLib.confidence.FrameFlags.to_dict`), ``uncertainty`` (the
+        scalar part of :meth:`~SensorlessTrackingLib.confidence.FrameUncertainty.to_dict`:
+        ``final_drift_band_mm``, median sigmas; per frame: :func:`estimate_uncertainty`, the
+        :data:`ATTR_ESTIMATE_UNCERTAINTY` attribute of the estimate sequence), with tracking
+        ``drift_inside_band`` (the tracked final drift lies inside the 95 % band) and
+        ``estimated`` (True).
 
     Raises
     ------
@@ -648,9 +659,13 @@ def estimate_trajectory_to_browser(
         "direction_check": result.info.get("direction_check"),
         "image_frame": result.info.get("image_frame"),
         "frame_flags": result.info.get("frame_flags"),
+        "uncertainty": result.uncertainty.to_dict(per_frame=False),
         "estimated": True,
     }
+    if metrics is not None:
+        summary["drift_inside_band"] = bool(metrics["final_drift_mm"] <= result.uncertainty.final_drift_band_mm)
     seq_node.SetAttribute(ATTR_ESTIMATE_SUMMARY, json.dumps(summary))
+    seq_node.SetAttribute(ATTR_ESTIMATE_UNCERTAINTY, json.dumps(result.uncertainty.to_dict()))
     seq_node.SetAttribute(ATTR_ESTIMATE_MODEL, model_label)
     for text in warnings:
         logger.warning("browser %s: %s", bname, text)
@@ -693,6 +708,15 @@ def summary_text(summary: dict) -> str:
             )
     elif not summary.get("tracked"):
         lines.append("no tracking in the recording: no accuracy metrics")
+    u = summary.get("uncertainty")
+    if u:
+        pct = u.get("final_drift_band_percent_of_path")
+        inside = summary.get("drift_inside_band")
+        check = "" if inside is None else f"; the tracked drift is {'inside' if inside else 'OUTSIDE'} it"
+        lines.append(f"uncertainty: last frame within {u['final_drift_band_mm']:.1f} mm of its estimated place (95 % band"
+                     f"{f', {pct:.0f} % of the path' if pct is not None else ''}){check}; per step "
+                     f"{u['median_elevational_sigma_mm']:.2f} mm out of the plane, "
+                     f"{u['median_out_of_plane_sigma_deg']:.2f} deg tilt (sigma, median)")
     lines += [f"warning: {w}" for w in summary.get("warnings", [])]
     return "\n".join(lines)
 
@@ -715,7 +739,8 @@ def estimated_trajectory(source) -> dict:
     -------
     dict
         ``estimated`` (n, 4, 4) pixel -> mm; ``tracked`` (n, 4, 4) with NaN where invalid, or
-        None; ``times_s`` (n,); ``image_shape`` (rows, cols); ``name`` (a label).
+        None; ``times_s`` (n,); ``image_shape`` (rows, cols); ``name`` (a label);
+        ``uncertainty`` (:func:`estimate_uncertainty`'s dict, or None when the estimate has none).
 
     Raises
     ------
@@ -733,6 +758,7 @@ def estimated_trajectory(source) -> dict:
             "times_s": seq.timestamps_s,
             "image_shape": seq.frames.shape[1:3],
             "name": source.method,
+            "uncertainty": None if source.uncertainty is None else source.uncertainty.to_dict(),
         }
     if source is None or not hasattr(source, "IsA") or not source.IsA(_BROWSER_CLASS):
         got = "None" if source is None else getattr(source, "GetClassName", lambda: type(source).__name__)()
@@ -751,13 +777,65 @@ def estimated_trajectory(source) -> dict:
             f"browser {bname!r}: the estimate {seq_node.GetName()!r} has {estimated.shape[0]} items for "
             f"{sequence.n_frames} frames; estimate the trajectory again"
         )
+    uncertainty = _stored_uncertainty(seq_node)
+    if uncertainty is not None and len(uncertainty["drift_band_mm"]) != estimated.shape[0]:
+        uncertainty = None
     return {
         "estimated": estimated,
         "tracked": _tracked_image_to_reference(sequence),
         "times_s": sequence.timestamps_s,
         "image_shape": sequence.frames.shape[1:3],
         "name": bname,
+        "uncertainty": uncertainty,
     }
+
+
+def _stored_uncertainty(seq_node) -> dict | None:
+    text = seq_node.GetAttribute(ATTR_ESTIMATE_UNCERTAINTY)
+    if not text:
+        return None
+    try:
+        u = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    keys = ("elevational_sigma_mm", "out_of_plane_sigma_deg", "drift_band_mm")
+    if not isinstance(u, dict) or not all(isinstance(u.get(k), list) for k in keys):
+        return None
+    return u
+
+
+def estimate_uncertainty(browser_node) -> dict:
+    """The per-frame uncertainty of a browser's estimate (for the panel).
+
+    Returns
+    -------
+    dict
+        :meth:`~SensorlessTrackingLib.confidence.FrameUncertainty.to_dict`: per frame
+        ``elevational_sigma_mm`` (sigma of the step into the frame out of the image plane, mm),
+        ``out_of_plane_sigma_deg`` (of its tilt, degrees) and ``drift_band_mm`` (the frame's image
+        centre lies within this distance of its estimated place in about 95 % of cases), and
+        ``final_drift_band_mm``, medians, the calibration.
+
+    Raises
+    ------
+    SequenceError
+        A browser without an estimate, or an estimate made before uncertainty was reported
+        (estimate again).
+    TypeError
+        Not a sequence browser node.
+    """
+    if browser_node is None or not hasattr(browser_node, "IsA") or not browser_node.IsA(_BROWSER_CLASS):
+        got = "None" if browser_node is None else getattr(browser_node, "GetClassName", lambda: type(browser_node).__name__)()
+        raise TypeError(f"expected a vtkMRMLSequenceBrowserNode, got {got}")
+    seq_node = find_estimate_sequence(browser_node)
+    if seq_node is None:
+        raise SequenceError(f"browser {browser_node.GetName()!r} has no estimated trajectory: run "
+                            "estimate_trajectory_to_browser (Estimate trajectory) first")
+    u = _stored_uncertainty(seq_node)
+    if u is None:
+        raise SequenceError(f"browser {browser_node.GetName()!r}: the estimate {seq_node.GetName()!r} carries no "
+                            "uncertainty (made by an older version): estimate the trajectory again")
+    return u
 
 
 def _column(table: vtk.vtkTable, name: str, values, cls=vtk.vtkDoubleArray) -> None:
@@ -788,7 +866,9 @@ def trajectory_table(source, scene=None, *, table_node=None):
         One row per frame. Columns: ``frame`` (index, int), ``time_s``,
         ``estimated_x_mm``/``_y_mm``/``_z_mm`` (image centre in the Reference frame = RAS,
         mm) and, with tracking, ``tracked_x_mm``/``_y_mm``/``_z_mm`` (NaN where invalid) and
-        ``drift_mm`` (distance between the two centres).
+        ``drift_mm`` (distance between the two centres); with the estimate's uncertainty
+        (:func:`estimate_uncertainty`) ``elevational_sigma_mm``, ``out_of_plane_sigma_deg`` (of
+        the step into the frame) and ``drift_band_mm`` (95 % band of the centre's drift).
     """
     traj = estimated_trajectory(source)
     seq_node = None
@@ -817,6 +897,10 @@ def trajectory_table(source, scene=None, *, table_node=None):
         for k, axis in enumerate(_AXES):
             _column(table, f"tracked_{axis}_mm", tracked[:, k].tolist())
         _column(table, "drift_mm", np.linalg.norm(tracked - est, axis=1).tolist())
+    unc = traj.get("uncertainty")
+    if unc is not None:
+        for col in ("elevational_sigma_mm", "out_of_plane_sigma_deg", "drift_band_mm"):
+            _column(table, col, [float(v) for v in unc[col]])
     table_node.SetAndObserveTable(table)
     table_node.SetUseColumnTitleAsColumnHeader(True)
     for column in range(table.GetNumberOfColumns()):
@@ -825,6 +909,8 @@ def trajectory_table(source, scene=None, *, table_node=None):
             table_node.SetColumnUnitLabel(col, "mm")
         elif col == "time_s":
             table_node.SetColumnUnitLabel(col, "s")
+        elif col.endswith("_deg"):
+            table_node.SetColumnUnitLabel(col, "deg")
     table_node.SetColumnDescription("frame", "frame index")
     if seq_node is not None:
         seq_node.SetNodeReferenceID(REF_TRAJECTORY_TABLE, table_node.GetID())
@@ -847,7 +933,8 @@ def trajectory_plot(source, scene=None, *, table_node=None, chart_node=None):
     -------
     vtkMRMLPlotChartNode
         With one ``vtkMRMLPlotSeriesNode`` per column of :func:`trajectory_table` (frame on the
-        x axis): ``estimated x/y/z``, and with tracking ``tracked x/y/z`` and ``drift``. The
+        x axis): ``estimated x/y/z``, with tracking ``tracked x/y/z`` and ``drift``, and with the
+        estimate's uncertainty ``drift band`` (95 % band of the drift, dotted grey). The
         chart references the table (``FreehandUS.SensorlessTracking.TrajectoryTable``).
         In Slicer show it with ``slicer.modules.plots.logic().ShowChartInLayout(chart)``.
     """
@@ -869,7 +956,7 @@ def trajectory_plot(source, scene=None, *, table_node=None, chart_node=None):
     table = table_node.GetTable()
     columns = [table.GetColumnName(c) for c in range(table.GetNumberOfColumns())]
     for col in columns:
-        if not col.endswith("_mm"):
+        if not col.endswith("_mm") or col == "elevational_sigma_mm":  # a step's sigma: not a position
             continue
         kind, *axis = col[: -len("_mm")].split("_")
         label = f"{kind} {axis[0]}" if axis else kind
@@ -884,7 +971,7 @@ def trajectory_plot(source, scene=None, *, table_node=None, chart_node=None):
         series.SetLineStyle(
             {"estimated": series.LineStyleSolid, "tracked": series.LineStyleDash}.get(kind, series.LineStyleDot)
         )
-        series.SetColor(*(_AXIS_COLORS[axis[0]] if axis else _DRIFT_COLOR))
+        series.SetColor(*(_AXIS_COLORS.get(axis[0], _DRIFT_COLOR) if axis else _DRIFT_COLOR))
         chart_node.AddAndObservePlotSeriesNodeID(series.GetID())
     chart_node.SetTitle(f"Image centre per frame: {table_node.GetName()}")
     chart_node.SetXAxisTitle("frame")

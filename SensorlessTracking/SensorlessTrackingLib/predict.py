@@ -26,7 +26,13 @@ import numpy as np
 from FreehandUSLib.errors import FreehandUSError, SequenceError
 from FreehandUSLib.sequence import TrackedSequence
 
-from .confidence import decorrelated_frames
+from .confidence import (
+    DECORRELATION_CALIBRATION,
+    LEARNED_CALIBRATION,
+    FrameUncertainty,
+    decorrelated_frames,
+    frame_uncertainty,
+)
 from .conventions import (
     SWEEP_DIRECTIONS,
     check_sweep_direction,
@@ -53,6 +59,7 @@ __all__ = [
     "TRAJECTORY_SOURCE_KEY",
     "ESTIMATED_TRAJECTORY_PREFIX",
     "FLAG_FIELD",
+    "UNCERTAINTY_FIELDS",
 ]
 
 log = logging.getLogger(__name__)
@@ -63,6 +70,14 @@ TRAJECTORY_SOURCE_KEY = "TrajectorySource"
 ESTIMATED_TRAJECTORY_PREFIX = "sensorless estimate"
 #: Per-frame field of a ``track predict`` output: :data:`.confidence.FLAG_OK`, ``empty`` or ``decorrelated``.
 FLAG_FIELD = "SensorlessFlag"
+#: Per-frame fields of a ``track predict`` output with the uncertainty (:func:`.confidence.frame_uncertainty`):
+#: sigma of the step into the frame out of the image plane (mm) and of its tilt (deg), and the 95 %
+#: drift band of the frame's image centre (mm).
+UNCERTAINTY_FIELDS = {
+    "elevational_sigma_mm": "SensorlessElevationalSigmaMm",
+    "out_of_plane_sigma_deg": "SensorlessOutOfPlaneSigmaDeg",
+    "drift_band_mm": "SensorlessDriftBandMm",
+}
 
 #: Name of the shipped model inside ``SensorlessTracking/Resources/Models``.
 DEFAULT_MODEL_NAME = "sensorless_dualtrack.pt"
@@ -126,7 +141,8 @@ def load_model(path, device="cpu"):
 
     The returned ``torch.nn.Module`` has ``.config`` (:class:`~.models.ModelConfig`) and
     ``.out_of_plane_scale`` (1.0, or the factor of a per-probe adaptation, :mod:`.adapt`, which
-    :func:`track_sequence` applies).
+    :func:`track_sequence` applies) and ``.decorrelation_blend`` (None, or the adaptation's
+    blend with speckle decorrelation, :func:`.adapt.apply_decorrelation_blend`).
 
     Raises
     ------
@@ -156,6 +172,13 @@ def load_model(path, device="cpu"):
     if not (isinstance(scale, (int, float)) and np.isfinite(scale) and scale > 0):
         raise ModelFileError(f"{path}: bad adaptation out_of_plane_scale {scale!r} (a positive number)")
     model.out_of_plane_scale = float(scale)
+    from .adapt import check_decorrelation_blend
+
+    try:
+        model.decorrelation_blend = check_decorrelation_blend(
+            adaptation.get("decorrelation_blend") if isinstance(adaptation, dict) else None)
+    except ValueError as exc:
+        raise ModelFileError(f"{path}: {exc}") from None
     return model
 
 
@@ -353,6 +376,8 @@ class TrackingResult:
     method : model name or "decorrelation"
     seconds : inference wall time (resampling included)
     true_image_to_reference : (n, 4, 4) the input's tracked ImageToReference, or None
+    info : what the estimate assumed and found (sweep direction, flags, uncertainty as a dict, warnings)
+    uncertainty : per-frame uncertainty (:class:`~.confidence.FrameUncertainty`)
     """
 
     sequence: TrackedSequence
@@ -361,6 +386,7 @@ class TrackingResult:
     seconds: float
     true_image_to_reference: np.ndarray | None = None
     info: dict = field(default_factory=dict)
+    uncertainty: FrameUncertainty | None = None
 
     @property
     def frames_per_second(self) -> float:
@@ -393,6 +419,14 @@ class TrackingResult:
                          f"{'agrees' if check['agrees'] else 'DISAGREES'} (tracked "
                          f"{check['tracked_elevational_mm']:+.1f} mm, estimated {check['estimated_elevational_mm']:+.1f} mm "
                          "out of the plane)")
+        unc = self.info.get("uncertainty")
+        if unc is not None:
+            pct = unc.get("final_drift_band_percent_of_path")
+            lines.append(f"  uncertainty: the last frame lies within {unc['final_drift_band_mm']:.1f} mm of its estimated place "
+                         f"(95 % band{f', {pct:.0f} % of the estimated path' if pct is not None else ''}); per step "
+                         f"sigma {unc['median_elevational_sigma_mm']:.2f} mm out of the plane, "
+                         f"{unc['median_out_of_plane_sigma_deg']:.2f} deg tilt (median; per frame: the "
+                         f"{UNCERTAINTY_FIELDS['drift_band_mm']} field)")
         flags = self.info.get("frame_flags")
         if flags is not None:
             lines.append(f"  unreliable frames: {flags['empty_frames']} empty, {flags['decorrelated_frames']} decorrelated "
@@ -435,7 +469,9 @@ def track_sequence(
     frames and mapping the estimate back (:mod:`.conventions`). The result's ``info`` holds
     ``sweep_direction``, ``image_frame`` ("right-handed" or "mirrored"), the per-frame flags
     (:func:`.confidence.decorrelated_frames`, also the ``SensorlessFlag`` frame field of the
-    output sequence) and, when part of the input is tracked, ``direction_check``
+    output sequence), the per-frame ``uncertainty`` (:func:`.confidence.frame_uncertainty`:
+    sigmas of the steps and the 95 % drift band, also the :data:`UNCERTAINTY_FIELDS` frame
+    fields; the result's ``uncertainty`` attribute) and, when part of the input is tracked, ``direction_check``
     (:func:`.conventions.elevational_direction_check`; a warning in ``info["warnings"]`` when
     the estimate moves the other way than the tracking). The output sequence's metadata say the
     trajectory is estimated (``TrajectorySource``).
@@ -496,6 +532,13 @@ def track_sequence(
         )
         method = cfg.name if cfg.name != "dualtrack" or cfg.use_global else "dualtrack-local"
         scale = float(getattr(model, "out_of_plane_scale", 1.0))
+        blend = getattr(model, "decorrelation_blend", None)
+        if blend is not None:  # a model adapted to the probe with the decorrelation blended in (:mod:`.adapt`)
+            from .adapt import apply_decorrelation_blend
+
+            params = apply_decorrelation_blend(params, frames_in, spacing, blend)
+            method += " (adapted, blended with speckle decorrelation)"
+            info["decorrelation_blend"] = blend
         if scale != 1.0:  # a model adapted to the probe (:mod:`.adapt`)
             from .adapt import apply_out_of_plane_scale
 
@@ -516,6 +559,11 @@ def track_sequence(
     n = sequence.n_frames
     flags = decorrelated_frames(frames_in)
     info["frame_flags"] = flags.to_dict()
+    centres = est @ np.array([(cols - 1) / 2.0, (rows - 1) / 2.0, 0.0, 1.0])
+    uncertainty = frame_uncertainty(
+        params, flags, calibration=DECORRELATION_CALIBRATION if method == "decorrelation" else LEARNED_CALIBRATION,
+        path_length_mm=float(np.linalg.norm(np.diff(centres[:, :3], axis=0), axis=1).sum()))
+    info["uncertainty"] = uncertainty.to_dict()
     warnings = []
     if flags.unreliable.any():
         warnings.append(str(flags))
@@ -550,7 +598,8 @@ def track_sequence(
         transforms=transforms,
         image_ok=sequence.image_ok.copy(),
         pixel_spacing_mm=spacing,
-        frame_fields={FLAG_FIELD: flags.flags.tolist()},
+        frame_fields={FLAG_FIELD: flags.flags.tolist(), **{
+            field: [f"{v:.4g}" for v in getattr(uncertainty, key)] for key, field in UNCERTAINTY_FIELDS.items()}},
         metadata=metadata,
     )
-    return TrackingResult(out, params, method, seconds, itr, info)
+    return TrackingResult(out, params, method, seconds, itr, info, uncertainty)

@@ -519,6 +519,354 @@ def run_independent(n_per_probe: int = 2, n_frames: int = 80, models_dir: Path |
     return result
 
 
+# --------------------------------------------------------------------------------------------
+# Per-frame uncertainty: candidates measured, constants fitted (issue 25 item 4)
+# --------------------------------------------------------------------------------------------
+
+#: Candidates: extra model passes (in units of one pass over the sweep) and what they compare.
+UNCERTAINTY_CANDIDATES = {
+    "step size": (0.0, "|estimated step| (no extra pass)"),
+    "flip": (1.0, "the estimate on the left-right mirrored sweep, mirrored back"),
+    "reverse": (1.0, "the estimate on the sweep played backwards, reversed back"),
+    "flip+reverse": (3.0, "spread of the 4 mirror variants"),
+    "shift 3 px": (1.0, "the estimate on frames shifted 3 model pixels sideways, shifted back"),
+    "gamma 0.7": (1.0, "the estimate on frames with a gamma change (intensity)"),
+    "windows +5": (1.0, "the estimate from inference windows offset by 5 frames"),
+    "every 2nd frame": (0.5, "multi-gap consistency: the estimate on every second frame against two composed steps"),
+    "decorrelation": (0.25, "the speckle decorrelation estimate (no model pass; its own cost)"),
+}
+
+
+def _shift_columns(frames: np.ndarray, d: int) -> np.ndarray:
+    out = np.zeros_like(frames)
+    out[:, :, d:] = frames[:, :, :-d]
+    return out
+
+
+def _uncertainty_variants(seq, model, direction: str) -> dict:
+    """Frame-to-frame estimates of ``seq`` (n - 1, 6), centred image-mm frame, under every
+    candidate's variation (keys of :data:`UNCERTAINTY_CANDIDATES` except "step size"), the plain
+    estimate ("base"), the truth, and the seconds of one plain pass."""
+    from dataclasses import replace
+
+    from SensorlessTrackingLib.conventions import reverse_direction
+    from SensorlessTrackingLib.data import _as_uint8, resample_frames
+    from SensorlessTrackingLib.decorrelation import DecorrelationConfig, estimate_frame_to_frame
+    from SensorlessTrackingLib.mirror_average import _conjugate, _unreverse
+    from SensorlessTrackingLib.pose import (
+        absolute_to_frame_to_frame, image_mm_poses, matrices_to_params, mirror_x, params_to_matrices, translate)
+    from SensorlessTrackingLib.predict import predict_poses
+
+    cfg = model.config
+    sp = seq.pixel_spacing_mm
+    frames = resample_frames(_as_uint8(seq.frames), sp, cfg.pixel_spacing_mm, cfg.image_size)
+
+    def pred(f):
+        return predict_poses(np.ascontiguousarray(f), model)
+
+    t = time.perf_counter()
+    base = pred(frames)
+    out = {"base": base, "seconds_one_pass": time.perf_counter() - t}
+    out["flip"] = _conjugate(pred(frames[:, :, ::-1]), mirror_x())
+    out["reverse"] = _unreverse(pred(frames[::-1]))
+    back_flipped = _conjugate(_unreverse(pred(frames[::-1, :, ::-1])), mirror_x())
+    out["flip+reverse"] = np.mean([base, out["flip"], out["reverse"], back_flipped], axis=0)
+    out["flip+reverse spread"] = np.std([base, out["flip"], out["reverse"], back_flipped], axis=0)
+    shift = translate((3 * cfg.pixel_spacing_mm, 0.0, 0.0))
+    shifted = params_to_matrices(pred(_shift_columns(frames, 3)))
+    out["shift 3 px"] = matrices_to_params(np.linalg.inv(shift) @ shifted @ shift)
+    out["gamma 0.7"] = pred((255.0 * (frames / 255.0) ** 0.7).astype(np.uint8))
+    out["windows +5"] = np.concatenate([base[:5], pred(frames[5:])])
+    # every second frame: pair j = frame 2j+2 -> 2j, against the composition of steps 2j and 2j+1
+    half = pred(frames[::2])
+    m = min(half.shape[0], base.shape[0] // 2)
+    f = params_to_matrices(base)
+    diff = (half[:m] - matrices_to_params(f[0 : 2 * m : 2] @ f[1 : 2 * m : 2])) / 2.0
+    every2 = base.copy()
+    every2[0 : 2 * m : 2] += diff
+    every2[1 : 2 * m : 2] += diff
+    if base.shape[0] > 2 * m:
+        every2[2 * m :] += diff[-1]
+    out["every 2nd frame"] = every2
+    t = time.perf_counter()
+    out["decorrelation"] = estimate_frame_to_frame(seq.frames, sp, replace(DecorrelationConfig(), direction=-1))
+    out["seconds_decorrelation"] = time.perf_counter() - t
+    if direction == "away":
+        for k in list(out):
+            if not k.startswith("seconds") and not k.endswith("spread"):
+                out[k] = reverse_direction(out[k])
+        out["flip+reverse spread"] = np.abs(reverse_direction(out["flip+reverse spread"]))
+    itr = seq.transforms["ImageToReference"].matrices
+    centre = ((seq.n_cols - 1) / 2.0, (seq.n_rows - 1) / 2.0)
+    out["truth"] = matrices_to_params(absolute_to_frame_to_frame(image_mm_poses(itr, sp, centre)))
+    out["image_to_reference"] = itr
+    out["spacing"] = sp
+    out["shape"] = (seq.n_rows, seq.n_cols)
+    return out
+
+
+def _feature(v: dict, candidate: str, estimate: str = "base") -> np.ndarray:
+    """(n - 1, 6) per-step feature of a candidate: |step| or |estimate - variant| (the spread)."""
+    if candidate == "step size":
+        return np.abs(v[estimate])
+    if candidate == "flip+reverse":
+        return v["flip+reverse spread"]
+    return np.abs(v["base"] - v[candidate])
+
+
+def _fit_sigma(features, errors):
+    """Maximum likelihood (Gaussian) of ``sigma = sqrt(floor**2 + (a * feature)**2)`` for one
+    parameter; returns (floor, a)."""
+    from scipy.optimize import minimize
+
+    u, e = np.concatenate(features), np.concatenate(errors)
+
+    def nll(theta):
+        floor, a = np.exp(np.clip(theta, -30, 30))
+        var = floor**2 + (a * u) ** 2
+        return 0.5 * np.mean(np.log(var) + e**2 / var)
+
+    best = minimize(nll, np.log([max(np.std(e), 1e-6), 0.3]), method="Nelder-Mead",
+                    options={"maxiter": 4000, "xatol": 1e-5, "fatol": 1e-9})
+    return tuple(float(x) for x in np.exp(np.clip(best.x, -30, 30)))
+
+
+def _centre_drift(v: dict, params: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """Per-frame drift (mm) of the image centre of the trajectory from ``params`` (anchored at
+    the true first frame), the true path length and the estimated path length (mm)."""
+    from SensorlessTrackingLib.predict import trajectory_from_frame_to_frame
+
+    itr = v["image_to_reference"]
+    rows, cols = v["shape"]
+    est = trajectory_from_frame_to_frame(params, v["spacing"], (rows, cols), itr[0])
+    c = np.array([(cols - 1) / 2.0, (rows - 1) / 2.0, 0.0, 1.0])
+    ct, ce = (itr @ c)[:, :3], (est @ c)[:, :3]
+    path = float(np.linalg.norm(np.diff(ct, axis=0), axis=1).sum())
+    path_est = float(np.linalg.norm(np.diff(ce, axis=0), axis=1).sum())
+    return np.linalg.norm(ct - ce, axis=1), path, path_est
+
+
+def _spearman(a, b) -> float | None:
+    """Spearman correlation, None where either side is constant (a candidate its fit gave no weight)."""
+    from scipy.stats import spearmanr
+
+    a, b = np.asarray(a), np.asarray(b)
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return None
+    return float(spearmanr(a, b)[0])
+
+
+def _uncertainty_scores(sweeps: dict, candidate: str, fit, band_factor: float | None, estimate: str = "base") -> dict:
+    """How well a fitted candidate's sigma predicts the error on ``sweeps`` (name -> variants)."""
+    err = {k: [] for k in range(6)}
+    sig = {k: [] for k in range(6)}
+    win_e, win_s, ratio, final_d, final_b, paths = [], [], [], [], [], []
+    for v in sweeps.values():
+        e = v[estimate] - v["truth"]
+        u = _feature(v, candidate, estimate)
+        s = np.stack([np.hypot(fit[k][0], fit[k][1] * u[:, k]) for k in range(6)], axis=1)
+        for k in range(6):
+            err[k].append(np.abs(e[:, k]))
+            sig[k].append(s[:, k])
+        for i in range(0, e.shape[0] - 9, 10):  # windows of 10 steps (independent steps: sigmas add in quadrature)
+            win_e.append(abs(e[i : i + 10, 2].sum()))
+            win_s.append(np.sqrt((s[i : i + 10, 2] ** 2).sum()))
+        drift, path, _ = _centre_drift(v, v[estimate])
+        cum = np.cumsum(np.linalg.norm(s[:, :3], axis=1))
+        ratio.append(drift[1:] / np.maximum(cum, 1e-12))
+        final_d.append(drift[-1] / path)
+        final_b.append(cum[-1] / path)
+        paths.append(path)
+    out = {}
+    for k, name in ((2, "tz"), (3, "rx"), (4, "ry")):
+        e_k, s_k = np.concatenate(err[k]), np.concatenate(sig[k])
+        out[f"spearman_{name}"] = _spearman(s_k, e_k)
+        out[f"inside_2sigma_{name}"] = float(np.mean(e_k <= 2 * s_k))
+    win_e, win_s = np.array(win_e), np.array(win_s)
+    out["spearman_tz_10_steps"] = _spearman(win_s, win_e)
+    out["inside_2sigma_tz_10_steps"] = float(np.mean(win_e <= 2 * win_s))
+    ratio = np.concatenate(ratio)
+    out["band_factor_95"] = float(np.quantile(ratio, 0.95))
+    k = out["band_factor_95"] if band_factor is None else band_factor
+    out["band_factor_used"] = float(k)
+    out["inside_band_frames"] = float(np.mean(ratio <= k))
+    out["inside_band_last_frame"] = float(np.mean(np.array(final_d) <= k * np.array(final_b)))
+    out["median_final_band_percent_of_path"] = float(100 * k * np.median(final_b))
+    out["median_final_drift_percent_of_path"] = float(100 * np.median(final_d))
+    out["spearman_band_vs_drift_percent_over_sweeps"] = _spearman(final_b, final_d)
+    return out
+
+
+def run_uncertainty(n_train: int = 14, n_per_probe: int = 10, n_frames: int = 80, threads: int = 1,
+                    cache: Path | None = RESULTS / "sensorless_uncertainty_sweeps") -> dict:
+    """Choose and calibrate the per-frame uncertainty (issue 25 item 4).
+
+    Every candidate of :data:`UNCERTAINTY_CANDIDATES` is fitted (per parameter,
+    ``sigma = sqrt(floor**2 + (a * feature)**2)``, maximum likelihood) on ``n_train`` sweeps of the
+    **training** simulator (held-out seeds 900500 + k, never trained on, 120-200 frames) and
+    scored on ``n_per_probe`` sweeps of each probe of the **independent** simulator (never used
+    to fit): Spearman correlation of sigma with the actual step error (tz, rx, ry; and the sum
+    of 10 steps), the share of true steps within +-2 sigma (0.95 when calibrated), and the drift
+    band (the running sum of the translation sigmas times the factor that holds 95 % of the
+    training frames): share of frames inside, Spearman over sweeps of band % and drift % of the
+    path. Also fits the decorrelation method's constants, times the chosen method, and writes
+    ``results/sensorless_uncertainty.json`` with a table.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    log = logging.getLogger("bench_sensorless")
+    import torch
+
+    from FreehandUSLib.io import read_sequence, write_sequence
+    from SensorlessTrackingLib.confidence import (
+        DECORRELATION_CALIBRATION, LEARNED_CALIBRATION, decorrelated_frames, frame_uncertainty)
+    from SensorlessTrackingLib.predict import default_model_path, load_model, track_sequence
+    from SensorlessTrackingLib.simdata import TEST_SEED_BASE, simulate_sequence
+
+    torch.set_num_threads(threads)
+    model = load_model(default_model_path())
+    load_before = os.getloadavg()[0]
+    train, indep = {}, {}
+    for k in range(n_train):
+        seed = TEST_SEED_BASE + 500 + k
+        path = None if cache is None else cache / f"train-{seed}-{SHAPES[k % 3]}.igs.mha"
+        if path is not None and path.is_file():
+            seq = read_sequence(path)
+        else:
+            seq = simulate_sequence(seed, n_frames=(120, 200), length_mm=(50.0, 150.0), shape=SHAPES[k % 3]).sequence
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_sequence(seq, path)
+        train[f"train-{seed}"] = _uncertainty_variants(seq, model, "toward")
+        log.info("training simulator sweep %d: %d frames", seed, seq.n_frames)
+    isim = _independent_sim_module()
+    for j, probe in enumerate(isim.PROBES):
+        for k in range(n_per_probe):
+            seed = 5_000_000 + 1000 * j + k
+            direction = "toward" if k % 2 == 0 else "away"
+            name = f"{probe.name}-{seed}-{direction}"
+            path = None if cache is None else cache / f"{name}-{n_frames}.igs.mha"
+            if path is not None and path.is_file():
+                seq = read_sequence(path)
+            else:
+                length = float(np.random.default_rng(seed).uniform(40.0, 80.0))
+                seq = isim.simulate(probe, seed, n_frames=n_frames, length_mm=length, direction=direction).sequence
+                if path is not None:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    write_sequence(seq, path)
+            indep[name] = _uncertainty_variants(seq, model, direction)
+            indep[name]["probe"] = probe.name
+            log.info("independent sweep %s", name)
+    one_pass = np.mean([v["seconds_one_pass"] for v in indep.values()])
+    candidates = {}
+    for cand, (passes, what) in UNCERTAINTY_CANDIDATES.items():
+        fit = [_fit_sigma([_feature(v, cand)[:, k] for v in train.values()],
+                          [(v["base"] - v["truth"])[:, k] for v in train.values()]) for k in range(6)]
+        on_train = _uncertainty_scores(train, cand, fit, None)
+        factor = on_train["band_factor_95"]
+        candidates[cand] = {
+            "what": what,
+            "extra_model_passes": passes,
+            "extra_seconds_per_sweep": (np.mean([v["seconds_decorrelation"] for v in indep.values()])
+                                        if cand == "decorrelation" else passes * one_pass),
+            "fit_floor_and_factor": [list(f) for f in fit],
+            "training_simulator": on_train,
+            "independent_simulator": _uncertainty_scores(indep, cand, fit, factor),
+            "independent_by_probe": {
+                p.name: _uncertainty_scores({n: v for n, v in indep.items() if v["probe"] == p.name}, cand, fit, factor)
+                for p in isim.PROBES},
+        }
+    # the decorrelation method's own constants (its estimate scored with its step size)
+    dec_fit = [_fit_sigma([np.abs(v["decorrelation"][:, k]) for v in train.values()],
+                          [(v["decorrelation"] - v["truth"])[:, k] for v in train.values()]) for k in range(6)]
+    dec_train = _uncertainty_scores(train, "step size", dec_fit, None, estimate="decorrelation")
+    dec_indep = _uncertainty_scores(indep, "step size", dec_fit, dec_train["band_factor_95"], estimate="decorrelation")
+    truth_steps = np.abs(np.concatenate([v["truth"] for v in train.values()]))
+    unknown = np.quantile(truth_steps, 0.99, axis=0)
+    chosen = candidates["step size"]["fit_floor_and_factor"]
+    constants = {
+        "learned": {"floor": [f[0] for f in chosen], "per_step": [f[1] for f in chosen],
+                    "unknown_step": unknown.tolist(),
+                    "band_factor": candidates["step size"]["training_simulator"]["band_factor_95"]},
+        "decorrelation": {"floor": [f[0] for f in dec_fit], "per_step": [f[1] for f in dec_fit],
+                          "unknown_step": unknown.tolist(), "band_factor": dec_train["band_factor_95"]},
+    }
+    # the constants shipped in confidence.py are these (rounded)
+    shipped = {"learned": LEARNED_CALIBRATION, "decorrelation": DECORRELATION_CALIBRATION}
+    for key, cal in shipped.items():
+        for field in ("floor", "per_step", "unknown_step"):
+            if not np.allclose(getattr(cal, field), constants[key][field], rtol=0.02, atol=2e-4):
+                log.warning("confidence.py %s %s %s differs from this fit %s", key, field, getattr(cal, field),
+                            np.round(constants[key][field], 4).tolist())
+        if not np.isclose(cal.band_factor, constants[key]["band_factor"], rtol=0.02):
+            log.warning("confidence.py %s band_factor %s differs from this fit %.3f", key, cal.band_factor,
+                        constants[key]["band_factor"])
+    # cost of the chosen uncertainty inside track_sequence (flags included), on the independent sweeps' first
+    seq0 = read_sequence(cache / f"{next(iter(indep))}-{n_frames}.igs.mha") if cache is not None else None
+    timing = None
+    if seq0 is not None:
+        res = track_sequence(seq0, model)
+        flags = decorrelated_frames(seq0.frames)
+        t = time.perf_counter()
+        for _ in range(100):
+            frame_uncertainty(res.frame_to_frame, flags)
+        t_unc = (time.perf_counter() - t) / 100
+        t = time.perf_counter()
+        for _ in range(20):
+            decorrelated_frames(seq0.frames)
+        t_flags = (time.perf_counter() - t) / 20
+        timing = {"frames": seq0.n_frames, "track_sequence_seconds": res.seconds,
+                  "uncertainty_seconds": t_unc, "flags_seconds": t_flags,
+                  "frames_per_second_without_uncertainty": seq0.n_frames / res.seconds,
+                  "frames_per_second_with_uncertainty": seq0.n_frames / (res.seconds + t_unc)}
+    result = {
+        "training_simulator_sweeps": {n: len(v["truth"]) + 1 for n, v in train.items()},
+        "independent_simulator_sweeps": {n: len(v["truth"]) + 1 for n, v in indep.items()},
+        "one_model_pass_seconds_per_sweep": float(one_pass),
+        "candidates": candidates,
+        "chosen": "step size",
+        "constants": constants,
+        "decorrelation_method": {"training_simulator": dec_train, "independent_simulator": dec_indep},
+        "timing": timing,
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg()[0],
+        "torch_threads": threads,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "sensorless_uncertainty.json").write_text(json.dumps(result, indent=2, default=float))
+    print(f"\nPer-frame uncertainty of the shipped model: fitted on {len(train)} training-simulator sweeps, scored on "
+          f"{len(indep)} independent-simulator sweeps ({n_per_probe} per probe)")
+    head = (f"{'candidate':<16} {'passes':>6} {'rho tz':>6} {'in 2s tz':>8} {'rho rx':>6} {'rho ry':>6} "
+            f"{'rho 10':>6} {'in 2s 10':>8} {'in band':>7} {'last in':>7} {'band %':>6} {'rho %':>5}  (train: rho tz, in 2s tz)")
+    print(head)
+    print("-" * len(head))
+    def r(v, width):
+        return f"{'n/a':>{width}}" if v is None else f"{v:>{width}.2f}"
+
+    for cand, c in candidates.items():
+        s, t = c["independent_simulator"], c["training_simulator"]
+        print(f"{cand:<16} {c['extra_model_passes']:>6.2f} {r(s['spearman_tz'], 6)} {s['inside_2sigma_tz']:>8.2f} "
+              f"{r(s['spearman_rx'], 6)} {r(s['spearman_ry'], 6)} {r(s['spearman_tz_10_steps'], 6)} "
+              f"{s['inside_2sigma_tz_10_steps']:>8.2f} {s['inside_band_frames']:>7.2f} {s['inside_band_last_frame']:>7.2f} "
+              f"{s['median_final_band_percent_of_path']:>6.1f} {r(s['spearman_band_vs_drift_percent_over_sweeps'], 5)}"
+              f"  ({r(t['spearman_tz'], 4).strip()}, {t['inside_2sigma_tz']:.2f})")
+    s = dec_indep
+    print(f"{'(decorrelation estimate, its step size)':<40} rho tz {r(s['spearman_tz'], 4).strip()}, in 2s tz {s['inside_2sigma_tz']:.2f}, "
+          f"in band {s['inside_band_frames']:.2f}, band {s['median_final_band_percent_of_path']:.1f} % of path "
+          f"(drift {s['median_final_drift_percent_of_path']:.1f} %)")
+    print(f"median final drift of the shipped model: "
+          f"{candidates['step size']['independent_simulator']['median_final_drift_percent_of_path']:.1f} % of path. "
+          "rho: Spearman of sigma with the |error| of a step (tz, rx, ry) and of 10 steps' sum (tz); in 2s: share "
+          "of true steps within +-2 sigma (0.95 when calibrated); in band / last in: share of all frames / of the last "
+          "frames within the drift band; band %: median band of the last frame in % of the path; rho %: Spearman over "
+          "sweeps of band % and drift %")
+    if timing:
+        print(f"cost of the chosen uncertainty: {1000 * timing['uncertainty_seconds']:.2f} ms per {timing['frames']}-frame "
+              f"sweep (estimate {timing['track_sequence_seconds']:.2f} s: "
+              f"{timing['frames_per_second_without_uncertainty']:.0f} -> {timing['frames_per_second_with_uncertainty']:.0f} "
+              f"frames/s; the flags it uses, already computed: {1000 * timing['flags_seconds']:.1f} ms)")
+    return result
+
+
 def test_sensorless_independent_benchmark():
     """``make benchmark``: the independent-simulator section (SENSORLESS_INDEPENDENT_SWEEPS per probe, default 2);
     every method gives finite drift, and with the true sweep direction every estimate moves the right way."""
@@ -545,7 +893,12 @@ if __name__ == "__main__":
     ap.add_argument("--independent", type=int, metavar="N", help="only the independent-simulator section, N sweeps "
                     "per probe (quick version: 2)")
     ap.add_argument("--independent-frames", type=int, default=80, help="frames per independent-simulator sweep")
+    ap.add_argument("--uncertainty", type=int, metavar="N", help="only the per-frame uncertainty section: candidates "
+                    "fitted on 14 training-simulator sweeps, scored on N independent sweeps per probe (10)")
     a = ap.parse_args()
+    if a.uncertainty:
+        run_uncertainty(n_per_probe=a.uncertainty, n_frames=a.independent_frames, threads=a.threads)
+        sys.exit(0)
     if a.independent:
         run_independent(a.independent, a.independent_frames, a.models, a.threads)
         sys.exit(0)

@@ -263,7 +263,8 @@ def test_trajectory_table_and_plot(scene, sweep, tiny_model):
     columns = [table.GetColumnName(c) for c in range(table.GetNumberOfColumns())]
     assert table.GetNumberOfRows() == N_FRAMES
     assert columns == ["frame", "time_s", "estimated_x_mm", "estimated_y_mm", "estimated_z_mm",
-                       "tracked_x_mm", "tracked_y_mm", "tracked_z_mm", "drift_mm"]  # fmt: skip
+                       "tracked_x_mm", "tracked_y_mm", "tracked_z_mm", "drift_mm",
+                       "elevational_sigma_mm", "out_of_plane_sigma_deg", "drift_band_mm"]  # fmt: skip
     values = {c: numpy_support.vtk_to_numpy(table.GetColumnByName(c)) for c in columns}
     np.testing.assert_array_equal(values["frame"], np.arange(N_FRAMES))
     np.testing.assert_allclose(values["time_s"], sweep.timestamps_s)
@@ -273,14 +274,14 @@ def test_trajectory_table_and_plot(scene, sweep, tiny_model):
     est = np.stack([values[f"estimated_{a}_mm"] for a in "xyz"], 1)
     np.testing.assert_allclose(values["drift_mm"], np.linalg.norm(est - truth_centres, axis=1), atol=1e-9)
     series = _series(chart)
-    assert len(series) == 7
-    assert {s.GetYColumnName() for s in series} == set(columns[2:])
+    assert len(series) == 8  # positions, drift and the drift band (not the per-step sigmas)
+    assert {s.GetYColumnName() for s in series} == set(columns[2:9]) | {"drift_band_mm"}
     assert all(s.GetTableNode().GetID() == table_node.GetID() and s.GetXColumnName() == "frame" for s in series)
 
     # a second plot refreshes the same nodes
     n_nodes = scene.GetNumberOfNodes()
     again = mt.trajectory_plot(browser)
-    assert again.GetID() == chart.GetID() and len(_series(again)) == 7
+    assert again.GetID() == chart.GetID() and len(_series(again)) == 8
     assert scene.GetNumberOfNodes() == n_nodes
     assert mt.trajectory_table(browser).GetID() == table_node.GetID()
 
@@ -289,8 +290,8 @@ def test_trajectory_plot_without_tracking_and_from_a_result(scene, sweep, tiny_m
     browser = _browser(scene, _untracked(sweep))
     mt.estimate_trajectory_to_browser(browser, model=tiny_model)
     chart = mt.trajectory_plot(browser)
-    assert len(_series(chart)) == 3
-    assert chart.GetNodeReference(mt.REF_TRAJECTORY_TABLE).GetTable().GetNumberOfColumns() == 5
+    assert len(_series(chart)) == 4  # estimated x, y, z and the drift band
+    assert chart.GetNodeReference(mt.REF_TRAJECTORY_TABLE).GetTable().GetNumberOfColumns() == 8
 
     result = track_sequence(sweep, "decorrelation")
     table_node = mt.trajectory_table(result, scene)
