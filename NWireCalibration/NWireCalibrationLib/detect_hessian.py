@@ -20,9 +20,14 @@ Per image (MF, grey levels):
    the pixel with the largest 8-neighbourhood mean (of the smoothed full-resolution image) is
    the peak, refined by parabolic interpolation (:func:`refine_centres`). The smoothing can
    differ across (``refine_lateral_smoothing_mm``) and along (``refine_smoothing_mm``) the
-   beam, see :class:`HessianSettings`. With ``refine_model="clipped-gaussian"`` (opt-in) an
-   anisotropic 2D Gaussian fitted to the echo with its saturated pixels censored
-   (:func:`fit_clipped_gaussian_centres`) then replaces that centre; ``"peak"`` (default) stops here.
+   beam, see :class:`HessianSettings`. By default (``refine_model="adaptive"``,
+   :meth:`HessianDetector.refine_adaptive`) an anisotropic 2D Gaussian is then fitted to the echo
+   on the unsmoothed image, its saturated pixels censored (:func:`fit_clipped_gaussian_centres`),
+   in a window sized from the echo's own fitted width, and replaces the peak where the
+   background noise around the echo (:func:`background_noise`) would move the peak by more
+   than ``refine_noise_error_px``; on a noise-free background (a water tank) the peak is kept.
+   ``"peak"`` stops at the peak; ``"clipped-gaussian"`` always takes a fit in the fixed
+   ``refine_fit_window_mm`` window.
 
 All sizes are in mm and converted with the pixel spacing, so the defaults carry across depths.
 Images are processed at about ``processing_spacing_mm`` per pixel (integer down-sampling) for
@@ -44,12 +49,12 @@ from .phantom import NWirePhantom
 from .results import FrameDetection
 
 __all__ = ["REFINE_MODELS", "HessianSettings", "HessianDetector", "directional_tophat", "hessian_blob_response",
-           "bar_kernel", "refine_centres", "fit_clipped_gaussian_centres", "clip_level_of"]
+           "bar_kernel", "refine_centres", "fit_clipped_gaussian_centres", "background_noise", "clip_level_of"]
 
 logger = logging.getLogger(__name__)
 
 #: Sub-pixel centre estimators of :class:`HessianSettings` (``refine_model``).
-REFINE_MODELS = ("peak", "clipped-gaussian")
+REFINE_MODELS = ("adaptive", "peak", "clipped-gaussian")
 #: ``refine_clip_level=None``: pixels this many grey levels below the frame's maximum count as clipped.
 AUTO_CLIP_MARGIN = 2.0
 
@@ -107,8 +112,10 @@ class HessianSettings:
         (its laterally saturated echoes of wire 9 move by up to 3 px), so the default stays
         isotropic until a criterion that predicts the held-out recording is found.
     refine_model : str
-        Sub-pixel centre estimator, one of :data:`REFINE_MODELS`: ``"peak"`` (the smoothed
-        peak search above, default) or ``"clipped-gaussian"``: starting from the peak, an
+        Sub-pixel centre estimator, one of :data:`REFINE_MODELS`: ``"adaptive"`` (default, issue
+        23: the peak, or a Gaussian fit in a window sized from the echo where the background
+        noise would move the peak; :meth:`HessianDetector.refine_adaptive`), ``"peak"`` (the
+        smoothed peak search above) or ``"clipped-gaussian"``: starting from the peak, an
         anisotropic Gaussian plus offset is fitted to the echo in a window of half-size
         ``refine_fit_window_mm`` with the saturated pixels censored (they only ask the model
         to reach the clip level; :func:`fit_clipped_gaussian_centres`). Where the fit fails or
@@ -120,16 +127,32 @@ class HessianSettings:
         0.054 to 0.049 mm. Almost all of the gain comes from the Gaussian fit itself: censoring
         the saturated pixels changes the cross-validated error by 0.0005 mm. But the held-out
         validation recording, scored once after that choice, got worse (0.515 -> 0.543 mm),
-        like the lateral smoothing above, so it is not the default.
+        like the lateral smoothing above. ``"adaptive"`` fits only where noise is measurable
+        around the echo, which PLUS's fCal 2.0 recordings (a water tank) never have.
     refine_clip_level : float or None
-        Grey level from which a pixel counts as saturated (``"clipped-gaussian"`` only).
+        Grey level from which a pixel counts as saturated (``"adaptive"`` and ``"clipped-gaussian"``).
         ``None`` (default): 2 grey levels below each frame's maximum (PLUS's fCal 2.0
         recordings saturate at 249-251, not at 255).
     refine_fit_window_mm : (float, float)
         Half-width across (x, lateral) and half-height along (y, axial) the beam of the fitted
-        window, mm. Chosen on the fCal 2.0 calibration recording's cross-validation and the
+        window, mm; with ``"adaptive"`` only the first fit's (at least 2 pixels), which measures
+        the echo's width. Chosen on the fCal 2.0 calibration recording's cross-validation and the
         simulations (issue 4): 1.0 x 0.6 mm; a smaller axial window (0.3 mm) loses most of the
         gain, a larger one (0.8 mm) lets the reverberation tail below the echo in.
+    refine_psf_window : (float, float, float)
+        ``"adaptive"``: the second fit's window in units of the echo's fitted sigmas ``(sx,
+        sy)``: half-width ``k_lat sx`` across the beam, ``k_above sy`` above (towards the
+        probe) and ``k_below sy`` below the centre. 2.5 sigmas across hold 99 % of a Gaussian's
+        lateral extent, so the fit uses all of the echo and little background; the window stops
+        1 sigma below the centre because wire echoes have reverberation tails below them (in the
+        simulator 0.35 x the echo, 3.6 sigmas down, which moves a symmetric fit by ~0.2 px).
+        Each window also stops halfway to the nearest other dot.
+    refine_noise_error_px : float
+        ``"adaptive"``: the fit replaces the peak where the peak's predicted noise shift
+        ``max(sx, sy) sigma_n / A`` (sigmas and height ``A`` of the fitted echo, pixels and grey
+        levels; ``sigma_n`` the robust background noise in the ``prominence_ring_mm`` ring) exceeds
+        this, pixels. 0.1 px is a tenth of the 1 px accuracy asked of the centres: below it the
+        peak's noise error is negligible and its freedom from a shape model wins.
     processing_spacing_mm : float
         Target pixel size of the filtering steps (images are down-sampled by an integer factor).
     border_mm : float
@@ -148,9 +171,11 @@ class HessianSettings:
     refine_radius_mm: float = 1.0
     refine_smoothing_mm: float = 0.2
     refine_lateral_smoothing_mm: float | None = None
-    refine_model: str = "peak"
+    refine_model: str = "adaptive"
     refine_clip_level: float | None = None
     refine_fit_window_mm: tuple = (1.0, 0.6)
+    refine_psf_window: tuple = (2.5, 2.0, 1.0)
+    refine_noise_error_px: float = 0.1
     processing_spacing_mm: float = 0.15
     border_mm: float = 0.3
 
@@ -178,6 +203,16 @@ class HessianSettings:
         if not win_ok:
             raise ValueError(f"refine_fit_window_mm: expected two positive half-sizes (lateral, axial) in mm, "
                              f"got {win!r}")
+        psf = self.refine_psf_window
+        try:
+            psf_ok = len(psf) == 3 and all(np.isfinite(float(v)) and float(v) > 0 for v in psf)
+        except (TypeError, ValueError):
+            psf_ok = False
+        if not psf_ok:
+            raise ValueError(f"refine_psf_window: expected three positive multiples of the echo's sigmas "
+                             f"(lateral, above, below), got {psf!r}")
+        if not (isinstance(self.refine_noise_error_px, numbers.Real) and self.refine_noise_error_px >= 0):
+            raise ValueError(f"refine_noise_error_px: expected >= 0 pixels, got {self.refine_noise_error_px!r}")
         if self.max_candidates < 3:
             raise ValueError(f"max_candidates: expected at least 3, got {self.max_candidates!r}")
         if not self.scale_factors or min(self.scale_factors) <= 0:
@@ -368,7 +403,8 @@ def _censored_residuals(model, jac, values, censored, valid):
 
 
 def fit_clipped_gaussian_centres(image: np.ndarray, points_px: np.ndarray, *, half_size_px, clip_level: float,
-                                 max_shift_px: float, max_iterations: int = 30, step_tolerance_px: float = 2e-3):
+                                 max_shift_px: float, max_iterations: int = 30, step_tolerance_px: float = 2e-3,
+                                 return_fit: bool = False):
     """Centres of wire echoes from an anisotropic Gaussian fit with the saturated pixels censored.
 
     Around each point, the pixels of a ``(2 hx + 1) x (2 hy + 1)`` window are fitted by
@@ -386,8 +422,10 @@ def fit_clipped_gaussian_centres(image: np.ndarray, points_px: np.ndarray, *, ha
         Full-resolution grey image (MF), not smoothed.
     points_px : (n, 2) float
         Starting centres (x, y), pixels (e.g. from :func:`refine_centres`); NaN rows are skipped.
-    half_size_px : float or (hx, hy)
-        Half-width (x) and half-height (y) of the fitted window, pixels (rounded).
+    half_size_px : float, (hx, hy), (hx, hy_above, hy_below), or one such row per point ((n, 2) or (n, 3))
+        Half-width (x) and half-heights above (smaller y, towards the probe) and below (larger y)
+        the starting point of the fitted window, pixels (rounded); ``(hx, hy)`` is symmetric. A
+        window that stops short below the echo keeps its reverberation tail out of the fit.
     clip_level : float
         Grey level from which a pixel is censored (saturated).
     max_shift_px : float
@@ -396,6 +434,8 @@ def fit_clipped_gaussian_centres(image: np.ndarray, points_px: np.ndarray, *, ha
         Levenberg-Marquardt iterations at most.
     step_tolerance_px : float
         An echo's fit stops when an accepted step moves its centre by less than this, pixels.
+    return_fit : bool
+        Also return the fitted Gaussians' sigmas and amplitudes.
 
     Returns
     -------
@@ -406,35 +446,42 @@ def fit_clipped_gaussian_centres(image: np.ndarray, points_px: np.ndarray, *, ha
         pixels and 3 window half-sizes, moved the centre by at most ``max_shift_px``, and no
         saturated pixel lies on the window's border (a plateau wider than the window has no
         flank to locate it).
+    sigmas : (n, 2) float64, only with ``return_fit``
+        Fitted (sx, sy), pixels (NaN where not fitted).
+    amplitudes : (n,) float64, only with ``return_fit``
+        Fitted ``A`` (grey levels above the fitted background ``b``; NaN where not fitted).
 
     Raises
     ------
     ValueError
-        Non-positive window half-sizes or ``max_shift_px``, or points not shaped (n, 2).
+        Half-sizes below 1 pixel or malformed, non-positive ``max_shift_px``, or points not shaped (n, 2).
     """
     pts = np.array(points_px, dtype=np.float64, copy=True)
     if pts.ndim != 2 or pts.shape[1] != 2:
         raise ValueError(f"points_px: expected shape (n, 2), got {pts.shape}")
-    hx, hy = (float(v) for v in np.broadcast_to(np.asarray(half_size_px, dtype=np.float64), (2,)))
-    if not (np.isfinite(hx) and np.isfinite(hy) and hx >= 1 and hy >= 1):
-        raise ValueError(f"half_size_px: expected half-sizes >= 1 pixel, got {half_size_px!r}")
+    half = _half_sizes(half_size_px, len(pts))
     if not max_shift_px > 0:
         raise ValueError(f"max_shift_px: expected a positive distance in pixels, got {max_shift_px!r}")
     ok = np.zeros(len(pts), dtype=bool)
+    sigmas = np.full((len(pts), 2), np.nan)
+    amplitudes = np.full(len(pts), np.nan)
     todo = np.flatnonzero(np.all(np.isfinite(pts), axis=1))
     if todo.size == 0:
-        return pts, ok
+        return (pts, ok, sigmas, amplitudes) if return_fit else (pts, ok)
     img = np.asarray(image)
     h, w = img.shape[:2]
-    ihx, ihy = int(round(hx)), int(round(hy))
+    ihalf = np.rint(half[todo]).astype(int)  # (m, 3): hx, above, below
+    ihx, ihy = int(ihalf[:, 0].max()), int(ihalf[:, 1:].max())
     dy, dx = np.mgrid[-ihy: ihy + 1, -ihx: ihx + 1]
+    dx, dy = dx.ravel()[None, :], dy.ravel()[None, :]
     start = pts[todo]
     cx, cy = np.rint(start[:, 0]).astype(int), np.rint(start[:, 1]).astype(int)
-    xx = cx[:, None] + dx.ravel()[None, :]
-    yy = cy[:, None] + dy.ravel()[None, :]
-    valid = (xx >= 0) & (xx < w) & (yy >= 0) & (yy < h)
+    xx = cx[:, None] + dx
+    yy = cy[:, None] + dy
+    own = (np.abs(dx) <= ihalf[:, :1]) & (dy >= -ihalf[:, 1:2]) & (dy <= ihalf[:, 2:3])  # each point's window
+    valid = own & (xx >= 0) & (xx < w) & (yy >= 0) & (yy < h)
     values = img[np.clip(yy, 0, h - 1), np.clip(xx, 0, w - 1)].astype(np.float64)
-    censored = values >= clip_level
+    censored = (values >= clip_level) & own
     values = np.where(censored, clip_level, values)
     xx, yy = xx.astype(np.float64), yy.astype(np.float64)
 
@@ -443,8 +490,10 @@ def fit_clipped_gaussian_centres(image: np.ndarray, points_px: np.ndarray, *, ha
     lo = np.nanpercentile(np.where(valid, values, np.nan), 25, axis=1)
     lo = np.where(np.isfinite(lo), lo, 0.0)
     hi = np.max(np.where(valid, values, -np.inf), axis=1)
-    params = np.column_stack([start, np.full(len(start), np.log(max(hx / 3, 0.5))),
-                              np.full(len(start), np.log(max(hy / 3, 0.5))), np.maximum(hi - lo, 1.0), lo])
+    hx_f = half[todo, 0]
+    hy_f = 0.5 * (half[todo, 1] + half[todo, 2])
+    params = np.column_stack([start, np.log(np.maximum(hx_f / 3, 0.5)), np.log(np.maximum(hy_f / 3, 0.5)),
+                              np.maximum(hi - lo, 1.0), lo])
     model, jac = _gaussian_model(params, xx, yy)
     r, jac = _censored_residuals(model, jac, values, censored, valid)
     cost = np.sum(r * r, axis=1)
@@ -477,15 +526,83 @@ def fit_clipped_gaussian_centres(image: np.ndarray, points_px: np.ndarray, *, ha
     centre = params[:, :2]
     sx, sy = np.exp(np.clip(params[:, 2], -5.0, 5.0)), np.exp(np.clip(params[:, 3], -5.0, 5.0))
     # A plateau that reaches the window's border has no flank there: its centre is not determined.
-    grid = censored.reshape(len(start), 2 * ihy + 1, 2 * ihx + 1)
-    open_plateau = grid[:, :, 0].any(axis=1) | grid[:, :, -1].any(axis=1) | grid[:, 0, :].any(axis=1) \
-        | grid[:, -1, :].any(axis=1)
+    border = own & ((np.abs(dx) == ihalf[:, :1]) | (dy == -ihalf[:, 1:2]) | (dy == ihalf[:, 2:3]))
+    open_plateau = np.any(censored & border, axis=1)
     good = (~open_plateau & np.all(np.isfinite(params), axis=1) & (params[:, 4] > 0)
             & (np.hypot(*(centre - start).T) <= max_shift_px)
-            & (sx >= 0.3) & (sx <= 3 * hx) & (sy >= 0.3) & (sy <= 3 * hy))
+            & (sx >= 0.3) & (sx <= 3 * hx_f) & (sy >= 0.3) & (sy <= 3 * hy_f))
     pts[todo[good]] = centre[good]
     ok[todo[good]] = True
-    return pts, ok
+    sigmas[todo[good]] = np.column_stack([sx, sy])[good]
+    amplitudes[todo[good]] = params[good, 4]
+    return (pts, ok, sigmas, amplitudes) if return_fit else (pts, ok)
+
+
+def _half_sizes(half_size_px, n: int) -> np.ndarray:
+    """``half_size_px`` of :func:`fit_clipped_gaussian_centres` as (n, 3) rows (hx, above, below); raises ValueError."""
+    try:
+        arr = np.asarray(half_size_px, dtype=np.float64)
+        if arr.ndim == 0:
+            arr = np.repeat(arr, 2)
+        if arr.shape[-1] == 2:
+            arr = np.concatenate([arr, arr[..., 1:]], axis=-1)
+        if arr.ndim > 2 or arr.shape[-1] != 3 or (arr.ndim == 2 and arr.shape[0] != n):
+            raise ValueError
+        arr = np.broadcast_to(arr, (n, 3)).copy()
+    except (TypeError, ValueError):
+        raise ValueError(f"half_size_px: expected hx, (hx, hy), (hx, hy_above, hy_below) or one such row per point, "
+                         f"pixels, got {half_size_px!r}") from None
+    if not np.all(np.isfinite(arr) & (arr >= 1)):
+        raise ValueError(f"half_size_px: expected half-sizes >= 1 pixel, got {half_size_px!r}")
+    return arr
+
+
+def background_noise(image: np.ndarray, points_px: np.ndarray, *, inner_px: float, outer_px: float):
+    """Level and noise of the image around each point, from the ring between two radii.
+
+    Parameters
+    ----------
+    image : (h, w) uint8 or float
+        Grey image (MF).
+    points_px : (n, 2) float
+        Centres (x, y), pixels; NaN rows give NaN.
+    inner_px, outer_px : float
+        Radii of the ring, pixels (``0 < inner_px < outer_px``).
+
+    Returns
+    -------
+    level : (n,) float64
+        Median grey level in the ring.
+    noise : (n,) float64
+        Its robust standard deviation (1.4826 x the median absolute deviation), grey levels: a
+        bright minority in the ring (another echo's edge, a reverberation tail) hardly changes it.
+
+    Raises
+    ------
+    ValueError
+        Radii not ordered as ``0 < inner_px < outer_px``.
+    """
+    if not 0 < inner_px < outer_px:
+        raise ValueError(f"inner_px, outer_px: expected 0 < inner < outer pixels, got {inner_px!r}, {outer_px!r}")
+    pts = np.asarray(points_px, dtype=np.float64).reshape(-1, 2)
+    img = np.asarray(image, dtype=np.float64)
+    h, w = img.shape[:2]
+    r = int(np.ceil(outer_px))
+    yy, xx = np.mgrid[-r: r + 1, -r: r + 1]
+    dist = np.hypot(xx, yy)
+    ring_dx, ring_dy = xx[(dist >= inner_px) & (dist <= outer_px)], yy[(dist >= inner_px) & (dist <= outer_px)]
+    level, noise = np.full(len(pts), np.nan), np.full(len(pts), np.nan)
+    for i, (x, y) in enumerate(pts):
+        if not (np.isfinite(x) and np.isfinite(y)):
+            continue
+        rx, ry = int(round(x)) + ring_dx, int(round(y)) + ring_dy
+        inside = (rx >= 0) & (rx < w) & (ry >= 0) & (ry < h)
+        if not inside.any():
+            continue
+        vals = img[ry[inside], rx[inside]]
+        level[i] = np.median(vals)
+        noise[i] = 1.4826 * np.median(np.abs(vals - level[i]))
+    return level, noise
 
 
 @dataclass
@@ -656,7 +773,8 @@ class HessianDetector:
         """Sub-pixel centres of labeled dots on the full-resolution image.
 
         :func:`refine_centres`, then (``refine_model="clipped-gaussian"``)
-        :func:`fit_clipped_gaussian_centres` from there.
+        :func:`fit_clipped_gaussian_centres` from there, or (``"adaptive"``, default)
+        :meth:`refine_adaptive`.
         """
         s = self.settings
         gray = _to_gray(image)
@@ -667,6 +785,8 @@ class HessianDetector:
         if s.refine_model == "peak":
             return peaks
         clip = clip_level_of(gray) if s.refine_clip_level is None else float(s.refine_clip_level)
+        if s.refine_model == "adaptive":
+            return self.refine_adaptive(gray, peaks, clip_level=clip)
         half = (s.refine_fit_window_mm[0] / self._spacing[0], s.refine_fit_window_mm[1] / self._spacing[1])
         fitted, ok = fit_clipped_gaussian_centres(gray, peaks, half_size_px=half, clip_level=clip,
                                                   max_shift_px=radius_px)
@@ -674,3 +794,74 @@ class HessianDetector:
             logger.debug("clipped-gaussian fit rejected for %d of %d dots (peak kept)",
                          int((~ok & np.all(np.isfinite(peaks), axis=1)).sum()), len(peaks))
         return fitted
+
+    def refine_adaptive(self, gray: np.ndarray, peaks_px: np.ndarray, *, clip_level: float,
+                        return_choice: bool = False):
+        """Peak or PSF-sized Gaussian fit per dot, chosen by the noise around the echo.
+
+        The smoothed peak (``peaks_px``, :func:`refine_centres`) makes no assumption about the
+        echo's shape, but background noise moves it: a noise slope ``n'`` shifts the peak of an
+        echo of height ``A`` and width ``sigma`` by ``sigma^2 n' / A``, and for noise of standard
+        deviation ``sigma_n`` correlated over about the echo's own width (speckle: both are the
+        point-spread function) that is ``sigma sigma_n / A`` pixels. A least-squares Gaussian fit
+        over the whole echo averages that noise instead, at the price of assuming the Gaussian
+        shape. So:
+
+        1. A censored Gaussian fit in the ``refine_fit_window_mm`` window (a first guess)
+           estimates each echo's sigmas ``(sx, sy)`` and height ``A`` in this frame.
+        2. The fit is repeated in a window sized from those sigmas
+           (``refine_psf_window``: ``k_lat sx`` across, ``k_above sy`` above and ``k_below
+           sy`` below the centre; the window stops short below the echo so that its
+           reverberation tail does not pull the centre down) and at most half the distance to
+           the nearest other dot in every direction (no neighbour's pixels).
+        3. The ring of ``prominence_ring_mm`` gives the background noise ``sigma_n``
+           (:func:`background_noise`); where the predicted noise shift of the peak
+           ``max(sx, sy) sigma_n / A`` exceeds ``refine_noise_error_px``, the fit's centre is
+           used, elsewhere (low-noise images, e.g. a water tank) the peak is kept.
+
+        Parameters
+        ----------
+        gray : (h, w) uint8
+            Full-resolution grey image (MF).
+        peaks_px : (n, 2) float64
+            Smoothed-peak centres (x, y), pixels; NaN rows stay NaN.
+        clip_level : float
+            Saturation level (:func:`fit_clipped_gaussian_centres`).
+        return_choice : bool
+            Also return which dots took the fit and their predicted peak noise shift.
+
+        Returns
+        -------
+        centres : (n, 2) float64, (x, y) pixels
+        fitted : (n,) bool, only with ``return_choice``
+        noise_shift_px : (n,) float64, only with ``return_choice`` (NaN where the first fit failed)
+        """
+        s = self.settings
+        peaks = np.asarray(peaks_px, dtype=np.float64)
+        radius_px = s.refine_radius_mm / float(self._spacing.mean())
+        # At least 2 pixels each side: 5 samples across to fit a centre and a width.
+        half1 = (max(2.0, s.refine_fit_window_mm[0] / self._spacing[0]),
+                 max(2.0, s.refine_fit_window_mm[1] / self._spacing[1]))
+        first, ok1, sig, amp = fit_clipped_gaussian_centres(gray, peaks, half_size_px=half1, clip_level=clip_level,
+                                                            max_shift_px=radius_px, return_fit=True)
+        _, noise = background_noise(gray, peaks, inner_px=s.prominence_ring_mm[0] / float(self._spacing.mean()),
+                                    outer_px=s.prominence_ring_mm[1] / float(self._spacing.mean()))
+        shift = np.where(ok1, np.nanmax(sig, axis=1, initial=0.0) * noise / amp, np.nan)
+        use = ok1 & (shift > s.refine_noise_error_px)
+        out = peaks.copy()
+        if use.any():
+            k_lat, k_above, k_below = (float(v) for v in s.refine_psf_window)
+            # Half the distance to the nearest other dot bounds the window in every direction.
+            gap = np.linalg.norm(first[:, None, :] - first[None, :, :], axis=2)  # NaN for missing dots
+            np.fill_diagonal(gap, np.inf)
+            room = np.maximum(0.5 * np.min(np.nan_to_num(gap, nan=np.inf), axis=1), 1.0)
+            sx, sy = np.where(use, sig[:, 0], 1.0), np.where(use, sig[:, 1], 1.0)
+            half2 = np.column_stack([np.minimum(np.maximum(k_lat * sx, 2.0), room),
+                                     np.minimum(np.maximum(k_above * sy, 2.0), room),
+                                     np.minimum(np.maximum(k_below * sy, 1.0), room)])
+            second, ok2 = fit_clipped_gaussian_centres(gray, np.where(use[:, None], first, np.nan), half_size_px=half2,
+                                                       clip_level=clip_level, max_shift_px=radius_px)
+            take = use & ok2 & (np.hypot(*(second - peaks).T) <= radius_px)
+            out[take] = second[take]
+            use = take
+        return (out, use, shift) if return_choice else out

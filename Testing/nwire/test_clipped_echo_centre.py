@@ -126,10 +126,11 @@ def test_settings_accept_good_values():
 
 
 def test_default_refine_model_and_detector_wiring():
-    """The default is the peak search; "clipped-gaussian" fits the censored Gaussian from there, on the raw image."""
+    """The default is "adaptive" (peak search or PSF-sized fit by the noise, issue 23); "peak" stops at the
+    peak search; "clipped-gaussian" fits the censored Gaussian from there, on the raw image."""
     default = HessianSettings()
     assert (default.refine_model, default.refine_clip_level, default.refine_fit_window_mm) == (
-        "peak", None, (1.0, 0.6))
+        "adaptive", None, (1.0, 0.6))
     sim = small_simulation()
     sp = float(np.mean(sim.pixel_spacing_mm))
     image = sim.sequence.frames[0]
@@ -145,3 +146,6 @@ def test_default_refine_model_and_detector_wiring():
     # On the simulation the fit is closer to the true dot centres than the peak search.
     truth = sim.true_points_px[0]
     assert np.nanmean(np.hypot(*(fit - truth).T)) < np.nanmean(np.hypot(*(peak - truth).T))
+    det = HessianDetector(sim.phantom, sp)
+    adaptive = det.refine(image, pts)
+    assert np.array_equal(adaptive, det.refine_adaptive(image, peak, clip_level=clip_level_of(image)), equal_nan=True)

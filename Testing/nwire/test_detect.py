@@ -84,18 +84,19 @@ def test_refine_centres_rejects_bad_smoothing(smoothing):
 
 
 def test_lateral_refine_smoothing_setting():
-    """Default: isotropic (unchanged method); a lateral sigma is passed on per axis in pixels."""
+    """Default: isotropic (unchanged method); a lateral sigma is passed on per axis in pixels (peak search)."""
     from nwire_synthetic import small_simulation as _sim
 
     sim = _sim("linear", 50.0, n_frames=20)
     sp = 0.1
     image = sim.sequence.frames[0]
     pts = sim.true_points_px[0] + 0.7
-    default = HessianDetector(sim.phantom, sp)
-    assert default.settings.refine_lateral_smoothing_mm is None
+    assert HessianSettings().refine_lateral_smoothing_mm is None
+    default = HessianDetector(sim.phantom, sp, settings=HessianSettings(refine_model="peak"))
     expected = refine_centres(image, pts, search_radius_px=1.0 / sp, smoothing_px=0.2 / sp)
     assert np.array_equal(default.refine(image, pts), expected, equal_nan=True)
-    lateral = HessianDetector(sim.phantom, sp, settings=HessianSettings(refine_lateral_smoothing_mm=0.6))
+    lateral = HessianDetector(sim.phantom, sp, settings=HessianSettings(refine_model="peak",
+                                                                       refine_lateral_smoothing_mm=0.6))
     expected = refine_centres(image, pts, search_radius_px=1.0 / sp, smoothing_px=(0.6 / sp, 0.2 / sp))
     assert np.array_equal(lateral.refine(image, pts), expected, equal_nan=True)
     with pytest.raises(ValueError, match="refine_lateral_smoothing_mm"):
