@@ -37,8 +37,8 @@ larger of the two, and at most
 the neighbouring wire or layer is at least that far, so a tolerance below a fraction of it
 cannot take one for the other). The relative tolerances (``collinearity_eps``, ``parallel_eps``:
 the paper's 0.05) get the same pixel term over the shortest line a pattern can make, which on a
-coarse image is only a few tens of pixels long; ``alpha_margin`` and ``scale_range`` are
-scale-free. :meth:`LabelingSettings.resolved` computes all of them for a phantom and a pixel
+coarse image is only a few tens of pixels long, and so does ``alpha_margin`` (the slack on
+the diagonal's position ``|AB|/|AC|``); ``scale_range`` is scale-free. :meth:`LabelingSettings.resolved` computes all of them for a phantom and a pixel
 spacing; :func:`label_dots` does so itself.
 """
 
@@ -123,7 +123,10 @@ class LabelingSettings:
         deviation of a distance between two sub-pixel dot centres, about 0.5 px per dot, times
         about 5; a coarse image's correct sets deviate by 2-3 px).
     alpha_margin : float
-        Slack on the diagonal's alpha range (scale-free: the error of ``|AB|/|AC|``).
+        Slack on the diagonal's alpha range (the error of ``|AB|/|AC|``) ...
+    alpha_margin_px : float
+        ... at least this many pixels over the shortest line (statistical: ``|AB|`` of dots
+        0.5 px off is about 0.7 px off; three times that).
     scale_range : (float, float)
         Allowed ratio between image distances (mm, using the spacing hint) and phantom
         distances. 1 when the image plane is perpendicular to the wires; larger when tilted.
@@ -174,6 +177,7 @@ class LabelingSettings:
     distance_tolerance_mm: float = 0.8
     distance_tolerance_px: float = 4.0
     alpha_margin: float = 0.08
+    alpha_margin_px: float = 2.0
     scale_range: tuple = (0.8, 2.5)
     max_line_angle_deg: float = 70.0
     collinearity_max_mm: float = 1.0
@@ -191,7 +195,7 @@ class LabelingSettings:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: expected a positive number, got {getattr(self, name)!r}")
         for name in ("distance_tolerance_px", "collinearity_max_px", "max_wire_distance_px", "max_wire_distance_mm",
-                     "collinearity_eps_px", "parallel_eps_px"):
+                     "collinearity_eps_px", "parallel_eps_px", "alpha_margin", "alpha_margin_px"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name}: expected a number >= 0, got {getattr(self, name)!r}")
         lo, hi = self.scale_range
@@ -203,7 +207,8 @@ class LabelingSettings:
 
         Each of ``distance_tolerance_mm``, ``collinearity_max_mm`` and ``max_wire_distance_mm``
         (unless 0: disabled) becomes ``min(geometry_fraction * min_separation_mm(phantom),
-        max(<name>_mm, <name>_px * spacing))``; ``collinearity_eps`` and ``parallel_eps`` become
+        max(<name>_mm, <name>_px * spacing))``; ``collinearity_eps``, ``parallel_eps`` and
+        ``alpha_margin`` become
         ``max(<name>, <name>_px * spacing / shortest)``, ``shortest = scale_range[0] * min(side
         spacings)`` (mm); spacing is the mean of ``pixel_spacing_mm`` (mm/px). Resolving resolved
         settings again (same phantom and spacing) changes nothing.
@@ -221,6 +226,7 @@ class LabelingSettings:
 
         return replace(self, collinearity_eps=max(self.collinearity_eps, self.collinearity_eps_px * sp / shortest_mm),
                        parallel_eps=max(self.parallel_eps, self.parallel_eps_px * sp / shortest_mm),
+                       alpha_margin=max(self.alpha_margin, self.alpha_margin_px * sp / shortest_mm),
                        distance_tolerance_mm=derive(self.distance_tolerance_mm, self.distance_tolerance_px),
                        collinearity_max_mm=derive(self.collinearity_max_mm, self.collinearity_max_px),
                        max_wire_distance_mm=(derive(self.max_wire_distance_mm, self.max_wire_distance_px)

@@ -20,7 +20,7 @@ from nwire_synthetic import exact_geometry
 
 #: The tolerances as they were: fixed mm, no pixel term, no geometric cap.
 FIXED = LabelingSettings(distance_tolerance_px=0.0, collinearity_max_px=0.0, max_wire_distance_px=0.0,
-                         collinearity_eps_px=0.0, parallel_eps_px=0.0, geometry_fraction=1e9)
+                         collinearity_eps_px=0.0, parallel_eps_px=0.0, alpha_margin_px=0.0, geometry_fraction=1e9)
 PRIORS = ("layer-spacing-prior", "obliquity-prior", "parallel-prior", "shared-dots-prior", "too-few-lines",
           "pattern-missing", "no-n-triple")
 
@@ -45,12 +45,13 @@ def test_fcal2_keeps_its_numbers_and_separation_is_the_phantoms():
     assert min_separation_mm(_scaled("fCal-2.0", 0.2)) == pytest.approx(2.0)
     s = LabelingSettings().resolved(fcal2, 0.078)  # PLUS's fCal 2.0 spacing: the physical floors hold
     assert (s.distance_tolerance_mm, s.collinearity_max_mm, s.max_wire_distance_mm) == (0.8, 1.0, 0.6)
-    assert (s.collinearity_eps, s.parallel_eps) == (0.05, 0.05)  # the paper's
+    assert (s.collinearity_eps, s.parallel_eps, s.alpha_margin) == (0.05, 0.05, 0.08)  # the paper's, ours
     coarse = LabelingSettings().resolved(fcal2, 0.5)  # 4 px of 0.5 mm
     assert (coarse.distance_tolerance_mm, coarse.collinearity_max_mm) == (2.0, 2.0)
     assert (coarse.collinearity_eps, coarse.parallel_eps) == (0.05, 0.05)  # 1.5 and 2 px of the shortest 40 px
     coarser = LabelingSettings().resolved(fcal2, 1.0)  # the shortest line (0.8 x 25 mm) is 20 px
     assert coarser.collinearity_eps == pytest.approx(1.5 / 20) and coarser.parallel_eps == pytest.approx(2 / 20)
+    assert coarser.alpha_margin == pytest.approx(2 / 20)
     assert coarse.resolved(fcal2, 0.5) == coarse  # resolving twice changes nothing
     small = LabelingSettings().resolved(_scaled("fCal-2.0", 0.2), 0.078)  # capped at a quarter of 2 mm
     assert small.distance_tolerance_mm == small.collinearity_max_mm == small.max_wire_distance_mm == 0.5
