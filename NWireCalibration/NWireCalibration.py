@@ -61,8 +61,9 @@ phantom pose is estimated together with the calibration (no stylus needed).</p>
 sequence browser). <b>Calibrate</b> writes ImageToProbe into the selected transform with its
 errors, shows the accuracy table (PLUS 3D/2D reprojection errors), a residual plot per frame and
 why frames did not count (frames detected per stage, labellings refused by the sequence stage, a
-table of rejected and dropped frames with the missing wire or failed prior of each); the PLUS <code>&lt;Transform From="Image" To="Probe" .../&gt;</code> element can be copied into a
-PLUS device-set configuration, or <b>Send to PlusServer</b> puts it into a running PlusServer
+table of rejected and dropped frames with the missing wire or failed prior of each); the PLUS
+<code>&lt;Transform From="Image" To="Probe" .../&gt;</code> element can be copied into a PLUS
+device-set configuration, or <b>Send to PlusServer</b> puts it into a running PlusServer
 (UpdateTransform and SaveConfig remote commands). Cancel stops detection or calibration and
 leaves the scene as it was. <b>Live</b> calibrates from a PlusServer stream as frames arrive,
 keeps well-detected frames with new probe poses, and stops when the calibration has converged.</p>

@@ -38,8 +38,9 @@ the neighbouring wire or layer is at least that far, so a tolerance below a frac
 cannot take one for the other). The relative tolerances (``collinearity_eps``, ``parallel_eps``:
 the paper's 0.05) get the same pixel term over the shortest line a pattern can make, which on a
 coarse image is only a few tens of pixels long, and so does ``alpha_margin`` (the slack on
-the diagonal's position ``|AB|/|AC|``); ``scale_range`` is scale-free. :meth:`LabelingSettings.resolved` computes all of them for a phantom and a pixel
-spacing; :func:`label_dots` does so itself.
+the diagonal's position ``|AB|/|AC|``); ``scale_range`` is scale-free.
+:meth:`LabelingSettings.resolved` computes all of them for a phantom and a pixel spacing;
+:func:`label_dots` does so itself.
 """
 
 from __future__ import annotations
@@ -93,10 +94,11 @@ def min_separation_mm(phantom: NWirePhantom) -> float:
 class LabelingSettings:
     """Tolerances of the N-wire geometric filter.
 
-    The relative ones are the paper's (scale-free); the absolute ones are derived for each
-    phantom and pixel spacing (module docstring, :meth:`resolved`): ``max(<name>_mm,
-    <name>_px * pixel spacing)``, at most ``geometry_fraction`` times the phantom's
-    :func:`min_separation_mm`.
+    Derived for each phantom and pixel spacing (module docstring, :meth:`resolved`): the
+    absolute ones (mm) are ``max(<name>_mm, <name>_px * pixel spacing)``, at most
+    ``geometry_fraction`` times the phantom's :func:`min_separation_mm`; the relative ones (the
+    paper's) at least ``<name>_px`` pixels over the shortest line a pattern makes. ``_px``
+    values are pixels of the image.
 
     Attributes
     ----------

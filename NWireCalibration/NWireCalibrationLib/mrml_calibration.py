@@ -16,7 +16,8 @@ what the headless tests exercise with the real MRML classes of the ``slicer-core
   :class:`~.keyframes.KeyframeCalibrator` and writes every new calibration and the convergence
   curve into MRML nodes;
 - helpers: :func:`sequence_from_browser`, :func:`dots_to_markups`, :func:`write_image_to_probe`,
-  :func:`rejection_columns`, :func:`write_detection_report`, :func:`fill_table`, :func:`plot_table`, :func:`image_proxy_node`, :func:`frame_from_image_node`,
+  :func:`rejection_columns`, :func:`write_detection_report`, :func:`fill_table`,
+  :func:`plot_table`, :func:`image_proxy_node`, :func:`frame_from_image_node`,
   :func:`probe_to_reference_of_image_node`, :func:`matrix_of_transform_node`.
 
 It reaches ``slicer`` only through :mod:`FreehandUSLib.mrml` (the one module that imports it)
@@ -1012,7 +1013,8 @@ def rejection_columns(calibration_detection: DetectionResult, validation_detecti
         refused = set(det.refused_frames())
         for i in range(det.n_frames):
             if not det.ok[i]:
-                rows.append((name, i, status, det.reason_code(i), det.reasons[i] or _reason_meaning(det.reason_code(i))))
+                code = det.reason_code(i)
+                rows.append((name, i, status, code, det.reasons[i] or _reason_meaning(code)))
             elif i in refused:
                 stage = (det.stages[i] if det.stages is not None else "") or "single-frame"
                 rows.append((name, i, STATUS_RELABELLED, "motion-inconsistent",

@@ -38,8 +38,9 @@ a physical length in mm (converted by the pixel spacing hint) and a few pixels (
 localisation and the pixel grid of the candidates), and the jump floor stays below half the
 phantom's smallest wire separation (:func:`~.labeling.min_separation_mm`), so a wrong label one
 wire over is refused on small phantoms too; the search radius stays below a fraction of the
-frame's smallest predicted dot distance. Nothing is tuned on one recording. A frame that stays rejected keeps its single-frame reason, with why the
-sequence could not label it appended.
+frame's smallest predicted dot distance. Nothing is tuned on one recording. A frame that
+stays rejected keeps its single-frame reason, with why the sequence could not label it
+appended.
 """
 
 from __future__ import annotations
