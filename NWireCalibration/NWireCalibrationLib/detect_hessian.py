@@ -592,16 +592,18 @@ def background_noise(image: np.ndarray, points_px: np.ndarray, *, inner_px: floa
     dist = np.hypot(xx, yy)
     ring_dx, ring_dy = xx[(dist >= inner_px) & (dist <= outer_px)], yy[(dist >= inner_px) & (dist <= outer_px)]
     level, noise = np.full(len(pts), np.nan), np.full(len(pts), np.nan)
-    for i, (x, y) in enumerate(pts):
-        if not (np.isfinite(x) and np.isfinite(y)):
-            continue
-        rx, ry = int(round(x)) + ring_dx, int(round(y)) + ring_dy
-        inside = (rx >= 0) & (rx < w) & (ry >= 0) & (ry < h)
-        if not inside.any():
-            continue
-        vals = img[ry[inside], rx[inside]]
-        level[i] = np.median(vals)
-        noise[i] = 1.4826 * np.median(np.abs(vals - level[i]))
+    todo = np.flatnonzero(np.all(np.isfinite(pts), axis=1))
+    if todo.size == 0:
+        return level, noise
+    rx = np.rint(pts[todo, :1]).astype(int) + ring_dx[None, :]
+    ry = np.rint(pts[todo, 1:]).astype(int) + ring_dy[None, :]
+    inside = (rx >= 0) & (rx < w) & (ry >= 0) & (ry < h)
+    vals = np.where(inside, img[np.clip(ry, 0, h - 1), np.clip(rx, 0, w - 1)], np.nan)
+    seen = inside.any(axis=1)
+    if seen.any():
+        lev = np.nanmedian(vals[seen], axis=1)
+        level[todo[seen]] = lev
+        noise[todo[seen]] = 1.4826 * np.nanmedian(np.abs(vals[seen] - lev[:, None]), axis=1)
     return level, noise
 
 
@@ -834,7 +836,8 @@ class HessianDetector:
         -------
         centres : (n, 2) float64, (x, y) pixels
         fitted : (n,) bool, only with ``return_choice``
-        noise_shift_px : (n,) float64, only with ``return_choice`` (NaN where the first fit failed)
+        noise_shift_px : (n,) float64, only with ``return_choice`` (0 without background noise, NaN where the
+            first fit failed)
         """
         s = self.settings
         peaks = np.asarray(peaks_px, dtype=np.float64)
@@ -842,11 +845,14 @@ class HessianDetector:
         # At least 2 pixels each side: 5 samples across to fit a centre and a width.
         half1 = (max(2.0, s.refine_fit_window_mm[0] / self._spacing[0]),
                  max(2.0, s.refine_fit_window_mm[1] / self._spacing[1]))
-        first, ok1, sig, amp = fit_clipped_gaussian_centres(gray, peaks, half_size_px=half1, clip_level=clip_level,
-                                                            max_shift_px=radius_px, return_fit=True)
         _, noise = background_noise(gray, peaks, inner_px=s.prominence_ring_mm[0] / float(self._spacing.mean()),
                                     outer_px=s.prominence_ring_mm[1] / float(self._spacing.mean()))
+        # Without background noise the predicted shift is 0 whatever the echo: no fit needed.
+        first, ok1, sig, amp = fit_clipped_gaussian_centres(gray, np.where((noise > 0)[:, None], peaks, np.nan),
+                                                            half_size_px=half1, clip_level=clip_level,
+                                                            max_shift_px=radius_px, return_fit=True)
         shift = np.where(ok1, np.nanmax(sig, axis=1, initial=0.0) * noise / amp, np.nan)
+        shift[noise == 0] = 0.0
         use = ok1 & (shift > s.refine_noise_error_px)
         out = peaks.copy()
         if use.any():
