@@ -1,6 +1,13 @@
 """Sensorless tracking benchmark: all methods side by side on held-out simulated sweeps + PLUS data.
 
     python Testing/benchmarks/bench_sensorless.py [--sweeps 20] [--models DIR] [--cache DIR]
+    python Testing/benchmarks/bench_sensorless.py --independent 2     # independent simulator only
+    python Testing/benchmarks/bench_sensorless.py --uncertainty 10    # per-frame uncertainty only
+
+``--uncertainty N`` (:func:`run_uncertainty`) measures the candidates for the per-frame
+uncertainty, fits them on the training simulator, scores them on N independent-simulator
+sweeps per probe and writes ``results/sensorless_uncertainty.json`` (the constants in
+``SensorlessTrackingLib/confidence.py`` come from it).
 
 Held-out sweeps use ``SensorlessTrackingLib.simdata.test_seeds`` (disjoint from the training
 seeds): random probes, random tissue, 150-400 frames over 60-250 mm, shapes cycling
