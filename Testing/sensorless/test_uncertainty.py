@@ -119,6 +119,28 @@ def test_uncertainty_is_larger_over_a_noisy_segment(long_sweep):
     np.testing.assert_allclose(res.uncertainty.step_sigma[:29], clean.uncertainty.step_sigma[:29])
 
 
+def test_shipped_model_uncertainty_is_larger_over_a_noisy_segment():
+    """The shipped model on a sweep of the independent simulator with frames 24-27 replaced by
+    noise: its steps there are 5x as wrong, and their sigmas 4x as large as elsewhere."""
+    pytest.importorskip("torch")
+    if not default_model_path().is_file():
+        pytest.skip("shipped model not present")
+    from independent_sim import PROBES, simulate
+
+    seq = simulate(PROBES[0], 5_000_902, n_frames=48, length_mm=40.0).sequence
+    f = seq.frames.copy()
+    f[24:28] = np.random.default_rng(1).integers(0, 255, f[24:28].shape, dtype=np.uint8)
+    res = track_sequence(replace(seq, frames=f), "default")
+    clean = track_sequence(seq, "default")
+    err = np.abs(res.frame_to_frame - _true_steps(seq))[:, 2]
+    sig = res.uncertainty.elevational_sigma_mm[1:]
+    seg = np.zeros(err.size, bool)
+    seg[23:28] = True  # steps into frames 24..28
+    assert err[seg].mean() > 3 * err[~seg].mean()
+    assert sig[seg].min() > 3 * np.median(sig[~seg])
+    assert res.uncertainty.final_drift_band_mm > clean.uncertainty.final_drift_band_mm + 4.0
+
+
 def test_band_holds_the_drift_on_an_independent_sweep():
     """A sweep of the independent simulator (never used to fit the constants), the shipped model:
     the tracked drift of most frames lies inside the 95 % band (the benchmark measures 30 sweeps)."""
