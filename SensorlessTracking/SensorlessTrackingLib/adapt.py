@@ -3,25 +3,40 @@
 A model trained on one probe reads another probe's speckle with the wrong elevational scale: the
 decorrelation of speckle with out-of-plane distance follows the elevational beam width, which
 differs between probes (on the independent test simulator the shipped model's best factor on
-its out-of-plane motion is 0.6-1.1 depending on the probe). :func:`adapt_model` fits what the
-user's tracked sweeps of their probe support, cheapest first:
+its out-of-plane motion is 0.6-1.4 depending on the probe and the sweep). Measured on that
+simulator (``Testing/benchmarks/bench_sensorless_adapt.py``, :func:`.attribution.drift_attribution`
+per sweep), the elevational step ``tz`` is what limits the drift: with the true ``tz`` and
+everything else estimated the final drift falls from 10-40 % to 2-17 % of the path, while true
+tilts or true in-plane motion change it by a few points. What varies from sweep to sweep is the
+factor on ``tz`` (and pauses, read as motion), not a constant bias, so per-probe linear
+corrections of all six parameters (separate scales, in-plane biases) did no better on held-out
+sweeps than the one scale; blending in the speckle decorrelation's own ``tz`` did, on one probe
+of three, and on another no correction helped at all. :func:`adapt_model` therefore fits every
+candidate below on the user's tracked sweeps and keeps the one whose drift is lowest on sweeps
+it was not fitted on (leave-one-sweep-out), ``"none"`` included and kept unless the gain over
+it is larger than its own standard error across the sweeps:
 
-1. **the out-of-plane scale** (always): one factor ``k`` on the estimated out-of-plane
-   frame-to-frame parameters ``(tz, rx, ry)`` (centred image-mm frame, :mod:`.pose`), the factor
-   that minimises the mean drift of the image centre over the adaptation sweeps
-   (:func:`fit_probe_scale`); stored in the checkpoint under ``"adaptation"`` and applied by
-   :func:`.predict.track_sequence` to every estimate of the adapted model;
-2. **fine-tuning** (``fine_tune=True``): the network's weights trained further on the
-   adaptation sweeps (:func:`.train.train` from the base weights, a low learning rate, few
-   epochs, a time limit), keeping the epoch with the lowest loss on the held-back sweep; the
-   scale is then fitted again for the fine-tuned weights. The fine-tuned weights are kept only
-   when they lower the held-back sweep's final drift.
+- ``"none"``: the model as it is;
+- ``"scale"``: one factor ``k`` on the estimated out-of-plane frame-to-frame parameters
+  ``(tz, rx, ry)`` (centred image-mm frame, :mod:`.pose`) that minimises the mean drift of the
+  image centre (:func:`fit_probe_scale`); stored as ``out_of_plane_scale``;
+- ``"decorrelation-blend"``: ``tz = a * tz_model + c * tz_decorrelation`` and ``(rx, ry) *= r``,
+  the decorrelation (:mod:`.decorrelation`) calibrated on the same sweeps, ``(a, c, r)``
+  minimising the mean drift (:func:`fit_decorrelation_blend`); stored as ``decorrelation_blend``
+  and applied by :func:`.predict.track_sequence` through :func:`apply_decorrelation_blend`.
 
-One sweep (the last) is held back: the scale is fitted on the others and judged on it
-(``validation`` in the result: its final drift with the base model and with the fitted scale),
-then fitted again on all sweeps for the output. Each sweep is estimated with the direction its
-tracking moved (:func:`.conventions.elevational_displacement_mm`), so sweeps in both directions
-can be mixed.
+With ``fine_tune=True`` the network's weights are also trained further on the adaptation sweeps
+(:func:`.train.train` from the base weights, a low learning rate, few epochs, a time limit),
+keeping the epoch with the lowest loss on the held-back sweep (the last), then the correction is
+chosen again for the fine-tuned weights. The fine-tuned weights are kept only when they lower the
+held-back sweep's final drift.
+
+The checkpoint's ``"adaptation"`` record holds plain values only (weights-only loading):
+``correction``, ``out_of_plane_scale`` (1.0 unless the correction is ``"scale"``),
+``decorrelation_blend`` (or None), ``candidates`` (each candidate's leave-one-out mean final
+drift) and the validation of the held-back sweep. Each sweep is estimated with the direction
+its tracking moved (:func:`.conventions.elevational_displacement_mm`), so sweeps in both
+directions can be mixed; corrections act on the models' own convention ("toward").
 
 The module also runs as a separate process for the Sensorless Tracking panel (``python -m
 SensorlessTrackingLib.adapt JOB.json``, :func:`write_job`, :func:`main`), streaming JSON lines as
@@ -40,12 +55,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-from scipy.optimize import minimize_scalar
+from scipy.optimize import minimize, minimize_scalar
 
 from FreehandUSLib.errors import FreehandUSError
 
 from .attribution import GROUPS, SCALE_RANGE, out_of_plane_problem
-from .conventions import elevational_displacement_mm
+from .conventions import elevational_displacement_mm, reverse_direction
 from .pose import frame_to_frame_to_relative, params_to_matrices
 
 __all__ = [
@@ -53,8 +68,12 @@ __all__ = [
     "AdaptationResult",
     "AdaptationError",
     "ADAPTATION_KEY",
+    "CORRECTIONS",
     "fit_probe_scale",
+    "fit_decorrelation_blend",
     "apply_out_of_plane_scale",
+    "apply_decorrelation_blend",
+    "check_decorrelation_blend",
     "adapt_model",
     "tracked_direction",
     "write_job",
@@ -65,6 +84,13 @@ log = logging.getLogger(__name__)
 
 #: Key of a checkpoint's adaptation record (``{"out_of_plane_scale": k, ...}``, plain values).
 ADAPTATION_KEY = "adaptation"
+
+#: The corrections :func:`adapt_model` chooses from (see the module docstring).
+CORRECTIONS = ("none", "scale", "decorrelation-blend")
+
+#: Weight of the pull of the blend's parameters toward "the model as it is" (log a, c, log r
+#: all 0), in % of drift per unit squared: small, so the data decide, yet a flat cost stays put.
+_BLEND_REGULARISATION = 0.1
 
 
 class AdaptationError(FreehandUSError):
@@ -83,6 +109,8 @@ class AdaptConfig:
         learning rate: a regulariser against forgetting what the base model learnt)
     seed : seeds the fine-tuning
     device : torch device of estimation and fine-tuning ("auto": CUDA when available)
+    corrections : the candidates of :data:`CORRECTIONS` to choose from (by leave-one-sweep-out
+        drift); ``("scale",)`` forces the one scale
     """
 
     fine_tune: bool = False
@@ -93,8 +121,14 @@ class AdaptConfig:
     batch_size: int = 8
     seed: int = 0
     device: str = "cpu"
+    corrections: tuple = CORRECTIONS
 
     def __post_init__(self):
+        object.__setattr__(self, "corrections", tuple(self.corrections))  # a list from a job file
+        unknown = [c for c in self.corrections if c not in CORRECTIONS]
+        if unknown or not self.corrections:
+            raise ValueError(f"AdaptConfig.corrections must be a non-empty subset of {CORRECTIONS}, got "
+                             f"{self.corrections}")
         if not self.max_minutes > 0:
             raise ValueError(f"AdaptConfig.max_minutes must be positive, got {self.max_minutes}")
         if int(self.epochs) < 1:
@@ -111,13 +145,20 @@ class AdaptationResult:
     ----------
     checkpoint : the adapted model file
     base : the model it started from
-    out_of_plane_scale : the factor on (tz, rx, ry) stored in the checkpoint (fitted on all sweeps)
+    out_of_plane_scale : the factor on (tz, rx, ry) stored in the checkpoint (fitted on all
+        sweeps; 1.0 unless ``correction`` is "scale")
     fine_tuned : whether the stored weights are fine-tuned (else the base weights)
-    validation : the held-back sweep: ``name``, ``fdr_base_percent`` (the base model),
-        ``scale_from_others``, ``fdr_scaled_percent`` (with that scale) and, after a
-        fine-tuning, ``fdr_fine_tuned_percent`` (fine-tuned, its scale fitted on the others)
+    validation : the held-back sweep (the last): ``name``, ``fdr_base_percent`` (the base
+        model), ``fdr_adapted_percent`` (the chosen correction fitted on the other sweeps),
+        ``scale_from_others`` and ``fdr_scaled_percent`` (the one scale fitted on the others)
+        and, after a fine-tuning, ``fdr_fine_tuned_percent`` (fine-tuned, its correction fitted
+        on the others)
     sweeps : per sweep: ``name``, ``direction``, ``frames``, ``path_mm``, ``fdr_base_percent``
     seconds : wall time
+    correction : the chosen one of :data:`CORRECTIONS`
+    decorrelation_blend : its parameters when ``correction`` is "decorrelation-blend", else None
+    candidates : each candidate's mean final drift (% of path) over the sweeps, each estimated
+        with the candidate fitted on the other sweeps (leave-one-sweep-out)
     """
 
     checkpoint: Path
@@ -127,6 +168,9 @@ class AdaptationResult:
     validation: dict
     sweeps: list = field(default_factory=list)
     seconds: float = 0.0
+    correction: str = "scale"
+    decorrelation_blend: dict | None = None
+    candidates: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -135,19 +179,29 @@ class AdaptationResult:
 
     def __str__(self) -> str:
         v = self.validation
+        what = {"none": "none (no correction clearly beat the model as it is on sweeps it was not fitted on)",
+                "scale": f"out-of-plane scale {self.out_of_plane_scale:.3f} (the factor on the estimated out-of-plane "
+                         "motion)"}
+        if self.decorrelation_blend is not None:
+            b = self.decorrelation_blend
+            what["decorrelation-blend"] = (
+                f"elevational step = {b['model_tz_weight']:.2f} x the model's + {b['decorrelation_tz_weight']:.2f} x the "
+                f"speckle decorrelation's (sigma {b['decorrelation']['sigma_mm']:.2f} mm), tilts x "
+                f"{b['rotation_scale']:.2f}")
+        loo = ", ".join(f"{k} {x:.1f} %" for k, x in self.candidates.items())
         lines = [
-            f"adapted {self.base} to the probe of {len(self.sweeps)} tracked sweeps in {self.seconds:.0f} s (checked on "
-            f"the last, held back, then fitted on all): {self.checkpoint}",
-            f"  out-of-plane scale {self.out_of_plane_scale:.3f} (the factor on the estimated out-of-plane motion)"
-            + ("; weights fine-tuned" if self.fine_tuned else ""),
+            f"adapted {self.base} to the probe of {len(self.sweeps)} tracked sweeps in {self.seconds:.0f} s: "
+            f"{self.checkpoint}",
+            f"  correction: {what.get(self.correction, self.correction)}" + ("; weights fine-tuned" if self.fine_tuned else ""),
+            f"  mean final drift of each sweep with each correction fitted on the others (% of path): {loo}",
             f"  held-back sweep {v['name']}: final drift {v['fdr_base_percent']:.1f} % of path with the base model, "
-            f"{v['fdr_scaled_percent']:.1f} % with the scale fitted on the other sweeps ({v['scale_from_others']:.3f})",
+            f"{v['fdr_adapted_percent']:.1f} % with the correction fitted on the other sweeps",
         ]
         if "fdr_fine_tuned_percent" in v:
             lines.append(f"  fine-tuned: {v['fdr_fine_tuned_percent']:.1f} % on the held-back sweep"
                          + ("" if self.fine_tuned else " (not better: the base weights are kept)"))
-        if v["fdr_scaled_percent"] > v["fdr_base_percent"]:
-            lines.append("  warning: the fitted scale did not help on the held-back sweep; record more (or longer) "
+        if v["fdr_adapted_percent"] > v["fdr_base_percent"]:
+            lines.append("  warning: the correction did not help on the held-back sweep; record more (or longer) "
                          "tracked sweeps of this probe")
         return "\n".join(lines)
 
@@ -157,6 +211,60 @@ def apply_out_of_plane_scale(params, scale: float) -> np.ndarray:
     out-of-plane ones (tz, rx, ry) multiplied by ``scale``."""
     out = np.array(params, dtype=np.float64)
     out[..., list(GROUPS["out_of_plane"])] *= float(scale)
+    return out
+
+
+def check_decorrelation_blend(blend) -> dict | None:
+    """The ``decorrelation_blend`` of an adaptation record, checked (None stays None).
+
+    Raises
+    ------
+    ValueError
+        Not a dict of finite ``model_tz_weight``, ``decorrelation_tz_weight``, positive
+        ``rotation_scale`` and a valid ``decorrelation`` (:class:`.decorrelation.DecorrelationConfig`) dict.
+    """
+    from .decorrelation import DecorrelationConfig
+
+    if blend is None:
+        return None
+    try:
+        weights = [float(blend[k]) for k in ("model_tz_weight", "decorrelation_tz_weight", "rotation_scale")]
+        DecorrelationConfig(**blend["decorrelation"])
+    except (TypeError, KeyError, ValueError) as exc:
+        raise ValueError(f"bad adaptation decorrelation_blend {blend!r}: {exc}") from None
+    if not (np.all(np.isfinite(weights)) and weights[2] > 0):
+        raise ValueError(f"bad adaptation decorrelation_blend {blend!r}: weights must be finite, rotation_scale > 0")
+    return blend
+
+
+def apply_decorrelation_blend(params, frames, spacing_mm, blend: dict, *, decorrelation_params=None) -> np.ndarray:
+    """A model's frame-to-frame parameters with the probe's decorrelation blend applied.
+
+    Parameters
+    ----------
+    params : (n - 1, 6) float64 the model's estimate (mm, deg; centred image-mm frame, the
+        models' own "toward" convention, right-handed frame)
+    frames : (n, rows, cols) the frames the model saw (right-handed: a mirrored calibration's
+        mirrored left-right), B-mode
+    spacing_mm : (sx, sy) pixel spacing of ``frames``
+    blend : ``decorrelation_blend`` of an adaptation record (:func:`check_decorrelation_blend`)
+    decorrelation_params : (n - 1, 6) the decorrelation's estimate in the same convention, when
+        already computed (else it is estimated from ``frames``)
+
+    Returns
+    -------
+    (n - 1, 6) float64: ``tz = model_tz_weight * tz + decorrelation_tz_weight * tz_decorrelation``,
+    ``(rx, ry) *= rotation_scale``, the in-plane parameters unchanged.
+    """
+    out = np.array(params, dtype=np.float64)
+    if decorrelation_params is None:
+        from .decorrelation import DecorrelationConfig, estimate_frame_to_frame
+
+        cfg = replace(DecorrelationConfig(**blend["decorrelation"]), direction=-1)  # "toward", as the models
+        decorrelation_params = estimate_frame_to_frame(frames, spacing_mm, cfg)
+    dec = np.asarray(decorrelation_params, dtype=np.float64)
+    out[..., 2] = float(blend["model_tz_weight"]) * out[..., 2] + float(blend["decorrelation_tz_weight"]) * dec[..., 2]
+    out[..., 3:5] *= float(blend["rotation_scale"])
     return out
 
 
@@ -195,6 +303,11 @@ def fit_probe_scale(truths, estimates, image_shapes) -> float:
     problems = [p for p in problems if p[2] > 0]
     if not problems:
         raise ValueError("fit_probe_scale: no sweep moved (every tracked path has zero length)")
+    return _fit_scale(problems)
+
+
+def _fit_scale(problems) -> float:
+    """:func:`fit_probe_scale` on ``(p_est, poses_t, path_mm)`` triples (:func:`.attribution.out_of_plane_problem`)."""
 
     def cost(log_k: float) -> float:
         return float(np.mean([_mean_drift_percent(p, t, path, np.exp(log_k)) for p, t, path in problems]))
@@ -205,6 +318,91 @@ def fit_probe_scale(truths, estimates, image_shapes) -> float:
     res = minimize_scalar(cost, bounds=(grid[max(k - 1, 0)], grid[min(k + 1, grid.size - 1)]), method="bounded",
                           options={"xatol": 1e-4})
     return float(np.exp(res.x if res.fun < values[k] else grid[k]))
+
+
+def _centres(problem: dict, params: np.ndarray) -> np.ndarray:
+    """(n, 3) image centres of a sweep from corrected parameters in the models' convention."""
+    p = params if problem["direction"] == "toward" else reverse_direction(params)
+    return (problem["poses"][0] @ frame_to_frame_to_relative(params_to_matrices(p)))[:, :3, 3]
+
+
+def _drifts(problem: dict, params: np.ndarray) -> tuple[float, float]:
+    """(mean, final) drift of the image centre, % of the sweep's path."""
+    d = np.linalg.norm(_centres(problem, params) - problem["poses"][:, :3, 3], axis=1)
+    return 100.0 * float(d.mean()) / problem["path"], 100.0 * float(d[-1]) / problem["path"]
+
+
+def _blend_of(x, dec_cfg) -> dict:
+    return {"model_tz_weight": float(np.exp(x[0])), "decorrelation_tz_weight": float(x[1]),
+            "rotation_scale": float(np.exp(x[2])), "decorrelation": dec_cfg.to_dict()}
+
+
+def fit_decorrelation_blend(problems, decorrelation_config) -> dict:
+    """The blend of the model's and the decorrelation's elevational step that fits the sweeps.
+
+    Parameters
+    ----------
+    problems : list of dicts, one per tracked sweep: ``p`` (n - 1, 6) the model's and ``dec``
+        (n - 1, 6) the decorrelation's frame-to-frame parameters (models' "toward"
+        convention), ``direction`` ("toward"/"away", the tracked one), ``poses`` (n, 4, 4) the
+        true centred image-mm poses (mm), ``path`` (path length of the image centre, mm)
+    decorrelation_config : the :class:`.decorrelation.DecorrelationConfig` of ``dec``
+
+    Returns
+    -------
+    dict
+        ``decorrelation_blend`` (:func:`apply_decorrelation_blend`): the weights minimising the
+        mean over sweeps of the mean drift of the image centre (% of path), pulled weakly toward
+        the model as it is (a = 1, c = 0, r = 1).
+    """
+    def cost(x):
+        b = _blend_of(x, decorrelation_config)
+        drift = np.mean([_drifts(pr, apply_decorrelation_blend(pr["p"], None, None, b, decorrelation_params=pr["dec"]))[0]
+                         for pr in problems])
+        return float(drift) + _BLEND_REGULARISATION * float(np.sum(np.square(x)))
+
+    res = minimize(cost, np.zeros(3), method="Powell", options={"xtol": 1e-3, "ftol": 1e-4, "maxfev": 3000})
+    return _blend_of(res.x, decorrelation_config)
+
+
+def _fit_correction(name: str, problems, dec_cfg):
+    """(params -> corrected params function of a problem, record) of one candidate fitted on ``problems``."""
+    if name == "none":
+        return (lambda pr: pr["p"]), {}
+    if name == "scale":
+        # the scale commutes with the direction's sign flip: fitted on the estimates as moved
+        k = _fit_scale([(pr["p"] if pr["direction"] == "toward" else reverse_direction(pr["p"]), pr["poses"], pr["path"])
+                        for pr in problems])
+        return (lambda pr: apply_out_of_plane_scale(pr["p"], k)), {"out_of_plane_scale": k}
+    b = fit_decorrelation_blend(problems, dec_cfg)
+    return (lambda pr: apply_decorrelation_blend(pr["p"], None, None, b, decorrelation_params=pr["dec"])), \
+        {"decorrelation_blend": b}
+
+
+def _choose(problems, names, dec_cfg):
+    """Leave-one-sweep-out final drift of each candidate; returns (chosen name, {name: mean
+    final drift %}, {name: final drift % of the last sweep with the candidate fitted on the
+    others}, {name: record of the candidate fitted on the others for the last sweep}).
+
+    The candidate with the lowest mean is chosen, except that "none" (when a candidate) is kept
+    unless the best one's gain over it, sweep by sweep, exceeds one standard error of those
+    gains: with a handful of sweeps a small mean gain is as likely noise (on the independent
+    simulator's convex probe a correction that looked better on 6 sweeps was worse on 10 others).
+    """
+    per_sweep, last, last_rec = {}, {}, {}
+    for name in names:
+        fdrs = []
+        for i in range(len(problems)):
+            correct, rec = _fit_correction(name, problems[:i] + problems[i + 1:], dec_cfg)
+            fdrs.append(_drifts(problems[i], correct(problems[i]))[1])
+        per_sweep[name], last[name], last_rec[name] = np.array(fdrs), fdrs[-1], rec
+    loo = {name: float(v.mean()) for name, v in per_sweep.items()}
+    chosen = min(names, key=lambda n: (loo[n], names.index(n)))
+    if chosen != "none" and "none" in names:
+        gain = per_sweep["none"] - per_sweep[chosen]
+        if not gain.mean() > gain.std(ddof=1) / np.sqrt(gain.size):
+            chosen = "none"
+    return chosen, loo, last, last_rec
 
 
 def tracked_direction(image_to_reference, image_shape) -> str:
@@ -233,29 +431,46 @@ def _tracked(sequences, image_to_probe):
     return out
 
 
-def _estimate(model, sweep, image_to_probe, device) -> np.ndarray:
+def _problems(model, sweeps, image_to_probe, device, dec_cfg) -> list:
+    """Per sweep what the corrections are fitted on (:func:`fit_decorrelation_blend`): the
+    model's estimate (adaptation not applied) and, with ``dec_cfg``, the decorrelation's, in
+    the models' "toward" convention, with the true poses."""
     from .predict import track_sequence
 
-    res = track_sequence(sweep["sequence"], model, image_to_probe=image_to_probe, device=device,
-                         sweep_direction=sweep["direction"])
-    return res.sequence.transforms["ImageToReference"].matrices
+    out = []
+    for s in sweeps:
+        res = track_sequence(s["sequence"], model, image_to_probe=image_to_probe, device=device,
+                             sweep_direction=s["direction"])
+        p = res.frame_to_frame if s["direction"] == "toward" else reverse_direction(res.frame_to_frame)
+        _, poses, path = out_of_plane_problem(s["truth"], res.sequence.transforms["ImageToReference"].matrices,
+                                              s["shape"])
+        dec = None
+        if dec_cfg is not None:
+            d = track_sequence(s["sequence"], "decorrelation", image_to_probe=image_to_probe, decorrelation=dec_cfg,
+                               sweep_direction=s["direction"]).frame_to_frame
+            dec = d if s["direction"] == "toward" else reverse_direction(d)
+        out.append({"p": p, "dec": dec, "direction": s["direction"], "poses": poses, "path": path})
+    return out
 
 
-def _fdr(sweep, estimate, scale) -> float:
-    p, poses_t, path = out_of_plane_problem(sweep["truth"], estimate, sweep["shape"])
-    rel = frame_to_frame_to_relative(params_to_matrices(apply_out_of_plane_scale(p, scale)))
-    end = (poses_t[0] @ rel[-1])[:3, 3]
-    return 100.0 * float(np.linalg.norm(end - poses_t[-1, :3, 3])) / path if path > 0 else float("nan")
+def _raw(model):
+    """The model with any adaptation it was loaded with switched off (the corrections are
+    fitted anew on the network's own estimates)."""
+    model.out_of_plane_scale = 1.0
+    model.decorrelation_blend = None
+    return model
 
 
-def _scale_fit(model, sweeps, image_to_probe, device):
-    """Estimates of every sweep (with the model's own scale), the scale fitted on all but the
-    last, and the one fitted on all (both relative to the model's own)."""
-    estimates = [_estimate(model, s, image_to_probe, device) for s in sweeps]
-    fit = sweeps[:-1]
-    k_others = fit_probe_scale([s["truth"] for s in fit], estimates[:-1], [s["shape"] for s in fit])
-    k_all = fit_probe_scale([s["truth"] for s in sweeps], estimates, [s["shape"] for s in sweeps])
-    return estimates, k_others, k_all
+def _select(model, sweeps, image_to_probe, device, dec_cfg, names):
+    """Problems, the chosen correction fitted on all sweeps (record), and the leave-one-out figures."""
+    problems = _problems(_raw(model), sweeps, image_to_probe, device, dec_cfg)
+    moved = [pr for pr in problems if pr["path"] > 0]
+    if len(moved) < len(problems):
+        raise AdaptationError(f"{len(problems) - len(moved)} of the sweeps did not move (zero tracked path); "
+                              "adaptation needs sweeps that move the probe")
+    chosen, loo, last, last_rec = _choose(problems, list(names), dec_cfg)
+    _, record = _fit_correction(chosen, problems, dec_cfg)
+    return problems, chosen, record, loo, last, last_rec
 
 
 def _fine_tune(base_path, model_cfg, sweeps, cfg: AdaptConfig, work_dir: Path) -> Path:
@@ -291,7 +506,7 @@ def adapt_model(sequences, out_path, *, base="default", image_to_probe=None, con
         last is held back for validation)
     out_path : the adapted checkpoint to write (``.pt``; its folder is made)
     base : the model to adapt: a checkpoint path or "default" (the shipped model); an already
-        adapted checkpoint is adapted further (its scale multiplies the new one)
+        adapted checkpoint's network is adapted anew (its correction is replaced)
     image_to_probe : (4, 4) calibration for sequences that have ImageToProbe + ProbeToReference
         missing (as :func:`.data.image_to_reference_of`)
     config : :class:`AdaptConfig`
@@ -304,13 +519,14 @@ def adapt_model(sequences, out_path, *, base="default", image_to_probe=None, con
     Raises
     ------
     AdaptationError
-        Fewer than 2 sweeps, or a sweep not tracked throughout.
+        Fewer than 2 sweeps, a sweep not tracked throughout, or one that does not move.
     ModelFileError
         An unreadable base model.
     """
     import torch
 
-    from .predict import default_model_path, load_model, read_checkpoint
+    from .decorrelation import calibrate_decorrelation
+    from .predict import default_model_path, input_spacing, load_model, read_checkpoint
     from .train import _plain, select_device
 
     cfg = config or AdaptConfig()
@@ -325,40 +541,52 @@ def adapt_model(sequences, out_path, *, base="default", image_to_probe=None, con
     base_path = default_model_path() if str(base) == "default" else Path(base)
     ckpt = read_checkpoint(base_path)
     model = load_model(base_path, device)
-    base_scale = float(getattr(model, "out_of_plane_scale", 1.0))
-    report(f"estimating {len(sweeps)} sweeps with {base}")
-    estimates, k_others, k_all = _scale_fit(model, sweeps, image_to_probe, device)
+    dec_cfg = None
+    if "decorrelation-blend" in cfg.corrections:
+        report(f"calibrating the speckle decorrelation on {len(sweeps)} sweeps")
+        dec_cfg = calibrate_decorrelation(
+            [(s["sequence"].frames, s["truth"], input_spacing(s["sequence"], image_to_probe=image_to_probe)[0])
+             for s in sweeps])
+    report(f"estimating {len(sweeps)} sweeps with {base} and choosing the correction")
+    problems, chosen, record, loo, last, last_rec = _select(model, sweeps, image_to_probe, device, dec_cfg,
+                                                            cfg.corrections)
     held = sweeps[-1]
-    validation = {"name": held["name"], "fdr_base_percent": _fdr(held, estimates[-1], 1.0),
-                  "scale_from_others": base_scale * k_others, "fdr_scaled_percent": _fdr(held, estimates[-1], k_others)}
-    scale, state, fine_tuned = base_scale * k_all, ckpt["state_dict"], False
+    validation = {"name": held["name"], "fdr_base_percent": _drifts(problems[-1], problems[-1]["p"])[1],
+                  "correction": chosen, "fdr_adapted_percent": last[chosen]}
+    if "scale" in last:
+        validation.update(scale_from_others=last_rec["scale"]["out_of_plane_scale"], fdr_scaled_percent=last["scale"])
+    state, fine_tuned = ckpt["state_dict"], False
     if cfg.fine_tune:
         report(f"fine-tuning for at most {cfg.epochs} epochs / {cfg.max_minutes:g} min")
         with tempfile.TemporaryDirectory(prefix="freehandus-adapt-") as work:
             best = _fine_tune(base_path, model.config, sweeps, cfg, Path(work))
             tuned = load_model(best, device)
             tuned_ckpt = read_checkpoint(best)
-        report("fitting the scale of the fine-tuned weights")
-        t_estimates, t_others, t_all = _scale_fit(tuned, sweeps, image_to_probe, device)
-        validation["fdr_fine_tuned_percent"] = _fdr(held, t_estimates[-1], t_others)
-        validation["fine_tuned_scale_from_others"] = t_others
-        if validation["fdr_fine_tuned_percent"] < validation["fdr_scaled_percent"]:
-            scale, state, fine_tuned = t_all, tuned_ckpt["state_dict"], True
+        report("choosing the correction of the fine-tuned weights")
+        _, t_chosen, t_record, t_loo, t_last, _ = _select(tuned, sweeps, image_to_probe, device, dec_cfg,
+                                                          cfg.corrections)
+        validation["fdr_fine_tuned_percent"] = t_last[t_chosen]
+        validation["fine_tuned_correction"] = t_chosen
+        if validation["fdr_fine_tuned_percent"] < validation["fdr_adapted_percent"]:
+            chosen, record, loo, state, fine_tuned = t_chosen, t_record, t_loo, tuned_ckpt["state_dict"], True
             ckpt = {**ckpt, "model_config": tuned_ckpt["model_config"]}
+    scale = float(record.get("out_of_plane_scale", 1.0))
+    blend = record.get("decorrelation_blend")
     per_sweep = [{"name": s["name"], "direction": s["direction"], "frames": int(s["sequence"].n_frames),
-                  "path_mm": out_of_plane_problem(s["truth"], e, s["shape"])[2], "fdr_base_percent": _fdr(s, e, 1.0)}
-                 for s, e in zip(sweeps, estimates)]
-    record = {"out_of_plane_scale": float(scale), "base": str(base), "fine_tuned": fine_tuned,
-              "sweeps": [s["name"] for s in sweeps], "validation": validation}
-    out = {k: v for k, v in ckpt.items() if k not in ("optimizer", "scheduler")}  # nothing to resume
+                  "path_mm": pr["path"], "fdr_base_percent": _drifts(pr, pr["p"])[1]}
+                 for s, pr in zip(sweeps, problems)]
+    record = {"out_of_plane_scale": scale, "correction": chosen, "decorrelation_blend": blend, "base": str(base),
+              "fine_tuned": fine_tuned, "sweeps": [s["name"] for s in sweeps], "candidates": loo,
+              "validation": validation}
+    out = {k: v for k, v in ckpt.items() if k not in ("optimizer", "scheduler", ADAPTATION_KEY)}  # nothing to resume
     out.update({"state_dict": state, ADAPTATION_KEY: _plain(record)})
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp")
     torch.save(out, tmp)
     tmp.replace(out_path)
-    return AdaptationResult(out_path, str(base), float(scale), fine_tuned, _plain(validation), _plain(per_sweep),
-                            time.perf_counter() - started)
+    return AdaptationResult(out_path, str(base), scale, fine_tuned, _plain(validation), _plain(per_sweep),
+                            time.perf_counter() - started, chosen, _plain(blend), _plain(loo))
 
 
 def write_job(job_dir, sequences, out_path, *, base="default", config: AdaptConfig | None = None) -> Path:
@@ -412,7 +640,7 @@ def main(argv=None) -> int:
             sequences = [(s["name"], read_sequence(path.parent / s["file"])) for s in spec["sweeps"]]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise FreehandUSError(f"adaptation job {path}: cannot be read ({type(exc).__name__}: {exc})") from exc
-        total = 3 if cfg.fine_tune else 1
+        total = (4 if cfg.fine_tune else 2) if "decorrelation-blend" in cfg.corrections else (3 if cfg.fine_tune else 1)
         _emit(event="started", pid=os.getpid(), total=total)
 
         def report(message):

@@ -7,16 +7,28 @@ independent benchmark's seeds ``... + k``). Methods on the test sweeps, each wit
 true direction:
 
 - ``shipped``: the shipped model as it is;
-- ``scale-adapted``: :func:`SensorlessTrackingLib.adapt.adapt_model` (out-of-plane scale only);
-- ``fine-tuned`` (``--fine-tune``): the same with ``fine_tune=True`` (``--max-minutes``);
+- ``adapted``: :func:`SensorlessTrackingLib.adapt.adapt_model` as ``freehandus track adapt`` runs it
+  (the correction chosen by leave-one-sweep-out drift on the adaptation sweeps: none, the
+  out-of-plane scale or the blend with speckle decorrelation);
+- ``scale only``: the same forced to the one out-of-plane scale (``corrections=("scale",)``);
+- ``fine-tuned`` (``--fine-tune``): ``adapted`` with ``fine_tune=True`` (``--max-minutes``);
 - ``decorrelation (calibrated)``: :func:`~SensorlessTrackingLib.decorrelation.calibrate_decorrelation`
   on the same adaptation sweeps.
 
+With ``--plus`` it scores the real PLUS recordings in ``../shared/data/plus`` instead
+(SpinePhantomFreehand, BoneUltrasound_L14; item 6 of issue 25): each recording is cut into a first
+and a second half by frame; the model is adapted on one half (cut into ``--segments`` consecutive
+pieces, the last held back) and scored on the other, both ways round, next to the shipped model
+and the decorrelation calibrated on the same half. Each half is estimated with the direction
+its tracking moved (``--sweep-direction away`` for BoneUltrasound_L14, as a user would give it).
+Writes ``results/sensorless_adapt_plus.json``.
+
 Writes ``results/sensorless_adapt.json`` (``sensorless_adapt_fine_tune.json`` with
 ``--fine-tune``) and prints a table (median / mean final drift % of
-path, mean angle error, adaptation seconds).
+path, mean angle error, adaptation seconds, the chosen correction).
 
-    .venv/bin/python Testing/benchmarks/bench_sensorless_adapt.py --adapt 4 --test 4 --threads 1
+    .venv/bin/python Testing/benchmarks/bench_sensorless_adapt.py --adapt 6 --test 10 --threads 1
+    .venv/bin/python Testing/benchmarks/bench_sensorless_adapt.py --plus --threads 1
 """
 
 from __future__ import annotations
@@ -72,7 +84,7 @@ def run(n_adapt=4, n_test=4, n_frames=80, probes=None, fine_tune=False, max_minu
     log = logging.getLogger("bench_sensorless_adapt")
     import torch
 
-    from SensorlessTrackingLib.adapt import AdaptConfig, adapt_model
+    from SensorlessTrackingLib.adapt import CORRECTIONS, AdaptConfig, adapt_model
     from SensorlessTrackingLib.decorrelation import calibrate_decorrelation
     from SensorlessTrackingLib.metrics import tracking_metrics
     from SensorlessTrackingLib.predict import default_model_path, load_model, track_sequence
@@ -93,11 +105,13 @@ def run(n_adapt=4, n_test=4, n_frames=80, probes=None, fine_tune=False, max_minu
         methods = {"shipped": shipped}
         info = {}
         with tempfile.TemporaryDirectory() as tmp:
-            variants = [("scale-adapted", False)] + ([("fine-tuned", True)] if fine_tune else [])
-            for name, tune in variants:
+            variants = [("adapted", False, CORRECTIONS), ("scale only", False, ("scale",))]
+            variants += [("fine-tuned", True, CORRECTIONS)] if fine_tune else []
+            for name, tune, corrections in variants:
                 t0 = time.perf_counter()
-                res = adapt_model([(n, s) for n, s, _ in adapt_sw], Path(tmp) / f"{name}.pt",
-                                  config=AdaptConfig(fine_tune=tune, max_minutes=max_minutes, epochs=epochs, lr=lr))
+                res = adapt_model([(n, s) for n, s, _ in adapt_sw], Path(tmp) / f"{name.replace(' ', '-')}.pt",
+                                  config=AdaptConfig(fine_tune=tune, max_minutes=max_minutes, epochs=epochs, lr=lr,
+                                                     corrections=corrections))
                 info[name] = {**res.to_dict(), "seconds": time.perf_counter() - t0}
                 log.info("%s %s:\n%s", probe.name, name, res)
                 methods[name] = load_model(res.checkpoint)
@@ -144,9 +158,81 @@ def run(n_adapt=4, n_test=4, n_frames=80, probes=None, fine_tune=False, max_minu
                   f"{s['mean_fdr_path_percent']:>10.1f} {s['mean_angle_error_deg']:>9.1f}")
     for pname, info in adaptations.items():
         for mname, d in info.items():
-            scale = d.get("out_of_plane_scale", d.get("sigma_mm"))
-            print(f"  {pname} {mname}: {'scale' if 'out_of_plane_scale' in d else 'sigma mm'} {scale:.3f}, "
-                  f"{d['seconds']:.0f} s" + (f", fine-tuned kept: {d['fine_tuned']}" if "fine_tuned" in d else ""))
+            if "correction" in d:
+                loo = ", ".join(f"{k} {v:.1f}" for k, v in d["candidates"].items())
+                what = f"correction {d['correction']} (leave-one-sweep-out mean FDR %: {loo})"
+                if d["correction"] == "scale":
+                    what += f", scale {d['out_of_plane_scale']:.3f}"
+                elif d["decorrelation_blend"]:
+                    b = d["decorrelation_blend"]
+                    what += (f", tz = {b['model_tz_weight']:.2f} model + {b['decorrelation_tz_weight']:.2f} "
+                             f"decorrelation, tilts x {b['rotation_scale']:.2f}")
+            else:
+                what = f"sigma {d['sigma_mm']:.3f} mm"
+            print(f"  {pname} {mname}: {what}, {d['seconds']:.0f} s"
+                  + (f", fine-tuned kept: {d['fine_tuned']}" if "fine_tuned" in d else ""))
+    return result
+
+
+def run_plus(segments=3, threads=1) -> dict:
+    """Adapt on one half of each PLUS recording, score on the other (see the module docstring)."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    log = logging.getLogger("bench_sensorless_adapt")
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_sensorless import _plus_sequences
+
+    from SensorlessTrackingLib.adapt import AdaptConfig, adapt_model, tracked_direction
+    from SensorlessTrackingLib.decorrelation import calibrate_decorrelation
+    from SensorlessTrackingLib.metrics import tracking_metrics
+    from SensorlessTrackingLib.predict import default_model_path, load_model, track_sequence
+
+    torch.set_num_threads(threads)
+    shipped = load_model(default_model_path())
+    rows = []
+    for name, seq in _plus_sequences(log):
+        n = seq.n_frames
+        halves = {"first half": np.arange(n // 2), "second half": np.arange(n // 2, n)}
+        for adapt_name, test_name in (("first half", "second half"), ("second half", "first half")):
+            adapt_seq, test_seq = seq.select(halves[adapt_name]), seq.select(halves[test_name])
+            cuts = np.array_split(np.arange(adapt_seq.n_frames), segments)
+            pieces = [(f"{name} {adapt_name} part {i + 1}", adapt_seq.select(c)) for i, c in enumerate(cuts)]
+            truth = test_seq.transforms["ImageToReference"].matrices
+            shape = (test_seq.n_rows, test_seq.n_cols)
+            direction = tracked_direction(truth, shape)
+            with tempfile.TemporaryDirectory() as tmp:
+                t0 = time.perf_counter()
+                res = adapt_model(pieces, Path(tmp) / "probe.pt", config=AdaptConfig())
+                log.info("%s adapted on the %s in %.0f s:\n%s", name, adapt_name, time.perf_counter() - t0, res)
+                adapted = load_model(res.checkpoint)
+            dec = calibrate_decorrelation([(s.frames, s.transforms["ImageToReference"].matrices, s.pixel_spacing_mm)
+                                           for _, s in pieces])
+            row = {"recording": name, "adapted_on": adapt_name, "tested_on": test_name, "test_frames": test_seq.n_frames,
+                   "direction": direction, "correction": res.correction, "candidates": res.candidates,
+                   "out_of_plane_scale": res.out_of_plane_scale, "decorrelation_blend": res.decorrelation_blend,
+                   "adaptation_seconds": res.seconds}
+            for mname, model in (("shipped", shipped), ("adapted", adapted), ("decorrelation (calibrated)", "decorrelation")):
+                r = track_sequence(test_seq, model, sweep_direction=direction,
+                                   decorrelation=dec if model == "decorrelation" else None)
+                m = tracking_metrics(truth, r.sequence.transforms["ImageToReference"].matrices, shape)
+                row[mname] = {"fdr_path_percent": m.fdr_path_percent, "mean_angle_error_deg": m.mean_angle_error_deg,
+                              "path_mm": m.path_length_mm}
+            rows.append(row)
+    result = {"data": "../shared/data/plus", "segments": segments, "rows": rows, "torch_threads": threads,
+              "load_average": os.getloadavg()[0]}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "sensorless_adapt_plus.json").write_text(json.dumps(result, indent=2))
+    print(f"\nAdaptation on half of a real PLUS recording ({segments} pieces, the last held back), scored on the "
+          "other half: final drift % of path (mean angle error, deg)")
+    head = (f"{'recording':<22} {'adapted on':<12} {'dir':<6} {'path mm':>7} {'shipped':>13} {'adapted':>13} "
+            f"{'decorr. cal.':>13}  correction")
+    print(head + "\n" + "-" * len(head))
+    for r in rows:
+        cells = " ".join(f"{r[m]['fdr_path_percent']:>6.1f} ({r[m]['mean_angle_error_deg']:>4.1f})"
+                         for m in ("shipped", "adapted", "decorrelation (calibrated)"))
+        print(f"{r['recording']:<22} {r['adapted_on']:<12} {r['direction']:<6} {r['shipped']['path_mm']:>7.0f} "
+              f"{cells}  {r['correction']}")
     return result
 
 
@@ -162,5 +248,10 @@ if __name__ == "__main__":
     ap.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cache", type=Path, default=RESULTS / "sensorless_adapt_sweeps", help="simulated sweeps, kept")
+    ap.add_argument("--plus", action="store_true", help="the real PLUS recordings (half to adapt, half to test) instead")
+    ap.add_argument("--segments", type=int, default=3, help="--plus: pieces the adaptation half is cut into")
     a = ap.parse_args()
+    if a.plus:
+        run_plus(a.segments, a.threads)
+        sys.exit(0)
     run(a.adapt, a.test, a.frames, a.probes, a.fine_tune, a.max_minutes, a.epochs, a.threads, a.cache, a.lr)

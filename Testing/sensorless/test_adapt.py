@@ -17,7 +17,9 @@ from SensorlessTrackingLib.adapt import (  # noqa: E402
     AdaptConfig,
     AdaptationError,
     adapt_model,
+    apply_decorrelation_blend,
     apply_out_of_plane_scale,
+    fit_decorrelation_blend,
     fit_probe_scale,
     tracked_direction,
 )
@@ -85,37 +87,78 @@ def sweep_files(tmp_path_factory):
     return paths
 
 
-def test_track_adapt_writes_a_model_whose_scale_predict_applies(sweep_files, tmp_path, capsys):
+def test_track_adapt_writes_a_model_whose_correction_predict_applies(sweep_files, tmp_path, capsys):
     out = tmp_path / "probe.pt"
     assert run_cli(["track", "adapt", *map(str, sweep_files), "--out", str(out), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    scale = result["out_of_plane_scale"]
+    scale, chosen = result["out_of_plane_scale"], result["correction"]
     assert result["checkpoint"] == str(out) and result["fine_tuned"] is False
     assert result["validation"]["name"] == str(sweep_files[-1]) and len(result["sweeps"]) == 3
+    # every candidate was judged on sweeps it was not fitted on, and the chosen one is the best
+    assert set(result["candidates"]) == {"none", "scale", "decorrelation-blend"}
+    assert chosen == "none" or result["candidates"][chosen] == min(result["candidates"].values())
     ckpt = read_checkpoint(out)
-    assert ckpt[ADAPTATION_KEY]["out_of_plane_scale"] == pytest.approx(scale) and "optimizer" not in ckpt
+    record = ckpt[ADAPTATION_KEY]
+    assert record["correction"] == chosen and record["out_of_plane_scale"] == pytest.approx(scale)
+    assert "optimizer" not in ckpt and (record["decorrelation_blend"] is not None) == (chosen == "decorrelation-blend")
+    assert (scale != 1.0) == (chosen == "scale")
     model = load_model(out)
-    assert model.out_of_plane_scale == pytest.approx(scale) and scale != 1.0
-    # the adapted estimate = the shipped model's with its out-of-plane steps scaled
+    assert model.out_of_plane_scale == pytest.approx(scale)
+    # the adapted estimate = the shipped model's with the chosen correction applied
     seq = read_sequence(sweep_files[0])
     shipped = track_sequence(seq, "default")
     adapted = track_sequence(seq, model)
-    np.testing.assert_allclose(adapted.frame_to_frame, apply_out_of_plane_scale(shipped.frame_to_frame, scale),
-                               atol=1e-9)
-    assert adapted.info["out_of_plane_scale"] == pytest.approx(scale)
-    # and track predict --model probe.pt says it is adapted
+    expected = apply_out_of_plane_scale(shipped.frame_to_frame, scale)
+    if chosen == "decorrelation-blend":
+        expected = apply_decorrelation_blend(shipped.frame_to_frame, seq.frames, seq.pixel_spacing_mm,
+                                             record["decorrelation_blend"])
+    np.testing.assert_allclose(adapted.frame_to_frame, expected, atol=1e-9)
+    # and track predict --model probe.pt says it is adapted (when a correction was chosen)
     est = tmp_path / "est.igs.mha"
     assert run_cli(["track", "predict", str(sweep_files[0]), "--model", str(out), "--out", str(est), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert "adapted, out-of-plane scale" in info["method"] and info["out_of_plane_scale"] == pytest.approx(scale)
+    assert ("adapted" in info["method"]) == (chosen != "none")
 
 
-def test_adapting_an_adapted_model_multiplies_the_scales(sweep_files, tmp_path):
+def test_a_forced_scale_is_stored_and_applied(sweep_files, tmp_path):
+    seqs = [(str(p), read_sequence(p)) for p in sweep_files]
+    res = adapt_model(seqs, tmp_path / "s.pt", config=AdaptConfig(corrections=("scale",)))
+    assert res.correction == "scale" and res.out_of_plane_scale != 1.0 and list(res.candidates) == ["scale"]
+    model = load_model(tmp_path / "s.pt")
+    assert model.out_of_plane_scale == pytest.approx(res.out_of_plane_scale) and model.decorrelation_blend is None
+    seq = seqs[0][1]
+    adapted = track_sequence(seq, model)
+    np.testing.assert_allclose(adapted.frame_to_frame,
+                               apply_out_of_plane_scale(track_sequence(seq, "default").frame_to_frame,
+                                                        res.out_of_plane_scale), atol=1e-9)
+    assert "adapted, out-of-plane scale" in adapted.method and adapted.info["out_of_plane_scale"] == pytest.approx(
+        res.out_of_plane_scale)
+    assert "held-back sweep" in str(res) and "scale" in str(res)
+
+
+def test_a_forced_blend_is_stored_and_applied(sweep_files, tmp_path):
+    seqs = [(str(p), read_sequence(p)) for p in sweep_files]
+    res = adapt_model(seqs, tmp_path / "b.pt", config=AdaptConfig(corrections=("decorrelation-blend",)))
+    assert res.correction == "decorrelation-blend" and res.out_of_plane_scale == 1.0
+    blend = res.decorrelation_blend
+    model = load_model(tmp_path / "b.pt")
+    assert model.decorrelation_blend == blend
+    seq = seqs[1][1]
+    adapted = track_sequence(seq, model)
+    expected = apply_decorrelation_blend(track_sequence(seq, "default").frame_to_frame, seq.frames,
+                                         seq.pixel_spacing_mm, blend)
+    np.testing.assert_allclose(adapted.frame_to_frame, expected, atol=1e-9)
+    assert "blended with speckle decorrelation" in adapted.method and adapted.info["decorrelation_blend"] == blend
+
+
+def test_adapting_an_adapted_model_replaces_its_correction(sweep_files, tmp_path):
     seqs = [(str(p), read_sequence(p)) for p in sweep_files]
     first = adapt_model(seqs, tmp_path / "a.pt")
     second = adapt_model(seqs, tmp_path / "b.pt", base=tmp_path / "a.pt")
-    # the second fit starts from the first scale: nothing left to correct
-    assert second.out_of_plane_scale == pytest.approx(first.out_of_plane_scale, rel=0.02)
+    # the second fit starts from the same network (the first correction switched off): the same result
+    assert second.correction == first.correction
+    assert second.out_of_plane_scale == pytest.approx(first.out_of_plane_scale, rel=1e-6)
+    assert second.candidates == pytest.approx(first.candidates, rel=1e-6)
     assert "held-back sweep" in str(first)
 
 
@@ -145,6 +188,119 @@ def test_bad_adaptation_scale_is_refused(sweep_files, tmp_path):
         load_model(tmp_path / "bad.pt")
 
 
+@pytest.mark.parametrize("blend", [
+    {"model_tz_weight": 1.0, "decorrelation_tz_weight": 0.5, "rotation_scale": 0.0, "decorrelation": {}},
+    {"model_tz_weight": float("nan"), "decorrelation_tz_weight": 0.5, "rotation_scale": 1.0, "decorrelation": {}},
+    {"model_tz_weight": 1.0, "rotation_scale": 1.0, "decorrelation": {}},
+    {"model_tz_weight": 1.0, "decorrelation_tz_weight": 0.5, "rotation_scale": 1.0,
+     "decorrelation": {"sigma_mm": -1.0}},
+    "blend",
+])
+def test_bad_decorrelation_blend_is_refused(blend, tmp_path):
+    ckpt = read_checkpoint(default_model_path())
+    ckpt[ADAPTATION_KEY] = {"out_of_plane_scale": 1.0, "decorrelation_blend": blend}
+    torch.save(ckpt, tmp_path / "bad.pt")
+    with pytest.raises(ModelFileError, match="decorrelation_blend"):
+        load_model(tmp_path / "bad.pt")
+
+
+def test_adapt_config_refuses_unknown_corrections():
+    with pytest.raises(ValueError, match="corrections"):
+        AdaptConfig(corrections=("scale", "head"))
+    with pytest.raises(ValueError, match="corrections"):
+        AdaptConfig(corrections=())
+    assert AdaptConfig(corrections=["scale"]).corrections == ("scale",)  # as read back from a job file
+
+
+def test_apply_decorrelation_blend_mixes_tz_and_scales_tilts_only():
+    rng = np.random.default_rng(1)
+    p, dec = rng.normal(size=(5, 6)), rng.normal(size=(5, 6))
+    blend = {"model_tz_weight": 0.4, "decorrelation_tz_weight": 0.7, "rotation_scale": 1.5, "decorrelation": {}}
+    out = apply_decorrelation_blend(p, None, None, blend, decorrelation_params=dec)
+    np.testing.assert_allclose(out[:, 2], 0.4 * p[:, 2] + 0.7 * dec[:, 2])
+    np.testing.assert_allclose(out[:, 3:5], 1.5 * p[:, 3:5])
+    np.testing.assert_array_equal(out[:, [0, 1, 5]], p[:, [0, 1, 5]])
+
+
+def _blend_problem(rng, direction, pauses, n=60):
+    """A true "toward" motion, paused ``pauses`` of the time; a model that reads pauses as
+    motion (its step 0.3 mm too long everywhere) and a decorrelation that gets the pauses (its
+    step 1.3x too short). Sweeps with different pauses need different factors on the model."""
+    from SensorlessTrackingLib.attribution import out_of_plane_problem
+    from SensorlessTrackingLib.conventions import reverse_direction
+
+    p_true = np.zeros((n - 1, 6))
+    p_true[:, 2] = np.where(np.arange(n - 1) % 10 < 10 * pauses, 0.0, -0.6 + 0.05 * rng.normal(size=n - 1))
+    p_true[:, [0, 1, 5]] = 0.02 * rng.normal(size=(n - 1, 3))
+    shape, spacing = (40, 40), (0.25, 0.25)
+    first = np.eye(4)
+    first[:3, :3] = np.diag([spacing[0], spacing[1], 1.0])
+    moved = p_true if direction == "toward" else reverse_direction(p_true)
+    truth = trajectory_from_frame_to_frame(moved, spacing, shape, first)
+    _, poses, path = out_of_plane_problem(truth, truth, shape)
+    model, dec = p_true.copy(), p_true.copy()
+    model[:, 2] = p_true[:, 2] - 0.3
+    dec[:, 2] = p_true[:, 2] / 1.3
+    return {"p": model, "dec": dec, "direction": direction, "poses": poses, "path": path}
+
+
+def test_fit_decorrelation_blend_finds_the_blend_that_removes_the_drift():
+    from SensorlessTrackingLib.decorrelation import DecorrelationConfig
+
+    rng = np.random.default_rng(3)
+    problems = [_blend_problem(rng, d, pauses) for d, pauses in (("toward", 0.0), ("away", 0.3), ("toward", 0.6))]
+    blend = fit_decorrelation_blend(problems, DecorrelationConfig(sigma_mm=0.9))
+    assert blend["decorrelation"]["sigma_mm"] == 0.9
+    # the model alone drifts; the fitted blend (leaning on the decorrelation, which gets the
+    # pauses) nearly removes it
+    from SensorlessTrackingLib.adapt import _drifts
+
+    before = [_drifts(pr, pr["p"])[1] for pr in problems]
+    after = [_drifts(pr, apply_decorrelation_blend(pr["p"], None, None, blend, decorrelation_params=pr["dec"]))[1]
+             for pr in problems]
+    assert min(before) > 20.0 and max(after) < 3.0
+    assert blend["decorrelation_tz_weight"] > 1.0 and blend["model_tz_weight"] < 0.3
+    # no one scale on the model does as well (the pauses differ between the sweeps)
+    from SensorlessTrackingLib.adapt import _fit_correction
+
+    correct, record = _fit_correction("scale", problems, None)
+    scaled = [_drifts(pr, correct(pr))[1] for pr in problems]
+    assert 0.5 < record["out_of_plane_scale"] < 0.9 and max(scaled) > 3 * max(after)
+
+
+def test_the_scale_candidate_fits_sweeps_of_both_directions():
+    """A model whose out-of-plane steps are 1/0.7 of the truth on sweeps tracked either way:
+    the scale candidate finds 0.7 and removes the drift."""
+    from SensorlessTrackingLib.adapt import _drifts, _fit_correction
+
+    rng = np.random.default_rng(5)
+    problems = [_blend_problem(rng, d, 0.0) for d in ("toward", "away", "away")]
+    for pr in problems:
+        pr["p"] = pr["dec"] * 1.3 / 0.7  # the truth / 0.7
+    correct, record = _fit_correction("scale", problems, None)
+    assert record["out_of_plane_scale"] == pytest.approx(0.7, rel=0.02)
+    assert max(_drifts(pr, correct(pr))[1] for pr in problems) < 1.0
+
+
+def test_adaptation_drift_matches_the_metrics_in_both_directions(sweep_files):
+    """The drift the corrections are chosen by is the metrics' final drift of the estimate,
+    for sweeps tracked either way (the models' convention mapped back)."""
+    from SensorlessTrackingLib.adapt import _drifts, _problems, _tracked
+    from SensorlessTrackingLib.metrics import tracking_metrics
+
+    seq = read_sequence(sweep_files[0])
+    itr = seq.transforms["ImageToReference"].matrices
+    flipped = replace(seq, frames=seq.frames[::-1].copy(), timestamps_s=seq.timestamps_s,
+                      transforms={"ImageToReference": (itr[::-1].copy(), np.ones(len(itr), bool))})
+    sweeps = _tracked([("fwd", seq), ("back", flipped)], None)
+    assert {s["direction"] for s in sweeps} == {"toward", "away"}
+    model = load_model(default_model_path())
+    for s, pr in zip(sweeps, _problems(model, sweeps, None, "cpu", None)):
+        est = track_sequence(s["sequence"], "default", sweep_direction=s["direction"])
+        m = tracking_metrics(s["truth"], est.sequence.transforms["ImageToReference"].matrices, s["shape"])
+        assert _drifts(pr, pr["p"])[1] == pytest.approx(m.fdr_path_percent, rel=1e-6, abs=1e-6)
+
+
 def test_fine_tuning_keeps_the_held_back_sweep_out_of_training(tmp_path):
     """A tiny model fine-tuned on 3 sweeps: the held-back sweep is the validation group, the result
     records the fine-tuned drift, and the checkpoint stores whichever weights won."""
@@ -172,3 +328,26 @@ def test_fine_tuning_keeps_the_held_back_sweep_out_of_training(tmp_path):
     same = all(torch.equal(stored["state_dict"][k], v) for k, v in base_state.items())
     assert same != res.fine_tuned
     assert stored[ADAPTATION_KEY]["fine_tuned"] is res.fine_tuned
+
+
+def test_a_correction_is_chosen_only_when_its_gain_is_clear():
+    """Leave-one-sweep-out choice: a model 1/0.7 off on every sweep gets the scale; a model
+    right on average, whose fitted scale wins by a little on average but not sweep by sweep
+    (noise), stays as it is."""
+    from SensorlessTrackingLib.adapt import _choose
+
+    rng = np.random.default_rng(6)
+    off = [_blend_problem(rng, d, 0.2) for d in ("toward", "away", "toward", "away")]
+    for pr in off:
+        pr["p"] = pr["p"].copy()
+        pr["p"][:, 2] = pr["dec"][:, 2] * 1.3 / 0.7
+    chosen, loo, last, _ = _choose(off, ["none", "scale"], None)
+    assert chosen == "scale" and loo["scale"] < 0.2 * loo["none"] and set(last) == {"none", "scale"}
+    rng = np.random.default_rng(5)
+    noisy = [_blend_problem(rng, d, 0.2) for d in ("toward", "away", "toward", "away")]
+    for pr in noisy:
+        pr["p"] = pr["p"].copy()
+        pr["p"][:, 2] = pr["dec"][:, 2] * 1.3 + 0.05 * rng.normal(size=len(pr["p"]))
+    chosen, loo, _, _ = _choose(noisy, ["none", "scale"], None)
+    assert loo["scale"] < loo["none"] and chosen == "none"
+    assert _choose(noisy, ["scale"], None)[0] == "scale"  # without "none" the best is taken

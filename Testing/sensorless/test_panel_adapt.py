@@ -104,8 +104,10 @@ def test_adaptation_job_from_browsers_writes_an_adapted_model(tmp_path):
         assert [e["event"] for e in events][0] == "started"
         assert any(e["event"] == "progress" and "estimating 3 sweeps" in e["message"] for e in events)
         done = events[-1]
-        assert Path(done["checkpoint"]) == out.resolve() and "out-of-plane scale" in done["summary"]
-        assert load_model(out).out_of_plane_scale == pytest.approx(done["result"]["out_of_plane_scale"])
+        assert Path(done["checkpoint"]) == out.resolve() and "correction: " in done["summary"]
+        model = load_model(out)
+        assert model.out_of_plane_scale == pytest.approx(done["result"]["out_of_plane_scale"])
+        assert model.decorrelation_blend == done["result"]["decorrelation_blend"]
         assert done["result"]["validation"]["name"] == "Probe2"
     finally:
         release_scene(scene)
