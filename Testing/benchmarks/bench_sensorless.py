@@ -73,6 +73,9 @@ KEYS = (
 )
 
 
+#: The way each PLUS recording was swept (BoneUltrasound_L14 goes against the training convention).
+PLUS_SWEEP_DIRECTIONS = {"SpinePhantomFreehand": "toward", "BoneUltrasound_L14": "away"}
+
 #: Row of the shipped model averaged over the mirrored and backwards sweep.
 SHIPPED_AVERAGED = "shipped, flip+reverse averaged"
 
@@ -825,6 +828,23 @@ def run_uncertainty(n_train: int = 14, n_per_probe: int = 10, n_frames: int = 80
                   "uncertainty_seconds": t_unc, "flags_seconds": t_flags,
                   "frames_per_second_without_uncertainty": seq0.n_frames / res.seconds,
                   "frames_per_second_with_uncertainty": seq0.n_frames / (res.seconds + t_unc)}
+    # the real PLUS recordings (when present): does the band hold there?
+    from SensorlessTrackingLib.cli import tracking_drift_per_frame
+
+    real = {}
+    for name, seq in _plus_sequences(log):
+        truth = seq.transforms["ImageToReference"].matrices
+        for method in ("default", "decorrelation"):
+            res = track_sequence(seq, model if method == "default" else method,
+                                 sweep_direction=PLUS_SWEEP_DIRECTIONS[name])
+            drift = tracking_drift_per_frame(truth, res.sequence.transforms["ImageToReference"].matrices,
+                                             (seq.n_rows, seq.n_cols))
+            real[f"{name} {method}"] = {
+                "sweep_direction": PLUS_SWEEP_DIRECTIONS[name],
+                "final_drift_mm": float(drift[-1]),
+                "final_drift_band_mm": res.uncertainty.final_drift_band_mm,
+                "inside_band_frames": float(np.mean(drift <= res.uncertainty.drift_band_mm + 1e-9)),
+            }
     result = {
         "training_simulator_sweeps": {n: len(v["truth"]) + 1 for n, v in train.items()},
         "independent_simulator_sweeps": {n: len(v["truth"]) + 1 for n, v in indep.items()},
@@ -834,6 +854,7 @@ def run_uncertainty(n_train: int = 14, n_per_probe: int = 10, n_frames: int = 80
         "constants": constants,
         "decorrelation_method": {"training_simulator": dec_train, "independent_simulator": dec_indep},
         "timing": timing,
+        "plus_recordings": real,
         "load_average_before": load_before,
         "load_average_after": os.getloadavg()[0],
         "torch_threads": threads,
@@ -866,6 +887,9 @@ def run_uncertainty(n_train: int = 14, n_per_probe: int = 10, n_frames: int = 80
           "of true steps within +-2 sigma (0.95 when calibrated); in band / last in: share of all frames / of the last "
           "frames within the drift band; band %: median band of the last frame in % of the path; rho %: Spearman over "
           "sweeps of band % and drift %")
+    for name, r_ in real.items():
+        print(f"{name} (real, sweep direction {r_['sweep_direction']}): final drift {r_['final_drift_mm']:.1f} mm, band "
+              f"{r_['final_drift_band_mm']:.1f} mm, {100 * r_['inside_band_frames']:.0f} % of the frames inside their band")
     if timing:
         print(f"cost of the chosen uncertainty: {1000 * timing['uncertainty_seconds']:.2f} ms per {timing['frames']}-frame "
               f"sweep (estimate {timing['track_sequence_seconds']:.2f} s: "

@@ -175,6 +175,8 @@ def test_fields_in_the_result_and_the_written_sequence(long_sweep, tmp_path):
     assert info["final_drift_band_mm"] == pytest.approx(res.uncertainty.final_drift_band_mm)
     assert 0 < info["final_drift_band_percent_of_path"] < 1000
     assert "uncertainty: the last frame lies within" in str(res)
+    text = str(res.uncertainty)
+    assert f"within {res.uncertainty.final_drift_band_mm:.1f} mm" in text and "95 % band" in text
     path = tmp_path / "est.igs.mha"
     write_sequence(res.sequence, path)
     back = read_sequence(path)
