@@ -268,6 +268,8 @@ class FrameUncertainty:
     drift_band_mm : (n,) float64, frame ``i``'s image centre lies within this distance (mm) of
         its estimated position in about 95 % of cases (0 at frame 0, the anchor)
     calibration : the constants used
+    path_length_mm : estimated path length of the image centre (mm; NaN when not given), for the
+        band in % of the path
     """
 
     step_sigma: np.ndarray
