@@ -6,7 +6,8 @@ ratio of each hybrid. Groups (image-mm frame, :mod:`.pose`):
 
 - ``rotation`` (rx, ry, rz) vs ``translation`` (tx, ty, tz);
 - ``out_of_plane`` (tz, rx, ry: what speckle decorrelation must supply) vs ``in_plane``
-  (tx, ty, rz: what image registration sees).
+  (tx, ty, rz: what image registration sees);
+- ``elevational`` (tz alone) and ``tilt`` (rx, ry): the two parts of ``out_of_plane``.
 
 Rotation vectors are mixed component by component. Between two frames the rotation is a
 fraction of a degree, so the components act almost independently; the hybrids are an
@@ -54,6 +55,8 @@ GROUPS = {
     "translation": (0, 1, 2),
     "out_of_plane": (2, 3, 4),
     "in_plane": (0, 1, 5),
+    "elevational": (2,),
+    "tilt": (3, 4),
 }
 
 

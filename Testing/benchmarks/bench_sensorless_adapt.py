@@ -25,7 +25,9 @@ Writes ``results/sensorless_adapt_plus.json``.
 
 Writes ``results/sensorless_adapt.json`` (``sensorless_adapt_fine_tune.json`` with
 ``--fine-tune``) and prints a table (median / mean final drift % of
-path, mean angle error, adaptation seconds, the chosen correction).
+path, mean angle error, adaptation seconds, the chosen correction) and where the drift comes
+from (:func:`~SensorlessTrackingLib.attribution.drift_attribution`: the drift with only the
+elevational step, only the tilts or only the in-plane motion estimated).
 
     .venv/bin/python Testing/benchmarks/bench_sensorless_adapt.py --adapt 6 --test 10 --threads 1
     .venv/bin/python Testing/benchmarks/bench_sensorless_adapt.py --plus --threads 1
@@ -46,6 +48,10 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = Path(__file__).resolve().parent / "results"
+
+#: Where each test sweep's final drift comes from (:func:`SensorlessTrackingLib.attribution.drift_attribution`):
+#: the final drift with only that group of parameters estimated, the rest true.
+ATTRIBUTION = ("fdr_elevational_only_percent", "fdr_tilt_only_percent", "fdr_in_plane_only_percent")
 
 
 def _isim():
@@ -85,6 +91,7 @@ def run(n_adapt=4, n_test=4, n_frames=80, probes=None, fine_tune=False, max_minu
     import torch
 
     from SensorlessTrackingLib.adapt import CORRECTIONS, AdaptConfig, adapt_model
+    from SensorlessTrackingLib.attribution import drift_attribution
     from SensorlessTrackingLib.decorrelation import calibrate_decorrelation
     from SensorlessTrackingLib.metrics import tracking_metrics
     from SensorlessTrackingLib.predict import default_model_path, load_model, track_sequence
@@ -126,8 +133,11 @@ def run(n_adapt=4, n_test=4, n_frames=80, probes=None, fine_tune=False, max_minu
             for mname, model in methods.items():
                 r = track_sequence(seq, model, sweep_direction=direction,
                                    decorrelation=dec if mname.startswith("decorrelation") else None)
-                m = tracking_metrics(truth, r.sequence.transforms["ImageToReference"].matrices, (seq.n_rows, seq.n_cols))
-                rows.setdefault(mname, {})[sname] = {"probe": probe.name, **m.to_dict()}
+                est = r.sequence.transforms["ImageToReference"].matrices
+                m = tracking_metrics(truth, est, (seq.n_rows, seq.n_cols))
+                parts = drift_attribution(truth, est, (seq.n_rows, seq.n_cols))
+                rows.setdefault(mname, {})[sname] = {"probe": probe.name, **m.to_dict(),
+                                                     **{k: parts[k] for k in ATTRIBUTION}}
                 log.info("%s %s: FDR %.1f %%, angle %.1f deg", sname, mname, m.fdr_path_percent,
                          m.mean_angle_error_deg)
     summary = {}
@@ -139,6 +149,7 @@ def run(n_adapt=4, n_test=4, n_frames=80, probes=None, fine_tune=False, max_minu
                 "median_fdr_path_percent": float(np.median([r["fdr_path_percent"] for r in sel])),
                 "mean_fdr_path_percent": float(np.mean([r["fdr_path_percent"] for r in sel])),
                 "mean_angle_error_deg": float(np.mean([r["mean_angle_error_deg"] for r in sel])),
+                **{f"median_{k}": float(np.median([r[k] for r in sel])) for k in ATTRIBUTION},
             }
     result = {"simulator": "Testing/sensorless/independent_sim.py", "adaptation_sweeps": n_adapt,
               "test_sweeps": n_test, "frames_per_sweep": n_frames, "fine_tune": fine_tune,
@@ -156,6 +167,11 @@ def run(n_adapt=4, n_test=4, n_frames=80, probes=None, fine_tune=False, max_minu
         for group, s in groups.items():
             print(f"{mname:<28} {group:<7} {s['sweeps']:>2} {s['median_fdr_path_percent']:>12.1f} "
                   f"{s['mean_fdr_path_percent']:>10.1f} {s['mean_angle_error_deg']:>9.1f}")
+    print("\nWhere the drift comes from: median final drift % with only the elevational step tz / only the tilts "
+          "(rx, ry) / only the in-plane motion (tx, ty, rz) estimated, the rest true")
+    for mname, groups in summary.items():
+        for group, s in groups.items():
+            print(f"{mname:<28} {group:<7} " + " / ".join(f"{s[f'median_{k}']:5.1f}" for k in ATTRIBUTION))
     for pname, info in adaptations.items():
         for mname, d in info.items():
             if "correction" in d:
@@ -174,7 +190,7 @@ def run(n_adapt=4, n_test=4, n_frames=80, probes=None, fine_tune=False, max_minu
     return result
 
 
-def run_plus(segments=3, threads=1) -> dict:
+def run_plus(segments=2, threads=1) -> dict:
     """Adapt on one half of each PLUS recording, score on the other (see the module docstring)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     log = logging.getLogger("bench_sensorless_adapt")
@@ -186,7 +202,7 @@ def run_plus(segments=3, threads=1) -> dict:
     from SensorlessTrackingLib.adapt import AdaptConfig, adapt_model, tracked_direction
     from SensorlessTrackingLib.decorrelation import calibrate_decorrelation
     from SensorlessTrackingLib.metrics import tracking_metrics
-    from SensorlessTrackingLib.predict import default_model_path, load_model, track_sequence
+    from SensorlessTrackingLib.predict import default_model_path, input_spacing, load_model, track_sequence
 
     torch.set_num_threads(threads)
     shipped = load_model(default_model_path())
@@ -206,7 +222,7 @@ def run_plus(segments=3, threads=1) -> dict:
                 res = adapt_model(pieces, Path(tmp) / "probe.pt", config=AdaptConfig())
                 log.info("%s adapted on the %s in %.0f s:\n%s", name, adapt_name, time.perf_counter() - t0, res)
                 adapted = load_model(res.checkpoint)
-            dec = calibrate_decorrelation([(s.frames, s.transforms["ImageToReference"].matrices, s.pixel_spacing_mm)
+            dec = calibrate_decorrelation([(s.frames, s.transforms["ImageToReference"].matrices, input_spacing(s)[0])
                                            for _, s in pieces])
             row = {"recording": name, "adapted_on": adapt_name, "tested_on": test_name, "test_frames": test_seq.n_frames,
                    "direction": direction, "correction": res.correction, "candidates": res.candidates,
@@ -249,7 +265,7 @@ if __name__ == "__main__":
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cache", type=Path, default=RESULTS / "sensorless_adapt_sweeps", help="simulated sweeps, kept")
     ap.add_argument("--plus", action="store_true", help="the real PLUS recordings (half to adapt, half to test) instead")
-    ap.add_argument("--segments", type=int, default=3, help="--plus: pieces the adaptation half is cut into")
+    ap.add_argument("--segments", type=int, default=2, help="--plus: pieces the adaptation half is cut into")
     a = ap.parse_args()
     if a.plus:
         run_plus(a.segments, a.threads)

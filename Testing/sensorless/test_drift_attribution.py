@@ -94,6 +94,8 @@ def test_an_elevational_scale_error_shows_in_translation_and_out_of_plane_only()
     assert got["fdr_in_plane_only_percent"] == pytest.approx(0.0, abs=1e-6)
     assert got["fdr_translation_only_percent"] == pytest.approx(got["fdr_path_percent"], rel=1e-9)
     assert got["fdr_out_of_plane_only_percent"] == pytest.approx(got["fdr_path_percent"], rel=1e-9)
+    assert got["fdr_elevational_only_percent"] == pytest.approx(got["fdr_path_percent"], rel=1e-9)
+    assert got["fdr_tilt_only_percent"] == pytest.approx(0.0, abs=1e-6)
     assert got["fdr_path_percent"] > 10.0
 
 
@@ -109,6 +111,8 @@ def test_a_tilt_error_is_attributed_to_rotation_and_out_of_plane():
     assert got["fdr_in_plane_only_percent"] == pytest.approx(0.0, abs=1e-6)
     assert got["fdr_rotation_only_percent"] == pytest.approx(full, rel=1e-6)
     assert got["fdr_out_of_plane_only_percent"] == pytest.approx(full, rel=1e-6)
+    assert got["fdr_tilt_only_percent"] == pytest.approx(full, rel=1e-6)
+    assert got["fdr_elevational_only_percent"] == pytest.approx(0.0, abs=1e-6)
     assert full > 1.0
 
 
