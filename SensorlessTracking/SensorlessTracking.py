@@ -897,7 +897,7 @@ class SensorlessTrackingTest(ScriptedLoadableModuleTest):
         self.assertEqual(browserNode.GetNumberOfSynchronizedSequenceNodes(), nSequences + 1)
 
         chartNode = logic.trajectoryPlot(browserNode, show=False)
-        self.assertEqual(chartNode.GetNumberOfPlotSeriesNodes(), 7)
+        self.assertEqual(chartNode.GetNumberOfPlotSeriesNodes(), 8)  # the position columns, the drift and its 95 % band
 
         outputNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "EstimatedReconstruction")
         result = logic.reconstructEstimated(browserNode, outputNode, output_spacing_mm=1.0)
