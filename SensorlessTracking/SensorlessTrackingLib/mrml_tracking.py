@@ -1365,7 +1365,7 @@ def start_adaptation_job(browser_nodes, out_path, *, base="default", fine_tune=F
     left out; a browser without tracking fails at once, naming it), written with the settings to
     ``job_dir`` (:func:`~SensorlessTrackingLib.adapt.write_job`) and adapted by ``python -m
     SensorlessTrackingLib.adapt`` (:func:`~SensorlessTrackingLib.adapt.adapt_model`: the
-    out-of-plane scale, and with ``fine_tune`` the weights), so Slicer stays usable.
+    correction chosen on the recordings, and with ``fine_tune`` the weights), so Slicer stays usable.
 
     Parameters
     ----------
