@@ -714,6 +714,7 @@ class NWireCalibrationLogic(ScriptedLoadableModuleLogic):
 
         "" for no table or one that no calibration has filled.
         """
+        installDependencies()
         from NWireCalibrationLib.mrml_calibration import ATTR_DETECTION_REPORT
 
         return (rejectionsTableNode.GetAttribute(ATTR_DETECTION_REPORT) or "") if rejectionsTableNode else ""
