@@ -309,7 +309,7 @@ def _check_browser(browser_node, role: str) -> None:
         )
 
 
-def sequence_from_browser(browser_node, *, role: str = "calibration"):
+def sequence_from_browser(browser_node, *, role: str = "calibration", progress=None, cancel=None):
     """The tracked sequence of a browser (:func:`FreehandUSLib.mrml.browser_to_sequence`).
 
     Parameters
@@ -317,6 +317,11 @@ def sequence_from_browser(browser_node, *, role: str = "calibration"):
     browser_node : vtkMRMLSequenceBrowserNode
     role : str
         ``"calibration"`` or ``"validation"``, used in error messages.
+    progress : callable(done, total), optional
+        Called every few frames and transform items read (``total``: frames + items).
+    cancel : FreehandUSLib.jobs.CancelToken, optional
+        Checked before, at every report while reading, and once the sequence is read: once
+        set, the call stops with :class:`~FreehandUSLib.jobs.Cancelled` (it writes no node).
 
     Returns
     -------
@@ -330,11 +335,23 @@ def sequence_from_browser(browser_node, *, role: str = "calibration"):
     """
     _check_browser(browser_node, role)
     try:
-        sequence = mrml.browser_to_sequence(browser_node)
+        sequence = mrml.browser_to_sequence(browser_node, progress=progress, cancel=cancel)
     except SequenceError as exc:
         raise SequenceError(f"{role} recording {browser_node.GetName()!r}: {exc}") from exc
     _add_static_tree(sequence, browser_node)
+    if cancel is not None:  # the last report may lie a few frames before the end
+        cancel.check()
     return sequence
+
+
+def _reading(progress):
+    """The ``progress`` of reading a recording in a job whose bar counts detected frames.
+
+    Reading a long recording takes seconds before the first frame is detected: the bar stays
+    at its start, ``progress(0, 1)``, while the reads report, so the panel's events run (its
+    Cancel button works) and a cancel is seen at the next report.
+    """
+    return None if progress is None else (lambda _done, _total: progress(0, 1))
 
 
 def _recorded_in(browser_node, node) -> bool:
@@ -446,9 +463,10 @@ def detect_browser(browser_node, setup: CalibrationSetup, *, detector: str = "he
     markups_node : vtkMRMLMarkupsFiducialNode, optional
         Becomes the overlay of the dots that follows the browser (:func:`dots_to_markups`).
     progress : callable(done, total), optional
+        ``(0, 1)`` while the recording is read, then ``(frames detected, frames)``.
     cancel : FreehandUSLib.jobs.CancelToken, optional
-        Checked after every frame: once set, the call stops with
-        :class:`~FreehandUSLib.jobs.Cancelled` before the overlay is written.
+        Checked every few frames read and after every frame detected: once set, the call
+        stops with :class:`~FreehandUSLib.jobs.Cancelled` before the overlay is written.
 
     Returns
     -------
@@ -469,7 +487,7 @@ def detect_browser(browser_node, setup: CalibrationSetup, *, detector: str = "he
     if markups_node is not None:
         _check_markups(markups_node)
     setup = _with_registration(setup)
-    sequence = sequence_from_browser(browser_node, role="calibration")
+    sequence = sequence_from_browser(browser_node, role="calibration", progress=_reading(progress), cancel=cancel)
     spacing = _spacing_hint(browser_node, sequence, setup, pixel_spacing_mm, "calibration")
     result = detect_sequence(sequence, setup, detector=detector, pixel_spacing_mm=spacing, progress=progress)
     if markups_node is not None:
@@ -723,12 +741,14 @@ def calibrate_browsers(calibration_browser, validation_browser, setup: Calibrati
     calibration_detection, validation_detection : DetectionResult, optional
         Reuse detections (e.g. from :func:`detect_browser`) instead of detecting again.
     progress : callable(done, total), optional
-        Over the frames of both recordings (detection).
+        ``(0, 1)`` while the recordings are read, then over the frames of both recordings
+        (detection), then ``(n, n)`` while the solver runs.
     cancel : FreehandUSLib.jobs.CancelToken, optional
-        Checked after every detected frame and every 0.1 s while the solver runs (on a worker
-        thread; this thread keeps reporting progress): once set, the call stops with
+        Checked every few frames read (so a long recording stops before detection starts),
+        after every detected frame and every 0.1 s while the solver runs (on a worker thread;
+        this thread keeps reporting progress): once set, the call stops with
         :class:`~FreehandUSLib.jobs.Cancelled` and writes nothing (the output nodes are written
-        after detection and solving).
+        after reading, detection and solving).
     **solver_options
         ``ransac_iterations``, ``ransac_threshold_mm``, ``seed``... (:func:`~.pipeline.calibrate_from_points`).
 
@@ -754,11 +774,12 @@ def calibrate_browsers(calibration_browser, validation_browser, setup: Calibrati
         progress = jobs.cancellable_progress(progress, cancel)
     t0 = time.perf_counter()
     setup = _with_registration(setup, phantom_to_reference_node)
-    cal_seq = sequence_from_browser(calibration_browser, role="calibration")
+    reading = _reading(progress)
+    cal_seq = sequence_from_browser(calibration_browser, role="calibration", progress=reading, cancel=cancel)
     cal_poses = _poses(cal_seq, calibration_browser, "calibration")
     val_seq = val_poses = None
     if validation_browser is not None:
-        val_seq = sequence_from_browser(validation_browser, role="validation")
+        val_seq = sequence_from_browser(validation_browser, role="validation", progress=reading, cancel=cancel)
         val_poses = _poses(val_seq, validation_browser, "validation")
     _check_output_transform(image_to_probe_node, phantom_to_reference_node)
     for what, node, cls in (("accuracy table", accuracy_table_node, _TABLE_CLASS),

@@ -137,12 +137,14 @@ def test_cancel_while_the_solver_runs(scene):
     sim = small_simulation("linear", 50.0, n_frames=30)
     browser = mrml.sequence_to_browser(scene, sim.sequence, browser_name="Calibration")
     detection = mc.detect_browser(browser, setup_for(sim))
+    reads = []
+    mc.sequence_from_browser(browser, progress=lambda d, t: reads.append(d))
     before = _node_ids(scene)
     token = CancelToken("calibration")
-    reporter = CancelOnFirstReport(token)  # the first report is the solver's first heartbeat
+    reporter = CancelOnFirstReport(token, after=len(reads) + 1)  # the reads report first, then the solver's heartbeat
     _assert_cancelled_fast(
         lambda: mc.calibrate_browsers(browser, None, setup_for(sim), solver="ransac-lm", ransac_iterations=5000,
                                       calibration_detection=detection, progress=reporter, cancel=token),
         reporter,
     )
-    assert reporter.calls == 1 and _node_ids(scene) == before
+    assert reporter.calls == len(reads) + 1 and _node_ids(scene) == before
