@@ -64,8 +64,8 @@ why frames did not count (frames detected per stage, labellings refused by the s
 table of rejected and dropped frames with the missing wire or failed prior of each); the PLUS
 <code>&lt;Transform From="Image" To="Probe" .../&gt;</code> element can be copied into a PLUS
 device-set configuration, or <b>Send to PlusServer</b> puts it into a running PlusServer
-(UpdateTransform and SaveConfig remote commands). Cancel stops detection or calibration and
-leaves the scene as it was. <b>Live</b> calibrates from a PlusServer stream as frames arrive,
+(UpdateTransform and SaveConfig remote commands). Cancel stops reading the recordings, detection
+or calibration and leaves the scene as it was. <b>Live</b> calibrates from a PlusServer stream as frames arrive,
 keeps well-detected frames with new probe poses, and stops when the calibration has converged.</p>
 <p>From the Python console:</p>
 <pre>
@@ -405,17 +405,19 @@ class NWireCalibrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onInputInfoButton(self) -> None:
         import FreehandUS
 
-        with slicer.util.tryWithErrorDisplay(_("Failed to read the recordings."), waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(_("Failed to read the recordings."), waitCursor=True), self._work(
+            _("Reading the recordings"), self.ui.inputInfoLabel
+        ) as work:
             parameters = self._parameterNode
             summaries = self.logic.recordingsSummary(
-                parameters.calibrationBrowser, parameters.validationBrowser
+                parameters.calibrationBrowser, parameters.validationBrowser, progress=work.progress, cancel=work.token
             )
             self.ui.inputInfoLabel.text = "\n\n".join(
                 f"{role.capitalize()}:\n{FreehandUS.summaryText(info)}" for role, info in summaries.items()
             )
 
     def _work(self, what: str, statusLabel):
-        """Progress bar + Cancel button around a detection or calibration (FreehandUS.CancellableWork)."""
+        """Progress bar + Cancel button around reading, detection or calibration (FreehandUS.CancellableWork)."""
         import FreehandUS
 
         return FreehandUS.CancellableWork(
@@ -588,17 +590,24 @@ class NWireCalibrationLogic(ScriptedLoadableModuleLogic):
 
         return FreehandUS.FreehandUSLogic().sequenceFromBrowser(browserNode)
 
-    def recordingsSummary(self, calibrationBrowserNode, validationBrowserNode=None) -> dict:
+    def recordingsSummary(self, calibrationBrowserNode, validationBrowserNode=None, *, progress=None,
+                          cancel=None) -> dict:
         """``{"calibration": info, "validation": info}`` as ``freehandus info --json`` reports.
 
-        ``validation`` is present only when ``validationBrowserNode`` is given.
+        ``validation`` is present only when ``validationBrowserNode`` is given. ``progress``
+        (``callable(done, total)``) is called every few frames read; ``cancel``
+        (``FreehandUSLib.jobs.CancelToken``) is checked there (``FreehandUSLib.jobs.Cancelled``).
         """
         import FreehandUS
 
         freehandLogic = FreehandUS.FreehandUSLogic()
-        summaries = {"calibration": freehandLogic.sequenceSummary(calibrationBrowserNode)}
+        summaries = {
+            "calibration": freehandLogic.sequenceSummary(calibrationBrowserNode, progress=progress, cancel=cancel)
+        }
         if validationBrowserNode is not None:
-            summaries["validation"] = freehandLogic.sequenceSummary(validationBrowserNode)
+            summaries["validation"] = freehandLogic.sequenceSummary(
+                validationBrowserNode, progress=progress, cancel=cancel
+            )
         return summaries
 
     def setupOptionsFromParameterNode(self, parameterNode=None) -> dict:
