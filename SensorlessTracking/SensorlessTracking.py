@@ -86,7 +86,8 @@ stays usable, the panel shows each epoch, and Cancel stops it (the finished epoc
 run in the same folder resumes them). <b>Adapt to this probe</b> fits the selected model's
 out-of-plane scale (and optionally fine-tunes it) on a few tracked recordings of your probe, in
 a separate process too: on probes it was not trained on, this lowered the median drift from
-about 20 % to 14 % of the path in our tests. Estimating and reconstructing have a Cancel button
+about 20 % to 14 % of the path in our tests. Reading the recording (Info), estimating (its
+reading of the recording included) and reconstructing show progress and have a Cancel button
 too, which leaves the scene as it was.</p>
 <p>Runs on 3D Slicer 5.10 and later (their bundled Python 3.12). The Python packages it needs
 beyond Slicer's own (numba, OpenCV, pynrrd, h5py; listed with version bounds in the extension's
@@ -396,8 +397,11 @@ class SensorlessTrackingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         import FreehandUS
 
         with slicer.util.tryWithErrorDisplay(_("Failed to read the recording."), waitCursor=True):
-            info = self.logic.sequenceSummary(self._parameterNode.inputBrowser)
-            self.ui.inputInfoLabel.text = FreehandUS.summaryText(info)
+            with self._work(_("Reading the recording"), self.ui.inputInfoLabel) as work:
+                info = self.logic.sequenceSummary(
+                    self._parameterNode.inputBrowser, progress=work.progress, cancel=work.token
+                )
+                self.ui.inputInfoLabel.text = FreehandUS.summaryText(info)
 
     def onSetupTorchButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to set up PyTorch."), waitCursor=True):
@@ -579,17 +583,22 @@ class SensorlessTrackingLogic(ScriptedLoadableModuleLogic):
     def getParameterNode(self) -> SensorlessTrackingParameterNode:
         return SensorlessTrackingParameterNode(super().getParameterNode())
 
-    def sequenceFromBrowser(self, browserNode):
-        """The tracked sequence held by ``browserNode`` (``FreehandUSLib.TrackedSequence``)."""
+    def sequenceFromBrowser(self, browserNode, *, progress=None, cancel=None):
+        """The tracked sequence held by ``browserNode`` (``FreehandUSLib.TrackedSequence``).
+
+        ``progress(done, total)`` is called every few frames; ``cancel`` (a
+        ``FreehandUSLib.jobs.CancelToken``) stops the read within a second.
+        """
         import FreehandUS
 
-        return FreehandUS.FreehandUSLogic().sequenceFromBrowser(browserNode)
+        return FreehandUS.FreehandUSLogic().sequenceFromBrowser(browserNode, progress=progress, cancel=cancel)
 
-    def sequenceSummary(self, browserNode) -> dict:
-        """What ``freehandus info --json`` reports for the recording held by ``browserNode``."""
+    def sequenceSummary(self, browserNode, *, progress=None, cancel=None) -> dict:
+        """What ``freehandus info --json`` reports for the recording held by ``browserNode``
+        (``progress``/``cancel`` as for :meth:`sequenceFromBrowser`)."""
         import FreehandUS
 
-        return FreehandUS.FreehandUSLogic().sequenceSummary(browserNode)
+        return FreehandUS.FreehandUSLogic().sequenceSummary(browserNode, progress=progress, cancel=cancel)
 
     def setupTorch(self, *, askConfirmation=True) -> str:
         """Make sure PyTorch is available (installing it through PyTorchUtils); describe it.

@@ -494,10 +494,14 @@ def estimate_trajectory_to_browser(
         (the viewer, the training convention) or ``"away"``. With tracked frames, an estimate
         that moves the other way adds a warning.
     progress : callable(done, total), optional
-        Called after reading (1 of 3), tracking (2) and writing (3).
+        Called at the start (0 of 3), again with 0 of 3 every few frames and transform items
+        while the browser is read, after reading (1 of 3), while tracking (1 of 3, every 0.1 s
+        when ``cancel`` is given), after tracking (2) and writing (3).
     cancel : FreehandUSLib.jobs.CancelToken, optional
-        The tracking then runs on a worker thread while this thread reports progress (1 of 3)
-        every 0.1 s and checks the token: once set, the call stops with
+        Checked at each report while the browser is read (a cancel there stops within a fraction
+        of a second, before the model is loaded or run). The tracking then runs on a worker
+        thread while this thread reports progress (1 of 3) every 0.1 s and checks the token:
+        once set, the call stops with
         :class:`~FreehandUSLib.jobs.Cancelled` within 0.1 s and the browser is left as it was
         (the estimate is written only at the end). A learned model also stops itself before its
         next layer (forward pre-hooks); the decorrelation baseline runs on to its end in the
@@ -550,7 +554,11 @@ def estimate_trajectory_to_browser(
     bname = _check_browser(browser_node)
     _report(progress, 0, 3)
     image_seq = _image_sequence(browser_node)
-    sequence = _read_browser(browser_node, purpose="estimate a trajectory")
+    # Reading a long recording takes seconds: the bar stays at its start (the calls keep their
+    # k-of-3 steps) while the reads report, so Slicer's events run and a cancel stops the read
+    # before the model is loaded or run.
+    reading = None if progress is None else (lambda _done, _total: progress(0, 3))
+    sequence = _read_browser(browser_node, purpose="estimate a trajectory", progress=reading, cancel=cancel)
     _report(progress, 1, 3)
     warnings: list[str] = []
     try:

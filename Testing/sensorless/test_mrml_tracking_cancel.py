@@ -37,6 +37,14 @@ def scene():
     release_scene(s)
 
 
+class _StepReports(CancelOnFirstReport):
+    """Counts the start (0 of 3) once, not the reports that keep the bar there while the browser is read."""
+
+    def __call__(self, done, total):
+        if (done, total) != (0, 3) or self.calls == 0:
+            super().__call__(done, total)
+
+
 def _matrices(seq_node) -> np.ndarray:
     out = []
     for i in range(seq_node.GetNumberOfDataNodes()):
@@ -60,7 +68,7 @@ def test_cancel_stops_a_learned_estimate_and_keeps_the_earlier_one(scene, tmp_pa
     before = _node_ids(scene)
 
     token = CancelToken("estimation")
-    reporter = CancelOnFirstReport(token, after=2)  # cancelled after reading, before the model runs
+    reporter = _StepReports(token, after=2)  # cancelled after reading, before the model runs
     _assert_cancelled_fast(
         lambda: mt.estimate_trajectory_to_browser(browser, model=path, batch_size=1, progress=reporter, cancel=token),
         reporter,
@@ -114,7 +122,7 @@ def test_cancel_stops_a_decorrelation_estimate(scene):
                                        browser_name="Sweep")
     before = _node_ids(scene)
     token = CancelToken("estimation")
-    reporter = CancelOnFirstReport(token, after=3)  # 0/3, 1/3 after reading, then the first heartbeat
+    reporter = _StepReports(token, after=3)  # 0/3, 1/3 after reading, then the first heartbeat
     _assert_cancelled_fast(
         lambda: mt.estimate_trajectory_to_browser(browser, model="decorrelation", progress=reporter, cancel=token),
         reporter,
