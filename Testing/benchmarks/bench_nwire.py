@@ -600,6 +600,9 @@ def test_frame_scores_counts_swaps_misses_and_partial_frames():
     assert s["recall"] == pytest.approx(1 / 3, abs=1e-4) and s["precision"] == pytest.approx(1 / 3, abs=1e-4)
     assert s["wrong_labels"] == 2
     assert s["dots_within_1px"] == pytest.approx(4 / 6, abs=1e-4)  # frames 0 (3 of 3) and 1 (wire 3 only)
+    # Signed error of the dots within 5 px of their truth: (0.5, 0.5) x 3 and (0, 0).
+    assert s["dot_error_px"]["bias"] == pytest.approx([0.375, 0.375], abs=1e-3)
+    assert s["dot_error_px"]["spread"] == pytest.approx([0.2165, 0.2165], abs=1e-3)
 
 
 if __name__ == "__main__":
