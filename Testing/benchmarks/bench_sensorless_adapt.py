@@ -30,6 +30,7 @@ from (:func:`~SensorlessTrackingLib.attribution.drift_attribution`: the drift wi
 elevational step, only the tilts or only the in-plane motion estimated).
 
     .venv/bin/python Testing/benchmarks/bench_sensorless_adapt.py --adapt 6 --test 10 --threads 1
+    .venv/bin/python Testing/benchmarks/bench_sensorless_adapt.py --adapt 6 --test 10 --splits 5 --threads 1
     .venv/bin/python Testing/benchmarks/bench_sensorless_adapt.py --plus --threads 1
 """
 
@@ -85,7 +86,7 @@ def _sweeps(isim, probe, seeds, n_frames, cache: Path):
 
 
 def run(n_adapt=4, n_test=4, n_frames=80, probes=None, fine_tune=False, max_minutes=5.0, epochs=4, threads=1,
-        cache: Path = RESULTS / "sensorless_adapt_sweeps", lr=1e-4) -> dict:
+        cache: Path = RESULTS / "sensorless_adapt_sweeps", lr=1e-4, split_seed=None, write=True) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     log = logging.getLogger("bench_sensorless_adapt")
     import torch
@@ -109,6 +110,10 @@ def run(n_adapt=4, n_test=4, n_frames=80, probes=None, fine_tune=False, max_minu
         adapt_sw = _sweeps(isim, probe, [base + 700 + k for k in range(n_adapt)], n_frames, cache)
         test_sw = _sweeps(isim, probe, [base + k for k in range(n_test)], n_frames, cache)
         log.info("%s: %d + %d sweeps simulated in %.0f s", probe.name, n_adapt, n_test, time.perf_counter() - t0)
+        if split_seed is not None:  # another choice of the adaptation sweeps among all of them
+            pool = adapt_sw + test_sw
+            order = np.random.default_rng(split_seed).permutation(len(pool))
+            adapt_sw, test_sw = [pool[i] for i in order[:n_adapt]], [pool[i] for i in order[n_adapt:]]
         methods = {"shipped": shipped}
         info = {}
         with tempfile.TemporaryDirectory() as tmp:
@@ -156,6 +161,8 @@ def run(n_adapt=4, n_test=4, n_frames=80, probes=None, fine_tune=False, max_minu
               "max_minutes": max_minutes, "epochs": epochs, "lr": lr, "summary": summary, "adaptations": adaptations,
               "per_sweep": rows, "load_average_before": load_before, "load_average_after": os.getloadavg()[0],
               "cpu_count": os.cpu_count(), "torch_threads": threads}
+    if not write:
+        return result
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"sensorless_adapt{'_fine_tune' if fine_tune else ''}.json").write_text(json.dumps(result, indent=2))
     print(f"\nPer-probe adaptation on the independent simulator: {n_adapt} adaptation sweeps (1 held back), {n_test} "
@@ -187,6 +194,32 @@ def run(n_adapt=4, n_test=4, n_frames=80, probes=None, fine_tune=False, max_minu
                 what = f"sigma {d['sigma_mm']:.3f} mm"
             print(f"  {pname} {mname}: {what}, {d['seconds']:.0f} s"
                   + (f", fine-tuned kept: {d['fine_tuned']}" if "fine_tuned" in d else ""))
+    return result
+
+
+def run_splits(n_splits, n_adapt=6, n_test=10, **kw) -> dict:
+    """:func:`run` for ``n_splits`` random choices of the ``n_adapt`` adaptation sweeps among all
+    ``n_adapt + n_test`` sweeps of each probe (the rest tested): how much the table depends on
+    which sweeps the user happened to record. Writes ``results/sensorless_adapt_splits.json``."""
+    runs = [run(n_adapt, n_test, split_seed=k, write=False, **kw) for k in range(1, n_splits + 1)]
+    table = {}
+    for r in runs:
+        for mname, groups in r["summary"].items():
+            for group, s in groups.items():
+                t = table.setdefault(mname, {}).setdefault(group, {"median": [], "mean": []})
+                t["median"].append(s["median_fdr_path_percent"])
+                t["mean"].append(s["mean_fdr_path_percent"])
+    result = {"splits": n_splits, "adaptation_sweeps": n_adapt, "test_sweeps": n_test, "per_split": table,
+              "corrections": [{p: d["adapted"]["correction"] for p, d in r["adaptations"].items()} for r in runs]}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "sensorless_adapt_splits.json").write_text(json.dumps(result, indent=2))
+    print(f"\n{n_splits} random choices of {n_adapt} adaptation sweeps among {n_adapt + n_test} per probe: median "
+          "final drift % of path on the other sweeps, mean over the choices (min-max)")
+    for mname, groups in table.items():
+        for group, t in groups.items():
+            m = np.array(t["median"])
+            print(f"{mname:<28} {group:<7} {m.mean():5.1f} ({m.min():.1f}-{m.max():.1f})   mean FDR {np.mean(t['mean']):5.1f}")
+    print("chosen corrections:", result["corrections"])
     return result
 
 
@@ -266,8 +299,13 @@ if __name__ == "__main__":
     ap.add_argument("--cache", type=Path, default=RESULTS / "sensorless_adapt_sweeps", help="simulated sweeps, kept")
     ap.add_argument("--plus", action="store_true", help="the real PLUS recordings (half to adapt, half to test) instead")
     ap.add_argument("--segments", type=int, default=2, help="--plus: pieces the adaptation half is cut into")
+    ap.add_argument("--splits", type=int, default=0,
+                    help="also N random choices of the adaptation sweeps among all the probe's sweeps (not the table's)")
     a = ap.parse_args()
     if a.plus:
         run_plus(a.segments, a.threads)
+        sys.exit(0)
+    if a.splits:
+        run_splits(a.splits, a.adapt, a.test, n_frames=a.frames, probes=a.probes, threads=a.threads, cache=a.cache)
         sys.exit(0)
     run(a.adapt, a.test, a.frames, a.probes, a.fine_tune, a.max_minutes, a.epochs, a.threads, a.cache, a.lr)
