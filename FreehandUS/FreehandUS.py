@@ -881,7 +881,7 @@ class FreehandUSLogic(ScriptedLoadableModuleLogic):
     def sequenceSummary(self, browserNode, *, progress=None, cancel=None) -> dict:
         """What ``freehandus info --json`` reports for the recording held by ``browserNode``."""
         ensureRequirements()
-        from FreehandUSLib.cli import sequence_info
+        from FreehandUSLib.sequence import sequence_info
 
         sequence = self.sequenceFromBrowser(browserNode, progress=progress, cancel=cancel)
         return sequence_info(sequence, path=browserNode.GetAttribute(SOURCE_FILE_ATTRIBUTE))

@@ -38,7 +38,7 @@ def _paths() -> None:
 def run_quick_demo(out_dir: Path) -> Path:
     """``freehandus demo --quick --out out_dir`` (about 30 s); returns ``out_dir``."""
     _paths()
-    from FreehandUSLib.cli import main
+    from FreehandUSApp.cli import main
 
     code = main(["demo", "--quick", "--out", str(out_dir), "--no-browser-check"])
     if code != 0:

@@ -6,7 +6,7 @@
         --thumbnail docs/images/report.png --crop 0 2300 --thumbnail-width 900  # the README picture
 
 Needs Debian's Chromium (``apt-get install chromium``). Prints the measures of
-``FreehandUSLib.report.check_png_not_blank`` (size, grey-level spread, colours, area with content)
+``FreehandUSApp.report.check_png_not_blank`` (size, grey-level spread, colours, area with content)
 as JSON; exits 0 when the picture has content, 1 when it looks blank or broken, 2 when it cannot
 be rendered.
 """
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from FreehandUSLib.errors import FreehandUSError
-    from FreehandUSLib.report import check_png_not_blank, render_report_png
+    from FreehandUSApp.report import check_png_not_blank, render_report_png
 
     html = Path(args.html)
     out = Path(args.out) if args.out else html.with_suffix(".png")

@@ -26,7 +26,7 @@ import numpy as np
 from .errors import SequenceError
 from .transforms import TransformRepository, interpolate_transforms, split_transform_name
 
-__all__ = ["FrameTransforms", "TrackedSequence", "ORIENTATIONS"]
+__all__ = ["FrameTransforms", "TrackedSequence", "ORIENTATIONS", "sequence_info"]
 
 #: PLUS ultrasound image orientations (first letter: marked side Left=M / right=U of the image,
 #: second letter: Far or Near side at the bottom). In memory frames are always MF.
@@ -266,3 +266,28 @@ class TrackedSequence:
 
 def _strip_suffix(name: str) -> str:
     return name[: -len("Transform")] if name.endswith("Transform") else name
+
+
+def sequence_info(sequence, path=None) -> dict:
+    """JSON-safe summary of a tracked sequence (what ``freehandus info --json`` prints)."""
+    info = {
+        "file": str(path) if path is not None else None,
+        "frames": sequence.n_frames,
+        "width": sequence.n_cols,
+        "height": sequence.n_rows,
+        "channels": sequence.n_channels,
+        "dtype": str(sequence.frames.dtype),
+        "orientation": sequence.orientation,
+        "source_orientation": sequence.metadata.get("SourceOrientation", sequence.orientation),
+        "transforms": sequence.transform_names,
+        "valid_transform_frames": {
+            name: int(ft.valid.sum()) for name, ft in sequence.transforms.items()
+        },
+        "frames_without_image": int((~sequence.image_ok).sum()),
+        "duration_s": sequence.duration_s,
+        "pixel_spacing_mm": list(sequence.pixel_spacing_mm) if sequence.pixel_spacing_mm else None,
+    }
+    if sequence.n_frames > 1:
+        dt = np.diff(sequence.timestamps_s)
+        info["frames_per_second"] = float(1.0 / np.median(dt)) if np.median(dt) > 0 else None
+    return info

@@ -1,6 +1,6 @@
 """``freehandus detect``, ``freehandus calibrate`` and ``freehandus simulate nwire``.
 
-The main parser (``FreehandUSLib.cli``) calls :func:`add_parsers` with its subparsers and
+The main parser (``FreehandUSApp.cli``) calls :func:`add_parsers` with its subparsers and
 :func:`add_simulate_nwire` with the subparsers of its ``simulate`` group. Each command parses,
 loads files, calls the same Lib functions as the Slicer Logic (:mod:`.pipeline`,
 :mod:`.simulate`), writes JSON and prints ``str(result)`` (or the JSON with ``--json``).

@@ -148,7 +148,7 @@ def _fine_tune(train_files, out_dir: Path, minutes: float, recipe: dict, threads
     """
     import torch
 
-    from FreehandUSLib.cli import main
+    from FreehandUSApp.cli import main
 
     best = out_dir / "best.pt"
     history = out_dir / "history.json"

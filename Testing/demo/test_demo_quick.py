@@ -20,9 +20,9 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import pytest
 
-from FreehandUSLib import report
-from FreehandUSLib.cli import main
-from FreehandUSLib.demo import DemoSettings, demo_probe, sweep_pixels_to_nwire_pixels
+from FreehandUSApp import report
+from FreehandUSApp.cli import main
+from FreehandUSApp.demo import DemoSettings, demo_probe, sweep_pixels_to_nwire_pixels
 from FreehandUSLib.errors import FreehandUSError
 from FreehandUSLib.io import read_sequence, read_volume
 
@@ -278,7 +278,7 @@ def test_html_table_escapes_and_formats():
 
 @pytest.fixture(scope="module")
 def analytic_sweep():
-    from FreehandUSLib.demo import simulate_analytic_sweep
+    from FreehandUSLib.simulation.analytic import simulate_analytic_sweep
 
     return simulate_analytic_sweep(n_frames=12, n_rows=64, n_cols=64, pixel_spacing_mm=0.4)
 
@@ -287,7 +287,7 @@ def test_sensorless_uses_a_model_file_when_there(analytic_sweep, tmp_path):
     pytest.importorskip("torch")
     import torch
 
-    from FreehandUSLib.demo import sensorless_estimates
+    from FreehandUSApp.demo import sensorless_estimates
     from SensorlessTrackingLib.models import ModelConfig, build_model
 
     seq, image_to_probe = analytic_sweep
@@ -305,7 +305,7 @@ def test_sensorless_uses_a_model_file_when_there(analytic_sweep, tmp_path):
 
 
 def test_sensorless_without_model_falls_back_and_says_so(analytic_sweep, tmp_path):
-    from FreehandUSLib.demo import sensorless_estimates
+    from FreehandUSApp.demo import sensorless_estimates
 
     seq, image_to_probe = analytic_sweep
     missing = tmp_path / "nothing_here.pt"

@@ -102,7 +102,7 @@ print(json.dumps(out))
 
 def test_load_and_save_buttons_cancel_and_complete(tmp_path):
     pytest.importorskip("slicer")
-    from FreehandUSLib.demo import simulate_analytic_sweep
+    from FreehandUSLib.simulation.analytic import simulate_analytic_sweep
     from FreehandUSLib.io import write_sequence
 
     seq, _ = simulate_analytic_sweep(n_frames=60, n_rows=48, n_cols=40, pixel_spacing_mm=0.5)

@@ -22,7 +22,7 @@ pytest.importorskip("slicer", reason="slicer-core (real MRML classes) is not ins
 
 import FreehandUSLib.io  # noqa: E402
 from FreehandUSLib import jobs, mrml  # noqa: E402
-from FreehandUSLib.demo import simulate_analytic_sweep  # noqa: E402
+from FreehandUSLib.simulation.analytic import simulate_analytic_sweep  # noqa: E402
 from FreehandUSLib.io import read_sequence, write_sequence  # noqa: E402
 from FreehandUSLib.jobs import Cancelled, CancelToken  # noqa: E402
 from cancel_helpers import CancelOnFirstReport, assert_cancelled_fast, node_ids  # noqa: E402

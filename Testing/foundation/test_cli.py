@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from testdata import make_synthetic_sequence, plus_file
 
-from FreehandUSLib.cli import main
+from FreehandUSApp.cli import main
 from FreehandUSLib.io import read_sequence, write_sequence
 
 
@@ -74,7 +74,7 @@ def test_errors_print_one_line_and_exit_2(tmp_path, capsys):
 def test_demo_writes_sequences(tmp_path, capsys, monkeypatch):
     # The CLI wiring of `freehandus demo --quick --json` on a tiny run (the full end-to-end
     # checks are in Testing/demo/test_demo_quick.py).
-    from FreehandUSLib import demo
+    from FreehandUSApp import demo
 
     tiny = demo.DemoSettings.quick_settings(
         calibration_frames=16, validation_frames=6, sweep_frames=12, sweep_length_mm=5.0,
@@ -174,7 +174,7 @@ def test_progress_follows_the_option_else_the_terminal():
 @pytest.mark.parametrize("enabled, shown", [(None, False), (True, True), (False, False)])
 def test_demo_progress_bars_stay_out_of_logs(capsys, enabled, shown):
     # captured stderr is not a terminal: bars only when asked for
-    from FreehandUSLib.demo import _Progress
+    from FreehandUSApp.demo import _Progress
 
     with _Progress(enabled).bar("step", 50) as update:
         for i in range(1, 51):
@@ -185,7 +185,7 @@ def test_demo_progress_bars_stay_out_of_logs(capsys, enabled, shown):
 def _all_subcommand_parsers():
     import argparse
 
-    from FreehandUSLib.cli import build_parser
+    from FreehandUSApp.cli import build_parser
 
     def walk(parser, words):
         subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]

@@ -24,7 +24,7 @@ pytest.importorskip("slicer", reason="slicer-core (real MRML classes) is not ins
 import vtk  # noqa: E402  (slicer-core pins it)
 from FreehandUSLib import mrml  # noqa: E402
 from FreehandUSLib import mrml_reconstruction as mr  # noqa: E402
-from FreehandUSLib.demo import simulate_analytic_sweep  # noqa: E402
+from FreehandUSLib.simulation.analytic import simulate_analytic_sweep  # noqa: E402
 from FreehandUSLib.reconstruction import ReconstructionOptions  # noqa: E402
 from mrml_scene import make_scene, release_scene, reload_scene, save_like_slicer  # noqa: E402
 from testdata import make_synthetic_sequence, plus_file  # noqa: E402

@@ -30,7 +30,7 @@ pytest.importorskip("slicer", reason="slicer-core (real MRML classes) is not ins
 from FreehandUSLib import mrml  # noqa: E402
 from FreehandUSLib import mrml_reconstruction as mr  # noqa: E402
 from FreehandUSLib import plus_status_observer  # noqa: E402
-from FreehandUSLib.demo import simulate_analytic_sweep  # noqa: E402
+from FreehandUSLib.simulation.analytic import simulate_analytic_sweep  # noqa: E402
 from FreehandUSLib.io import write_sequence  # noqa: E402
 from FreehandUSLib.reconstruction import ReconstructionOptions  # noqa: E402
 from mrml_scene import load_plus_like_slicer, make_scene, release_scene, reload_scene, save_like_slicer  # noqa: E402

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from testdata import plus_file
 
-from FreehandUSLib.demo import simulate_analytic_sweep
+from FreehandUSLib.simulation.analytic import simulate_analytic_sweep
 from FreehandUSLib.igtl import IGTLClient, ImageMessage, ReplayServer
 from FreehandUSLib.igtl.live import LiveReconstructionSink, live_reconstruct, run_live
 from FreehandUSLib.igtl.pairing import FramePairer

@@ -93,7 +93,7 @@ def test_parsers_register_on_a_foreign_parser():
 def test_simulate_into_a_folder_as_the_readme_does(tmp_path, capsys):
     """README: ``freehandus simulate nwire --out session/ ...`` (it wanted a file name and failed
     after the whole simulation had run)."""
-    from FreehandUSLib.cli import main
+    from FreehandUSApp.cli import main
 
     session = tmp_path / "session"
     small = ["--frames", "4", "--width", "320", "--height", "240", "--depth-mm", "50"]
@@ -104,7 +104,7 @@ def test_simulate_into_a_folder_as_the_readme_does(tmp_path, capsys):
 
 
 def test_simulate_checks_its_arguments_before_simulating(tmp_path, capsys, monkeypatch):
-    from FreehandUSLib.cli import main
+    from FreehandUSApp.cli import main
     from NWireCalibrationLib import simulate
 
     def no_work(*args, **kwargs):
@@ -129,7 +129,7 @@ def test_simulate_checks_its_arguments_before_simulating(tmp_path, capsys, monke
                                    ["--tracker-noise-mm", "-1"], ["--seed", "-1"], ["--pixel-spacing", "0"],
                                    ["--ransac-iterations", "0"], ["--ransac-threshold", "inf"]])
 def test_bad_numbers_are_refused_by_the_parser(command, extra, capsys):
-    from FreehandUSLib.cli import main
+    from FreehandUSApp.cli import main
 
     with pytest.raises(SystemExit) as exc:
         main([*command, *extra])
@@ -140,7 +140,7 @@ def test_bad_numbers_are_refused_by_the_parser(command, extra, capsys):
 
 
 def test_settings_that_do_not_fit_are_one_line(tmp_path, capsys):
-    from FreehandUSLib.cli import main
+    from FreehandUSApp.cli import main
 
     # a 40 mm linear field of view at this depth needs a wider image: a ValueError traceback before
     assert main(["simulate", "nwire", "--out", str(tmp_path / "x.igs.mha"), "--depth-mm", "10"]) == 2
@@ -149,7 +149,7 @@ def test_settings_that_do_not_fit_are_one_line(tmp_path, capsys):
 
 
 def test_simulate_interrupted_while_writing_leaves_none_of_its_new_files(tmp_path, capsys, monkeypatch):
-    from FreehandUSLib.cli import main
+    from FreehandUSApp.cli import main
     from NWireCalibrationLib import simulate
 
     real = simulate.write_simulation

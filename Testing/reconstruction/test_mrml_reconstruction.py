@@ -19,7 +19,7 @@ import slicer  # noqa: E402
 import vtk  # noqa: E402  (slicer-core pins it)
 from FreehandUSLib import FreehandUSError, SequenceError, TrackedSequence, TransformError, mrml  # noqa: E402
 from FreehandUSLib import mrml_reconstruction as mr  # noqa: E402
-from FreehandUSLib.demo import simulate_analytic_sweep  # noqa: E402
+from FreehandUSLib.simulation.analytic import simulate_analytic_sweep  # noqa: E402
 from FreehandUSLib.reconstruction import (  # noqa: E402
     InvalidOptionError,
     ReconstructionError,

@@ -11,7 +11,7 @@ from recon_synthetic import linear_sweep
 from testdata import plus_file
 
 from FreehandUSLib import TrackedSequence
-from FreehandUSLib import cli as main_cli
+from FreehandUSApp import cli as main_cli
 from FreehandUSLib.io import read_volume, write_sequence
 from FreehandUSLib.reconstruction.cli import add_parser
 

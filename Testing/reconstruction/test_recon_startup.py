@@ -17,7 +17,7 @@ from FreehandUSLib.io import write_sequence
 
 _PROBE = """
 import json, sys
-from FreehandUSLib.cli import main
+from FreehandUSApp.cli import main
 code = main(sys.argv[1:])
 heavy = ["torch", "cv2", "NWireCalibrationLib", "SensorlessTrackingLib", "FreehandUSLib.igtl",
          "FreehandUSLib.simulation", "scipy.spatial", "h5py", "matplotlib"]
@@ -39,7 +39,7 @@ def test_reconstruct_imports_only_what_it_uses(tmp_path):
 
 
 def test_help_still_lists_every_command():
-    run = subprocess.run([sys.executable, "-m", "FreehandUSLib.cli", "--help"], capture_output=True, text=True,
+    run = subprocess.run([sys.executable, "-m", "FreehandUSApp.cli", "--help"], capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0
     listed = {line.split()[0] for line in run.stdout.splitlines() if line.startswith("    ") and line.strip()}

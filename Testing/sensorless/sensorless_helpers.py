@@ -65,7 +65,7 @@ def one_torch_thread():
 
 
 def run_cli(argv) -> int:
-    """Run ``freehandus`` in-process (:func:`FreehandUSLib.cli.main`); returns the exit code (2 on a FreehandUSError)."""
-    from FreehandUSLib.cli import main
+    """Run ``freehandus`` in-process (:func:`FreehandUSApp.cli.main`); returns the exit code (2 on a FreehandUSError)."""
+    from FreehandUSApp.cli import main
 
     return main(argv)

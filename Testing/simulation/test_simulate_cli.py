@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from FreehandUSLib.cli import main
+from FreehandUSApp.cli import main
 from FreehandUSLib.io import read_sequence
 
 SMALL = ["--frames", "3", "--rows", "32", "--cols", "32", "--length-mm", "1", "--scatterers-per-cell", "2"]

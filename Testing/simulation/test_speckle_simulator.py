@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from FreehandUSLib.cli import main as freehandus
+from FreehandUSApp.cli import main as freehandus
 from FreehandUSLib.errors import FileFormatError
 from FreehandUSLib.io import read_sequence
 from FreehandUSLib.simulation import (

@@ -1,7 +1,7 @@
 """``freehandus serve`` and ``freehandus record``: the streaming subcommands.
 
 :func:`add_parsers` registers both on the main ``freehandus`` parser (same conventions as
-``FreehandUSLib/cli.py``: ``func`` set per subcommand, ``--json``, errors raised as
+``FreehandUSApp/cli.py``: ``func`` set per subcommand, ``--json``, errors raised as
 :class:`~FreehandUSLib.errors.FreehandUSError`). ``python -m FreehandUSLib.igtl.cli`` runs them
 stand-alone.
 

@@ -53,13 +53,12 @@ from pathlib import Path
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from .errors import FreehandUSError
-from .sequence import TrackedSequence
+from FreehandUSLib.errors import FreehandUSError
+from FreehandUSLib.sequence import TrackedSequence
 
 __all__ = [
     "DemoSettings",
     "DemoResult",
-    "simulate_analytic_sweep",
     "demo_probe",
     "demo_tissue",
     "sweep_pixels_to_nwire_pixels",
@@ -184,72 +183,6 @@ class DemoResult:
 
 
 # --------------------------------------------------------------------------------------------
-# The analytic sweep (kept: a tiny tracked sequence used by the streaming tests)
-# --------------------------------------------------------------------------------------------
-
-
-def simulate_analytic_sweep(
-    n_frames: int = 60,
-    n_rows: int = 160,
-    n_cols: int = 128,
-    *,
-    pixel_spacing_mm: float = 0.3,
-    step_mm: float = 0.5,
-    seed: int = 0,
-) -> tuple[TrackedSequence, np.ndarray]:
-    """A linear sweep over an analytic phantom, tracked by a ProbeToTracker transform.
-
-    The phantom (Tracker frame, mm) holds a vessel along y and two spherical inclusions in
-    multiplicative speckle. The probe moves along +y by ``step_mm`` per frame with a slow rock.
-    (A fast stand-in for tests of streaming and IO; the demo itself uses the speckle simulator.)
-
-    Returns
-    -------
-    sequence : TrackedSequence with ProbeToTracker (all valid), frames uint8 (n, rows, cols), MF
-    image_to_probe : (4, 4) float64, pixel -> Probe mm (spacing ``pixel_spacing_mm``, image
-        centred laterally on the probe origin, depth along +z)
-    """
-    rng = np.random.default_rng(seed)
-    # Image i (columns) -> Probe x, image j (rows, depth) -> Probe z, image normal -> Probe -y (right-handed).
-    image_to_probe = np.zeros((4, 4))
-    image_to_probe[3, 3] = 1.0
-    image_to_probe[0, 0] = pixel_spacing_mm
-    image_to_probe[2, 1] = pixel_spacing_mm
-    image_to_probe[1, 2] = -1.0
-    image_to_probe[0, 3] = -0.5 * n_cols * pixel_spacing_mm
-
-    t = np.arange(n_frames)
-    probe_to_tracker = np.tile(np.eye(4), (n_frames, 1, 1))
-    rock_deg = 4.0 * np.sin(t / max(n_frames - 1, 1) * np.pi)
-    rock = Rotation.from_euler("y", rock_deg[:, None], degrees=True)
-    probe_to_tracker[:, :3, :3] = rock.as_matrix()
-    probe_to_tracker[:, 1, 3] = t * step_mm
-
-    jj, ii = np.mgrid[0:n_rows, 0:n_cols]
-    pixels = np.stack([ii.ravel(), jj.ravel(), np.zeros(ii.size), np.ones(ii.size)])
-    image_to_tracker = probe_to_tracker @ image_to_probe
-    points = (image_to_tracker @ pixels)[:, :3, :]  # (n, 3, rows*cols) mm
-    x, y, z = points[:, 0], points[:, 1], points[:, 2]
-    depth = n_rows * pixel_spacing_mm
-    echo = np.full(x.shape, 0.35)
-    vessel = (x - 0.0) ** 2 + (z - 0.45 * depth) ** 2 < (0.12 * depth) ** 2
-    echo[vessel] = 0.05
-    for cx, cy, cz, r, level in ((-8.0, 8.0, 0.7 * depth, 5.0, 0.9), (9.0, 20.0, 0.25 * depth, 4.0, 0.8)):
-        inside = (x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2 < r**2
-        echo[inside] = level
-    speckle = rng.rayleigh(scale=0.6, size=echo.shape)
-    frames = np.clip(255.0 * echo * speckle, 0, 255).astype(np.uint8).reshape(n_frames, n_rows, n_cols)
-    seq = TrackedSequence(
-        frames=frames,
-        timestamps_s=t / 20.0,
-        transforms={"ProbeToTracker": (probe_to_tracker, np.ones(n_frames, dtype=bool))},
-        pixel_spacing_mm=(pixel_spacing_mm, pixel_spacing_mm),
-        metadata={"UltrasoundImageType": "BRIGHTNESS"},
-    )
-    return seq, image_to_probe
-
-
-# --------------------------------------------------------------------------------------------
 # The demo's probe, tissue and geometry
 # --------------------------------------------------------------------------------------------
 
@@ -264,7 +197,7 @@ def demo_probe(n_rows: int, n_cols: int):
 
     3.5 MHz abdominal probe, 8 cm depth, the same sector as the N-wire simulation.
     """
-    from .simulation import ProbeConfig
+    from FreehandUSLib.simulation import ProbeConfig
 
     return ProbeConfig(
         geometry="convex",
@@ -288,7 +221,7 @@ def demo_tissue(length_mm: float):
     from the origin, depth along +z): fat, muscle and a deep layer, three vessels (two along the
     sweep, one crossing it; they hold the photoacoustic absorber), a cyst, a bright nodule and a
     hypoechoic lesion placed along the path."""
-    from .simulation import Inclusion, Layer, TissueConfig, Vessel
+    from FreehandUSLib.simulation import Inclusion, Layer, TissueConfig, Vessel
 
     L = float(length_mm)
     return TissueConfig(
@@ -345,7 +278,7 @@ def sweep_pixels_to_nwire_pixels(probe, nwire_spacing_mm, nwire_face_centre_px) 
     (4, 4) float64 ``A``: sweep pixel -> N-wire pixel, so that ``ImageToProbe(sweep) =
     ImageToProbe(N-wire) @ A`` for any calibration of the N-wire preset.
     """
-    from .simulation import image_to_probe_matrix
+    from FreehandUSLib.simulation import image_to_probe_matrix
 
     sx, sy = (float(v) for v in nwire_spacing_mm)
     cx, cy = (float(v) for v in nwire_face_centre_px)
@@ -468,7 +401,7 @@ def _calibration_step(settings: DemoSettings, out: Path, progress: _Progress, fi
     from NWireCalibrationLib.pipeline import calibrate, detect_sequence, load_setup
     from NWireCalibrationLib.simulate import SimulationSettings, simulate_nwire
 
-    from .io import write_sequence
+    from FreehandUSLib.io import write_sequence
 
     cal_dir = out / "calibration"
     seq_dir = out / "sequences"
@@ -608,7 +541,7 @@ class _Sweep:
 
 
 def _sweep_step(settings: DemoSettings, cal: _Calibration, progress: _Progress) -> _Sweep:
-    from .simulation import SweepConfig, TrajectoryConfig, image_to_probe_matrix, simulate_sweep
+    from FreehandUSLib.simulation import SweepConfig, TrajectoryConfig, image_to_probe_matrix, simulate_sweep
 
     rows, cols = settings.sweep_image_px
     probe = demo_probe(rows, cols)
@@ -697,8 +630,8 @@ def _sweep_step(settings: DemoSettings, cal: _Calibration, progress: _Progress) 
 def _stream_one(sequence: TrackedSequence, path: Path, *, image_name: str, image_to_probe, progress: _Progress,
                 desc: str, timeout_s: float):
     """Serve ``sequence`` on loopback (ephemeral port) and record it; returns (recorded, summary dict)."""
-    from .igtl import ReplayServer, record_stream
-    from .io import read_sequence
+    from FreehandUSLib.igtl import ReplayServer, record_stream
+    from FreehandUSLib.io import read_sequence
 
     n = sequence.n_frames
     image_frame = f"{image_name}ToProbe"
@@ -738,8 +671,8 @@ def _compare_stream(sent: TrackedSequence, recorded: TrackedSequence, sent_itr: 
 
 def _fan_options(probe, voxel_mm: float, **extra):
     """Reconstruction options with the convex probe's fan mask (pixels outside the sector are not inserted)."""
-    from .reconstruction import ReconstructionOptions
-    from .simulation import image_to_probe_matrix
+    from FreehandUSLib.reconstruction import ReconstructionOptions
+    from FreehandUSLib.simulation import image_to_probe_matrix
 
     m = image_to_probe_matrix(probe)
     sx, sy = probe.pixel_spacing_mm
@@ -869,9 +802,9 @@ def run_demo(out_dir, *, quick: bool = False, settings: DemoSettings | None = No
     FreehandUSError
         A step failed (the message says which).
     """
-    from . import report as report_mod
-    from .io import write_sequence, write_volume
-    from .reconstruction import reconstruct_volume
+    from FreehandUSApp import report as report_mod
+    from FreehandUSLib.io import write_sequence, write_volume
+    from FreehandUSLib.reconstruction import reconstruct_volume
 
     start = time.perf_counter()
     settings = settings or (DemoSettings.quick_settings() if quick else DemoSettings())
@@ -905,7 +838,7 @@ def run_demo(out_dir, *, quick: bool = False, settings: DemoSettings | None = No
     # 3. stream + record
     seq_dir = out / "sequences"
     with _stage(timings, "streaming"):
-        from .igtl.recorder import recording_files
+        from FreehandUSLib.igtl.recorder import recording_files
 
         # The demo's own outputs of an earlier run, including the working files a run that was
         # stopped mid-recording left (the recorder never replaces a file by itself).
@@ -1051,7 +984,7 @@ def run_demo(out_dir, *, quick: bool = False, settings: DemoSettings | None = No
     with _stage(timings, "Slicer scene"):
         with bars.bar("write Slicer scene", 1, unit="scene") as update:
             try:
-                from .demo_scene import write_demo_scene
+                from FreehandUSLib.demo_scene import write_demo_scene
 
                 scene_dir = out / "scene"
                 if scene_dir.is_dir():  # the demo's own folder: no stale data files of an earlier run

@@ -4,7 +4,7 @@ Each subcommand parses its options, loads files, calls the same Lib function the
 calls, prints ``str(result)`` (or JSON with ``--json``) and returns an exit code. Errors caused by
 the input (:class:`~FreehandUSLib.errors.FreehandUSError`, a bad number or a file that cannot be
 opened or written) print one line to stderr and exit 2; Ctrl-C prints one line and exits 130.
-Numbers are checked by argparse with the types of :mod:`.cli_support`.
+Numbers are checked by argparse with the types of :mod:`FreehandUSLib.cli_support`.
 """
 
 from __future__ import annotations
@@ -18,38 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from .cli_support import ArgumentParser, add_progress_option, progress_enabled
-from .errors import FreehandUSError
+from FreehandUSLib import __version__
+from FreehandUSLib.cli_support import ArgumentParser, add_progress_option, progress_enabled
+from FreehandUSLib.errors import FreehandUSError
+from FreehandUSLib.sequence import sequence_info
 
-__all__ = ["main", "build_parser", "sequence_info"]
+__all__ = ["main", "build_parser"]
 
 log = logging.getLogger(__name__)
-
-
-def sequence_info(sequence, path=None) -> dict:
-    """JSON-safe summary of a tracked sequence (what ``freehandus info --json`` prints)."""
-    info = {
-        "file": str(path) if path is not None else None,
-        "frames": sequence.n_frames,
-        "width": sequence.n_cols,
-        "height": sequence.n_rows,
-        "channels": sequence.n_channels,
-        "dtype": str(sequence.frames.dtype),
-        "orientation": sequence.orientation,
-        "source_orientation": sequence.metadata.get("SourceOrientation", sequence.orientation),
-        "transforms": sequence.transform_names,
-        "valid_transform_frames": {
-            name: int(ft.valid.sum()) for name, ft in sequence.transforms.items()
-        },
-        "frames_without_image": int((~sequence.image_ok).sum()),
-        "duration_s": sequence.duration_s,
-        "pixel_spacing_mm": list(sequence.pixel_spacing_mm) if sequence.pixel_spacing_mm else None,
-    }
-    if sequence.n_frames > 1:
-        dt = np.diff(sequence.timestamps_s)
-        info["frames_per_second"] = float(1.0 / np.median(dt)) if np.median(dt) > 0 else None
-    return info
 
 
 def _format_info(info: dict) -> str:
@@ -69,7 +45,7 @@ def _format_info(info: dict) -> str:
 
 
 def _cmd_info(args) -> int:
-    from .io import read_sequence
+    from FreehandUSLib.io import read_sequence
 
     seq = read_sequence(args.sequence)
     info = sequence_info(seq, args.sequence)
@@ -78,7 +54,7 @@ def _cmd_info(args) -> int:
 
 
 def _cmd_convert(args) -> int:
-    from .io import read_sequence, sequence_format, write_sequence
+    from FreehandUSLib.io import read_sequence, sequence_format, write_sequence
 
     read_options = {}
     if args.calibration:
@@ -99,7 +75,7 @@ def _cmd_convert(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from .demo import run_demo
+    from FreehandUSApp.demo import run_demo
 
     result = run_demo(Path(args.out), quick=args.quick, browser_check=not args.no_browser_check,
                       progress=progress_enabled(args))
@@ -125,7 +101,7 @@ _REGISTRARS = {
 def _add_simulate(sub) -> None:
     from NWireCalibrationLib.cli import add_simulate_nwire
 
-    from .simulation.cli import add_simulate_sweep
+    from FreehandUSLib.simulation.cli import add_simulate_sweep
 
     simulate = sub.add_parser("simulate", help="generate tracked acquisitions with known truth")
     simulate_sub = simulate.add_subparsers(dest="what", required=True, metavar="WHAT")

@@ -3,7 +3,7 @@
 - Building blocks: :func:`figure_to_data_uri` (a matplotlib figure as a base64 PNG ``data:``
   URI), :func:`html_table`, :func:`render_page` (one HTML file, inline CSS, no external
   resource, so it opens anywhere, offline, and can be mailed).
-- The demo report: :class:`DemoReportData` (what :func:`FreehandUSLib.demo.run_demo` measured)
+- The demo report: :class:`DemoReportData` (what :func:`FreehandUSApp.demo.run_demo` measured)
   and :func:`write_demo_report` (figures: detected dots on sample frames, calibration residuals
   and error maps, sample sweep frames, orthogonal slices and maximum-intensity projections of
   the US and PA volumes, tracked vs sensorless volumes, trajectories, drift over time).
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import FreehandUSError
+from FreehandUSLib.errors import FreehandUSError
 
 __all__ = [
     "figure_to_data_uri",
@@ -139,7 +139,7 @@ def render_page(title: str, subtitle: str, body: str) -> str:
 
 @dataclass(eq=False)
 class DemoReportData:
-    """Everything the demo report shows (filled by :func:`FreehandUSLib.demo.run_demo`).
+    """Everything the demo report shows (filled by :func:`FreehandUSApp.demo.run_demo`).
 
     Attributes
     ----------
