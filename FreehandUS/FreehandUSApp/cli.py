@@ -94,7 +94,7 @@ _REGISTRARS = {
     "track": ("SensorlessTrackingLib.cli", "add_parsers"),
     "serve": ("FreehandUSLib.igtl.cli", "add_parsers"),
     "record": ("FreehandUSLib.igtl.cli", "add_parsers"),
-    "calibrate-live": ("FreehandUSLib.igtl.live_calibration", "add_live_calibration_parser"),
+    "calibrate-live": ("NWireCalibrationLib.live_calibration", "add_live_calibration_parser"),
 }
 
 

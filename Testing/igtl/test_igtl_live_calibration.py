@@ -16,9 +16,8 @@ import threading
 import numpy as np
 import pytest
 
-from FreehandUSLib.errors import FreehandUSError
 from FreehandUSLib.igtl import IGTLClient, IGTLConnectionError, PairedFrame, ReplayServer, run_live
-from FreehandUSLib.igtl.live_calibration import (
+from NWireCalibrationLib.live_calibration import (
     LiveCalibrationSink,
     add_live_calibration_parser,
     live_calibrate,
@@ -150,7 +149,7 @@ def test_calibrate_live_shows_progress_when_asked(session, config, capsys):
 def test_calibration_status_line_is_drawn_only_when_enabled():
     import io
 
-    from FreehandUSLib.igtl.live_calibration import _CalibrationStatus
+    from NWireCalibrationLib.live_calibration import _CalibrationStatus
 
     status = {"frames": 42, "keyframes": 12, "last_change_mm": 0.1234, "converged": False}
     for enabled in (True, False):
@@ -282,15 +281,10 @@ def test_bad_options_are_rejected_with_a_clear_message(session, config):
         sink.result()
 
 
-def test_missing_nwire_library_is_a_clear_error(monkeypatch, config):
-    for name in [n for n in sys.modules if n == "NWireCalibrationLib" or n.startswith("NWireCalibrationLib.")]:
-        monkeypatch.setitem(sys.modules, name, None)
-    with pytest.raises(FreehandUSError, match="needs NWireCalibrationLib"):
-        LiveCalibrationSink(config=config)
-
-
-def test_importing_the_module_does_not_import_the_nwire_library():
-    code = ("import sys, FreehandUSLib.igtl.live_calibration; "
+def test_the_stream_transport_does_not_import_calibration():
+    # live calibration belongs to the calibration capability; the ground floor's stream
+    # transport it runs on knows nothing of it
+    code = ("import sys, FreehandUSLib.igtl, FreehandUSLib.igtl.live, FreehandUSLib.igtl.cli; "
             "sys.exit(1 if 'NWireCalibrationLib' in sys.modules else 0)")  # fmt: skip
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr

@@ -18,8 +18,8 @@ than the probe catches up in bulk; frames more than ``max_lag_s`` behind are dro
 counted* (PLUS gives up when 3 s behind). :func:`live_reconstruct` wires it all for one call.
 
 The N-wire calibration keyframe collector is another sink
-(:class:`~.live_calibration.LiveCalibrationSink`, wired for one call by
-:func:`~.live_calibration.live_calibrate`); any callable taking a :class:`~.pairing.PairedFrame` can be.
+(:class:`NWireCalibrationLib.live_calibration.LiveCalibrationSink`, wired for one call by
+:func:`NWireCalibrationLib.live_calibration.live_calibrate`); any callable taking a :class:`~.pairing.PairedFrame` can be.
 
 In Slicer
 ---------

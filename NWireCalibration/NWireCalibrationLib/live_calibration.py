@@ -1,7 +1,8 @@
 """Live N-wire calibration: a PLUS/OpenIGTLink stream into the keyframe calibrator, headless.
 
-:class:`LiveCalibrationSink` is a sink of :func:`~.live.run_live` (like
-:class:`~.live.LiveReconstructionSink`): for every paired frame it
+:class:`LiveCalibrationSink` is a sink of :func:`FreehandUSLib.igtl.live.run_live` (the stream
+transport of the ground floor; like :class:`FreehandUSLib.igtl.live.LiveReconstructionSink`): for
+every paired frame it
 
 1. resolves **ProbeToReference from the TRANSFORM messages** of that frame (PlusServer sends
    ``ProbeToTracker`` and ``ReferenceToTracker``; any chain works, e.g. a streamed
@@ -15,7 +16,7 @@
 3. detects the N-wire dots (:func:`NWireCalibrationLib.pipeline.make_detector`) and offers them
    with the pose to a :class:`NWireCalibrationLib.keyframes.KeyframeCalibrator`, which recalibrates
    every few keyframes and records the convergence curve;
-4. once the calibrator has converged, sets ``stop_event`` so that :func:`~.live.run_live` ends.
+4. once the calibrator has converged, sets ``stop_event`` so that ``run_live`` ends.
 
 :func:`live_calibrate` wires it all for one call, bounded by ``max_frames`` and ``timeout_s``,
 and returns a :class:`LiveCalibrationResult` (ImageToProbe, convergence curve, keyframe errors,
@@ -24,8 +25,10 @@ frame counters). ``freehandus calibrate-live`` (registered by
 before connecting, and shows frames, keyframes and the last calibration change on a terminal
 (``--progress`` / ``--no-progress`` decide otherwise).
 
-NWireCalibrationLib is imported when a sink is made, not when this module is imported, so the
-streaming part of FreehandUSLib works without the N-Wire Calibration module.
+The detector and solver modules are imported when a sink is made, not when this module is
+imported, so ``freehandus calibrate-live --help`` starts without them. This module belongs to the
+calibration capability: it uses the ground floor's stream transport (``FreehandUSLib.igtl``),
+which knows nothing of calibration.
 
 Example
 -------
@@ -50,7 +53,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from ..cli_support import (
+from FreehandUSLib.cli_support import (
     add_progress_option,
     check_output_path,
     positive_float,
@@ -59,9 +62,9 @@ from ..cli_support import (
     spacing_mm,
     write_text_atomic,
 )
-from ..errors import FreehandUSError, TransformError
-from ..transforms import TransformRepository, split_transform_name
-from .pairing import FramePairer, PairedFrame
+from FreehandUSLib.errors import FreehandUSError, TransformError
+from FreehandUSLib.transforms import TransformRepository, split_transform_name
+from FreehandUSLib.igtl.pairing import FramePairer, PairedFrame
 
 __all__ = [
     "DEFAULT_MAX_FRAMES",
@@ -86,15 +89,11 @@ PHANTOM_POSES = ("auto", "known", "estimate")
 
 
 def _nwire():
-    """The NWireCalibrationLib modules the sink needs (imported lazily)."""
-    try:
-        from NWireCalibrationLib import errors, keyframes, metrics, pipeline, results
-        from NWireCalibrationLib.solvers import MIN_CALIBRATION_FRAMES
-    except ImportError as exc:
-        raise FreehandUSError(
-            "live calibration needs NWireCalibrationLib (the N-Wire Calibration module of FreehandUS), "
-            f"which could not be imported ({exc}); install the FreehandUS extension or package completely"
-        ) from exc
+    """The calibration modules the sink needs (imported when a sink is made: detector and solvers
+    pull in OpenCV and SciPy, which ``calibrate-live --help`` does not need)."""
+    from . import errors, keyframes, metrics, pipeline, results
+    from .solvers import MIN_CALIBRATION_FRAMES
+
     return SimpleNamespace(errors=errors, keyframes=keyframes, metrics=metrics, pipeline=pipeline, results=results,
                            min_frames=MIN_CALIBRATION_FRAMES)
 
@@ -179,7 +178,7 @@ class LiveCalibrationResult:
 
     def plus_transform_element(self, date=None) -> str:
         """ImageToProbe as a PLUS ``<Transform From="Image" To="Probe" .../>`` element."""
-        from NWireCalibrationLib.results import plus_transform_element
+        from .results import plus_transform_element
 
         err = self.error3d_trimmed95_mean_mm
         return plus_transform_element(self.image_to_probe, error_mm=err if math.isfinite(err) else None, date=date)
@@ -274,8 +273,6 @@ class LiveCalibrationSink:
 
     Raises
     ------
-    FreehandUSError
-        NWireCalibrationLib cannot be imported.
     NWireCalibrationLib.errors.NWireError
         No phantom, no pixel-spacing hint, or ``phantom_pose="known"`` without a registration.
     ValueError
@@ -599,8 +596,8 @@ def live_calibrate(
         Too few keyframes when the run ended (the message says why: no ProbeToReference in the
         stream, phantom not found, probe not moved...).
     """
-    from .client import IGTLClient, IGTLConnectionError
-    from .live import run_live
+    from FreehandUSLib.igtl.client import IGTLClient, IGTLConnectionError
+    from FreehandUSLib.igtl.live import run_live
 
     if int(max_frames) < 1:
         raise ValueError(f"max_frames: expected >= 1, got {max_frames!r}")
@@ -676,7 +673,7 @@ class _CalibrationStatus:
 
 def calibrate_live_command(args) -> int:
     """Run ``freehandus calibrate-live`` (see :func:`add_live_calibration_parser`)."""
-    from .cli import _stop_on_signals
+    from FreehandUSLib.igtl.cli import _stop_on_signals
 
     # Outputs checked before connecting: a calibration must not be lost to a bad name at the end.
     out = None if args.out is None else check_output_path(args.out, flag="--out")
@@ -725,7 +722,7 @@ def add_live_calibration_parser(subparsers) -> None:
     exit 2 before any connection): the port in 1 to 65535, finite positive times and distances,
     the pixel spacing in 0.001 to 1000 mm, the waits for the server bounded (``MAX_WAIT_S``).
     """
-    from .cli import MAX_WAIT_S, connect_port, wait_seconds
+    from FreehandUSLib.igtl.cli import MAX_WAIT_S, connect_port, wait_seconds
 
     p = subparsers.add_parser(
         "calibrate-live",
