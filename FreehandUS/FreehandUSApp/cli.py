@@ -16,8 +16,6 @@ import logging
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from FreehandUSLib import __version__
 from FreehandUSLib.cli_support import ArgumentParser, add_progress_option, progress_enabled
 from FreehandUSLib.errors import FreehandUSError
