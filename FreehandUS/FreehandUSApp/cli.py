@@ -81,6 +81,20 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _reconstruction_for_serve():
+    """The reconstruction capability's ReconstructVolume for ``serve`` (imported when it runs)."""
+    from FreehandUSLib.reconstruction import live
+
+    return live
+
+
+def _add_stream_parsers(subparsers) -> None:
+    """``serve`` and ``record`` (the stream transport), with reconstruction behind ``serve``."""
+    from FreehandUSLib.igtl.cli import add_parsers
+
+    add_parsers(subparsers, reconstruction=_reconstruction_for_serve)
+
+
 #: The commands the other parts register, and where: ``module, function`` (imported only when
 #: needed, so that e.g. ``freehandus reconstruct`` does not import torch, opencv or the
 #: OpenIGTLink code). ``simulate`` is assembled from two parts (see :func:`_add_simulate`).
@@ -90,8 +104,8 @@ _REGISTRARS = {
     "calibrate": ("NWireCalibrationLib.cli", "add_parsers"),
     "simulate": None,
     "track": ("SensorlessTrackingLib.cli", "add_parsers"),
-    "serve": ("FreehandUSLib.igtl.cli", "add_parsers"),
-    "record": ("FreehandUSLib.igtl.cli", "add_parsers"),
+    "serve": ("FreehandUSApp.cli", "_add_stream_parsers"),
+    "record": ("FreehandUSApp.cli", "_add_stream_parsers"),
     "calibrate-live": ("NWireCalibrationLib.live_calibration", "add_live_calibration_parser"),
 }
 

@@ -98,7 +98,8 @@ def test_serve_runs_for_a_duration_and_reports_json(source, capsys):
     out = capsys.readouterr().out
     first, second, rest = out.split("\n", 2)
     assert first.startswith(f"serving {path} on 127.0.0.1:") and "images as Image_Image" in first
-    assert second.startswith("remote StartRecording/ReconstructVolume write new files into ")
+    # the transport's own entry point has no reconstructor; freehandus serve adds one
+    assert second.startswith("remote StartRecording write new files into ")
     assert "freehandus-serve-" in second and not Path(second.rsplit(" ", 1)[1]).exists()  # created when used
     result = json.loads(rest)
     assert result["replay"]["frames_sent"] == 0 and result["server"]["clients_connected"] == 0
@@ -169,3 +170,13 @@ def test_plus_server_settings(tmp_path):
     (tmp_path / "bad.xml").write_text("<PlusConfiguration>")
     with pytest.raises(ConfigError, match="bad.xml: cannot read"):
         plus_server_settings(tmp_path / "bad.xml")
+
+
+def test_freehandus_serve_answers_reconstruct_volume(source, capsys):
+    # the application hands the reconstruction capability to the transport's serve command
+    from FreehandUSApp.cli import main as freehandus
+
+    _, path = source
+    assert freehandus(["serve", str(path), "--port", "0", "--duration", "0.2"]) == 0
+    second = capsys.readouterr().out.split("\n")[1]
+    assert second.startswith("remote StartRecording/ReconstructVolume write new files into "), second

@@ -163,16 +163,20 @@ def test_plus_commands(replay, clients, tmp_path, form):
         assert reply.name == "NoSuchCommand" and reply.metadata["Status"] == "FAIL"
 
 
-def test_reconstruct_volume_command_fails_clearly_without_the_reconstructor(replay, clients, monkeypatch):
-    import sys
-
-    monkeypatch.setitem(sys.modules, "FreehandUSLib.reconstruction", None)  # import fails
+def test_reconstruct_volume_command_fails_clearly_without_a_reconstructor(replay, clients):
+    # the transport knows nothing of reconstruction: a server given no reconstruct_command
+    # answers FAIL and lists no VolumeReconstructorDevice
     server = replay(fps=100, loop=True)
     client = clients(server.port)
     assert client.wait_for_state("connected", TIMEOUT)
     reply = client.command("ReconstructVolume", OutputVolFilename="v.mha")
-    assert not reply.ok and "reconstruct_volume could not be imported" in reply.message
+    assert not reply.ok and "started without a reconstructor" in reply.message
     assert "VolumeReconstructorDevice" not in client.command("RequestDeviceIds").message
+    with_command = replay(fps=100, loop=True, reconstruct_command=lambda srv, attributes, context: (True, "done"))
+    other = clients(with_command.port)
+    assert other.wait_for_state("connected", TIMEOUT)
+    assert "VolumeReconstructorDevice" in other.command("RequestDeviceIds").message
+    assert other.command("ReconstructVolume").message == "done"
 
 
 def test_malformed_and_repeated_command_ids(replay, clients):

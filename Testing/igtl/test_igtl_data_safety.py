@@ -135,7 +135,10 @@ def test_remote_commands_cannot_replace_the_served_file_or_any_other(tmp_path):
     (tmp_path / "taken.igs.mhd").write_text("not a recording")
     os.symlink("/etc/hostname", tmp_path / "link.igs.mha")
     before = snapshot(tmp_path)
-    with ReplayServer(read_sequence(served_path), port=0, fps=100, loop=True, output_dir=tmp_path) as server:
+    from FreehandUSLib.reconstruction.live import reconstruct_for_command
+
+    with ReplayServer(read_sequence(served_path), port=0, fps=100, loop=True, output_dir=tmp_path,
+                      reconstruct_command=reconstruct_for_command) as server:  # fmt: skip
         client = IGTLClient("127.0.0.1", server.port).start()
         try:
             assert client.wait_for_state("connected", TIMEOUT)
@@ -143,7 +146,8 @@ def test_remote_commands_cannot_replace_the_served_file_or_any_other(tmp_path):
                 reply = client.command("StartRecording", OutputFilename=name)
                 assert not reply.ok, name
                 assert "exists" in reply.message and "never replaces" in reply.message, reply.message
-            assert client.command("ReconstructVolume", InputSeqFilename="link.igs.mha").ok is False
+            reply = client.command("ReconstructVolume", InputSeqFilename="link.igs.mha")
+            assert reply.ok is False and "link.igs.mha" in reply.message, reply.message
         finally:
             client.close()
     assert snapshot(tmp_path) == before

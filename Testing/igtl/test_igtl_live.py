@@ -8,7 +8,8 @@ from testdata import plus_file
 
 from FreehandUSLib.simulation.analytic import simulate_analytic_sweep
 from FreehandUSLib.igtl import IGTLClient, ImageMessage, ReplayServer
-from FreehandUSLib.igtl.live import LiveReconstructionSink, live_reconstruct, run_live
+from FreehandUSLib.igtl.live import run_live
+from FreehandUSLib.reconstruction.live import LiveReconstructionSink, live_reconstruct, reconstruct_for_command
 from FreehandUSLib.igtl.pairing import FramePairer
 from FreehandUSLib.io import read_sequence, read_volume
 
@@ -97,7 +98,8 @@ def test_reconstruct_volume_command_writes_and_sends_the_volume(sweep, tmp_path)
     )
     offline = reconstruction.reconstruct_volume(seq, {"ImageToProbe": image_to_probe}, options)
     with ReplayServer(seq, port=0, fps=30, loop=True, output_dir=tmp_path, embedded_frame="Tracker",
-                      image_to_probe=image_to_probe, reconstruction_options=options) as server:  # fmt: skip
+                      image_to_probe=image_to_probe, reconstruction_options=options,
+                      reconstruct_command=reconstruct_for_command) as server:  # fmt: skip
         client = IGTLClient("127.0.0.1", server.port).start()
         try:
             assert client.wait_for_state("connected", TIMEOUT)
@@ -130,7 +132,8 @@ def test_reconstruct_volume_command_writes_and_sends_the_volume(sweep, tmp_path)
 
 def test_reconstruct_volume_command_without_calibration_fails_clearly(sweep, tmp_path):
     seq, _ = sweep
-    with ReplayServer(seq, port=0, fps=30, loop=True, output_dir=tmp_path) as server:
+    with ReplayServer(seq, port=0, fps=30, loop=True, output_dir=tmp_path,
+                      reconstruct_command=reconstruct_for_command) as server:  # fmt: skip
         client = IGTLClient("127.0.0.1", server.port).start()
         try:
             assert client.wait_for_state("connected", TIMEOUT)

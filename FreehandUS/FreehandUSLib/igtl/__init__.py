@@ -11,7 +11,7 @@ server     :class:`IGTLServer`: multi-client server core (keep-alive, v1 until t
 replay     :class:`ReplayServer`: a tracked sequence streamed as PlusServer streams
 pairing    :class:`FramePairer`: each image with its transforms at its timestamp
 recorder   :class:`StreamRecorder` / :func:`record_stream`: paired frames -> PLUS file, incrementally
-live       headless live pipelines (:func:`run_live`, :func:`live_reconstruct`)
+live       headless live pipelines (:func:`run_live`; the consumers live in the capabilities)
 cli        ``freehandus serve`` / ``freehandus record`` (:func:`add_parsers`)
 
 Inside Slicer the SlicerOpenIGTLink connector node does the networking; these classes are the
@@ -22,7 +22,7 @@ from .client import ClientStats, CommandTimeoutError, IGTLClient, IGTLConnection
 from .commands import CommandReply
 from .crc64 import crc64
 from .framing import MessageReader, StreamStats
-from .live import LiveReconstructionSink, LiveSummary, live_reconstruct, run_live
+from .live import LiveSummary, run_live
 from .pairing import FramePairer, PairedFrame
 from .protocol import (
     CommandMessage,
@@ -85,8 +85,6 @@ __all__ = [
     "record_stream",
     "FramePairer",
     "PairedFrame",
-    "LiveReconstructionSink",
     "LiveSummary",
     "run_live",
-    "live_reconstruct",
 ]

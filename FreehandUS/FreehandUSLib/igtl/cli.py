@@ -112,6 +112,10 @@ def serve_command(args) -> int:
     from ..io import read_sequence
     from .replay import ReplayServer
 
+    # ReconstructVolume is the reconstruction capability's, handed in by the application
+    # (freehandus serve); this transport never imports it
+    hooks = getattr(args, "reconstruction", None)
+    reconstruction = hooks() if hooks is not None else None
     seq = read_sequence(args.sequence)
     fixed = {}
     options = None
@@ -125,10 +129,8 @@ def serve_command(args) -> int:
 
         config = read_plus_config(args.config)
         fixed = config.coordinate_definitions.repository_fixed()
-        if config.volume_reconstruction is not None:
-            from ..reconstruction import options_from_plus_config
-
-            options = options_from_plus_config(config)
+        if config.volume_reconstruction is not None and reconstruction is not None:
+            options = reconstruction.options_from_plus_config(config)
     server = ReplayServer(
         seq,
         host=args.host,
@@ -143,6 +145,7 @@ def serve_command(args) -> int:
         wait_for_clients=0 if args.no_wait else 1,
         output_dir=args.output_dir,
         reconstruction_options=options,
+        reconstruct_command=None if reconstruction is None else reconstruction.reconstruct_for_command,
     )
     stop = threading.Event()
     with _stop_on_signals(stop) as caught:
@@ -156,7 +159,8 @@ def serve_command(args) -> int:
                 f"{', loop' if args.loop else ''}; images as {server.image_device})",
                 flush=True,
             )
-            print(f"remote StartRecording/ReconstructVolume write new files into {server.output_dir}", flush=True)
+            commands = "StartRecording" if reconstruction is None else "StartRecording/ReconstructVolume"
+            print(f"remote {commands} write new files into {server.output_dir}", flush=True)
             if not _is_loopback(args.host):
                 print(_exposure_warning(args.host, server.port, server.output_dir), file=sys.stderr, flush=True)
             t_end = None if args.duration is None else time.monotonic() + args.duration
@@ -284,8 +288,14 @@ def replay_fps(text: str) -> float:
     return value
 
 
-def add_parsers(subparsers) -> None:
-    """Register ``serve`` and ``record`` on an ``argparse`` subparsers object."""
+def add_parsers(subparsers, *, reconstruction=None) -> None:
+    """Register ``serve`` and ``record`` on an ``argparse`` subparsers object.
+
+    ``reconstruction``: a callable returning an object with ``options_from_plus_config(config)``
+    and ``reconstruct_for_command(server, attributes, context)`` (the application passes one
+    that imports :mod:`FreehandUSLib.reconstruction.live` when ``serve`` runs); without it
+    ``serve`` answers ``ReconstructVolume`` with FAIL.
+    """
     p = subparsers.add_parser(
         "serve",
         help="stream a tracked sequence as PlusServer does (OpenIGTLink replay server)",
@@ -324,7 +334,7 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--exit-when-done", action="store_true", help="exit once a non-looping replay was sent")
     p.add_argument("--no-wait", action="store_true", help="start streaming before any client connects")
     p.add_argument("--json", action="store_true", help="print the final statistics as JSON")
-    p.set_defaults(func=serve_command)
+    p.set_defaults(func=serve_command, reconstruction=reconstruction)
 
     p = subparsers.add_parser(
         "record",

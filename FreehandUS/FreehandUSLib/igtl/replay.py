@@ -40,8 +40,10 @@ PLUS remote-control commands (STRING ``CMD_<uid>`` or COMMAND, see :mod:`.comman
 ``ReconstructVolume``  Reconstruct ``InputSeqFilename`` (in ``output_dir``) or, without it, the
                        replayed sequence, write ``OutputVolFilename`` and, with
                        ``OutputVolDeviceName``, send the volume as an IMAGE to the requester.
-                       Needs :func:`FreehandUSLib.reconstruction.reconstruct_volume`; without it
-                       the reply is FAIL naming what is missing.
+                       Answered by the server's ``reconstruct_command`` (``freehandus serve``
+                       gives :func:`FreehandUSLib.reconstruction.live.reconstruct_for_command`);
+                       without one the reply is FAIL and ``RequestDeviceIds`` lists no
+                       reconstructor. The transport itself knows nothing of reconstruction.
 
 **What a client can do to this machine.** There is no authentication (as with PlusServer): any
 client that reaches the port receives the images and transforms and can write new sequence and
@@ -135,14 +137,6 @@ def plus_server_settings(path) -> dict:
     return out
 
 
-def _reconstructor_available() -> bool:
-    try:
-        from ..reconstruction import reconstruct_volume  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 class ReplayServer:
     """Stream a :class:`~FreehandUSLib.sequence.TrackedSequence` like PlusServer (module docstring).
 
@@ -171,6 +165,10 @@ class ReplayServer:
         The calibration; same as ``fixed_transforms={"ImageToProbe": ...}``.
     reconstruction_options : ReconstructionOptions, optional
         Used by ReconstructVolume (e.g. ``options_from_plus_config(config)``).
+    reconstruct_command : callable(server, attributes, context) -> (ok, message), optional
+        What answers ``ReconstructVolume`` (e.g.
+        :func:`FreehandUSLib.reconstruction.live.reconstruct_for_command`); None: the command
+        fails and no VolumeReconstructorDevice is listed.
     **server_options
         Passed to :class:`~.server.IGTLServer` (``keepalive_interval_s``, ``send_timeout_s``...).
     """
@@ -192,6 +190,7 @@ class ReplayServer:
         output_dir=None,
         image_to_probe=None,
         reconstruction_options=None,
+        reconstruct_command=None,
         **server_options,
     ):
         if sequence.n_frames == 0:
@@ -213,6 +212,7 @@ class ReplayServer:
             fixed.setdefault("ImageToProbe", np.asarray(image_to_probe, dtype=np.float64))
         self.fixed_transforms = fixed
         self.reconstruction_options = reconstruction_options
+        self.reconstruct_command = reconstruct_command
         repo = sequence.repository(fixed=fixed)
 
         names = list(sequence.transforms) if transform_names is None else list(transform_names)
@@ -490,7 +490,7 @@ class ReplayServer:
             ids = [
                 dev
                 for dev, dev_type in DEVICE_IDS.items()
-                if (dev != "VolumeReconstructorDevice" or _reconstructor_available())
+                if (dev != "VolumeReconstructorDevice" or self.reconstruct_command is not None)
                 and (not wanted or dev_type.lower() == wanted.lower())
             ]
             if wanted and wanted.lower() not in {t.lower() for t in DEVICE_IDS.values()}:
@@ -501,13 +501,6 @@ class ReplayServer:
         return False, f"Unknown command: {name}"
 
     def _reconstruct(self, attributes: dict, context: CommandContext) -> tuple[bool, str]:
-        try:
-            from ..reconstruction import reconstruct_volume
-        except ImportError as exc:
-            return False, (
-                "ReconstructVolume is not available: FreehandUSLib.reconstruction.reconstruct_volume "
-                f"could not be imported ({exc})"
-            )
-        from .live import reconstruct_for_command
-
-        return reconstruct_for_command(self, reconstruct_volume, attributes, context)
+        if self.reconstruct_command is None:
+            return False, "ReconstructVolume is not available: this server was started without a reconstructor"
+        return self.reconstruct_command(self, attributes, context)
