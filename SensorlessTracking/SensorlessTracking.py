@@ -749,10 +749,14 @@ class SensorlessTrackingLogic(ScriptedLoadableModuleLogic):
         FreehandUSLib.reconstruction.ReconstructionResult
         """
         installDependencies()
+        from FreehandUSLib.mrml_reconstruction import reconstruct_browser_to_volume_node
         from SensorlessTrackingLib import mrml_tracking
 
+        # the application composes the two capabilities: the estimate places the frames, the
+        # reconstruction module's function reconstructs them
         return mrml_tracking.reconstruct_estimated(
-            browserNode, outputVolumeNode, progress=progress, cancel=cancel, **options
+            browserNode, outputVolumeNode, reconstruct=reconstruct_browser_to_volume_node, progress=progress,
+            cancel=cancel, **options
         )
 
     def trainFromBrowsers(self, browserNodes, outputDirectory, *, epochs=20, initModel=None, progress=None, **options):

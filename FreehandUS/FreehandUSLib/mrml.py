@@ -102,6 +102,7 @@ from .transforms import check_matrix, interpolate_transforms, split_transform_na
 from .volume import Volume
 
 __all__ = [
+    "tree_start_frame",
     "sequence_to_browser",
     "browser_to_sequence",
     "load_sequence_file",
@@ -1336,3 +1337,14 @@ def _unique_file_name(name: str, ext: str, used: set[str]) -> str:
         counter += 1
     used.add(candidate.lower())
     return candidate
+
+
+def tree_start_frame(scene, placement) -> str | None:
+    """The frame the image proxy's parent transform maps from, when its name says it
+    (``ReferenceToRAS``, ``<recording>-ProbeToTracker``: ``"Reference"``, ``"Probe"``), else None.
+
+    ``placement``: :func:`image_placement`'s result. Reconstruction and the sensorless estimate
+    both place frames by it."""
+    node = scene.GetNodeByID(placement.parent_ids[0]) if scene is not None and placement.parent_ids else None
+    name = _plus_transform_name(None if node is None else node.GetName())
+    return None if name is None else split_transform_name(name)[0]

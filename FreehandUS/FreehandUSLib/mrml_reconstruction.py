@@ -541,14 +541,6 @@ def _without_image_geometry(sequence: TrackedSequence) -> TrackedSequence:
     )
 
 
-def _tree_start_frame(scene, placement) -> str | None:
-    """The frame the image proxy's parent transform maps from, when its name says it
-    (``ReferenceToRAS``, ``<recording>-ProbeToTracker``: ``"Reference"``, ``"Probe"``), else None."""
-    node = scene.GetNodeByID(placement.parent_ids[0]) if scene is not None and placement.parent_ids else None
-    name = mrml._plus_transform_name(None if node is None else node.GetName())
-    return None if name is None else split_transform_name(name)[0]
-
-
 def _in_world(sequence, placement, fixed, opts, *, name: str, image_to_probe_node):
     """(sequence, options) that reconstruct a recording in world (RAS) where Slicer shows its frames.
 
@@ -594,7 +586,7 @@ def _in_world(sequence, placement, fixed, opts, *, name: str, image_to_probe_nod
         image_to_frame = sequence.repository(fixed).get(f"ImageTo{frame}")
         image_to_world = placement.parent_to_world @ image_to_frame
     elif image_to_probe_node is not None and image_to_probe_node.GetID() not in placement.parent_ids:
-        start = _tree_start_frame(image_to_probe_node.GetScene(), placement)
+        start = mrml.tree_start_frame(image_to_probe_node.GetScene(), placement)
         known = {part for n in (*sequence.transform_names, *fixed) for part in split_transform_name(n)}
         if start is None or start == "Probe" or start not in known:
             image_to_world = placement.parent_to_world @ fixed["ImageToProbe"]

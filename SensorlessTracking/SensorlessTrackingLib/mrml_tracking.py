@@ -61,9 +61,8 @@ from pathlib import Path
 import numpy as np
 import vtk
 
-from FreehandUSLib import jobs, mrml, mrml_reconstruction
-from FreehandUSLib.errors import FreehandUSError, SequenceError, TransformError
-from FreehandUSLib.reconstruction.errors import InvalidOptionError
+from FreehandUSLib import jobs, mrml
+from FreehandUSLib.errors import ConfigError, FreehandUSError, SequenceError, TransformError
 from FreehandUSLib.sequence import TrackedSequence
 
 from .attribution import fit_out_of_plane_scale
@@ -356,7 +355,7 @@ def _estimate_parent(browser_node, tracked_image_to_reference):
                        browser_node.GetName())
         return None
     if placement.geometry_frame is None and static_from == 0 and (
-        mrml_reconstruction._tree_start_frame(scene, placement) == "Reference"
+        mrml.tree_start_frame(scene, placement) == "Reference"
     ):
         # Pixel frames hung under e.g. ReferenceToRAS: reconstruction places them in Reference
         # through ImageToProbe and the tracking, then through that tree; the estimate likewise.
@@ -1026,10 +1025,14 @@ def _roi_in_frame_of(roi_node, frame_node):
         scene.RemoveNode(temporary)
 
 
-def reconstruct_estimated(browser_node, output_volume_node=None, *, progress=None, cancel=None, **options):
+def reconstruct_estimated(browser_node, output_volume_node=None, *, reconstruct, progress=None, cancel=None,
+                          **options):
     """Reconstruct a volume from the frames placed by the estimated trajectory.
 
-    Calls :func:`FreehandUSLib.mrml_reconstruction.reconstruct_browser_to_volume_node` with
+    Calls ``reconstruct`` (the reconstruction capability's
+    :func:`FreehandUSLib.mrml_reconstruction.reconstruct_browser_to_volume_node`, handed in by
+    the application: the Sensorless Tracking module's Logic; this capability does not import
+    another) with
     ``image_to_reference_transform="ImageToEstimatedReference"``; the volume lies in the
     estimate's frame (the tracked Reference when the estimate is anchored at the tracked first
     pose, so it overlays a reconstruction from tracking) and is placed under the same transform
@@ -1044,6 +1047,9 @@ def reconstruct_estimated(browser_node, output_volume_node=None, *, progress=Non
         A browser on which :func:`estimate_trajectory_to_browser` ran.
     output_volume_node : vtkMRMLScalarVolumeNode, optional
         Default: a new ``<browser>EstimatedReconstruction`` node.
+    reconstruct : callable
+        ``reconstruct_browser_to_volume_node(browser, volume_node, *, image_to_reference_transform,
+        progress, cancel, **options) -> ReconstructionResult``.
     progress : callable(done, total), optional
     cancel : FreehandUSLib.jobs.CancelToken, optional
         As for :func:`FreehandUSLib.mrml_reconstruction.reconstruct_browser_to_volume_node`
@@ -1065,8 +1071,9 @@ def reconstruct_estimated(browser_node, output_volume_node=None, *, progress=Non
     ------
     SequenceError
         Not a browser, or a browser without an estimate.
-    InvalidOptionError
-        ``image_to_probe_node``/``image_to_reference_transform`` given, or a bad option.
+    ConfigError
+        ``image_to_probe_node``/``image_to_reference_transform`` given, or a bad option
+        (``FreehandUSLib.reconstruction.InvalidOptionError``, a ConfigError, from the reconstruction).
     ReconstructionError, TransformError
         From the reconstruction.
     """
@@ -1076,10 +1083,10 @@ def reconstruct_estimated(browser_node, output_volume_node=None, *, progress=Non
         cancel.check()
         stack.enter_context(jobs.scene_rollback(browser_node.GetScene()))
     with stack:
-        return _reconstruct_estimated(browser_node, output_volume_node, bname, progress, cancel, options)
+        return _reconstruct_estimated(browser_node, output_volume_node, bname, reconstruct, progress, cancel, options)
 
 
-def _reconstruct_estimated(browser_node, output_volume_node, bname: str, progress, cancel, options):
+def _reconstruct_estimated(browser_node, output_volume_node, bname: str, reconstruct, progress, cancel, options):
     """The work of :func:`reconstruct_estimated` (inside the scene rollback when cancellable)."""
     seq_node = find_estimate_sequence(browser_node)
     if seq_node is None:
@@ -1089,7 +1096,7 @@ def _reconstruct_estimated(browser_node, output_volume_node, bname: str, progres
         )
     for key in ("image_to_probe_node", "image_to_reference_transform"):
         if options.get(key) is not None:
-            raise InvalidOptionError(
+            raise ConfigError(
                 f"reconstruct_estimated: {key} cannot be set: the estimated {ESTIMATED_TRANSFORM_NAME} already maps "
                 "pixels to mm (reconstruct from tracking with the Freehand US module instead)"
             )
@@ -1104,7 +1111,7 @@ def _reconstruct_estimated(browser_node, output_volume_node, bname: str, progres
     parent_id = None if proxy is None else proxy.GetTransformNodeID()
     roi_node = options.get("roi_node")
     with _roi_in_frame_of(roi_node, None if proxy is None else proxy.GetParentTransformNode()):
-        result = mrml_reconstruction.reconstruct_browser_to_volume_node(
+        result = reconstruct(
             browser_node,
             output_volume_node,
             image_to_reference_transform=transform_name,

@@ -17,10 +17,11 @@ torch = pytest.importorskip("torch")
 
 import vtk  # noqa: E402  (slicer-core pins it)
 from FreehandUSLib import SequenceError, TrackedSequence, TransformError, mrml  # noqa: E402
-from FreehandUSLib.reconstruction import InvalidOptionError  # noqa: E402
+from FreehandUSLib.errors import ConfigError  # noqa: E402
 from mrml_scene import make_scene, release_scene  # noqa: E402
 from sensorless_helpers import tiny_model_config, tiny_sweep  # noqa: E402
 from sensorless_helpers import one_torch_thread  # noqa: E402, F401  (autouse fixture: one torch thread per test)
+from FreehandUSLib.mrml_reconstruction import reconstruct_browser_to_volume_node as recon  # noqa: E402
 from SensorlessTrackingLib import mrml_tracking as mt  # noqa: E402
 from SensorlessTrackingLib.attribution import fit_out_of_plane_scale  # noqa: E402
 from SensorlessTrackingLib.metrics import tracking_metrics  # noqa: E402
@@ -309,11 +310,12 @@ def test_trajectory_plot_without_tracking_and_from_a_result(scene, sweep, tiny_m
 def test_reconstruct_estimated(scene, sweep, tiny_model):
     browser = _browser(scene, sweep)
     with pytest.raises(SequenceError, match="no estimated trajectory"):
-        mt.reconstruct_estimated(browser)
+        mt.reconstruct_estimated(browser, reconstruct=recon)
     mt.estimate_trajectory_to_browser(browser, model="decorrelation")
-    with pytest.raises(InvalidOptionError, match="image_to_probe_node"):
-        mt.reconstruct_estimated(browser, image_to_probe_node=scene.AddNewNodeByClass("vtkMRMLLinearTransformNode"))
-    result = mt.reconstruct_estimated(browser, output_spacing_mm=0.4)
+    with pytest.raises(ConfigError, match="image_to_probe_node"):
+        mt.reconstruct_estimated(browser, reconstruct=recon,
+                                 image_to_probe_node=scene.AddNewNodeByClass("vtkMRMLLinearTransformNode"))
+    result = mt.reconstruct_estimated(browser, reconstruct=recon, output_spacing_mm=0.4)
     nodes = scene.GetNodesByName("SweepEstimatedReconstruction")
     assert nodes.GetNumberOfItems() == 1
     volume = nodes.GetItemAsObject(0)
@@ -514,6 +516,6 @@ def test_estimate_reports_direction_flags_and_reconstruction_says_estimated(scen
     wrong = mt.estimate_trajectory_to_browser(browser, model="decorrelation", sweep_direction="away")
     assert wrong["direction_check"]["agrees"] is False
     assert any("sweep direction 'toward'" in w for w in wrong["warnings"])
-    mt.reconstruct_estimated(browser, output_spacing_mm=0.4)
+    mt.reconstruct_estimated(browser, reconstruct=recon, output_spacing_mm=0.4)
     volume = scene.GetNodesByName("SweepEstimatedReconstruction").GetItemAsObject(0)
     assert volume.GetAttribute(mt.ATTR_RECON_SOURCE).startswith("sensorless estimate")

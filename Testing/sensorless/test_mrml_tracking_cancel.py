@@ -24,6 +24,7 @@ from FreehandUSLib.jobs import Cancelled, CancelToken  # noqa: E402
 from mrml_scene import make_scene, release_scene  # noqa: E402
 from sensorless_helpers import tiny_model_config, tiny_sweep  # noqa: E402
 from sensorless_helpers import one_torch_thread  # noqa: E402, F401  (autouse fixture)
+from FreehandUSLib.mrml_reconstruction import reconstruct_browser_to_volume_node as recon  # noqa: E402
 from SensorlessTrackingLib import mrml_tracking as mt  # noqa: E402
 from SensorlessTrackingLib.models import build_model  # noqa: E402
 
@@ -80,7 +81,9 @@ def test_cancel_stops_a_learned_estimate_and_keeps_the_earlier_one(scene, tmp_pa
     token = CancelToken("reconstruction")
     reporter = CancelOnFirstReport(token)
     _assert_cancelled_fast(
-        lambda: mt.reconstruct_estimated(browser, output_spacing_mm=0.2, progress=reporter, cancel=token), reporter
+        lambda: mt.reconstruct_estimated(browser, reconstruct=recon, output_spacing_mm=0.2, progress=reporter,
+                                         cancel=token),
+        reporter,
     )
     assert _node_ids(scene) == before
 

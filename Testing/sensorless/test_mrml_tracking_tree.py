@@ -18,6 +18,7 @@ from FreehandUSLib import TrackedSequence, mrml  # noqa: E402
 from scipy.spatial.transform import Rotation  # noqa: E402
 from mrml_scene import make_scene, release_scene  # noqa: E402
 from sensorless_helpers import tiny_sweep  # noqa: E402
+from FreehandUSLib.mrml_reconstruction import reconstruct_browser_to_volume_node as recon  # noqa: E402
 from SensorlessTrackingLib import mrml_tracking as mt  # noqa: E402
 
 pytestmark = pytest.mark.mrml
@@ -71,7 +72,7 @@ def test_estimate_and_its_volume_hang_under_the_images_reference_to_ras(scene, s
     np.testing.assert_allclose(_to_world(proxy), _ijk_to_world(image), rtol=0, atol=1e-6)
 
     volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "EstimatedVolume")
-    result = mt.reconstruct_estimated(browser, volume, output_spacing_mm=0.4)
+    result = mt.reconstruct_estimated(browser, volume, reconstruct=recon, output_spacing_mm=0.4)
     assert result.frames_used == sweep.n_frames
     assert volume.GetParentTransformNode() is reference_to_ras
     # the first frame's centre, as shown, lies inside the volume as shown
@@ -111,7 +112,7 @@ def test_reconstructing_the_estimate_of_pixel_frames_under_a_tree_uses_the_estim
     for browser in (plain, placed):
         mt.estimate_trajectory_to_browser(browser, model="decorrelation")
         volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"{browser.GetName()}Volume")
-        mt.reconstruct_estimated(browser, volume, output_spacing_mm=0.4)
+        mt.reconstruct_estimated(browser, volume, reconstruct=recon, output_spacing_mm=0.4)
         volumes.append(volume)
     np.testing.assert_array_equal(_voxels(volumes[1]), _voxels(volumes[0]))
     np.testing.assert_allclose(_ijk_to_world(volumes[1]), _ijk_to_world(volumes[0]), rtol=0, atol=1e-9)
@@ -132,7 +133,7 @@ def test_an_roi_placed_around_the_shown_frames_crops_the_estimates_volume(scene,
     before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
 
     volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Cropped")
-    mt.reconstruct_estimated(browser, volume, output_spacing_mm=0.4, roi_node=roi)
+    mt.reconstruct_estimated(browser, volume, reconstruct=recon, output_spacing_mm=0.4, roi_node=roi)
     dims = np.array(volume.GetImageData().GetDimensions())
     assert np.all(dims * 0.4 <= 4.0 + 0.8)  # the ROI's size, not the sweep's
     ijk = np.linalg.inv(_ijk_to_world(volume)) @ [*centre_world, 1]
