@@ -59,7 +59,8 @@ from scipy.optimize import minimize, minimize_scalar
 
 from FreehandUSLib.errors import FreehandUSError
 
-from .attribution import GROUPS, SCALE_RANGE, out_of_plane_problem
+from .attribution import SCALE_RANGE, out_of_plane_problem
+from .corrections import apply_decorrelation_blend, apply_out_of_plane_scale, check_decorrelation_blend
 from .conventions import elevational_displacement_mm, reverse_direction
 from .pose import frame_to_frame_to_relative, params_to_matrices
 
@@ -204,68 +205,6 @@ class AdaptationResult:
             lines.append("  warning: the correction did not help on the held-back sweep; record more (or longer) "
                          "tracked sweeps of this probe")
         return "\n".join(lines)
-
-
-def apply_out_of_plane_scale(params, scale: float) -> np.ndarray:
-    """Frame-to-frame parameters ``(..., 6)`` (mm, deg; centred image-mm frame) with the
-    out-of-plane ones (tz, rx, ry) multiplied by ``scale``."""
-    out = np.array(params, dtype=np.float64)
-    out[..., list(GROUPS["out_of_plane"])] *= float(scale)
-    return out
-
-
-def check_decorrelation_blend(blend) -> dict | None:
-    """The ``decorrelation_blend`` of an adaptation record, checked (None stays None).
-
-    Raises
-    ------
-    ValueError
-        Not a dict of finite ``model_tz_weight``, ``decorrelation_tz_weight``, positive
-        ``rotation_scale`` and a valid ``decorrelation`` (:class:`.decorrelation.DecorrelationConfig`) dict.
-    """
-    from .decorrelation import DecorrelationConfig
-
-    if blend is None:
-        return None
-    try:
-        weights = [float(blend[k]) for k in ("model_tz_weight", "decorrelation_tz_weight", "rotation_scale")]
-        DecorrelationConfig(**blend["decorrelation"])
-    except (TypeError, KeyError, ValueError) as exc:
-        raise ValueError(f"bad adaptation decorrelation_blend {blend!r}: {exc}") from None
-    if not (np.all(np.isfinite(weights)) and weights[2] > 0):
-        raise ValueError(f"bad adaptation decorrelation_blend {blend!r}: weights must be finite, rotation_scale > 0")
-    return blend
-
-
-def apply_decorrelation_blend(params, frames, spacing_mm, blend: dict, *, decorrelation_params=None) -> np.ndarray:
-    """A model's frame-to-frame parameters with the probe's decorrelation blend applied.
-
-    Parameters
-    ----------
-    params : (n - 1, 6) float64 the model's estimate (mm, deg; centred image-mm frame, the
-        models' own "toward" convention, right-handed frame)
-    frames : (n, rows, cols) the frames the model saw (right-handed: a mirrored calibration's
-        mirrored left-right), B-mode
-    spacing_mm : (sx, sy) pixel spacing of ``frames``
-    blend : ``decorrelation_blend`` of an adaptation record (:func:`check_decorrelation_blend`)
-    decorrelation_params : (n - 1, 6) the decorrelation's estimate in the same convention, when
-        already computed (else it is estimated from ``frames``)
-
-    Returns
-    -------
-    (n - 1, 6) float64: ``tz = model_tz_weight * tz + decorrelation_tz_weight * tz_decorrelation``,
-    ``(rx, ry) *= rotation_scale``, the in-plane parameters unchanged.
-    """
-    out = np.array(params, dtype=np.float64)
-    if decorrelation_params is None:
-        from .decorrelation import DecorrelationConfig, estimate_frame_to_frame
-
-        cfg = replace(DecorrelationConfig(**blend["decorrelation"]), direction=-1)  # "toward", as the models
-        decorrelation_params = estimate_frame_to_frame(frames, spacing_mm, cfg)
-    dec = np.asarray(decorrelation_params, dtype=np.float64)
-    out[..., 2] = float(blend["model_tz_weight"]) * out[..., 2] + float(blend["decorrelation_tz_weight"]) * dec[..., 2]
-    out[..., 3:5] *= float(blend["rotation_scale"])
-    return out
 
 
 def _mean_drift_percent(p_est: np.ndarray, poses_t: np.ndarray, path_mm: float, scale: float) -> float:

@@ -30,7 +30,7 @@ import cv2
 import numpy as np
 
 from .conventions import column_mirror, image_handedness
-from .pose import absolute_to_frame_to_frame, image_mm_poses, matrices_to_params
+from .pose import absolute_to_frame_to_frame, image_mm_poses, matrices_to_params, trajectory_from_frame_to_frame
 
 __all__ = [
     "DecorrelationConfig",
@@ -255,7 +255,6 @@ def calibrate_decorrelation(
     sweep's final drift with its own direction, so sweeps in both directions can be mixed.
     """
     from .metrics import tracking_metrics
-    from .predict import trajectory_from_frame_to_frame
 
     cfg = base or DecorrelationConfig()
     data = []

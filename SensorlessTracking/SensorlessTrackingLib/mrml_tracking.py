@@ -62,7 +62,7 @@ import numpy as np
 import vtk
 
 from FreehandUSLib import jobs, mrml
-from FreehandUSLib.errors import ConfigError, FreehandUSError, SequenceError, TransformError
+from FreehandUSLib.errors import ConfigError, SequenceError, TransformError
 from FreehandUSLib.sequence import TrackedSequence
 
 from .attribution import fit_out_of_plane_scale

@@ -177,3 +177,30 @@ def translate(offset_mm) -> np.ndarray:
     o = np.asarray(offset_mm, dtype=np.float64).reshape(-1)
     m[: o.size, 3] = o
     return m
+
+
+def trajectory_from_frame_to_frame(params, spacing_mm, image_shape, first_image_to_reference=None) -> np.ndarray:
+    """Per-frame ImageToReference from frame-to-frame parameters in the centred image-mm frame.
+
+    Parameters
+    ----------
+    params : (n - 1, 6) frame-to-frame parameters (mm, deg), origin at the image centre
+    spacing_mm : (sx, sy) of the output pixels
+    image_shape : (rows, cols)
+    first_image_to_reference : (4, 4) pose of frame 0, or None for ``diag(sx, sy, 1)``
+
+    Returns
+    -------
+    (n, 4, 4) float64 ImageToReference (pixel -> Reference mm)
+    """
+    rows, cols = image_shape
+    to_px = mm_to_pixel(spacing_mm, ((cols - 1) / 2.0, (rows - 1) / 2.0))
+    anchor = (
+        np.diag([spacing_mm[0], spacing_mm[1], 1.0, 1.0])
+        if first_image_to_reference is None
+        else np.asarray(first_image_to_reference, dtype=np.float64)
+    )
+    p0 = rigid(anchor @ to_px)
+    rel = frame_to_frame_to_relative(params_to_matrices(params))
+    # Frame i = frame 0 moved by R_i (expressed in the Reference): keeps frame 0's own scaling.
+    return p0 @ rel @ np.linalg.inv(p0) @ anchor

@@ -43,8 +43,8 @@ from .conventions import (
     reverse_direction,
 )
 from .decorrelation import DecorrelationConfig, estimate_frame_to_frame
-from .mirror_average import check_mode, predict_poses_averaged
-from .pose import frame_to_frame_to_relative, mm_to_pixel, params_to_matrices, rigid
+from .mirror_average import check_mode, conjugate, unreverse
+from .pose import mirror_x, trajectory_from_frame_to_frame  # the latter also part of this module's API
 
 __all__ = [
     "ModelFileError",
@@ -142,7 +142,7 @@ def load_model(path, device="cpu"):
     The returned ``torch.nn.Module`` has ``.config`` (:class:`~.models.ModelConfig`) and
     ``.out_of_plane_scale`` (1.0, or the factor of a per-probe adaptation, :mod:`.adapt`, which
     :func:`track_sequence` applies) and ``.decorrelation_blend`` (None, or the adaptation's
-    blend with speckle decorrelation, :func:`.adapt.apply_decorrelation_blend`).
+    blend with speckle decorrelation, :func:`.corrections.apply_decorrelation_blend`).
 
     Raises
     ------
@@ -172,7 +172,7 @@ def load_model(path, device="cpu"):
     if not (isinstance(scale, (int, float)) and np.isfinite(scale) and scale > 0):
         raise ModelFileError(f"{path}: bad adaptation out_of_plane_scale {scale!r} (a positive number)")
     model.out_of_plane_scale = float(scale)
-    from .adapt import check_decorrelation_blend
+    from .corrections import check_decorrelation_blend
 
     try:
         model.decorrelation_blend = check_decorrelation_blend(
@@ -294,33 +294,6 @@ def predict_poses(
                 out[pairs[take]] = y[k, take]
                 best[pairs[take]] = dist[take]
     return out
-
-
-def trajectory_from_frame_to_frame(params, spacing_mm, image_shape, first_image_to_reference=None) -> np.ndarray:
-    """Per-frame ImageToReference from frame-to-frame parameters in the centred image-mm frame.
-
-    Parameters
-    ----------
-    params : (n - 1, 6) frame-to-frame parameters (mm, deg), origin at the image centre
-    spacing_mm : (sx, sy) of the output pixels
-    image_shape : (rows, cols)
-    first_image_to_reference : (4, 4) pose of frame 0, or None for ``diag(sx, sy, 1)``
-
-    Returns
-    -------
-    (n, 4, 4) float64 ImageToReference (pixel -> Reference mm)
-    """
-    rows, cols = image_shape
-    to_px = mm_to_pixel(spacing_mm, ((cols - 1) / 2.0, (rows - 1) / 2.0))
-    anchor = (
-        np.diag([spacing_mm[0], spacing_mm[1], 1.0, 1.0])
-        if first_image_to_reference is None
-        else np.asarray(first_image_to_reference, dtype=np.float64)
-    )
-    p0 = rigid(anchor @ to_px)
-    rel = frame_to_frame_to_relative(params_to_matrices(params))
-    # Frame i = frame 0 moved by R_i (expressed in the Reference): keeps frame 0's own scaling.
-    return p0 @ rel @ np.linalg.inv(p0) @ anchor
 
 
 def input_spacing(sequence: TrackedSequence, *, image_to_probe=None, spacing_mm=None) -> tuple[tuple[float, float], np.ndarray | None, np.ndarray | None]:
@@ -534,13 +507,13 @@ def track_sequence(
         scale = float(getattr(model, "out_of_plane_scale", 1.0))
         blend = getattr(model, "decorrelation_blend", None)
         if blend is not None:  # a model adapted to the probe with the decorrelation blended in (:mod:`.adapt`)
-            from .adapt import apply_decorrelation_blend
+            from .corrections import apply_decorrelation_blend
 
             params = apply_decorrelation_blend(params, frames_in, spacing, blend)
             method += " (adapted, blended with speckle decorrelation)"
             info["decorrelation_blend"] = blend
         if scale != 1.0:  # a model adapted to the probe (:mod:`.adapt`)
-            from .adapt import apply_out_of_plane_scale
+            from .corrections import apply_out_of_plane_scale
 
             params = apply_out_of_plane_scale(params, scale)
             method += f" (adapted, out-of-plane scale {scale:.3f})"
@@ -603,3 +576,36 @@ def track_sequence(
         metadata=metadata,
     )
     return TrackingResult(out, params, method, seconds, itr, info, uncertainty)
+
+
+def predict_poses_averaged(frames, model, *, mode: str = "flip+reverse", **predict_kwargs) -> np.ndarray:
+    """Frame-to-frame poses of a sweep, averaged over its mirror images.
+
+    Parameters
+    ----------
+    frames : (n, rows, cols) frames already at the model's input geometry (as for :func:`predict_poses`)
+    model : a loaded learned model
+    mode : one of :data:`.mirror_average.MODES`
+    predict_kwargs : passed on to :func:`predict_poses` (device, batch_size, fast);
+        not ``global_frames``, which every variant makes from its own frames
+
+    Returns
+    -------
+    (n - 1, 6) float64 frame-to-frame parameters (mm, deg) in the centred image-mm frame, pair
+    ``i`` = frame ``i + 1`` -> ``i``, as :func:`predict_poses`.
+    """
+    check_mode(mode)
+    if "global_frames" in predict_kwargs:
+        raise ValueError("predict_poses_averaged makes each variant's global frames itself; do not pass global_frames")
+    f = np.asarray(frames)
+    estimates = [predict_poses(f, model, **predict_kwargs)]
+    if mode == "none":
+        return estimates[0]
+    mx = mirror_x()
+    flipped = np.ascontiguousarray(f[:, :, ::-1])
+    estimates.append(conjugate(predict_poses(flipped, model, **predict_kwargs), mx))
+    if mode == "flip+reverse":
+        estimates.append(unreverse(predict_poses(np.ascontiguousarray(f[::-1]), model, **predict_kwargs)))
+        back_flipped = unreverse(predict_poses(np.ascontiguousarray(flipped[::-1]), model, **predict_kwargs))
+        estimates.append(conjugate(back_flipped, mx))
+    return np.mean(estimates, axis=0)

@@ -562,7 +562,7 @@ def _uncertainty_variants(seq, model, direction: str) -> dict:
     from SensorlessTrackingLib.conventions import reverse_direction
     from SensorlessTrackingLib.data import _as_uint8, resample_frames
     from SensorlessTrackingLib.decorrelation import DecorrelationConfig, estimate_frame_to_frame
-    from SensorlessTrackingLib.mirror_average import _conjugate, _unreverse
+    from SensorlessTrackingLib.mirror_average import conjugate as _conjugate, unreverse as _unreverse
     from SensorlessTrackingLib.pose import (
         absolute_to_frame_to_frame, image_mm_poses, matrices_to_params, mirror_x, params_to_matrices, translate)
     from SensorlessTrackingLib.predict import predict_poses

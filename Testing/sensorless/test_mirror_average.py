@@ -8,7 +8,8 @@ torch = pytest.importorskip("torch")
 from sensorless_helpers import tiny_model_config, tiny_sweep  # noqa: E402
 from sensorless_helpers import one_torch_thread  # noqa: E402, F401  (autouse fixture: one torch thread per test)
 
-from SensorlessTrackingLib.mirror_average import MODES, check_mode, predict_poses_averaged  # noqa: E402
+from SensorlessTrackingLib.mirror_average import MODES, check_mode  # noqa: E402
+from SensorlessTrackingLib.predict import predict_poses_averaged  # noqa: E402
 from SensorlessTrackingLib.models import build_model  # noqa: E402
 from SensorlessTrackingLib.pose import matrices_to_params, mirror_x, mirror_z, params_to_matrices  # noqa: E402
 from SensorlessTrackingLib.predict import predict_poses, track_sequence  # noqa: E402
