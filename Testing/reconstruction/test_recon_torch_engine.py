@@ -466,3 +466,28 @@ def test_reconstructor_engine_option_errors_and_plus_emulation():
     assert recon.engine == "numba"  # PLUS's fixed-point arithmetic exists in the numba kernels only
     auto = IncrementalReconstructor(ReconstructionOptions(), image_shape=(8, 8))
     assert auto.engine == ("torch" if cuda_available() else "numba")
+
+
+@pytest.mark.parametrize("linear", [False, True], ids=["nearest", "linear"])
+def test_open_insertion_gives_both_engines_one_interface(torch, linear):
+    # the reconstructor talks to either engine through engines.open_insertion: same calls, same
+    # buffers back (numba layout), same pixel counts
+    from FreehandUSLib.reconstruction import ReconstructionOptions
+    from FreehandUSLib.reconstruction.engines import choose_engine, open_insertion
+
+    frames, mats, ranges, mask_ids, importance, threshold = make_scene()
+    results = {}
+    for engine in ("numba", "torch"):
+        acc_t, w_t, _ = kernels.accumulator_types(MODE_MEAN, linear, frames.dtype)
+        insertion = open_insertion(engine, np.zeros(GRID + (frames.shape[3],), dtype=acc_t), np.zeros(GRID, dtype=w_t),
+                                   mode=MODE_MEAN, linear=linear, frame_dtype=frames.dtype)
+        counts = [insertion.insert(frames, ids, mats[ids], ranges, mask_ids[ids], importance=importance,
+                                   pixel_rejection_threshold=threshold) for ids in BATCHES]
+        results[engine] = (*insertion.finish(), np.concatenate(counts))
+    for a, b in zip(results["numba"], results["torch"]):
+        np.testing.assert_allclose(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64), rtol=1e-12)
+    assert choose_engine(ReconstructionOptions(engine="torch", emulate_plus=True)) == "numba"
+    with pytest.raises(ValueError, match="numba engine only"):
+        open_insertion("torch", np.zeros(GRID + (1,)), np.zeros(GRID), mode=MODE_MEAN, linear=linear, fixed_point=True)
+    with pytest.raises(ValueError, match="unknown insertion engine"):
+        open_insertion("opencl", np.zeros(GRID + (1,)), np.zeros(GRID), mode=MODE_MEAN, linear=linear)

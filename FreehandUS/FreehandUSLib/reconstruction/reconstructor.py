@@ -81,7 +81,7 @@ from .kernels import (
 )
 from .masks import clipped_corners_px, detect_fan_angles, fan_row_ranges, unoptimized_row_ranges
 from .slabs import frame_plane_ranges, plan_slabs, slab_budget_bytes
-from .torch_engine import TorchAccumulators, resolve_engine
+from .engines import choose_engine, open_insertion
 
 __all__ = [
     "SKIP_REASONS",
@@ -601,8 +601,7 @@ class IncrementalReconstructor:
         self.linear = opts.interpolation == "linear"
         if opts.emulate_plus and self.mode == MODE_MEAN:
             self.mode = MODE_MEAN_PLUS
-        # PLUS emulation (fixed point, saturating 16-bit weights) exists in the numba kernels only.
-        self.engine = "numba" if opts.emulate_plus else resolve_engine(opts.engine)
+        self.engine = choose_engine(opts)
         self.n_threads = opts.number_of_threads or default_threads()
         self.max_pending_frames = int(max_pending_frames)
         self.max_lag_s = float(max_lag_s)
@@ -910,52 +909,27 @@ class IncrementalReconstructor:
             ranges = self._ranges_stack
             pool = self._pool()
             counts = np.zeros(sel.size, dtype=np.int64)
-            # The torch engine works on device copies of the accumulators (64-bit sums and counts,
-            # no overflow) and hands back the numba layout, so grid growth and results are shared.
-            tacc = None
-            if self.engine == "torch":
-                tacc = TorchAccumulators.from_numpy(
-                    self._acc, self._weight, mode=self.mode, linear=self.linear, frame_dtype=self.dtype
-                )
+
+            def start_insertion():
+                return open_insertion(self.engine, self._acc, self._weight, mode=self.mode, linear=self.linear,
+                                      frame_dtype=self.dtype, n_threads=self.n_threads, executor=pool,
+                                      fixed_point=fixed, unoptimized=self._plus_unoptimized)
+
+            insertion = start_insertion()
             for a in range(0, sel.size, _BATCH):
                 b = min(sel.size, a + _BATCH)
                 batch_frames, batch_ids = self._frames_of(frames4d, frame_ids[sel[a:b]])
-                if tacc is not None:
-                    counts[a:b] = tacc.insert_frames(
-                        batch_frames,
-                        batch_ids,
-                        vox[a:b],
-                        ranges,
-                        mask_ids[sel[a:b]],
-                        importance=self._importance,
-                        pixel_rejection_threshold=opts.pixel_rejection_threshold,
-                    )
-                    if progress is not None:
-                        progress(int(b), int(sel.size))
-                    continue
-                if not opts.emulate_plus:
-                    self._guard_counts(vox[a:b], mask_ids[sel[a:b]])
-                counts[a:b] = insert_frames(
-                    batch_frames,
-                    batch_ids,
-                    vox[a:b],
-                    ranges,
-                    mask_ids[sel[a:b]],
-                    self._acc,
-                    self._weight,
-                    mode=self.mode,
-                    linear=self.linear,
-                    importance=self._importance,
-                    pixel_rejection_threshold=opts.pixel_rejection_threshold,
-                    n_threads=self.n_threads,
-                    executor=pool,
-                    fixed_point=fixed,
-                    unoptimized=self._plus_unoptimized,
-                )
+                if self.engine == "numba" and not opts.emulate_plus:
+                    buffers = self._acc
+                    self._guard_counts(vox[a:b], mask_ids[sel[a:b]])  # the numba engine's 32-bit counts
+                    if self._acc is not buffers:  # widened: insert into the new buffers
+                        insertion = start_insertion()
+                counts[a:b] = insertion.insert(batch_frames, batch_ids, vox[a:b], ranges, mask_ids[sel[a:b]],
+                                               importance=self._importance,
+                                               pixel_rejection_threshold=opts.pixel_rejection_threshold)
                 if progress is not None:
                     progress(int(b), int(sel.size))
-            if tacc is not None:
-                self._acc, self._weight = tacc.to_numpy()
+            self._acc, self._weight = insertion.finish()
             used = self._count_used(sel, counts, mats, indices)
         self.insertion_seconds += time.perf_counter() - start
         return used
@@ -1460,7 +1434,7 @@ def reconstruct_volume(
     out_itemsize = max(np.dtype(d).itemsize for d in dtypes)
     # The numba engine goes a slab of planes at a time (accumulators for a slab, not the
     # grid); the torch engine and PLUS emulation accumulate the whole grid.
-    slabbed = not opts.emulate_plus and resolve_engine(opts.engine) == "numba"
+    slabbed = not opts.emulate_plus and choose_engine(opts) == "numba"
     grid = grid_from_options(
         opts, corners, n_channels=n_channels, out_itemsize=out_itemsize, frame_dtype=common, slabbed=slabbed
     )
