@@ -1,8 +1,11 @@
 """FreehandUSLib: the Slicer-free core of the FreehandUS extension.
 
-Tracked sequences, transforms, file IO (PLUS metafiles, NRRD sequences, TUS-REC h5, PLUS
-configs), volumes, the MRML bridge (imported separately: ``FreehandUSLib.mrml``) and the
-``freehandus`` command line. Nothing here imports slicer, qt or ctk.
+The ground floor (docs/architecture.md): tracked sequences, transforms, file IO (PLUS
+metafiles, NRRD sequences, TUS-REC h5, PLUS configs), volumes, the OpenIGTLink transport
+(``igtl``), simulation primitives, jobs and the MRML bridge (imported separately:
+``FreehandUSLib.mrml``); and, in ``FreehandUSLib.reconstruction`` (+ ``mrml_reconstruction``),
+the reconstruction capability. The ``freehandus`` command line is in ``FreehandUSApp``.
+Nothing here imports slicer, qt or ctk.
 """
 
 from .errors import ConfigError, FileFormatError, FreehandUSError, SequenceError, TransformError
