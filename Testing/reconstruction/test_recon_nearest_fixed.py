@@ -1,6 +1,6 @@
 """The emulated nearest-neighbour span kernel against PLUS's rule written out pixel by pixel.
 
-:func:`kernels._nearest_span_fixed` finds each row's pixels inside the volume from exact
+:func:`kernels_plus._nearest_span_fixed` finds each row's pixels inside the volume from exact
 integer bounds and runs specialised loops (grey max / latest / mean with a reciprocal
 multiply). Here a plain per-pixel transcription of PLUS's optimized nearest-neighbour paste
 (position in units of 2**-14, cell ``(p + 2**13) >> 14``, bounds tested per pixel, the 16-bit
@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from FreehandUSLib.reconstruction import kernels as K
+from FreehandUSLib.reconstruction import kernels_plus
 
 
 def _reference_span(frames, f, y, xa, xb, s0, s1, b, a, acc, weight, klo, khi, mode, use_reject, reject):
@@ -98,8 +99,8 @@ def test_nearest_span_fixed_matches_plus_pixel_by_pixel(mode, dtype, nc):
         want_acc, want_weight = acc.copy(), weight.copy()
         want = _reference_span(frames, f, y, xa, xb, s0, s1, b, a, want_acc, want_weight, klo, khi, mode,
                                use_reject, reject)
-        got = K._nearest_span_fixed(frames, f, y, xa, xb, s0, s1, b[0], b[1], b[2], a[0], a[1], a[2], acc, weight,
-                                    klo, khi, mode, use_reject, reject, True)
+        got = kernels_plus._nearest_span_fixed(frames, f, y, xa, xb, s0, s1, b[0], b[1], b[2], a[0], a[1], a[2], acc,
+                                               weight, klo, khi, mode, use_reject, reject, True)
         assert got == want, f"case {case}: {got} pixels inserted, PLUS inserts {want}"
         np.testing.assert_array_equal(acc, want_acc, err_msg=f"case {case}: values")
         np.testing.assert_array_equal(weight, want_weight, err_msg=f"case {case}: accumulation buffer")
@@ -109,4 +110,4 @@ def test_reciprocal_table_divides_exactly():
     """``(n * M[d]) >> 32 == n // d`` for every 16-bit numerator and divisor 1..256."""
     n = np.arange(65536, dtype=np.int64)
     for d in range(1, 257):
-        np.testing.assert_array_equal((n * K._RECIPROCAL_32[d]) >> 32, n // d, err_msg=f"divisor {d}")
+        np.testing.assert_array_equal((n * kernels_plus._RECIPROCAL_32[d]) >> 32, n // d, err_msg=f"divisor {d}")
