@@ -1,7 +1,7 @@
 """Reconstruction options: the one place where their defaults live.
 
 :class:`ReconstructionOptions` mirrors PLUS's ``<VolumeReconstruction>`` element (see
-:func:`~FreehandUSLib.reconstruction.reconstructor.options_from_plus_config` for the mapping)
+:func:`~FreehandUSLib.reconstruction.inputs.options_from_plus_config` for the mapping)
 plus a few FreehandUS additions (memory budget, threads, output orientation, grid alignment).
 All lengths are millimetres in the Reference frame; all pixel quantities are pixels of the
 MF-oriented image (i = column to the right, j = row down, origin at the first pixel).

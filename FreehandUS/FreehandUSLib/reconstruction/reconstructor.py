@@ -7,6 +7,10 @@
 - :func:`options_from_plus_config` maps a PLUS ``<VolumeReconstruction>`` element to
   :class:`~.config.ReconstructionOptions`.
 
+The inputs' helpers (:func:`options_from_plus_config`, :func:`resolve_image_to_reference`,
+:func:`load_importance_mask`) live in :mod:`.inputs`, :class:`ReconstructionResult` and
+:data:`SKIP_REASONS` in :mod:`.result`; all are importable from here as before.
+
 Batch reconstruction inserts the same frames in the same order as incremental reconstruction
 into the grid computed from all frames, so the two give bit-identical volumes for the same
 frames and grid, in every mode.
@@ -46,15 +50,12 @@ from collections import Counter, deque
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from ..errors import TransformError
 from ..sequence import TrackedSequence
-from ..transforms import TransformRepository, split_transform_name
 from ..volume import Volume
-from .config import PLUS_OPTIMIZATIONS, HoleFillingElement, ReconstructionOptions
+from .config import ReconstructionOptions
 from .errors import InvalidOptionError, NoUsableFramesError, ReconstructionError, VolumeTooLargeError
 from .geometry import (
     OutputGrid,
@@ -65,6 +66,7 @@ from .geometry import (
     grid_from_options,
 )
 from .holefill import STORE_FLOOR, STORE_RAW, STORE_ROUND, HoleFillingStats, fill_holes_into, hole_filling_reach
+from .inputs import load_importance_mask, options_from_plus_config, resolve_image_to_reference
 from .kernels import (
     MODE_CODES,
     MODE_IMPORTANCE,
@@ -80,6 +82,7 @@ from .kernels import (
     worker_planes,
 )
 from .masks import clipped_corners_px, detect_fan_angles, fan_row_ranges, unoptimized_row_ranges
+from .result import SKIP_REASONS, ReconstructionResult
 from .slabs import frame_plane_ranges, plan_slabs, slab_budget_bytes
 from .engines import choose_engine, open_insertion
 
@@ -95,297 +98,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Why a frame did not go into the volume.
-SKIP_REASONS = {
-    "invalid_transform": "ImageToReference is invalid or not finite for this frame",
-    "no_image": "the frame carries no image (ImageStatus not OK)",
-    "empty_image": "no bright fan sector found (automatic fan-angle detection)",
-    "outside_volume": "no pixel of the frame falls inside the output volume",
-    "no_pixels_kept": "every pixel inside the volume was masked or rejected",
-    "skip_interval": "left out by skip_interval",
-    "over_memory_budget": "growing the volume to include the frame would exceed the memory budget",
-    "dropped_behind": "dropped: the reconstruction was falling behind the live stream",
-}
-
 _BATCH = 32  # frames per insertion call (progress granularity; frames converted per batch)
-
-
-# --------------------------------------------------------------------------------------------
-# Result
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, eq=False)
-class ReconstructionResult:
-    """A reconstructed volume (one per channel) and what went into it.
-
-    Attributes
-    ----------
-    volumes : tuple of Volume
-        One volume per image channel, voxels ``(n_k, n_j, n_i)``, uint8 or float32 like the
-        input channel, Reference frame (mm), geometry of :attr:`grid`.
-    channel_names : tuple of str
-    weight : Volume or None
-        Accumulated insertion weight per voxel, float32 (number of pixels for nearest
-        interpolation): the coverage map.
-    grid : OutputGrid
-    frames_total : int
-        Frames offered.
-    frames_used : int
-        Frames that put at least one pixel into the volume.
-    frames_skipped : dict frame index -> reason key (see :data:`SKIP_REASONS`)
-    frames_dropped : int
-        Live mode: frames dropped because the reconstruction fell behind (also in
-        ``frames_skipped`` with reason ``dropped_behind``).
-    pixels_inserted : int
-    coverage_fraction : float
-        Fraction of voxels that received pixels.
-    filled_fraction : float
-        Fraction of voxels holding a value after hole filling.
-    seconds : float
-        Wall time of the whole reconstruction (insertion + hole filling + output).
-    insertion_seconds, hole_filling_seconds : float
-    hole_filling : HoleFillingStats or None
-    options : ReconstructionOptions
-    """
-
-    volumes: tuple
-    channel_names: tuple
-    weight: Volume | None
-    grid: OutputGrid
-    frames_total: int
-    frames_used: int
-    frames_skipped: dict
-    frames_dropped: int
-    pixels_inserted: int
-    coverage_fraction: float
-    filled_fraction: float
-    seconds: float
-    insertion_seconds: float
-    hole_filling_seconds: float
-    hole_filling: HoleFillingStats | None
-    options: ReconstructionOptions
-
-    @property
-    def volume(self) -> Volume:
-        """The first channel's volume."""
-        return self.volumes[0]
-
-    @property
-    def frames_per_second(self) -> float:
-        """Frames used per second of total reconstruction time."""
-        return self.frames_used / self.seconds if self.seconds > 0 else float("inf")
-
-    @property
-    def skipped_by_reason(self) -> dict:
-        return dict(Counter(self.frames_skipped.values()))
-
-    def to_dict(self) -> dict:
-        """JSON-safe summary (what ``freehandus reconstruct --json`` prints)."""
-        return {
-            "frames_total": self.frames_total,
-            "frames_used": self.frames_used,
-            "frames_skipped": len(self.frames_skipped),
-            "frames_skipped_by_reason": self.skipped_by_reason,
-            "skipped_frames": [{"frame": int(i), "reason": r} for i, r in sorted(self.frames_skipped.items())],
-            "frames_dropped": self.frames_dropped,
-            "dimensions": list(self.grid.dims),
-            "spacing": list(self.grid.spacing_mm),
-            "origin": list(self.grid.origin_mm),
-            "directions": self.grid.directions.tolist(),
-            "channels": list(self.channel_names),
-            "dtype": [str(v.voxels.dtype) for v in self.volumes],
-            "pixels_inserted": self.pixels_inserted,
-            "coverage_fraction": self.coverage_fraction,
-            "filled_fraction": self.filled_fraction,
-            "seconds": self.seconds,
-            "insertion_seconds": self.insertion_seconds,
-            "hole_filling_seconds": self.hole_filling_seconds,
-            "frames_per_second": self.frames_per_second,
-            "hole_filling": None if self.hole_filling is None else self.hole_filling.to_dict(),
-            "interpolation": self.options.interpolation,
-            "compounding": self.options.compounding,
-        }
-
-    def __str__(self) -> str:
-        lines = [
-            f"Reconstructed {self.grid}",
-            f"  channels: {', '.join(f'{n} ({v.voxels.dtype})' for n, v in zip(self.channel_names, self.volumes))}",
-            f"  frames: {self.frames_used} used of {self.frames_total}"
-            + (f", {len(self.frames_skipped)} skipped" if self.frames_skipped else ""),
-        ]
-        for reason, count in sorted(self.skipped_by_reason.items()):
-            lines.append(f"    {count} x {reason}: {SKIP_REASONS.get(reason, reason)}")
-        lines.append(
-            f"  {self.options.interpolation} / {self.options.compounding}; coverage {100 * self.coverage_fraction:.1f} %"
-            f", filled {100 * self.filled_fraction:.1f} %"
-        )
-        lines.append(
-            f"  {self.seconds:.3f} s ({self.frames_per_second:.1f} frames/s; insertion {self.insertion_seconds:.3f} s"
-            f", hole filling {self.hole_filling_seconds:.3f} s)"
-        )
-        return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------
-# Transforms, options
-# --------------------------------------------------------------------------------------------
-
-
-def resolve_image_to_reference(sequence: TrackedSequence, transforms=None, name: str = "ImageToReference"):
-    """Per-frame ImageToReference of a sequence.
-
-    Parameters
-    ----------
-    sequence : TrackedSequence
-    transforms : None, (4, 4) array, mapping name -> (4, 4), or TransformRepository
-        A 4x4 is taken as ImageToProbe; a mapping holds fixed transforms (e.g.
-        ``PlusConfig.coordinate_definitions.repository_fixed()``); a repository is used as is.
-        ``None``: the sequence's own transforms only.
-    name : str
-        The transform to resolve (``"ImageToReference"``).
-
-    Returns
-    -------
-    matrices : (n_frames, 4, 4) float64, NaN where invalid
-    valid : (n_frames,) bool
-
-    Raises
-    ------
-    TransformError
-        When ``name`` cannot be resolved; the message lists the known transforms and, when
-        the chain lacks the image frame, asks for ImageToProbe.
-    """
-    split_transform_name(name)
-    if isinstance(transforms, TransformRepository):
-        repo = transforms
-    else:
-        fixed = {}
-        if transforms is not None:
-            if isinstance(transforms, Mapping):
-                fixed = dict(transforms)
-            else:
-                matrix = np.asarray(transforms, dtype=np.float64)
-                if matrix.shape != (4, 4):
-                    raise TransformError(f"image_to_probe: expected a 4x4 matrix, got shape {matrix.shape}")
-                fixed = {"ImageToProbe": matrix}
-        repo = sequence.repository(fixed=fixed)
-    try:
-        matrices = repo.get(name)
-    except TransformError as exc:
-        src = split_transform_name(name)[0]
-        hint = ""
-        if src not in repo.frames:
-            hint = (
-                f" The calibration {src}ToProbe is missing: give it in the PLUS config's "
-                f'<CoordinateDefinitions> (<Transform From="{src}" To="Probe" .../>) or as image_to_probe.'
-            )
-        raise TransformError(f"{exc}.{hint}") from exc
-    if matrices.shape[0] != sequence.n_frames:
-        matrices = np.broadcast_to(matrices, (sequence.n_frames, 4, 4)).copy()
-    valid = np.all(np.isfinite(matrices), axis=(1, 2))
-    return matrices, valid
-
-
-def load_importance_mask(path, shape=None) -> np.ndarray:
-    """Read an importance mask image (PNG...) as float32 weights in [0, 1], rows top to bottom.
-
-    Raises
-    ------
-    ReconstructionError
-        Unreadable file, or a size other than ``shape`` ``(n_rows, n_cols)``.
-    """
-    import cv2  # local: only this path needs OpenCV
-
-    image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-    if image is None:
-        raise ReconstructionError(f"{path}: cannot read the importance mask image")
-    if shape is not None and image.shape != tuple(shape):
-        raise ReconstructionError(
-            f"{path}: importance mask is {image.shape[1]}x{image.shape[0]} pixels, frames are {shape[1]}x{shape[0]}"
-        )
-    return (image.astype(np.float32) / 255.0).astype(np.float32)
-
-
-_PLUS_INTERPOLATION = {"NEAREST_NEIGHBOR": "nearest", "LINEAR": "linear"}
-_PLUS_COMPOUNDING = {"MEAN": "mean", "MAXIMUM": "max", "LATEST": "latest", "IMPORTANCE_MASK": "importance_mask"}
-
-
-def _plus_optimization(value) -> str:
-    """PLUS's ``Optimization`` attribute; an unknown value is PLUS's default FULL (with a warning)."""
-    text = str(value or "FULL").upper()
-    if text not in PLUS_OPTIMIZATIONS:
-        log.warning("Optimization=%r is not one of PLUS's (%s): using FULL, PLUS's default", text[:40],
-                    ", ".join(PLUS_OPTIMIZATIONS))
-        return "FULL"
-    return text
-
-
-def options_from_plus_config(config, **overrides) -> ReconstructionOptions:
-    """Reconstruction options from a PLUS ``<VolumeReconstruction>`` element.
-
-    Parameters
-    ----------
-    config : PlusConfig or VolumeReconstructionParameters
-        From :func:`FreehandUSLib.io.plus_config.read_plus_config`.
-    **overrides
-        Option values that replace the config's (``None`` values are ignored), e.g. from the
-        command line.
-
-    Mapping (PLUS attribute -> option): OutputSpacing -> output_spacing_mm, OutputOrigin ->
-    output_origin_mm, OutputExtent -> output_extent, ClipRectangleOrigin/Size ->
-    clip_rectangle_*_px, FanAnglesDeg -> fan_angles_deg, FanOriginPixel -> fan_origin_px,
-    FanRadiusStart/StopPixel -> fan_radius_*_px, EnableFanAnglesAutoDetect (+ its threshold and
-    filter radius) -> fan_angles_auto_detect*, Interpolation -> interpolation, CompoundingMode ->
-    compounding, FillHoles + HoleFilling -> fill_holes + hole_filling, PixelRejectionThreshold,
-    SkipInterval, NumberOfThreads (0 = all cores), ImageCoordinateFrame/ReferenceCoordinateFrame
-    -> image_to_reference_transform.
-
-    Raises
-    ------
-    ConfigError
-        The config has no ``<VolumeReconstruction>`` element.
-    """
-    params = config.require_volume_reconstruction() if hasattr(config, "require_volume_reconstruction") else config
-    elements = []
-    for e in params.hole_filling:
-        kw = {"type": e.type}
-        for key in ("size", "stdev", "minimum_known_voxels_ratio", "stick_length_limit", "number_of_sticks_to_use"):
-            value = getattr(e, key)
-            if value is not None:
-                kw[key] = value
-        elements.append(HoleFillingElement(**kw))
-    kw = {
-        "output_spacing_mm": tuple(np.asarray(params.output_spacing_mm, dtype=float)),
-        "output_origin_mm": None if params.output_origin_mm is None else tuple(np.asarray(params.output_origin_mm, dtype=float)),
-        "output_extent": None if params.output_extent is None else tuple(params.output_extent),
-        "clip_rectangle_origin_px": params.clip_rectangle_origin_px,
-        "clip_rectangle_size_px": params.clip_rectangle_size_px,
-        "fan_angles_deg": None if params.fan_angles_deg is None else tuple(np.asarray(params.fan_angles_deg, dtype=float)),
-        "fan_origin_px": (0.0, 0.0) if params.fan_origin_px is None else tuple(np.asarray(params.fan_origin_px, dtype=float)),
-        "fan_radius_start_px": params.fan_radius_start_px,
-        "fan_radius_stop_px": params.fan_radius_stop_px,
-        "fan_angles_auto_detect": params.enable_fan_angles_auto_detect,
-        "interpolation": _PLUS_INTERPOLATION.get(params.interpolation, params.interpolation),
-        "compounding": _PLUS_COMPOUNDING.get(params.compounding_mode, params.compounding_mode),
-        "fill_holes": bool(params.fill_holes and elements),
-        "hole_filling": tuple(elements),
-        "pixel_rejection_threshold": params.pixel_rejection_threshold,
-        "skip_interval": params.skip_interval,
-        "number_of_threads": params.number_of_threads or None,
-        "image_to_reference_transform": params.image_to_reference_name,
-        "plus_optimization": _plus_optimization(params.optimization),
-    }
-    if params.fan_angles_auto_detect_brightness_threshold is not None:
-        kw["fan_auto_detect_brightness_threshold"] = params.fan_angles_auto_detect_brightness_threshold
-    if params.fan_angles_auto_detect_filter_radius_px:
-        kw["fan_auto_detect_filter_radius_px"] = params.fan_angles_auto_detect_filter_radius_px
-    if params.importance_mask_filename:
-        kw["importance_mask_file"] = params.importance_mask_filename
-        base = getattr(config, "path", None)
-        if base is not None and not Path(params.importance_mask_filename).is_absolute():
-            kw["importance_mask_file"] = str(Path(base).parent / params.importance_mask_filename)
-    return ReconstructionOptions(**kw).replace(**overrides)
 
 
 # --------------------------------------------------------------------------------------------
