@@ -112,6 +112,49 @@ def _stub_module(name: str, **attributes) -> types.ModuleType:
     return module
 
 
+class Signal:
+    """A Qt signal stand-in for panel tests: ``connect``/``disconnect`` slots, ``emit`` calls them."""
+
+    def __init__(self):
+        self.slots = []
+
+    def connect(self, slot):
+        self.slots.append(slot)
+
+    def disconnect(self, slot):
+        self.slots.remove(slot)
+
+    def emit(self):
+        for slot in list(self.slots):
+            slot()
+
+
+class Widget:
+    """A stand-in for a panel's button, label or progress bar: the attributes the modules set
+    (``visible``, ``enabled``, ``value``, ``maximum``, ``text``) and a ``clicked`` signal."""
+
+    def __init__(self):
+        self.visible, self.enabled, self.value, self.maximum, self.text = None, True, 0, 100, ""
+        self.clicked = Signal()
+
+    def show(self):
+        self.visible = True
+
+    def hide(self):
+        self.visible = False
+
+
+def capture_messages() -> list:
+    """Route ``slicer.util.showStatusMessage`` / ``errorDisplay`` into the returned list (errors
+    prefixed ``"ERROR "``); call after :func:`setup_slicer`."""
+    import slicer
+
+    messages = []
+    slicer.util.showStatusMessage = lambda text, msec=0: messages.append(text)
+    slicer.util.errorDisplay = lambda text, **kw: messages.append("ERROR " + text)
+    return messages
+
+
 def setup_slicer(with_packaging: bool, temporary: Path):
     """slicer-core's ``slicer`` plus the application parts the module files use; module folders on sys.path."""
     import slicer

@@ -28,29 +28,9 @@ import fresh_slicer_harness as harness
 harness.setup_slicer(False, Path(sys.argv[2]))
 import slicer
 
-class Signal:
-    def __init__(self):
-        self.slots = []
-    def connect(self, slot):
-        self.slots.append(slot)
-    def disconnect(self, slot):
-        self.slots.remove(slot)
-    def emit(self):
-        for slot in list(self.slots):
-            slot()
+from fresh_slicer_harness import Signal, Widget  # Qt stand-ins for a panel's buttons and bars
 
-class Widget:
-    def __init__(self):
-        self.visible, self.enabled, self.value, self.maximum, self.text = None, True, 0, 100, ""
-        self.clicked = Signal()
-    def show(self):
-        self.visible = True
-    def hide(self):
-        self.visible = False
-
-messages = []
-slicer.util.showStatusMessage = lambda text, msec=0: messages.append(text)
-slicer.util.errorDisplay = lambda text, **kw: messages.append("ERROR " + text)
+messages = harness.capture_messages()
 out = {}
 """
 

@@ -143,25 +143,7 @@ from sensorless_helpers import tiny_sweep
 
 CANCEL_AT = int(sys.argv[3])  # the bar update (of those showing the read) at which the user presses Cancel
 
-class Signal:
-    def __init__(self):
-        self.slots = []
-    def connect(self, slot):
-        self.slots.append(slot)
-    def disconnect(self, slot):
-        self.slots.remove(slot)
-    def emit(self):
-        for slot in list(self.slots):
-            slot()
-
-class Widget:
-    def __init__(self):
-        self.visible, self.enabled, self.value, self.maximum, self.text = None, True, 0, 100, ""
-        self.clicked = Signal()
-    def show(self):
-        self.visible = True
-    def hide(self):
-        self.visible = False
+from fresh_slicer_harness import Signal, Widget  # Qt stand-ins for a panel's buttons and bars
 
 class Bar(Widget):
     # Records what it shows; the user presses Cancel at the CANCEL_AT-th update showing a read:
