@@ -99,7 +99,7 @@ def test_serve_runs_for_a_duration_and_reports_json(source, capsys):
     first, second, rest = out.split("\n", 2)
     assert first.startswith(f"serving {path} on 127.0.0.1:") and "images as Image_Image" in first
     # the transport's own entry point has no reconstructor; freehandus serve adds one
-    assert second.startswith("remote StartRecording write new files into ")
+    assert second.startswith("remote StartRecording writes new files into ")
     assert "freehandus-serve-" in second and not Path(second.rsplit(" ", 1)[1]).exists()  # created when used
     result = json.loads(rest)
     assert result["replay"]["frames_sent"] == 0 and result["server"]["clients_connected"] == 0

@@ -159,8 +159,8 @@ def serve_command(args) -> int:
                 f"{', loop' if args.loop else ''}; images as {server.image_device})",
                 flush=True,
             )
-            commands = "StartRecording" if reconstruction is None else "StartRecording/ReconstructVolume"
-            print(f"remote {commands} write new files into {server.output_dir}", flush=True)
+            commands = "StartRecording writes" if reconstruction is None else "StartRecording/ReconstructVolume write"
+            print(f"remote {commands} new files into {server.output_dir}", flush=True)
             if not _is_loopback(args.host):
                 print(_exposure_warning(args.host, server.port, server.output_dir), file=sys.stderr, flush=True)
             t_end = None if args.duration is None else time.monotonic() + args.duration
