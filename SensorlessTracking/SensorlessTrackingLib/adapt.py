@@ -23,7 +23,16 @@ it is larger than its own standard error across the sweeps:
 - ``"decorrelation-blend"``: ``tz = a * tz_model + c * tz_decorrelation`` and ``(rx, ry) *= r``,
   the decorrelation (:mod:`.decorrelation`) calibrated on the same sweeps, ``(a, c, r)``
   minimising the mean drift (:func:`fit_decorrelation_blend`); stored as ``decorrelation_blend``
-  and applied by :func:`.predict.track_sequence` through :func:`apply_decorrelation_blend`.
+  and applied by :func:`.predict.track_sequence` through :func:`apply_decorrelation_blend`;
+- ``"decorrelation"``: the network not used at all, the probe's speckle decorrelation calibrated
+  on the same sweeps (:func:`.decorrelation.calibrate_decorrelation`) estimates instead (on the
+  independent simulator's convex probe calibrated decorrelation alone drifted less than the
+  model, adapted or not); stored as ``decorrelation`` (the
+  :class:`.decorrelation.DecorrelationConfig` as plain values), with which
+  :func:`.predict.track_sequence` estimates.
+
+The decorrelation is calibrated once on all the sweeps, also for the leave-one-sweep-out figures
+of the last two candidates (its one calibrated number, the curve's sigma, hardly depends on one sweep).
 
 With ``fine_tune=True`` the network's weights are also trained further on the adaptation sweeps
 (:func:`.train.train` from the base weights, a low learning rate, few epochs, a time limit),
@@ -33,7 +42,7 @@ held-back sweep's final drift.
 
 The checkpoint's ``"adaptation"`` record holds plain values only (weights-only loading):
 ``correction``, ``out_of_plane_scale`` (1.0 unless the correction is ``"scale"``),
-``decorrelation_blend`` (or None), ``candidates`` (each candidate's leave-one-out mean final
+``decorrelation_blend`` (or None), ``decorrelation`` (or None), ``candidates`` (each candidate's leave-one-out mean final
 drift) and the validation of the held-back sweep. Each sweep is estimated with the direction
 its tracking moved (:func:`.conventions.elevational_displacement_mm`), so sweeps in both
 directions can be mixed; corrections act on the models' own convention ("toward").
@@ -87,7 +96,10 @@ log = logging.getLogger(__name__)
 ADAPTATION_KEY = "adaptation"
 
 #: The corrections :func:`adapt_model` chooses from (see the module docstring).
-CORRECTIONS = ("none", "scale", "decorrelation-blend")
+CORRECTIONS = ("none", "scale", "decorrelation-blend", "decorrelation")
+
+#: The candidates that need the decorrelation calibrated on the sweeps.
+_NEED_DECORRELATION = ("decorrelation-blend", "decorrelation")
 
 #: Weight of the pull of the blend's parameters toward "the model as it is" (log a, c, log r
 #: all 0), in % of drift per unit squared: small, so the data decide, yet a flat cost stays put.
@@ -158,6 +170,8 @@ class AdaptationResult:
     seconds : wall time
     correction : the chosen one of :data:`CORRECTIONS`
     decorrelation_blend : its parameters when ``correction`` is "decorrelation-blend", else None
+    decorrelation : the calibrated :class:`.decorrelation.DecorrelationConfig` (plain values)
+        when ``correction`` is "decorrelation", else None
     candidates : each candidate's mean final drift (% of path) over the sweeps, each estimated
         with the candidate fitted on the other sweeps (leave-one-sweep-out)
     """
@@ -172,6 +186,7 @@ class AdaptationResult:
     correction: str = "scale"
     decorrelation_blend: dict | None = None
     candidates: dict = field(default_factory=dict)
+    decorrelation: dict | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -189,6 +204,10 @@ class AdaptationResult:
                 f"elevational step = {b['model_tz_weight']:.2f} x the model's + {b['decorrelation_tz_weight']:.2f} x the "
                 f"speckle decorrelation's (sigma {b['decorrelation']['sigma_mm']:.2f} mm), tilts x "
                 f"{b['rotation_scale']:.2f}")
+        if self.decorrelation is not None:
+            what["decorrelation"] = (
+                f"the probe's calibrated speckle decorrelation (sigma {self.decorrelation['sigma_mm']:.2f} mm) "
+                "estimates instead of the network")
         loo = ", ".join(f"{k} {x:.1f} %" for k, x in self.candidates.items())
         lines = [
             f"adapted {self.base} to the probe of {len(self.sweeps)} tracked sweeps in {self.seconds:.0f} s: "
@@ -313,6 +332,8 @@ def _fit_correction(name: str, problems, dec_cfg):
         k = _fit_scale([(pr["p"] if pr["direction"] == "toward" else reverse_direction(pr["p"]), pr["poses"], pr["path"])
                         for pr in problems])
         return (lambda pr: apply_out_of_plane_scale(pr["p"], k)), {"out_of_plane_scale": k}
+    if name == "decorrelation":
+        return (lambda pr: pr["dec"]), {"decorrelation": asdict(dec_cfg)}
     b = fit_decorrelation_blend(problems, dec_cfg)
     return (lambda pr: apply_decorrelation_blend(pr["p"], None, None, b, decorrelation_params=pr["dec"])), \
         {"decorrelation_blend": b}
@@ -397,6 +418,7 @@ def _raw(model):
     fitted anew on the network's own estimates)."""
     model.out_of_plane_scale = 1.0
     model.decorrelation_blend = None
+    model.adapted_decorrelation = None
     return model
 
 
@@ -481,7 +503,7 @@ def adapt_model(sequences, out_path, *, base="default", image_to_probe=None, con
     ckpt = read_checkpoint(base_path)
     model = load_model(base_path, device)
     dec_cfg = None
-    if "decorrelation-blend" in cfg.corrections:
+    if any(c in cfg.corrections for c in _NEED_DECORRELATION):
         report(f"calibrating the speckle decorrelation on {len(sweeps)} sweeps")
         dec_cfg = calibrate_decorrelation(
             [(s["sequence"].frames, s["truth"], input_spacing(s["sequence"], image_to_probe=image_to_probe)[0])
@@ -511,10 +533,12 @@ def adapt_model(sequences, out_path, *, base="default", image_to_probe=None, con
             ckpt = {**ckpt, "model_config": tuned_ckpt["model_config"]}
     scale = float(record.get("out_of_plane_scale", 1.0))
     blend = record.get("decorrelation_blend")
+    dec_record = record.get("decorrelation")
     per_sweep = [{"name": s["name"], "direction": s["direction"], "frames": int(s["sequence"].n_frames),
                   "path_mm": pr["path"], "fdr_base_percent": _drifts(pr, pr["p"])[1]}
                  for s, pr in zip(sweeps, problems)]
-    record = {"out_of_plane_scale": scale, "correction": chosen, "decorrelation_blend": blend, "base": str(base),
+    record = {"out_of_plane_scale": scale, "correction": chosen, "decorrelation_blend": blend, "decorrelation": dec_record,
+              "base": str(base),
               "fine_tuned": fine_tuned, "sweeps": [s["name"] for s in sweeps], "candidates": loo,
               "validation": validation}
     out = {k: v for k, v in ckpt.items() if k not in ("optimizer", "scheduler", ADAPTATION_KEY)}  # nothing to resume
@@ -525,7 +549,7 @@ def adapt_model(sequences, out_path, *, base="default", image_to_probe=None, con
     torch.save(out, tmp)
     tmp.replace(out_path)
     return AdaptationResult(out_path, str(base), scale, fine_tuned, _plain(validation), _plain(per_sweep),
-                            time.perf_counter() - started, chosen, _plain(blend), _plain(loo))
+                            time.perf_counter() - started, chosen, _plain(blend), _plain(loo), _plain(dec_record))
 
 
 def write_job(job_dir, sequences, out_path, *, base="default", config: AdaptConfig | None = None) -> Path:
@@ -579,7 +603,8 @@ def main(argv=None) -> int:
             sequences = [(s["name"], read_sequence(path.parent / s["file"])) for s in spec["sweeps"]]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise FreehandUSError(f"adaptation job {path}: cannot be read ({type(exc).__name__}: {exc})") from exc
-        total = (4 if cfg.fine_tune else 2) if "decorrelation-blend" in cfg.corrections else (3 if cfg.fine_tune else 1)
+        total = (4 if cfg.fine_tune else 2) if any(
+            c in cfg.corrections for c in _NEED_DECORRELATION) else (3 if cfg.fine_tune else 1)
         _emit(event="started", pid=os.getpid(), total=total)
 
         def report(message):

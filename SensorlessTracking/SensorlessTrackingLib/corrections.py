@@ -14,7 +14,8 @@ import numpy as np
 
 from .attribution import GROUPS
 
-__all__ = ["apply_out_of_plane_scale", "check_decorrelation_blend", "apply_decorrelation_blend"]
+__all__ = ["apply_out_of_plane_scale", "check_decorrelation_blend", "apply_decorrelation_blend",
+           "check_adapted_decorrelation", "adapted_decorrelation_config"]
 
 
 def apply_out_of_plane_scale(params, scale: float) -> np.ndarray:
@@ -46,6 +47,41 @@ def check_decorrelation_blend(blend) -> dict | None:
     if not (np.all(np.isfinite(weights)) and weights[2] > 0):
         raise ValueError(f"bad adaptation decorrelation_blend {blend!r}: weights must be finite, rotation_scale > 0")
     return blend
+
+
+def check_adapted_decorrelation(settings) -> dict | None:
+    """The ``decorrelation`` of an adaptation record (the ``"decorrelation"`` correction: the
+    probe's calibrated speckle decorrelation estimates instead of the model), checked (None stays None).
+
+    Raises
+    ------
+    ValueError
+        Not a dict of valid :class:`.decorrelation.DecorrelationConfig` settings.
+    """
+    if settings is None:
+        return None
+    try:
+        adapted_decorrelation_config(settings)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"bad adaptation decorrelation {settings!r}: {exc}") from None
+    return settings
+
+
+def adapted_decorrelation_config(settings: dict):
+    """The :class:`.decorrelation.DecorrelationConfig` of an adaptation record's ``decorrelation``
+    in the models' own "toward" convention (``direction=-1``), as :func:`.predict.track_sequence`
+    estimates with it.
+
+    Raises
+    ------
+    TypeError, ValueError
+        Not a dict, unknown keys, invalid settings.
+    """
+    from .decorrelation import DecorrelationConfig
+
+    if not isinstance(settings, dict):
+        raise TypeError(f"a dict of DecorrelationConfig settings, got {type(settings).__name__}")
+    return replace(DecorrelationConfig(**settings), direction=-1)
 
 
 def apply_decorrelation_blend(params, frames, spacing_mm, blend: dict, *, decorrelation_params=None) -> np.ndarray:

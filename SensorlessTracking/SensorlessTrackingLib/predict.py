@@ -142,7 +142,9 @@ def load_model(path, device="cpu"):
     The returned ``torch.nn.Module`` has ``.config`` (:class:`~.models.ModelConfig`) and
     ``.out_of_plane_scale`` (1.0, or the factor of a per-probe adaptation, :mod:`.adapt`, which
     :func:`track_sequence` applies) and ``.decorrelation_blend`` (None, or the adaptation's
-    blend with speckle decorrelation, :func:`.corrections.apply_decorrelation_blend`).
+    blend with speckle decorrelation, :func:`.corrections.apply_decorrelation_blend`) and
+    ``.adapted_decorrelation`` (None, or the probe's calibrated speckle decorrelation settings that
+    :func:`track_sequence` estimates with instead of the network).
 
     Raises
     ------
@@ -172,11 +174,13 @@ def load_model(path, device="cpu"):
     if not (isinstance(scale, (int, float)) and np.isfinite(scale) and scale > 0):
         raise ModelFileError(f"{path}: bad adaptation out_of_plane_scale {scale!r} (a positive number)")
     model.out_of_plane_scale = float(scale)
-    from .corrections import check_decorrelation_blend
+    from .corrections import check_adapted_decorrelation, check_decorrelation_blend
 
     try:
         model.decorrelation_blend = check_decorrelation_blend(
             adaptation.get("decorrelation_blend") if isinstance(adaptation, dict) else None)
+        model.adapted_decorrelation = check_adapted_decorrelation(
+            adaptation.get("decorrelation") if isinstance(adaptation, dict) else None)
     except ValueError as exc:
         raise ModelFileError(f"{path}: {exc}") from None
     return model
@@ -485,7 +489,9 @@ def track_sequence(
         cfg_dec = replace(decorrelation or DecorrelationConfig(), direction=-1)  # "toward", as the models
         params = estimate_frame_to_frame(frames_in, spacing, cfg_dec)
         method = "decorrelation"
+        uses_decorrelation = True
     else:
+        uses_decorrelation = False
         from .data import _as_uint8, resample_frames
 
         if isinstance(model, (str, Path)):
@@ -499,11 +505,20 @@ def track_sequence(
                 spacing[0], spacing[1], coarse, cfg.pixel_spacing_mm,
             )
             info["warning"] = f"input spacing {max(spacing):.3f} mm is coarser than the model's {cfg.pixel_spacing_mm} mm"
-        frames = resample_frames(_as_uint8(frames_in), spacing, cfg.pixel_spacing_mm, cfg.image_size)
-        params = predict_poses_averaged(
-            frames, model, mode=mirror_average, device=device, batch_size=batch_size
-        )
         method = cfg.name if cfg.name != "dualtrack" or cfg.use_global else "dualtrack-local"
+        adapted_dec = getattr(model, "adapted_decorrelation", None)
+        if adapted_dec is not None:  # adapted to a probe whose calibrated decorrelation beat the model (:mod:`.adapt`)
+            from .corrections import adapted_decorrelation_config
+
+            params = estimate_frame_to_frame(frames_in, spacing, adapted_decorrelation_config(adapted_dec))
+            method += " (adapted: the probe's calibrated speckle decorrelation used instead of the network)"
+            info["adapted_decorrelation"] = adapted_dec
+            uses_decorrelation = True
+        else:
+            frames = resample_frames(_as_uint8(frames_in), spacing, cfg.pixel_spacing_mm, cfg.image_size)
+            params = predict_poses_averaged(
+                frames, model, mode=mirror_average, device=device, batch_size=batch_size
+            )
         scale = float(getattr(model, "out_of_plane_scale", 1.0))
         blend = getattr(model, "decorrelation_blend", None)
         if blend is not None:  # a model adapted to the probe with the decorrelation blended in (:mod:`.adapt`)
@@ -518,7 +533,7 @@ def track_sequence(
             params = apply_out_of_plane_scale(params, scale)
             method += f" (adapted, out-of-plane scale {scale:.3f})"
             info["out_of_plane_scale"] = scale
-        if mirror_average != "none":
+        if mirror_average != "none" and not uses_decorrelation:
             method += f" ({mirror_average} averaged)"
             info["mirror_average"] = mirror_average
     if sweep_direction != SWEEP_DIRECTIONS[0]:  # the models' and decorrelation's own convention: "toward"
@@ -534,7 +549,7 @@ def track_sequence(
     info["frame_flags"] = flags.to_dict()
     centres = est @ np.array([(cols - 1) / 2.0, (rows - 1) / 2.0, 0.0, 1.0])
     uncertainty = frame_uncertainty(
-        params, flags, calibration=DECORRELATION_CALIBRATION if method == "decorrelation" else LEARNED_CALIBRATION,
+        params, flags, calibration=DECORRELATION_CALIBRATION if uses_decorrelation else LEARNED_CALIBRATION,
         path_length_mm=float(np.linalg.norm(np.diff(centres[:, :3], axis=0), axis=1).sum()))
     info["uncertainty"] = uncertainty.to_dict()
     warnings = []

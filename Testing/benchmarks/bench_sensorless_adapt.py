@@ -9,7 +9,7 @@ true direction:
 - ``shipped``: the shipped model as it is;
 - ``adapted``: :func:`SensorlessTrackingLib.adapt.adapt_model` as ``freehandus track adapt`` runs it
   (the correction chosen by leave-one-sweep-out drift on the adaptation sweeps: none, the
-  out-of-plane scale or the blend with speckle decorrelation);
+  out-of-plane scale, the blend with speckle decorrelation or the calibrated decorrelation instead);
 - ``scale only``: the same forced to the one out-of-plane scale (``corrections=("scale",)``);
 - ``fine-tuned`` (``--fine-tune``): ``adapted`` with ``fine_tune=True`` (``--max-minutes``);
 - ``decorrelation (calibrated)``: :func:`~SensorlessTrackingLib.decorrelation.calibrate_decorrelation`
@@ -190,6 +190,8 @@ def run(n_adapt=4, n_test=4, n_frames=80, probes=None, fine_tune=False, max_minu
                     b = d["decorrelation_blend"]
                     what += (f", tz = {b['model_tz_weight']:.2f} model + {b['decorrelation_tz_weight']:.2f} "
                              f"decorrelation, tilts x {b['rotation_scale']:.2f}")
+                elif d.get("decorrelation"):
+                    what += f", decorrelation sigma {d['decorrelation']['sigma_mm']:.3f} mm"
             else:
                 what = f"sigma {d['sigma_mm']:.3f} mm"
             print(f"  {pname} {mname}: {what}, {d['seconds']:.0f} s"
@@ -260,6 +262,7 @@ def run_plus(segments=2, threads=1) -> dict:
             row = {"recording": name, "adapted_on": adapt_name, "tested_on": test_name, "test_frames": test_seq.n_frames,
                    "direction": direction, "correction": res.correction, "candidates": res.candidates,
                    "out_of_plane_scale": res.out_of_plane_scale, "decorrelation_blend": res.decorrelation_blend,
+                   "decorrelation": res.decorrelation,
                    "adaptation_seconds": res.seconds}
             for mname, model in (("shipped", shipped), ("adapted", adapted), ("decorrelation (calibrated)", "decorrelation")):
                 r = track_sequence(test_seq, model, sweep_direction=direction,

@@ -1,7 +1,7 @@
 """Per-probe adaptation: the scale fit, the adapted checkpoint, ``freehandus track adapt``."""
 
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -24,6 +24,7 @@ from SensorlessTrackingLib.adapt import (  # noqa: E402
     tracked_direction,
 )
 from SensorlessTrackingLib.conventions import column_mirror  # noqa: E402
+from SensorlessTrackingLib.decorrelation import DecorrelationConfig  # noqa: E402
 from SensorlessTrackingLib.predict import (  # noqa: E402
     ModelFileError,
     default_model_path,
@@ -95,13 +96,14 @@ def test_track_adapt_writes_a_model_whose_correction_predict_applies(sweep_files
     assert result["checkpoint"] == str(out) and result["fine_tuned"] is False
     assert result["validation"]["name"] == str(sweep_files[-1]) and len(result["sweeps"]) == 3
     # every candidate was judged on sweeps it was not fitted on, and the chosen one is the best
-    assert set(result["candidates"]) == {"none", "scale", "decorrelation-blend"}
+    assert set(result["candidates"]) == {"none", "scale", "decorrelation-blend", "decorrelation"}
     assert chosen == "none" or result["candidates"][chosen] == min(result["candidates"].values())
     ckpt = read_checkpoint(out)
     record = ckpt[ADAPTATION_KEY]
     assert record["correction"] == chosen and record["out_of_plane_scale"] == pytest.approx(scale)
     assert "optimizer" not in ckpt and (record["decorrelation_blend"] is not None) == (chosen == "decorrelation-blend")
     assert (scale != 1.0) == (chosen == "scale")
+    assert (record["decorrelation"] is not None) == (chosen == "decorrelation") == (result["decorrelation"] is not None)
     model = load_model(out)
     assert model.out_of_plane_scale == pytest.approx(scale)
     # the adapted estimate = the shipped model's with the chosen correction applied
@@ -112,6 +114,9 @@ def test_track_adapt_writes_a_model_whose_correction_predict_applies(sweep_files
     if chosen == "decorrelation-blend":
         expected = apply_decorrelation_blend(shipped.frame_to_frame, seq.frames, seq.pixel_spacing_mm,
                                              record["decorrelation_blend"])
+    if chosen == "decorrelation":
+        expected = track_sequence(seq, "decorrelation", decorrelation=DecorrelationConfig(**record["decorrelation"]))
+        expected = expected.frame_to_frame
     np.testing.assert_allclose(adapted.frame_to_frame, expected, atol=1e-9)
     # and track predict --model probe.pt says it is adapted (when a correction was chosen)
     est = tmp_path / "est.igs.mha"
@@ -149,6 +154,36 @@ def test_a_forced_blend_is_stored_and_applied(sweep_files, tmp_path):
                                          seq.pixel_spacing_mm, blend)
     np.testing.assert_allclose(adapted.frame_to_frame, expected, atol=1e-9)
     assert "blended with speckle decorrelation" in adapted.method and adapted.info["decorrelation_blend"] == blend
+
+
+def test_a_forced_decorrelation_is_stored_and_applied(sweep_files, tmp_path):
+    """The "decorrelation" candidate: the calibrated settings are stored as plain values (the
+    checkpoint loads weights-only) and track_sequence estimates with them instead of the network,
+    in either sweep direction; the summary says so."""
+    seqs = [(str(p), read_sequence(p)) for p in sweep_files]
+    res = adapt_model(seqs, tmp_path / "d.pt", config=AdaptConfig(corrections=("decorrelation",)))
+    assert res.correction == "decorrelation" and res.out_of_plane_scale == 1.0 and res.decorrelation_blend is None
+    settings = res.decorrelation
+    assert DecorrelationConfig(**settings).sigma_mm == settings["sigma_mm"] > 0
+    stored = torch.load(tmp_path / "d.pt", map_location="cpu", weights_only=True)
+    assert stored[ADAPTATION_KEY]["decorrelation"] == settings and stored[ADAPTATION_KEY]["correction"] == "decorrelation"
+    model = load_model(tmp_path / "d.pt")
+    assert model.adapted_decorrelation == settings and model.decorrelation_blend is None
+    seq = seqs[1][1]
+    for direction in ("toward", "away"):
+        adapted = track_sequence(seq, model, sweep_direction=direction)
+        expected = track_sequence(seq, "decorrelation", decorrelation=DecorrelationConfig(**settings),
+                                  sweep_direction=direction)
+        np.testing.assert_allclose(adapted.frame_to_frame, expected.frame_to_frame, atol=1e-12)
+        assert adapted.frame_to_frame[:, 2].std() > 0  # an estimate, not zeros
+        assert "calibrated speckle decorrelation" in adapted.method and adapted.info["adapted_decorrelation"] == settings
+        # the decorrelation's own uncertainty calibration, as for the decorrelation method
+        assert adapted.info["uncertainty"] == expected.info["uncertainty"]
+    text = str(res)
+    assert "correction: the probe's calibrated speckle decorrelation" in text and "decorrelation" in res.to_dict()
+    assert res.to_dict()["correction"] == "decorrelation"
+    # the network's own estimate differs: the correction really replaced it
+    assert not np.allclose(track_sequence(seq, "default").frame_to_frame, expected.frame_to_frame)
 
 
 def test_adapting_an_adapted_model_replaces_its_correction(sweep_files, tmp_path):
@@ -201,6 +236,16 @@ def test_bad_decorrelation_blend_is_refused(blend, tmp_path):
     ckpt[ADAPTATION_KEY] = {"out_of_plane_scale": 1.0, "decorrelation_blend": blend}
     torch.save(ckpt, tmp_path / "bad.pt")
     with pytest.raises(ModelFileError, match="decorrelation_blend"):
+        load_model(tmp_path / "bad.pt")
+
+
+@pytest.mark.parametrize("settings", [{"sigma_mm": -1.0}, {"sigma_mm": float("nan")}, {"nope": 1.0}, "decorrelation",
+                                      {"direction": 3}])
+def test_bad_adapted_decorrelation_is_refused(settings, tmp_path):
+    ckpt = read_checkpoint(default_model_path())
+    ckpt[ADAPTATION_KEY] = {"out_of_plane_scale": 1.0, "correction": "decorrelation", "decorrelation": settings}
+    torch.save(ckpt, tmp_path / "bad.pt")
+    with pytest.raises(ModelFileError, match="bad adaptation decorrelation"):
         load_model(tmp_path / "bad.pt")
 
 
@@ -351,3 +396,34 @@ def test_a_correction_is_chosen_only_when_its_gain_is_clear():
     chosen, loo, _, _ = _choose(noisy, ["none", "scale"], None)
     assert loo["scale"] < loo["none"] and chosen == "none"
     assert _choose(noisy, ["scale"], None)[0] == "scale"  # without "none" the best is taken
+
+
+def _decorrelation_problems(rng, model_better: bool):
+    """Sweeps on which the model's estimate drifts in plane (0.05 mm per frame sideways) and in
+    tz (0.3 mm too long) while the decorrelation is right (``model_better=False``), or the other
+    way round. The tz-only corrections cannot remove an in-plane drift."""
+    problems = [_blend_problem(rng, d, pauses) for d, pauses in
+                (("toward", 0.0), ("away", 0.3), ("toward", 0.5), ("away", 0.1), ("toward", 0.2))]
+    for pr in problems:
+        truth = pr["dec"].copy()
+        truth[:, 2] *= 1.3
+        off = truth.copy()
+        off[:, 0] += 0.05
+        off[:, 2] -= 0.3
+        good = truth + 0.005 * rng.normal(size=truth.shape)
+        pr["p"], pr["dec"] = (good, off) if model_better else (off, good)
+    return problems
+
+
+def test_the_decorrelation_is_chosen_only_where_it_is_clearly_better():
+    from SensorlessTrackingLib.adapt import CORRECTIONS, _choose
+
+    dec_cfg = DecorrelationConfig(sigma_mm=0.9)
+    better = _decorrelation_problems(np.random.default_rng(7), model_better=False)
+    chosen, loo, last, rec = _choose(better, list(CORRECTIONS), dec_cfg)
+    assert chosen == "decorrelation" and loo["decorrelation"] < 0.2 * min(loo["none"], loo["scale"],
+                                                                         loo["decorrelation-blend"])
+    assert rec["decorrelation"] == {"decorrelation": asdict(dec_cfg)}
+    worse = _decorrelation_problems(np.random.default_rng(7), model_better=True)
+    chosen, loo, _, _ = _choose(worse, list(CORRECTIONS), dec_cfg)
+    assert chosen == "none" and loo["decorrelation"] > 5 * loo["none"]
