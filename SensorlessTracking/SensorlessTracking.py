@@ -84,8 +84,8 @@ else. It hangs under the transform the recording's images hang under (e.g. Refer
 so it shows where the tracked frames show. <b>Train</b> runs in a separate process: Slicer
 stays usable, the panel shows each epoch, and Cancel stops it (the finished epochs stay; a new
 run in the same folder resumes them). <b>Adapt to this probe</b> chooses, on a few tracked
-recordings of your probe, between no correction, the model's out-of-plane scale and a blend
-with calibrated speckle decorrelation (whichever drifts least on recordings it was not fitted
+recordings of your probe, between no correction, the model's out-of-plane scale, a blend
+with calibrated speckle decorrelation and that decorrelation instead of the model (whichever drifts least on recordings it was not fitted
 on; optionally it fine-tunes the model too), in a separate process: on simulated probes it was
 not trained on, the median drift went from 15-25 % to 8-16 % of the path in our tests. Reading the recording (Info), estimating (its
 reading of the recording included) and reconstructing show progress and have a Cancel button
