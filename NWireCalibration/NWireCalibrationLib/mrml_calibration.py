@@ -73,32 +73,107 @@ Example (3D Slicer Python console)
 >>> out = mc.calibrate_browsers(getNode("CalibrationBrowser"), getNode("ValidationBrowser"), setup)
 >>> print(out.result)
 >>> print(out.image_to_probe_node.GetAttribute(mc.ATTR_PLUS_TRANSFORM))
+
+Modules
+-------
+This module reads the scene (:func:`make_setup`, :func:`sequence_from_browser`) and runs the
+detection and the batch calibration (:func:`detect_browser`, :func:`calibrate_browsers`); the
+rest lives beside it and is re-exported here, so ``mrml_calibration.X`` keeps working:
+:mod:`.mrml_calibration_common` (the ``ATTR_*``/``REF_*``/``COL_*`` names, transform-node
+readers), :mod:`.mrml_calibration_overlay` (the dots overlay), :mod:`.mrml_calibration_results`
+(ImageToProbe node, tables, plots, PlusServer push) and :mod:`.mrml_live_calibration`
+(:class:`LiveCalibration`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import time
 from dataclasses import dataclass, replace
-from datetime import datetime
 
 import numpy as np
-import vtk
-from vtk.util import numpy_support
 
 from FreehandUSLib import jobs, mrml
-from FreehandUSLib.errors import FreehandUSError, SequenceError, TransformError
+from FreehandUSLib.errors import SequenceError, TransformError
 from FreehandUSLib.io.plus_config import read_plus_config
-from FreehandUSLib.transforms import split_transform_name
 
 from .errors import CalibrationError, DetectionError, PhantomDefinitionError
-from .keyframes import KeyframeCalibrator, KeyframeSettings, KeyframeUpdate
-from .metrics import reprojection_errors_2d, reprojection_errors_3d
+from .mrml_calibration_common import (
+    ATTR_CONFIG,
+    ATTR_DATE,
+    ATTR_DETECTION,
+    ATTR_DETECTION_REPORT,
+    ATTR_ERROR_MM,
+    ATTR_MODE,
+    ATTR_PHANTOM,
+    ATTR_PHANTOM_POSE,
+    ATTR_PLUS_TRANSFORM,
+    ATTR_RESULT,
+    ATTR_ROLE,
+    ATTR_SOLVER,
+    ATTR_SOURCE,
+    COL_CAL_ERROR2D,
+    COL_CAL_ERROR3D,
+    COL_CHANGE,
+    COL_DATA_SET,
+    COL_DIVERSITY,
+    COL_ERROR2D,
+    COL_ERROR3D_MAX,
+    COL_ERROR3D_MEAN,
+    COL_ERROR3D_TRIMMED,
+    COL_FRAME,
+    COL_FRAMES,
+    COL_KEYFRAMES,
+    COL_REASON,
+    COL_REASON_CODE,
+    COL_RESIDUAL,
+    COL_SEGMENTED,
+    COL_STATUS,
+    COL_USED,
+    COL_VAL_ERROR2D,
+    COL_VAL_ERROR3D,
+    REF_ACCURACY_TABLE,
+    REF_CALIBRATION_BROWSER,
+    REF_CONVERGENCE_TABLE,
+    REF_LIVE_IMAGE,
+    REF_REJECTIONS_TABLE,
+    REF_RESIDUALS_TABLE,
+    REF_VALIDATION_BROWSER,
+    ROLE_DOTS,
+    STATUS_DROPPED,
+    STATUS_REJECTED,
+    STATUS_RELABELLED,
+    _CHART_CLASS,
+    _TABLE_CLASS,
+    _check_browser,
+    _plus_name,
+    _with_registration,
+    matrix_of_transform_node,
+)
+from .mrml_calibration_overlay import (
+    _browser_sequences,
+    _check_markups,
+    _ijk_to_ras,
+    _image_sequence,
+    dots_to_markups,
+    image_proxy_node,
+)
+from .mrml_calibration_results import (
+    _table_node,
+    accuracy_columns,
+    detection_report_text,
+    fill_table,
+    plot_table,
+    push_calibration_node,
+    rejection_columns,
+    residual_columns,
+    write_detection_report,
+    write_image_to_probe,
+)
+from .mrml_live_calibration import LiveCalibration, frame_from_image_node, probe_to_reference_of_image_node
 from .phantom import builtin_phantom_names
-from .pipeline import CalibrationSetup, calibrate, detect_sequence, load_setup, make_detector, probe_to_reference
-from .results import CalibrationResult, DetectionResult, plus_transform_element
+from .pipeline import CalibrationSetup, calibrate, detect_sequence, load_setup, probe_to_reference
+from .results import CalibrationResult, DetectionResult
 
 __all__ = [
     "make_setup",
@@ -169,81 +244,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_PREFIX = "NWireCalibration."
-#: PLUS's error of the calibration (validation, else calibration, 95 %-trimmed 3D error), mm.
-ATTR_ERROR_MM = _PREFIX + "ErrorMm"
-#: When the calibration was computed (``YYYY.MM.DD hh:mm:ss``, as PLUS writes ``Date``).
-ATTR_DATE = _PREFIX + "Date"
-ATTR_SOLVER = _PREFIX + "Solver"
-#: ``known`` or ``estimated``.
-ATTR_PHANTOM_POSE = _PREFIX + "PhantomPose"
-ATTR_PHANTOM = _PREFIX + "Phantom"
-#: ``batch`` (recordings) or ``live`` (keyframes of a live image node).
-ATTR_MODE = _PREFIX + "Mode"
-#: Names of the browsers / live image node the calibration comes from.
-ATTR_SOURCE = _PREFIX + "Source"
-#: The PLUS configuration (path) the phantom came from, if any.
-ATTR_CONFIG = _PREFIX + "Config"
-#: The ``<Transform From="Image" To="Probe" Matrix=... Error=... Date=.../>`` element.
-ATTR_PLUS_TRANSFORM = _PREFIX + "PlusTransform"
-#: JSON of :meth:`CalibrationResult.to_dict` (batch) or of :meth:`LiveCalibration.status` (live).
-ATTR_RESULT = _PREFIX + "Result"
-#: On the dots markups node and its sequence: JSON summary of the detection.
-ATTR_DETECTION = _PREFIX + "Detection"
-#: On the ImageToProbe node and the rejections table: why frames did not count
-#: (:func:`detection_report_text`).
-ATTR_DETECTION_REPORT = _PREFIX + "DetectionReport"
-#: On the dots sequence (``ROLE_DOTS``), to find it again in the browser.
-ATTR_ROLE = _PREFIX + "Role"
-ROLE_DOTS = "DetectedDots"
-
-REF_CALIBRATION_BROWSER = _PREFIX + "CalibrationBrowser"
-REF_VALIDATION_BROWSER = _PREFIX + "ValidationBrowser"
-REF_LIVE_IMAGE = _PREFIX + "LiveImage"
-REF_ACCURACY_TABLE = _PREFIX + "AccuracyTable"
-REF_RESIDUALS_TABLE = _PREFIX + "ResidualsTable"
-REF_REJECTIONS_TABLE = _PREFIX + "RejectionsTable"
-REF_CONVERGENCE_TABLE = _PREFIX + "ConvergenceTable"
-
-# Accuracy table: one row per data set (calibration, validation).
-COL_DATA_SET = "Data set"
-COL_FRAMES = "Frames"
-COL_SEGMENTED = "Segmented"
-COL_USED = "Used"
-COL_ERROR3D_TRIMMED = "3D error, best 95 % (mm)"
-COL_ERROR3D_MEAN = "3D error, all (mm)"
-COL_ERROR3D_MAX = "3D error, max (mm)"
-COL_ERROR2D = "2D error (px)"
-# Residuals table: one row per frame index.
-COL_FRAME = "Frame"
-COL_CAL_ERROR3D = "Calibration 3D error (mm)"
-COL_VAL_ERROR3D = "Validation 3D error (mm)"
-COL_CAL_ERROR2D = "Calibration 2D error (px)"
-COL_VAL_ERROR2D = "Validation 2D error (px)"
-# Rejections table: one row per frame that did not count (COL_DATA_SET, COL_FRAME and these).
-COL_STATUS = "Status"
-COL_REASON_CODE = "Reason code"
-COL_REASON = "Reason"
-#: A calibration frame not detected.
-STATUS_REJECTED = "rejected"
-#: A validation frame not detected (the validation errors are over the other frames).
-STATUS_DROPPED = "dropped"
-#: A frame whose single-frame labelling the sequence stage refused (``motion-inconsistent``) and
-#: that the tracked or neighbours stage then labelled: it counts, with the new labels.
-STATUS_RELABELLED = "refused, relabelled"
-# Convergence table (live): one row per recalibration.
-COL_KEYFRAMES = "Keyframes"
-COL_CHANGE = "Change (mm)"
-COL_RESIDUAL = "Residual RMS (mm)"
-COL_DIVERSITY = "Pose diversity (deg)"
-
-_BROWSER_CLASS = "vtkMRMLSequenceBrowserNode"
-_MARKUPS_CLASS = "vtkMRMLMarkupsFiducialNode"
-_TABLE_CLASS = "vtkMRMLTableNode"
-_CHART_CLASS = "vtkMRMLPlotChartNode"
-_SERIES_CLASS = "vtkMRMLPlotSeriesNode"
-_INVALID_TEXT = ("false", "0", "no", "invalid")
-
 
 # --------------------------------------------------------------------------------------------
 # Setup and recordings
@@ -297,16 +297,6 @@ def make_setup(config=None, *, phantom=None, pixel_spacing_mm=None) -> Calibrati
                 "a phantom file, or a configuration that defines the phantom"
             )
     return load_setup(config, phantom=phantom, pixel_spacing_mm=pixel_spacing_mm)
-
-
-def _check_browser(browser_node, role: str) -> None:
-    if browser_node is None:
-        raise SequenceError(f"no {role} recording: select a sequence browser (vtkMRMLSequenceBrowserNode)")
-    if not browser_node.IsA(_BROWSER_CLASS):
-        raise SequenceError(
-            f"{role} recording {browser_node.GetName()!r} is a {browser_node.GetClassName()}; expected a "
-            "vtkMRMLSequenceBrowserNode (for a live image node use live calibration)"
-        )
 
 
 def sequence_from_browser(browser_node, *, role: str = "calibration", progress=None, cancel=None):
@@ -408,19 +398,6 @@ def _poses(sequence, browser_node, role: str) -> np.ndarray:
         ) from exc
 
 
-def _with_registration(setup: CalibrationSetup, phantom_to_reference_node=None) -> CalibrationSetup:
-    """``setup`` checked, with the registration of ``phantom_to_reference_node`` when given."""
-    if not isinstance(setup, CalibrationSetup):
-        raise DetectionError(
-            f"setup: expected a CalibrationSetup (make_setup(config) or make_setup(phantom=...)), got "
-            f"{type(setup).__name__}"
-        )
-    if phantom_to_reference_node is None:
-        return setup
-    registration = matrix_of_transform_node(phantom_to_reference_node, "PhantomToReference")
-    return replace(setup, phantom_to_reference=registration)
-
-
 def _spacing_hint(browser_node, sequence, setup: CalibrationSetup, pixel_spacing_mm, role: str):
     """The detector's spacing hint: given, the setup's, the recording's, else the frames' IJKToRAS.
 
@@ -494,160 +471,6 @@ def detect_browser(browser_node, setup: CalibrationSetup, *, detector: str = "he
         dots_to_markups(browser_node, result, markups_node)
     logger.info("detected dots in %s: %s", browser_node.GetName(), result)
     return result
-
-
-def _check_markups(node) -> None:
-    if not node.IsA(_MARKUPS_CLASS):
-        raise DetectionError(f"dots overlay: expected a vtkMRMLMarkupsFiducialNode, got {node.GetClassName()}")
-
-
-def _browser_sequences(browser) -> list:
-    coll = vtk.vtkCollection()
-    browser.GetSynchronizedSequenceNodes(coll, True)
-    return [coll.GetItemAsObject(i) for i in range(coll.GetNumberOfItems())]
-
-
-def _image_sequence(browser):
-    """The volume sequence of a browser (the one :func:`FreehandUSLib.mrml.browser_to_sequence` reads)."""
-    volumes = [
-        s for s in _browser_sequences(browser)
-        if s.GetNumberOfDataNodes() > 0 and s.GetNthDataNode(0) is not None
-        and s.GetNthDataNode(0).IsA("vtkMRMLVolumeNode")
-    ]
-    if not volumes:
-        raise SequenceError(f"browser {browser.GetName()!r} has no volume sequence")
-    for s in volumes:
-        if s.GetAttribute(mrml.ATTR_ROLE) == "Image":
-            return s
-    master = browser.GetMasterSequenceNode()
-    for s in volumes:
-        if master is not None and s.GetID() == master.GetID():
-            return s
-    return volumes[0]
-
-
-def image_proxy_node(browser_node):
-    """The volume node that shows the browser's selected frame (proxy of its image sequence).
-
-    Raises
-    ------
-    SequenceError
-        Not a browser, or no image sequence / no proxy node.
-    """
-    _check_browser(browser_node, "calibration")
-    proxy = browser_node.GetProxyNode(_image_sequence(browser_node))
-    if proxy is None:
-        raise SequenceError(f"browser {browser_node.GetName()!r}: the image sequence has no proxy node")
-    return proxy
-
-
-def _ijk_to_ras(volume_node) -> np.ndarray:
-    m = vtk.vtkMatrix4x4()
-    volume_node.GetIJKToRASMatrix(m)
-    return mrml.vtk_to_matrix(m)
-
-
-def _pixels_to_ras(points_px: np.ndarray, ijk_to_ras: np.ndarray) -> np.ndarray:
-    """(n, 2) pixels (x, y) -> (n, 3) RAS through IJKToRAS (k = 0)."""
-    return points_px @ ijk_to_ras[:3, :2].T + ijk_to_ras[:3, 3]
-
-
-def _set_points(markups, points_ras: np.ndarray, labels) -> None:
-    was = markups.StartModify()
-    try:
-        markups.RemoveAllControlPoints()
-        for p, label in zip(points_ras, labels):
-            markups.AddControlPoint(vtk.vtkVector3d(*(float(v) for v in p)), str(label))
-    finally:
-        markups.EndModify(was)
-
-
-def _style_dots(markups) -> None:
-    markups.SetLocked(True)
-    if markups.GetDisplayNode() is None:
-        markups.CreateDefaultDisplayNodes()
-    display = markups.GetDisplayNode()
-    if display is not None:
-        display.SetSelectedColor(1.0, 0.85, 0.0)
-        display.SetTextScale(0.0)
-        display.SetGlyphScale(2.0)
-
-
-def dots_to_markups(browser_node, detection: DetectionResult, markups_node):
-    """Make ``markups_node`` an overlay of the detected dots that follows the browser.
-
-    See the module docstring: the dots of frame ``i`` become item ``i`` of a new markups
-    sequence (same index values as the image sequence) synchronised in ``browser_node``, whose
-    proxy is ``markups_node``. A dots sequence made earlier for this browser is removed.
-
-    Parameters
-    ----------
-    browser_node : vtkMRMLSequenceBrowserNode
-    detection : DetectionResult
-        Of the browser's frames (same number of frames).
-    markups_node : vtkMRMLMarkupsFiducialNode
-        Its points become those of the selected frame; labels are the wire names; locked.
-
-    Returns
-    -------
-    vtkMRMLSequenceNode
-        The dots sequence (attribute ``NWireCalibration.Role = DetectedDots``).
-
-    Raises
-    ------
-    SequenceError
-        Not a browser, no image sequence, or a detection of another number of frames.
-    DetectionError
-        ``markups_node`` is not a markups fiducial node.
-    """
-    _check_browser(browser_node, "calibration")
-    _check_markups(markups_node)
-    scene = browser_node.GetScene()
-    image_seq = _image_sequence(browser_node)
-    n = image_seq.GetNumberOfDataNodes()
-    if detection.n_frames != n:
-        raise SequenceError(
-            f"browser {browser_node.GetName()!r} has {n} frames but the detection has {detection.n_frames}; "
-            "detect the dots of this browser again"
-        )
-    for old in _browser_sequences(browser_node):
-        if old.GetAttribute(ATTR_ROLE) == ROLE_DOTS:
-            browser_node.RemoveSynchronizedSequenceNode(old.GetID())
-            scene.RemoveNode(old)
-    seq = scene.AddNewNodeByClass("vtkMRMLSequenceNode",
-                                  scene.GenerateUniqueName(f"{browser_node.GetName()}_DetectedDots"))
-    seq.SetIndexName(image_seq.GetIndexName())
-    seq.SetIndexUnit(image_seq.GetIndexUnit())
-    seq.SetIndexType(image_seq.GetIndexType())
-    seq.SetNumericIndexValueTolerance(image_seq.GetNumericIndexValueTolerance())
-    summary = json.dumps({k: v for k, v in detection.to_dict().items() if k != "frames"})
-    seq.SetAttribute(ATTR_ROLE, ROLE_DOTS)
-    seq.SetAttribute(ATTR_DETECTION, summary)
-    item = markups_node.NewInstance()  # a scene-less node of the same class; the sequence deep-copies it
-    item.SetName(markups_node.GetName())
-    item.SetAttribute(ATTR_DETECTION, summary)  # proxies copy the items' attributes too
-    labels = list(detection.wire_names)
-    for i in range(n):
-        pts = detection.points_px[i]
-        if detection.ok[i] and np.all(np.isfinite(pts)):
-            _set_points(item, _pixels_to_ras(pts, _ijk_to_ras(image_seq.GetNthDataNode(i))), labels)
-        else:
-            item.RemoveAllControlPoints()
-        seq.SetDataNodeAtValue(item, image_seq.GetNthIndexValue(i))
-    browser_node.AddSynchronizedSequenceNodeID(seq.GetID())
-    automatic = browser_node.GetProxyNode(seq)  # the Sequences logic makes one; ours replaces it
-    browser_node.AddProxyNode(markups_node, seq, False)
-    if automatic is not None and automatic.GetID() != markups_node.GetID():
-        scene.RemoveNode(automatic)
-    selected = browser_node.GetSelectedItemNumber()
-    data = seq.GetNthDataNode(min(max(selected, 0), n - 1))
-    if data is not None:
-        markups_node.CopyContent(data)
-    image_proxy = browser_node.GetProxyNode(image_seq)
-    markups_node.SetAndObserveTransformNodeID(image_proxy.GetTransformNodeID() if image_proxy is not None else None)
-    markups_node.SetAttribute(ATTR_DETECTION, summary)
-    _style_dots(markups_node)
-    return seq
 
 
 # --------------------------------------------------------------------------------------------
@@ -874,900 +697,3 @@ def _check_detection(detection, sequence, browser, role: str) -> None:
             f"{role} recording {browser.GetName()!r} has {sequence.n_frames} frames but the given detection has "
             f"{detection.n_frames}; detect this recording again"
         )
-
-
-def _format_date(date: datetime) -> str:
-    return date.strftime("%Y.%m.%d %H:%M:%S")
-
-
-def write_image_to_probe(scene, result: CalibrationResult, node=None, *, mode: str = "batch", source: str = "",
-                         config: str = "", date: datetime | None = None):
-    """Write ImageToProbe (matrix to parent) and its provenance attributes into a transform node.
-
-    Parameters
-    ----------
-    scene : vtkMRMLScene
-    result : CalibrationResult
-    node : vtkMRMLLinearTransformNode, optional
-        Default: a new node named ``ImageToProbe`` (made unique).
-    mode : {"batch", "live"}
-    source, config : str
-        Recorded as ``NWireCalibration.Source`` / ``.Config``.
-    date : datetime, optional
-        Default: now.
-
-    Returns
-    -------
-    vtkMRMLLinearTransformNode
-    """
-    if node is None:
-        node = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", scene.GenerateUniqueName("ImageToProbe"))
-    date = date or datetime.now()
-    stamp = _format_date(date)
-    was = node.StartModify()
-    try:
-        node.SetMatrixTransformToParent(mrml.matrix_to_vtk(result.image_to_probe))
-        error = result.error_mm
-        node.SetAttribute(mrml.ATTR_TRANSFORM_NAME, "ImageToProbe")
-        node.SetAttribute(ATTR_ERROR_MM, repr(float(error)) if math.isfinite(error) else "nan")
-        node.SetAttribute(ATTR_DATE, stamp)
-        node.SetAttribute(ATTR_SOLVER, result.solver)
-        node.SetAttribute(ATTR_PHANTOM_POSE, result.phantom_pose)
-        node.SetAttribute(ATTR_PHANTOM, result.phantom_name)
-        node.SetAttribute(ATTR_MODE, mode)
-        node.SetAttribute(ATTR_SOURCE, source)
-        node.SetAttribute(ATTR_CONFIG, str(config or ""))
-        node.SetAttribute(ATTR_PLUS_TRANSFORM, result.plus_transform_element(date=stamp))
-        node.SetAttribute(ATTR_RESULT, json.dumps(result.to_dict()))
-        node.SetDescription(str(result))
-    finally:
-        node.EndModify(was)
-    return node
-
-
-# --------------------------------------------------------------------------------------------
-# Tables and plots
-# --------------------------------------------------------------------------------------------
-
-
-def accuracy_columns(result: CalibrationResult) -> list:
-    """The accuracy table: ``[(name, values, unit), ...]``, one row per data set.
-
-    Rows: ``calibration`` and (when validated) ``validation``. Columns: data set, frames,
-    segmented, used, PLUS 3D error best 95 % / all / max (mm), 2D error (px).
-    """
-    sets = [("calibration", result.calibration)]
-    if result.validation is not None:
-        sets.append(("validation", result.validation))
-    return [
-        (COL_DATA_SET, [name for name, _ in sets], ""),
-        (COL_FRAMES, [m.frames_total for _, m in sets], ""),
-        (COL_SEGMENTED, [m.frames_segmented for _, m in sets], ""),
-        (COL_USED, [m.frames_used for _, m in sets], ""),
-        (COL_ERROR3D_TRIMMED, [m.error3d_trimmed95_mean_mm for _, m in sets], "mm"),
-        (COL_ERROR3D_MEAN, [m.error3d_mean_mm for _, m in sets], "mm"),
-        (COL_ERROR3D_MAX, [m.error3d_max_mm for _, m in sets], "mm"),
-        (COL_ERROR2D, [m.error2d_mean_px for _, m in sets], "px"),
-    ]
-
-
-def _frame_errors(result: CalibrationResult, phantom, detection, poses) -> tuple[np.ndarray, np.ndarray]:
-    """Per frame: mean PLUS 3D error over the N patterns (mm), mean 2D error length over the wires (px)."""
-    pts = detection.points_px
-    e3 = reprojection_errors_3d(pts, poses, result.image_to_probe, result.phantom_to_reference, phantom)
-    e2 = np.linalg.norm(
-        reprojection_errors_2d(pts, poses, result.image_to_probe, result.phantom_to_reference, phantom), axis=-1)
-    return _row_mean(e3), _row_mean(e2)
-
-
-def _row_mean(values: np.ndarray) -> np.ndarray:
-    finite = np.isfinite(values)
-    count = finite.sum(axis=1)
-    total = np.where(finite, values, 0.0).sum(axis=1)
-    out = np.full(values.shape[0], np.nan)
-    out[count > 0] = total[count > 0] / count[count > 0]
-    return out
-
-
-def residual_columns(result: CalibrationResult, setup: CalibrationSetup, calibration_detection, calibration_poses,
-                     validation_detection=None, validation_poses=None) -> list:
-    """The per-frame residuals table: ``[(name, values, unit), ...]``, one row per frame index.
-
-    Columns: frame index, calibration 3D / 2D error, and (when validated) validation 3D / 2D
-    error. The 3D error of a frame is the mean PLUS 3D reprojection error of its N patterns
-    (mm); the 2D error the mean length of its wires' 2D reprojection errors (px). NaN where a
-    frame was not segmented or not tracked, and past the end of the shorter recording.
-    """
-    c3, c2 = _frame_errors(result, setup.phantom, calibration_detection, calibration_poses)
-    n = c3.size
-    v3 = v2 = None
-    if validation_detection is not None:
-        v3, v2 = _frame_errors(result, setup.phantom, validation_detection, validation_poses)
-        n = max(n, v3.size)
-
-    def pad(a):
-        out = np.full(n, np.nan)
-        out[: a.size] = a
-        return out
-
-    columns = [(COL_FRAME, list(range(n)), ""), (COL_CAL_ERROR3D, pad(c3), "mm"), (COL_CAL_ERROR2D, pad(c2), "px")]
-    if v3 is not None:
-        columns += [(COL_VAL_ERROR3D, pad(v3), "mm"), (COL_VAL_ERROR2D, pad(v2), "px")]
-    return columns
-
-
-_STAGE_WORDS = {"single-frame": "alone", "tracked": "from the tracked motion",
-                "neighbours": "from the neighbouring frames"}
-
-
-def _detection_sets(calibration_detection, validation_detection):
-    sets = [("calibration", calibration_detection)]
-    if validation_detection is not None:
-        sets.append(("validation", validation_detection))
-    for name, det in sets:
-        if not isinstance(det, DetectionResult):
-            raise DetectionError(f"{name} detection: expected a DetectionResult, got {type(det).__name__}")
-    return sets
-
-
-def _reason_meaning(code: str) -> str:
-    from .labeling import REJECTION_REASONS
-
-    return REJECTION_REASONS.get(code, "the detector gave no reason")
-
-
-def rejection_columns(calibration_detection: DetectionResult, validation_detection: DetectionResult | None = None
-                      ) -> list:
-    """The rejections table: ``[(name, values, unit), ...]``, one row per frame that did not count.
-
-    Rows, calibration frames first, by frame index: every frame that was not detected
-    (:data:`STATUS_REJECTED` in the calibration recording, :data:`STATUS_DROPPED` in the
-    validation recording) with its reason code (:data:`~.labeling.REJECTION_REASONS`, ``"unstated"``
-    when the detector gave none) and text, and every frame whose single-frame labelling the
-    sequence stage refused and another stage then labelled (:data:`STATUS_RELABELLED`, code
-    ``motion-inconsistent``). Columns: data set, frame index (0-based, as in the browser),
-    status, reason code, reason.
-    """
-    rows = []
-    for name, det in _detection_sets(calibration_detection, validation_detection):
-        status = STATUS_REJECTED if name == "calibration" else STATUS_DROPPED
-        refused = set(det.refused_frames())
-        for i in range(det.n_frames):
-            if not det.ok[i]:
-                code = det.reason_code(i)
-                rows.append((name, i, status, code, det.reasons[i] or _reason_meaning(code)))
-            elif i in refused:
-                stage = (det.stages[i] if det.stages is not None else "") or "single-frame"
-                rows.append((name, i, STATUS_RELABELLED, "motion-inconsistent",
-                             f"its single-frame labelling lay far from where the tracked motion and the neighbouring "
-                             f"frames put the dots; labelled {_STAGE_WORDS.get(stage, stage)} instead"))
-    return [
-        (COL_DATA_SET, np.array([r[0] for r in rows], dtype=str), ""),
-        (COL_FRAME, [r[1] for r in rows], ""),
-        (COL_STATUS, np.array([r[2] for r in rows], dtype=str), ""),
-        (COL_REASON_CODE, np.array([r[3] for r in rows], dtype=str), ""),
-        (COL_REASON, np.array([r[4] for r in rows], dtype=str), ""),
-    ]
-
-
-def detection_report_text(calibration_detection: DetectionResult,
-                          validation_detection: DetectionResult | None = None) -> str:
-    """Why frames did not count, per recording: detected frames per stage, refused, rejected by reason.
-
-    One paragraph per recording, e.g. ``"Calibration recording: 28 of 30 frames detected (25
-    alone, 2 from the tracked motion, 1 from the neighbouring frames). The sequence stage refused
-    1 single-frame labelling as motion-inconsistent (frame 12). 2 frames rejected: 1
-    pattern-missing, 1 3d-check."``, then what each reason code present means. The frames and
-    their reasons are in :func:`rejection_columns`.
-    """
-    paragraphs = []
-    codes = []
-    for name, det in _detection_sets(calibration_detection, validation_detection):
-        counts = det.stage_counts()
-        stages = ", ".join(f"{n} {_STAGE_WORDS.get(stage, stage)}" for stage, n in counts.items() if n)
-        text = f"{name.capitalize()} recording: {det.frames_detected} of {det.n_frames} frames detected"
-        text += f" ({stages})." if stages else "."
-        summary = det.sequence or {}
-        if det.sequence is None or not summary.get("enabled", True):
-            text += " The sequence stage did not run (every frame labelled alone)."
-        else:
-            model = summary.get("tracked_model") or {}
-            if not model.get("used") and model.get("reason"):
-                text += f" No tracked prediction: {model['reason']}."
-            refused = det.refused_frames()
-            if refused:
-                shown = ", ".join(str(i) for i in refused[:10]) + (", ..." if len(refused) > 10 else "")
-                text += (f" The sequence stage refused {len(refused)} single-frame labelling"
-                         f"{'s' if len(refused) != 1 else ''} as motion-inconsistent "
-                         f"(frame{'s' if len(refused) != 1 else ''} {shown}).")
-        rejected = det.rejection_counts()
-        n_rejected = det.n_frames - det.frames_detected
-        if n_rejected:
-            verb = "rejected" if name == "calibration" else "dropped"
-            text += (f" {n_rejected} frame{'s' if n_rejected != 1 else ''} {verb}: "
-                     + ", ".join(f"{n} {code}" for code, n in rejected.items()) + ".")
-            if name == "validation":
-                text += " The validation errors are over the other frames."
-            codes.extend(c for c in rejected if c not in codes)
-        else:
-            text += " No frame " + ("rejected." if name == "calibration" else "dropped.")
-        paragraphs.append(text)
-    if any(det.refused_frames() for _, det in _detection_sets(calibration_detection, validation_detection)):
-        if "motion-inconsistent" not in codes:
-            codes.append("motion-inconsistent")
-    if codes:
-        paragraphs.append("Reasons: " + "; ".join(f"{code}: {_reason_meaning(code)}" for code in codes) + ".")
-    return "\n".join(paragraphs)
-
-
-def write_detection_report(table_node, calibration_detection: DetectionResult,
-                           validation_detection: DetectionResult | None = None) -> str:
-    """Fill the rejections table (:func:`rejection_columns`) and store the report text on it.
-
-    The text (:func:`detection_report_text`) goes into the table's
-    :data:`ATTR_DETECTION_REPORT` attribute, so a saved scene keeps both.
-
-    Returns
-    -------
-    str
-        The report text.
-    """
-    text = detection_report_text(calibration_detection, validation_detection)
-    fill_table(table_node, rejection_columns(calibration_detection, validation_detection))
-    table_node.SetAttribute(ATTR_DETECTION_REPORT, text)
-    return text
-
-
-def _table_node(scene, node, name: str):
-    if node is None:
-        return scene.AddNewNodeByClass(_TABLE_CLASS, scene.GenerateUniqueName(name))
-    if not node.IsA(_TABLE_CLASS):
-        raise CalibrationError(f"output table: expected a vtkMRMLTableNode, got {node.GetClassName()}")
-    return node
-
-
-def fill_table(table_node, columns) -> None:
-    """Replace the columns of a table node.
-
-    Parameters
-    ----------
-    table_node : vtkMRMLTableNode
-    columns : list of (name, values, unit)
-        Equal-length columns; values of str (or a numpy str array, even empty) -> string
-        column, of int -> int column, else double (NaN kept).
-    """
-    if table_node is None or not table_node.IsA(_TABLE_CLASS):
-        got = "None" if table_node is None else table_node.GetClassName()
-        raise CalibrationError(f"output table: expected a vtkMRMLTableNode, got {got}")
-    lengths = {len(values) for _, values, _ in columns}
-    if len(lengths) > 1:
-        raise ValueError(f"fill_table: columns have different lengths {sorted(lengths)}")
-    was = table_node.StartModify()
-    try:
-        table_node.RemoveAllColumns()
-        for name, values, unit in columns:
-            is_text = isinstance(values, np.ndarray) and values.dtype.kind in "US"  # also when empty
-            values = list(values)
-            if is_text or (values and all(isinstance(v, str) for v in values)):
-                array = vtk.vtkStringArray()
-                for v in values:
-                    array.InsertNextValue(v)
-            elif values and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
-                array = numpy_support.numpy_to_vtk(np.asarray(values, dtype=np.int32), deep=True,
-                                                   array_type=vtk.VTK_INT)
-            else:
-                array = numpy_support.numpy_to_vtk(np.asarray(values, dtype=np.float64), deep=True,
-                                                   array_type=vtk.VTK_DOUBLE)
-            array.SetName(name)
-            table_node.AddColumn(array)
-            if unit:
-                table_node.SetColumnUnitLabel(name, unit)
-        table_node.SetLocked(True)
-        table_node.Modified()
-    finally:
-        table_node.EndModify(was)
-
-
-def plot_table(table_node, x_column: str, y_columns, *, chart_node=None, title: str = "", y_title: str = "",
-               lines: bool = True):
-    """A plot chart of table columns (one series per y column), reusing the chart's series.
-
-    Parameters
-    ----------
-    table_node : vtkMRMLTableNode
-    x_column : str
-    y_columns : list of str
-    chart_node : vtkMRMLPlotChartNode, optional
-        Its series are replaced; default: a new chart ``<table>Plot``.
-    title, y_title : str
-    lines : bool
-        Lines with markers (convergence) or markers only (residuals).
-
-    Returns
-    -------
-    vtkMRMLPlotChartNode
-        Show it with ``slicer.modules.plots.logic().ShowChartInLayout(chart)``.
-    """
-    scene = table_node.GetScene()
-    if chart_node is None:
-        chart_node = scene.AddNewNodeByClass(_CHART_CLASS, scene.GenerateUniqueName(f"{table_node.GetName()}Plot"))
-    elif not chart_node.IsA(_CHART_CLASS):
-        raise CalibrationError(f"plot: expected a vtkMRMLPlotChartNode, got {chart_node.GetClassName()}")
-    old = [chart_node.GetNthPlotSeriesNode(i) for i in range(chart_node.GetNumberOfPlotSeriesNodes())]
-    chart_node.RemoveAllPlotSeriesNodeIDs()
-    for series in old:
-        if series is not None and series.GetAttribute(ATTR_ROLE) == "Series":
-            scene.RemoveNode(series)
-    for y in y_columns:
-        series = scene.AddNewNodeByClass(_SERIES_CLASS, scene.GenerateUniqueName(y))
-        series.SetAttribute(ATTR_ROLE, "Series")
-        series.SetAndObserveTableNodeID(table_node.GetID())
-        series.SetXColumnName(x_column)
-        series.SetYColumnName(y)
-        series.SetPlotType(series.PlotTypeScatter)
-        series.SetMarkerStyle(series.MarkerStyleCircle)
-        series.SetLineStyle(series.LineStyleSolid if lines else series.LineStyleNone)
-        series.SetUniqueColor()
-        chart_node.AddAndObservePlotSeriesNodeID(series.GetID())
-    chart_node.SetTitle(title)
-    chart_node.SetXAxisTitle(x_column)
-    chart_node.SetYAxisTitle(y_title)
-    return chart_node
-
-
-# --------------------------------------------------------------------------------------------
-# PlusServer
-# --------------------------------------------------------------------------------------------
-
-
-def push_calibration_node(image_to_probe_node, *, host: str = "127.0.0.1", port: int = 18944,
-                          save_config: bool = True, config_filename=None, timeout_s: float = 5.0):
-    """Send the calibration held by a transform node to a running PlusServer.
-
-    :func:`~.plus_remote.push_calibration` with the node's matrix to parent (pixels -> Probe
-    mm), its PLUS name (``FreehandUS.TransformName`` or node name, default ``ImageToProbe``),
-    and the error and date the calibration wrote (``NWireCalibration.ErrorMm``, ``.Date``).
-
-    Returns
-    -------
-    PushResult
-
-    Raises
-    ------
-    TransformError
-        Not a linear transform node, or a singular matrix.
-    CalibrationError
-        The node holds no calibration (none of the ``NWireCalibration.*`` attributes: pushing
-        an identity by mistake would break the server's image placement).
-    PlusRemoteError
-        The server cannot be reached or refuses (see :func:`~.plus_remote.push_calibration`).
-    """
-    from .plus_remote import push_calibration
-
-    name = None if image_to_probe_node is None else (_plus_name(image_to_probe_node) or "ImageToProbe")
-    matrix = matrix_of_transform_node(image_to_probe_node, name or "ImageToProbe")
-    if image_to_probe_node.GetAttribute(ATTR_RESULT) is None and image_to_probe_node.GetAttribute(ATTR_DATE) is None:
-        raise CalibrationError(
-            f"transform {image_to_probe_node.GetName()!r} holds no N-wire calibration (calibrate first, or select "
-            "the calibration's transform)"
-        )
-    error = image_to_probe_node.GetAttribute(ATTR_ERROR_MM)
-    try:
-        error_mm = float(error) if error not in (None, "") else None
-    except ValueError:
-        error_mm = None
-    return push_calibration(matrix, host=host, port=port, transform_name=name, error_mm=error_mm,
-                            date=image_to_probe_node.GetAttribute(ATTR_DATE), save_config=save_config,
-                            config_filename=config_filename, timeout_s=timeout_s)
-
-
-# --------------------------------------------------------------------------------------------
-# Live calibration
-# --------------------------------------------------------------------------------------------
-
-
-def matrix_of_transform_node(node, name: str) -> np.ndarray:
-    """The matrix a named linear transform node holds (its matrix to parent), checked.
-
-    Parameters
-    ----------
-    node : vtkMRMLTransformNode
-    name : str
-        What it is (``"PhantomToReference"``), for messages.
-
-    Returns
-    -------
-    (4, 4) float64
-
-    Raises
-    ------
-    TransformError
-        Not a transform node, not linear, or not finite / singular.
-    """
-    if node is None or not node.IsA("vtkMRMLTransformNode"):
-        got = "None" if node is None else node.GetClassName()
-        raise TransformError(f"{name}: expected a linear transform node, got {got}")
-    if not node.IsLinear():
-        raise TransformError(f"{name} node {node.GetName()!r} holds a non-linear transform")
-    m = vtk.vtkMatrix4x4()
-    node.GetMatrixTransformToParent(m)
-    matrix = mrml.vtk_to_matrix(m)
-    if not np.all(np.isfinite(matrix)) or abs(np.linalg.det(matrix[:3, :3])) < 1e-12:
-        raise TransformError(f"{name} node {node.GetName()!r}: matrix is singular or not finite")
-    return matrix
-
-
-def _transform_valid(node) -> bool:
-    flag = node.GetAttribute(mrml.ATTR_TRANSFORM_VALID)
-    return flag is None or flag.strip().lower() not in _INVALID_TEXT
-
-
-def _plus_name(node) -> str | None:
-    """``"ProbeToReference"`` from the attribute or the node name (``...Transform`` suffix dropped)."""
-    for text in (node.GetAttribute(mrml.ATTR_TRANSFORM_NAME), node.GetName()):
-        if not text:
-            continue
-        text = text[: -len("Transform")] if text.endswith("Transform") else text
-        try:
-            split_transform_name(text)
-        except TransformError:
-            continue
-        return text
-    return None
-
-
-def _probe_transform_node(image_node, probe_to_reference_node):
-    """The ProbeToReference node: the given one, else the image node's nearest ``ProbeTo*`` ancestor."""
-    if probe_to_reference_node is not None:
-        return probe_to_reference_node
-    parent = image_node.GetParentTransformNode()
-    while parent is not None:
-        name = _plus_name(parent)
-        if name is not None and split_transform_name(name)[0] == "Probe":
-            return parent
-        parent = parent.GetParentTransformNode()
-    raise TransformError(
-        f"live image {image_node.GetName()!r}: no ProbeToReference transform: select the ProbeToReference "
-        "transform node (SlicerOpenIGTLink creates it from PlusServer), or place the image node under it"
-    )
-
-
-def probe_to_reference_of_image_node(image_node, probe_to_reference_node=None) -> np.ndarray:
-    """The probe pose of a live frame.
-
-    Parameters
-    ----------
-    image_node : vtkMRMLVolumeNode
-    probe_to_reference_node : vtkMRMLLinearTransformNode, optional
-        Default: the nearest parent transform of ``image_node`` named ``ProbeTo<Frame>``
-        (name or ``FreehandUS.TransformName``), e.g. an ``Image_Image`` node placed under
-        ``ProbeToReference`` (possibly through ``ImageToProbe``). When ``<Frame>`` is not
-        Reference, its parents are composed while their names chain on to Reference
-        (``ProbeToTracker`` under ``TrackerToReference``); transforms above Reference (a
-        ``ReferenceToRAS``) are not applied.
-
-    Returns
-    -------
-    (4, 4) float64
-        The ProbeToReference matrix (the given node's matrix to parent, or the composed chain);
-        NaN when a node of it is marked ``FreehandUS.TransformValid = false`` (untracked).
-
-    Raises
-    ------
-    TransformError
-        No such node, or a non-linear / singular one.
-    """
-    node = _probe_transform_node(image_node, probe_to_reference_node)
-    if not _transform_valid(node):
-        return np.full((4, 4), np.nan)
-    matrix = matrix_of_transform_node(node, "ProbeToReference")
-    if probe_to_reference_node is not None:
-        return matrix
-    # A found ProbeTo<Frame> node: compose its parents up to the Reference frame (a SlicerIGT tree
-    # ProbeToTracker -> TrackerToReference -> ReferenceToRAS gives ProbeToReference; parents
-    # above Reference only place it in the scene).
-    frame = split_transform_name(_plus_name(node))[1]
-    composed, parent = matrix, node.GetParentTransformNode()
-    while frame != "Reference" and parent is not None:
-        name = _plus_name(parent)
-        if name is None or split_transform_name(name)[0] != frame:
-            break
-        if not _transform_valid(parent):
-            return np.full((4, 4), np.nan)
-        composed = matrix_of_transform_node(parent, name) @ composed
-        frame = split_transform_name(name)[1]
-        parent = parent.GetParentTransformNode()
-    return composed if frame == "Reference" else matrix
-
-
-def frame_from_image_node(image_node) -> tuple[np.ndarray, np.ndarray]:
-    """The current 2D frame of an image node (a copy) and its pixel -> world matrix.
-
-    Returns
-    -------
-    frame : (rows, cols) uint8 or float32
-        MF as stored (row ``j``, column ``i``); RGB(A) frames become grey (mean of the colours).
-    image_to_world : (4, 4) float64
-        IJKToRAS composed with the node's parent transforms to world (where a pixel is shown).
-
-    Raises
-    ------
-    SequenceError
-        Not a volume node, no image data, or more than one slice.
-    """
-    if image_node is None or not image_node.IsA("vtkMRMLVolumeNode"):
-        got = "None" if image_node is None else image_node.GetClassName()
-        raise SequenceError(f"live image: expected a vtkMRMLVolumeNode (e.g. Image_Image), got {got}")
-    image = image_node.GetImageData()
-    name = image_node.GetName()
-    if image is None or image.GetPointData() is None or image.GetPointData().GetScalars() is None:
-        raise SequenceError(f"live image {name!r} holds no image data")
-    n_i, n_j, n_k = image.GetDimensions()
-    if n_k != 1:
-        raise SequenceError(f"live image {name!r}: expected a 2D frame (one slice), got {n_k} slices")
-    scalars = image.GetPointData().GetScalars()
-    n_c = scalars.GetNumberOfComponents()
-    arr = numpy_support.vtk_to_numpy(scalars).reshape((n_j, n_i, n_c))
-    if n_c == 1:
-        frame = np.array(arr[..., 0], copy=True)
-    else:
-        frame = arr[..., : min(n_c, 3)].astype(np.float32).mean(axis=2)
-    if frame.dtype not in (np.uint8, np.float32):
-        frame = frame.astype(np.float32)
-    matrix = _ijk_to_ras(image_node)
-    parent = image_node.GetParentTransformNode()
-    if parent is not None and parent.IsTransformToWorldLinear():
-        to_world = vtk.vtkMatrix4x4()
-        parent.GetMatrixTransformToWorld(to_world)
-        matrix = mrml.vtk_to_matrix(to_world) @ matrix
-    return frame, matrix
-
-
-class LiveCalibration:
-    """Calibrate from a live image node while the probe moves over the phantom (keyframes).
-
-    Every new frame of the observed image node is detected; frames that show the whole
-    phantom and add pose diversity become keyframes of a
-    :class:`~.keyframes.KeyframeCalibrator`, which recalibrates every few keyframes and
-    declares convergence when the calibration stops moving. Each new calibration is written
-    into ``image_to_probe_node`` (attributes as in batch mode, ``Mode = live``) and appended to
-    the convergence table (:data:`COL_KEYFRAMES`, :data:`COL_CHANGE`, :data:`COL_RESIDUAL`,
-    :data:`COL_DIVERSITY`) with its plot. After convergence, frames are ignored.
-
-    Which events are frames: as in ``FreehandUSLib.mrml_reconstruction.LiveReconstruction``,
-    SlicerOpenIGTLink writes new pixels into the node's image data and then calls
-    ``Modified()``; a frame is taken on ``ModifiedEvent`` when the pixels are new (the image
-    data object or its modification time changed), so geometry or display changes are not
-    frames. Direct calls of :meth:`on_image_modified` (or :meth:`add_frame` with arrays) work
-    without observers.
-
-    The probe pose of a frame is ProbeToReference at the time of the event: the given
-    ``probe_to_reference_node``, else the image node's nearest ``ProbeTo*`` parent transform
-    (:func:`probe_to_reference_of_image_node`).
-
-    Parameters
-    ----------
-    setup : CalibrationSetup
-        From :func:`make_setup`; its PhantomToReference is used unless ``phantom_pose`` is
-        ``"estimate"`` (then the phantom pose is estimated jointly, which needs >= 3 N patterns).
-    image_to_probe_node : vtkMRMLLinearTransformNode, optional
-        Receives each calibration; default: a new ``ImageToProbe`` node at the first one.
-    probe_to_reference_node : vtkMRMLLinearTransformNode, optional
-    phantom_to_reference_node : vtkMRMLLinearTransformNode, optional
-        Replaces the setup's registration.
-    phantom_pose : {"auto", "known", "estimate"}
-    detector : str
-    pixel_spacing_mm : float or (sx, sy), optional
-        Detector hint; default: the setup's, else the image node's spacing.
-    settings : KeyframeSettings, optional
-    convergence_table_node : vtkMRMLTableNode, optional
-        Default: a new node at the first calibration.
-    plot_chart_node : vtkMRMLPlotChartNode, optional
-        Convergence plot; default: a new node at the first calibration.
-    markups_node : vtkMRMLMarkupsFiducialNode, optional
-        Shows the dots of the latest frame on the image (no points when not detected): the
-        image's IJKToRAS applied to the dots, the node placed under the image's parent transform.
-    min_interval_s : float
-        Frames arriving sooner than this after the last processed one are skipped (counted).
-    clock : callable() -> float
-        Seconds (default ``time.monotonic``).
-    """
-
-    def __init__(self, setup: CalibrationSetup, *, image_to_probe_node=None, probe_to_reference_node=None,
-                 phantom_to_reference_node=None, phantom_pose: str = "auto", detector: str = "hessian",
-                 pixel_spacing_mm=None, settings: KeyframeSettings | None = None, convergence_table_node=None,
-                 plot_chart_node=None, markups_node=None, min_interval_s: float = 0.0, clock=time.monotonic):
-        setup = _with_registration(setup, phantom_to_reference_node)
-        if phantom_pose not in ("auto", "known", "estimate"):
-            raise ValueError(f"phantom_pose: expected 'auto', 'known' or 'estimate', got {phantom_pose!r}")
-        if phantom_pose == "known" and setup.phantom_to_reference is None:
-            raise CalibrationError(
-                "phantom pose 'known' needs a PhantomToReference registration: select the PhantomToReference "
-                "transform or a PLUS configuration that has it, or estimate the phantom pose"
-            )
-        if markups_node is not None:
-            _check_markups(markups_node)
-        if convergence_table_node is not None and not convergence_table_node.IsA(_TABLE_CLASS):
-            raise CalibrationError(
-                f"convergence table: expected a vtkMRMLTableNode, got {convergence_table_node.GetClassName()}")
-        if not float(min_interval_s) >= 0:
-            raise ValueError(f"min_interval_s: expected >= 0 s, got {min_interval_s!r}")
-        self.setup = setup
-        self.phantom_to_reference = None if phantom_pose == "estimate" else setup.phantom_to_reference
-        self.detector_name = detector
-        self.pixel_spacing_mm = pixel_spacing_mm
-        self.settings = settings or KeyframeSettings()
-        self.image_to_probe_node = image_to_probe_node
-        self.probe_to_reference_node = probe_to_reference_node
-        self.convergence_table_node = convergence_table_node
-        self.plot_chart_node = plot_chart_node
-        self.markups_node = markups_node
-        self.min_interval_s = float(min_interval_s)
-        self._clock = clock
-        self.calibrator: KeyframeCalibrator | None = None
-        self._detector = None
-        self.image_node = None
-        self._observations: list = []
-        self._last_pixels = None
-        self._last_time = None
-        self.frames_received = 0
-        self.frames_detected = 0
-        self.frames_skipped = 0
-        self.errors = 0
-        self.last_error: str | None = None
-        self.last_update: KeyframeUpdate | None = None
-
-    # -- observation -------------------------------------------------------------------------
-    def observe(self, image_node) -> LiveCalibration:
-        """Start observing ``image_node``; checks now that ProbeToReference can be found.
-
-        Raises
-        ------
-        SequenceError
-            Not a volume node.
-        TransformError
-            No ProbeToReference (see :func:`probe_to_reference_of_image_node`).
-        """
-        if image_node is None or not image_node.IsA("vtkMRMLVolumeNode"):
-            got = "None" if image_node is None else image_node.GetClassName()
-            raise SequenceError(f"live image: expected a vtkMRMLVolumeNode (e.g. Image_Image), got {got}")
-        node = _probe_transform_node(image_node, self.probe_to_reference_node)
-        if not node.IsA("vtkMRMLTransformNode"):
-            raise TransformError(f"ProbeToReference: expected a linear transform node, got {node.GetClassName()}")
-        self.unobserve()
-        self.image_node = image_node
-        self._observations = [image_node.AddObserver(vtk.vtkCommand.ModifiedEvent, self._on_modified_event)]
-        logger.info("live calibration: observing %s (pose from %s)", image_node.GetName(), node.GetName())
-        return self
-
-    def unobserve(self) -> None:
-        """Stop observing (keyframes and calibration are kept)."""
-        if self.image_node is not None:
-            for tag in self._observations:
-                self.image_node.RemoveObserver(tag)
-        self._observations = []
-
-    @property
-    def observing(self) -> bool:
-        return bool(self._observations)
-
-    @property
-    def converged(self) -> bool:
-        return bool(self.calibrator is not None and self.calibrator.converged)
-
-    @property
-    def image_to_probe(self) -> np.ndarray | None:
-        return None if self.calibrator is None else self.calibrator.image_to_probe
-
-    def _on_modified_event(self, caller, event) -> None:
-        try:
-            self.on_image_modified(caller)
-        except FreehandUSError as exc:  # never let an exception escape into VTK
-            self.errors += 1
-            self.last_error = str(exc)
-            logger.warning("live calibration: %s", exc)
-
-    # -- frames ------------------------------------------------------------------------------
-    def on_image_modified(self, image_node) -> KeyframeUpdate | None:
-        """Handle an update of the live image node; the keyframe decision, or None (not a new frame)."""
-        image = image_node.GetImageData()
-        key = None if image is None else (image.GetAddressAsString("vtkImageData"), image.GetMTime())
-        if key is None or key == self._last_pixels:
-            return None
-        self._last_pixels = key
-        frame, _ = frame_from_image_node(image_node)
-        pose = probe_to_reference_of_image_node(image_node, self.probe_to_reference_node)
-        spacing = np.array(image_node.GetSpacing()[:2], dtype=float)  # fallback hint (IJKToRAS spacing)
-        if self.markups_node is not None and self.markups_node.GetTransformNodeID() != image_node.GetTransformNodeID():
-            # Dots in the image's IJKToRAS under the image's parent: they move with the image when
-            # ImageToProbe (or ProbeToReference) above it changes.
-            self.markups_node.SetAndObserveTransformNodeID(image_node.GetTransformNodeID())
-        return self.add_frame(frame, pose, ijk_to_ras=_ijk_to_ras(image_node), source=image_node.GetName(),
-                              spacing_from_node=spacing)
-
-    def _make_detector(self, frame, spacing_from_node):
-        spacing = self.pixel_spacing_mm if self.pixel_spacing_mm is not None else self.setup.pixel_spacing_mm
-        if spacing is None:
-            if spacing_from_node is None or np.allclose(spacing_from_node, 1.0):
-                raise DetectionError(
-                    "no pixel spacing hint for the live images: give a PLUS configuration with "
-                    "<Segmentation ApproximateSpacingMmPerPixel=...> or the pixel spacing (mm per pixel)")
-            spacing = tuple(float(v) for v in spacing_from_node)
-        spacing = np.broadcast_to(np.asarray(spacing, dtype=float), (2,)).copy()
-        self._detector = make_detector(self.detector_name, self.setup.phantom, spacing,
-                                       clip_rectangle_px=self.setup.clip_rectangle_px,
-                                       segmentation=self.setup.segmentation)
-        rows, cols = frame.shape[:2]
-        self.calibrator = KeyframeCalibrator(self.setup.phantom, (cols, rows), self.phantom_to_reference, self.settings)
-
-    def add_frame(self, frame, probe_to_reference, *, ijk_to_ras=None, source: str = "",
-                  spacing_from_node=None) -> KeyframeUpdate | None:
-        """Detect the dots of one frame and offer them with the pose to the keyframe calibrator.
-
-        Parameters
-        ----------
-        frame : (rows, cols) uint8 or float32
-            MF image.
-        probe_to_reference : (4, 4) float
-            NaN when not tracked.
-        ijk_to_ras : (4, 4) float, optional
-            Pixel -> markups coordinates (the image node's IJKToRAS; the markups node observes the
-            image's parent transform); without it the overlay is not updated.
-        source : str
-            Name recorded on the ImageToProbe node.
-        spacing_from_node : (2,) float, optional
-            Fallback spacing hint.
-
-        Returns
-        -------
-        KeyframeUpdate or None
-            None when the frame was skipped (too soon after the last one, or converged).
-        """
-        self.frames_received += 1
-        now = self._clock()
-        if self.converged or (self._last_time is not None and now - self._last_time < self.min_interval_s):
-            self.frames_skipped += 1
-            return None
-        self._last_time = now
-        frame = np.asarray(frame)
-        if self._detector is None:
-            self._make_detector(frame, spacing_from_node)
-        elif (frame.shape[1], frame.shape[0]) != tuple(self.calibrator.image_size_px):
-            raise DetectionError(
-                f"live frame is {frame.shape[1]}x{frame.shape[0]} pixels, the calibration started with "
-                f"{self.calibrator.image_size_px[0]}x{self.calibrator.image_size_px[1]}; stop and restart the live "
-                "calibration after changing the imaging depth or size")
-        det = self._detector.detect(frame)
-        points = det.points_px if det.ok else np.full((self.setup.phantom.n_wires, 2), np.nan)
-        if det.ok:
-            self.frames_detected += 1
-        if self.markups_node is not None and ijk_to_ras is not None:
-            if det.ok:
-                _set_points(self.markups_node, _pixels_to_ras(points, np.asarray(ijk_to_ras)),
-                            self.setup.phantom.wire_names)
-            else:
-                self.markups_node.RemoveAllControlPoints()
-        n_curve = len(self.calibrator.curve)
-        update = self.calibrator.add(points, np.asarray(probe_to_reference, dtype=np.float64))
-        self.last_update = update
-        if len(self.calibrator.curve) > n_curve:
-            self._write_outputs(source)
-        return update
-
-    def _scene(self):
-        for node in (self.image_node, self.image_to_probe_node, self.convergence_table_node, self.markups_node,
-                     self.probe_to_reference_node):
-            if node is not None and node.GetScene() is not None:
-                return node.GetScene()
-        return None
-
-    def _write_outputs(self, source: str) -> None:
-        scene = self._scene()
-        if scene is None:
-            return
-        cal = self.calibrator
-        if self.image_to_probe_node is None:
-            self.image_to_probe_node = scene.AddNewNodeByClass(
-                "vtkMRMLLinearTransformNode", scene.GenerateUniqueName("ImageToProbe"))
-        node = self.image_to_probe_node
-        date = datetime.now()
-        status = self.status()
-        was = node.StartModify()
-        try:
-            node.SetMatrixTransformToParent(mrml.matrix_to_vtk(cal.image_to_probe))
-            node.SetAttribute(mrml.ATTR_TRANSFORM_NAME, "ImageToProbe")
-            node.SetAttribute(ATTR_MODE, "live")
-            node.SetAttribute(ATTR_DATE, _format_date(date))
-            node.SetAttribute(ATTR_SOLVER, "lm")
-            node.SetAttribute(ATTR_PHANTOM_POSE, "known" if self.phantom_to_reference is not None else "estimated")
-            node.SetAttribute(ATTR_PHANTOM, self.setup.phantom.name)
-            node.SetAttribute(ATTR_SOURCE, source)
-            node.SetAttribute(ATTR_CONFIG, self.setup.source)
-            node.SetAttribute(ATTR_ERROR_MM, repr(float(cal.curve[-1].cost_mm)))
-            node.SetAttribute(ATTR_PLUS_TRANSFORM, plus_transform_element(
-                cal.image_to_probe, error_mm=float(cal.curve[-1].cost_mm) if math.isfinite(cal.curve[-1].cost_mm)
-                else None, date=date))
-            node.SetAttribute(ATTR_RESULT, json.dumps(status))
-            node.SetDescription(str(self))
-            if self.image_node is not None:
-                node.SetNodeReferenceID(REF_LIVE_IMAGE, self.image_node.GetID())
-        finally:
-            node.EndModify(was)
-        if self.convergence_table_node is None:
-            self.convergence_table_node = scene.AddNewNodeByClass(
-                _TABLE_CLASS, scene.GenerateUniqueName("LiveCalibrationConvergence"))
-        fill_table(self.convergence_table_node, self.convergence_columns())
-        node.SetNodeReferenceID(REF_CONVERGENCE_TABLE, self.convergence_table_node.GetID())
-        if self.plot_chart_node is None or self.plot_chart_node.GetNumberOfPlotSeriesNodes() == 0:
-            self.plot_chart_node = plot_table(self.convergence_table_node, COL_KEYFRAMES, [COL_CHANGE, COL_RESIDUAL],
-                                              chart_node=self.plot_chart_node,
-                                              title="Live N-wire calibration: convergence", y_title="mm")
-
-    def convergence_columns(self) -> list:
-        """The convergence table: ``[(name, values, unit), ...]``, one row per recalibration.
-
-        The change of the first calibration (nothing to compare with) is NaN.
-        """
-        curve = [] if self.calibrator is None else self.calibrator.curve
-        return [
-            (COL_KEYFRAMES, [int(p.n_keyframes) for p in curve], ""),
-            (COL_CHANGE, [p.change_mm if math.isfinite(p.change_mm) else float("nan") for p in curve], "mm"),
-            (COL_RESIDUAL, [float(p.cost_mm) for p in curve], "mm"),
-            (COL_DIVERSITY, [float(p.pose_diversity_deg) for p in curve], "deg"),
-        ]
-
-    def status(self) -> dict:
-        """Counters and the latest calibration (JSON-safe)."""
-        cal = self.calibrator
-        curve = [] if cal is None else cal.curve
-        change = curve[-1].change_mm if curve else float("nan")
-        return {
-            "frames_received": self.frames_received,
-            "frames_detected": self.frames_detected,
-            "frames_skipped": self.frames_skipped,
-            "keyframes": 0 if cal is None else cal.n_keyframes,
-            "calibrations": len(curve),
-            "converged": self.converged,
-            "last_change_mm": change if math.isfinite(change) else None,
-            "last_reason": None if self.last_update is None else self.last_update.reason,
-            "errors": self.errors,
-            "last_error": self.last_error,
-            "ImageToProbe": None if self.image_to_probe is None else self.image_to_probe.tolist(),
-        }
-
-    def __str__(self) -> str:
-        s = self.status()
-        text = (f"{s['frames_received']} frames, {s['frames_detected']} detected, {s['keyframes']} keyframes, "
-                f"{s['calibrations']} calibrations")
-        if s["last_change_mm"] is not None:
-            text += f", last change {s['last_change_mm']:.3f} mm"
-        if s["converged"]:
-            text += ", converged"
-        elif s["last_reason"]:
-            text += f" (last frame: {s['last_reason']})"
-        if s["errors"]:
-            text += f"; {s['errors']} errors, last: {s['last_error']}"
-        return text
-
-    def stop(self) -> np.ndarray | None:
-        """Stop observing and make the final calibration from all keyframes.
-
-        Returns
-        -------
-        (4, 4) float64 or None
-            ImageToProbe (also written into the node), or None when there are too few keyframes
-            (``status()`` says how many).
-        """
-        self.unobserve()
-        if self.calibrator is None:
-            return None
-        n_curve = len(self.calibrator.curve)
-        try:
-            matrix = self.calibrator.finish()
-        except CalibrationError as exc:
-            self.last_error = str(exc)
-            logger.info("live calibration stopped without a calibration: %s", exc)
-            return None
-        if len(self.calibrator.curve) > n_curve:
-            self._write_outputs(self.image_node.GetName() if self.image_node is not None else "")
-        return matrix
