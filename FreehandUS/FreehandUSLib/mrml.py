@@ -102,6 +102,7 @@ from .transforms import check_matrix, interpolate_transforms, split_transform_na
 from .volume import Volume
 
 __all__ = [
+    "grey_frame_of_image_node",
     "tree_start_frame",
     "sequence_to_browser",
     "browser_to_sequence",
@@ -1348,3 +1349,36 @@ def tree_start_frame(scene, placement) -> str | None:
     node = scene.GetNodeByID(placement.parent_ids[0]) if scene is not None and placement.parent_ids else None
     name = _plus_transform_name(None if node is None else node.GetName())
     return None if name is None else split_transform_name(name)[0]
+
+
+def grey_frame_of_image_node(image_node, *, what: str = "image node", round_uint8: bool = False) -> np.ndarray:
+    """The current 2D frame of a volume node as a grey ``(rows, cols)`` array (a copy).
+
+    Shared by live reconstruction and live calibration. Rows top to bottom and columns as stored
+    (MF, row ``j``, column ``i``). Multi-component (RGB/RGBA) frames become grey: the mean of the
+    first three components as float32, rounded back to uint8 with ``round_uint8`` when the
+    node's scalars are uint8. Scalar types other than uint8/float32 become float32.
+
+    Raises
+    ------
+    SequenceError
+        No image data, or more than one slice (``what`` names the node in the message).
+    """
+    image = image_node.GetImageData()
+    name = image_node.GetName()
+    if image is None or image.GetPointData() is None or image.GetPointData().GetScalars() is None:
+        raise SequenceError(f"{what} {name!r} holds no image data")
+    n_i, n_j, n_k = image.GetDimensions()
+    if n_k != 1:
+        raise SequenceError(f"{what} {name!r}: expected a 2D frame (one slice), got {n_k} slices")
+    scalars = image.GetPointData().GetScalars()
+    n_c = scalars.GetNumberOfComponents()
+    arr = numpy_support.vtk_to_numpy(scalars).reshape((n_j, n_i, n_c))
+    if n_c == 1:
+        frame = arr[..., 0]
+    else:
+        grey = arr[..., : min(n_c, 3)].astype(np.float32).mean(axis=2)
+        frame = np.floor(grey + 0.5).astype(np.uint8) if round_uint8 and arr.dtype == np.uint8 else grey
+    if frame.dtype not in (np.uint8, np.float32):
+        frame = frame.astype(np.float32)
+    return np.array(frame, copy=True)

@@ -318,24 +318,7 @@ def frame_from_volume_node(volume_node) -> tuple[np.ndarray, np.ndarray, bool]:
     if volume_node is None or not volume_node.IsA("vtkMRMLVolumeNode"):
         got = "None" if volume_node is None else volume_node.GetClassName()
         raise ReconstructionError(f"live image: expected a vtkMRMLVolumeNode, got {got}")
-    image = volume_node.GetImageData()
-    name = volume_node.GetName()
-    if image is None or image.GetPointData() is None or image.GetPointData().GetScalars() is None:
-        raise SequenceError(f"image node {name!r} holds no image data")
-    n_i, n_j, n_k = image.GetDimensions()
-    if n_k != 1:
-        raise SequenceError(f"image node {name!r}: expected a 2D frame (one slice), got {n_k} slices")
-    scalars = image.GetPointData().GetScalars()
-    n_c = scalars.GetNumberOfComponents()
-    arr = numpy_support.vtk_to_numpy(scalars).reshape((n_j, n_i, n_c))
-    if n_c == 1:
-        frame = arr[..., 0]
-    else:
-        grey = arr[..., : min(n_c, 3)].astype(np.float32).mean(axis=2)
-        frame = np.floor(grey + 0.5).astype(np.uint8) if arr.dtype == np.uint8 else grey
-    if frame.dtype not in (np.uint8, np.float32):
-        frame = frame.astype(np.float32)
-    frame = np.array(frame, copy=True)
+    frame = mrml.grey_frame_of_image_node(volume_node, round_uint8=True)
     matrix, valid = image_to_reference_of_node(volume_node)
     if not valid:
         matrix = np.full((4, 4), np.nan)

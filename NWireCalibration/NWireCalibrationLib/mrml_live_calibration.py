@@ -19,7 +19,6 @@ from datetime import datetime
 
 import numpy as np
 import vtk
-from vtk.util import numpy_support
 
 from FreehandUSLib import mrml
 from FreehandUSLib.errors import FreehandUSError, SequenceError, TransformError
@@ -151,22 +150,7 @@ def frame_from_image_node(image_node) -> tuple[np.ndarray, np.ndarray]:
     if image_node is None or not image_node.IsA("vtkMRMLVolumeNode"):
         got = "None" if image_node is None else image_node.GetClassName()
         raise SequenceError(f"live image: expected a vtkMRMLVolumeNode (e.g. Image_Image), got {got}")
-    image = image_node.GetImageData()
-    name = image_node.GetName()
-    if image is None or image.GetPointData() is None or image.GetPointData().GetScalars() is None:
-        raise SequenceError(f"live image {name!r} holds no image data")
-    n_i, n_j, n_k = image.GetDimensions()
-    if n_k != 1:
-        raise SequenceError(f"live image {name!r}: expected a 2D frame (one slice), got {n_k} slices")
-    scalars = image.GetPointData().GetScalars()
-    n_c = scalars.GetNumberOfComponents()
-    arr = numpy_support.vtk_to_numpy(scalars).reshape((n_j, n_i, n_c))
-    if n_c == 1:
-        frame = np.array(arr[..., 0], copy=True)
-    else:
-        frame = arr[..., : min(n_c, 3)].astype(np.float32).mean(axis=2)
-    if frame.dtype not in (np.uint8, np.float32):
-        frame = frame.astype(np.float32)
+    frame = mrml.grey_frame_of_image_node(image_node, what="live image")
     matrix = _ijk_to_ras(image_node)
     parent = image_node.GetParentTransformNode()
     if parent is not None and parent.IsTransformToWorldLinear():
