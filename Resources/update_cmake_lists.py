@@ -57,7 +57,8 @@ RESOURCES_VAR = "MODULE_PYTHON_RESOURCES"
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-_SKIPPED_SUFFIXES = (".pyc", ".pyo")
+# Build outputs are not sources: the C kernels (reconstruction/native) are built on the machine.
+_SKIPPED_SUFFIXES = (".pyc", ".pyo", ".so")
 _SKIPPED_RESOURCE_DIRS = ("Translations",)
 
 

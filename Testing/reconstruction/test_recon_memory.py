@@ -15,7 +15,7 @@ from FreehandUSLib.reconstruction import (
     fan_row_ranges,
     reconstruct_volume,
 )
-from FreehandUSLib.reconstruction import kernels
+from FreehandUSLib.reconstruction import kernels_common
 from FreehandUSLib.reconstruction.geometry import buffer_bytes_per_voxel
 from FreehandUSLib.reconstruction.kernels import (
     COUNT_LIMIT,
@@ -84,7 +84,7 @@ def test_uint8_sums_are_exact_up_to_the_bound_and_widen_past_it():
 
 
 def test_widening_mid_sequence_keeps_batch_and_incremental_identical(monkeypatch):
-    monkeypatch.setattr(kernels, "SUM_LIMIT_UINT8", 60)  # widen after a few frames
+    monkeypatch.setattr(kernels_common, "SUM_LIMIT_UINT8", 60)  # widen after a few frames
     seq = linear_sweep(n_frames=14, step_mm=0.05, seed=2)  # frames 1/10 voxel apart: voxels collect many pixels
     opts = ReconstructionOptions(output_spacing_mm=0.5, number_of_threads=2)
     batch = reconstruct_volume(seq, None, opts)

@@ -106,9 +106,9 @@ def test_frames_outside_the_roi_are_still_reported(thin_slabs):
 
 
 def test_mean_stays_exact_when_the_uint32_sums_could_overflow(thin_slabs, monkeypatch):
-    from FreehandUSLib.reconstruction import kernels
+    from FreehandUSLib.reconstruction import kernels_common
 
-    monkeypatch.setattr(kernels, "SUM_LIMIT_UINT8", 60)  # the batch switches to float64 sums up front
+    monkeypatch.setattr(kernels_common, "SUM_LIMIT_UINT8", 60)  # the batch switches to float64 sums up front
     seq = linear_sweep(n_frames=14, step_mm=0.05, seed=2)
     opts = ReconstructionOptions(output_spacing_mm=0.5, number_of_threads=2)
     result = reconstruct_volume(seq, None, opts)

@@ -45,3 +45,32 @@ def test_help_still_lists_every_command():
     listed = {line.split()[0] for line in run.stdout.splitlines() if line.startswith("    ") and line.strip()}
     for command in ("reconstruct", "detect", "calibrate", "simulate", "track", "serve", "record", "calibrate-live"):
         assert command in listed
+
+
+def test_plus_arithmetic_on_the_c_kernels_never_loads_numba(tmp_path):
+    """``--emulate-plus`` with given fan angles and no hole filling runs without numba or scipy.
+
+    Importing numba (and, through it, scipy) and loading its cached kernels is about half a
+    second and 60 MB: more than IGSIO's whole run on a 21-frame recording.
+    """
+    from FreehandUSLib.reconstruction import native
+
+    if not native.available():
+        import pytest
+
+        pytest.skip("the C kernels are not built (python -m FreehandUSLib.reconstruction.native_build)")
+    seq = linear_sweep(n_frames=6, value=90)
+    path = write_sequence(seq, tmp_path / "sweep.igs.mha")
+    probe = _PROBE.replace('"matplotlib"]', '"matplotlib", "numba", "scipy", "llvmlite"]')
+    for interpolation in ("nearest", "linear"):
+        for compounding in ("mean", "max", "latest"):
+            out = tmp_path / f"{interpolation}-{compounding}.mha"
+            run = subprocess.run(
+                [sys.executable, "-c", probe, "reconstruct", str(path), "--spacing", "1", "--emulate-plus",
+                 "--interpolation", interpolation, "--compounding", compounding, "--threads", "2", "--out", str(out)],
+                capture_output=True, text=True, timeout=300,
+            )
+            assert run.returncode == 0, run.stderr
+            report = json.loads(run.stdout.strip().splitlines()[-1])
+            assert report == {"code": 0, "loaded": []}, (interpolation, compounding)
+            assert out.is_file()

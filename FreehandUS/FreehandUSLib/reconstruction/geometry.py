@@ -251,7 +251,7 @@ def buffer_bytes_per_voxel(options, n_channels: int = 1, out_itemsize: int = 1, 
     if slabbed:
         out = n_channels * out_itemsize
         return int(out + (out + 1) // 2 + (4 if options.output_weight else 0))
-    from .kernels import MODE_CODES, MODE_MEAN, MODE_MEAN_PLUS, accumulator_types
+    from .kernels_common import MODE_CODES, MODE_MEAN, MODE_MEAN_PLUS, accumulator_types
 
     if frame_dtype is None:
         frame_dtype = np.uint8 if out_itemsize == 1 else np.float32

@@ -29,10 +29,17 @@ from .kernels_common import (
     _PLUS_MAXIMUM,
     _PLUS_THRESHOLD,
     _PLUS_UNIT,
-    _rejected,
 )
 
 __all__ = ["insert_per_pixel", "insert_unoptimized"]
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _rejected(frames, f, y, x, nc, reject):
+    s = 0.0
+    for c in range(nc):
+        s += frames[f, y, x, c]
+    return s < reject * nc
 
 
 @njit(nogil=True, cache=True, inline="always")

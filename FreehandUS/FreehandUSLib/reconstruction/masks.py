@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
 
 __all__ = [
     "clip_extent_px",
@@ -227,8 +226,21 @@ def pixel_mask(n_rows: int, n_cols: int, options) -> np.ndarray:
     )
 
 
-@njit(cache=True)
 def _widest_bright_run(values, thetas, threshold, window, stop_angle):
+    """:func:`_widest_bright_run_py` compiled with numba on first use (fan detection only, so a
+    reconstruction with given fan angles never imports numba)."""
+    compiled = _COMPILED.get("widest")
+    if compiled is None:
+        from numba import njit
+
+        compiled = _COMPILED["widest"] = njit(cache=True)(_widest_bright_run_py)
+    return compiled(values, thetas, threshold, window, stop_angle)
+
+
+_COMPILED: dict = {}
+
+
+def _widest_bright_run_py(values, thetas, threshold, window, stop_angle):
     """Widest angular run where a moving window is at least half bright (hysteresis at half).
 
     Edges are placed at the window's centre when it crosses half bright (PLUS records the

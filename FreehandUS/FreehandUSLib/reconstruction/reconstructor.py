@@ -65,26 +65,23 @@ from .geometry import (
     grid_from_bounds,
     grid_from_options,
 )
-from .holefill import STORE_FLOOR, STORE_RAW, STORE_ROUND, HoleFillingStats, fill_holes_into, hole_filling_reach
+from .holefill_common import STORE_FLOOR, STORE_RAW, STORE_ROUND, HoleFillingStats, hole_filling_reach
 from .inputs import load_importance_mask, options_from_plus_config, resolve_image_to_reference
-from .kernels import (
+from .kernels_common import (
     MODE_CODES,
     MODE_IMPORTANCE,
     MODE_MEAN,
     MODE_MEAN_PLUS,
     accumulator_types,
-    counts_to_float32,
     default_threads,
-    finish_channel_into,
-    insert_frames,
     pixels_per_voxel_bound,
     voxel_matrices,
-    worker_planes,
 )
 from .masks import clipped_corners_px, detect_fan_angles, fan_row_ranges, unoptimized_row_ranges
 from .result import SKIP_REASONS, ReconstructionResult
 from .slabs import frame_plane_ranges, plan_slabs, slab_budget_bytes
 from .engines import choose_engine, open_insertion
+from . import native
 
 __all__ = [
     "SKIP_REASONS",
@@ -173,6 +170,7 @@ def _finish_channel(acc, weight, c: int, divide: bool, dtype: np.dtype) -> np.nd
     """
     out = np.empty(acc.shape[:3], dtype=dtype)
     if divide and acc.flags.c_contiguous and weight.flags.c_contiguous:
+        from .kernels import finish_channel_into
         return finish_channel_into(acc, weight, c, divide, out)  # the means, in float64 as below
     plane = np.empty(acc.shape[1:3], dtype=np.float64)
     for k in range(acc.shape[0]):
@@ -209,6 +207,7 @@ def _coverage(weight: np.ndarray, mode: int, consume: bool, emulate_plus: bool =
     if weight.dtype == np.float32:
         return weight if consume else weight.copy()
     if weight.dtype == np.uint32 and consume and weight.flags.c_contiguous:
+        from .kernels import counts_to_float32
         return counts_to_float32(weight)  # same buffer, converted in place
     return weight.astype(np.float32)
 
@@ -829,6 +828,17 @@ class IncrementalReconstructor:
                     store = STORE_FLOOR if opts.emulate_plus else STORE_ROUND  # PLUS casts filled values
                 else:
                     store = STORE_RAW
+                if (opts.emulate_plus and native.available()
+                        and native.supports_hole_filling(opts.hole_filling, divide=divide, values=acc,
+                                                         out_dtype=outs[c].dtype)
+                        and outs[c].flags.c_contiguous):
+                    stats = native.fill_holes_native(outs[c], acc, c, known, opts.hole_filling, store=store,
+                                                     n_threads=self.n_threads, emulate_plus=True,
+                                                     integer_values=integer)
+                    hole_seconds += stats.seconds
+                    continue
+                from .holefill import fill_holes_into  # numba kernels, imported only when holes are filled
+
                 stats = fill_holes_into(
                     outs[c][..., None],
                     acc if self.n_channels == 1 else acc[..., c : c + 1],
@@ -893,6 +903,8 @@ class IncrementalReconstructor:
         out_bytes = sum(np.dtype(d).itemsize for d in self.channel_dtypes)
         first, last = frame_plane_ranges(vox, self._corners_px)
         n_workers = max(1, min(self.n_threads, nk // 16))
+        from .kernels import worker_planes  # numba: slab reconstruction only
+
         runs = [p[0] for p in worker_planes(vox, row_ranges, msel, nk, self.linear, n_workers) if len(p)]
         budget = slab_budget_bytes(nk * nj * ni * out_bytes) // len(runs)
         ctx = _SlabContext(
@@ -936,6 +948,7 @@ class IncrementalReconstructor:
         for a in range(0, take.size, _BATCH):
             part = take[a : a + _BATCH]
             batch_frames, batch_ids = self._frames_of(ctx.frames4d, ctx.frame_ids[part])
+            from .kernels import insert_frames  # numba: slab reconstruction only
             got = insert_frames(
                 batch_frames, batch_ids, ctx.vox[part], ctx.row_ranges, ctx.mask_ids[part], acc, w,
                 mode=self.mode, linear=self.linear, importance=self._importance,
@@ -951,6 +964,9 @@ class IncrementalReconstructor:
         Hole filling reads ``plan.reach`` planes either side: those before the run (and, at
         its end, after it) are inserted too but neither counted nor written.
         """
+        from .holefill import fill_holes_into  # numba: slab reconstruction only
+        from .kernels import finish_channel_into
+
         opts = self.options
         nk, nj, ni = self.grid.shape
         reach = plan.reach

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from ..volume import Volume
 from .config import ReconstructionOptions
 from .geometry import OutputGrid
-from .holefill import HoleFillingStats
+from .holefill_common import HoleFillingStats
 
 __all__ = ["SKIP_REASONS", "ReconstructionResult"]
 
