@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -30,6 +31,7 @@ __all__ = [
     "pixels_per_voxel_bound",
     "default_threads",
     "voxel_matrices",
+    "run_workers",
 ]
 
 MODE_MEAN, MODE_MAX, MODE_LATEST, MODE_IMPORTANCE, MODE_MEAN_PLUS = 0, 1, 2, 3, 4
@@ -135,3 +137,20 @@ def voxel_matrices(image_to_reference: np.ndarray, reference_to_voxel: np.ndarra
     if fixed_point:
         m = np.round(m * FIXED_POINT_SCALE) / FIXED_POINT_SCALE
     return m
+
+
+def run_workers(work, n_workers: int, executor=None) -> None:
+    """Call ``work(g)`` for ``g`` in ``0 .. n_workers - 1`` on threads and wait for all of them.
+
+    On ``executor`` when given (kept open: live reconstruction reuses it), else on a pool made
+    for this call. The first worker's exception is raised.
+    """
+    own = executor is None
+    pool = ThreadPoolExecutor(max_workers=n_workers) if own else executor
+    try:
+        futures = [pool.submit(work, g) for g in range(n_workers)]
+        for fut in futures:
+            fut.result()
+    finally:
+        if own:
+            pool.shutdown(wait=True)

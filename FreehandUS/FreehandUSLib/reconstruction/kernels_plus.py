@@ -13,7 +13,6 @@ run-based kernels there are bit-identical to the plain per-pixel ones here
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from numba import njit
@@ -29,6 +28,7 @@ from .kernels_common import (
     _PLUS_MAXIMUM,
     _PLUS_THRESHOLD,
     _PLUS_UNIT,
+    run_workers,
 )
 
 __all__ = ["insert_per_pixel", "insert_unoptimized"]
@@ -753,16 +753,6 @@ def insert_per_pixel(frames, frame_ids, matrices, row_ranges, mask_ids, acc, wei
         worker(*args, counts[0], 1, 0, nk, np.empty((n_rows, 5), dtype=np.int64))
         return counts[0]
     pieces = n_rows * (((nk + slab - 1) // slab) // groups + 2)  # a row crosses each of the worker's slabs at most once
-    own = executor is None
-    pool = ThreadPoolExecutor(max_workers=groups) if own else executor
-    try:
-        futures = [
-            pool.submit(worker, *args, counts[g], groups, g, slab, np.empty((pieces, 5), dtype=np.int64))
-            for g in range(groups)
-        ]
-        for fut in futures:
-            fut.result()
-    finally:
-        if own:
-            pool.shutdown(wait=True)
+    run_workers(lambda g: worker(*args, counts[g], groups, g, slab, np.empty((pieces, 5), dtype=np.int64)), groups,
+                executor)
     return counts.sum(axis=0)

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .kernels_common import run_workers
+
 __all__ = ["C_FILES", "LIBRARY_NAME", "NATIVE_DIR", "available", "require", "supports", "source_hash",
            "insert_per_pixel_native", "kernels_choice", "reload", "supports_hole_filling", "fill_holes_native"]
 
@@ -170,15 +172,7 @@ def insert_per_pixel_native(frames, frame_ids, matrices, row_ranges, mask_ids, a
         work(0, np.empty((max(1, n_rows), 5), dtype=np.int64))
         return counts[0]
     pieces = n_rows * (((nk + slab - 1) // slab) // groups + 2)  # as kernels_plus.insert_per_pixel
-    own = executor is None
-    pool = ThreadPoolExecutor(max_workers=groups) if own else executor
-    try:
-        futures = [pool.submit(work, g, np.empty((pieces, 5), dtype=np.int64)) for g in range(groups)]
-        for fut in futures:
-            fut.result()
-    finally:
-        if own:
-            pool.shutdown(wait=True)
+    run_workers(lambda g: work(g, np.empty((pieces, 5), dtype=np.int64)), groups, executor)
     return counts.sum(axis=0)
 
 
