@@ -512,7 +512,8 @@ def igsio_markdown(report) -> str:
         f"- commit: {start}" + ("" if end == start else f"; at the end: {end}"),
         f"- machine: {m['cpus']} CPUs, Python {m['python']}; load average (1/5/15 min) before "
         f"{'/'.join(f'{v:.2f}' for v in m['load_start'])}, after {'/'.join(f'{v:.2f}' for v in m['load_end'])}",
-        f"- SpinePhantomFreehand repeated; ours: `freehandus reconstruct --emulate-plus`; IGSIO: {report['igsio']}",
+        f"- SpinePhantomFreehand repeated; ours: `freehandus reconstruct --emulate-plus` "
+        f"(kernels: {report.get('kernels', 'numba')}); IGSIO: {report['igsio']}",
         f"- median of {report['repeats']} alternating runs; ratio = ours / IGSIO (> 1: ours slower); peak RSS per "
         "process; identical / within 2: share of voxels non-empty in either output",
         "",
@@ -550,7 +551,13 @@ def run_igsio_side_by_side(args) -> dict:
     elif not SPINE_SEQUENCE.is_file():
         report = {"skipped": f"PLUS data not found: {SPINE_SEQUENCE}"}
     else:
-        report = {"igsio": str(exe), "repeats": args.igsio_repeats, "commit": _commit(),
+        from FreehandUSLib.reconstruction import native
+
+        # Our runs use the C kernels when they are built, and then must: a library gone stale
+        # during the run (its sources edited) stops a row with an error instead of timing numba.
+        kernels = "native" if native.available() else "numba"
+        os.environ["FREEHANDUS_KERNELS"] = kernels
+        report = {"igsio": str(exe), "repeats": args.igsio_repeats, "commit": _commit(), "kernels": kernels,
                   "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load_start": list(load())}}
         with tempfile.TemporaryDirectory(prefix="bench_igsio_") as tmp:
             report["rows"] = side_by_side(exe, ours_cli, frame_counts=args.igsio_frames,

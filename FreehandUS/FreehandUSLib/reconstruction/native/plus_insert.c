@@ -59,6 +59,10 @@ static inline int64_t fh_floordiv(int64_t a, int64_t b)
 
 static inline int64_t fh_pymod(int64_t a, int64_t b) { return a - fh_floordiv(a, b) * b; }
 
+/* floor(x) for 0 <= x < 2**63, by truncation: no libm call where the compiler targets a CPU
+ * without a rounding instruction (baseline x86-64). */
+static inline double fh_floor_nonneg(double x) { return (double)(int64_t)x; }
+
 static inline int64_t fh_max64(int64_t a, int64_t b) { return a > b ? a : b; }
 static inline int64_t fh_min64(int64_t a, int64_t b) { return a < b ? a : b; }
 

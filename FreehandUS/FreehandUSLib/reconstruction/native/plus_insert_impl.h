@@ -40,7 +40,7 @@ static inline int FH_FN(fh_rejected)(const ELEM *px, int64_t nc, double reject)
 static inline ELEM FH_FN(fh_store_floor)(double v)
 {
 #if INT_OUT
-    return (ELEM)floor(v);
+    return (ELEM)fh_floor_nonneg(v); /* v >= 0: a mean of non-negative values */
 #else
     return (ELEM)v;
 #endif
@@ -187,14 +187,14 @@ static inline void FH_FN(fh_linear_mean_plus)(const ELEM *px, ELEM *av, uint16_t
         double shifted = (num / ai) + FH_FIXED_MAGIC; /* rounded to 2**-14, ties to even */
         double q = shifted - FH_FIXED_MAGIC;
 #if INT_OUT
-        av[c] = (ELEM)floor(q + 0.5);
+        av[c] = (ELEM)fh_floor_nonneg(q + 0.5);
 #else
         av[c] = (ELEM)q;
 #endif
     }
     double newa = ai * 256.0;
     if (newa < FH_PLUS_MAXIMUM * FH_FIXED_SCALE)
-        *wv = (uint16_t)floor(newa / FH_FIXED_SCALE + 0.5);
+        *wv = (uint16_t)fh_floor_nonneg(newa / FH_FIXED_SCALE + 0.5);
     else
         *wv = (uint16_t)FH_PLUS_MAXIMUM;
 }
