@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 NATIVE := FreehandUS/FreehandUSLib/reconstruction/native
 native: $(NATIVE)/libfreehandus_plus.so
 
-$(NATIVE)/libfreehandus_plus.so: $(wildcard $(NATIVE)/*.c $(NATIVE)/*.h) $(STAMP)
+$(NATIVE)/libfreehandus_plus.so: $(wildcard $(NATIVE)/*.c $(NATIVE)/*.h) $(NATIVE).py $(STAMP)
 	$(BIN)/python -m FreehandUSLib.reconstruction.native_build --optional
 
 demo: install

@@ -97,7 +97,7 @@ def test_native_matches_numba(linear, mode, dtype, nc):
 
 def test_stale_library_is_not_used(tmp_path, monkeypatch):
     """A library built from other sources is refused (it would compute something else)."""
-    monkeypatch.setattr(native, "source_hash", lambda: "0000000000000000")
+    monkeypatch.setattr(native, "source_hash", lambda: "000000000000000000000000")
     try:
         assert not native.reload()
         assert "other sources" in native._state["reason"]

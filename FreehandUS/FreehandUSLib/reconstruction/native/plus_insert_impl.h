@@ -192,9 +192,11 @@ static inline void FH_FN(fh_linear_mean_plus)(const ELEM *px, ELEM *av, uint16_t
         av[c] = (ELEM)q;
 #endif
     }
-    double newa = ai * 256.0;
-    if (newa < FH_PLUS_MAXIMUM * FH_FIXED_SCALE)
-        *wv = (uint16_t)fh_floor_nonneg(newa / FH_FIXED_SCALE + 0.5);
+    /* newa = 256 ai (units of 2**-14); below 65535 the buffer becomes floor(newa / 2**14 + 0.5),
+     * which for the integer ai is (ai + 32) >> 6, exactly. */
+    int64_t a_q = w + (int64_t)*wv * 64;
+    if (a_q < 65535 * 64)
+        *wv = (uint16_t)((a_q + 32) >> 6);
     else
         *wv = (uint16_t)FH_PLUS_MAXIMUM;
 }
