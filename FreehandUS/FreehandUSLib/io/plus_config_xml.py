@@ -15,7 +15,6 @@ import re
 import xml.etree.ElementTree as ET
 from datetime import datetime
 from pathlib import Path
-from xml.sax.saxutils import escape
 
 import numpy as np
 
@@ -775,6 +774,8 @@ def transform_element(name: str, matrix, *, error_mm: float | None = None, date=
     if date is not None:
         if isinstance(date, datetime):
             date = date.strftime("%Y.%m.%d %H:%M:%S")
+        from xml.sax.saxutils import escape  # here: it imports urllib, http and ssl (~20 ms of every start)
+
         tail.append(f'Date="{escape(str(date), {chr(34): "&quot;"})}"')
     if tail:
         text += "\n  " + " ".join(tail)
