@@ -479,6 +479,19 @@ def side_by_side(exe, ours_cli, *, frame_counts, threads_list, modes, repeats, w
                     row["ratio_ours_over_igsio"] = row["ours_seconds"] / row["igsio_seconds"]
                     row["memory_ratio_ours_over_igsio"] = row["ours_peak_rss_bytes"] / row["igsio_peak_rss_bytes"]
                     row["fidelity"] = voxel_fidelity(ours_out, igsio_out)
+                    if threads > 1:
+                        # IGSIO's multi-threaded paste is not deterministic (threads split the image,
+                        # and two may update one voxel in either order): also compare with its
+                        # single-threaded volume, which ours (any thread count) reproduces.
+                        one = write_mode_config(SPINE_CONFIG, IGSIO_MODES[mode], 1, workdir / "config_t1.xml")
+                        igsio_t1 = workdir / "igsio_t1.mha"
+                        res = run_measured([exe, f"--config-file={one}", f"--source-seq-file={seq_path}",
+                                            f"--output-volume-file={igsio_t1}",
+                                            "--image-to-reference-transform=ImageToReference"],
+                                           workdir / "igsio_t1.log", workdir)
+                        if res["returncode"] == 0:
+                            row["fidelity_vs_igsio_1_thread"] = voxel_fidelity(ours_out, igsio_t1)
+                            row["igsio_fidelity_vs_its_1_thread"] = voxel_fidelity(igsio_out, igsio_t1)
                 rows.append(row)
                 print(_igsio_line(row), flush=True)
         seq_path.unlink()
@@ -515,16 +528,22 @@ def igsio_markdown(report) -> str:
         f"- SpinePhantomFreehand repeated; ours: `freehandus reconstruct --emulate-plus` "
         f"(kernels: {report.get('kernels', 'numba')}); IGSIO: {report['igsio']}",
         f"- median of {report['repeats']} alternating runs; ratio = ours / IGSIO (> 1: ours slower); peak RSS per "
-        "process; identical / within 2: share of voxels non-empty in either output",
+        "process; identical / within 2: share of voxels non-empty in either output; with several threads, "
+        "also ours against IGSIO's single-threaded volume and IGSIO's own run against it (IGSIO's threads "
+        "can update a voxel in either order)",
         "",
         "| frames | mode | threads | ours s | IGSIO s | ours/IGSIO | ours MB | IGSIO MB | identical | within 2 "
-        "| load |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| ours = IGSIO 1 thread | IGSIO = IGSIO 1 thread | load |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+
+    def share(fid):
+        return "" if fid is None else (f"{100 * fid['identical_share']:.2f} %" if fid["same_grid"] else "grids differ")
+
     for row in report["rows"]:
         lead = f"| {row['frames']} | {row['mode']} | {row['threads']} |"
         if "error" in row:
-            lines.append(f"{lead} failed: {row['error'].replace('|', '/')} |||||||| ")
+            lines.append(f"{lead} failed: {row['error'].replace('|', '/')} |||||||||| ")
             continue
         fid = row["fidelity"]
         if fid["same_grid"]:
@@ -534,6 +553,7 @@ def igsio_markdown(report) -> str:
         lines.append(
             f"{lead} {row['ours_seconds']:.2f} | {row['igsio_seconds']:.2f} | {row['ratio_ours_over_igsio']:.2f} | "
             f"{row['ours_peak_rss_bytes'] / 1e6:.0f} | {row['igsio_peak_rss_bytes'] / 1e6:.0f} | {ident} | {within} | "
+            f"{share(row.get('fidelity_vs_igsio_1_thread'))} | {share(row.get('igsio_fidelity_vs_its_1_thread'))} | "
             f"{row['load_after'][0]:.2f} |")
     return "\n".join(lines + [""])
 

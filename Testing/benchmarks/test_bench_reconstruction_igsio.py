@@ -141,7 +141,7 @@ def test_markdown_table_has_one_row_per_case_with_the_ratio():
               "commit": {"commit": "abc123 msg", "uncommitted_library_files": []},
               "machine": {"cpus": 2, "python": "3.12", "load_start": [1, 1, 1], "load_end": [2, 2, 2]}}
     md = bench.igsio_markdown(report)
-    assert "| 210 | LN_MAXI | 1 | 3.00 | 6.00 | 0.50 | 300 | 200 | 99.90 % | 100.00 % | 1.50 |" in md
+    assert "| 210 | LN_MAXI | 1 | 3.00 | 6.00 | 0.50 | 300 | 200 | 99.90 % | 100.00 % |  |  | 1.50 |" in md
     assert "| 21 | LI_MEAN | 2 | failed: igsio exited 1: bad / thing" in md
     assert "- commit: abc123 msg\n" in md and "before 1.00/1.00/1.00, after 2.00/2.00/2.00" in md
     report["commit_at_end"] = {"commit": "def456 next", "uncommitted_library_files": ["M kernels.py"]}
