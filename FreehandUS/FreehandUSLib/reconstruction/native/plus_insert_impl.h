@@ -104,23 +104,40 @@ static int64_t FH_FN(fh_nearest_span_fixed)(const FH_FN(fh_ctx) *cx, int64_t f, 
 #if INT_OUT
         if (gray && mode == FH_MODE_MEAN_PLUS) {
             /* (new + k old) // (k + 1) with the buffer at 256 k, by an exact reciprocal multiply;
-             * past saturation (new + 255 old) >> 8; other buffers take the division. */
+             * past saturation (new + 255 old) >> 8; other buffers take the division. The voxel's
+             * value and buffer stay in registers while consecutive pixels fall into it (a row's
+             * pixels in one voxel are consecutive) and are stored when the row leaves it:
+             * the same updates in the same order as one read-modify-write per pixel. */
+            int64_t cur = -1, a = 0, old = 0;
             for (int64_t x = r0; x <= r1; x++) {
                 int64_t v_ix = ((pk >> 14) * nj + (pj >> 14)) * ni + (pi >> 14);
-                int64_t a = weight[v_ix], old = acc[v_ix], v = row[x];
+                if (v_ix != cur) {
+                    if (cur >= 0) {
+                        acc[cur] = (ELEM)old;
+                        weight[cur] = (uint16_t)a;
+                    }
+                    cur = v_ix;
+                    a = weight[v_ix];
+                    old = acc[v_ix];
+                }
+                int64_t v = row[x];
                 if (a <= 65279) {
                     int64_t k = a >> 8, nn = v + k * old;
                     if ((a & 255) == 0 && nn < 65536)
-                        acc[v_ix] = (ELEM)((nn * fh_reciprocal32[k + 1]) >> 32);
+                        old = (nn * fh_reciprocal32[k + 1]) >> 32;
                     else
-                        acc[v_ix] = (ELEM)((v * 256 + old * a) / (a + 256));
-                    weight[v_ix] = (uint16_t)(a + 256);
+                        old = (v * 256 + old * a) / (a + 256);
+                    a += 256;
                 } else {
-                    acc[v_ix] = (ELEM)((v + 255 * old) >> 8);
+                    old = (v + 255 * old) >> 8;
                 }
                 pk += ak_q;
                 pi += ai_q;
                 pj += aj_q;
+            }
+            if (cur >= 0) {
+                acc[cur] = (ELEM)old;
+                weight[cur] = (uint16_t)a;
             }
             inserted += r1 - r0 + 1;
             continue;
