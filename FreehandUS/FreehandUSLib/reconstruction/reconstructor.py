@@ -1145,7 +1145,8 @@ def reconstruct_volume(
     n = sequence.n_frames
     indices = np.arange(n)
     chosen = indices[:: opts.skip_interval]
-    skipped: dict[int, str] = {int(i): "skip_interval" for i in np.setdiff1d(indices, chosen)}
+    # Every frame not on the skip interval (not np.setdiff1d: it imports numpy.ma, ~15 ms of start-up).
+    skipped: dict[int, str] = {int(i): "skip_interval" for i in indices if i % opts.skip_interval}
     usable = chosen[valid[chosen] & sequence.image_ok[chosen]]
     corners = None
     if opts.output_extent is None:
