@@ -49,6 +49,11 @@ of :func:`~.reference.fill_holes_reference`, which tests check):
 
 Values are computed in float64 from the unrounded reconstruction; they are rounded once,
 when stored.
+
+STICK alone on PLUS's value buffers also exists in C (``native/stick_fill.c``,
+:func:`.native.fill_holes_native`, the reconstruction's choice under ``--emulate-plus`` when the
+library is built): a change to STICK's rules here must be made there too
+(``Testing/reconstruction/test_recon_native.py`` compares the two).
 """
 
 from __future__ import annotations

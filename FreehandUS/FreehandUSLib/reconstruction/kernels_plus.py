@@ -8,6 +8,11 @@ accumulators that are not C-contiguous. Same geometry, threading and determinism
 :mod:`.kernels` (each worker owns slabs of k-planes and walks all frames in order); the
 run-based kernels there are bit-identical to the plain per-pixel ones here
 (:func:`_nearest_span`, :func:`_linear_span`).
+
+The fixed-point kernels here (nearest / linear, mean / max / latest) exist a second time in C
+(``native/plus_insert.c``, :mod:`.native`), which runs them when it is built: a change to the
+arithmetic here must be made there too (``Testing/reconstruction/test_recon_native.py`` compares
+the two on random batches and fails otherwise).
 """
 
 from __future__ import annotations
