@@ -526,7 +526,8 @@ def igsio_markdown(report) -> str:
         f"- machine: {m['cpus']} CPUs, Python {m['python']}; load average (1/5/15 min) before "
         f"{'/'.join(f'{v:.2f}' for v in m['load_start'])}, after {'/'.join(f'{v:.2f}' for v in m['load_end'])}",
         f"- SpinePhantomFreehand repeated; ours: `freehandus reconstruct --emulate-plus` "
-        f"(kernels: {report.get('kernels', 'numba')}); IGSIO: {report['igsio']}",
+        f"(kernels: {report.get('kernels', 'numba')}; bytecode: {report.get('bytecode', 'not compiled first')}); "
+        f"IGSIO: {report['igsio']}",
         f"- median of {report['repeats']} alternating runs; ratio = ours / IGSIO (> 1: ours slower); peak RSS per "
         "process; identical / within 2: share of voxels non-empty in either output; with several threads, "
         "also ours against IGSIO's single-threaded volume and IGSIO's own run against it (IGSIO's threads "
@@ -577,7 +578,14 @@ def run_igsio_side_by_side(args) -> dict:
         # during the run (its sources edited) stops a row with an error instead of timing numba.
         kernels = "native" if native.available() else "numba"
         os.environ["FREEHANDUS_KERNELS"] = kernels
+        # Our modules' bytecode, written as `pip install` does for an installed package: with
+        # PYTHONDONTWRITEBYTECODE set (as on our machines) an editable checkout otherwise compiles
+        # every module from source in every run, ~50 ms that no installed copy pays.
+        roots = [str(REPO / d) for d in ("FreehandUS/FreehandUSLib", "FreehandUS/FreehandUSApp")]
+        subprocess.run([sys.executable, "-m", "compileall", "-q", *roots], check=True, capture_output=True)
         report = {"igsio": str(exe), "repeats": args.igsio_repeats, "commit": _commit(), "kernels": kernels,
+                  "bytecode": "compiled before timing (compileall); PYTHONDONTWRITEBYTECODE="
+                              + os.environ.get("PYTHONDONTWRITEBYTECODE", "unset"),
                   "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load_start": list(load())}}
         with tempfile.TemporaryDirectory(prefix="bench_igsio_") as tmp:
             report["rows"] = side_by_side(exe, ours_cli, frame_counts=args.igsio_frames,
