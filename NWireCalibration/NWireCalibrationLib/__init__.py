@@ -11,6 +11,7 @@ Modules (import what you need; nothing heavy is imported here):
 - :mod:`.labeling` -- N-wire geometric filtering, PLUS wire order
 - :mod:`.sequence_labeling` -- the sequence stage: frames recovered from neighbours and tracked motion,
   labels that jump refused
+- :mod:`.plane_refinement` -- each frame's dots replaced by ONE fitted image plane's crossings with the wires
 - :mod:`.correspondences` -- 3D positions of the dots (alpha, plane intersections)
 - :mod:`.solvers` -- PLUS linear least squares, Levenberg-Marquardt, RANSAC + LM
 - :mod:`.metrics` -- PLUS 3D/2D errors, detection rates, CRE

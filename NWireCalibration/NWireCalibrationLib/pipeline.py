@@ -32,6 +32,7 @@ from .errors import CalibrationError, DetectionError
 from .labeling import LabelingSettings
 from .metrics import pose_diversity_deg, reprojection_errors_2d, reprojection_errors_3d, trimmed_statistics
 from .phantom import NWirePhantom, load_phantom, phantom_from_plus
+from .plane_refinement import PlaneRefinementSettings, refine_dots_by_plane
 from .results import CalibrationResult, DataSetMetrics, DetectionResult
 from .sequence_labeling import SequenceSettings, label_sequence
 from .solvers import (
@@ -262,6 +263,7 @@ def detect_frames(frames, detector, *, progress=None):
 def detect_sequence(sequence, setup: CalibrationSetup, *, detector: str = "hessian", pixel_spacing_mm=None,
                     hessian: HessianSettings | None = None, labeling: LabelingSettings | None = None,
                     sequence_stage: bool | None = None, sequence_settings: SequenceSettings | None = None,
+                    plane_refinement: bool | None = None, plane_settings: PlaneRefinementSettings | None = None,
                     progress=None) -> DetectionResult:
     """Detect the phantom's dots in every frame of a tracked sequence.
 
@@ -280,12 +282,19 @@ def detect_sequence(sequence, setup: CalibrationSetup, *, detector: str = "hessi
         (:mod:`.sequence_labeling`). Default: on for the Hessian detector, off for the baselines
         (which reproduce their published single-frame methods).
     sequence_settings : SequenceSettings, optional
+    plane_refinement : bool, optional
+        Last, replace each labelled frame's dots by the crossings of ONE fitted image plane with
+        the phantom's wires where the residuals are consistent with the noise (outliers keep
+        their measured centres; :mod:`.plane_refinement`). Default: on for the Hessian
+        detector, off for the baselines.
+    plane_settings : PlaneRefinementSettings, optional
     progress : callable(done, total), optional
 
     Returns
     -------
     DetectionResult
-        ``stages`` says which stage labelled each frame, ``sequence`` what the sequence stage did.
+        ``stages`` says which stage labelled each frame, ``sequence`` what the sequence stage did,
+        ``plane_fit`` what the plane refinement did.
     """
     spacing = _spacing_for(sequence, setup, pixel_spacing_mm)
     det = make_detector(detector, setup.phantom, spacing, clip_rectangle_px=setup.clip_rectangle_px,
@@ -305,9 +314,13 @@ def detect_sequence(sequence, setup: CalibrationSetup, *, detector: str = "hessi
         out = _sequence_stage(sequence, setup, det, pts, ok, cands, reasons, codes, spacing, sequence_settings)
         pts, ok, stages, reasons, codes, summary = (out.points_px, out.ok, out.stages, out.reasons, out.reason_codes,
                                                     out.summary)
+    plane = None
+    if plane_refinement if plane_refinement is not None else detector.lower() == "hessian":
+        refined = refine_dots_by_plane(pts, ok, setup.phantom, spacing, settings=plane_settings)
+        pts, plane = refined.points_px, refined.summary
     seconds = time.perf_counter() - t0
     result = DetectionResult(detector, setup.phantom.name, setup.phantom.wire_names, pts, ok, ncand, reasons,
-                             tuple(float(v) for v in spacing), seconds, codes, stages, summary)
+                             tuple(float(v) for v in spacing), seconds, codes, stages, summary, plane)
     logger.info("%s", result)
     return result
 

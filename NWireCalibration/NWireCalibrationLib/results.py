@@ -27,6 +27,7 @@ __all__ = [
     "plus_transform_element",
     "format_rejections",
     "format_stages",
+    "format_plane_fit",
 ]
 
 
@@ -55,6 +56,32 @@ def format_stages(counts: dict, refused: list) -> str:
     text = "detected by stage: " + ", ".join(f"{n} {stage}" for stage, n in counts.items())
     if refused:
         text += f"; {len(refused)} single-frame labellings refused as motion-inconsistent"
+    return text
+
+
+def format_plane_fit(summary: dict, *, max_dots: int = 10) -> str:
+    """One line (plus one per outlier dot, at most ``max_dots``): what the plane refinement did.
+
+    ``summary``: :class:`~.plane_refinement.PlaneRefinement` ``summary``.
+    """
+    if not summary.get("frames_fitted"):
+        return "plane refinement: no frame could be fitted (every centre kept as measured)"
+    sp, noise = summary["pixel_spacing_mm"], summary["noise_px"]
+    text = (f"plane refinement: {summary['dots_replaced']} dots in {summary['frames_refined']} frames replaced by "
+            f"the fitted image plane's; {summary['outlier_dots']} outlier dots and "
+            f"{summary['frames_model_rejected']} frames kept as measured (spacing {sp[0]:.5f} x {sp[1]:.5f} mm/px "
+            f"{'fitted per recording' if summary['spacing_model'] == 'recording' else summary['spacing_model']}, "
+            f"noise {noise[0]:.2f}, {noise[1]:.2f} px)")
+    for d in summary.get("wires_kept_as_measured", []):
+        text += (f"\n    wire {d['wire']}: measured centres kept, the model is off by {d['bias_px'][0]:+.2f}, "
+                 f"{d['bias_px'][1]:+.2f} px over the recording (scatter {d['scatter_px'][0]:.2f}, "
+                 f"{d['scatter_px'][1]:.2f} px)")
+    kept = summary.get("kept_dots", [])
+    for d in kept[:max_dots]:
+        text += (f"\n    frame {d['frame']} wire {d['wire']}: measured centre kept, "
+                 f"{d['residual_px'][0]:+.2f}, {d['residual_px'][1]:+.2f} px from the plane's")
+    if len(kept) > max_dots:
+        text += f"\n    ... {len(kept) - max_dots} more outlier dots (every one is in the JSON)"
     return text
 
 
@@ -131,6 +158,10 @@ class DetectionResult:
     sequence : dict, optional
         What the sequence stage did (:class:`~.sequence_labeling.SequenceOutcome` ``summary``):
         the recovered frames per stage, the refused labellings, its tolerances.
+    plane_fit : dict, optional
+        What the plane refinement did (:class:`~.plane_refinement.PlaneRefinement` ``summary``):
+        dots replaced by the fitted image plane's, outlier dots and frames kept as measured, the
+        recording's fitted pixel spacing and the dots' noise; absent: not run.
     """
 
     detector: str
@@ -145,6 +176,7 @@ class DetectionResult:
     reason_codes: list = None
     stages: list = None
     sequence: dict = None
+    plane_fit: dict = None
 
     @property
     def n_frames(self) -> int:
@@ -215,6 +247,7 @@ class DetectionResult:
             "detected_by_stage": self.stage_counts(),
             "refused_by_sequence": self.refused_frames(),
             "sequence_stage": _clean(self.sequence) if self.sequence is not None else None,
+            "plane_refinement": _clean(self.plane_fit) if self.plane_fit is not None else None,
             "seconds": float(self.seconds),
             "frames_per_second": _clean(self.frames_per_second),
             "frames": frames,
@@ -225,6 +258,8 @@ class DetectionResult:
         text = (f"{self.detector} detector, phantom {self.phantom_name}: {self.frames_detected}/{self.n_frames} "
                 f"frames detected in {self.seconds:.2f} s ({self.frames_per_second:.1f} frames/s)")
         text += "\n  " + format_stages(self.stage_counts(), self.refused_frames())
+        if self.plane_fit is not None:
+            text += "\n  " + format_plane_fit(self.plane_fit)
         if failed:
             text += "\n" + format_rejections(self.rejected_frames(), self.rejection_counts(), "  ")
         return text

@@ -1,0 +1,126 @@
+"""Joint refinement of a frame's dots from ONE fitted image plane (issue 23, NWireCalibrationLib.plane_refinement)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from NWireCalibrationLib.pipeline import detect_sequence
+from NWireCalibrationLib.plane_refinement import (
+    PlaneRefinementSettings,
+    fit_frame_plane,
+    predict_dots_px,
+    refine_dots_by_plane,
+)
+from nwire_synthetic import exact_geometry, setup_for, small_simulation
+
+NOISE_PX = 0.3
+
+
+def _true_image_to_phantom(sim, poses):
+    """(n, 4, 4) pixels -> Phantom mm: inv(PhantomToReference) ProbeToReference ImageToProbe."""
+    return np.linalg.inv(sim.phantom_to_reference)[None] @ poses @ sim.image_to_probe[None]
+
+
+def _noisy(seed=0, phantom="fCal-2.0"):
+    sim, pts, poses = exact_geometry(phantom)
+    ok = np.all(np.isfinite(pts), axis=(1, 2))
+    noisy = pts + np.random.default_rng(seed).normal(0.0, NOISE_PX, pts.shape)
+    return sim, pts, noisy, ok
+
+
+def test_exact_dots_give_back_the_plane_pose_and_spacing():
+    sim, pts, poses = exact_geometry()
+    truth = _true_image_to_phantom(sim, poses)
+    true_sp = np.asarray(sim.pixel_spacing_mm)
+    fitted = 0
+    for i in np.flatnonzero(np.all(np.isfinite(pts), axis=(1, 2)))[:5]:
+        assert np.allclose(predict_dots_px(truth[i], sim.phantom), pts[i], atol=1e-6)  # the model is the simulator's
+        # Started 3 % off the spacing (a rounded hint) and from the dots' own alpha-implied plane.
+        f = fit_frame_plane(pts[i], sim.phantom, 1.03 * true_sp.mean(), loss="linear")
+        assert f.ok
+        assert np.allclose(f.pixel_spacing_mm, true_sp, rtol=1e-6)
+        assert np.allclose(f.image_to_phantom[:3, [0, 1, 3]], truth[i][:3, [0, 1, 3]], atol=1e-5)
+        assert np.abs(f.residual_px).max() < 1e-6
+        # The spacing held fixed at the truth: the same pose.
+        g = fit_frame_plane(pts[i], sim.phantom, true_sp, fit_spacing=False, loss="linear")
+        assert g.ok and np.allclose(g.image_to_phantom[:3, [0, 1, 3]], truth[i][:3, [0, 1, 3]], atol=1e-5)
+        fitted += 1
+    assert fitted == 5
+
+
+def test_noisy_dots_move_towards_the_truth():
+    sim, pts, noisy, ok = _noisy()
+    hint = round(float(np.mean(sim.pixel_spacing_mm)), 2)  # 1.1 % and 1.8 % off the true (sx, sy)
+    out = refine_dots_by_plane(noisy, ok, sim.phantom, hint)
+    before = np.sqrt(np.mean((noisy - pts)[ok] ** 2))
+    after = np.sqrt(np.mean((out.points_px - pts)[ok] ** 2))
+    # 9 dots, 6 pose parameters per frame: about sqrt(6 / 18) = 0.58 of the noise is left.
+    assert after < 0.75 * before
+    true_sp = np.asarray(sim.pixel_spacing_mm)
+    assert np.all(np.abs(out.pixel_spacing_mm - true_sp) < 0.3 * np.abs(hint - true_sp))
+    assert out.noise_px == pytest.approx([NOISE_PX, NOISE_PX], rel=0.3)
+    assert out.replaced[ok].mean() > 0.95 and not out.summary["wires_kept_as_measured"]
+    # A fixed (wrong) hint spacing cannot replace dots: the fit with the recording's spacing is what helps.
+    hint = refine_dots_by_plane(noisy, ok, sim.phantom, 1.01 * np.asarray(sim.pixel_spacing_mm),
+                                settings=PlaneRefinementSettings(spacing="hint"))
+    assert np.sqrt(np.mean((hint.points_px - pts)[ok] ** 2)) > after
+
+
+def test_an_outlier_dot_keeps_its_measured_centre_and_is_reported():
+    sim, pts, noisy, ok = _noisy(seed=1)
+    f = int(np.flatnonzero(ok)[3])
+    noisy[f, 4] += [4.0, -3.0]  # an echo merged with another: 5 px off, ~17 noise sigmas
+    out = refine_dots_by_plane(noisy, ok, sim.phantom, np.mean(sim.pixel_spacing_mm))
+    assert out.outliers[f, 4] and not out.replaced[f, 4]
+    assert np.array_equal(out.points_px[f, 4], noisy[f, 4])
+    assert any(d["frame"] == f and d["wire"] == sim.phantom.wire_names[4] for d in out.summary["kept_dots"])
+    # The frame's other dots are still replaced, and fitted without the outlier.
+    others = np.delete(np.arange(sim.phantom.n_wires), 4)
+    assert out.replaced[f, others].all()
+    assert np.sqrt(np.mean((out.points_px[f, others] - pts[f, others]) ** 2)) < 2 * NOISE_PX
+    assert "measured centre kept" in str(out)
+
+
+def test_a_wire_the_model_misplaces_keeps_its_measured_centres():
+    """A phantom definition that is off for one wire (its dots 1.5 px away in every frame)."""
+    sim, pts, noisy, ok = _noisy(seed=2)
+    noisy[:, 7] += [0.0, 1.5]
+    out = refine_dots_by_plane(noisy, ok, sim.phantom, np.mean(sim.pixel_spacing_mm))
+    assert [d["wire"] for d in out.summary["wires_kept_as_measured"]] == [sim.phantom.wire_names[7]]
+    assert not out.replaced[:, 7].any() and np.array_equal(out.points_px[ok, 7], noisy[ok, 7])
+    others = np.delete(np.arange(sim.phantom.n_wires), 7)
+    assert np.sqrt(np.mean((out.points_px[ok][:, others] - pts[ok][:, others]) ** 2)) < 0.8 * NOISE_PX
+
+
+def test_too_few_dots_and_bad_input():
+    sim, pts, noisy, ok = _noisy()
+    few = noisy.copy()
+    few[:, 3:] = np.nan  # one pattern left: 6 coordinates, no redundancy beyond a pose and a spacing
+    out = refine_dots_by_plane(few, ok, sim.phantom, np.mean(sim.pixel_spacing_mm))
+    assert not out.replaced.any() and np.array_equal(out.points_px, few, equal_nan=True)
+    assert "no frame could be fitted" in str(out)
+    with pytest.raises(ValueError, match="points_px"):
+        refine_dots_by_plane(noisy[:, :4], ok, sim.phantom, 0.5)
+    with pytest.raises(ValueError, match="pixel_spacing_mm"):
+        refine_dots_by_plane(noisy, ok, sim.phantom, -0.5)
+    with pytest.raises(ValueError, match="spacing"):
+        PlaneRefinementSettings(spacing="affine")
+
+
+def test_detect_sequence_refines_rendered_frames():
+    """Rendered speckle frames: the detector's dots scatter less about the truth with the plane refinement."""
+    sim = small_simulation(size=(410, 308), n_frames=24, seed=5)
+    setup = setup_for(sim)
+    on = detect_sequence(sim.sequence, setup)
+    off = detect_sequence(sim.sequence, setup, plane_refinement=False)
+    assert np.array_equal(on.ok, off.ok) and on.frames_detected >= 20
+    m = on.ok & sim.visible
+    err_on = np.linalg.norm(on.points_px[m] - sim.true_points_px[m], axis=2)
+    err_off = np.linalg.norm(off.points_px[m] - sim.true_points_px[m], axis=2)
+    assert np.sqrt(np.mean(err_on ** 2)) < 0.85 * np.sqrt(np.mean(err_off ** 2))
+    assert on.plane_fit["dots_replaced"] > 0 and off.plane_fit is None
+    assert on.to_dict()["plane_refinement"]["dots_replaced"] == on.plane_fit["dots_replaced"]
+    assert "plane refinement:" in str(on)
+    # The baselines reproduce their published single-frame methods: no refinement by default.
+    assert detect_sequence(sim.sequence, setup, detector="plus").plane_fit is None
