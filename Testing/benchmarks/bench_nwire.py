@@ -33,7 +33,10 @@ Parts:
   recall and wrong labels of single-frame labelling alone (``--no-sequence-stage`` semantics)
   for comparison; the dots' mean error (bias) and spread along x and y. ``--refine-model peak``
   runs the table with another sub-pixel centre estimator (the one before issue 23's
-  ``"adaptive"``), ``--phantoms NAME ...`` with some phantoms only.
+  ``"adaptive"``), ``--phantoms NAME ...`` with some phantoms only, ``--cases LABEL ...`` with some
+  cases only (labels as printed, e.g. ``"linear, gain 0.6"``), ``--no-plane-refinement`` without
+  the joint image-plane refinement of each frame's dots (:mod:`NWireCalibrationLib.plane_refinement`,
+  default on; each row records what it did: dots replaced, outliers, wires kept as measured).
 
 Other engineers share the machine's cores: the load average is recorded with the timings.
 """
@@ -360,7 +363,8 @@ def _phantom_cases(quick: bool):
     return cases
 
 
-def bench_phantoms(quick: bool, n_frames: int, phantoms=None, refine_model: str | None = None) -> dict:
+def bench_phantoms(quick: bool, n_frames: int, phantoms=None, refine_model: str | None = None, cases=None,
+                   plane_refinement: bool = True) -> dict:
     """Every built-in phantom under several probes, screen overlays and partial/oblique views (issue 23).
 
     Each case simulates ``n_frames`` frames with :func:`settings_for_phantom` (a depth and width
@@ -381,6 +385,8 @@ def bench_phantoms(quick: bool, n_frames: int, phantoms=None, refine_model: str 
     t_all = time.perf_counter()
     for name in phantoms or builtin_phantom_names():
         for k, (label, probe, over) in enumerate(_phantom_cases(quick)):
+            if cases is not None and label not in cases:
+                continue
             over = dict(over)
             extra = over.pop("depth_extra_mm", 0.0)
             st = settings_for_phantom(name, probe, n_frames=n_frames, image_size_px=size, seed=100 + k, **over)
@@ -395,9 +401,10 @@ def bench_phantoms(quick: bool, n_frames: int, phantoms=None, refine_model: str 
                 rows.append(row)
                 continue
             setup = setup_for(sim)
-            alone = frame_scores(detect_sequence(sim.sequence, setup, sequence_stage=False, hessian=hessian).points_px,
+            alone = frame_scores(detect_sequence(sim.sequence, setup, sequence_stage=False, hessian=hessian,
+                                                 plane_refinement=plane_refinement).points_px,
                                  sim.true_points_px, sim.visible)
-            det = detect_sequence(sim.sequence, setup, hessian=hessian)
+            det = detect_sequence(sim.sequence, setup, hessian=hessian, plane_refinement=plane_refinement)
             row.update(frame_scores(det.points_px, sim.true_points_px, sim.visible))
             row["single_frame"] = {k: alone[k] for k in ("recall", "precision", "wrong_labels", "frames_detected")}
             row["detected_by_stage"] = det.stage_counts()
@@ -408,10 +415,16 @@ def bench_phantoms(quick: bool, n_frames: int, phantoms=None, refine_model: str 
                 code = det.reason_code(i)
                 row["rejected_whole_frames_by_reason"][code] = row["rejected_whole_frames_by_reason"].get(code, 0) + 1
             row["frames_per_second"] = _f(det.frames_per_second, 1)
+            if det.plane_fit is not None:
+                pf = det.plane_fit
+                row["plane_refinement"] = {k: pf[k] for k in ("dots_replaced", "outlier_dots", "frames_model_rejected",
+                                                              "pixel_spacing_mm", "noise_px")}
+                row["plane_refinement"]["wires_kept_as_measured"] = [d["wire"] for d in pf["wires_kept_as_measured"]]
+                row["pixel_spacing_true_mm"] = [float(v) for v in sim.pixel_spacing_mm]
             rows.append(row)
         print(f"  phantom {name} done", file=sys.stderr, flush=True)
     return {"cases": rows, "image_size_px": list(size), "frames_per_case": n_frames,
-            "refine_model": hessian.refine_model, "load_before": load,
+            "refine_model": hessian.refine_model, "plane_refinement": plane_refinement, "load_before": load,
             "load_after": _load(), "seconds": _f(time.perf_counter() - t_all, 1)}
 
 
@@ -494,6 +507,7 @@ def _print_tables(report: dict) -> None:
     ph = report.get("phantoms")
     if ph:
         print(f"\nEvery phantom (hessian detector, sub-pixel centre {ph.get('refine_model')!r}, "
+              f"plane refinement {'on' if ph.get('plane_refinement', False) else 'off'}, "
               f"{ph['frames_per_case']} frames per case, "
               f"{ph['image_size_px'][0]}x{ph['image_size_px'][1]} px, load {ph['load_before']} -> {ph['load_after']})")
         print(f"  {'phantom':18s} {'case':36s} {'depth':>5s} {'whole':>5s} {'recall':>7s} {'precis':>7s} "
@@ -523,6 +537,12 @@ def _print_tables(report: dict) -> None:
                   f"trk/nbr: frames recovered from the tracked prediction / the neighbours, ref: labels refused")
             print(f"  cases below 99 % of dots within 1 px: "
                   f"{sum(1 for r in rows if r['dots_within_1px'] is None or r['dots_within_1px'] < 0.99)} of {len(rows)}")
+            planes = [r["plane_refinement"] for r in rows if "plane_refinement" in r]
+            if planes:
+                print(f"  plane refinement: {sum(p['dots_replaced'] for p in planes)} dots replaced, "
+                      f"{sum(p['outlier_dots'] for p in planes)} outlier dots and "
+                      f"{sum(p['frames_model_rejected'] for p in planes)} frames kept as measured, wires kept as "
+                      f"measured in {sum(1 for p in planes if p['wires_kept_as_measured'])} cases")
     kf = report.get("keyframes")
     if kf:
         print(f"\nKeyframes: converged={kf['converged']} after {kf['frames_consumed']}/{kf['frames_offered']} "
@@ -542,6 +562,10 @@ def main(argv=None) -> dict:
                    help="every-phantom table with all cases at 820x616 px (slow)")
     p.add_argument("--phantoms", nargs="+", default=None, metavar="NAME",
                    help="every-phantom table: only these built-in phantoms")
+    p.add_argument("--cases", nargs="+", default=None, metavar="LABEL",
+                   help="every-phantom table: only these cases (labels as printed, e.g. 'linear, gain 0.6')")
+    p.add_argument("--no-plane-refinement", action="store_true",
+                   help="every-phantom table: without the joint image-plane refinement of the dots")
     p.add_argument("--refine-model", default=None,
                    help="every-phantom table: sub-pixel centre estimator (HessianSettings.refine_model; default its default)")
     args = p.parse_args(argv)
@@ -555,8 +579,12 @@ def main(argv=None) -> dict:
         report["simulation"] = bench_simulation(args.quick, n_frames)
         report["keyframes"] = bench_keyframes(args.quick)
     full = args.phantoms_full and not args.quick
+    known = [c[0] for c in _phantom_cases(not full)]
+    unknown = [c for c in args.cases or () if c not in known]
+    if unknown:
+        p.error(f"--cases: unknown label(s) {unknown}; expected some of {known}")
     report["phantoms"] = bench_phantoms(not full, args.phantom_frames or (60 if full else 20), args.phantoms,
-                                        args.refine_model)
+                                        args.refine_model, args.cases, not args.no_plane_refinement)
     report["machine"]["load_end"] = _load()
     report["seconds"] = round(time.perf_counter() - t0, 1)
     out = Path(args.out)
