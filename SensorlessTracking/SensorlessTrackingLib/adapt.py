@@ -31,8 +31,9 @@ it is larger than its own standard error across the sweeps:
   :class:`.decorrelation.DecorrelationConfig` as plain values), with which
   :func:`.predict.track_sequence` estimates.
 
-The decorrelation is calibrated once on all the sweeps, also for the leave-one-sweep-out figures
-of the last two candidates (its one calibrated number, the curve's sigma, hardly depends on one sweep).
+The decorrelation (:func:`.decorrelation.calibrate_decorrelation`: its curve per depth band) is
+calibrated anew in each leave-one-sweep-out fold on the other sweeps only, so the last two
+candidates' figures are as honest as the others'; the stored one is calibrated on all the sweeps.
 
 With ``fine_tune=True`` the network's weights are also trained further on the adaptation sweeps
 (:func:`.train.train` from the base weights, a low learning rate, few epochs, a time limit),
@@ -339,22 +340,50 @@ def _fit_correction(name: str, problems, dec_cfg):
         {"decorrelation_blend": b}
 
 
+def _with_decorrelation(problems, dec_cfg) -> list:
+    """The problems with ``dec`` estimated from their measured patches (``cal``, a
+    :class:`.decorrelation.CalibrationSweep`) with ``dec_cfg``, in the models' "toward"
+    convention (as :func:`.predict.track_sequence` estimates with the decorrelation)."""
+    from .decorrelation import params_from_patches
+
+    dec = replace(dec_cfg, direction=-1)
+    return [{**pr, "dec": params_from_patches(pr["cal"].measurements, dec)} for pr in problems]
+
+
+def _fold_decorrelation(problems, held: int):
+    """(decorrelation settings, problems with their ``dec``) of the leave-one-sweep-out fold
+    that holds back sweep ``held``: the decorrelation calibrated on the other sweeps' ``cal``
+    only (:func:`.decorrelation.calibrate_decorrelation`), so the held-back sweep's figure is
+    one it was not calibrated on."""
+    from .decorrelation import calibrate_decorrelation
+
+    cfg = calibrate_decorrelation([pr["cal"] for j, pr in enumerate(problems) if j != held])
+    return cfg, _with_decorrelation(problems, cfg)
+
+
 def _choose(problems, names, dec_cfg):
     """Leave-one-sweep-out final drift of each candidate; returns (chosen name, {name: mean
     final drift %}, {name: final drift % of the last sweep with the candidate fitted on the
     others}, {name: record of the candidate fitted on the others for the last sweep}).
+
+    When the problems carry their measured patches (``cal``) and a candidate needs the
+    decorrelation, it is calibrated anew in each fold on the other sweeps
+    (:func:`_fold_decorrelation`; ``dec_cfg`` is then unused), else the problems' ``dec``
+    (calibrated with ``dec_cfg``) is used in every fold.
 
     The candidate with the lowest mean is chosen, except that "none" (when a candidate) is kept
     unless the best one's gain over it, sweep by sweep, exceeds one standard error of those
     gains: with a handful of sweeps a small mean gain is as likely noise (on the independent
     simulator's convex probe a correction that looked better on 6 sweeps was worse on 10 others).
     """
+    per_fold = any(n in _NEED_DECORRELATION for n in names) and all(pr.get("cal") is not None for pr in problems)
+    folds = [_fold_decorrelation(problems, i) if per_fold else (dec_cfg, problems) for i in range(len(problems))]
     per_sweep, last, last_rec = {}, {}, {}
     for name in names:
         fdrs = []
-        for i in range(len(problems)):
-            correct, rec = _fit_correction(name, problems[:i] + problems[i + 1:], dec_cfg)
-            fdrs.append(_drifts(problems[i], correct(problems[i]))[1])
+        for i, (cfg_i, fold) in enumerate(folds):
+            correct, rec = _fit_correction(name, fold[:i] + fold[i + 1:], cfg_i)
+            fdrs.append(_drifts(fold[i], correct(fold[i]))[1])
         per_sweep[name], last[name], last_rec[name] = np.array(fdrs), fdrs[-1], rec
     loo = {name: float(v.mean()) for name, v in per_sweep.items()}
     chosen = min(names, key=lambda n: (loo[n], names.index(n)))
@@ -391,10 +420,12 @@ def _tracked(sequences, image_to_probe):
     return out
 
 
-def _problems(model, sweeps, image_to_probe, device, dec_cfg) -> list:
+def _problems(model, sweeps, image_to_probe, device, dec_cfg, cals=None) -> list:
     """Per sweep what the corrections are fitted on (:func:`fit_decorrelation_blend`): the
     model's estimate (adaptation not applied) and, with ``dec_cfg``, the decorrelation's, in
-    the models' "toward" convention, with the true poses."""
+    the models' "toward" convention, with the true poses; with ``cals`` (the sweeps'
+    :class:`.decorrelation.CalibrationSweep`) the decorrelation's estimate comes from their
+    measured patches and each problem keeps its ``cal`` (per-fold calibration, :func:`_choose`)."""
     from .predict import track_sequence
 
     out = []
@@ -405,11 +436,13 @@ def _problems(model, sweeps, image_to_probe, device, dec_cfg) -> list:
         _, poses, path = out_of_plane_problem(s["truth"], res.sequence.transforms["ImageToReference"].matrices,
                                               s["shape"])
         dec = None
-        if dec_cfg is not None:
+        if dec_cfg is not None and cals is None:
             d = track_sequence(s["sequence"], "decorrelation", image_to_probe=image_to_probe, decorrelation=dec_cfg,
                                sweep_direction=s["direction"]).frame_to_frame
             dec = d if s["direction"] == "toward" else reverse_direction(d)
         out.append({"p": p, "dec": dec, "direction": s["direction"], "poses": poses, "path": path})
+    if dec_cfg is not None and cals is not None:
+        out = _with_decorrelation([{**pr, "cal": c} for pr, c in zip(out, cals)], dec_cfg)
     return out
 
 
@@ -422,9 +455,9 @@ def _raw(model):
     return model
 
 
-def _select(model, sweeps, image_to_probe, device, dec_cfg, names):
+def _select(model, sweeps, image_to_probe, device, dec_cfg, names, cals=None):
     """Problems, the chosen correction fitted on all sweeps (record), and the leave-one-out figures."""
-    problems = _problems(_raw(model), sweeps, image_to_probe, device, dec_cfg)
+    problems = _problems(_raw(model), sweeps, image_to_probe, device, dec_cfg, cals)
     moved = [pr for pr in problems if pr["path"] > 0]
     if len(moved) < len(problems):
         raise AdaptationError(f"{len(problems) - len(moved)} of the sweeps did not move (zero tracked path); "
@@ -486,7 +519,7 @@ def adapt_model(sequences, out_path, *, base="default", image_to_probe=None, con
     """
     import torch
 
-    from .decorrelation import calibrate_decorrelation
+    from .decorrelation import calibrate_decorrelation, calibration_sweep
     from .predict import default_model_path, input_spacing, load_model, read_checkpoint
     from .train import _plain, select_device
 
@@ -502,15 +535,15 @@ def adapt_model(sequences, out_path, *, base="default", image_to_probe=None, con
     base_path = default_model_path() if str(base) == "default" else Path(base)
     ckpt = read_checkpoint(base_path)
     model = load_model(base_path, device)
-    dec_cfg = None
+    dec_cfg = cals = None
     if any(c in cfg.corrections for c in _NEED_DECORRELATION):
         report(f"calibrating the speckle decorrelation on {len(sweeps)} sweeps")
-        dec_cfg = calibrate_decorrelation(
-            [(s["sequence"].frames, s["truth"], input_spacing(s["sequence"], image_to_probe=image_to_probe)[0])
-             for s in sweeps])
+        cals = [calibration_sweep(s["sequence"].frames, s["truth"],
+                                  input_spacing(s["sequence"], image_to_probe=image_to_probe)[0]) for s in sweeps]
+        dec_cfg = calibrate_decorrelation(cals)
     report(f"estimating {len(sweeps)} sweeps with {base} and choosing the correction")
     problems, chosen, record, loo, last, last_rec = _select(model, sweeps, image_to_probe, device, dec_cfg,
-                                                            cfg.corrections)
+                                                            cfg.corrections, cals)
     held = sweeps[-1]
     validation = {"name": held["name"], "fdr_base_percent": _drifts(problems[-1], problems[-1]["p"])[1],
                   "correction": chosen, "fdr_adapted_percent": last[chosen]}
@@ -525,7 +558,7 @@ def adapt_model(sequences, out_path, *, base="default", image_to_probe=None, con
             tuned_ckpt = read_checkpoint(best)
         report("choosing the correction of the fine-tuned weights")
         _, t_chosen, t_record, t_loo, t_last, _ = _select(tuned, sweeps, image_to_probe, device, dec_cfg,
-                                                          cfg.corrections)
+                                                          cfg.corrections, cals)
         validation["fdr_fine_tuned_percent"] = t_last[t_chosen]
         validation["fine_tuned_correction"] = t_chosen
         if validation["fdr_fine_tuned_percent"] < validation["fdr_adapted_percent"]:

@@ -248,7 +248,12 @@ def test_decorrelation_calibration_of_a_mirrored_sweep(sweep):
     mir = mirrored(sweep)
     a = calibrate_decorrelation([(sweep.frames, sweep.transforms["ImageToReference"].matrices, sweep.pixel_spacing_mm)])
     b = calibrate_decorrelation([(mir.frames, mir.transforms["ImageToReference"].matrices, mir.pixel_spacing_mm)])
-    assert b.to_dict() == a.to_dict()
+    da, db = a.to_dict(), b.to_dict()
+    assert {k: v for k, v in db.items() if not isinstance(v, (float, tuple))} == \
+        {k: v for k, v in da.items() if not isinstance(v, (float, tuple))}
+    for k, v in da.items():  # the fitted numbers: equal up to rounding (the mirror applied twice)
+        if isinstance(v, (float, tuple)):
+            np.testing.assert_allclose(db[k], v, rtol=1e-9)
 
 
 def test_plus_bone_sweep_goes_away_and_the_check_says_so(plus_data):
