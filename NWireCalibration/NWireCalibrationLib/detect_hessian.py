@@ -81,7 +81,11 @@ class HessianSettings:
     threshold_ratio : float
         Candidates need a response above this fraction of the frame's maximum (paper 0.04).
     max_candidates : int
-        Strongest candidates passed to the geometric filter.
+        Strongest candidates passed to the geometric filter, for a phantom of up to nine wires
+        (three N patterns, the fCal phantoms). A phantom with more wires gets proportionally more
+        (``max_candidates * n_wires / 9``), so that each wire keeps the same allowance of
+        distractors: with 40 for Lego 3.1's six patterns (18 wires), a frame-grabbed screen's
+        letterbox line and text took the slots of three wires' echoes and no frame was labelled.
     min_curvature_ratio : float
         Blob shape prior: responses whose principal curvatures differ by more than this ratio
         are ridges (wall reflections at angles between the bar directions) and are dropped.
@@ -661,6 +665,12 @@ class HessianDetector:
         self._ring_dy, self._ring_dx = yy[ring], xx[ring]
 
     @property
+    def max_candidates(self) -> int:
+        """Candidates passed to the labeling: ``settings.max_candidates`` per nine wires, at least that."""
+        n = self.settings.max_candidates
+        return max(n, int(np.ceil(n * self.phantom.n_wires / 9)))
+
+    @property
     def downsampling(self) -> int:
         """Integer factor between the image and the processing grid."""
         return self._factor
@@ -716,7 +726,7 @@ class HessianDetector:
             ring = np.where(inside, resp[np.clip(ry, 0, resp.shape[0] - 1), np.clip(rx, 0, resp.shape[1] - 1)], 0)
             keep = vals >= self.settings.min_prominence * ring.max(axis=1)
             ys, xs, vals = ys[keep], xs[keep], vals[keep]
-        order = np.argsort(-vals)[: None if all_peaks else self.settings.max_candidates]
+        order = np.argsort(-vals)[: None if all_peaks else self.max_candidates]
         xs, ys, vals = xs[order], ys[order], vals[order]
         pts = np.stack([(xs + 0.5) * f - 0.5 + ox, (ys + 0.5) * f - 0.5 + oy], axis=1).astype(np.float64)
         h, w = image.shape[:2]
