@@ -316,6 +316,8 @@ def detect_sequence(sequence, setup: CalibrationSetup, *, detector: str = "hessi
                                                     out.summary)
     plane = None
     if plane_refinement if plane_refinement is not None else detector.lower() == "hessian":
+        if plane_settings is None:  # an echo's half-extent, as the detector expects the echoes
+            plane_settings = PlaneRefinementSettings(echo_radius_mm=0.5 * (hessian or HessianSettings()).echo_size_mm)
         refined = refine_dots_by_plane(pts, ok, setup.phantom, spacing, settings=plane_settings)
         pts, plane = refined.points_px, refined.summary
     seconds = time.perf_counter() - t0

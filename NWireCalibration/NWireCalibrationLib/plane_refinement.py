@@ -31,8 +31,12 @@ estimated from the recording's residuals (median absolute residual, corrected fo
 degrees of freedom). Each frame is fitted robustly (soft-L1 loss at one noise sigma), then:
 
 - a dot whose residual exceeds the 99.9 % quantile of the noise (chi-square, 2 degrees of
-  freedom) is an **outlier**: the model disagrees with it (an echo merged with another, a
-  wire definition that is off); its measured centre is kept and it is reported;
+  freedom) is an **outlier** and is left out of the fit. Where its measured centre still lies
+  within the echo's own extent of the model's position (``echo_radius_mm``, half the Hessian
+  detector's ``echo_size_mm``) it is on the predicted echo and speckle moved it (the noise has
+  heavier tails than a Gaussian): it is replaced like the others. Farther out the model
+  disagrees strongly (an echo merged with another, another echo): the measured centre is kept
+  and the dot is reported;
 - the pose is fitted again to the other dots (ordinary least squares), and when their
   residuals together are consistent with the noise (chi-square test at 99.9 %, ``2 w' - 6``
   degrees of freedom) they are replaced by the model's positions; otherwise the frame keeps
@@ -87,17 +91,25 @@ class PlaneRefinementSettings:
     min_noise_px : float
         Lower bound of the estimated noise (pixels): exact (noise-free) dots would otherwise make
         rounding errors look like outliers.
+    echo_radius_mm : float
+        Half a wire echo's extent (the Hessian detector's ``echo_size_mm / 2``): an outlier dot
+        (left out of the fit) whose measured centre is within this distance of the model's
+        position lies on the predicted echo and is replaced too; farther out it keeps its measured
+        centre and is reported.
     """
 
     spacing: str = "recording"
     outlier_probability: float = 1e-3
     min_noise_px: float = 0.01
+    echo_radius_mm: float = 0.5
 
     def __post_init__(self):
         if self.spacing not in ("recording", "frame", "hint"):
             raise ValueError(f"spacing: expected 'recording', 'frame' or 'hint', got {self.spacing!r}")
         if not 0.0 < self.outlier_probability < 0.5:
             raise ValueError(f"outlier_probability: expected a probability in (0, 0.5), got {self.outlier_probability!r}")
+        if not self.echo_radius_mm >= 0:
+            raise ValueError(f"echo_radius_mm: expected >= 0 mm, got {self.echo_radius_mm!r}")
         if not self.min_noise_px > 0:
             raise ValueError(f"min_noise_px: expected > 0 pixels, got {self.min_noise_px!r}")
 
@@ -297,7 +309,8 @@ class PlaneRefinement:
     replaced : (n, w) bool
         Dots replaced by the model's position.
     outliers : (n, w) bool
-        Dots whose residual exceeded the noise (measured centre kept).
+        Dots whose residual exceeded the noise (left out of the fit; replaced when within
+        ``echo_radius_mm`` of the model's position, else their measured centre is kept).
     model_rejected : (n,) bool
         Frames whose fit as a whole was inconsistent with the noise (every centre kept).
     residual_px : (n, w, 2) float64
@@ -474,26 +487,35 @@ def refine_dots_by_plane(points_px, ok, phantom: NWirePhantom, pixel_spacing_mm,
     residual = np.full((n, w, 2), np.nan)
     i2p = np.full((n, 4, 4), np.nan)
     kept = []
+    sp_mm = np.asarray(spacing, dtype=np.float64)
     for i, (final, out_i) in fits.items():
         residual[i], i2p[i] = final.residual_px, final.image_to_phantom
         outliers[i] = out_i
-        for j in np.flatnonzero(out_i):
-            kept.append({"frame": int(i), "wire": phantom.wire_names[j],
-                         "residual_px": [round(float(v), 3) for v in final.residual_px[j]]})
         # The frame's fit as a whole must be consistent with the noise.
         dof = 2 * int(final.used.sum()) - n_par
         chi = float(np.sum((final.residual_px[final.used] / noise) ** 2))
         if chi > chi2.isf(s.outlier_probability, dof):
             rejected[i] = True
             continue
-        out[i, final.used] = final.predicted_px[final.used]
-        replaced[i] = final.used
+        # An outlier within the echo's own extent of the model's position: the measured centre
+        # lies on the echo the model predicts, the speckle moved it (the localisation noise has
+        # heavier tails than a Gaussian); the phantom is rigid and this wire and the frame's other
+        # dots agree with the model, so the model's position is the better estimate. Farther
+        # out the measured centre lies on something else (another echo, a merged pair): kept.
+        on_echo = out_i & (np.hypot(*(final.residual_px * sp_mm).T) <= s.echo_radius_mm)
+        take = final.used | on_echo
+        out[i, take] = final.predicted_px[take]
+        replaced[i] = take
+        for j in np.flatnonzero(out_i & ~on_echo):
+            kept.append({"frame": int(i), "wire": phantom.wire_names[j],
+                         "residual_px": [round(float(v), 3) for v in final.residual_px[j]]})
     summary = {
         "spacing_model": s.spacing,
         "frames_fitted": int(np.isfinite(i2p[:, 0, 0]).sum()),
         "frames_refined": int(replaced.any(axis=1).sum()),
         "dots_replaced": int(replaced.sum()),
         "outlier_dots": int(outliers.sum()),
+        "outlier_dots_kept": len(kept),
         "frames_model_rejected": int(rejected.sum()),
         "model_rejected_frames": [int(i) for i in np.flatnonzero(rejected)],
         "kept_dots": kept,

@@ -68,7 +68,7 @@ def format_plane_fit(summary: dict, *, max_dots: int = 10) -> str:
         return "plane refinement: no frame could be fitted (every centre kept as measured)"
     sp, noise = summary["pixel_spacing_mm"], summary["noise_px"]
     text = (f"plane refinement: {summary['dots_replaced']} dots in {summary['frames_refined']} frames replaced by "
-            f"the fitted image plane's; {summary['outlier_dots']} outlier dots and "
+            f"the fitted image plane's; {summary.get('outlier_dots_kept', summary['outlier_dots'])} outlier dots and "
             f"{summary['frames_model_rejected']} frames kept as measured (spacing {sp[0]:.5f} x {sp[1]:.5f} mm/px "
             f"{'fitted per recording' if summary['spacing_model'] == 'recording' else summary['spacing_model']}, "
             f"noise {noise[0]:.2f}, {noise[1]:.2f} px)")
