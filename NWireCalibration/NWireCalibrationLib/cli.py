@@ -81,6 +81,9 @@ def _add_common(p):
     p.add_argument("--no-sequence-stage", action="store_true",
                    help="label every frame alone: no recovery of failed frames from their neighbours and the "
                         "tracked motion, no refusal of labels that jump (default: on for the hessian detector)")
+    p.add_argument("--no-plane-refinement", action="store_true",
+                   help="keep every measured dot centre: no replacement of a frame's dots by the crossings of one "
+                        "fitted image plane with the phantom's wires (default: on for the hessian detector)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     add_progress_option(p)
 
@@ -96,7 +99,8 @@ def cmd_detect(args) -> int:
     seq = read_sequence(args.sequence)
     with progress_bar(progress_enabled(args), "detect") as progress:
         result = detect_sequence(seq, setup, detector=args.detector, progress=progress,
-                                 sequence_stage=False if args.no_sequence_stage else None)
+                                 sequence_stage=False if args.no_sequence_stage else None,
+                                 plane_refinement=False if args.no_plane_refinement else None)
     data = result.to_dict()
     data["sequence"] = str(args.sequence)
     if args.out:
@@ -121,7 +125,8 @@ def cmd_calibrate(args) -> int:
                            detector=args.detector, progress=progress, seed=args.seed,
                            ransac_iterations=args.ransac_iterations, ransac_threshold_mm=args.ransac_threshold,
                            time_offset=args.time_offset,
-                           sequence_stage=False if args.no_sequence_stage else None)
+                           sequence_stage=False if args.no_sequence_stage else None,
+                           plane_refinement=False if args.no_plane_refinement else None)
     data = result.to_dict()
     data.update({"calibration_sequence": str(args.calibration),
                  "validation_sequence": str(args.validation) if args.validation else None,

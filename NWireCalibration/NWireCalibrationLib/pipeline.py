@@ -513,7 +513,8 @@ def calibrate(calibration, validation=None, setup: CalibrationSetup | None = Non
               phantom_pose: str = "auto", detector: str = "hessian", pixel_spacing_mm=None,
               calibration_detection: DetectionResult | None = None,
               validation_detection: DetectionResult | None = None, time_offset=DEFAULT_TIME_OFFSET, progress=None,
-              sequence_stage: bool | None = None, **solver_options) -> CalibrationResult:
+              sequence_stage: bool | None = None, plane_refinement: bool | None = None,
+              **solver_options) -> CalibrationResult:
     """Detect dots in a calibration (and validation) recording and calibrate.
 
     Parameters
@@ -531,6 +532,8 @@ def calibrate(calibration, validation=None, setup: CalibrationSetup | None = Non
         Reuse detections instead of detecting again.
     sequence_stage : bool, optional
         See :func:`detect_sequence` (both recordings get the same stage).
+    plane_refinement : bool, optional
+        See :func:`detect_sequence` (both recordings).
     time_offset : "auto" or float
         Video-to-tracker time offset, seconds: the pose of a frame taken at ``t`` is the tracking
         interpolated at ``t + time_offset`` (both recordings). ``"auto"`` (default) estimates it
@@ -560,13 +563,14 @@ def calibrate(calibration, validation=None, setup: CalibrationSetup | None = Non
 
     det_c = calibration_detection or detect_sequence(calibration, setup, detector=detector,
                                                      pixel_spacing_mm=pixel_spacing_mm, progress=sub_progress,
-                                                     sequence_stage=sequence_stage)
+                                                     sequence_stage=sequence_stage, plane_refinement=plane_refinement)
     done[0] = len(calibration.frames)
     det_v = None
     if validation is not None:
         det_v = validation_detection or detect_sequence(validation, setup, detector=detector,
                                                         pixel_spacing_mm=pixel_spacing_mm, progress=sub_progress,
-                                                        sequence_stage=sequence_stage)
+                                                        sequence_stage=sequence_stage,
+                                                        plane_refinement=plane_refinement)
     if det_c.frames_detected == 0:
         raise CalibrationError(
             f"no calibration frame shows the whole phantom ({setup.phantom.name}, {setup.phantom.n_wires} wires); "
@@ -600,6 +604,8 @@ def calibrate(calibration, validation=None, setup: CalibrationSetup | None = Non
                                        "validation": det_v.stage_counts() if det_v is not None else {}},
                  "refused_by_sequence": {"calibration": det_c.refused_frames(),
                                          "validation": det_v.refused_frames() if det_v is not None else []},
+                 "plane_refinement": {"calibration": det_c.plane_fit,
+                                      "validation": det_v.plane_fit if det_v is not None else None},
                  "time_offset_s": float(offset), "time_offset_mode": "auto" if time_offset == "auto" else "given"})
     warnings = list(result.warnings)
     if det_v is not None and det_v.frames_detected < det_v.n_frames:

@@ -408,6 +408,9 @@ class CalibrationResult:
                 lines.append(f"  {name} recording:")
             if stages.get(name):
                 lines.append("    " + format_stages(stages[name], refused.get(name, [])))
+            plane = (self.info.get("plane_refinement") or {}).get(name)
+            if plane:
+                lines.append("    " + format_plane_fit(plane, max_dots=5).replace("\n", "\n    "))
             if rejected.get(name):
                 lines.append(format_rejections(rejected[name], counts.get(name, {}), "    ", max_frames=10,
                                                verb="rejected" if name == "calibration" else "dropped"))

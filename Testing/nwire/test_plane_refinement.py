@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -142,3 +144,24 @@ def test_an_outlier_on_the_predicted_echo_is_replaced():
     assert narrow.outliers[f, 3] and not narrow.replaced[f, 3]
     assert np.array_equal(narrow.points_px[f, 3], noisy[f, 3])
     assert narrow.summary["outlier_dots_kept"] >= 1
+
+
+def test_cli_reports_and_turns_off_the_plane_refinement(tmp_path, capsys):
+    from NWireCalibrationLib.cli import build_standalone_parser
+    from NWireCalibrationLib.simulate import write_simulation
+
+    paths = write_simulation(small_simulation(n_frames=12, seed=3), tmp_path / "cal.igs.mha")
+
+    def run(*extra):
+        out = tmp_path / f"dots{len(extra)}.json"
+        args = build_standalone_parser().parse_args(["detect", str(paths["sequence"]), "--config",
+                                                     str(paths["config"]), "--out", str(out), *extra])
+        assert args.func(args) == 0
+        return json.loads(out.read_text()), capsys.readouterr().out
+
+    (data_on, text_on), (data_off, text_off) = run(), run("--no-plane-refinement")
+    assert "plane refinement:" in text_on and "plane refinement:" not in text_off
+    assert data_on["plane_refinement"]["dots_replaced"] > 0 and data_off["plane_refinement"] is None
+    p_on = np.array([f["points"] for f in data_on["frames"] if f["ok"]])
+    p_off = np.array([f["points"] for f in data_off["frames"] if f["ok"]])
+    assert p_on.shape == p_off.shape and not np.allclose(p_on, p_off) and np.abs(p_on - p_off).max() < 5.0
