@@ -13,7 +13,10 @@ true direction:
 - ``scale only``: the same forced to the one out-of-plane scale (``corrections=("scale",)``);
 - ``fine-tuned`` (``--fine-tune``): ``adapted`` with ``fine_tune=True`` (``--max-minutes``);
 - ``decorrelation (calibrated)``: :func:`~SensorlessTrackingLib.decorrelation.calibrate_decorrelation`
-  on the same adaptation sweeps.
+  on the same adaptation sweeps (its default: the curve per depth band, 4 x 4 patches).
+
+The adaptation calibrates the decorrelation anew in each leave-one-sweep-out fold (the held-out
+sweep never seen) and keeps the calibrated decorrelation unless another candidate is clearly better.
 
 With ``--plus`` it scores the real PLUS recordings in ``../shared/data/plus`` instead
 (SpinePhantomFreehand, BoneUltrasound_L14; item 6 of issue 25): each recording is cut into a first
