@@ -217,8 +217,10 @@ class AdaptationResult:
                 f"speckle decorrelation's (sigma {b['decorrelation']['sigma_mm']:.2f} mm), tilts x "
                 f"{b['rotation_scale']:.2f}")
         if self.decorrelation is not None:
+            bands = self.decorrelation.get("sigma_bands_mm") or ()
+            per_band = f", per depth band {' / '.join(f'{v:.2f}' for v in bands)} mm" if bands else ""
             what["decorrelation"] = (
-                f"the probe's calibrated speckle decorrelation (sigma {self.decorrelation['sigma_mm']:.2f} mm) "
+                f"the probe's calibrated speckle decorrelation (sigma {self.decorrelation['sigma_mm']:.2f} mm{per_band}) "
                 "estimates instead of the network")
         loo = ", ".join(f"{k} {x:.1f} %" for k, x in self.candidates.items())
         lines = [
