@@ -34,7 +34,9 @@ degrees of freedom). Each frame is fitted robustly (soft-L1 loss at one noise si
   freedom) is an **outlier** and is left out of the fit. Where its measured centre still lies
   within the echo's own extent of the model's position (``echo_radius_mm``, half the Hessian
   detector's ``echo_size_mm``) it is on the predicted echo and speckle moved it (the noise has
-  heavier tails than a Gaussian): it is replaced like the others. Farther out the model
+  heavier tails than a Gaussian): it is replaced like the others, provided the other dots
+  predict it more precisely than a measurement (the fit's covariance; in a two-N phantom
+  nothing but the diagonal's own dot fixes its lateral position). Farther out the model
   disagrees strongly (an echo merged with another, another echo): the measured centre is kept
   and the dot is reported;
 - the pose is fitted again to the other dots (ordinary least squares), and when their
@@ -187,6 +189,11 @@ class FramePlaneFit:
         ``measured - predicted`` (NaN for missing dots).
     used : (w,) bool
         The dots the final fit used (not missing, not an outlier).
+    prediction_sd_px : (w, 2) float64
+        Standard deviation of each predicted dot along x and y from the fit's covariance (the
+        measured centres' noise ``noise_px`` propagated through the fitted parameters), pixels;
+        about ``sqrt(h) noise`` for a dot the fit used (``h`` its leverage), and as large as
+        the parameters it alone would fix are uncertain for one the fit left out.
     """
 
     ok: bool
@@ -195,6 +202,7 @@ class FramePlaneFit:
     predicted_px: np.ndarray
     residual_px: np.ndarray
     used: np.ndarray
+    prediction_sd_px: np.ndarray = None
 
 
 def _initial(points_px, phantom, sp_hint):
@@ -294,8 +302,27 @@ def fit_frame_plane(points_px, phantom: NWirePhantom, pixel_spacing_mm, *, fit_s
     if not (sol.success and np.all(np.isfinite(sol.x)) and np.all(sp > 0)):
         return failed()
     m = _matrix(rot, t, sp)
-    pred = _predict(m[:3, 0], m[:3, 1], rot[:, 2], t, phantom.wire_front_mm, phantom.wire_directions)
-    return FramePlaneFit(True, m, np.asarray(sp, dtype=np.float64).copy(), pred, pts - pred, sel)
+    pw, dw = phantom.wire_front_mm, phantom.wire_directions
+    pred = _predict(m[:3, 0], m[:3, 1], rot[:, 2], t, pw, dw)
+
+    def predict_all(x):
+        r_, t_, s_ = unpack(x)
+        return _predict(r_[:, 0] * s_[0], r_[:, 1] * s_[1], r_[:, 2], t_, pw, dw).ravel()
+
+    # Covariance of the parameters from the used dots (noise units), propagated to every dot.
+    steps = np.concatenate([np.full(3, 1e-6), np.full(3, 1e-4)] + ([np.full(2, 1e-7)] if fit_spacing else []))
+    jac = np.column_stack([(predict_all(sol.x + e) - predict_all(sol.x - e)) / (2 * e[k])
+                           for k, e in enumerate(np.diag(steps))])  # (2w, p), pixels per parameter
+    scale = np.tile(1.0 / noise, phantom.n_wires)
+    rows = np.repeat(sel, 2)
+    ju = jac[rows] * scale[rows, None]
+    try:
+        cov = np.linalg.inv(ju.T @ ju)
+        var = np.einsum("ij,jk,ik->i", jac, cov, jac).reshape(-1, 2)
+        sd = np.sqrt(np.maximum(var, 0.0))
+    except np.linalg.LinAlgError:
+        sd = np.full((phantom.n_wires, 2), np.inf)
+    return FramePlaneFit(True, m, np.asarray(sp, dtype=np.float64).copy(), pred, pts - pred, sel, sd)
 
 
 @dataclass(frozen=True, eq=False)
@@ -502,7 +529,11 @@ def refine_dots_by_plane(points_px, ok, phantom: NWirePhantom, pixel_spacing_mm,
         # heavier tails than a Gaussian); the phantom is rigid and this wire and the frame's other
         # dots agree with the model, so the model's position is the better estimate. Farther
         # out the measured centre lies on something else (another echo, a merged pair): kept.
-        on_echo = out_i & (np.hypot(*(final.residual_px * sp_mm).T) <= s.echo_radius_mm)
+        # The model's position must also be better known than a measured centre: a dot whose
+        # coordinate only it fixes (a diagonal's lateral position in a two-N phantom) is not
+        # predicted by the other dots at all once it is left out.
+        on_echo = (out_i & (np.hypot(*(final.residual_px * sp_mm).T) <= s.echo_radius_mm)
+                   & np.all(final.prediction_sd_px < noise, axis=1))
         take = final.used | on_echo
         out[i, take] = final.predicted_px[take]
         replaced[i] = take

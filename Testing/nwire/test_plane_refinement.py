@@ -165,3 +165,19 @@ def test_cli_reports_and_turns_off_the_plane_refinement(tmp_path, capsys):
     p_on = np.array([f["points"] for f in data_on["frames"] if f["ok"]])
     p_off = np.array([f["points"] for f in data_off["frames"] if f["ok"]])
     assert p_on.shape == p_off.shape and not np.allclose(p_on, p_off) and np.abs(p_on - p_off).max() < 5.0
+
+
+def test_an_outlier_the_other_dots_cannot_predict_keeps_its_centre():
+    """Two N patterns (iCal 1.0): only the diagonal's own dot fixes its lateral position, so once that dot is
+    left out of the fit the model's position is no estimate of it, however close to the echo."""
+    sim, pts, noisy, ok = _noisy(seed=4, phantom="iCal-1.0")
+    f = int(np.flatnonzero(ok)[2])
+    noisy[f, 1] += [0.0, 2.0]  # the first diagonal's dot, ~6 noise sigmas off axially
+    out = refine_dots_by_plane(noisy, ok, sim.phantom, np.mean(sim.pixel_spacing_mm),
+                               settings=PlaneRefinementSettings(echo_radius_mm=5.0))
+    assert out.outliers[f, 1] and not out.replaced[f, 1]
+    assert np.array_equal(out.points_px[f, 1], noisy[f, 1])
+    fit = fit_frame_plane(noisy[f], sim.phantom, out.pixel_spacing_mm, fit_spacing=False, noise_px=out.noise_px,
+                          loss="linear", use=np.arange(sim.phantom.n_wires) != 1)
+    assert fit.ok and fit.prediction_sd_px[1, 0] > out.noise_px[0]  # not predicted laterally
+    assert np.all(fit.prediction_sd_px[fit.used] <= out.noise_px + 1e-9)  # sqrt(leverage) <= 1 for the used dots
