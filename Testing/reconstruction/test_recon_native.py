@@ -114,6 +114,33 @@ def test_kernels_switch(monkeypatch):
         native.kernels_choice()
 
 
+@pytest.mark.parametrize("setting, library, message", [
+    ("fast", True, "FREEHANDUS_KERNELS='fast': use auto, native or numba"),
+    ("native", False, "FREEHANDUS_KERNELS=native: .* is not built"),
+])
+def test_cli_says_one_line_for_a_bad_kernels_setting(tmp_path, setting, library, message):
+    """A wrong switch, or a required library that is missing: one line and exit 2, no traceback."""
+    import re
+    import subprocess
+    import sys
+
+    from recon_synthetic import linear_sweep
+
+    from FreehandUSLib.io import write_sequence
+
+    path = write_sequence(linear_sweep(n_frames=3, value=90), tmp_path / "s.igs.mha")
+    code = ("import sys; from FreehandUSLib.reconstruction import native; "
+            + ("" if library else "native.LIBRARY_NAME = 'missing.so'; ")
+            + "from FreehandUSApp.cli import main; sys.exit(main(sys.argv[1:]))")
+    run = subprocess.run([sys.executable, "-c", code, "reconstruct", str(path), "--spacing", "1", "--emulate-plus",
+                          "--out", str(tmp_path / "v.mha")], capture_output=True, text=True, timeout=300,
+                         env={**__import__("os").environ, "FREEHANDUS_KERNELS": setting})
+    assert run.returncode == 2, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.search(message, lines[0]), run.stderr
+    assert not (tmp_path / "v.mha").exists()
+
+
 def test_unsupported_cases_are_refused():
     assert not native.supports(mode=K.MODE_IMPORTANCE, fixed_point=True, unoptimized=False, frame_dtype=np.uint8)
     assert not native.supports(mode=K.MODE_MEAN_PLUS, fixed_point=True, unoptimized=True, frame_dtype=np.uint8)

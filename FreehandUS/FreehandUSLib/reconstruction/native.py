@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import InvalidOptionError, ReconstructionError
 from .kernels_common import run_workers
 
 __all__ = ["C_FILES", "LIBRARY_NAME", "NATIVE_DIR", "available", "require", "supports", "source_hash",
@@ -53,7 +54,7 @@ def kernels_choice() -> str:
     """``FREEHANDUS_KERNELS``: ``auto`` (the default: C when built), ``native`` or ``numba``."""
     choice = os.environ.get("FREEHANDUS_KERNELS", "auto").strip().lower() or "auto"
     if choice not in ("auto", "native", "numba"):
-        raise ValueError(f"FREEHANDUS_KERNELS={choice!r}: use auto, native or numba")
+        raise InvalidOptionError(f"FREEHANDUS_KERNELS={choice!r}: use auto, native or numba (or unset it)")
     return choice
 
 
@@ -105,9 +106,10 @@ def available() -> bool:
 
 
 def require() -> None:
-    """Raise ``RuntimeError`` (with what to do) when ``FREEHANDUS_KERNELS=native`` but the library is unusable."""
+    """Raise :class:`~.errors.ReconstructionError` (with what to do) when ``FREEHANDUS_KERNELS=native``
+    but the library is unusable."""
     if kernels_choice() == "native" and _library() is None:
-        raise RuntimeError(f"FREEHANDUS_KERNELS=native: {_state['reason']}")
+        raise ReconstructionError(f"FREEHANDUS_KERNELS=native: {_state['reason']}")
 
 
 def supports(*, mode: int, fixed_point: bool, unoptimized: bool, frame_dtype, acc=None, weight=None) -> bool:
