@@ -602,32 +602,6 @@ def _nearest_span_fixed(frames, f, y, xa, xb, s0, s1, bi, bj, bk, ai, aj, ak, ac
 
 
 @njit(nogil=True, cache=True)
-def _insert_nearest(frames, frame_ids, mats, ranges, mask_ids, importance, use_reject, reject,
-                    mode, int_out, fixed_point, acc, weight, counts, n_groups, group, slab, spans):
-    """Nearest-neighbour insertion of ``frames[frame_ids]`` into this worker's slabs."""
-    nk = acc.shape[0]
-    for n in range(frame_ids.shape[0]):
-        f = frame_ids[n]
-        rr = ranges[mask_ids[n]]
-        m = _frame_spans(mats, n, rr, nk, False, n_groups, group, slab, spans)
-        total = 0
-        for q in range(m):
-            y = spans[q, 0]
-            bi = mats[n, 0, 2] + y * mats[n, 0, 1]
-            bj = mats[n, 1, 2] + y * mats[n, 1, 1]
-            bk = mats[n, 2, 2] + y * mats[n, 2, 1]
-            if fixed_point and mode != MODE_IMPORTANCE:
-                total += _nearest_span_fixed(frames, f, y, spans[q, 1], spans[q, 2], rr[y, 2], rr[y, 3], bi, bj, bk,
-                                             mats[n, 0, 0], mats[n, 1, 0], mats[n, 2, 0], acc, weight, spans[q, 3],
-                                             spans[q, 4], mode, use_reject, reject, int_out)
-                continue
-            total += _nearest_span(frames, f, y, spans[q, 1], spans[q, 2], rr[y, 2], rr[y, 3], bi, bj, bk,
-                                   mats[n, 0, 0], mats[n, 1, 0], mats[n, 2, 0], acc, weight, spans[q, 3],
-                                   spans[q, 4], mode, importance, use_reject, reject, int_out, fixed_point)
-        counts[n] += total
-
-
-@njit(nogil=True, cache=True)
 def _linear_span_fixed(frames, f, y, xa, xb, s0, s1, bi, bj, bk, ai, aj, ak, acc, weight,
                        klo, khi, mode, use_reject, reject, int_out):
     """:func:`_linear_span` in PLUS's fixed point, with PLUS's integer arithmetic.
@@ -713,28 +687,35 @@ def _linear_span_fixed(frames, f, y, xa, xb, s0, s1, bi, bj, bk, ai, aj, ak, acc
 
 
 @njit(nogil=True, cache=True)
-def _insert_linear(frames, frame_ids, mats, ranges, mask_ids, importance, use_reject, reject,
-                   mode, int_out, fixed_point, acc, weight, counts, n_groups, group, slab, spans):
-    """Trilinear insertion of ``frames[frame_ids]`` into this worker's slabs."""
+def _insert_rows(frames, frame_ids, mats, ranges, mask_ids, importance, use_reject, reject, mode, int_out,
+                 fixed_point, linear, acc, weight, counts, n_groups, group, slab, spans):
+    """Nearest-neighbour or trilinear insertion of ``frames[frame_ids]`` into this worker's slabs."""
     nk = acc.shape[0]
     for n in range(frame_ids.shape[0]):
         f = frame_ids[n]
         rr = ranges[mask_ids[n]]
-        m = _frame_spans(mats, n, rr, nk, True, n_groups, group, slab, spans)
+        m = _frame_spans(mats, n, rr, nk, linear, n_groups, group, slab, spans)
         total = 0
         for q in range(m):
             y = spans[q, 0]
             bi = mats[n, 0, 2] + y * mats[n, 0, 1]
             bj = mats[n, 1, 2] + y * mats[n, 1, 1]
             bk = mats[n, 2, 2] + y * mats[n, 2, 1]
+            xa, xb, s0, s1, klo, khi = spans[q, 1], spans[q, 2], rr[y, 2], rr[y, 3], spans[q, 3], spans[q, 4]
+            ai, aj, ak = mats[n, 0, 0], mats[n, 1, 0], mats[n, 2, 0]
             if fixed_point and mode != MODE_IMPORTANCE:
-                total += _linear_span_fixed(frames, f, y, spans[q, 1], spans[q, 2], rr[y, 2], rr[y, 3], bi, bj, bk,
-                                            mats[n, 0, 0], mats[n, 1, 0], mats[n, 2, 0], acc, weight, spans[q, 3],
-                                            spans[q, 4], mode, use_reject, reject, int_out)
-                continue
-            total += _linear_span(frames, f, y, spans[q, 1], spans[q, 2], rr[y, 2], rr[y, 3], bi, bj, bk,
-                                  mats[n, 0, 0], mats[n, 1, 0], mats[n, 2, 0], acc, weight, spans[q, 3],
-                                  spans[q, 4], mode, importance, use_reject, reject, int_out, fixed_point)
+                if linear:
+                    total += _linear_span_fixed(frames, f, y, xa, xb, s0, s1, bi, bj, bk, ai, aj, ak, acc, weight,
+                                                klo, khi, mode, use_reject, reject, int_out)
+                else:
+                    total += _nearest_span_fixed(frames, f, y, xa, xb, s0, s1, bi, bj, bk, ai, aj, ak, acc, weight,
+                                                 klo, khi, mode, use_reject, reject, int_out)
+            elif linear:
+                total += _linear_span(frames, f, y, xa, xb, s0, s1, bi, bj, bk, ai, aj, ak, acc, weight, klo, khi,
+                                      mode, importance, use_reject, reject, int_out, fixed_point)
+            else:
+                total += _nearest_span(frames, f, y, xa, xb, s0, s1, bi, bj, bk, ai, aj, ak, acc, weight, klo, khi,
+                                       mode, importance, use_reject, reject, int_out, fixed_point)
         counts[n] += total
 
 
@@ -750,9 +731,9 @@ def insert_per_pixel(frames, frame_ids, matrices, row_ranges, mask_ids, acc, wei
     if n == 0:
         return counts.sum(axis=0)
     int_out = frames.dtype == np.uint8
-    worker = _insert_linear if linear else _insert_nearest
+    worker = _insert_rows
     args = (frames, frame_ids, matrices, row_ranges, mask_ids, importance, use_reject, reject, int(mode),
-            bool(int_out), bool(fixed_point), acc, weight)
+            bool(int_out), bool(fixed_point), bool(linear), acc, weight)
     n_rows = frames.shape[1]
     if groups == 1:
         worker(*args, counts[0], 1, 0, nk, np.empty((n_rows, 5), dtype=np.int64))

@@ -299,7 +299,7 @@ static int64_t FH_FN(fh_linear_span_fixed)(const FH_FN(fh_ctx) *cx, int64_t f, i
     return inserted;
 }
 
-/* kernels_plus._insert_nearest / _insert_linear: one worker's part of a batch of frames.
+/* kernels_plus._insert_rows: one worker's part of a batch of frames.
  * frame_ids (n,), mats (n, 3, 3), mask_ids (n,); counts (n,) gets the pixels inserted added;
  * spans is scratch of (pieces, 5) int64 (kernels_plus.insert_per_pixel sizes it). */
 int FH_FN(fh_plus_insert)(const ELEM *frames, int64_t n_rows, int64_t n_cols, int64_t nc, const int64_t *frame_ids,
