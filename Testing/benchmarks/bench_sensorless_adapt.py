@@ -12,8 +12,11 @@ true direction:
   out-of-plane scale, the blend with speckle decorrelation or the calibrated decorrelation instead);
 - ``scale only``: the same forced to the one out-of-plane scale (``corrections=("scale",)``);
 - ``fine-tuned`` (``--fine-tune``): ``adapted`` with ``fine_tune=True`` (``--max-minutes``);
-- ``decorrelation (calibrated)``: :func:`~SensorlessTrackingLib.decorrelation.calibrate_decorrelation`
-  on the same adaptation sweeps (its default: the curve per depth band, 4 x 4 patches).
+- ``decorrelation (calibrated)``: the baseline, :func:`~SensorlessTrackingLib.decorrelation.calibrate_decorrelation`
+  on the same adaptation sweeps with its classic curve (per depth band, 4 x 4 patches, no coherence
+  correction);
+- ``decorrelation + coherence``: the same with the coherence correction (its default, which the
+  adaptation's ``decorrelation`` candidate uses).
 
 The adaptation calibrates the decorrelation anew in each leave-one-sweep-out fold (the held-out
 sweep never seen) and keeps the calibrated decorrelation unless another candidate is clearly better.
@@ -130,17 +133,18 @@ def run(n_adapt=4, n_test=4, n_frames=80, probes=None, fine_tune=False, max_minu
                 info[name] = {**res.to_dict(), "seconds": time.perf_counter() - t0}
                 log.info("%s %s:\n%s", probe.name, name, res)
                 methods[name] = load_model(res.checkpoint)
-        t0 = time.perf_counter()
-        dec = calibrate_decorrelation([(s.frames, s.transforms["ImageToReference"].matrices, s.pixel_spacing_mm)
-                                       for _, s, _ in adapt_sw])
-        info["decorrelation (calibrated)"] = {**dec.to_dict(), "seconds": time.perf_counter() - t0}
-        methods["decorrelation (calibrated)"] = "decorrelation"
+        decs = {}
+        for dname, coherence in (("decorrelation (calibrated)", False), ("decorrelation + coherence", True)):
+            t0 = time.perf_counter()
+            decs[dname] = calibrate_decorrelation([(s.frames, s.transforms["ImageToReference"].matrices,
+                                                    s.pixel_spacing_mm) for _, s, _ in adapt_sw], coherence=coherence)
+            info[dname] = {**decs[dname].to_dict(), "seconds": time.perf_counter() - t0}
+            methods[dname] = "decorrelation"
         adaptations[probe.name] = info
         for sname, seq, direction in test_sw:
             truth = seq.transforms["ImageToReference"].matrices
             for mname, model in methods.items():
-                r = track_sequence(seq, model, sweep_direction=direction,
-                                   decorrelation=dec if mname.startswith("decorrelation") else None)
+                r = track_sequence(seq, model, sweep_direction=direction, decorrelation=decs.get(mname))
                 est = r.sequence.transforms["ImageToReference"].matrices
                 m = tracking_metrics(truth, est, (seq.n_rows, seq.n_cols))
                 parts = drift_attribution(truth, est, (seq.n_rows, seq.n_cols))

@@ -106,10 +106,13 @@ def test_calibration_scores_each_sweep_in_its_own_direction(caplog):
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="SensorlessTrackingLib.decorrelation"):
             cfg = calibrate_decorrelation(sweeps)
-        return cfg, [float(r.getMessage().split("median final drift ")[1].split(" %")[0]) for r in caplog.records
-                     if "median final drift" in r.getMessage()]
+        found = [r.getMessage().split("held-out mean final drift ")[1] for r in caplog.records
+                 if "held-out mean final drift" in r.getMessage()]
+        return cfg, [float(part.split()[1]) for msg in found for part in msg.split(", ")]
 
     alone, d_alone = drifts([forward])
     both, d_both = drifts([forward, backward])
-    assert len(d_both) == 3 and max(d_both) < 2.0 * max(d_alone) + 5.0
+    # one sweep: nothing to hold out; two: each scored with the other's curve in its own direction
+    # (scored in the first sweep's direction the backwards one drifts about twice its path, ~96 %)
+    assert d_alone == [] and len(d_both) == 3 and max(d_both) < 50.0
     assert both.sigma_mm == pytest.approx(alone.sigma_mm, rel=0.1)

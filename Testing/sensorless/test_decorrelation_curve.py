@@ -26,13 +26,14 @@ SIGMAS = (0.6, 0.8, 1.0, 1.3)  # mm, per depth band (top to bottom)
 STILL = (1.0, 0.98, 0.95, 0.9)
 
 
-def _synthetic_sweep(rng, sigmas=SIGMAS, still=STILL, n=70, back=0.0):
+def _synthetic_sweep(rng, sigmas=SIGMAS, still=STILL, n=70, back=0.0, turn_deg=0.0, tilt_sd_deg=0.5):
     """A tracked sweep (mostly "toward", steps 0.2-0.8 mm, small tilts; a share ``back`` of the
     steps goes back) whose 4 x 4 patches' correlations follow ``still_b * exp(-d^2 / 2 sigma_b^2)``
     exactly, ``d`` each patch centre's true elevational displacement and ``b`` its depth band."""
     p = np.zeros((n - 1, 6))
     p[:, 2] = -rng.uniform(0.2, 0.8, size=n - 1) * np.where(rng.random(n - 1) < back, -1.0, 1.0)
-    p[:, 3:5] = 0.5 * rng.normal(size=(n - 1, 2))  # deg
+    p[:, 3:5] = tilt_sd_deg * rng.normal(size=(n - 1, 2))  # deg
+    p[:, 4] += turn_deg  # a steady turn about the image's vertical axis, deg per frame
     p[:, [0, 1, 5]] = 0.05 * rng.normal(size=(n - 1, 3))
     first = np.eye(4)
     first[:3, :3] = np.diag([SPACING[0], SPACING[1], 1.0])
@@ -149,3 +150,17 @@ def test_adaptation_calibrates_the_decorrelation_per_fold_without_the_held_back_
         assert problems[i]["cal"] not in cals and len(cals) == len(problems) - 1
     # the held-back sweep's figure is that of the others' curve: it drifts (the steps 1/3 long)
     assert last["decorrelation"] > 30.0
+
+
+def test_rotations_chosen_on_held_out_sweeps():
+    """The tilts are estimated only where that lowers the drift of sweeps the curve was not fitted
+    on: a sweep that turns steadily needs them; one that does not keeps the median distance."""
+    from SensorlessTrackingLib.decorrelation import ROTATION_REFERENCE
+
+    rng = np.random.default_rng(14)
+    turning = [_synthetic_sweep(rng, still=(1.0,) * 4, turn_deg=1.0) for _ in range(4)]
+    straight = [_synthetic_sweep(rng, still=(1.0,) * 4, tilt_sd_deg=0.0) for _ in range(4)]
+    assert calibrate_decorrelation(turning).out_of_plane_rotations in ("lateral", "both")
+    assert calibrate_decorrelation(straight).out_of_plane_rotations == ROTATION_REFERENCE == "none"
+    assert calibrate_decorrelation(turning[:1]).out_of_plane_rotations == "none"  # nothing to hold out
+    assert calibrate_decorrelation(turning, choose_rotations=False).out_of_plane_rotations == "lateral"  # the base's
