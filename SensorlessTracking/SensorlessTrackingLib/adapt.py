@@ -219,9 +219,14 @@ class AdaptationResult:
         if self.decorrelation is not None:
             bands = self.decorrelation.get("sigma_bands_mm") or ()
             per_band = f", per depth band {' / '.join(f'{v:.2f}' for v in bands)} mm" if bands else ""
+            lag = self.decorrelation.get("coherence_lag_px") or 0
+            coherence = (f", coherent scattering removed (sideways shift {lag} px, speckle's correlation per band "
+                         f"{' / '.join(f'{v:.2f}' for v in self.decorrelation['coherence_reference_bands'])})"
+                         if lag else "")
+            rotations = self.decorrelation.get("out_of_plane_rotations", "lateral")
             what["decorrelation"] = (
-                f"the probe's calibrated speckle decorrelation (sigma {self.decorrelation['sigma_mm']:.2f} mm{per_band}) "
-                "estimates instead of the network")
+                f"the probe's calibrated speckle decorrelation (sigma {self.decorrelation['sigma_mm']:.2f} mm{per_band}"
+                f"{coherence}; tilts: {rotations}) estimates instead of the network")
         loo = ", ".join(f"{k} {x:.1f} %" for k, x in self.candidates.items())
         lines = [
             f"adapted {self.base} to the probe of {len(self.sweeps)} tracked sweeps in {self.seconds:.0f} s: "

@@ -184,7 +184,9 @@ def test_a_forced_decorrelation_is_stored_and_applied(sweep_files, tmp_path):
     assert "correction: the probe's calibrated speckle decorrelation" in text and "decorrelation" in res.to_dict()
     # its curve per depth band (plain lists in the checkpoint) is stored and named
     assert len(settings["sigma_bands_mm"]) == len(settings["still_correlation_bands"]) == settings["patches"] == 4
-    assert "per depth band" in text
+    assert "per depth band" in text and f"tilts: {settings['out_of_plane_rotations']}" in text
+    # the coherence correction, when the calibration kept one, is named with its shift
+    assert ("coherent scattering removed" in text) == bool(settings["coherence_lag_px"])
     assert res.to_dict()["correction"] == "decorrelation"
     # the network's own estimate differs: the correction really replaced it
     assert not np.allclose(track_sequence(seq, "default").frame_to_frame, expected.frame_to_frame)
