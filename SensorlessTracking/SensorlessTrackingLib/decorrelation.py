@@ -627,7 +627,7 @@ CURVES = ("uniform", "depth")
 
 def calibrate_decorrelation(
     sequences, *, base: DecorrelationConfig | None = None, choose_rotations: bool = True, curve: str = "depth",
-    coherence: bool = True,
+    coherence: bool = True, rotation_choice: str = "held-out",
 ) -> DecorrelationConfig:
     """Fit the decorrelation curve, the sweep ``direction`` and, with ``choose_rotations``, the
     ``out_of_plane_rotations`` mode on tracked sweeps.
@@ -643,6 +643,9 @@ def calibrate_decorrelation(
     choose_rotations : choose ``out_of_plane_rotations`` among "none", "lateral" and "both" (else
         keep ``base``'s): for the depth curve by leave-one-sweep-out (:func:`_held_out_rotations`),
         for the uniform curve the lowest median final drift on these sweeps
+    rotation_choice : for the depth curve, ``"held-out"`` (default) or ``"in-sample"``: the lowest
+        median final drift on the calibration sweeps themselves (the rule before issue 25's held-out
+        choice; kept for benchmarks' baselines)
     curve : one of :data:`CURVES`: ``"uniform"``: one ``sigma_mm``, the least-squares ratio
         between the true and the unit-sigma estimates of ``|tz|`` (the estimated elevational
         translations scale with sigma); ``"depth"``: a sigma and a still correlation per depth
@@ -656,6 +659,9 @@ def calibrate_decorrelation(
     """
     if curve not in CURVES:
         raise ValueError(f"calibrate_decorrelation: curve must be one of {CURVES}, got {curve!r}")
+    if rotation_choice not in ("held-out", "in-sample"):
+        raise ValueError(f"calibrate_decorrelation: rotation_choice must be 'held-out' or 'in-sample', got "
+                         f"{rotation_choice!r}")
     sequences = list(sequences)
     if not sequences:
         raise ValueError("calibrate_decorrelation: no sequences given")
@@ -674,7 +680,15 @@ def calibrate_decorrelation(
     directions = [1 if float(s.truth[:, 2].sum()) >= 0 else -1 for s in data]
     if curve == "depth":
         cfg = fit_depth_curve(data, cfg, bands=int(cfg.patches), coherence=coherence)
-        mode = _held_out_rotations(data, cfg, directions, coherence) if choose_rotations else cfg.out_of_plane_rotations
+        if not choose_rotations:
+            mode = cfg.out_of_plane_rotations
+        elif rotation_choice == "held-out":
+            mode = _held_out_rotations(data, cfg, directions, coherence)
+        else:
+            scores = {m: float(np.nanmedian([_final_drift(s, params_from_patches(s.measurements, replace(
+                cfg, direction=1, out_of_plane_rotations=m)), sign) for s, sign in zip(data, directions)]))
+                for m in ("none", "lateral", "both")}
+            mode = min(scores, key=scores.get)
         return replace(cfg, direction=direction, out_of_plane_rotations=mode)
     modes = ("none", "lateral", "both") if choose_rotations else (cfg.out_of_plane_rotations,)
     best = None

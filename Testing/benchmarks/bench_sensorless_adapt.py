@@ -13,10 +13,10 @@ true direction:
 - ``scale only``: the same forced to the one out-of-plane scale (``corrections=("scale",)``);
 - ``fine-tuned`` (``--fine-tune``): ``adapted`` with ``fine_tune=True`` (``--max-minutes``);
 - ``decorrelation (calibrated)``: the baseline, :func:`~SensorlessTrackingLib.decorrelation.calibrate_decorrelation`
-  on the same adaptation sweeps with its classic curve (per depth band, 4 x 4 patches, no coherence
-  correction);
-- ``decorrelation + coherence``: the same with the coherence correction (its default, which the
-  adaptation's ``decorrelation`` candidate uses).
+  on the same adaptation sweeps as it was before the coherence correction: its curve per depth band
+  (4 x 4 patches), the tilt mode with the lowest drift on the adaptation sweeps themselves;
+- ``decorrelation + coherence``: its default now, which the adaptation's ``decorrelation``
+  candidate uses: the coherence correction and the tilt mode chosen on held-out sweeps.
 
 The adaptation calibrates the decorrelation anew in each leave-one-sweep-out fold (the held-out
 sweep never seen) and keeps the calibrated decorrelation unless another candidate is clearly better.
@@ -134,10 +134,11 @@ def run(n_adapt=4, n_test=4, n_frames=80, probes=None, fine_tune=False, max_minu
                 log.info("%s %s:\n%s", probe.name, name, res)
                 methods[name] = load_model(res.checkpoint)
         decs = {}
-        for dname, coherence in (("decorrelation (calibrated)", False), ("decorrelation + coherence", True)):
+        for dname, kw in (("decorrelation (calibrated)", {"coherence": False, "rotation_choice": "in-sample"}),
+                          ("decorrelation + coherence", {})):
             t0 = time.perf_counter()
             decs[dname] = calibrate_decorrelation([(s.frames, s.transforms["ImageToReference"].matrices,
-                                                    s.pixel_spacing_mm) for _, s, _ in adapt_sw], coherence=coherence)
+                                                    s.pixel_spacing_mm) for _, s, _ in adapt_sw], **kw)
             info[dname] = {**decs[dname].to_dict(), "seconds": time.perf_counter() - t0}
             methods[dname] = "decorrelation"
         adaptations[probe.name] = info

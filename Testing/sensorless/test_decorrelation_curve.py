@@ -164,3 +164,7 @@ def test_rotations_chosen_on_held_out_sweeps():
     assert calibrate_decorrelation(straight).out_of_plane_rotations == ROTATION_REFERENCE == "none"
     assert calibrate_decorrelation(turning[:1]).out_of_plane_rotations == "none"  # nothing to hold out
     assert calibrate_decorrelation(turning, choose_rotations=False).out_of_plane_rotations == "lateral"  # the base's
+    # the former rule (the calibration sweeps' own drift), kept for baselines, needs no held-out sweep
+    assert calibrate_decorrelation(turning[:1], rotation_choice="in-sample").out_of_plane_rotations in ("lateral", "both")
+    with pytest.raises(ValueError, match="rotation_choice"):
+        calibrate_decorrelation(turning, rotation_choice="best")
