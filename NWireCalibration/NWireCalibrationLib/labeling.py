@@ -505,8 +505,12 @@ def pose_residual_mm(points_px, phantom: NWirePhantom) -> float:
     return float(np.linalg.norm(r, axis=1).max())
 
 
-def _initial_plane_pose(pts, phantom):
-    """(rotvec, t, sx, sy) of an image plane through the dots' alpha-implied phantom positions."""
+def _initial_plane_pose(pts, phantom, *, through_line: bool = False):
+    """(rotvec, t, sx, sy) of an image plane through the dots' alpha-implied phantom positions.
+
+    With ``through_line`` the plane is the one through the line of the middle points that is
+    as perpendicular to the wires as possible, even where the points span a plane (which they
+    do only weakly when the diagonals share one image column)."""
     from scipy.spatial.transform import Rotation
 
     from .correspondences import middle_wire_points_mm, wire_plane_intersections
@@ -516,7 +520,7 @@ def _initial_plane_pose(pts, phantom):
         return None
     d0 = phantom.patterns[0].wires[0].direction
     c = middle.mean(axis=0)
-    if len(middle) >= 3:
+    if len(middle) >= 3 and not through_line:
         _, sv, vt = np.linalg.svd(middle - c)
         normal = vt[2] if sv[1] > 1e-3 * max(sv[0], 1e-9) else d0
     else:

@@ -205,10 +205,14 @@ class FramePlaneFit:
     prediction_sd_px: np.ndarray = None
 
 
-def _initial(points_px, phantom, sp_hint):
+#: Tilt (radians) of the extra starts of a frame's plane fit about each image axis (:func:`fit_frame_plane`).
+_RESTART_TILT_RAD = float(np.radians(15.0))
+
+
+def _initial(points_px, phantom, sp_hint, *, through_line: bool = False):
     from .labeling import _initial_plane_pose
 
-    init = _initial_plane_pose(points_px, phantom)
+    init = _initial_plane_pose(points_px, phantom, through_line=through_line)
     if init is None or not np.all(np.isfinite(init)):
         return None
     return Rotation.from_rotvec(init[:3]).as_matrix(), init[3:6].copy(), init[6:8].copy()
@@ -291,12 +295,53 @@ def fit_frame_plane(points_px, phantom: NWirePhantom, pixel_spacing_mm, *, fit_s
     x0 = np.concatenate([np.zeros(3), t0] + ([sp0] if fit_spacing else []))
     if not np.all(np.isfinite(residuals(x0))):
         return failed()
-    try:
-        # Converged when a step moves the plane by ~1e-7 of its distance from the phantom origin
-        # (~1e-5 mm, far below a pixel) or lowers the cost by a relative 1e-6.
-        sol = least_squares(residuals, x0, loss=loss, f_scale=1.0, x_scale="jac", method="trf", ftol=1e-6, xtol=1e-7)
-    except (ValueError, np.linalg.LinAlgError) as exc:
-        logger.debug("plane fit failed: %s", exc)
+    starts = [x0]
+    if start is None or not start.ok:
+        # The cost has more than one minimum where a rotation out of the image plane is weakly
+        # fixed, and the dots' alpha-implied plane can start far from the right one: a phantom
+        # whose diagonals share one image column puts their middle points on a line, around which
+        # the plane through them turns freely (seen 70 deg off), and the turn about the image's
+        # vertical axis is then fixed only through the parallel wires' spacing (its cosine). So
+        # the fit also starts from the plane through that line as perpendicular to the wires as
+        # possible; where the two fits end apart (more than one minimum within reach), also
+        # tilted either way about the image's two axes. The lowest cost is kept.
+        line = _initial(pts, phantom, sp0, through_line=True)
+        if line is not None:
+            u, _, vt = np.linalg.svd(line[0])
+            if np.linalg.det(u @ vt) > 0:
+                x = x0.copy()
+                x[:3] = Rotation.from_matrix(rot0.T @ (u @ vt)).as_rotvec()
+                x[3:6] = line[1]
+                starts.append(x)
+        tilted = []
+        for axis in range(2):
+            for sign in (-1.0, 1.0):
+                x = x0.copy()
+                x[axis] = sign * _RESTART_TILT_RAD
+                tilted.append(x)
+        if len(starts) == 1:
+            starts += tilted
+            tilted = []
+    else:
+        tilted = []
+    sol, costs = None, []
+    for x_start in starts + [None] + tilted:
+        if x_start is None:  # after the first two starts: stop when both ended at the same cost
+            if len(costs) >= 2 and abs(costs[0] - costs[1]) <= 1e-3 * (1.0 + min(costs)):
+                break
+            continue
+        try:
+            # Converged when a step moves the plane by ~1e-7 of its distance from the phantom origin
+            # (~1e-5 mm, far below a pixel) or lowers the cost by a relative 1e-6.
+            trial = least_squares(residuals, x_start, loss=loss, f_scale=1.0, x_scale="jac", method="trf", ftol=1e-6,
+                                  xtol=1e-7)
+        except (ValueError, np.linalg.LinAlgError) as exc:
+            logger.debug("plane fit failed: %s", exc)
+            continue
+        costs.append(trial.cost if trial.success else np.inf)
+        if trial.success and np.all(np.isfinite(trial.x)) and (sol is None or trial.cost < sol.cost):
+            sol = trial
+    if sol is None:
         return failed()
     rot, t, sp = unpack(sol.x)
     if not (sol.success and np.all(np.isfinite(sol.x)) and np.all(sp > 0)):
