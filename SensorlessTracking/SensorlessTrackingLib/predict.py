@@ -186,6 +186,15 @@ def load_model(path, device="cpu"):
     return model
 
 
+def _decorrelation_estimate(frames, spacing, config: DecorrelationConfig) -> np.ndarray:
+    """:func:`.decorrelation.estimate_frame_to_frame`, with frames it cannot measure (too small for
+    its patches, or for the calibrated coherence correction's shift) refused as a :class:`SequenceError`."""
+    try:
+        return estimate_frame_to_frame(frames, spacing, config)
+    except ValueError as exc:
+        raise SequenceError(f"speckle decorrelation cannot track these frames: {exc}") from None
+
+
 def _check_frames(frames, size) -> np.ndarray:
     if isinstance(frames, (list, tuple)):
         shapes = {np.asarray(f).shape for f in frames}
@@ -487,7 +496,7 @@ def track_sequence(
                 "mirror averaging is for learned models; the decorrelation method has no learned bias to average out"
             )
         cfg_dec = replace(decorrelation or DecorrelationConfig(), direction=-1)  # "toward", as the models
-        params = estimate_frame_to_frame(frames_in, spacing, cfg_dec)
+        params = _decorrelation_estimate(frames_in, spacing, cfg_dec)
         method = "decorrelation"
         uses_decorrelation = True
     else:
@@ -510,7 +519,7 @@ def track_sequence(
         if adapted_dec is not None:  # adapted to a probe whose calibrated decorrelation beat the model (:mod:`.adapt`)
             from .corrections import adapted_decorrelation_config
 
-            params = estimate_frame_to_frame(frames_in, spacing, adapted_decorrelation_config(adapted_dec))
+            params = _decorrelation_estimate(frames_in, spacing, adapted_decorrelation_config(adapted_dec))
             method += " (adapted: the probe's calibrated speckle decorrelation used instead of the network)"
             info["adapted_decorrelation"] = adapted_dec
             uses_decorrelation = True

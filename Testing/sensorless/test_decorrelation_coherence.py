@@ -159,3 +159,25 @@ def test_coherence_settings_are_checked_and_round_trip():
     # an older checkpoint's settings (no coherence fields) load with the correction off
     old = {k: v for k, v in cfg.to_dict().items() if not k.startswith("coherence")}
     assert DecorrelationConfig(**old).coherence_lag_px == 0
+
+
+def test_frames_the_decorrelation_cannot_measure_are_one_line_and_exit_2(tmp_path, capsys):
+    """Frames too small for the patches (or for a calibrated coherence shift) are refused with one
+    line on the CLI (exit 2), a SequenceError in the library; before, a traceback."""
+    from sensorless_helpers import run_cli
+
+    from FreehandUSLib.errors import SequenceError
+    from FreehandUSLib.io import write_sequence
+    from SensorlessTrackingLib.predict import track_sequence
+
+    small = tiny_sweep(seed=1, n_frames=6, length_mm=1.0, n_rows=24, n_cols=24, depth_mm=4.8, width_mm=4.8)
+    path = write_sequence(small.sequence, tmp_path / "small.igs.mha")
+    assert run_cli(["track", "predict", str(path), "--model", "decorrelation", "--out", str(tmp_path / "e.igs.mha")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("freehandus track predict: error: speckle decorrelation cannot track these frames")
+    assert "Traceback" not in "\n".join(err)
+    assert not (tmp_path / "e.igs.mha").exists()
+    seq = tiny_sweep(seed=2, n_frames=6, length_mm=1.0, n_rows=96, n_cols=96, depth_mm=19.2, width_mm=19.2).sequence
+    wide = DecorrelationConfig(sigma_bands_mm=(0.7,) * 3, coherence_lag_px=40, coherence_reference_bands=(0.3,) * 3)
+    with pytest.raises(SequenceError, match="does not fit these frames' patches"):
+        track_sequence(seq, "decorrelation", decorrelation=wide)
