@@ -530,15 +530,15 @@ def _fit_band(rho: np.ndarray, distances: np.ndarray, cfg: DecorrelationConfig, 
     best = None
     for ref in (_COHERENCE_GRID if q is not None else (1.0,)):
         r = rho if ref >= 1.0 else _without_coherence(rho, q, ref)
-        for still in _STILL_GRID:
-            u = np.sqrt(-2.0 * np.log(np.clip(r / still, cfg.min_correlation, cfg.max_correlation)))
-            den = float(u @ u)
-            if den <= 0:
-                continue
-            sigma = float(distances @ u) / den
-            err = float(np.sum((distances - sigma * u) ** 2))
-            if sigma > 0 and (best is None or err < best[0]):
-                best = (err, sigma, float(still), float(ref))
+        # every still correlation of the grid at once: (stills, patches)
+        u = np.sqrt(-2.0 * np.log(np.clip(r[None, :] / _STILL_GRID[:, None], cfg.min_correlation, cfg.max_correlation)))
+        den = np.einsum("ij,ij->i", u, u)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            sigma = (u @ distances) / den
+        err = np.einsum("ij,ij->i", distances[None, :] - sigma[:, None] * u, distances[None, :] - sigma[:, None] * u)
+        for k in np.flatnonzero((den > 0) & (sigma > 0)):
+            if best is None or err[k] < best[0]:
+                best = (float(err[k]), float(sigma[k]), float(_STILL_GRID[k]), float(ref))
     if best is None:
         raise ValueError("no frame pair decorrelated")
     return best
