@@ -324,12 +324,9 @@ def fit_frame_plane(points_px, phantom: NWirePhantom, pixel_spacing_mm, *, fit_s
             tilted = []
     else:
         tilted = []
-    sol, costs = None, []
-    for x_start in starts + [None] + tilted:
-        if x_start is None:  # after the first two starts: stop when both ended at the same cost
-            if len(costs) >= 2 and abs(costs[0] - costs[1]) <= 1e-3 * (1.0 + min(costs)):
-                break
-            continue
+    fits = []  # (cost, solution) of each start that converged; inf where one did not
+
+    def run(x_start):
         try:
             # Converged when a step moves the plane by ~1e-7 of its distance from the phantom origin
             # (~1e-5 mm, far below a pixel) or lowers the cost by a relative 1e-6.
@@ -337,10 +334,18 @@ def fit_frame_plane(points_px, phantom: NWirePhantom, pixel_spacing_mm, *, fit_s
                                   xtol=1e-7)
         except (ValueError, np.linalg.LinAlgError) as exc:
             logger.debug("plane fit failed: %s", exc)
-            continue
-        costs.append(trial.cost if trial.success else np.inf)
-        if trial.success and np.all(np.isfinite(trial.x)) and (sol is None or trial.cost < sol.cost):
-            sol = trial
+            fits.append((np.inf, None))
+            return
+        good = trial.success and np.all(np.isfinite(trial.x))
+        fits.append((trial.cost if good else np.inf, trial if good else None))
+
+    for x_start in starts:
+        run(x_start)
+    costs = [c for c, _ in fits]
+    if tilted and not (len(costs) >= 2 and abs(costs[0] - costs[1]) <= 1e-3 * (1.0 + min(costs))):
+        for x_start in tilted:  # the first two starts ended apart (or one failed)
+            run(x_start)
+    sol = min(fits, key=lambda f: f[0])[1] if fits else None
     if sol is None:
         return failed()
     rot, t, sp = unpack(sol.x)
