@@ -181,3 +181,28 @@ def test_frames_the_decorrelation_cannot_measure_are_one_line_and_exit_2(tmp_pat
     wide = DecorrelationConfig(sigma_bands_mm=(0.7,) * 3, coherence_lag_px=40, coherence_reference_bands=(0.3,) * 3)
     with pytest.raises(SequenceError, match="does not fit these frames' patches"):
         track_sequence(seq, "decorrelation", decorrelation=wide)
+
+
+@pytest.mark.parametrize("changes", [
+    {"coherence_lag_px": -2, "coherence_reference_bands": [0.3]},
+    {"coherence_lag_px": 1.5, "coherence_reference_bands": [0.3]},
+    {"coherence_lag_px": float("nan"), "coherence_reference_bands": [0.3]},
+    {"coherence_lag_px": True, "coherence_reference_bands": [0.3]},
+    {"coherence_lag_px": [2], "coherence_reference_bands": [0.3]},
+    {"coherence_lag_px": 2, "coherence_reference_bands": []},
+    {"coherence_lag_px": 2, "coherence_reference_bands": [float("nan")]},
+    {"coherence_lag_px": 2, "coherence_reference_bands": [-0.1]},
+    {"coherence_lag_px": 2, "coherence_reference_bands": "abc"},
+    {"coherence_lag_px": 2, "coherence_reference_bands": 0.3},
+])
+def test_a_checkpoint_with_bad_coherence_settings_is_refused(changes):
+    """An adapted checkpoint's decorrelation record is checked on loading (ModelFileError, one
+    line on the CLI): hostile or careless coherence fields never reach the estimate."""
+    from SensorlessTrackingLib.corrections import check_adapted_decorrelation
+
+    settings = {**DecorrelationConfig(sigma_bands_mm=(0.7,)).to_dict(), **changes}
+    with pytest.raises(ValueError, match="bad adaptation decorrelation"):
+        check_adapted_decorrelation(settings)
+    good = {**DecorrelationConfig(sigma_bands_mm=(0.7,)).to_dict(), "coherence_lag_px": 2,
+            "coherence_reference_bands": [0.3]}
+    assert check_adapted_decorrelation(good) == good
