@@ -381,16 +381,37 @@ class IndependentSweep:
 
 def simulate(probe: IndependentProbe, seed: int, *, n_frames: int = 120, length_mm: float = 50.0,
              direction: str = "toward", pauses: bool = True, reversals: bool = True, per_mm3: float = 6.0,
-             noise: float = 0.02) -> IndependentSweep:
+             noise: float = 0.02, tilts: bool = True, elevation_stretch: float = 1.0) -> IndependentSweep:
     """Simulate one tracked freehand sweep (see the module docstring).
 
     The probe moves along world ``+y`` with its image normal along ``-y`` ("toward") or ``+y``
     ("away", the probe turned round about its depth axis). Timestamps are 20 frames/s.
+
+    ``tilts=False``: the probe only translates (its tilt / rock / twist and tremor angles are
+    drawn, so the random stream and the rest of the sweep stay the same, then set to 0).
+
+    ``elevation_stretch`` (k > 0, only with ``tilts=False``): the sweep's *stretched twin*, the
+    scale ambiguity of image-only tracking. The tissue and the scatterers are drawn exactly as
+    for k = 1, then the world ``y`` (the sweep's, i.e. the probe's elevational, direction) of
+    the scatterers and of the probe's path are multiplied by k (about world ``y = 0``), and the
+    sweep's probe has ``elevation_half_mm`` times k (its elevational beam k times wider at every
+    depth). Every scatterer's distance from the image plane and the beam's half-width there
+    both grow by k, so the frames equal those of k = 1 (to rounding), while the true
+    elevational path (``ImageToReference``, ``ProbeToReference``: the stretched poses) is k
+    times longer. The returned sweep's ``probe`` is the stretched one.
     """
     if direction not in ("toward", "away"):
         raise ValueError(f"direction must be 'toward' or 'away', got {direction!r}")
+    stretch = float(elevation_stretch)
+    if not (math.isfinite(stretch) and stretch > 0):
+        raise ValueError(f"elevation_stretch must be a finite number > 0, got {elevation_stretch!r}")
+    if tilts and stretch != 1.0:
+        raise ValueError(f"elevation_stretch={elevation_stretch!r} needs tilts=False (the frames of a tilted probe "
+                         "change when the elevation is stretched), got tilts=True")
     rng = np.random.default_rng(seed)
     s, angles, wander = freehand_trajectory(rng, n_frames, length_mm, pauses=pauses, reversals=reversals)
+    if not tilts:
+        angles = np.zeros_like(angles)
     # Probe x lateral = world x, y depth = world z (down), z = x cross y = -world y ("toward" when moving +y)
     base = np.array([[1.0, 0, 0], [0, 0, 1.0], [0, -1.0, 0]]).T
     if direction == "away":
@@ -407,6 +428,10 @@ def simulate(probe: IndependentProbe, seed: int, *, n_frames: int = 120, length_
     lo = [-lateral / 2 - 4, s.min() + 10 - margin - 4, -1.0]
     hi = [lateral / 2 + 4, s.max() + 10 + margin + 4, probe.depth_mm + 2.0]
     pts, amps = _scatterers(tissue, lo, hi, rng, per_mm3)
+    if stretch != 1.0:  # the stretched twin: world y of the scatterers and the probe, and the elevational beam
+        pts[:, 1] *= stretch
+        poses[:, 1, 3] *= stretch
+        probe = replace(probe, elevation_half_mm=probe.elevation_half_mm * stretch)
     order = np.argsort(pts[:, 1])
     cache = {"grid": _grid(probe), "order": order, "sorted_y": pts[order, 1]}
     cache["kernel"] = _psf_kernel(probe, cache["grid"])
@@ -420,7 +445,8 @@ def simulate(probe: IndependentProbe, seed: int, *, n_frames: int = 120, length_
         transforms={},
         image_ok=np.ones(n_frames, dtype=bool),
         pixel_spacing_mm=(probe.pixel_mm, probe.pixel_mm),
-        metadata={"Simulator": f"FreehandUS independent test simulator, probe {probe.name}, seed {seed}"},
+        metadata={"Simulator": f"FreehandUS independent test simulator, probe {probe.name}, seed {seed}"
+                  + ("" if tilts else ", no tilts") + ("" if stretch == 1.0 else f", elevation stretched x {stretch:g}")},
     )
     seq.set_transform("ImageToReference", itr)
     seq.set_transform("ImageToProbe", np.broadcast_to(itp, (n_frames, 4, 4)).copy())

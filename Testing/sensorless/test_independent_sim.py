@@ -117,3 +117,42 @@ def test_shares_no_code_with_the_training_simulator_and_is_never_trained_on():
     sources = list(lib.rglob("*.py")) + list((REPO / "SensorlessTracking" / "Resources" / "Models").glob("*.py"))
     assert sources and not any("independent_sim" in p.read_text() for p in sources)
     assert math.isclose(isim.PROBES[0].pixel_mm, 0.2)
+
+
+@pytest.mark.parametrize("probe,direction", [(SMALL_LINEAR, "toward"), (SMALL_CONVEX, "away")])
+def test_stretched_twin_shows_the_same_frames_along_a_longer_path(probe, direction):
+    """The scale ambiguity of image-only tracking: the elevational beam, the scatterers' and the
+    probe's elevational coordinates all times k give the same frames along a k times longer path."""
+    kw = dict(n_frames=8, length_mm=5.0, direction=direction, tilts=False)
+    sweep = isim.simulate(probe, 7, **kw)
+    twin = isim.simulate(probe, 7, elevation_stretch=1.6, **kw)
+    assert twin.probe.elevation_half_mm == pytest.approx(1.6 * probe.elevation_half_mm)
+    a, b = sweep.sequence, twin.sequence
+    assert a.frames.std() > 10  # speckle, not a blank image
+    np.testing.assert_allclose(b.frames.astype(float), a.frames.astype(float), rtol=0, atol=1)
+    assert (a.frames != b.frames).mean() < 1e-3
+
+    def elevational_path_mm(seq):
+        itr = seq.transforms["ImageToReference"].matrices
+        shape = (seq.n_rows, seq.n_cols)
+        return sum(abs(elevational_displacement_mm(itr, shape, i, i + 1)) for i in range(seq.n_frames - 1))
+
+    assert elevational_path_mm(a) == pytest.approx(5.0, rel=1e-6)
+    assert elevational_path_mm(b) == pytest.approx(1.6 * 5.0, rel=1e-6)
+    # only translations: every frame has the first one's orientation, and the in-plane motion is the same
+    itr_a, itr_b = a.transforms["ImageToReference"].matrices, b.transforms["ImageToReference"].matrices
+    np.testing.assert_allclose(itr_b[:, :3, :3], np.broadcast_to(itr_a[0, :3, :3], itr_b[:, :3, :3].shape), atol=1e-12)
+    np.testing.assert_allclose(itr_b[:, [0, 2], 3], itr_a[:, [0, 2], 3], atol=1e-12)
+
+
+def test_tilts_off_keeps_the_sweep_and_stretch_needs_it():
+    kw = dict(n_frames=6, length_mm=3.0)
+    tilted = isim.simulate(SMALL_LINEAR, 3, **kw)
+    flat = isim.simulate(SMALL_LINEAR, 3, tilts=False, **kw)
+    pa, pb = (s.sequence.transforms["ProbeToReference"].matrices for s in (tilted, flat))
+    np.testing.assert_array_equal(pb[:, :3, 3], pa[:, :3, 3])  # the same path, drawn from the same random stream
+    assert not np.allclose(pa[:, :3, :3], pa[0, :3, :3]) and np.allclose(pb[:, :3, :3], pb[0, :3, :3])
+    with pytest.raises(ValueError, match="elevation_stretch.*tilts=False"):
+        isim.simulate(SMALL_LINEAR, 3, elevation_stretch=1.6, **kw)
+    with pytest.raises(ValueError, match="elevation_stretch"):
+        isim.simulate(SMALL_LINEAR, 3, tilts=False, elevation_stretch=0.0, **kw)
