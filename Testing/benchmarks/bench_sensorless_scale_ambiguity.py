@@ -57,15 +57,8 @@ REPO = Path(__file__).resolve().parents[2]
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("shipped", "decorrelation (uncalibrated)", "decorrelation (calibrated)")
 
-
-def _isim():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("independent_sim", REPO / "Testing" / "sensorless" / "independent_sim.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["independent_sim"] = module
-    spec.loader.exec_module(module)
-    return module
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_sensorless_adapt import _isim  # noqa: E402  (the independent simulator, loaded by path)
 
 
 def _sweeps(isim, probe, seeds, n_frames, stretch, cache: Path):
