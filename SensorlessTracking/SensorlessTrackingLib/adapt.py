@@ -422,7 +422,11 @@ def tracked_direction(image_to_reference, image_shape) -> str:
 
 
 def _tracked(sequences, image_to_probe):
-    from .data import image_to_reference_of
+    """The adaptation sweeps with their tracked ImageToReference (``truth``, pixel -> mm), frame
+    shape (rows, cols), pixel spacing (mm) and direction; refuses untracked sweeps, sweeps that
+    did not move and sweeps of different frame sizes or pixel spacings (another probe, depth or
+    zoom: the decorrelation curve and the scale belong to one imaging setting)."""
+    from .data import image_to_reference_of, pixel_spacing_of
 
     out = []
     for name, seq in sequences:
@@ -435,8 +439,23 @@ def _tracked(sequences, image_to_probe):
             raise AdaptationError(f"{name}: {int((~valid).sum())} of {valid.size} frames have no tracked pose; "
                                   "adaptation needs sweeps tracked throughout")
         shape = (seq.n_rows, seq.n_cols)
+        centre = np.array([(seq.n_cols - 1) / 2.0, (seq.n_rows - 1) / 2.0, 0.0, 1.0])  # pixel (column, row)
+        path_mm = float(np.linalg.norm(np.diff((truth @ centre)[:, :3], axis=0), axis=1).sum())
+        if not path_mm > 1e-6:
+            raise AdaptationError(f"{name}: the tracked probe did not move (zero path over {seq.n_frames} frames); "
+                                  "adaptation needs sweeps that move the probe")
         out.append({"name": name, "sequence": seq, "truth": truth, "shape": shape,
+                    "spacing_mm": pixel_spacing_of(truth, np.ones(len(truth), dtype=bool)),
                     "direction": tracked_direction(truth, shape)})
+    first = out[0]
+    for s in out[1:]:
+        if s["shape"] != first["shape"] or not np.allclose(s["spacing_mm"], first["spacing_mm"], rtol=0.01):
+            raise AdaptationError(
+                f"{s['name']} has {s['shape'][0]}x{s['shape'][1]} px frames of "
+                f"{s['spacing_mm'][0]:.3g} x {s['spacing_mm'][1]:.3g} mm, {first['name']} "
+                f"{first['shape'][0]}x{first['shape'][1]} px of {first['spacing_mm'][0]:.3g} x "
+                f"{first['spacing_mm'][1]:.3g} mm: adaptation fits one probe at one depth and zoom; "
+                "adapt on sweeps recorded with the same imaging settings")
     return out
 
 
@@ -558,9 +577,12 @@ def adapt_model(sequences, out_path, *, base="default", image_to_probe=None, con
     dec_cfg = cals = None
     if any(c in cfg.corrections for c in _NEED_DECORRELATION):
         report(f"calibrating the speckle decorrelation on {len(sweeps)} sweeps")
-        cals = [calibration_sweep(s["sequence"].frames, s["truth"],
-                                  input_spacing(s["sequence"], image_to_probe=image_to_probe)[0]) for s in sweeps]
-        dec_cfg = calibrate_decorrelation(cals)
+        try:
+            cals = [calibration_sweep(s["sequence"].frames, s["truth"],
+                                      input_spacing(s["sequence"], image_to_probe=image_to_probe)[0]) for s in sweeps]
+            dec_cfg = calibrate_decorrelation(cals)
+        except ValueError as exc:  # frames too small for its patches, no pair of frames that decorrelated
+            raise AdaptationError(f"the speckle decorrelation cannot be calibrated on these sweeps: {exc}") from None
     report(f"estimating {len(sweeps)} sweeps with {base} and choosing the correction")
     problems, chosen, record, loo, last, last_rec = _select(model, sweeps, image_to_probe, device, dec_cfg,
                                                             cfg.corrections, cals)

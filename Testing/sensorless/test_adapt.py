@@ -216,6 +216,41 @@ def test_track_adapt_refuses_one_sweep_and_untracked_sweeps(sweep_files, tmp_pat
     assert not out.exists()
 
 
+def _one_line_refusal(paths, tmp_path, capsys, *expected):
+    out = tmp_path / "probe.pt"
+    assert run_cli(["track", "adapt", *[str(p) for p in paths], "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # progress lines, then the one error line
+    assert err[-1].startswith("freehandus track adapt: error:") and all(e in err[-1] for e in expected), err
+    assert not any("Traceback" in line or line.startswith("  File") for line in err)
+    assert not out.exists()
+
+
+def test_track_adapt_refuses_a_sweep_that_did_not_move(sweep_files, tmp_path, capsys):
+    seq = read_sequence(sweep_files[1])
+    still = seq.transforms["ImageToReference"].matrices.copy()
+    still[:] = still[0]  # the tracker saw the probe at rest: no path to fit a correction on
+    seq.set_transform("ImageToReference", still)
+    path = write_sequence(seq, tmp_path / "still.igs.mha")
+    _one_line_refusal([sweep_files[0], path], tmp_path, capsys, "still.igs.mha", "did not move")
+    _one_line_refusal([path, path], tmp_path, capsys, "did not move")  # before any calibration tries
+
+
+def test_track_adapt_refuses_sweeps_of_different_imaging_settings(sweep_files, tmp_path, capsys):
+    seq = read_sequence(sweep_files[1])
+    cropped = write_sequence(replace(seq, frames=np.ascontiguousarray(seq.frames[:, :48, :])),
+                             tmp_path / "deeper_preset.igs.mha")
+    _one_line_refusal([sweep_files[0], cropped], tmp_path, capsys, "deeper_preset.igs.mha", "same imaging settings")
+
+
+def test_track_adapt_refuses_frames_too_small_for_the_decorrelation(sweep_files, tmp_path, capsys):
+    small = []
+    for k in (0, 1):
+        seq = read_sequence(sweep_files[k])
+        small.append(write_sequence(replace(seq, frames=np.ascontiguousarray(seq.frames[:, :16, :16])),
+                                    tmp_path / f"small{k}.igs.mha"))
+    _one_line_refusal(small, tmp_path, capsys, "decorrelation cannot be calibrated", "too small")
+
+
 def test_adapt_model_refuses_too_few_sweeps():
     with pytest.raises(AdaptationError, match="at least 2"):
         adapt_model([("one", tiny_sweep(seed=1, n_frames=8).sequence)], "unused.pt")
