@@ -615,7 +615,8 @@ def adapt_model(sequences, out_path, *, base="default", image_to_probe=None, con
     record = {"out_of_plane_scale": scale, "correction": chosen, "decorrelation_blend": blend, "decorrelation": dec_record,
               "base": str(base),
               "fine_tuned": fine_tuned, "sweeps": [s["name"] for s in sweeps], "candidates": loo,
-              "validation": validation}
+              "validation": validation,
+              "imaging": {"frame_shape": list(sweeps[0]["shape"]), "pixel_spacing_mm": list(sweeps[0]["spacing_mm"])}}
     out = {k: v for k, v in ckpt.items() if k not in ("optimizer", "scheduler", ADAPTATION_KEY)}  # nothing to resume
     out.update({"state_dict": state, ADAPTATION_KEY: _plain(record)})
     out_path = Path(out_path)

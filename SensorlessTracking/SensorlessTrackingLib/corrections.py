@@ -15,7 +15,7 @@ import numpy as np
 from .attribution import GROUPS
 
 __all__ = ["apply_out_of_plane_scale", "check_decorrelation_blend", "apply_decorrelation_blend",
-           "check_adapted_decorrelation", "adapted_decorrelation_config"]
+           "check_adapted_decorrelation", "adapted_decorrelation_config", "check_adapted_imaging", "imaging_mismatch"]
 
 
 def apply_out_of_plane_scale(params, scale: float) -> np.ndarray:
@@ -65,6 +65,46 @@ def check_adapted_decorrelation(settings) -> dict | None:
     except (TypeError, ValueError) as exc:
         raise ValueError(f"bad adaptation decorrelation {settings!r}: {exc}") from None
     return settings
+
+
+def check_adapted_imaging(imaging) -> dict | None:
+    """The ``imaging`` of an adaptation record (the sweeps' frame size and pixel spacing), checked
+    (None, from a checkpoint adapted before it was recorded, stays None).
+
+    Raises
+    ------
+    ValueError
+        Not a dict of ``frame_shape`` (rows, cols: two whole numbers >= 1) and ``pixel_spacing_mm``
+        (sx, sy: two finite numbers > 0).
+    """
+    if imaging is None:
+        return None
+    try:
+        shape, spacing = imaging["frame_shape"], imaging["pixel_spacing_mm"]
+        ok = (len(shape) == 2 and len(spacing) == 2
+              and all(not isinstance(v, bool) and float(v).is_integer() and v >= 1 for v in shape)
+              and all(not isinstance(v, bool) and np.isfinite(float(v)) and float(v) > 0 for v in spacing))
+    except (TypeError, KeyError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"bad adaptation imaging {imaging!r}: needs frame_shape (rows, cols >= 1) and "
+                         "pixel_spacing_mm (two numbers > 0)")
+    return {"frame_shape": [int(v) for v in shape], "pixel_spacing_mm": [float(v) for v in spacing]}
+
+
+def imaging_mismatch(imaging: dict | None, shape, spacing_mm) -> str | None:
+    """A warning when frames of ``shape`` (rows, cols) and ``spacing_mm`` (sx, sy, mm) are not
+    those the model was adapted on (another probe, depth or zoom: its correction belongs to the
+    adaptation's imaging setting), else None. Spacings within 1 % count as the same."""
+    if imaging is None:
+        return None
+    a_shape, a_spacing = imaging["frame_shape"], imaging["pixel_spacing_mm"]
+    if list(shape) == list(a_shape) and np.allclose(spacing_mm, a_spacing, rtol=0.01):
+        return None
+    return (f"the model was adapted on {a_shape[0]}x{a_shape[1]} px frames of {a_spacing[0]:.3g} x "
+            f"{a_spacing[1]:.3g} mm, these are {shape[0]}x{shape[1]} px of {spacing_mm[0]:.3g} x "
+            f"{spacing_mm[1]:.3g} mm: its correction belongs to that probe, depth and zoom; adapt on tracked "
+            "sweeps recorded with these settings")
 
 
 def adapted_decorrelation_config(settings: dict):

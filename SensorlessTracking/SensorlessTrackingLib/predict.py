@@ -144,7 +144,8 @@ def load_model(path, device="cpu"):
     :func:`track_sequence` applies) and ``.decorrelation_blend`` (None, or the adaptation's
     blend with speckle decorrelation, :func:`.corrections.apply_decorrelation_blend`) and
     ``.adapted_decorrelation`` (None, or the probe's calibrated speckle decorrelation settings that
-    :func:`track_sequence` estimates with instead of the network).
+    :func:`track_sequence` estimates with instead of the network) and ``.adapted_imaging`` (None, or
+    the adaptation sweeps' frame size and pixel spacing: :func:`track_sequence` warns on others).
 
     Raises
     ------
@@ -174,9 +175,10 @@ def load_model(path, device="cpu"):
     if not (isinstance(scale, (int, float)) and np.isfinite(scale) and scale > 0):
         raise ModelFileError(f"{path}: bad adaptation out_of_plane_scale {scale!r} (a positive number)")
     model.out_of_plane_scale = float(scale)
-    from .corrections import check_adapted_decorrelation, check_decorrelation_blend
+    from .corrections import check_adapted_decorrelation, check_adapted_imaging, check_decorrelation_blend
 
     try:
+        model.adapted_imaging = check_adapted_imaging(adaptation.get("imaging") if isinstance(adaptation, dict) else None)
         model.decorrelation_blend = check_decorrelation_blend(
             adaptation.get("decorrelation_blend") if isinstance(adaptation, dict) else None)
         model.adapted_decorrelation = check_adapted_decorrelation(
@@ -459,7 +461,8 @@ def track_sequence(
     sigmas of the steps and the 95 % drift band, also the :data:`UNCERTAINTY_FIELDS` frame
     fields; the result's ``uncertainty`` attribute) and, when part of the input is tracked, ``direction_check``
     (:func:`.conventions.elevational_direction_check`; a warning in ``info["warnings"]`` when
-    the estimate moves the other way than the tracking). The output sequence's metadata say the
+    the estimate moves the other way than the tracking; one also when an adapted model gets frames
+    of another size or pixel spacing than it was adapted on). The output sequence's metadata say the
     trajectory is estimated (``TrajectorySource``).
 
     Raises
@@ -490,6 +493,7 @@ def track_sequence(
     mirror = np.eye(4) if handedness > 0 else column_mirror(cols)
     if handedness < 0:
         log.info("mirrored calibration (det < 0): estimating on the left-right mirrored frames, mapped back")
+    imaging_warning = None
     if isinstance(model, str) and model == "decorrelation":
         if mirror_average != "none":
             raise ValueError(
@@ -515,6 +519,9 @@ def track_sequence(
             )
             info["warning"] = f"input spacing {max(spacing):.3f} mm is coarser than the model's {cfg.pixel_spacing_mm} mm"
         method = cfg.name if cfg.name != "dualtrack" or cfg.use_global else "dualtrack-local"
+        from .corrections import imaging_mismatch
+
+        imaging_warning = imaging_mismatch(getattr(model, "adapted_imaging", None), (rows, cols), spacing)
         adapted_dec = getattr(model, "adapted_decorrelation", None)
         if adapted_dec is not None:  # adapted to a probe whose calibrated decorrelation beat the model (:mod:`.adapt`)
             from .corrections import adapted_decorrelation_config
@@ -561,7 +568,7 @@ def track_sequence(
         params, flags, calibration=DECORRELATION_CALIBRATION if uses_decorrelation else LEARNED_CALIBRATION,
         path_length_mm=float(np.linalg.norm(np.diff(centres[:, :3], axis=0), axis=1).sum()))
     info["uncertainty"] = uncertainty.to_dict()
-    warnings = []
+    warnings = [] if imaging_warning is None else [imaging_warning]
     if flags.unreliable.any():
         warnings.append(str(flags))
     if tracked is not None:

@@ -251,6 +251,37 @@ def test_track_adapt_refuses_frames_too_small_for_the_decorrelation(sweep_files,
     _one_line_refusal(small, tmp_path, capsys, "decorrelation cannot be calibrated", "too small")
 
 
+def test_an_adapted_model_warns_on_frames_of_other_imaging_settings(sweep_files, tmp_path):
+    out = tmp_path / "probe.pt"
+    assert run_cli(["track", "adapt", *[str(p) for p in sweep_files], "--out", str(out)]) == 0
+    seq = read_sequence(sweep_files[0])
+    record = read_checkpoint(out)[ADAPTATION_KEY]["imaging"]
+    assert record["frame_shape"] == [seq.n_rows, seq.n_cols]
+    assert np.allclose(record["pixel_spacing_mm"], seq.pixel_spacing_mm, rtol=1e-6)
+    same = track_sequence(seq, out)
+    assert not any("adapted on" in w for w in same.info.get("warnings", []))
+    deeper = track_sequence(replace(seq, frames=np.ascontiguousarray(seq.frames[:, :48, :])), out)
+    assert any(f"adapted on {seq.n_rows}x{seq.n_cols} px" in w and "48x" in w for w in deeper.info["warnings"])
+    zoomed = track_sequence(seq, out, spacing_mm=1.5 * seq.pixel_spacing_mm[0])
+    assert any("adapted on" in w for w in zoomed.info.get("warnings", []))
+    shipped = track_sequence(seq, "default")  # not adapted: nothing to compare with
+    assert not any("adapted on" in w for w in shipped.info.get("warnings", []))
+
+
+@pytest.mark.parametrize("imaging", [
+    "64x64", [], {"frame_shape": [64]}, {"frame_shape": [64, 64]}, {"frame_shape": [0, 64], "pixel_spacing_mm": [0.2, 0.2]},
+    {"frame_shape": [64.5, 64], "pixel_spacing_mm": [0.2, 0.2]}, {"frame_shape": [True, 64], "pixel_spacing_mm": [0.2, 0.2]},
+    {"frame_shape": [64, 64], "pixel_spacing_mm": [0.2, float("nan")]}, {"frame_shape": [64, 64], "pixel_spacing_mm": [-0.2, 0.2]},
+    {"frame_shape": [64, 64], "pixel_spacing_mm": ["a", 0.2]}, {"frame_shape": [64, 64, 1], "pixel_spacing_mm": [0.2, 0.2]},
+])
+def test_bad_adapted_imaging_is_refused(imaging, tmp_path):
+    ckpt = read_checkpoint(default_model_path())
+    ckpt[ADAPTATION_KEY] = {"out_of_plane_scale": 1.0, "imaging": imaging}
+    torch.save(ckpt, tmp_path / "bad.pt")
+    with pytest.raises(ModelFileError, match="bad adaptation imaging"):
+        load_model(tmp_path / "bad.pt")
+
+
 def test_adapt_model_refuses_too_few_sweeps():
     with pytest.raises(AdaptationError, match="at least 2"):
         adapt_model([("one", tiny_sweep(seed=1, n_frames=8).sequence)], "unused.pt")
