@@ -62,6 +62,7 @@ __all__ = [
     "FLAG_OK",
     "FLAG_EMPTY",
     "FLAG_DECORRELATED",
+    "BLANK_STD",
     "FrameFlags",
     "decorrelated_frames",
     "UncertaintyCalibration",
@@ -74,6 +75,9 @@ __all__ = [
 #: Per-frame flag values (the ``SensorlessFlag`` frame field of ``track predict`` outputs).
 FLAG_OK = "ok"
 FLAG_EMPTY = "empty"
+#: A frame whose (block-mean) standard deviation is at most this share of the sweep's largest
+#: grey value (at least 1) has no contrast: empty, even when every frame of the sweep is.
+BLANK_STD = 1e-6
 FLAG_DECORRELATED = "decorrelated"
 
 
@@ -151,7 +155,7 @@ def decorrelated_frames(
     ----------
     frames : (n, rows, cols) uint8 or float, B-mode frames
     empty_fraction : a frame whose standard deviation is below this share of the sweep's median
-        frame standard deviation is empty
+        frame standard deviation is empty (so is a frame without contrast, :data:`BLANK_STD`)
     decorrelated_fraction : position of the threshold between the floor (0) and the typical
         neighbour correlation (1), see the module docstring
     max_side_px : frames are reduced by an integer factor (block mean) to at most about this
@@ -181,7 +185,9 @@ def decorrelated_frames(
         for i in range(0, n, 64)
     ]).reshape(n, -1)
     std = small.std(axis=1)
-    empty = std < empty_fraction * float(np.median(std))
+    # relative to the sweep (a lifted probe among imaged frames), and absolutely: a frame with no
+    # contrast at all (constant) is empty even when every frame of the sweep is
+    empty = (std < empty_fraction * float(np.median(std))) | (std <= BLANK_STD * max(1.0, float(np.abs(small).max())))
     corr = _correlation(small[:-1], small[1:]).astype(np.float64)
     flags = np.full(n, FLAG_OK, dtype=object)
     lag = n // 2

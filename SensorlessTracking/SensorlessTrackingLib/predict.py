@@ -491,6 +491,10 @@ def track_sequence(
     # left-right (with the calibration); the sweep direction is defined in that frame
     frames_in = sequence.frames if handedness > 0 else np.ascontiguousarray(sequence.frames[:, :, ::-1])
     mirror = np.eye(4) if handedness > 0 else column_mirror(cols)
+    flags = decorrelated_frames(frames_in)
+    if flags.n_empty == sequence.n_frames:
+        raise SequenceError(f"every one of the {sequence.n_frames} frames is blank (no contrast): there is nothing to "
+                            "track; check the recording's image channel")
     if handedness < 0:
         log.info("mirrored calibration (det < 0): estimating on the left-right mirrored frames, mapped back")
     imaging_warning = None
@@ -561,7 +565,6 @@ def track_sequence(
     est = trajectory_from_frame_to_frame(params, spacing, (rows, cols), first) @ mirror
     seconds = time.perf_counter() - start
     n = sequence.n_frames
-    flags = decorrelated_frames(frames_in)
     info["frame_flags"] = flags.to_dict()
     centres = est @ np.array([(cols - 1) / 2.0, (rows - 1) / 2.0, 0.0, 1.0])
     uncertainty = frame_uncertainty(

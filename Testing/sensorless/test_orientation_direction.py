@@ -6,7 +6,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from FreehandUSLib.errors import TransformError
+from FreehandUSLib.errors import SequenceError, TransformError
+from FreehandUSLib.io import write_sequence
 from SensorlessTrackingLib.confidence import FLAG_DECORRELATED, FLAG_EMPTY, FLAG_OK, decorrelated_frames
 from SensorlessTrackingLib.conventions import (
     column_mirror,
@@ -17,7 +18,7 @@ from SensorlessTrackingLib.conventions import (
 from SensorlessTrackingLib.metrics import tracking_metrics
 from SensorlessTrackingLib.predict import FLAG_FIELD, TRAJECTORY_SOURCE_KEY, default_model_path, track_sequence
 
-from sensorless_helpers import one_torch_thread, tiny_model_config, tiny_sweep  # noqa: F401
+from sensorless_helpers import one_torch_thread, run_cli, tiny_model_config, tiny_sweep  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -205,6 +206,26 @@ def test_flags_are_reported_with_the_estimate(sweep):
     assert res.sequence.frame_fields[FLAG_FIELD][12] == FLAG_EMPTY
     assert "1 empty" in str(res) and any("empty" in w for w in res.info["warnings"])
     assert res.sequence.metadata[TRAJECTORY_SOURCE_KEY].startswith("sensorless estimate")
+
+
+@pytest.mark.parametrize("value", [0, 255, 0.0, 37.5])
+def test_a_sweep_of_blank_frames_is_all_empty_and_not_tracked(sweep, tmp_path, capsys, value):
+    """Frames without contrast are empty even when all are (no sweep median to compare with);
+    estimating such a sweep is refused with one line, not a trajectory from nothing."""
+    blank = np.full(sweep.frames.shape, value, dtype=np.float32 if isinstance(value, float) else sweep.frames.dtype)
+    flags = decorrelated_frames(blank)
+    assert flags.n_empty == len(blank)
+    partly = sweep.frames.copy()
+    partly[:3] = value
+    assert np.flatnonzero(decorrelated_frames(partly).flags == FLAG_EMPTY).tolist() == [0, 1, 2]
+    for model in ("default", "decorrelation"):
+        with pytest.raises(SequenceError, match="blank"):
+            track_sequence(replace(sweep, frames=blank), model)
+    path = write_sequence(replace(sweep, frames=blank.astype(sweep.frames.dtype)), tmp_path / "blank.igs.mha")
+    assert run_cli(["track", "predict", str(path), "--out", str(tmp_path / "out.igs.mha")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "blank" in err[0]
+    assert not (tmp_path / "out.igs.mha").exists()
 
 
 def test_flag_arguments_are_checked():
