@@ -275,11 +275,7 @@ def test_an_adapted_model_warns_on_frames_of_other_imaging_settings(sweep_files,
     {"frame_shape": [64, 64], "pixel_spacing_mm": ["a", 0.2]}, {"frame_shape": [64, 64, 1], "pixel_spacing_mm": [0.2, 0.2]},
 ])
 def test_bad_adapted_imaging_is_refused(imaging, tmp_path):
-    ckpt = read_checkpoint(default_model_path())
-    ckpt[ADAPTATION_KEY] = {"out_of_plane_scale": 1.0, "imaging": imaging}
-    torch.save(ckpt, tmp_path / "bad.pt")
-    with pytest.raises(ModelFileError, match="bad adaptation imaging"):
-        load_model(tmp_path / "bad.pt")
+    _refused_on_loading({"out_of_plane_scale": 1.0, "imaging": imaging}, "bad adaptation imaging", tmp_path)
 
 
 def test_adapt_model_refuses_too_few_sweeps():
@@ -287,12 +283,17 @@ def test_adapt_model_refuses_too_few_sweeps():
         adapt_model([("one", tiny_sweep(seed=1, n_frames=8).sequence)], "unused.pt")
 
 
-def test_bad_adaptation_scale_is_refused(sweep_files, tmp_path):
+def _refused_on_loading(adaptation, match, tmp_path):
+    """The shipped checkpoint with ``adaptation`` as its adaptation record is refused on loading."""
     ckpt = read_checkpoint(default_model_path())
-    ckpt[ADAPTATION_KEY] = {"out_of_plane_scale": -1.0}
+    ckpt[ADAPTATION_KEY] = adaptation
     torch.save(ckpt, tmp_path / "bad.pt")
-    with pytest.raises(ModelFileError, match="out_of_plane_scale"):
+    with pytest.raises(ModelFileError, match=match):
         load_model(tmp_path / "bad.pt")
+
+
+def test_bad_adaptation_scale_is_refused(sweep_files, tmp_path):
+    _refused_on_loading({"out_of_plane_scale": -1.0}, "out_of_plane_scale", tmp_path)
 
 
 @pytest.mark.parametrize("blend", [
@@ -304,21 +305,14 @@ def test_bad_adaptation_scale_is_refused(sweep_files, tmp_path):
     "blend",
 ])
 def test_bad_decorrelation_blend_is_refused(blend, tmp_path):
-    ckpt = read_checkpoint(default_model_path())
-    ckpt[ADAPTATION_KEY] = {"out_of_plane_scale": 1.0, "decorrelation_blend": blend}
-    torch.save(ckpt, tmp_path / "bad.pt")
-    with pytest.raises(ModelFileError, match="decorrelation_blend"):
-        load_model(tmp_path / "bad.pt")
+    _refused_on_loading({"out_of_plane_scale": 1.0, "decorrelation_blend": blend}, "decorrelation_blend", tmp_path)
 
 
 @pytest.mark.parametrize("settings", [{"sigma_mm": -1.0}, {"sigma_mm": float("nan")}, {"nope": 1.0}, "decorrelation",
                                       {"direction": 3}])
 def test_bad_adapted_decorrelation_is_refused(settings, tmp_path):
-    ckpt = read_checkpoint(default_model_path())
-    ckpt[ADAPTATION_KEY] = {"out_of_plane_scale": 1.0, "correction": "decorrelation", "decorrelation": settings}
-    torch.save(ckpt, tmp_path / "bad.pt")
-    with pytest.raises(ModelFileError, match="bad adaptation decorrelation"):
-        load_model(tmp_path / "bad.pt")
+    _refused_on_loading({"out_of_plane_scale": 1.0, "correction": "decorrelation", "decorrelation": settings},
+                        "bad adaptation decorrelation", tmp_path)
 
 
 def test_adapt_config_refuses_unknown_corrections():
